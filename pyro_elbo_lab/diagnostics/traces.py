@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Vectorised importance sampling from a guide: one model/guide trace over a sample plate.
+
+Shared by the evidence estimator, the collapse diagnostics and the ArviZ converter, so
+that every post-fit quantity is computed from the same kind of draws, without a Python
+loop over samples.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import pyro
+import pyro.poutine as poutine
+from pyro.poutine.util import prune_subsample_sites
+
+__all__ = [
+    "SAMPLE_PLATE",
+    "ImportanceTraces",
+    "guess_max_plate_nesting",
+    "vectorized_traces",
+    "sum_per_sample",
+]
+
+#: Name of the plate that vectorises importance samples.
+SAMPLE_PLATE = "_elbo_lab_samples"
+
+
+def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
+    """
+    How many plate dimensions the model and guide use, found by running them once
+    without recording parameters (like :meth:`pyro.infer.ELBO._guess_max_plate_nesting`).
+
+    :returns: the number of batch dimensions to the right of the sample plate.
+    :rtype: int
+    """
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    dims = [
+        frame.dim
+        for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace))
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+class ImportanceTraces(NamedTuple):
+    """
+    A model trace replayed against a guide trace, both vectorised over ``num_samples``
+    draws in the plate :data:`SAMPLE_PLATE` at dim ``-(max_plate_nesting + 1)``, with
+    ``log_prob`` computed at every sample site.
+    """
+
+    model_trace: poutine.Trace
+    guide_trace: poutine.Trace
+    num_samples: int
+    max_plate_nesting: int
+
+
+def vectorized_traces(
+    model, guide, args, kwargs, num_samples: int, max_plate_nesting: int | None = None
+) -> ImportanceTraces:
+    """
+    Draw ``num_samples`` joint samples from the guide in one vectorised pass and replay
+    the model against them.
+
+    :param model: a Pyro model.
+    :param guide: a Pyro guide.
+    :param tuple args: model/guide positional arguments.
+    :param dict kwargs: model/guide keyword arguments.
+    :param int num_samples: S >= 1.
+    :param int max_plate_nesting: the model's plate depth; guessed when None.
+    :rtype: ImportanceTraces
+    :raises ValueError: if a latent site of the model has no guide site.
+    """
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    plate = pyro.plate(SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1))
+    with poutine.block():
+        with plate:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        with plate:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes:
+            raise ValueError(
+                f"The model's latent site '{name}' has no site in the guide, so the guide cannot propose it. "
+                f"Guide sites: {[n for n, s in guide_trace.nodes.items() if s['type'] == 'sample']}"
+            )
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting)
+
+
+def sum_per_sample(x, num_samples: int, max_plate_nesting: int, keep_last: int = 0) -> torch.Tensor:
+    """
+    Sum a batch-shaped ``log_prob`` tensor down to one value per importance sample.
+
+    :param x: tensor whose (right-aligned) dim ``-(max_plate_nesting + 1 + keep_last)``
+        is the sample plate (size S or 1), or a number.
+    :param int keep_last: trailing dims to keep (e.g. a data plate for per-datapoint
+        values).
+    :returns: shape ``(S,) + x.shape[-keep_last:]``.
+    """
+    if not torch.is_tensor(x):
+        x = torch.tensor(float(x))
+    batch_dim = x.dim() - keep_last
+    k = batch_dim - (max_plate_nesting + 1)
+    if k < 0:
+        x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
+        return x.unsqueeze(0).expand((num_samples,) + x.shape)
+    dims = tuple(d for d in range(batch_dim) if d != k)
+    if dims:
+        x = x.sum(dims)
+    return x.expand((num_samples,) + x.shape[1:])
+
+
+def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    :returns: ``(log p(x, z_s), log q(z_s))``, each of shape ``(S,)``, in nats, with
+        Pyro's data scaling (subsampled plates scaled to the full data).
+    """
+    S, mpn = traces.num_samples, traces.max_plate_nesting
+    log_p = sum(
+        sum_per_sample(site["log_prob"], S, mpn)
+        for site in traces.model_trace.nodes.values()
+        if site["type"] == "sample"
+    )
+    log_q = sum(
+        sum_per_sample(site["log_prob"], S, mpn)
+        for site in traces.guide_trace.nodes.values()
+        if site["type"] == "sample"
+    )
+    return log_p, log_q

@@ -1,0 +1,476 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The β-weighted, free-bits and capacity objectives, computed from the traces a loss step
+already has, together with the ELBO's decomposition.
+
+This module holds the machinery shared by :class:`~pyro_elbo_lab.BetaELBO` (Monte Carlo
+KL) and :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL where registered). The two
+differ only in :meth:`WeightedObjective._latent_site_terms`, the per-site KL estimator.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks
+from pyro.util import warn_if_nan
+
+from ..schedules import ScheduleLike, as_schedule
+from ..terms import TOTAL_FIELDS, ELBOTerms, _TermsRecord
+
+__all__ = ["WeightedObjective"]
+
+
+def _is_sample(site) -> bool:
+    return site["type"] == "sample"
+
+
+class WeightedObjective:
+    """
+    Mixin that turns a Pyro trace ELBO into the objective
+
+    .. math::
+
+        \\mathcal{L}_\\beta = \\mathbb{E}_q[\\log p(x \\mid z)]
+            - \\sum_{s \\notin S} \\mathrm{KL}_s - \\beta \\sum_{s \\in S} \\mathrm{KL}_s,
+
+    (or the free-bits / capacity variants on the sites ``S``), and records the ELBO's
+    decomposition on every call. Subclasses implement :meth:`_latent_site_terms`.
+
+    Not part of the public API: use :class:`~pyro_elbo_lab.BetaELBO` or
+    :class:`~pyro_elbo_lab.BetaMeanFieldELBO`.
+    """
+
+    # -- construction -------------------------------------------------------------------
+
+    def _init_objective(
+        self,
+        beta: ScheduleLike,
+        sites: Iterable[str] | None,
+        free_bits: float | None,
+        capacity: ScheduleLike | None,
+        gamma: float,
+    ) -> None:
+        if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+            if not math.isfinite(beta) or beta < 0:
+                raise ValueError(
+                    f"beta must be a finite number >= 0 (or a schedule), got beta={beta!r}; "
+                    "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term"
+                )
+        self._beta = as_schedule(beta, "beta")
+        if sites is not None:
+            if isinstance(sites, str):
+                sites = [sites]
+            sites = frozenset(sites)
+            if not sites:
+                raise ValueError("sites is empty: pass None to weight every latent site, or name at least one")
+            for name in sites:
+                if not isinstance(name, str):
+                    raise ValueError(f"sites must be site names (str), got {name!r}")
+        self.sites = sites
+        if free_bits is not None:
+            if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
+                raise ValueError(f"free_bits must be a number of nats per latent dimension, got {free_bits!r}")
+            if not math.isfinite(free_bits) or free_bits < 0:
+                raise ValueError(
+                    f"free_bits must be a finite number of nats >= 0 (λ in Kingma et al. 2016), got {free_bits!r}"
+                )
+            free_bits = float(free_bits)
+        self.free_bits = free_bits
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma must be a finite number >= 0 (γ in Burgess et al. 2018), got {gamma!r}")
+        self.gamma = float(gamma)
+        if capacity is not None:
+            if free_bits is not None:
+                raise ValueError("free_bits and capacity are alternative objectives: pass one of them, not both")
+            if not isinstance(beta, (int, float)) or beta != 1:
+                raise ValueError(
+                    "capacity replaces β: the objective is E_q[log p(x|z)] - gamma * |KL - C|; "
+                    f"leave beta at 1 (got beta={beta!r}) and set gamma instead"
+                )
+            if isinstance(capacity, (int, float)) and not isinstance(capacity, bool):
+                if not math.isfinite(capacity) or capacity < 0:
+                    raise ValueError(f"capacity must be a finite number of nats >= 0 (or a schedule), got {capacity!r}")
+            capacity = as_schedule(capacity, "capacity")
+        self.capacity = capacity
+        self.step = 0
+        self._last_record: _TermsRecord | None = None
+        self._sites_checked = False
+        self._analytic_cache: dict = {}
+
+    # -- hyper-parameters in force --------------------------------------------------------
+
+    @property
+    def beta(self) -> Callable[[int], float]:
+        """The β schedule (a :class:`~pyro_elbo_lab.schedules.Constant` for a fixed β)."""
+        return self._beta
+
+    def current_beta(self, step: int | None = None) -> float:
+        """
+        β at ``step`` (default: the loss's own step count).
+
+        :raises ValueError: if the schedule returns a negative or non-finite value.
+        """
+        step = self.step if step is None else step
+        value = float(self._beta(step))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"the beta schedule {self._beta!r} returned {value!r} at step {step}; β must be finite and >= 0")
+        return value
+
+    def current_capacity(self, step: int | None = None) -> float | None:
+        """The capacity C(t) in nats at ``step``, or ``None`` without a capacity term."""
+        if self.capacity is None:
+            return None
+        step = self.step if step is None else step
+        value = float(self.capacity(step))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"the capacity schedule {self.capacity!r} returned {value!r} at step {step}; C must be finite and >= 0"
+            )
+        return value
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The loss's own state (its gradient-step count), for checkpoints."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """
+        Restore :meth:`state_dict` so that schedules continue where they stopped.
+
+        :raises ValueError: if ``state`` has no non-negative integer ``"step"``.
+        """
+        step = state.get("step") if isinstance(state, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state must be a dict with a non-negative integer 'step', got {state!r}")
+        self.step = step
+
+    @property
+    def last_terms(self) -> ELBOTerms | None:
+        """
+        The :class:`~pyro_elbo_lab.ELBOTerms` of the last ``loss``, ``loss_and_grads`` or
+        ``differentiable_loss`` call (``None`` before the first). Floats are materialised
+        on first access, with a single device synchronisation.
+        """
+        return None if self._last_record is None else self._last_record.terms()
+
+    # -- the three entry points ---------------------------------------------------------------
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """
+        :returns: an estimate of the negative objective, ``-objective`` in nats (the
+            negative ELBO for β = 1), averaged over ``num_particles``.
+        :rtype: float
+
+        Records :attr:`last_terms`; does not advance the step count.
+        """
+        with torch.no_grad():
+            loss, _ = self._run(model, guide, args, kwargs, mode="value")
+        loss = loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """
+        The loss as a tensor whose value is ``-objective`` and whose gradient is the
+        gradient estimator of ``-objective`` (pathwise for reparameterised sites, score
+        function with Pyro's plate-wise Rao-Blackwellisation otherwise). For plain PyTorch
+        training loops; counts one gradient step.
+
+        :rtype: torch.Tensor (scalar)
+        """
+        loss, surrogate = self._run(model, guide, args, kwargs, mode="differentiable")
+        self.step += 1
+        if not torch.is_tensor(surrogate):
+            return loss
+        return loss + (surrogate - surrogate.detach())
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """
+        Computes ``-objective`` and accumulates its gradient estimate into the parameters'
+        ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one gradient step.
+
+        :returns: ``-objective`` in nats.
+        :rtype: float
+        """
+        loss, _ = self._run(model, guide, args, kwargs, mode="backward")
+        self.step += 1
+        loss = loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def decompose(self, model, guide, *args, **kwargs) -> ELBOTerms:
+        """
+        Evaluates the decomposition without gradients, without advancing the step count
+        and without touching :attr:`last_terms`.
+
+        :returns: the terms, in nats.
+        :rtype: ELBOTerms
+        """
+        last = self._last_record
+        try:
+            with torch.no_grad():
+                self._run(model, guide, args, kwargs, mode="value")
+            return self._last_record.terms()
+        finally:
+            self._last_record = last
+
+    # -- the work -----------------------------------------------------------------------------
+
+    def _run(self, model, guide, args, kwargs, mode: str):
+        beta = self.current_beta()
+        capacity = self.current_capacity()
+        loss = None
+        surrogate = 0.0
+        records = []
+        names = None
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            objective_p, surrogate_p, names_p, record_p = self._particle(model_trace, guide_trace, beta, capacity)
+            loss_p = -objective_p.sum() / self.num_particles
+            loss = loss_p if loss is None else loss + loss_p
+            if mode != "value" and torch.is_tensor(surrogate_p) and surrogate_p.requires_grad:
+                surrogate_p = -surrogate_p.sum() / self.num_particles
+                if mode == "backward":
+                    trainable = any(
+                        site["type"] == "param" for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+                    )
+                    if trainable:
+                        surrogate_p.backward(retain_graph=self.retain_graph)
+                else:
+                    surrogate = surrogate + surrogate_p
+            if names is None:
+                names = names_p
+            elif names_p != names:  # dynamic structure across sequential particles
+                names, records = _merge_records(names, records, names_p, record_p)
+                continue
+            records.append(record_p)
+        values = records[0] if len(records) == 1 else torch.stack(records, -1)
+        if values.dim() == 1:
+            values = values.unsqueeze(-1)
+        self._last_record = _TermsRecord(names, values, beta, capacity)
+        return loss, surrogate
+
+    def _per_particle(self, x, keep_last: int = 0) -> torch.Tensor:
+        """
+        Sum a batch-shaped tensor down to one value per particle: shape ``()`` for
+        sequential particles, ``(num_particles,)`` for vectorised ones; ``keep_last``
+        trailing (event) dims are kept.
+        """
+        if not torch.is_tensor(x):
+            x = torch.tensor(float(x))
+        batch_dim = x.dim() - keep_last
+        if not (self.vectorize_particles and self.num_particles > 1):
+            return x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
+        k = batch_dim - self.max_plate_nesting
+        if k < 0:
+            x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
+            return x.unsqueeze(0).expand((self.num_particles,) + x.shape)
+        dims = tuple(d for d in range(batch_dim) if d != k)
+        if dims:
+            x = x.sum(dims)
+        return x.expand((self.num_particles,) + x.shape[1:])
+
+    def _site_weight(self, name: str) -> bool:
+        return self.sites is None or name in self.sites
+
+    def _check_sites(self, model_trace, guide_trace) -> None:
+        if self.sites is None or self._sites_checked:
+            return
+        latent = [n for n, s in model_trace.nodes.items() if _is_sample(s) and not s["is_observed"]]
+        observed = [n for n, s in model_trace.nodes.items() if _is_sample(s) and s["is_observed"]]
+        auxiliary = [n for n, s in guide_trace.nodes.items() if _is_sample(s) and n not in model_trace.nodes]
+        for name in sorted(self.sites):
+            if name in observed:
+                raise ValueError(
+                    f"sites names '{name}', an observed site of the model; β, free bits and capacity weight "
+                    f"the KL of latent sites. Latent sites: {latent + auxiliary}"
+                )
+            if name not in latent and name not in auxiliary:
+                raise ValueError(
+                    f"sites names '{name}', which is not a latent site of the model. Latent sites: "
+                    f"{latent + auxiliary}. Fix the name, or pass sites=None to weight every latent site."
+                )
+        self._sites_checked = True
+
+    def _particle(self, model_trace, guide_trace, beta: float, capacity: float | None):
+        """
+        One particle (or the whole vectorised particle plate): returns the objective per
+        particle (detached), the surrogate objective per particle (differentiable), the
+        record names and the record tensor of shape ``(num_entries,)`` or
+        ``(num_entries, num_particles)``.
+        """
+        self._check_sites(model_trace, guide_trace)
+        red = self._per_particle
+        nonlinear = self.free_bits is not None or capacity is not None
+        zero = None
+        recon = kl_total = ent_total = 0.0
+        objective = surrogate = 0.0
+        selected_kl = selected_size = None
+        names: list = []
+        values: list = []
+        log_r = None
+
+        latent_sites = []
+        for name, model_site in model_trace.nodes.items():
+            if not _is_sample(model_site):
+                continue
+            if model_site["is_observed"]:
+                lp = red(model_site["log_prob"])
+                zero = lp if zero is None else zero
+                recon = recon + lp.detach()
+                surrogate = surrogate + lp
+                names.append(("reconstruction", name))
+                values.append(lp.detach())
+            else:
+                if name not in guide_trace.nodes:
+                    raise ValueError(
+                        f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
+                        "needs a matching guide site of the same name (or pass it as observed data)."
+                    )
+                latent_sites.append((name, model_site, guide_trace.nodes[name]))
+        auxiliary = [
+            (name, None, site)
+            for name, site in guide_trace.nodes.items()
+            if _is_sample(site) and name not in model_trace.nodes
+        ]
+
+        for name, model_site, guide_site in latent_sites + auxiliary:
+            sf = guide_site["score_parts"].score_function
+            reparam = is_identically_zero(sf)
+            if model_site is None:
+                lq = guide_site["log_prob"]
+                kl_surr = guide_site["score_parts"].entropy_term
+                kl_value, ent_value = lq.detach(), -lq.detach()
+            else:
+                kl_surr, kl_value, ent_value = self._latent_site_terms(name, model_site, guide_site)
+            kl_p, ent_p = red(kl_value), red(ent_value)
+            zero = kl_p if zero is None else zero
+            kl_total = kl_total + kl_p
+            ent_total = ent_total + ent_p
+            names += [("kl", name), ("entropy", name), ("cross_entropy", name)]
+            values += [kl_p, ent_p, kl_p + ent_p]
+
+            weighted = self._site_weight(name)
+            if weighted and nonlinear and model_site is not None:
+                if not reparam:
+                    raise NotImplementedError(
+                        f"free bits and capacity are non-linear in the KL and need reparameterised guide sites; "
+                        f"guide site '{name}' ({type(guide_site['fn']).__name__}) is not reparameterisable. Use "
+                        "beta weighting, a reparameterisable (e.g. relaxed) distribution, or restrict sites= to "
+                        "reparameterised sites."
+                    )
+                if self.free_bits is not None:
+                    per_dim = red(self._latent_site_kl_per_dim(name, model_site, guide_site), keep_last=1)
+                    size = red(_data_size(guide_site))
+                    fb = torch.maximum(per_dim, (self.free_bits * size).unsqueeze(-1)).sum(-1)
+                    objective = objective - beta * fb.detach()
+                    surrogate = surrogate - beta * fb
+                else:
+                    kl_s = red(kl_surr)
+                    size = red(_data_size(guide_site))
+                    selected_kl = kl_s if selected_kl is None else selected_kl + kl_s
+                    selected_size = size if selected_size is None else torch.maximum(selected_size, size)
+                continue
+
+            w = beta if weighted else 1.0
+            objective = objective - w * kl_p
+            # pathwise gradient; for non-reparameterised sites kl_surr = -log p(z), which carries
+            # the model-parameter gradient, and the guide gradient comes from the score function
+            surrogate = surrogate - w * red(kl_surr)
+            if not reparam:
+                if log_r is None:
+                    log_r = self._log_r(model_trace, guide_trace, beta)
+                downstream = log_r.sum_to(guide_site["cond_indep_stack"])
+                surrogate = surrogate + red(downstream * sf)
+
+        if selected_kl is not None:
+            cap = torch.abs(selected_kl - capacity * selected_size)
+            objective = objective - self.gamma * cap.detach()
+            surrogate = surrogate - self.gamma * cap
+
+        if zero is None:
+            raise ValueError("The model has no sample sites: there is no ELBO to compute.")
+        recon = recon + torch.zeros_like(zero)
+        objective = objective + recon
+        elbo = recon - kl_total
+        ent_total = ent_total + torch.zeros_like(zero)
+        cross = kl_total + ent_total
+        totals = [objective, elbo, recon, kl_total, ent_total, cross, recon - cross]
+        record = torch.stack([t.detach() for t in totals] + values)
+        return objective, surrogate, list(TOTAL_FIELDS) + names, record
+
+    def _log_r(self, model_trace, guide_trace, beta: float) -> MultiFrameTensor:
+        """Downstream cost per plate frame for the score-function term (β-weighted)."""
+        log_r = MultiFrameTensor()
+        stacks = get_plate_stacks(model_trace)
+        for name, site in model_trace.nodes.items():
+            if not _is_sample(site):
+                continue
+            term = site["log_prob"]
+            if not site["is_observed"]:
+                term = term - guide_trace.nodes[name]["log_prob"]
+                if self._site_weight(name) and beta != 1.0:
+                    term = beta * term
+            log_r.add((stacks[name], term.detach()))
+        return log_r
+
+    # -- estimator hooks ---------------------------------------------------------------------
+
+    def _latent_site_terms(self, name, model_site, guide_site):
+        """
+        :returns: ``(kl_surrogate, kl, entropy)``, batch-shaped tensors, scaled and masked
+            like the site: a differentiable surrogate whose gradient (together with the
+            score-function term for non-reparameterised sites) estimates that of the KL,
+            and detached estimates of KL(q‖p) and H[q] at this site.
+        """
+        raise NotImplementedError
+
+    def _latent_site_kl_per_dim(self, name, model_site, guide_site) -> torch.Tensor:
+        """Differentiable KL per element and per latent dimension: ``batch_shape + (J,)``."""
+        raise NotImplementedError
+
+
+def _data_size(site) -> torch.Tensor:
+    """Scaled, masked element count of a site's batch shape (N for a data plate)."""
+    ones = torch.ones_like(site["unscaled_log_prob"])
+    return scale_and_mask(ones, site["scale"], site["mask"])
+
+
+def _scale_mask_event(x: torch.Tensor, site, event_ndim: int) -> torch.Tensor:
+    """Scale and mask a ``batch_shape + event_shape`` tensor with the site's scale/mask."""
+    scale, mask = site["scale"], site["mask"]
+    if torch.is_tensor(scale):
+        scale = scale.reshape(scale.shape + (1,) * event_ndim)
+    if torch.is_tensor(mask):
+        mask = mask.reshape(mask.shape + (1,) * event_ndim)
+    return scale_and_mask(x, scale, mask)
+
+
+def _flatten_event(x: torch.Tensor, event_ndim: int) -> torch.Tensor:
+    if event_ndim == 0:
+        return x.unsqueeze(-1)
+    return x.reshape(x.shape[: x.dim() - event_ndim] + (-1,))
+
+
+def _merge_records(names, records, names_p, record_p):
+    """Union of record entries when sequential particles visit different sites (zeros elsewhere)."""
+    union = list(names) + [n for n in names_p if n not in names]
+    index = {n: i for i, n in enumerate(union)}
+
+    def widen(old_names, rec):
+        out = rec.new_zeros(len(union))
+        out[[index[n] for n in old_names]] = rec
+        return out
+
+    merged = [widen(names, r) for r in records] + [widen(names_p, record_p)]
+    return union, merged
+
+
+def _unwrap_independent(fn):
+    """``(base_dist, reinterpreted_batch_ndims)`` for an Independent distribution, else None."""
+    if isinstance(fn, torch.distributions.Independent):
+        return fn.base_dist, fn.reinterpreted_batch_ndims
+    return None

@@ -1,0 +1,180 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ELBO's decompositions, as recorded by the losses of :mod:`pyro_elbo_lab.losses`.
+
+The three decompositions of the evidence lower bound (all in nats):
+
+.. math::
+
+    \\mathrm{ELBO} = \\log p(x) - \\mathrm{KL}(q(z) \\| p(z \\mid x))
+                   = \\mathbb{E}_q[\\log p(x \\mid z)] - \\mathrm{KL}(q(z) \\| p(z))
+                   = \\mathbb{E}_q[\\log p(x, z)] + \\mathbb{H}[q]
+
+and :math:`\\mathrm{KL}(q \\| p(z)) = -\\mathbb{E}_q[\\log p(z)] - \\mathbb{H}[q]`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+__all__ = ["ELBOTerms", "TOTAL_FIELDS", "SITE_FIELDS_LATENT", "SITE_FIELDS_OBSERVED"]
+
+#: Fields of :class:`ELBOTerms` that are totals over sites, in the order they are recorded.
+TOTAL_FIELDS = (
+    "objective",
+    "elbo",
+    "reconstruction",
+    "kl",
+    "entropy",
+    "cross_entropy",
+    "expected_log_joint",
+)
+#: Terms recorded per latent (or auxiliary guide) site.
+SITE_FIELDS_LATENT = ("kl", "entropy", "cross_entropy")
+#: Terms recorded per observed site.
+SITE_FIELDS_OBSERVED = ("reconstruction",)
+
+
+@dataclass(frozen=True)
+class ELBOTerms:
+    """
+    One evaluation of the ELBO and its decompositions, in nats, with the same data
+    scaling as Pyro's loss (subsampled plates are scaled up to the full data), averaged
+    over particles.
+
+    The identities ``elbo == reconstruction - kl == expected_log_joint + entropy`` and
+    ``kl == cross_entropy - entropy`` hold to float precision for whichever estimator
+    produced the terms (Monte Carlo for :class:`~pyro_elbo_lab.BetaELBO`, analytic KL and
+    entropy where available for :class:`~pyro_elbo_lab.BetaMeanFieldELBO`).
+
+    :ivar float objective: the quantity that is maximised (Pyro's loss is ``-objective``);
+        equals ``elbo`` for β = 1 without free bits or capacity.
+    :ivar float elbo: the unweighted ELBO, :math:`\\mathbb{E}_q[\\log p(x,z) - \\log q(z)]`.
+    :ivar float reconstruction: :math:`\\mathbb{E}_q[\\log p(x \\mid z)]` summed over
+        observed sites.
+    :ivar float kl: prior matching, :math:`\\sum_s \\mathbb{E}_q[\\log q(z_s) -
+        \\log p(z_s \\mid \\mathrm{pa}(z_s))]` over latent sites (auxiliary guide sites
+        contribute :math:`\\mathbb{E}_q \\log q`).
+    :ivar float entropy: :math:`\\mathbb{H}[q] = -\\mathbb{E}_q[\\log q(z)]`.
+    :ivar float cross_entropy: :math:`-\\mathbb{E}_q[\\log p(z)]`.
+    :ivar float expected_log_joint: :math:`\\mathbb{E}_q[\\log p(x, z)]`, the expected
+        complete-data log-likelihood maximised by the M-step of EM.
+    :ivar float beta: the β in force for this evaluation.
+    :ivar int num_particles: how many particles the averages are over.
+    :ivar dict per_site: ``{site name: {term: value}}``; latent and auxiliary sites carry
+        ``kl``, ``entropy`` and ``cross_entropy``, observed sites ``reconstruction``.
+    :ivar dict stderr: standard error over particles of each total field
+        (``std / sqrt(num_particles)``); empty when ``num_particles == 1``.
+    :ivar capacity: the capacity :math:`C(t)` in force (nats per element of the data
+        plate), or ``None`` when the objective has no capacity term.
+    """
+
+    objective: float
+    elbo: float
+    reconstruction: float
+    kl: float
+    entropy: float
+    cross_entropy: float
+    expected_log_joint: float
+    beta: float
+    num_particles: int = 1
+    per_site: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    stderr: Mapping[str, float] = field(default_factory=dict)
+    capacity: float | None = None
+
+    @property
+    def loss(self) -> float:
+        """Pyro's loss, ``-objective``, in nats."""
+        return -self.objective
+
+    def as_dict(self, per_site: bool = True) -> dict[str, float]:
+        """
+        A flat ``{name: float}`` view, handy for logging and history tables.
+
+        Per-site entries are named ``"<term>/<site>"`` (``"kl/z"``), standard errors
+        ``"<field>_stderr"``.
+
+        :param bool per_site: include the per-site entries.
+        """
+        out: dict[str, float] = {name: getattr(self, name) for name in TOTAL_FIELDS}
+        out["beta"] = self.beta
+        if self.capacity is not None:
+            out["capacity"] = self.capacity
+        for name, value in self.stderr.items():
+            out[f"{name}_stderr"] = value
+        if per_site:
+            for site, terms in self.per_site.items():
+                for term, value in terms.items():
+                    out[f"{term}/{site}"] = value
+        return out
+
+    def to_dataframe(self):
+        """
+        The per-site terms as a :class:`pandas.DataFrame` (one row per site; columns
+        ``kl``, ``entropy``, ``cross_entropy``, ``reconstruction``; NaN where a term does
+        not apply to a site), with a final ``total`` row.
+        """
+        import pandas as pd
+
+        columns = list(SITE_FIELDS_LATENT) + list(SITE_FIELDS_OBSERVED)
+        rows = {site: {c: terms.get(c, math.nan) for c in columns} for site, terms in self.per_site.items()}
+        rows["total"] = {c: getattr(self, c) for c in columns}
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+        frame.index.name = "site"
+        return frame
+
+    def __str__(self) -> str:
+        parts = [f"{name}={getattr(self, name):.4g}" for name in TOTAL_FIELDS]
+        parts.append(f"beta={self.beta:.4g}")
+        if self.capacity is not None:
+            parts.append(f"capacity={self.capacity:.4g}")
+        return "ELBOTerms(" + ", ".join(parts) + ")"
+
+
+class _TermsRecord:
+    """
+    Terms of one loss call kept as a single detached tensor on the loss's device.
+
+    Floats are made on first access with one ``tolist()`` (one device sync), so a step
+    that never reads its terms pays no synchronisation at all.
+
+    :param list names: entry names: the :data:`TOTAL_FIELDS` first, then
+        ``(term, site)`` pairs.
+    :param torch.Tensor values: shape ``(num_entries, num_particles)``.
+    """
+
+    __slots__ = ("names", "stats", "num_particles", "beta", "capacity", "_terms")
+
+    def __init__(self, names, values: torch.Tensor, beta: float, capacity: float | None):
+        self.names = names
+        self.num_particles = values.shape[-1]
+        mean = values.mean(-1)
+        if self.num_particles > 1:
+            stderr = values.std(-1) / math.sqrt(self.num_particles)
+            self.stats = torch.stack([mean, stderr])
+        else:
+            self.stats = mean.unsqueeze(0)
+        self.beta = beta
+        self.capacity = capacity
+        self._terms = None
+
+    def terms(self) -> ELBOTerms:
+        if self._terms is None:
+            stats = self.stats.tolist()
+            means = stats[0]
+            totals = dict(zip(TOTAL_FIELDS, means))
+            per_site: dict[str, dict[str, float]] = {}
+            for (term, site), value in zip(self.names[len(TOTAL_FIELDS):], means[len(TOTAL_FIELDS):]):
+                per_site.setdefault(site, {})[term] = value
+            stderr = dict(zip(TOTAL_FIELDS, stats[1])) if len(stats) > 1 else {}
+            self._terms = ELBOTerms(
+                beta=self.beta,
+                num_particles=self.num_particles,
+                per_site=per_site,
+                stderr=stderr,
+                capacity=self.capacity,
+                **totals,
+            )
+        return self._terms
