@@ -1,0 +1,328 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Compiled variants of the β-ELBO losses: the model/guide pass, the objective and the
+decomposition record are traced once with :func:`torch.jit.trace` and the compiled
+function is reused on every later step.
+
+The plumbing follows :func:`pyro.ops.jit.trace` (parameters are passed to the traced
+function as unconstrained leaf tensors and replayed into the model and guide), with three
+differences that matter here:
+
+* the compiled function is cached per ``(model, guide, kwargs, argument shapes)`` and
+  reused; Pyro 1.9.2's :class:`~pyro.infer.JitTraceMeanField_ELBO` stores its compiled
+  function under one attribute and looks it up under another, so it re-traces on every
+  step;
+* β and the capacity C(t) are inputs of the traced function, not constants baked into the
+  trace, so schedules run without recompiling;
+* the first call of each cached function is evaluated eagerly (that pass also records
+  which parameters the model and guide use) and the random-number state is restored
+  after tracing, so the sequence of losses is the same as that of the uncompiled class
+  for the same seed.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks
+from pyro.ops.jit import _hashable_args_kwargs
+from pyro.util import ignore_jit_warnings, optional
+
+from ..schedules import ScheduleLike
+from ..terms import _TermsRecord
+from .beta_elbo import BetaELBO
+from .beta_mean_field_elbo import BetaMeanFieldELBO
+from .objective import _is_sample
+
+__all__ = ["JitBetaELBO", "JitBetaMeanFieldELBO"]
+
+
+class _Compiled:
+    """One traced ``(loss, surrogate, record)`` function and what is needed to call it."""
+
+    __slots__ = ("function", "param_names", "names")
+
+    def __init__(self, function, param_names: list, names: list):
+        self.function = function
+        self.param_names = param_names
+        self.names = names
+
+
+class _JitObjective:
+    """
+    Mixin over :class:`~pyro_elbo_lab.losses.objective.WeightedObjective` that replaces
+    ``_run`` (the particle loop) by a compiled function. Not public: use
+    :class:`JitBetaELBO` or :class:`JitBetaMeanFieldELBO`.
+    """
+
+    #: number of traces made so far (for tests and benchmarks: it must not grow per step)
+    num_compilations: int
+
+    def _init_jit(self) -> None:
+        self._compiled: dict = {}
+        self.num_compilations = 0
+
+    def _jit_key(self, model, guide, args, kwargs, capacity):
+        for i, arg in enumerate(args):
+            if not torch.is_tensor(arg):
+                raise ValueError(
+                    f"{type(self).__name__} passes positional arguments to the compiled function as tensors, "
+                    f"but argument {i} is a {type(arg).__name__} ({arg!r}). Pass tensors positionally and "
+                    "everything else as keyword arguments (each distinct keyword value compiles once)."
+                )
+        shapes = tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+        return (id(model), id(guide), capacity is None, shapes, _hashable_args_kwargs(args, kwargs))
+
+    def _traced_body(self, model, guide, kwargs, holder: dict):
+        """The Python function that is traced: ``(beta, capacity, *args) -> (loss, surrogate, record)``."""
+
+        def body(beta, capacity, *args):
+            loss = None
+            surrogate = None
+            records = []
+            names = None
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                objective_p, surrogate_p, names_p, record_p = self._particle(model_trace, guide_trace, beta, capacity)
+                loss_p = -objective_p.sum() / self.num_particles
+                loss = loss_p if loss is None else loss + loss_p
+                if torch.is_tensor(surrogate_p):
+                    surrogate_p = -surrogate_p.sum() / self.num_particles
+                    surrogate = surrogate_p if surrogate is None else surrogate + surrogate_p
+                if names is None:
+                    names = names_p
+                elif names_p != names:
+                    raise ValueError(
+                        f"{type(self).__name__} needs a model and guide with static structure, but sequential "
+                        f"particles visited different sites ({[n for n in names_p if n not in names]} appeared). "
+                        f"Use {type(self).__mro__[2].__name__}, whose particles may differ."
+                    )
+                records.append(record_p)
+            values = records[0] if len(records) == 1 else torch.stack(records, -1)
+            if values.dim() == 1:
+                values = values.unsqueeze(-1)
+            if surrogate is None:
+                surrogate = torch.zeros_like(loss)
+            holder["names"] = names
+            return loss, surrogate, values
+
+        return body
+
+    def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t):
+        """
+        Evaluate eagerly (recording which parameters are used), then trace; returns the
+        eager outputs, which are those of the uncompiled loss for the same seed.
+        """
+        holder: dict = {}
+        body = self._traced_body(model, guide, kwargs, holder)
+        with poutine.trace(param_only=True) as capture:
+            outputs = body(beta_t, capacity_t, *args)
+        names = holder["names"]
+        param_names = list(capture.trace.nodes)
+        has_capacity = capacity_t is not None
+
+        def traced(beta, capacity, *params_and_args):
+            params = params_and_args[: len(param_names)]
+            inputs = params_and_args[len(param_names):]
+            constrained = {}
+            for name, unconstrained in zip(param_names, params):
+                value = pyro.param(name)
+                assert value.unconstrained() is unconstrained
+                constrained[name] = value
+            return poutine.replay(body, params=constrained)(beta, capacity if has_capacity else None, *inputs)
+
+        if capacity_t is None:
+            capacity_t = torch.zeros_like(beta_t)
+        example = (beta_t, capacity_t) + tuple(pyro.param(n).unconstrained() for n in param_names) + tuple(args)
+        options = dict(self.jit_options or {})
+        options.setdefault("check_trace", False)
+        rng = torch.get_rng_state()
+        try:
+            with (
+                pyro.validation_enabled(False),
+                torch.enable_grad(),
+                optional(ignore_jit_warnings(), self.ignore_jit_warnings),
+                warnings.catch_warnings(),
+            ):
+                # torch >= 2.9 marks torch.jit as deprecated; tracing is still the fastest
+                # stable way to remove Pyro's per-step Python overhead (see the class docs).
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
+                function = torch.jit.trace(traced, example, **options)
+        finally:
+            torch.set_rng_state(rng)
+        self._compiled[key] = _Compiled(function, param_names, names)
+        self.num_compilations += 1
+        return outputs, names
+
+    def _run(self, model, guide, args, kwargs, mode: str):
+        beta = self.current_beta()
+        capacity = self.current_capacity()
+        key = self._jit_key(model, guide, args, kwargs, capacity)
+        dtype = torch.get_default_dtype()
+        beta_t = torch.tensor(beta, dtype=dtype)
+        capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            (loss, surrogate, values), names = self._compile(
+                key, model, guide, args, kwargs, beta_t, None if capacity is None else capacity_t
+            )
+            trainable = bool(self._compiled[key].param_names)
+        else:
+            # pyro.param here (not inside the compiled function) so that SVI sees the parameters
+            params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
+            loss, surrogate, values = compiled.function(beta_t, capacity_t, *params, *args)
+            names = compiled.names
+            trainable = bool(params)
+        if mode == "backward" and trainable and surrogate.requires_grad:
+            surrogate.backward(retain_graph=self.retain_graph)
+            surrogate = 0.0
+        elif mode != "differentiable" or not surrogate.requires_grad:
+            surrogate = 0.0
+        self._last_record = _TermsRecord(names, values.detach(), beta, capacity)
+        return loss.detach(), surrogate
+
+    def _log_r(self, model_trace, guide_trace, beta) -> MultiFrameTensor:
+        # β is a tensor input of the trace: weight unconditionally instead of branching on
+        # ``beta != 1`` (which would bake the first step's β into the compiled function)
+        if not torch.is_tensor(beta):
+            return super()._log_r(model_trace, guide_trace, beta)
+        log_r = MultiFrameTensor()
+        stacks = get_plate_stacks(model_trace)
+        for name, site in model_trace.nodes.items():
+            if not _is_sample(site):
+                continue
+            term = site["log_prob"]
+            if not site["is_observed"]:
+                term = term - guide_trace.nodes[name]["log_prob"]
+                if self._site_weight(name):
+                    term = beta * term
+            log_r.add((stacks[name], term.detach()))
+        return log_r
+
+
+_LIMITS = """
+    **Limits of compilation** (those of :class:`pyro.infer.JitTrace_ELBO`, plus what
+    recompiles):
+
+    * The model and guide must have static structure: the same sites, plates, shapes and
+      control flow on every call. Python branches on tensor values, data-dependent
+      ``pyro.plate`` sizes and sequential particles that visit different sites are frozen
+      at the first call (sequential particles that differ raise ``ValueError``).
+    * Positional arguments must be tensors (they are inputs of the compiled function);
+      anything else goes in keyword arguments. Every distinct keyword value, every new
+      ``(model, guide)`` pair, and every new shape, dtype or device of a positional
+      tensor compiles once more (so the smaller last minibatch of an epoch compiles once,
+      and is then reused). Global data read from a closure is frozen at compile time.
+    * All parameters must exist after the first call (``pyro.param`` calls that appear
+      later are not seen). β and the capacity are inputs, so schedules never recompile;
+      ``free_bits``, ``gamma``, ``sites``, ``num_particles``, ``vectorize_particles`` and
+      ``max_plate_nesting`` are compiled in (they are fixed per loss object anyway).
+    * Compiled steps run no Python in the model or guide: validation checks
+      (``pyro.enable_validation``) run at the first call only, and Python side effects in
+      the model (printing, appending to lists) happen only at the first call and while
+      tracing.
+    * The first call of each compiled function is evaluated eagerly, then traced; the
+      random-number state is restored after tracing so that losses are those of the
+      uncompiled class for the same seed.
+    * :func:`torch.jit.trace` is marked deprecated from torch 2.9 (the deprecation warning
+      is silenced here); :func:`torch.compile` was measured slower on these models (the
+      Pyro effect-handler stack breaks the graph at every site).
+
+    :attr:`num_compilations` counts the traces made so far.
+"""
+
+
+class JitBetaELBO(_JitObjective, BetaELBO):
+    __doc__ = (
+        """
+    :class:`~pyro_elbo_lab.BetaELBO`, compiled: the same objective, gradient estimator and
+    decomposition (:attr:`last_terms` is filled from the compiled function's outputs), with
+    the model/guide pass traced once by :func:`torch.jit.trace` and reused, which removes
+    Pyro's per-step Python overhead. Takes the arguments of
+    :class:`~pyro_elbo_lab.BetaELBO`; ``ignore_jit_warnings`` and ``jit_options`` are
+    passed to the tracer as in :class:`pyro.infer.JitTrace_ELBO`.
+
+    .. math::
+
+        \\mathcal{L}_\\beta = \\mathbb{E}_{q(z)}[\\log p(x \\mid z)]
+            - \\beta \\, \\mathbb{E}_{q(z)}[\\log q(z) - \\log p(z)]   \\quad\\text{(nats)}
+"""
+        + _LIMITS
+        + """
+    :raises ValueError: as :class:`~pyro_elbo_lab.BetaELBO`; and for a positional
+        argument that is not a tensor.
+
+    Example::
+
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
+                             JitBetaELBO(beta=LinearWarmup(1000)))
+        for batch in batches:
+            svi.step(batch)          # compiled on the first step, reused afterwards
+        print(svi.loss.last_terms)
+
+    References
+
+    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
+        Framework`, Irina Higgins et al. (2017)
+
+    [2] `Pyro: Deep Universal Probabilistic Programming`, Eli Bingham, Jonathan P. Chen,
+        Martin Jankowiak, Fritz Obermeyer, Neeraj Pradhan, Theofanis Karaletsos, Rohit
+        Singh, Paul Szerlip, Paul Horsfall, Noah D. Goodman (2019)
+    """
+    )
+
+    def __init__(
+        self,
+        beta: ScheduleLike = 1.0,
+        *,
+        sites: Iterable[str] | None = None,
+        free_bits: float | None = None,
+        capacity: ScheduleLike | None = None,
+        gamma: float = 1000.0,
+        **kwargs,
+    ):
+        super().__init__(beta, sites=sites, free_bits=free_bits, capacity=capacity, gamma=gamma, **kwargs)
+        self._init_jit()
+
+
+class JitBetaMeanFieldELBO(_JitObjective, BetaMeanFieldELBO):
+    __doc__ = (
+        """
+    :class:`~pyro_elbo_lab.BetaMeanFieldELBO`, compiled: analytic KL where registered, the
+    same objective and decomposition, with the model/guide pass traced once by
+    :func:`torch.jit.trace` and reused. Unlike Pyro 1.9.2's
+    :class:`~pyro.infer.JitTraceMeanField_ELBO`, which re-traces on every step, the
+    compiled function is kept.
+
+    .. math::
+
+        \\mathcal{L}_\\beta = \\mathbb{E}_{q(z)}[\\log p(x \\mid z)]
+            - \\beta \\sum_s \\mathrm{KL}(q(z_s) \\,\\|\\, p(z_s))   \\quad\\text{(nats)}
+"""
+        + _LIMITS
+        + """
+    :raises ValueError: as :class:`~pyro_elbo_lab.BetaMeanFieldELBO`; and for a positional
+        argument that is not a tensor.
+
+    References
+
+    [1] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (2014)
+
+    [2] `Pyro: Deep Universal Probabilistic Programming`, Eli Bingham et al. (2019)
+    """
+    )
+
+    def __init__(
+        self,
+        beta: ScheduleLike = 1.0,
+        *,
+        sites: Iterable[str] | None = None,
+        free_bits: float | None = None,
+        capacity: ScheduleLike | None = None,
+        gamma: float = 1000.0,
+        **kwargs,
+    ):
+        super().__init__(beta, sites=sites, free_bits=free_bits, capacity=capacity, gamma=gamma, **kwargs)
+        self._init_jit()
