@@ -87,7 +87,10 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
         try:
             entropy = _analytic(q.entropy, lq, guide_site).detach()
         except NotImplementedError:
-            entropy = -lq.detach()
+            # H[q] = -E_q[log p(z)] - KL(q||p): the Monte Carlo cross-entropy minus the
+            # registered KL, so that cross_entropy stays -log p(z) (for a Delta guide site,
+            # whose registered KL is -log p(v), the entropy is then 0, as that KL assumes)
+            entropy = (-model_site["log_prob"] - kl).detach()
         return kl, kl.detach(), entropy
 
     def _latent_site_kl_per_dim(self, name, model_site, guide_site):

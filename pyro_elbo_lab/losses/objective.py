@@ -10,6 +10,7 @@ differ only in :meth:`WeightedObjective._latent_site_terms`, the per-site KL est
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterable
 
 import torch
@@ -25,6 +26,19 @@ __all__ = ["WeightedObjective"]
 
 def _is_sample(site) -> bool:
     return site["type"] == "sample"
+
+
+def _nonnegative_number(value, name: str, hint: str) -> float:
+    """``value`` as a finite float >= 0 (Python, NumPy or 0-d tensor number), else ValueError."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        value_ = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value_ = float(value)
+    else:
+        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}; {hint}")
+    if not math.isfinite(value_) or value_ < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}; {hint}")
+    return float(value_)
 
 
 class WeightedObjective:
@@ -53,17 +67,20 @@ class WeightedObjective:
         capacity: ScheduleLike | None,
         gamma: float,
     ) -> None:
-        if isinstance(beta, (int, float)) and not isinstance(beta, bool):
-            if not math.isfinite(beta) or beta < 0:
-                raise ValueError(
-                    f"beta must be a finite number >= 0 (or a schedule), got beta={beta!r}; "
-                    "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term"
-                )
+        if not callable(beta):
+            beta = _nonnegative_number(
+                beta,
+                "beta",
+                "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term; or pass a schedule",
+            )
         self._beta = as_schedule(beta, "beta")
         if sites is not None:
             if isinstance(sites, str):
                 sites = [sites]
-            sites = frozenset(sites)
+            try:
+                sites = frozenset(sites)
+            except TypeError:
+                raise ValueError(f"sites must be an iterable of latent site names, got sites={sites!r}") from None
             if not sites:
                 raise ValueError("sites is empty: pass None to weight every latent site, or name at least one")
             for name in sites:
@@ -71,28 +88,21 @@ class WeightedObjective:
                     raise ValueError(f"sites must be site names (str), got {name!r}")
         self.sites = sites
         if free_bits is not None:
-            if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
-                raise ValueError(f"free_bits must be a number of nats per latent dimension, got {free_bits!r}")
-            if not math.isfinite(free_bits) or free_bits < 0:
-                raise ValueError(
-                    f"free_bits must be a finite number of nats >= 0 (λ in Kingma et al. 2016), got {free_bits!r}"
-                )
-            free_bits = float(free_bits)
+            free_bits = _nonnegative_number(
+                free_bits, "free_bits", "λ in Kingma et al. 2016 is a number of nats per latent dimension"
+            )
         self.free_bits = free_bits
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"gamma must be a finite number >= 0 (γ in Burgess et al. 2018), got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = _nonnegative_number(gamma, "gamma", "γ in Burgess et al. 2018 weights |KL - C|")
         if capacity is not None:
             if free_bits is not None:
                 raise ValueError("free_bits and capacity are alternative objectives: pass one of them, not both")
-            if not isinstance(beta, (int, float)) or beta != 1:
+            if callable(beta) or beta != 1:
                 raise ValueError(
                     "capacity replaces β: the objective is E_q[log p(x|z)] - gamma * |KL - C|; "
                     f"leave beta at 1 (got beta={beta!r}) and set gamma instead"
                 )
-            if isinstance(capacity, (int, float)) and not isinstance(capacity, bool):
-                if not math.isfinite(capacity) or capacity < 0:
-                    raise ValueError(f"capacity must be a finite number of nats >= 0 (or a schedule), got {capacity!r}")
+            if not callable(capacity):
+                capacity = _nonnegative_number(capacity, "capacity", "C is in nats per element of the data plate")
             capacity = as_schedule(capacity, "capacity")
         self.capacity = capacity
         self.step = 0
@@ -311,7 +321,9 @@ class WeightedObjective:
         selected_kl = selected_size = None
         names: list = []
         values: list = []
-        log_r = None
+        score_sites: list = []
+        nonlinear_sites: set = set()
+        nonlinear_cost = 0.0
 
         latent_sites = []
         for name, model_site in model_trace.nodes.items():
@@ -362,10 +374,12 @@ class WeightedObjective:
                         "beta weighting, a reparameterisable (e.g. relaxed) distribution, or restrict sites= to "
                         "reparameterised sites."
                     )
+                nonlinear_sites.add(name)
                 if self.free_bits is not None:
                     per_dim = red(self._latent_site_kl_per_dim(name, model_site, guide_site), keep_last=1)
                     size = red(_data_size(guide_site))
                     fb = torch.maximum(per_dim, (self.free_bits * size).unsqueeze(-1)).sum(-1)
+                    nonlinear_cost = nonlinear_cost - beta * fb.detach()
                     objective = objective - beta * fb.detach()
                     surrogate = surrogate - beta * fb
                 else:
@@ -381,20 +395,33 @@ class WeightedObjective:
             # the model-parameter gradient, and the guide gradient comes from the score function
             surrogate = surrogate - w * red(kl_surr)
             if not reparam:
-                if log_r is None:
-                    log_r = self._log_r(model_trace, guide_trace, beta)
-                downstream = log_r.sum_to(guide_site["cond_indep_stack"])
-                surrogate = surrogate + red(downstream * sf)
+                score_sites.append((guide_site, sf))
 
         if selected_kl is not None:
             cap = torch.abs(selected_kl - capacity * selected_size)
+            nonlinear_cost = -self.gamma * cap.detach()
             objective = objective - self.gamma * cap.detach()
             surrogate = surrogate - self.gamma * cap
+
+        if score_sites:
+            # Score-function term with Pyro's plate-wise Rao-Blackwellised downstream cost. A
+            # free-bits / capacity term is a non-linear function of all selected sites in all
+            # plates, so it enters the downstream cost of every score-function site whole
+            # (per particle), and the selected sites are left out of the plate-wise cost.
+            exclude = nonlinear_sites if nonlinear else ()
+            log_r = self._log_r(model_trace, guide_trace, beta, exclude)
+            extra = self._broadcast_per_particle(nonlinear_cost) if torch.is_tensor(nonlinear_cost) else None
+            for guide_site, sf in score_sites:
+                downstream = log_r.sum_to(guide_site["cond_indep_stack"])
+                if extra is not None:
+                    downstream = downstream + extra
+                surrogate = surrogate + red(downstream * sf)
 
         if zero is None:
             raise ValueError("The model has no sample sites: there is no ELBO to compute.")
         recon = recon + torch.zeros_like(zero)
         objective = objective + recon
+        kl_total = kl_total + torch.zeros_like(zero)
         elbo = recon - kl_total
         ent_total = ent_total + torch.zeros_like(zero)
         cross = kl_total + ent_total
@@ -402,12 +429,21 @@ class WeightedObjective:
         record = torch.stack([t.detach() for t in totals] + values)
         return objective, surrogate, list(TOTAL_FIELDS) + names, record
 
-    def _log_r(self, model_trace, guide_trace, beta: float) -> MultiFrameTensor:
-        """Downstream cost per plate frame for the score-function term (β-weighted)."""
+    def _broadcast_per_particle(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape a per-particle value (``()`` or ``(num_particles,)``) to broadcast against sites."""
+        if x.dim() == 0:
+            return x
+        return x.reshape(x.shape + (1,) * (self.max_plate_nesting - 1))
+
+    def _log_r(self, model_trace, guide_trace, beta: float, exclude=()) -> MultiFrameTensor:
+        """
+        Downstream cost per plate frame for the score-function term (β-weighted), leaving
+        out the latent sites in ``exclude`` (those under a free-bits / capacity term).
+        """
         log_r = MultiFrameTensor()
         stacks = get_plate_stacks(model_trace)
         for name, site in model_trace.nodes.items():
-            if not _is_sample(site):
+            if not _is_sample(site) or name in exclude:
                 continue
             term = site["log_prob"]
             if not site["is_observed"]:
