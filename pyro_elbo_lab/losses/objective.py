@@ -408,8 +408,10 @@ class WeightedObjective:
             # free-bits / capacity term is a non-linear function of all selected sites in all
             # plates, so it enters the downstream cost of every score-function site whole
             # (per particle), and the selected sites are left out of the plate-wise cost.
-            exclude = nonlinear_sites if nonlinear else ()
-            log_r = self._log_r(model_trace, guide_trace, beta, exclude)
+            if nonlinear_sites:
+                log_r = self._log_r(model_trace, guide_trace, beta, exclude=nonlinear_sites)
+            else:
+                log_r = self._log_r(model_trace, guide_trace, beta)
             extra = self._broadcast_per_particle(nonlinear_cost) if torch.is_tensor(nonlinear_cost) else None
             for guide_site, sf in score_sites:
                 downstream = log_r.sum_to(guide_site["cond_indep_stack"])

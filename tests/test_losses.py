@@ -1,0 +1,635 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The loss family against exact answers: conjugate models whose evidence, posterior and KL
+are known in closed form (Normal–Normal, Beta–Bernoulli, Gamma–Poisson), the recorded
+decomposition (:class:`~pyro_elbo_lab.ELBOTerms`), free bits, capacity, step counting.
+
+Tolerances: the Monte Carlo estimators are compared with their exact expectations within
+5 standard deviations of the mean over particles, where the standard deviation is the
+exact one (computed here in closed form or from independent draws, never from the code
+under test); a two-sided 5σ band fails by chance with probability < 6e-7 (the seed is
+fixed anyway). Quantities that are exact for every particle are compared to 1e-10.
+"""
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
+
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, ELBOTerms
+from pyro_elbo_lab.schedules import Cyclical, LinearWarmup
+
+LOSSES = pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
+PARTICLES = pytest.mark.parametrize(
+    "particles",
+    [
+        pytest.param(dict(num_particles=1), id="1particle"),
+        pytest.param(dict(num_particles=4), id="4particles-sequential"),
+        pytest.param(dict(num_particles=4, vectorize_particles=True), id="4particles-vectorized"),
+        pytest.param(dict(num_particles=4000, vectorize_particles=True), id="4000particles-vectorized"),
+    ],
+)
+EXACT = 1e-10  # float64 rounding on sums of O(10) terms of O(10) nats
+
+
+def assert_identities(terms: ELBOTerms, tol: float = EXACT):
+    """The three identities of the decomposition, to float precision."""
+    assert terms.elbo == pytest.approx(terms.reconstruction - terms.kl, abs=tol)
+    assert terms.elbo == pytest.approx(terms.expected_log_joint + terms.entropy, abs=tol)
+    assert terms.kl == pytest.approx(terms.cross_entropy - terms.entropy, abs=tol)
+    latent = [s for s in terms.per_site.values() if "kl" in s]
+    observed = [s for s in terms.per_site.values() if "reconstruction" in s]
+    assert sum(s["kl"] for s in latent) == pytest.approx(terms.kl, abs=tol)
+    assert sum(s["entropy"] for s in latent) == pytest.approx(terms.entropy, abs=tol)
+    assert sum(s["cross_entropy"] for s in latent) == pytest.approx(terms.cross_entropy, abs=tol)
+    assert sum(s["reconstruction"] for s in observed) == pytest.approx(terms.reconstruction, abs=tol)
+    for s in latent:
+        assert s["kl"] == pytest.approx(s["cross_entropy"] - s["entropy"], abs=tol)
+
+
+# ---------------------------------------------------------------------------------------
+# Normal–Normal: z ~ N(mu0, sigma0), x_i | z ~ N(z, sigma), i = 1..N
+# ---------------------------------------------------------------------------------------
+
+MU0, SIGMA0, SIGMA = 0.5, 1.5, 0.8
+DATA = torch.tensor([1.3, 0.2, 2.1, 1.7, 0.9, 1.1, 2.4])
+
+
+def nn_model(data):
+    z = pyro.sample("z", dist.Normal(MU0, SIGMA0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(z, SIGMA), obs=data)
+
+
+def nn_guide_factory(loc, scale):
+    def guide(data):
+        pyro.sample("z", dist.Normal(loc, scale))
+
+    return guide
+
+
+def nn_posterior(data=DATA):
+    precision = 1 / SIGMA0**2 + len(data) / SIGMA**2
+    loc = (MU0 / SIGMA0**2 + data.sum() / SIGMA**2) / precision
+    return loc.item(), precision**-0.5
+
+
+def nn_log_evidence(data=DATA):
+    n = len(data)
+    cov = SIGMA**2 * torch.eye(n) + SIGMA0**2 * torch.ones(n, n)
+    return dist.MultivariateNormal(torch.full((n,), MU0), cov).log_prob(data).item()
+
+
+def nn_closed_form(loc, scale, data=DATA):
+    """Exact E_q log p(x|z), KL(q||p(z)), H[q] for q = N(loc, scale), and the sd over one
+    draw z ~ q of log p(x|z) (a quadratic in z: Var[(z - c)^2] = 2 s^4 + 4 s^2 (m - c)^2)."""
+    n = len(data)
+    recon = (-0.5 * math.log(2 * math.pi * SIGMA**2) - ((data - loc) ** 2 + scale**2) / (2 * SIGMA**2)).sum().item()
+    kl = math.log(SIGMA0 / scale) + (scale**2 + (loc - MU0) ** 2) / (2 * SIGMA0**2) - 0.5
+    entropy = 0.5 * math.log(2 * math.pi * math.e * scale**2)
+    xbar = data.mean().item()
+    recon_sd = n / (2 * SIGMA**2) * math.sqrt(2 * scale**4 + 4 * scale**2 * (loc - xbar) ** 2)
+    # log q(z) - log p(z) = a z^2 + b z + const, also a quadratic in z
+    a = 1 / (2 * SIGMA0**2) - 1 / (2 * scale**2)
+    b = loc / scale**2 - MU0 / SIGMA0**2
+    kl_sd = _quadratic_sd(a, b, loc, scale)
+    return dict(reconstruction=recon, kl=kl, entropy=entropy, cross_entropy=kl + entropy), recon_sd, kl_sd
+
+
+def _quadratic_sd(a, b, m, s):
+    """sd of a z^2 + b z for z ~ N(m, s^2): Var = a^2 (2 s^4 + 4 s^2 m^2) + b^2 s^2 + 4 a b m s^2."""
+    return math.sqrt(a**2 * (2 * s**4 + 4 * s**2 * m**2) + b**2 * s**2 + 4 * a * b * m * s**2)
+
+
+@PARTICLES
+@LOSSES
+def test_normal_normal_exact_posterior(Loss, particles):
+    loc, scale = nn_posterior()
+    log_z = nn_log_evidence()
+    loss_fn = Loss(**particles)
+    value = loss_fn.loss(nn_model, nn_guide_factory(loc, scale), DATA)
+    terms = loss_fn.last_terms
+    num_particles = particles["num_particles"]
+    assert terms.num_particles == num_particles
+    assert value == pytest.approx(-terms.elbo, abs=EXACT)
+    assert terms.objective == terms.elbo and terms.beta == 1.0 and terms.capacity is None
+    assert_identities(terms)
+    assert bool(terms.stderr) == (num_particles > 1)
+    exact, recon_sd, kl_sd = nn_closed_form(loc, scale)
+    tol = 5 * recon_sd / math.sqrt(num_particles)
+    assert terms.reconstruction == pytest.approx(exact["reconstruction"], abs=tol)
+    if Loss is BetaELBO:
+        # log p(x, z) - log q(z) = log p(x) for every z under the exact posterior
+        assert terms.elbo == pytest.approx(log_z, abs=EXACT)
+        if num_particles > 1:
+            assert terms.stderr["elbo"] < EXACT
+        assert terms.kl == pytest.approx(exact["kl"], abs=5 * kl_sd / math.sqrt(num_particles))
+    else:
+        # analytic KL and entropy are exact; the ELBO inherits the reconstruction's MC error
+        for name in ("kl", "entropy", "cross_entropy"):
+            assert getattr(terms, name) == pytest.approx(exact[name], abs=EXACT)
+            assert terms.per_site["z"][name] == pytest.approx(exact[name], abs=EXACT)
+        assert terms.elbo == pytest.approx(log_z, abs=tol)
+        if num_particles > 1:
+            assert terms.stderr["kl"] < EXACT
+    if num_particles >= 1000:
+        # the reported standard error matches the exact sd / sqrt(P): the relative error of a
+        # sample sd of a scaled chi-square-like variable is about sqrt(14 / (4 P)) = 3% here
+        assert terms.stderr["reconstruction"] == pytest.approx(recon_sd / math.sqrt(num_particles), rel=0.2)
+
+
+@LOSSES
+def test_normal_normal_any_guide_matches_closed_form(Loss):
+    """A guide that is not the posterior: ELBO = log p(x) - KL(q || p(z|x)), terms closed form."""
+    loc, scale = 0.3, 0.45
+    post_loc, post_scale = nn_posterior()
+    kl_post = math.log(post_scale / scale) + (scale**2 + (loc - post_loc) ** 2) / (2 * post_scale**2) - 0.5
+    num_particles = 4000
+    loss_fn = Loss(num_particles=num_particles, vectorize_particles=True)
+    terms = loss_fn.decompose(nn_model, nn_guide_factory(loc, scale), DATA)
+    assert_identities(terms)
+    exact, recon_sd, kl_sd = nn_closed_form(loc, scale)
+    # ELBO per particle = log p(x|z) - (log q - log p): both quadratic in z; bound the sd of
+    # their difference by the sum of the sds
+    tol = 5 * (recon_sd + kl_sd) / math.sqrt(num_particles)
+    assert terms.elbo == pytest.approx(nn_log_evidence() - kl_post, abs=tol)
+    assert terms.reconstruction == pytest.approx(exact["reconstruction"], abs=5 * recon_sd / math.sqrt(num_particles))
+    if Loss is BetaMeanFieldELBO:
+        assert terms.kl == pytest.approx(exact["kl"], abs=EXACT)
+        assert terms.entropy == pytest.approx(exact["entropy"], abs=EXACT)
+    else:
+        assert terms.kl == pytest.approx(exact["kl"], abs=5 * kl_sd / math.sqrt(num_particles))
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["scalar", "to_event"])
+def test_analytic_kl_equals_closed_form(event):
+    """Analytic KL of Normal (and Independent Normal) sites in a subsampled plate, scaled N/B."""
+    n, idx = 6, torch.tensor([0, 3, 4])
+    prior_loc, prior_scale = torch.tensor([0.5, -1.0]), torch.tensor([1.5, 0.7])
+    loc = torch.tensor([[0.1, 0.2], [0.3, -0.4], [1.0, 0.0], [0.0, 0.5], [-0.2, 0.3], [0.7, 0.7]])
+    scale = torch.tensor([[0.5, 0.9], [1.1, 0.3], [0.4, 0.4], [0.8, 1.2], [0.6, 0.2], [1.0, 1.0]])
+    data = torch.randn(n, 2)
+
+    def wrap(d):
+        return d.to_event(1) if event else d
+
+    def model(data):
+        with pyro.plate("data", n, subsample=idx, dim=-2 if not event else -1):
+            z = pyro.sample("z", wrap(dist.Normal(prior_loc, prior_scale)))
+            pyro.sample("x", wrap(dist.Normal(z, 1.0)), obs=data[idx])
+
+    def guide(data):
+        with pyro.plate("data", n, subsample=idx, dim=-2 if not event else -1):
+            pyro.sample("z", wrap(dist.Normal(loc[idx], scale[idx])))
+
+    q_loc, q_scale = loc[idx], scale[idx]
+    kl = torch.log(prior_scale / q_scale) + (q_scale**2 + (q_loc - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5
+    entropy = 0.5 * torch.log(2 * math.pi * math.e * q_scale**2)
+    scale_up = n / len(idx)
+    terms = BetaMeanFieldELBO().decompose(model, guide, data)
+    assert terms.kl == pytest.approx(scale_up * kl.sum().item(), abs=EXACT)
+    assert terms.entropy == pytest.approx(scale_up * entropy.sum().item(), abs=EXACT)
+    assert_identities(terms)
+
+
+def _seeded_guide_trace(guide, args, seed):
+    """The guide trace a loss call at ``seed`` will draw (the guide runs first)."""
+    pyro.set_rng_seed(seed)
+    with poutine.block():
+        return poutine.trace(guide).get_trace(*args)
+
+
+def test_mean_field_falls_back_to_monte_carlo():
+    """No registered KL(LogNormal || HalfNormal): the Monte Carlo term at the drawn value."""
+    data = torch.tensor([0.3, -0.4, 1.2])
+
+    def model(data):
+        sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Normal(mu, sigma), obs=data)
+
+    def guide(data):
+        pyro.sample("sigma", dist.LogNormal(0.1, 0.3))
+        pyro.sample("mu", dist.Normal(0.2, 0.5))
+
+    trace = _seeded_guide_trace(guide, (data,), seed=3)
+    sigma, mu = trace.nodes["sigma"]["value"], trace.nodes["mu"]["value"]
+    pyro.set_rng_seed(3)
+    loss_fn = BetaMeanFieldELBO()
+    loss_fn.loss(model, guide, data)
+    terms = loss_fn.last_terms
+    log_q, log_p = dist.LogNormal(0.1, 0.3).log_prob(sigma), dist.HalfNormal(2.0).log_prob(sigma)
+    assert terms.per_site["sigma"]["kl"] == pytest.approx((log_q - log_p).item(), abs=EXACT)
+    assert terms.per_site["sigma"]["entropy"] == pytest.approx(-log_q.item(), abs=EXACT)
+    kl_mu = torch.distributions.kl_divergence(dist.Normal(0.2, 0.5), dist.Normal(0.0, 1.0))
+    assert terms.per_site["mu"]["kl"] == pytest.approx(kl_mu.item(), abs=EXACT)
+    recon = dist.Normal(mu, sigma).log_prob(data).sum()
+    assert terms.reconstruction == pytest.approx(recon.item(), abs=EXACT)
+    assert_identities(terms)
+
+
+def test_subsampling_scales_terms_to_full_data():
+    """Per-site terms carry Pyro's N / B scaling, computed here by hand at the drawn values."""
+    n, idx = 7, torch.tensor([1, 4, 6])
+
+    def model(data):
+        z = pyro.sample("z", dist.Normal(MU0, SIGMA0))
+        with pyro.plate("data", n, subsample=idx):
+            u = pyro.sample("u", dist.Normal(z, 1.0))
+            pyro.sample("x", dist.Normal(u, SIGMA), obs=data[idx])
+
+    def guide(data):
+        pyro.sample("z", dist.Normal(0.4, 0.3))
+        with pyro.plate("data", n, subsample=idx):
+            pyro.sample("u", dist.Normal(data[idx], 0.5))
+
+    trace = _seeded_guide_trace(guide, (DATA,), seed=4)
+    z, u = trace.nodes["z"]["value"], trace.nodes["u"]["value"]
+    pyro.set_rng_seed(4)
+    loss_fn = BetaELBO()
+    loss = loss_fn.loss(model, guide, DATA)
+    pyro.set_rng_seed(4)
+    assert loss == pytest.approx(Trace_ELBO().loss(model, guide, DATA), abs=EXACT)
+    terms = loss_fn.last_terms
+    s = n / len(idx)
+    recon = s * dist.Normal(u, SIGMA).log_prob(DATA[idx]).sum()
+    kl_u = s * (dist.Normal(DATA[idx], 0.5).log_prob(u) - dist.Normal(z, 1.0).log_prob(u)).sum()
+    kl_z = dist.Normal(0.4, 0.3).log_prob(z) - dist.Normal(MU0, SIGMA0).log_prob(z)
+    assert terms.per_site["x"]["reconstruction"] == pytest.approx(recon.item(), abs=EXACT)
+    assert terms.per_site["u"]["kl"] == pytest.approx(kl_u.item(), abs=EXACT)
+    assert terms.per_site["z"]["kl"] == pytest.approx(kl_z.item(), abs=EXACT)
+    assert_identities(terms)
+
+
+def test_poutine_mask_decomposition_matches_trace_elbo():
+    mask = torch.tensor([True, False, True, True, False, True, False])
+
+    def model(data):
+        z = pyro.sample("z", dist.Normal(MU0, SIGMA0))
+        with pyro.plate("data", len(data)):
+            with poutine.mask(mask=mask):
+                u = pyro.sample("u", dist.Normal(z, 1.0))
+                pyro.sample("x", dist.Normal(u, SIGMA), obs=data)
+            with poutine.mask(mask=~mask):
+                pyro.sample("y", dist.Normal(z, SIGMA), obs=data)
+
+    def guide(data):
+        pyro.sample("z", dist.Normal(0.4, 0.3))
+        with pyro.plate("data", len(data)), poutine.mask(mask=mask):
+            pyro.sample("u", dist.Normal(data, 0.5))
+
+    trace = _seeded_guide_trace(guide, (DATA,), seed=2)
+    z, u = trace.nodes["z"]["value"], trace.nodes["u"]["value"]
+    for Loss in (BetaELBO, BetaMeanFieldELBO):
+        pyro.set_rng_seed(2)
+        expected = Trace_ELBO().loss(model, guide, DATA) if Loss is BetaELBO else None
+        pyro.set_rng_seed(2)
+        loss_fn = Loss()
+        loss = loss_fn.loss(model, guide, DATA)
+        terms = loss_fn.last_terms
+        if expected is not None:
+            assert loss == pytest.approx(expected, abs=EXACT)
+        assert -terms.elbo == pytest.approx(loss, abs=EXACT)
+        recon_x = dist.Normal(u, SIGMA).log_prob(DATA)[mask].sum()
+        recon_y = dist.Normal(z, SIGMA).log_prob(DATA)[~mask].sum()
+        assert terms.per_site["x"]["reconstruction"] == pytest.approx(recon_x.item(), abs=EXACT)
+        assert terms.per_site["y"]["reconstruction"] == pytest.approx(recon_y.item(), abs=EXACT)
+        if Loss is BetaMeanFieldELBO:
+            kl_u = torch.distributions.kl_divergence(dist.Normal(DATA, 0.5), dist.Normal(z, 1.0))[mask].sum()
+        else:
+            kl_u = (dist.Normal(DATA, 0.5).log_prob(u) - dist.Normal(z, 1.0).log_prob(u))[mask].sum()
+        assert terms.per_site["u"]["kl"] == pytest.approx(kl_u.item(), abs=EXACT)
+        assert_identities(terms)
+
+
+# ---------------------------------------------------------------------------------------
+# Beta–Bernoulli and Gamma–Poisson with the exact posterior as guide
+# ---------------------------------------------------------------------------------------
+
+FLIPS = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+COUNTS = torch.tensor([3.0, 0.0, 5.0, 2.0, 4.0, 1.0])
+A, B = 2.0, 3.0
+
+
+def beta_bernoulli():
+    k, n = FLIPS.sum().item(), len(FLIPS)
+
+    def model(data):
+        p = pyro.sample("p", dist.Beta(A, B))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Bernoulli(p), obs=data)
+
+    def guide(data):
+        pyro.sample("p", dist.Beta(A + k, B + n - k))
+
+    log_z = _log_beta(A + k, B + n - k) - _log_beta(A, B)
+    return model, guide, FLIPS, log_z, dist.Beta(A + k, B + n - k), dist.Beta(A, B)
+
+
+def gamma_poisson():
+    s, n = COUNTS.sum().item(), len(COUNTS)
+
+    def model(data):
+        rate = pyro.sample("rate", dist.Gamma(A, B))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Poisson(rate), obs=data)
+
+    def guide(data):
+        pyro.sample("rate", dist.Gamma(A + s, B + n))
+
+    log_z = (
+        A * math.log(B)
+        - math.lgamma(A)
+        + math.lgamma(A + s)
+        - (A + s) * math.log(B + n)
+        - torch.lgamma(COUNTS + 1).sum().item()
+    )
+    return model, guide, COUNTS, log_z, dist.Gamma(A + s, B + n), dist.Gamma(A, B)
+
+
+def _log_beta(a, b):
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+@pytest.mark.parametrize("make", [beta_bernoulli, gamma_poisson], ids=["beta-bernoulli", "gamma-poisson"])
+@PARTICLES
+@LOSSES
+def test_conjugate_exact_posterior_elbo_equals_evidence(Loss, particles, make):
+    model, guide, data, log_z, posterior, prior = make()
+    loss_fn = Loss(**particles)
+    loss = loss_fn.loss(model, guide, data)
+    terms = loss_fn.last_terms
+    assert_identities(terms)
+    num_particles = particles["num_particles"]
+    if Loss is BetaELBO:
+        assert -loss == pytest.approx(log_z, abs=EXACT)
+        assert terms.elbo == pytest.approx(log_z, abs=EXACT)
+    else:
+        kl = torch.distributions.kl_divergence(posterior, prior).item()
+        assert terms.kl == pytest.approx(kl, abs=EXACT)
+        assert terms.entropy == pytest.approx(posterior.entropy().item(), abs=EXACT)
+        # ELBO per particle - log Z = (log q(z) - log p(z)) - KL: its sd from independent draws
+        z = posterior.sample((100_000,))
+        sd = (posterior.log_prob(z) - prior.log_prob(z)).std().item()
+        assert terms.elbo == pytest.approx(log_z, abs=5 * sd / math.sqrt(num_particles))
+
+
+# ---------------------------------------------------------------------------------------
+# β, free bits and capacity in the recorded objective
+# ---------------------------------------------------------------------------------------
+
+N_LOCAL, J = 4, 3
+LOCAL_DATA = torch.tensor([[0.5, 1.0, -2.0], [0.1, 2.0, 1.5], [-0.3, 1.4, 2.2], [0.2, -1.1, 1.9]])
+# guide locs/scales chosen so that the KL of dim 0 is far below λ = 0.5 nats on average,
+# dim 1 about 0.9, dim 2 about 2 (closed form below)
+Q_LOC = torch.tensor([[0.1, 1.0, -2.0], [0.0, 1.5, 1.5], [-0.1, 1.2, 2.0], [0.1, -1.0, 2.0]])
+Q_SCALE = torch.tensor([[0.9, 0.6, 0.5], [1.1, 0.7, 0.5], [0.95, 0.5, 0.6], [1.0, 0.6, 0.4]])
+
+
+def local_model(data, likelihood_dims=slice(None)):
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Normal(torch.zeros(J), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z[..., likelihood_dims], 1.0).to_event(1), obs=data[..., likelihood_dims])
+
+
+def local_guide_factory(loc=Q_LOC, scale=Q_SCALE):
+    def guide(data, likelihood_dims=slice(None)):
+        with pyro.plate("data", len(data)):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    return guide
+
+
+def local_kl_per_dim(loc=Q_LOC, scale=Q_SCALE):
+    """KL(N(loc, scale) || N(0, 1)) averaged over the data plate, per latent dimension."""
+    return (-torch.log(scale) + (scale**2 + loc**2) / 2 - 0.5).mean(0)
+
+
+def test_local_kl_fixture_straddles_lambda():
+    kl = local_kl_per_dim()
+    assert kl[0] < 0.1 and 0.5 < kl[1] < 1.5 and kl[2] > 1.5
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.5])
+def test_free_bits_objective_analytic(beta):
+    lam = 0.5
+    kl_j = local_kl_per_dim()
+    loss_fn = BetaMeanFieldELBO(beta=beta, free_bits=lam)
+    loss = loss_fn.loss(local_model, local_guide_factory(), LOCAL_DATA)
+    terms = loss_fn.last_terms
+    expected = terms.reconstruction - beta * (N_LOCAL * torch.clamp(kl_j, min=lam)).sum().item()
+    assert terms.objective == pytest.approx(expected, abs=EXACT)
+    assert loss == pytest.approx(-expected, abs=EXACT)
+    assert terms.kl == pytest.approx(N_LOCAL * kl_j.sum().item(), abs=EXACT)  # unweighted
+    assert terms.beta == beta
+    assert_identities(terms)
+
+
+def test_free_bits_objective_monte_carlo():
+    """BetaELBO applies max(λ N, Σ_i KL_ij) to the per-particle Monte Carlo KL of each dim."""
+    lam = 0.5
+    guide = local_guide_factory()
+    z = _seeded_guide_trace(guide, (LOCAL_DATA,), seed=6).nodes["z"]["value"]
+    kl_ij = dist.Normal(Q_LOC, Q_SCALE).log_prob(z) - dist.Normal(0.0, 1.0).log_prob(z)
+    pyro.set_rng_seed(6)
+    loss_fn = BetaELBO(beta=2.0, free_bits=lam)
+    loss_fn.loss(local_model, guide, LOCAL_DATA)
+    terms = loss_fn.last_terms
+    expected = terms.reconstruction - 2.0 * torch.clamp(kl_ij.sum(0), min=lam * N_LOCAL).sum().item()
+    assert terms.objective == pytest.approx(expected, abs=EXACT)
+    assert terms.kl == pytest.approx(kl_ij.sum().item(), abs=EXACT)
+
+
+def test_free_bits_subsampled_plate_uses_full_data_size():
+    n, idx, lam = 10, torch.tensor([0, 2, 3, 1]), 0.5
+
+    def model(data):
+        with pyro.plate("data", n, subsample=idx):
+            z = pyro.sample("z", dist.Normal(torch.zeros(J), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=data)
+
+    def guide(data):
+        with pyro.plate("data", n, subsample=idx):
+            pyro.sample("z", dist.Normal(Q_LOC, Q_SCALE).to_event(1))
+
+    loss_fn = BetaMeanFieldELBO(free_bits=lam)
+    loss_fn.loss(model, guide, LOCAL_DATA)
+    terms = loss_fn.last_terms
+    expected = terms.reconstruction - (n * torch.clamp(local_kl_per_dim(), min=lam)).sum().item()
+    assert terms.objective == pytest.approx(expected, abs=EXACT)
+    assert terms.kl == pytest.approx(n * local_kl_per_dim().sum().item(), abs=EXACT)
+
+
+@pytest.mark.parametrize("capacity", [0.3, 2.0, 10.0])
+def test_capacity_objective(capacity):
+    gamma = 7.0
+    kl = N_LOCAL * local_kl_per_dim().sum().item()
+    loss_fn = BetaMeanFieldELBO(capacity=capacity, gamma=gamma)
+    loss_fn.loss(local_model, local_guide_factory(), LOCAL_DATA)
+    terms = loss_fn.last_terms
+    expected = terms.reconstruction - gamma * abs(kl - N_LOCAL * capacity)
+    assert terms.objective == pytest.approx(expected, abs=EXACT)
+    assert terms.capacity == capacity and terms.kl == pytest.approx(kl, abs=EXACT)
+    assert terms.as_dict()["capacity"] == capacity
+
+
+def test_capacity_schedule_advances_with_steps():
+    schedule = LinearWarmup(10, start=0.0, end=2.0)
+
+    def guide(data):
+        loc = pyro.param("loc", Q_LOC.clone())
+        with pyro.plate("data", len(data)):
+            pyro.sample("z", dist.Normal(loc, Q_SCALE).to_event(1))
+
+    loss_fn = BetaMeanFieldELBO(capacity=schedule, gamma=3.0)
+    svi = SVI(local_model, guide, Adam({"lr": 0.0}), loss_fn)
+    kl = N_LOCAL * local_kl_per_dim().sum().item()  # lr = 0: the guide does not move
+    for step in range(4):
+        svi.step(LOCAL_DATA)
+        assert loss_fn.step == step + 1
+        assert loss_fn.last_terms.capacity == pytest.approx(schedule(step))
+        expected = loss_fn.last_terms.reconstruction - 3.0 * abs(kl - N_LOCAL * schedule(step))
+        assert loss_fn.last_terms.objective == pytest.approx(expected, abs=EXACT)
+    assert loss_fn.current_capacity() == pytest.approx(schedule(4))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 3.0])
+@LOSSES
+def test_beta_weighted_objective(Loss, beta):
+    loss_fn = Loss(beta=beta)
+    loss = loss_fn.loss(nn_model, nn_guide_factory(0.3, 0.45), DATA)
+    terms = loss_fn.last_terms
+    assert terms.objective == pytest.approx(terms.reconstruction - beta * terms.kl, abs=EXACT)
+    assert loss == pytest.approx(-terms.objective, abs=EXACT)
+    assert terms.beta == beta
+    assert_identities(terms)
+
+
+@LOSSES
+def test_beta_on_named_sites_only(Loss):
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=data)
+
+    def guide(data):
+        pyro.sample("mu", dist.Normal(0.5, 0.3))
+        with pyro.plate("data", len(data)):
+            pyro.sample("z", dist.Normal(data, 0.4))
+
+    loss_fn = Loss(beta=4.0, sites=["z"])
+    loss_fn.loss(model, guide, DATA)
+    terms = loss_fn.last_terms
+    expected = terms.reconstruction - terms.per_site["mu"]["kl"] - 4.0 * terms.per_site["z"]["kl"]
+    assert terms.objective == pytest.approx(expected, abs=EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# last_terms, decompose, step counting, state
+# ---------------------------------------------------------------------------------------
+
+
+def _param_guide(data):
+    loc = pyro.param("loc", torch.tensor(0.3))
+    pyro.sample("z", dist.Normal(loc, 0.45))
+
+
+@LOSSES
+def test_last_terms_from_every_entry_point(Loss):
+    loss_fn = Loss(beta=2.0)
+    assert loss_fn.last_terms is None
+    pyro.set_rng_seed(1)
+    value = loss_fn.loss(nn_model, _param_guide, DATA)
+    assert loss_fn.last_terms.loss == pytest.approx(value, abs=EXACT)
+    pyro.set_rng_seed(1)
+    value = loss_fn.loss_and_grads(nn_model, _param_guide, DATA)
+    assert loss_fn.last_terms.loss == pytest.approx(value, abs=EXACT)
+    pyro.set_rng_seed(1)
+    tensor = loss_fn.differentiable_loss(nn_model, _param_guide, DATA)
+    assert loss_fn.last_terms.loss == pytest.approx(tensor.item(), abs=EXACT)
+    assert tensor.requires_grad
+    svi = SVI(nn_model, _param_guide, Adam({"lr": 0.01}), loss_fn)
+    value = svi.step(DATA)
+    assert isinstance(loss_fn.last_terms, ELBOTerms)
+    assert loss_fn.last_terms.loss == pytest.approx(value, abs=EXACT)
+    assert svi.loss == loss_fn.loss  # what SVI binds is ours
+
+
+@LOSSES
+def test_decompose_is_side_effect_free(Loss):
+    loss_fn = Loss(beta=LinearWarmup(10))
+    loss_fn.loss_and_grads(nn_model, _param_guide, DATA)
+    before, step = loss_fn.last_terms, loss_fn.step
+    pyro.set_rng_seed(9)
+    terms = loss_fn.decompose(nn_model, _param_guide, DATA)
+    assert loss_fn.last_terms is before and loss_fn.step == step
+    pyro.set_rng_seed(9)
+    loss_fn.loss(nn_model, _param_guide, DATA)
+    assert terms == loss_fn.last_terms
+    assert terms.beta == pytest.approx(0.1)
+
+
+@LOSSES
+def test_step_counting_and_state_dict(Loss):
+    schedule = LinearWarmup(10)
+    loss_fn = Loss(beta=schedule)
+    svi = SVI(nn_model, _param_guide, Adam({"lr": 0.01}), loss_fn)
+    for step in range(5):
+        svi.step(DATA)
+        assert loss_fn.last_terms.beta == pytest.approx(schedule(step))
+    assert loss_fn.step == 5
+    loss_fn.loss(nn_model, _param_guide, DATA)
+    loss_fn.decompose(nn_model, _param_guide, DATA)
+    svi.evaluate_loss(DATA)
+    assert loss_fn.step == 5
+    loss_fn.differentiable_loss(nn_model, _param_guide, DATA)
+    assert loss_fn.step == 6
+    assert loss_fn.state_dict() == {"step": 6}
+
+    resumed = Loss(beta=LinearWarmup(10))
+    resumed.load_state_dict(loss_fn.state_dict())
+    assert resumed.current_beta() == pytest.approx(0.6) == loss_fn.current_beta()
+    resumed.loss_and_grads(nn_model, _param_guide, DATA)
+    assert resumed.last_terms.beta == pytest.approx(0.6)
+    assert resumed.current_beta() == pytest.approx(0.7)
+
+
+def test_cyclical_beta_through_svi():
+    schedule = Cyclical(8, num_cycles=2, ratio=0.5)
+    loss_fn = BetaELBO(beta=schedule)
+    svi = SVI(nn_model, _param_guide, Adam({"lr": 0.01}), loss_fn)
+    betas = []
+    for _ in range(9):
+        svi.step(DATA)
+        betas.append(loss_fn.last_terms.beta)
+    assert betas == pytest.approx([0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0])
+
+
+def test_terms_as_dict_and_dataframe():
+    loss_fn = BetaELBO(beta=2.0, num_particles=3, vectorize_particles=True)
+    loss_fn.loss(nn_model, nn_guide_factory(0.3, 0.45), DATA)
+    terms = loss_fn.last_terms
+    flat = terms.as_dict()
+    for name in ("objective", "elbo", "reconstruction", "kl", "entropy", "cross_entropy", "expected_log_joint"):
+        assert flat[name] == getattr(terms, name)
+        assert flat[f"{name}_stderr"] == terms.stderr[name]
+    assert flat["beta"] == 2.0 and "capacity" not in flat
+    assert flat["kl/z"] == terms.per_site["z"]["kl"]
+    assert flat["reconstruction/x"] == terms.per_site["x"]["reconstruction"]
+    assert not any("/" in key for key in terms.as_dict(per_site=False))
+    frame = terms.to_dataframe()
+    assert sorted(frame.index[:-1]) == ["x", "z"] and frame.index[-1] == "total"
+    assert list(frame.columns) == ["kl", "entropy", "cross_entropy", "reconstruction"]
+    assert frame.loc["z", "kl"] == terms.per_site["z"]["kl"]
+    assert math.isnan(frame.loc["x", "kl"]) and math.isnan(frame.loc["z", "reconstruction"])
+    assert frame.loc["total", "reconstruction"] == terms.reconstruction
+    assert terms.loss == -terms.objective
+    assert str(terms).startswith("ELBOTerms(objective=")
