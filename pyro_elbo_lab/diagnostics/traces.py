@@ -21,6 +21,8 @@ __all__ = [
     "guess_max_plate_nesting",
     "vectorized_traces",
     "sum_per_sample",
+    "log_joint_and_guide",
+    "probe_traces",
 ]
 
 #: Name of the plate that vectorises importance samples.
@@ -47,6 +49,31 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
         if frame.vectorized
     ]
     return -min(dims) if dims else 0
+
+
+def probe_traces(model, guide, args, kwargs) -> tuple[int, int]:
+    """
+    Run the guide and the replayed model once (no sample plate, parameters not recorded,
+    no gradients) to learn what a vectorised pass will need.
+
+    :returns: ``(max_plate_nesting, elements_per_sample)``: the plate depth (as
+        :func:`guess_max_plate_nesting`) and the number of value and log_prob entries
+        one importance sample adds to the traces (for choosing batch sizes).
+    :rtype: tuple
+    """
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    dims = [0]
+    elements = 0
+    for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            dims += [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]
+            value = site["value"]
+            elements += (value.numel() if torch.is_tensor(value) else 1) + site["fn"].batch_shape.numel()
+    return max(dims), max(1, elements)
 
 
 class ImportanceTraces(NamedTuple):

@@ -1,0 +1,456 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Importance-sampled evidence, the KL gap and the PSIS k̂ of a fitted guide.
+
+One vectorised guide/model trace per batch of importance samples (the sample plate of
+:mod:`pyro_elbo_lab.diagnostics.traces`), never a Python loop over samples; the Pareto
+k̂ comes from :func:`arviz.psislw`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pyro.distributions.util import scale_and_mask
+
+from .traces import ImportanceTraces, log_joint_and_guide, probe_traces, vectorized_traces
+
+__all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence", "psis_diagnostics"]
+
+logger = logging.getLogger(__name__)
+
+#: k̂ thresholds of Vehtari et al. (2024): at most ``GOOD`` the estimate is reliable,
+#: above ``BAD`` it is not.
+PARETO_K_GOOD = 0.5
+PARETO_K_BAD = 0.7
+
+#: Elements (log_prob and value entries, times a safety factor) one automatic batch may hold.
+_ELEMENT_BUDGET = 2**24
+_SAFETY_FACTOR = 4
+
+#: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
+_CONSTANT_TOL = 1e-9
+
+#: psislw needs more than 4 tail draws, i.e. at least this many samples, to fit k̂.
+MIN_PSIS_SAMPLES = 21
+
+
+class ImportanceSamplingWarning(UserWarning):
+    """
+    The importance weights of a guide are too heavy-tailed (Pareto k̂ > 0.7) for the
+    evidence and KL gap estimates to be trusted, or too few samples were drawn to tell.
+    """
+
+
+def _verdict(k: float) -> str:
+    if math.isnan(k):
+        return "unknown"
+    if k <= PARETO_K_GOOD:
+        return "good"
+    if k <= PARETO_K_BAD:
+        return "ok"
+    return "bad"
+
+
+@dataclass(frozen=True)
+class EvidenceEstimate:
+    """
+    The importance-sampled evidence of a model under a guide, and how far the guide is
+    from the posterior. All values in nats, with Pyro's data scaling (see
+    :func:`estimate_evidence`).
+
+    :ivar float log_evidence: :math:`\\log \\frac{1}{S} \\sum_s w_s`, the importance-weighted
+        bound :math:`\\mathcal{L}_S` of Burda et al. (2016), :math:`w_s = p(x, z_s)/q(z_s)`
+        (PSIS-smoothed weights when ``psis=True``).
+    :ivar float log_evidence_stderr: delta-method standard error,
+        :math:`\\mathrm{sd}(w) / (\\sqrt{S}\\, \\bar w)`.
+    :ivar float elbo: :math:`\\frac{1}{S}\\sum_s \\log w_s`.
+    :ivar float elbo_stderr: :math:`\\mathrm{sd}(\\log w)/\\sqrt{S}`.
+    :ivar float gap: ``log_evidence - elbo``, an estimate of
+        :math:`\\mathrm{KL}(q(z) \\| p(z \\mid x))`; biased low for finite ``S``.
+    :ivar float pareto_k: Pareto k̂ of the weights (Yao et al. 2018); ``-inf`` when the
+        weights are constant (the guide is the posterior), ``nan`` when ``S`` is too small
+        to fit it. Per-datapoint mode: the largest k̂ over the data.
+    :ivar float ess: effective sample size :math:`1/\\sum_s \\bar w_s^2` of the
+        normalised weights (per-datapoint mode: the smallest over the data).
+    :ivar int num_samples: ``S``.
+    :ivar torch.Tensor log_weights: :math:`\\log w_s`, shape ``(S,)`` (raw, not smoothed).
+    :ivar bool psis: whether ``log_evidence``, its standard error and ``ess`` come from
+        the Pareto-smoothed weights.
+    :ivar str per_datapoint: the data plate of per-datapoint mode, else ``None``.
+    :ivar torch.Tensor log_evidence_per_datapoint: per-datapoint mode only: the IWAE
+        estimate of :math:`\\log p(x_n)` for each element of the plate, shape ``(N,)``.
+    :ivar torch.Tensor log_evidence_per_datapoint_stderr: its delta-method standard
+        errors, shape ``(N,)``.
+    :ivar torch.Tensor pareto_k_per_datapoint: k̂ per element, shape ``(N,)``.
+    """
+
+    log_evidence: float
+    log_evidence_stderr: float
+    elbo: float
+    elbo_stderr: float
+    gap: float
+    pareto_k: float
+    ess: float
+    num_samples: int
+    log_weights: torch.Tensor = field(repr=False)
+    psis: bool = False
+    per_datapoint: str | None = None
+    log_evidence_per_datapoint: torch.Tensor | None = field(default=None, repr=False)
+    log_evidence_per_datapoint_stderr: torch.Tensor | None = field(default=None, repr=False)
+    pareto_k_per_datapoint: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def verdict(self) -> str:
+        """
+        ``"good"`` (k̂ ≤ 0.5), ``"ok"`` (0.5 < k̂ ≤ 0.7: usable, slower convergence),
+        ``"bad"`` (k̂ > 0.7: evidence and gap unreliable) or ``"unknown"`` (too few samples
+        to fit k̂).
+        """
+        return _verdict(self.pareto_k)
+
+    @property
+    def ess_fraction(self) -> float:
+        """``ess / num_samples``, in (0, 1]."""
+        return self.ess / self.num_samples
+
+    def as_dict(self) -> dict[str, float]:
+        """The scalar fields as a flat ``{name: number}`` dict (no tensors, no verdict)."""
+        return {
+            "log_evidence": self.log_evidence,
+            "log_evidence_stderr": self.log_evidence_stderr,
+            "elbo": self.elbo,
+            "elbo_stderr": self.elbo_stderr,
+            "gap": self.gap,
+            "pareto_k": self.pareto_k,
+            "ess": self.ess,
+            "num_samples": self.num_samples,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"EvidenceEstimate(log_evidence={self.log_evidence:.4f} ± {self.log_evidence_stderr:.2g}, "
+            f"elbo={self.elbo:.4f} ± {self.elbo_stderr:.2g}, gap={self.gap:.4g}, "
+            f"pareto_k={self.pareto_k:.3g} ({self.verdict}), ess={self.ess:.1f}/{self.num_samples})"
+        )
+
+
+# -- PSIS ---------------------------------------------------------------------------------------
+
+
+def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pareto-smoothed log weights and k̂ along the last dim, with :func:`arviz.psislw`
+    (``reff=1``: independent draws).
+
+    Rows whose weights are constant to ``1e-9`` nats get k̂ = ``-inf`` (bounded weights,
+    nothing to smooth); with fewer than 21 draws k̂ cannot be fitted and is ``nan``.
+    ArviZ's own warnings are swallowed: :func:`estimate_evidence` issues ours.
+
+    :param torch.Tensor log_weights: shape ``(..., S)``.
+    :returns: ``(smoothed, k)``: unnormalised smoothed log weights, shape ``(..., S)``,
+        and k̂, shape ``(...)``.
+    """
+    import arviz as az
+
+    lw = log_weights.detach().to("cpu", torch.float64).numpy()
+    S = lw.shape[-1]
+    constant = (lw.max(-1) - lw.min(-1)) <= _CONSTANT_TOL
+    if S < MIN_PSIS_SAMPLES:
+        k = np.where(constant, -np.inf, np.nan)
+        return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        smoothed, k = az.psislw(lw, reff=1.0, normalize=False)
+    k = np.where(constant, -np.inf, np.asarray(k, dtype=np.float64))
+    smoothed = np.where(constant[..., None], lw, smoothed)
+    return (
+        torch.as_tensor(smoothed, dtype=log_weights.dtype, device=log_weights.device),
+        torch.as_tensor(k, dtype=log_weights.dtype),
+    )
+
+
+def _importance_stats(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log mean w, delta-method se of it, ESS)`` along the last dim."""
+    S = lw.shape[-1]
+    log_mean = torch.logsumexp(lw, -1) - math.log(S)
+    w = torch.exp(lw - lw.max(-1, keepdim=True).values)  # in (0, 1], the largest is 1
+    mean = w.mean(-1)
+    # var(mean w) = var(w)/S; d log(m) = dm/m  =>  se(log mean) = sd(w) / (sqrt(S) * mean(w))
+    stderr = w.std(-1) / (math.sqrt(S) * mean)
+    wn = w / w.sum(-1, keepdim=True)
+    ess = 1.0 / (wn**2).sum(-1)
+    return log_mean, stderr, ess
+
+
+# -- drawing log weights in batches --------------------------------------------------------------
+
+
+def _sample_sites(trace):
+    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+def _per_datapoint_log_weights(traces: ImportanceTraces, plate: str) -> torch.Tensor:
+    """Unscaled (masked) ``log p(x_n, z_n) - log q(z_n)`` per sample and element: ``(S, N)``."""
+    S, mpn = traces.num_samples, traces.max_plate_nesting
+    nd = mpn + 1
+    out = None
+    size = None
+    for sign, trace, role in ((1.0, traces.model_trace, "model"), (-1.0, traces.guide_trace, "guide")):
+        for name, site in _sample_sites(trace):
+            frames = [f for f in site["cond_indep_stack"] if f.name == plate]
+            if not frames:
+                plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+                raise ValueError(
+                    f"per_datapoint='{plate}' needs every sample site inside plate '{plate}' (latents local to "
+                    f"the data), but {role} site '{name}' is outside it (its plates: {plates}). With global "
+                    "latents p(x) does not factorise over the data; use per_datapoint=None, or fix the plate name."
+                )
+            frame = frames[0]
+            if not frame.vectorized:
+                raise ValueError(
+                    f"per_datapoint='{plate}' needs a vectorised plate, but '{plate}' is used as a sequential "
+                    f"plate (iterated) at site '{name}'; use `with pyro.plate('{plate}', N):` instead"
+                )
+            lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+            if not torch.is_tensor(lp) or lp.dim() < nd:
+                lp = torch.as_tensor(lp)
+                lp = lp.reshape((1,) * (nd - lp.dim()) + lp.shape)
+            keep = {0, nd + frame.dim}  # the sample plate and the data plate
+            dims = tuple(d for d in range(nd) if d not in keep)
+            if dims:
+                lp = lp.sum(dims)
+            size = frame.size
+            lp = lp.expand(S, size)
+            out = sign * lp if out is None else out + sign * lp
+    return out
+
+
+def _draw_log_weights(
+    model, guide, args, kwargs, num_samples: int, batch_size: int | None, max_plate_nesting: int, plate: str | None
+) -> torch.Tensor:
+    """Log weights, shape ``(S,)`` (or ``(S, N)`` per datapoint), drawn in vectorised batches."""
+
+    def batch(n: int) -> tuple[torch.Tensor, ImportanceTraces]:
+        traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
+        if plate is None:
+            log_p, log_q = log_joint_and_guide(traces)
+            lw = log_p - log_q
+            lw = lw.expand(n) if lw.dim() == 0 else lw
+        else:
+            lw = _per_datapoint_log_weights(traces, plate)
+        _check_finite(lw, traces, plate)
+        return lw, traces
+
+    chunks = []
+    done = 0
+    while done < num_samples:
+        n = min(batch_size, num_samples - done)
+        lw, _ = batch(n)
+        chunks.append(lw)
+        done += n
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0)
+
+
+def _check_finite(lw: torch.Tensor, traces: ImportanceTraces, plate: str | None) -> None:
+    finite = torch.isfinite(lw)
+    if bool(finite.all()):
+        return
+    bad_samples = int((~finite.reshape(finite.shape[0], -1).all(-1)).sum())
+    culprits = []
+    S, mpn = traces.num_samples, traces.max_plate_nesting
+    for role, trace in (("model", traces.model_trace), ("guide", traces.guide_trace)):
+        for name, site in _sample_sites(trace):
+            lp = site["log_prob"]
+            if torch.is_tensor(lp) and not bool(torch.isfinite(lp).all()):
+                kind = "nan" if bool(torch.isnan(lp).any()) else "infinite"
+                culprits.append(f"{role} site '{name}' ({kind} log_prob)")
+    where = ", ".join(culprits) if culprits else "the sum of finite site log_probs (overflow)"
+    raise ValueError(
+        f"{bad_samples} of {S} importance samples have a non-finite log weight log p(x,z) - log q(z), from {where}. "
+        "The guide proposes values where the model's density is zero or undefined (check supports and "
+        "constraints), or the model produces nan; importance sampling needs q(z) > 0 only where p(x, z) > 0."
+    )
+
+
+# -- the estimator ----------------------------------------------------------------------------------
+
+
+def estimate_evidence(
+    model,
+    guide,
+    *args,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    per_datapoint: str | None = None,
+    psis: bool = False,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+) -> EvidenceEstimate:
+    """
+    Importance-sampled log evidence, ELBO, KL gap and Pareto k̂ of a guide.
+
+    Draws :math:`z_s \\sim q`, :math:`s = 1..S`, in vectorised batches (one guide trace and
+    one replayed model trace per batch, over a sample plate; no Python loop over samples),
+    and computes the log weights :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, with
+    Pyro's data scaling (subsampled plates scaled to the full data), under
+    :func:`torch.no_grad`. Then
+
+    .. math::
+
+        \\hat{\\mathcal{L}}_S = \\log \\frac{1}{S} \\sum_{s=1}^S w_s, \\qquad
+        \\widehat{\\mathrm{ELBO}} = \\frac{1}{S} \\sum_s \\log w_s, \\qquad
+        \\widehat{\\mathrm{gap}} = \\hat{\\mathcal{L}}_S - \\widehat{\\mathrm{ELBO}}.
+
+    :math:`\\hat{\\mathcal{L}}_S` is the importance-weighted bound of Burda et al. (2016):
+    :math:`\\mathbb{E}\\,\\hat{\\mathcal{L}}_S \\le \\log p(x)`, tightening as ``S`` grows, so
+    the gap, an estimate of :math:`\\mathrm{KL}(q(z) \\| p(z \\mid x))`, is a lower estimate
+    for finite ``S`` (exact, for any ``S``, when ``q`` is the posterior). Its standard error
+    is the delta method on the mean weight: :math:`\\mathrm{se}(\\log \\bar w) \\approx
+    \\mathrm{sd}(w)/(\\sqrt{S}\\,\\bar w)`, valid when the weights have finite variance
+    (k̂ < 0.5). The Pareto k̂ of the weights (Yao et al. 2018) is fitted with
+    :func:`arviz.psislw`; ESS is :math:`1/\\sum_s \\bar w_s^2` for the normalised weights.
+
+    Reporting: k̂ > 0.7 issues an :class:`ImportanceSamplingWarning` (evidence and gap
+    unreliable), as does ``S < 21`` (k̂ cannot be fitted); 0.5 < k̂ ≤ 0.7 is noted with a
+    ``logging`` INFO message on the logger ``pyro_elbo_lab.diagnostics.evidence`` (the
+    estimate is usable but converges slowly) and in :attr:`EvidenceEstimate.verdict`.
+
+    Per-datapoint mode (``per_datapoint="<plate name>"``), for models whose latents are all
+    local to that data plate (a VAE): the log weights are kept per element,
+    :math:`\\log w_{s,n} = \\log p(x_n, z_{s,n}) - \\log q(z_{s,n} \\mid x_n)`, and
+    :math:`\\log p(x_n) \\approx \\log \\frac1S \\sum_s w_{s,n}` (the IWAE evaluation of a VAE)
+    with its own k̂. The scalar fields then summarise over the data: ``log_evidence =``
+    :math:`\\sum_n` (an estimator of :math:`\\log p(x)` with far lower variance than the joint
+    one), its standard error adds the per-element variances, ``pareto_k`` is the worst
+    element's, ``ess`` the smallest. This mode uses unscaled log_probs (one term per element
+    present), so with a subsampled plate it reports the minibatch's elements.
+
+    Memory: with ``batch_size=None`` one probing pass measures the trace size per sample
+    and batches hold about :math:`2^{24}` log_prob/value entries; per-datapoint mode also
+    keeps an ``(S, N)`` tensor of log weights.
+
+    :param model: a Pyro model with observed data.
+    :param guide: a guide with a site for every latent site of the model (same arguments).
+    :param args: model/guide positional arguments.
+    :param int num_samples: ``S >= 2`` importance samples (at least 21 to fit k̂).
+    :param int batch_size: samples per vectorised trace; automatic when ``None``.
+    :param str per_datapoint: name of a data plate for per-datapoint estimates.
+    :param bool psis: report ``log_evidence``, its standard error and ``ess`` from the
+        Pareto-smoothed weights (Vehtari et al. 2024); ``elbo`` stays the raw mean.
+    :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
+    :param kwargs: model/guide keyword arguments.
+    :returns: the estimates, in nats.
+    :rtype: EvidenceEstimate
+    :raises ValueError: if ``num_samples < 2``, ``batch_size < 1``, a latent site of the
+        model has no guide site, a log weight is not finite (naming the sites), or in
+        per-datapoint mode a site lies outside the plate.
+
+    References
+
+    - *Importance Weighted Autoencoders*, Y. Burda, R. Grosse, R. Salakhutdinov (2016)
+    - *Yes, but Did It Work?: Evaluating Variational Inference*, Y. Yao, A. Vehtari,
+      D. Simpson, A. Gelman (2018)
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(
+            f"num_samples must be an integer >= 2 (importance sampling needs several draws to average), "
+            f"got num_samples={num_samples!r}; use >= 1000 for a usable Pareto k̂"
+        )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None (automatic), got batch_size={batch_size!r}")
+    if per_datapoint is not None and not isinstance(per_datapoint, str):
+        raise ValueError(f"per_datapoint must be the name of a data plate (str) or None, got {per_datapoint!r}")
+
+    with torch.no_grad():
+        if max_plate_nesting is None or batch_size is None:
+            nesting, elements = probe_traces(model, guide, args, kwargs)
+            max_plate_nesting = nesting if max_plate_nesting is None else max_plate_nesting
+            if batch_size is None:
+                batch_size = max(1, _ELEMENT_BUDGET // (_SAFETY_FACTOR * elements))
+        lw = _draw_log_weights(model, guide, args, kwargs, num_samples, batch_size, max_plate_nesting, per_datapoint)
+
+        if per_datapoint is None:
+            joint = lw
+            rows = lw.unsqueeze(0)
+        else:
+            joint = lw.sum(-1)
+            rows = lw.transpose(0, 1)  # (N, S)
+        smoothed, k = psis_diagnostics(rows)
+        log_mean, stderr, ess = _importance_stats(smoothed if psis else rows)
+        elbo = joint.mean()
+        elbo_se = joint.std() / math.sqrt(num_samples)
+
+    if per_datapoint is None:
+        log_evidence = float(log_mean[0])
+        log_evidence_se = float(stderr[0])
+        pareto_k = float(k[0])
+        ess_value = float(ess[0])
+        extra = {}
+    else:
+        log_evidence = float(log_mean.sum())
+        log_evidence_se = float(stderr.pow(2).sum().sqrt())
+        finite_k = k[~torch.isnan(k)]
+        pareto_k = float(finite_k.max()) if finite_k.numel() == k.numel() else math.nan
+        ess_value = float(ess.min())
+        extra = dict(
+            per_datapoint=per_datapoint,
+            log_evidence_per_datapoint=log_mean,
+            log_evidence_per_datapoint_stderr=stderr,
+            pareto_k_per_datapoint=k,
+        )
+    elbo = float(elbo)
+    result = EvidenceEstimate(
+        log_evidence=log_evidence,
+        log_evidence_stderr=log_evidence_se,
+        elbo=elbo,
+        elbo_stderr=float(elbo_se),
+        gap=log_evidence - elbo,
+        pareto_k=pareto_k,
+        ess=ess_value,
+        num_samples=num_samples,
+        log_weights=joint,
+        psis=psis,
+        **extra,
+    )
+    _report(result, k)
+    return result
+
+
+def _report(result: EvidenceEstimate, k: torch.Tensor) -> None:
+    """Our warning for k̂ > 0.7 or too few samples, a logging note for 0.5 < k̂ ≤ 0.7."""
+    what = "" if result.per_datapoint is None else f" (largest over plate '{result.per_datapoint}')"
+    if math.isnan(result.pareto_k):
+        warnings.warn(
+            f"Pareto k̂ cannot be fitted from {result.num_samples} importance samples (need >= {MIN_PSIS_SAMPLES}); "
+            "the evidence and gap estimates come without a reliability check. Increase num_samples.",
+            ImportanceSamplingWarning,
+            stacklevel=3,
+        )
+    elif result.pareto_k > PARETO_K_BAD:
+        extra = ""
+        if result.per_datapoint is not None:
+            extra = f" ({int((k > PARETO_K_BAD).sum())} of {k.numel()} elements have k̂ > {PARETO_K_BAD})"
+        warnings.warn(
+            f"Pareto k̂ = {result.pareto_k:.2f}{what} > {PARETO_K_BAD}{extra}: the importance weights are too "
+            "heavy-tailed, so log_evidence and gap are unreliable (the guide misses posterior mass; ESS "
+            f"{result.ess:.1f} of {result.num_samples}). Improve the guide (wider or richer family) or treat "
+            "log_evidence as a lower bound only.",
+            ImportanceSamplingWarning,
+            stacklevel=3,
+        )
+    elif result.pareto_k > PARETO_K_GOOD:
+        logger.info(
+            "Pareto k̂ = %.2f%s is between %.1f and %.1f: the evidence estimate is usable but converges slowly; "
+            "more samples or a better guide help.",
+            result.pareto_k,
+            what,
+            PARETO_K_GOOD,
+            PARETO_K_BAD,
+        )
