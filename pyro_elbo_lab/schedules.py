@@ -13,6 +13,7 @@ validate their arguments and print readably.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Union
 
 __all__ = [
@@ -245,6 +246,11 @@ def as_schedule(value: ScheduleLike, name: str = "value") -> Callable[[int], flo
     """
     if callable(value):
         return value
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number or a schedule, got {value!r}")
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _is_scalar_tensor(value)):
+        raise ValueError(f"{name} must be a number or a schedule (a callable step -> value), got {name}={value!r}")
     return Constant(_check_finite(name, value))
+
+
+def _is_scalar_tensor(value) -> bool:
+    numel = getattr(value, "numel", None)
+    return type(value).__module__.startswith("torch") and callable(numel) and numel() == 1

@@ -523,10 +523,22 @@ def test_mean_field_rejects_score_function_site():
         BetaMeanFieldELBO().loss(model, guide, *args)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [lambda step: -1.0, lambda step: float("nan"), LinearWarmup(10, start=1.0, end=-1.0)],
+    ids=["negative-at-0", "nan-at-0", "negative-end"],
+)
+def test_bad_schedule_raises_at_construction(schedule):
+    with pytest.raises(ValueError, match="beta schedule"):
+        BetaELBO(beta=schedule)
+
+
 def test_bad_schedule_value_raises_at_call():
     model, guide, args = global_local()
-    loss_fn = BetaELBO(beta=lambda step: -1.0)
-    with pytest.raises(ValueError, match="beta schedule"):
+    loss_fn = BetaELBO(beta=lambda step: 1.0 - step)  # fine at step 0, negative from step 2
+    loss_fn.loss_and_grads(model, guide, *args)
+    loss_fn.loss_and_grads(model, guide, *args)
+    with pytest.raises(ValueError, match="beta schedule .* returned -1.0 at step 2"):
         loss_fn.loss(model, guide, *args)
 
 

@@ -18,7 +18,7 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.util import warn_if_nan
 
-from ..schedules import ScheduleLike, as_schedule
+from ..schedules import Schedule, ScheduleLike, as_schedule
 from ..terms import TOTAL_FIELDS, ELBOTerms, _TermsRecord
 
 __all__ = ["WeightedObjective"]
@@ -26,6 +26,26 @@ __all__ = ["WeightedObjective"]
 
 def _is_sample(site) -> bool:
     return site["type"] == "sample"
+
+
+def _check_schedule(schedule, name: str) -> None:
+    """
+    Validate a schedule at construction: its value at step 0 and, for the schedules of
+    :mod:`pyro_elbo_lab.schedules` (monotone between ``start`` and ``end``), its end
+    points must be finite and >= 0. Other callables are checked again at every call.
+    """
+    values = [("its value at step 0", schedule(0))]
+    if isinstance(schedule, Schedule):
+        values += [(attr, getattr(schedule, attr)) for attr in ("value", "start", "end") if hasattr(schedule, attr)]
+    for what, value in values:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"the {name} schedule {schedule!r} must return numbers; {what} is {value!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"the {name} schedule {schedule!r} has {what} = {value!r}; {name} must stay finite and >= 0"
+            )
 
 
 def _nonnegative_number(value, name: str, hint: str) -> float:
@@ -73,6 +93,8 @@ class WeightedObjective:
                 "beta",
                 "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term; or pass a schedule",
             )
+        else:
+            _check_schedule(beta, "beta")
         self._beta = as_schedule(beta, "beta")
         if sites is not None:
             if isinstance(sites, str):
@@ -103,6 +125,8 @@ class WeightedObjective:
                 )
             if not callable(capacity):
                 capacity = _nonnegative_number(capacity, "capacity", "C is in nats per element of the data plate")
+            else:
+                _check_schedule(capacity, "capacity")
             capacity = as_schedule(capacity, "capacity")
         self.capacity = capacity
         self.step = 0
