@@ -1,0 +1,112 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Helpers shared by the demos and the example scripts: arguments, seeding, reports."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import pyro
+import torch
+
+from ..datasets import require
+
+__all__ = ["example_parser", "fmt", "pyplot", "seed_everything", "Report"]
+
+
+def example_parser(description: str, default_steps: int | None = None) -> argparse.ArgumentParser:
+    """
+    The command line every example shares: ``--quick``, ``--seed``, ``--steps``.
+
+    :param str description: the script's one-line purpose.
+    :param int default_steps: shown in ``--help``; the script picks its own when None.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (fewer steps, samples)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    hint = f" (default {default_steps}" + ", fewer with --quick)" if default_steps else ""
+    parser.add_argument("--steps", type=_positive_int, default=None, help=f"optimisation steps{hint}")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def seed_everything(seed: int) -> None:
+    """float64, a fresh param store, validation on and a fixed seed (torch, numpy, random)."""
+    torch.set_default_dtype(torch.float64)
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(seed)
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A number for a report: ``nan`` and ``None`` as ``-``, otherwise ``digits`` significant."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if math.isnan(value):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend unless one is set, or an error naming the extra."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    return require("matplotlib.pyplot", "Plotting")
+
+
+class Report:
+    """
+    Text printed as it is made and kept as Markdown for ``report.md``.
+
+    :param bool verbose: print to stdout as well.
+    """
+
+    def __init__(self, verbose: bool = True):
+        self.verbose = verbose
+        self.lines: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self._emit("", "")
+        self._emit(text, "#" * level + " " + text)
+        if self.verbose:
+            print("=" * len(text) if level <= 2 else "-" * len(text))
+
+    def text(self, text: str = "") -> None:
+        self._emit(text, text)
+
+    def table(self, frame, float_format: str = "{:.4g}") -> None:
+        """A :class:`pandas.DataFrame`, printed as text and kept as a Markdown table."""
+        formatted = frame.map(lambda v: float_format.format(v) if isinstance(v, float) else str(v))
+        if self.verbose:
+            print(formatted.to_string())
+        index_name = frame.index.name or ""
+        header = [index_name] + [str(c) for c in formatted.columns]
+        rows = [[str(i)] + list(r) for i, r in zip(formatted.index, formatted.values.tolist())]
+        self.lines.append("")
+        self.lines.append("| " + " | ".join(header) + " |")
+        self.lines.append("|" + "---|" * len(header))
+        for row in rows:
+            self.lines.append("| " + " | ".join(row) + " |")
+        self.lines.append("")
+
+    def image(self, path: str, caption: str) -> None:
+        self.lines.append(f"\n![{caption}]({os.path.basename(path)})\n")
+
+    def markdown(self) -> str:
+        return "\n".join(self.lines).strip() + "\n"
+
+    def write(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.markdown())
+
+    def _emit(self, plain: str, markdown: str) -> None:
+        if self.verbose:
+            print(plain)
+            sys.stdout.flush()
+        self.lines.append(markdown)
