@@ -343,20 +343,39 @@ def _is_weights(idata, chain: int) -> np.ndarray:
     return np.asarray(idata.sample_stats["log_importance_weight"].isel(chain=chain).values, dtype="float64")
 
 
+def _psis(log_weights) -> tuple[np.ndarray, float]:
+    """
+    Pareto-smoothed log weights (normalised) and k̂ of one chain, with ``az.psislw``.
+    ArviZ's warning for k̂ > 0.7 is silenced: k̂ is reported, not warned about, here.
+    Constant weights (the guide is the posterior) get k̂ = -inf.
+    """
+    import warnings
+
+    import arviz as az
+
+    lw = np.asarray(log_weights, dtype="float64")
+    if lw.max() - lw.min() <= 1e-9:
+        return lw - np.log(np.exp(lw - lw.max()).sum()) - lw.max(), -math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        smoothed, k = az.psislw(lw.copy(), reff=1.0)
+    return np.asarray(smoothed, dtype="float64"), float(k)
+
+
 def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
     """
     Importance-sampling diagnostics from one chain's log weights
     :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats.
 
+    :param numpy.ndarray log_weights: shape ``(S,)``.
     :returns: ``log_evidence`` :math:`\\log \\frac1S \\sum_s w_s`, its delta-method
-        ``log_evidence_stderr`` :math:`\\sqrt{\\widehat{\\mathrm{Var}}(w) / S} / \\bar w`,
+        ``log_evidence_stderr`` :math:`\\mathrm{sd}(w) / (\\sqrt{S}\\,\\bar w)`,
         ``elbo`` :math:`\\frac1S \\sum_s \\log w_s`, ``gap`` (their difference, an
         estimate of :math:`\\mathrm{KL}(q \\| p(z \\mid x))`), ``pareto_k`` (from
         ``az.psislw``), ``ess`` :math:`1 / \\sum_s \\tilde w_s^2` of the smoothed
         normalised weights.
+    :rtype: dict
     """
-    import arviz as az
-
     lw = np.asarray(log_weights, dtype="float64")
     S = lw.shape[0]
     m = lw.max()
@@ -365,7 +384,7 @@ def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
     log_evidence = float(m + np.log(mean_w))
     stderr = float(np.sqrt(w.var(ddof=1) / S) / mean_w) if S > 1 else math.nan
     elbo = float(lw.mean())
-    smoothed, k = az.psislw(lw.copy())
+    smoothed, k = _psis(lw)
     ws = np.exp(smoothed - smoothed.max())
     ws /= ws.sum()
     return {
@@ -373,16 +392,16 @@ def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
         "log_evidence_stderr": stderr,
         "elbo": elbo,
         "gap": log_evidence - elbo,
-        "pareto_k": float(k),
+        "pareto_k": k,
         "ess": float(1.0 / np.sum(ws**2)),
     }
 
 
 def _verdict(k: float) -> str:
-    # thresholds of Vehtari et al. (2024) for S large enough that 0.7 is the limit
-    if not math.isfinite(k) or k >= 0.7:
-        return "bad"
-    return "good" if k < 0.5 else "ok"
+    # the thresholds of pyro_elbo_lab.diagnostics (Vehtari et al. 2024)
+    if math.isnan(k):
+        return "unknown"
+    return "good" if k <= 0.5 else "ok" if k <= 0.7 else "bad"
 
 
 def psis_means(idata):
@@ -390,15 +409,15 @@ def psis_means(idata):
     PSIS-corrected posterior means: per chain the self-normalised estimate
     :math:`\\sum_s \\tilde w_s z_s` with Pareto-smoothed weights, averaged over chains.
 
+    :param arviz.InferenceData idata: from :func:`to_inference_data`.
     :rtype: xarray.Dataset
     """
-    import arviz as az
     import xarray as xr
 
     post = idata.posterior
     chains = []
     for c in range(post.sizes["chain"]):
-        smoothed, _ = az.psislw(_is_weights(idata, c).copy())
+        smoothed, _ = _psis(_is_weights(idata, c))
         w = np.exp(smoothed - smoothed.max())
         w = xr.DataArray(w / w.sum(), dims=["draw"], coords={"draw": post["draw"].values})
         chains.append((post.isel(chain=c) * w).sum("draw"))

@@ -465,7 +465,8 @@ class SVIRunner:
         for chain in range(len(done), self.num_chains):
             resume = ckpt if (ckpt is not None and ckpt["chain"] == chain) else None
             if self.num_chains > 1:
-                model, guide, optim, loss = (copy.deepcopy(x) for x in pristine)
+                model, guide = _fresh(pristine[0]), _fresh(pristine[1])
+                optim, loss = copy.deepcopy(pristine[2]), copy.deepcopy(pristine[3])
             else:
                 model, guide, optim, loss = self.model, self.guide, self.optim, self.loss
             chain_run = _ChainRun(self, chain, model, guide, optim, loss, seed, done, initial)
@@ -498,10 +499,7 @@ class SVIRunner:
     # -- internals --------------------------------------------------------------------------
 
     def _pristine(self):
-        def fresh(x):
-            return copy.deepcopy(x) if isinstance(x, torch.nn.Module) else x
-
-        return (fresh(self.model), fresh(self.guide), copy.deepcopy(self.optim), copy.deepcopy(self.loss))
+        return (_fresh(self.model), _fresh(self.guide), copy.deepcopy(self.optim), copy.deepcopy(self.loss))
 
     def _load_checkpoint(self, path) -> dict:
         path = os.fspath(path)
@@ -703,9 +701,14 @@ class _ChainRun:
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
             loss = float(loss[0] if isinstance(loss, tuple) else loss)
             finite = math.isfinite(loss) and _all_finite_grads(params)
+            error = None
             if finite:
                 self.optim(params)
+            elif self.r.on_nonfinite == "raise" or _nonfinite_params():
+                error = self._nonfinite(step, loss, params, None)  # before the gradients are cleared
             pyro.infer.util.zero_grads(params)
+            if error is not None:
+                raise error
         except BaseException:
             # leave no half-done step behind: gradients cleared, the loss's step count back
             for _, p in pyro.get_param_store().named_parameters():
@@ -713,11 +716,6 @@ class _ChainRun:
             if loss_state is not None:
                 self.loss.load_state_dict(loss_state)
             raise
-        if not finite:
-            if self.r.on_nonfinite == "raise" or _nonfinite_params():
-                if loss_state is not None:
-                    self.loss.load_state_dict(loss_state)
-                raise self._nonfinite(step, loss, params, None)
         if (
             finite
             and isinstance(self.optim, pyro.optim.PyroLRScheduler)
@@ -864,6 +862,28 @@ class _Exhausted(Exception):
 
 # ------------------------------------------------------------------------------------------
 # helpers
+
+
+def _fresh(x):
+    """
+    A deep copy of an :class:`torch.nn.Module` (other callables as they are).
+
+    :class:`~pyro.infer.autoguide.AutoGuide` ``.__getstate__`` drops (and clears on the
+    original!) the reference to its model, so it is put back on both.
+    """
+    if not isinstance(x, torch.nn.Module):
+        return x
+    from pyro.infer.autoguide import AutoGuide
+
+    models = [(m, m._model) for m in x.modules() if isinstance(m, AutoGuide)]
+    try:
+        clone = copy.deepcopy(x)
+    finally:
+        for m, saved in models:
+            m._model = saved
+    for (_, saved), m in zip(models, [m for m in clone.modules() if isinstance(m, AutoGuide)]):
+        m._model = saved
+    return clone
 
 
 def _check_count(name: str, value) -> None:

@@ -1,0 +1,299 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Plots of a variational fit, drawn from data (a history DataFrame, an
+:class:`~pyro_elbo_lab.SVIResult`, an :class:`arviz.InferenceData` or a table), never
+from a model.
+
+Every function returns the matplotlib :class:`~matplotlib.axes.Axes` it drew on, with a
+title, axis labels with units (nats) and a legend. For the posterior itself use ArviZ's
+plots on :meth:`~pyro_elbo_lab.SVIResult.to_inference_data`: ``az.plot_trace``,
+``az.plot_posterior``, ``az.plot_forest``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["plot_decomposition", "plot_kl_per_site", "plot_rate_distortion", "plot_pareto_k"]
+
+_TERM_LABELS = {
+    "elbo": "ELBO",
+    "reconstruction": "reconstruction E[log p(x|z)]",
+    "kl": "KL(q(z) || p(z))",
+    "entropy": "entropy H[q]",
+    "objective": "objective",
+    "cross_entropy": "cross-entropy",
+    "expected_log_joint": "E[log p(x, z)]",
+    "loss": "loss",
+}
+
+
+def _axes(ax):
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots()
+    return ax
+
+
+def _history(data):
+    """A history DataFrame from an SVIResult, a DataFrame or an InferenceData."""
+    import pandas as pd
+
+    if hasattr(data, "history") and isinstance(getattr(data, "history"), pd.DataFrame):
+        return data.history
+    if isinstance(data, pd.DataFrame):
+        return data
+    if hasattr(data, "groups") and "optimization_history" in data.groups():
+        ds = data["optimization_history"]
+        frame = ds[[v for v in ds.data_vars if "site" not in ds[v].dims]].to_dataframe().reset_index()
+        for var in ds.data_vars:
+            if "site" in ds[var].dims:
+                term = var[: -len("_per_site")] if var.endswith("_per_site") else var
+                for site in ds["site"].values:
+                    frame[f"{term}/{site}"] = ds[var].sel(site=site).values.reshape(-1)
+        return frame.dropna(subset=["loss"]) if "loss" in frame else frame
+    raise ValueError(
+        f"expected an SVIResult, its history DataFrame or an InferenceData with an optimization_history group, "
+        f"got {type(data).__name__}"
+    )
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) == 0:
+        return values
+    import pandas as pd
+
+    return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
+
+
+def _check_window(smooth) -> int:
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
+        raise ValueError(f"smooth must be a positive integer window of steps, got {smooth!r}")
+    return smooth
+
+
+def plot_decomposition(
+    data,
+    ax=None,
+    *,
+    terms: Sequence[str] = ("elbo", "reconstruction", "kl", "entropy"),
+    beta: bool = True,
+    smooth: int = 1,
+    chain: int | None = None,
+):
+    """
+    The ELBO and its decomposition over training, in nats, with β on a second axis.
+
+    :param data: an :class:`~pyro_elbo_lab.SVIResult`, its ``history`` DataFrame or an
+        InferenceData with an ``optimization_history`` group.
+    :param matplotlib.axes.Axes ax: axes to draw on (a new figure when None).
+    :param terms: history columns to draw (for plain Pyro losses only ``loss`` exists
+        and is drawn instead).
+    :param bool beta: draw β (and the capacity, when recorded) on a twin axis.
+    :param int smooth: rolling-mean window in steps, to see through Monte Carlo noise.
+    :param int chain: which chain (default all, one line style per chain).
+    :returns: the primary axes; the β axis is ``ax.beta_axis`` (None without β).
+    :rtype: matplotlib.axes.Axes
+    :raises ValueError: if none of ``terms`` is in the history.
+    """
+    frame = _history(data)
+    smooth = _check_window(smooth)
+    present = [t for t in terms if t in frame.columns]
+    if not present:
+        if "loss" not in frame.columns:
+            raise ValueError(f"none of terms={list(terms)} is in the history (columns: {list(frame.columns)})")
+        present = ["loss"]
+    ax = _axes(ax)
+    chains = _chains(frame, chain)
+    styles = ["-", "--", ":", "-."]
+    for i, (c, rows) in enumerate(chains):
+        suffix = f" (chain {c})" if len(chains) > 1 else ""
+        for j, term in enumerate(present):
+            ax.plot(
+                rows["step"].to_numpy(),
+                _smooth(rows[term].to_numpy(dtype=float), smooth),
+                color=f"C{j}",
+                linestyle=styles[i % len(styles)],
+                label=_TERM_LABELS.get(term, term) + suffix,
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats")
+    ax.set_title("ELBO decomposition over training" + (f" (rolling mean of {smooth} steps)" if smooth > 1 else ""))
+    handles, labels = ax.get_legend_handles_labels()
+    ax.beta_axis = None
+    if beta and "beta" in frame.columns:
+        twin = ax.twinx()
+        _, rows = chains[0]
+        twin.plot(rows["step"].to_numpy(), rows["beta"].to_numpy(dtype=float), color="black", alpha=0.6, label="β")
+        if "capacity" in frame.columns:
+            twin.plot(rows["step"].to_numpy(), rows["capacity"].to_numpy(dtype=float), color="grey", linestyle=":",
+                      label="capacity C (nats)")
+        twin.set_ylabel("β (unitless)")
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+        ax.beta_axis = twin
+    ax.legend(handles, labels, loc="best", fontsize="small")
+    return ax
+
+
+def plot_kl_per_site(data, ax=None, *, smooth: int = 1, chain: int = 0):
+    """
+    The KL of each latent site over training, stacked, in nats: which sites carry the
+    information (and which collapsed).
+
+    :param data: an :class:`~pyro_elbo_lab.SVIResult`, its history DataFrame or an
+        InferenceData with an ``optimization_history`` group.
+    :param matplotlib.axes.Axes ax: axes to draw on.
+    :param int smooth: rolling-mean window in steps (single-step Monte Carlo KL
+        estimates can be negative).
+    :param int chain: which chain.
+    :rtype: matplotlib.axes.Axes
+    :raises ValueError: if the history has no per-site KL (``"kl/<site>"``) columns.
+    """
+    frame = _history(data)
+    smooth = _check_window(smooth)
+    columns = [c for c in frame.columns if c.startswith("kl/")]
+    if not columns:
+        raise ValueError(
+            "the history has no per-site KL columns 'kl/<site>': fit with a loss that records ELBOTerms "
+            "(BetaELBO, BetaMeanFieldELBO)"
+        )
+    (_, rows), = _chains(frame, chain)
+    ax = _axes(ax)
+    steps = rows["step"].to_numpy()
+    values = [_smooth(rows[c].to_numpy(dtype=float), smooth) for c in columns]
+    ax.stackplot(steps, *values, labels=[c[len("kl/"):] for c in columns], alpha=0.8)
+    if "kl" in rows.columns:
+        ax.plot(steps, _smooth(rows["kl"].to_numpy(dtype=float), smooth), color="black", linewidth=1, label="total KL")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(q || p) (nats)")
+    ax.set_title("KL per latent site over training")
+    ax.legend(title="site", loc="best", fontsize="small")
+    return ax
+
+
+def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
+    """
+    The rate–distortion curve: rate :math:`R = \\mathrm{KL}(q(z \\mid x) \\| p(z))`
+    against distortion :math:`D = -\\mathbb{E}_q[\\log p(x \\mid z)]`, in nats, one point
+    per fit (e.g. per β), with the :math:`R + D = -\\mathrm{ELBO}` lines of the best fit.
+
+    :param data: a table with columns ``rate``, ``distortion`` and optionally ``beta``
+        (a :class:`pandas.DataFrame`, a dict of columns, or an object with
+        ``to_dataframe()`` such as :class:`~pyro_elbo_lab.RateDistortion`).
+    :param matplotlib.axes.Axes ax: axes to draw on.
+    :param bool annotate: label points with their β.
+    :rtype: matplotlib.axes.Axes
+    :raises ValueError: if ``rate`` or ``distortion`` is missing.
+
+    References
+
+    [1] `Fixing a Broken ELBO`, Alexander A. Alemi, Ben Poole, Ian Fischer, Joshua V.
+        Dillon, Rif A. Saurous, Kevin Murphy (2018)
+    """
+    import pandas as pd
+
+    if hasattr(data, "to_dataframe"):
+        data = data.to_dataframe()
+    frame = pd.DataFrame(data)
+    missing = [c for c in ("rate", "distortion") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"rate–distortion data needs columns 'rate' and 'distortion'; missing {missing} "
+                         f"(columns: {list(frame.columns)})")
+    if "beta" in frame.columns:
+        frame = frame.sort_values("beta")
+    ax = _axes(ax)
+    ax.plot(frame["rate"], frame["distortion"], marker="o", color="C0", label="fits")
+    best = frame.iloc[int(np.argmin((frame["rate"] + frame["distortion"]).to_numpy()))]
+    total = float(best["rate"] + best["distortion"])
+    r = np.linspace(0.0, max(total, float(frame["rate"].max())), 50)
+    ax.plot(r, total - r, color="grey", linestyle="--", label=f"R + D = {total:.4g} nats (best -ELBO)")
+    if annotate and "beta" in frame.columns:
+        for _, row in frame.iterrows():
+            ax.annotate(f"β={row['beta']:.3g}", (row["rate"], row["distortion"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("rate R = KL(q(z|x) || p(z)) (nats)")
+    ax.set_ylabel("distortion D = -E[log p(x|z)] (nats)")
+    ax.set_title("Rate–distortion")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_pareto_k(data, ax=None):
+    """
+    Pareto :math:`\\hat k` of the importance weights :math:`p(x, z_s) / q(z_s)`, with the
+    0.5 ("good") and 0.7 ("bad") thresholds of Vehtari et al.
+
+    :param data: one of
+
+        - an InferenceData from :func:`~pyro_elbo_lab.to_inference_data`: k̂ per chain,
+          from ``sample_stats.log_importance_weight``;
+        - an :class:`~pyro_elbo_lab.SVIResult` or history with ``eval_pareto_k`` (fitted
+          with ``evaluate_every``): k̂ over training;
+        - a mapping ``{label: k̂}`` or a sequence of k̂ values (or of
+          :class:`~pyro_elbo_lab.EvidenceEstimate` s).
+    :param matplotlib.axes.Axes ax: axes to draw on.
+    :rtype: matplotlib.axes.Axes
+    :raises ValueError: for data without k̂.
+
+    References
+
+    [1] `Yes, but Did It Work?: Evaluating Variational Inference`, Yuling Yao, Aki
+        Vehtari, Daniel Simpson, Andrew Gelman (2018)
+
+    [2] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
+        Gelman, Yuling Yao, Jonah Gabry (2024)
+    """
+    import pandas as pd
+
+    ax = _axes(ax)
+    over_training = False
+    if hasattr(data, "groups") and "sample_stats" in data.groups():
+        from .inference_data import _psis
+
+        lw = data.sample_stats["log_importance_weight"]
+        labels = [f"chain {int(c)}" for c in lw["chain"].values]
+        ks = [_psis(lw.isel(chain=i).values)[1] for i in range(len(labels))]
+    elif isinstance(data, pd.DataFrame) or hasattr(data, "history"):
+        frame = _history(data)
+        if "eval_pareto_k" not in frame.columns:
+            raise ValueError("the history has no 'eval_pareto_k' column: fit with SVIRunner(..., evaluate_every=N)")
+        over_training = True
+    elif isinstance(data, dict):
+        labels, ks = [str(k) for k in data], [float(getattr(v, "pareto_k", v)) for v in data.values()]
+    elif isinstance(data, Sequence) or isinstance(data, np.ndarray):
+        labels = [str(i) for i in range(len(data))]
+        ks = [float(getattr(v, "pareto_k", v)) for v in data]
+    else:
+        raise ValueError(f"cannot read Pareto k̂ from {type(data).__name__}; see the docstring for what is accepted")
+
+    if over_training:
+        for c, rows in _chains(frame, None):
+            rows = rows.dropna(subset=["eval_pareto_k"])
+            ax.plot(rows["step"], rows["eval_pareto_k"], marker="o", label="k̂" + (f" (chain {c})" if c is not None else ""))
+        ax.set_xlabel("step")
+        ax.set_title("Pareto k̂ of the importance weights over training")
+    else:
+        finite = [k if math.isfinite(k) else np.nan for k in ks]
+        colors = ["C2" if k <= 0.5 else "C1" if k <= 0.7 else "C3" for k in np.nan_to_num(finite, nan=1.0)]
+        ax.bar(range(len(ks)), np.nan_to_num(finite, nan=0.0), color=colors, label="k̂")
+        ax.set_xticks(range(len(ks)))
+        ax.set_xticklabels(labels)
+        ax.set_xlabel("chain / fit")
+        ax.set_title("Pareto k̂ of the importance weights")
+    ax.axhline(0.5, color="C1", linestyle="--", label="0.5 (good below)")
+    ax.axhline(0.7, color="C3", linestyle="--", label="0.7 (unreliable above)")
+    ax.set_ylabel("k̂ (unitless)")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def _chains(frame, chain) -> list[tuple[Any, Any]]:
+    if "chain" not in frame.columns:
+        return [(None, frame)]
+    if chain is not None:
+        return [(chain, frame[frame["chain"] == chain])]
+    return [(c, rows) for c, rows in frame.groupby("chain")]

@@ -1,0 +1,408 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SVIRunner: history, non-finite handling, interrupts, checkpoints, chains, minibatches."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, NonFiniteError, SVIResult, SVIRunner
+from pyro_elbo_lab.schedules import LinearWarmup
+
+N = 20
+
+
+@pytest.fixture
+def data():
+    return torch.linspace(-1.0, 3.0, N)  # mean 1, fixed: exact answers below are deterministic
+
+
+def model(x, prior_scale=1.0, lik_scale=1.0):
+    z = pyro.sample("z", dist.Normal(0.0, prior_scale))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(z, lik_scale), obs=x)
+
+
+def guide(x, prior_scale=1.0, lik_scale=1.0):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    pyro.sample("z", dist.Normal(loc, scale))
+
+
+def exact_posterior(x):
+    """z ~ N(0, 1), x_i ~ N(z, 1): z | x ~ N(sum x / (n + 1), 1 / (n + 1))."""
+    n = x.shape[0]
+    return float(x.sum() / (n + 1)), math.sqrt(1.0 / (n + 1))
+
+
+def exact_terms(x, m, s):
+    """Closed-form reconstruction E_q log p(x|z), KL(q||p) for q = N(m, s^2)."""
+    recon = float((-0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)).sum())
+    kl = math.log(1.0 / s) + (s**2 + m**2) / 2 - 0.5
+    return recon, kl
+
+
+def adam(lr=0.05):
+    return pyro.optim.Adam({"lr": lr})
+
+
+# -- history -------------------------------------------------------------------------------
+
+
+def test_history_columns_equal_loss_terms(data):
+    seen = []
+    runner = SVIRunner(model, guide, adam(), BetaELBO(beta=LinearWarmup(4, start=0.5, end=1.0)), progress_bar=False)
+    runner.callbacks.append(lambda step, row: seen.append((step, runner.loss.last_terms.as_dict())))
+    result = runner.run(data, num_steps=6)
+    h = result.history
+    for column in ("step", "loss", "objective", "elbo", "reconstruction", "kl", "entropy", "expected_log_joint",
+                   "beta", "wall_time", "kl/z", "reconstruction/x"):
+        assert column in h.columns
+    assert h["step"].tolist() == list(range(6))
+    for step, terms in seen:
+        row = h.iloc[step]
+        for name, value in terms.items():
+            assert row[name] == value, name
+        assert row["loss"] == -terms["objective"]
+    # the schedule in force at each step: 0.5 -> 1 over 4 steps, then 1
+    assert h["beta"].tolist() == pytest.approx([0.5, 0.625, 0.75, 0.875, 1.0, 1.0])
+    assert h["wall_time"].is_monotonic_increasing
+    assert result.stop_reason == "num_steps" and isinstance(result, SVIResult)
+
+
+def test_history_first_row_matches_closed_form(data):
+    # step 0 evaluates the guide at its initial parameters N(0.3, 0.8^2): with 4000 vectorised
+    # particles the recorded terms must match the closed form within 5 of their standard errors
+    pyro.param("loc", torch.tensor(0.3))
+    pyro.param("scale", torch.tensor(0.8), constraint=dist.constraints.positive)
+    loss = BetaELBO(num_particles=4000, vectorize_particles=True)
+    result = SVIRunner(model, guide, adam(), loss, progress_bar=False).run(data, num_steps=1)
+    row = result.history.iloc[0]
+    recon, kl = exact_terms(data, 0.3, 0.8)
+    assert row["reconstruction"] == pytest.approx(recon, abs=5 * row["reconstruction_stderr"])
+    assert row["kl"] == pytest.approx(kl, abs=5 * row["kl_stderr"])
+    assert row["elbo"] == pytest.approx(recon - kl, abs=5 * row["elbo_stderr"])
+
+
+def test_plain_pyro_loss_records_loss_only(data):
+    result = SVIRunner(model, guide, adam(), Trace_ELBO(), progress_bar=False).run(data, num_steps=3)
+    assert list(result.history.columns) == ["step", "loss", "wall_time"]
+    assert result.terms == [None]
+
+
+def test_matches_pyro_svi(data):
+    # the runner's step is SVI.step: same seed, same parameters after 5 steps
+    pyro.set_rng_seed(3)
+    svi = pyro.infer.SVI(model, guide, adam(), BetaELBO())
+    losses = [svi.step(data) for _ in range(5)]
+    expected = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False).run(data, num_steps=5)
+    assert result.history["loss"].tolist() == pytest.approx(losses, rel=1e-12)
+    for name, value in result.params.items():
+        assert torch.allclose(value, expected[name], rtol=1e-12, atol=0)
+
+
+def test_fit_recovers_exact_posterior(data):
+    # Correctness anchor: the Normal guide family contains the exact posterior N(m, s^2),
+    # m = 20/21, s = 0.218. After a long fit with a decaying rate (final lr 5.5e-4) the
+    # guide's draws match it: 4000 draws give Monte Carlo standard errors s/sqrt(4000) =
+    # 0.0035 for the mean and s/sqrt(2*4000) = 0.0024 for the sd; we allow 5 of those plus
+    # 0.01 for the optimiser's remaining noise (measured |loc - m| <= 0.0035 and
+    # |scale - s| <= 0.002 over seeds 0-2).
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.997})
+    loss = BetaMeanFieldELBO(num_particles=32, vectorize_particles=True)
+    result = SVIRunner(model, guide, optim, loss, progress_bar=False).run(data, num_steps=1500)
+    m, s = exact_posterior(data)
+    idata = result.to_inference_data(num_samples=4000)
+    z = idata.posterior["z"].values.reshape(-1)
+    assert z.mean() == pytest.approx(m, abs=5 * s / math.sqrt(4000) + 0.01)
+    assert z.std() == pytest.approx(s, abs=5 * s / math.sqrt(8000) + 0.01)
+
+
+# -- non-finite values -----------------------------------------------------------------------
+
+
+def injecting_model(bad_step, site):
+    """The model with an infinite scale at `site` on call number `bad_step` (0-based)."""
+    calls = [0]
+
+    def m(x):
+        bad = calls[0] == bad_step
+        calls[0] += 1
+        scale = math.inf if bad else 1.0
+        model(x, prior_scale=scale if site == "z" else 1.0, lik_scale=scale if site == "x" else 1.0)
+
+    return m
+
+
+@pytest.mark.parametrize("site,term", [("x", "reconstruction"), ("z", "kl")])
+def test_nonfinite_names_step_site_and_keeps_history(data, site, term):
+    pyro.set_rng_seed(1)
+    clean = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False).run(data, num_steps=3)
+    clean_params = clean.params
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    runner = SVIRunner(injecting_model(3, site), guide, adam(), BetaELBO(), progress_bar=False)
+    with pytest.raises(NonFiniteError, match=rf"step 3\b(.|\n)*'{site}'") as info:
+        runner.run(data, num_steps=10)
+    err = info.value
+    assert err.step == 3
+    assert site in err.sites and term in err.sites[site]
+    assert term in err.terms and "elbo" in err.terms
+    # the history before the bad step is intact, and the parameters are the last finite ones
+    partial = err.result
+    assert partial.stop_reason == "nonfinite"
+    assert len(partial.history) == 3
+    for column in ("loss", "elbo", "kl"):
+        assert partial.history[column].tolist() == clean.history[column].tolist()
+    for name, value in partial.params.items():
+        assert torch.equal(value, clean_params[name])
+    assert runner.loss.step == 3  # the failed step is not counted by the schedule
+
+
+def test_nonfinite_gradient_names_parameter(data):
+    def bad_guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        # value 0, gradient 0 * d sqrt(0) = 0 * inf = NaN
+        loc = loc + 0.0 * torch.sqrt(loc - loc)
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+    with pytest.raises(NonFiniteError, match="non-finite gradients: 'loc'") as info:
+        SVIRunner(model, bad_guide, adam(), BetaELBO(), progress_bar=False).run(data, num_steps=5)
+    assert info.value.step == 0 and info.value.grads == ["loc"] and info.value.terms == []
+    assert float(info.value.result.params["loc"]) == 0.0
+
+
+def test_nonfinite_parameter_caught_by_validation(data):
+    pyro.param("loc", torch.tensor(math.nan))
+    with pytest.raises(NonFiniteError, match="non-finite values: 'loc'") as info:
+        SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False).run(data, num_steps=5)
+    assert info.value.params == ["loc"] and info.value.step == 0
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_skip_nonfinite_steps(data):
+    locs = []
+    runner = SVIRunner(injecting_model(2, "x"), guide, adam(), BetaELBO(), progress_bar=False, on_nonfinite="skip",
+                       callbacks=[lambda step, row: locs.append(pyro.param("loc").detach().item())])
+    result = runner.run(data, num_steps=5)
+    assert result.history["skipped"].tolist() == [False, False, True, False, False]
+    assert math.isinf(result.history["loss"][2])
+    assert locs[2] == locs[1]  # the update of the skipped step was not applied
+    assert locs[3] != locs[2]
+
+
+# -- interrupts, time, convergence -----------------------------------------------------------
+
+
+def test_keyboard_interrupt_from_callback(data):
+    def stop_at_4(step, row):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, callbacks=[stop_at_4])
+    with pytest.warns(UserWarning, match="interrupted.*after 5 completed steps"):
+        result = runner.run(data, num_steps=100)
+    assert result.stop_reason == "interrupted"
+    assert result.history["step"].tolist() == list(range(5))
+
+
+def test_keyboard_interrupt_from_model(data):
+    calls = [0]
+
+    def m(x):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        model(x)
+
+    runner = SVIRunner(m, guide, adam(), BetaELBO(), progress_bar=False)
+    with pytest.warns(UserWarning, match="interrupted"):
+        result = runner.run(data, num_steps=100)
+    assert len(result.history) == 3
+    assert runner.loss.step == 3  # the half-done step is not counted
+    assert all(p.grad is None or bool((p.grad == 0).all()) for _, p in pyro.get_param_store().named_parameters())
+
+
+def test_max_time(data):
+    result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, max_time=0.05).run(data, num_steps=10**6)
+    assert result.stop_reason == "max_time"
+    assert 0 < len(result.history) < 10**6
+
+
+def test_convergence_stops_near_optimum(data):
+    runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(), progress_bar=False,
+                       convergence_tol=1e-3, convergence_window=50, convergence_patience=2)
+    result = runner.run(data, num_steps=20000)
+    assert result.stop_reason == "converged"
+    assert len(result.history) < 20000 and len(result.history) % 50 == 0
+    m, s = exact_posterior(data)
+    # converged means: within a few posterior sds of the exact mean, and the window means of
+    # the objective within the tolerance
+    assert float(result.params["loc"]) == pytest.approx(m, abs=0.5 * s)
+    h = result.history["objective"].to_numpy()
+    assert h[-50:].mean() - h[-100:-50].mean() < 1e-3 * abs(h[-50:].mean())
+
+
+def test_callback_stop(data):
+    result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False,
+                       callbacks=[lambda step, row: step == 2]).run(data, num_steps=10)
+    assert result.stop_reason == "callback" and len(result.history) == 3
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def _resume_setup(kind):
+    if kind == "adam":
+        return model, guide, adam(), BetaELBO(beta=LinearWarmup(10))
+    # autoguide (lazy prototype set-up), vectorised particles (plate guess), lr schedule
+    optim = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "gamma": 0.99})
+    return model, AutoNormal(model), optim, BetaELBO(num_particles=3, vectorize_particles=True)
+
+
+@pytest.mark.parametrize("kind", ["adam", "autoguide-scheduler"])
+def test_resume_equals_uninterrupted(data, tmp_path, kind):
+    path = tmp_path / "ckpt.pt"
+    m, g, optim, loss = _resume_setup(kind)
+    full = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11, checkpoint_every=7,
+                     checkpoint_path=path).run(data, num_steps=20)
+    # the checkpoint at step 14 is the latest; a fresh process continues from it
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)
+    m, g, optim, loss = _resume_setup(kind)
+    resumed = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11).run(data, num_steps=20, resume_from=path)
+    assert resumed.history["step"].tolist() == list(range(20))
+    for column in ("loss", "elbo", "kl", "beta"):
+        assert resumed.history[column].to_numpy() == pytest.approx(full.history[column].to_numpy(), abs=1e-6)
+    for name, value in full.params.items():
+        assert torch.allclose(resumed.params[name], value, atol=1e-6, rtol=0)
+    assert loss.step == 20
+
+
+def test_resume_rejects_bad_file(tmp_path, data):
+    bad = tmp_path / "bad.pt"
+    torch.save({"foo": 1}, bad)
+    runner = SVIRunner(model, guide, adam(), progress_bar=False)
+    with pytest.raises(ValueError, match="not a checkpoint of SVIRunner"):
+        runner.run(data, num_steps=3, resume_from=bad)
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        runner.run(data, num_steps=3, resume_from=tmp_path / "missing.pt")
+
+
+# -- chains ------------------------------------------------------------------------------------
+
+
+def test_chains_are_independent_seeded_fits(data):
+    result = SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, num_chains=2,
+                       seed=5).run(data, num_steps=10)
+    assert result.num_chains == 2 and result.num_steps == [10, 10]
+    assert result.history["chain"].tolist() == [0] * 10 + [1] * 10
+    h0, h1 = result.chain_history(0), result.chain_history(1)
+    assert not h0["loss"].equals(h1["loss"])
+    # chain 1 is the fit a single chain seeded 5 + 1 gives
+    pyro.clear_param_store()
+    single = SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, seed=6).run(data, num_steps=10)
+    assert single.history["loss"].tolist() == pytest.approx(h1["loss"].tolist(), abs=1e-12)
+    with result.use_params(1):
+        for name, value in single.params.items():
+            assert torch.allclose(pyro.param(name).detach(), value)
+
+
+def test_chains_flag_multimodality():
+    # x ~ N(z^2, 0.1^2) with x = 4: modes z = +2 and z = -2. Chains started on either side
+    # of 0 (random init of the guide's loc: seeds 2..5 draw inits 0.78, 1.61, -3.21, -0.97)
+    # end in different modes, so R-hat >> 1.01.
+    x = torch.tensor(4.0)
+
+    def bimodal(x):
+        z = pyro.sample("z", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(z**2, 0.1), obs=x)
+
+    def init_guide(x):
+        loc = pyro.param("loc", lambda: 2.0 * torch.randn(()))
+        scale = pyro.param("scale", torch.tensor(0.1), constraint=dist.constraints.positive)
+        pyro.sample("z", dist.Normal(loc, scale))
+
+    result = SVIRunner(bimodal, init_guide, adam(0.05), BetaELBO(), progress_bar=False, num_chains=4,
+                       seed=2).run(x, num_steps=300)
+    locs = [float(state["params"]["loc"]) for state in result.chain_states]
+    assert min(locs) == pytest.approx(-2.0, abs=0.1) and max(locs) == pytest.approx(2.0, abs=0.1)
+    summary = result.summary(num_samples=200)
+    assert summary.posterior.loc["z", "r_hat"] > 1.5
+    assert (summary.vi["r_hat"] > 1.5).all()
+
+
+# -- minibatches, schedulers, evaluation -----------------------------------------------------------
+
+
+def test_batches_list_callable_and_iterator(data):
+    seen = []
+
+    def m(x):
+        seen.append(x.shape[0])
+        model(x)
+
+    batches = [data[:5], data[5:12], data[12:]]
+    # a list of tensors: each batch is appended to the (empty) args; re-iterated per epoch
+    SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=7, batches=batches)
+    assert seen == [5, 7, 8, 5, 7, 8, 5]
+    seen.clear()
+    SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=4, batches=lambda step: (data[: step + 1],))
+    assert seen == [1, 2, 3, 4]
+    seen.clear()
+    result = SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=10, batches=iter(batches))
+    assert seen == [5, 7, 8] and result.stop_reason == "exhausted"
+    with pytest.raises(ValueError, match="minibatches"):
+        result.to_inference_data()
+
+
+def test_dataloader_batches(data):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=8)
+    result = SVIRunner(model, guide, adam(), progress_bar=False).run(num_steps=5, batches=loader)
+    assert len(result.history) == 5 and result.history["loss"].notna().all()
+
+
+def test_lr_scheduler_is_stepped(data):
+    optim = pyro.optim.ExponentialLR({"optimizer": torch.optim.SGD, "optim_args": {"lr": 0.01}, "gamma": 0.5})
+    SVIRunner(model, guide, optim, progress_bar=False).run(data, num_steps=3)
+    lrs = [s.get_last_lr()[0] for s in optim.optim_objs.values()]
+    assert lrs == pytest.approx([0.01 * 0.5**3] * 2)
+
+
+def test_evaluation_rows(data):
+    pytest.importorskip("pyro_elbo_lab.diagnostics.evidence")
+    # exact log evidence: x ~ N(0, I + 11^T)
+    cov = torch.eye(N) + torch.ones(N, N)
+    exact = float(dist.MultivariateNormal(torch.zeros(N), cov).log_prob(data))
+    runner = SVIRunner(model, guide, adam(0.1), BetaMeanFieldELBO(), progress_bar=False, evaluate_every=100,
+                       eval_num_samples=2000)
+    h = runner.run(data, num_steps=200).history
+    rows = h[h["eval_log_evidence"].notna()]
+    assert rows["step"].tolist() == [99, 199]
+    last = rows.iloc[-1]
+    # importance sampling from a near-exact guide: within 5 delta-method standard errors
+    assert last["eval_log_evidence"] == pytest.approx(exact, abs=5 * last["eval_log_evidence_stderr"] + 1e-3)
+    assert last["eval_pareto_k"] < 0.7 and last["eval_gap"] >= -1e-3
+    assert h["eval_gap"].isna().sum() == 198
+
+
+def test_bad_arguments(data):
+    with pytest.raises(ValueError, match="pyro.optim"):
+        SVIRunner(model, guide, torch.optim.Adam)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        SVIRunner(model, guide, adam(), on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        SVIRunner(model, guide, adam(), checkpoint_every=5)
+    with pytest.raises(ValueError, match="num_steps"):
+        SVIRunner(model, guide, adam()).run(data, num_steps=-1)
+    with pytest.raises(ValueError, match="num_chains"):
+        SVIRunner(model, guide, adam(), num_chains=0)
