@@ -230,6 +230,10 @@ def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_
             continue
         deterministic = site["infer"].get("_deterministic", False)
         event_dim = site["fn"].event_dim
+        if deterministic:
+            # pyro.deterministic's Delta counts every dim of the value as an event dim;
+            # the value is batched over the sample plate like the latents it comes from
+            event_dim = max(0, torch.as_tensor(site["value"]).dim() - (mpn + 1))
         if not site["is_observed"] or deterministic:
             value, names = _shape_draws(name, site["value"], site, S, mpn, event_dim)
             out["posterior"][name] = value
