@@ -4,13 +4,28 @@ Post-fit VI diagnostics: is the guide any good, and why.
 
 - :func:`estimate_evidence`: importance-sampled log evidence, ELBO, the KL gap
   :math:`\\mathrm{KL}(q \\| p(z \\mid x))` and the PSIS k̂ of the weights.
+- :func:`posterior_collapse`: KL per latent dimension and active units of local latents.
+- :func:`aggregate_posterior`: ELBO surgery and the β-TCVAE split of the average KL
+  (index-code mutual information, total correlation, dimension-wise KL).
+- :func:`rate_distortion`, :func:`rate_distortion_sweep`: rate and distortion per datapoint.
 """
 from __future__ import annotations
 
-from .evidence import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence
+from .aggregate import AggregatePosteriorReport, aggregate_posterior
+from .collapse import CollapseReport, posterior_collapse
+from .evidence import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence, psis_diagnostics
+from .rate_distortion import RateDistortion, rate_distortion, rate_distortion_sweep
 
 __all__ = [
+    "AggregatePosteriorReport",
+    "CollapseReport",
     "EvidenceEstimate",
     "ImportanceSamplingWarning",
+    "RateDistortion",
+    "aggregate_posterior",
     "estimate_evidence",
+    "posterior_collapse",
+    "psis_diagnostics",
+    "rate_distortion",
+    "rate_distortion_sweep",
 ]

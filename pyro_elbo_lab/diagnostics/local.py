@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Helpers for diagnostics of local latents (a VAE's codes): find the data plate and the
+latent sites inside it, and lay per-element quantities out as ``(S, N, D)`` tensors
+(importance sample, element of the data plate, latent dimension).
+
+Not public API: used by :mod:`~pyro_elbo_lab.diagnostics.collapse`,
+:mod:`~pyro_elbo_lab.diagnostics.aggregate` and
+:mod:`~pyro_elbo_lab.diagnostics.rate_distortion`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from pyro.distributions import ExpandedDistribution, MaskedDistribution
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from torch.distributions import Independent
+
+from .traces import SAMPLE_PLATE, ImportanceTraces, probe_traces
+
+__all__ = [
+    "LocalSite",
+    "batches",
+    "check_int",
+    "collect_local_sites",
+    "find_data_plate",
+    "local_sites",
+    "plan",
+    "unwrap",
+]
+
+#: Elements (value and log_prob entries, times a safety factor) one automatic batch may hold.
+ELEMENT_BUDGET = 2**24
+SAFETY_FACTOR = 4
+
+
+def _sample_sites(trace):
+    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+def _frames(site) -> list[CondIndepStackFrame]:
+    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
+
+
+def unwrap(fn) -> tuple[torch.distributions.Distribution, int]:
+    """
+    Strip :class:`~torch.distributions.Independent`, Pyro's expanded and masked wrappers
+    off a site distribution.
+
+    :returns: ``(base, reinterpreted)``: the element-level distribution and the number of
+        event dims of ``fn`` that are batch dims of ``base``.
+    """
+    reinterpreted = 0
+    while True:
+        if isinstance(fn, Independent):
+            reinterpreted += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        elif isinstance(fn, (ExpandedDistribution, MaskedDistribution)):
+            fn = fn.base_dist
+        else:
+            return fn, reinterpreted
+
+
+def find_data_plate(model_trace, guide_trace, plate: str | None, need_latent: bool = True) -> CondIndepStackFrame | None:
+    """
+    The data plate: the named one, or the single (outermost) vectorised plate that holds
+    an observed site and, when ``need_latent``, a latent site of the guide.
+
+    :raises ValueError: if ``plate`` is not a vectorised plate of the model, or it cannot be
+        inferred.
+    """
+    observed = [(n, s) for n, s in _sample_sites(model_trace) if s["is_observed"]]
+    latent = [(n, s) for n, s in _sample_sites(model_trace) if not s["is_observed"]]
+    all_frames = {f.name: f for _, s in _sample_sites(model_trace) for f in _frames(s)}
+    if plate is not None:
+        if not isinstance(plate, str):
+            raise ValueError(f"plate must be the name of the data plate (str) or None, got {plate!r}")
+        if plate not in all_frames:
+            raise ValueError(
+                f"plate='{plate}' is not a vectorised plate of the model; its plates are {sorted(all_frames)}. "
+                "Name the data plate that holds the observations (with pyro.plate(name, N))."
+            )
+        return all_frames[plate]
+    obs_frames = {f.name: f for _, s in observed for f in _frames(s)}
+    if need_latent:
+        lat_names = {f.name for _, s in latent for f in _frames(s)}
+        candidates = [f for name, f in obs_frames.items() if name in lat_names]
+    else:
+        candidates = list(obs_frames.values())
+    if not candidates:
+        if not need_latent:
+            return None
+        raise ValueError(
+            "could not find a data plate holding both observed sites and latent sites (local latents, as in a VAE); "
+            f"the model's plates are {sorted(all_frames)}. Pass plate='<data plate name>' and sites=[...]."
+        )
+    outer = min(f.dim for f in candidates)
+    chosen = [f for f in candidates if f.dim == outer]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"several plates could be the data plate: {sorted(f.name for f in chosen)}; pass plate='<name>'"
+        )
+    return chosen[0]
+
+
+def local_sites(model_trace, guide_trace, frame: CondIndepStackFrame, sites: Iterable[str] | str | None) -> list[str]:
+    """
+    Latent sites of the model inside ``frame`` (all of them, or the named ones, checked).
+
+    :raises ValueError: naming a site that is observed, missing from the model or the guide,
+        or outside the data plate.
+    """
+    latent = [n for n, s in _sample_sites(model_trace) if not s["is_observed"]]
+    inside = [n for n in latent if any(f.name == frame.name for f in _frames(model_trace.nodes[n]))]
+    if sites is None:
+        if not inside:
+            raise ValueError(
+                f"plate '{frame.name}' holds no latent site of the model (latent sites: {latent}); "
+                "pass the data plate of the local latents, or sites=[...]"
+            )
+        return inside
+    if isinstance(sites, str):
+        sites = [sites]
+    sites = list(sites)
+    if not sites:
+        raise ValueError("sites is empty: pass None for every latent site in the data plate, or name at least one")
+    for name in sites:
+        if name not in model_trace.nodes or model_trace.nodes[name]["type"] != "sample":
+            raise ValueError(f"sites names '{name}', which is not a sample site of the model; latent sites: {latent}")
+        if model_trace.nodes[name]["is_observed"]:
+            raise ValueError(f"sites names '{name}', an observed site; name latent sites instead: {latent}")
+        if name not in inside:
+            raise ValueError(
+                f"site '{name}' is not inside the data plate '{frame.name}', so it is not a local latent; "
+                f"local latents: {inside}"
+            )
+        if name not in guide_trace.nodes:
+            raise ValueError(f"The model's latent site '{name}' has no site in the guide")
+    return sites
+
+
+@dataclass
+class LocalSite:
+    """
+    One local latent site of a vectorised model/guide trace, with per-element tensors laid
+    out as ``(S, N, D)``.
+
+    :ivar str name: site name.
+    :ivar value: ``z``, shape ``(S, N, D)``.
+    :ivar q: guide element distribution; ``p``: model (prior) element distribution.
+    """
+
+    name: str
+    model_site: dict
+    guide_site: dict
+    frame: CondIndepStackFrame
+    num_samples: int
+    max_plate_nesting: int
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether guide and prior factorise into univariate distributions (per-dimension terms exist)."""
+        q, _ = unwrap(self.guide_site["fn"])
+        p, _ = unwrap(self.model_site["fn"])
+        return q.event_shape == torch.Size() and p.event_shape == torch.Size()
+
+    @property
+    def q(self):
+        """The guide's element distribution (univariate), or its site distribution when not factorised."""
+        return unwrap(self.guide_site["fn"])[0] if self.elementwise else self.guide_site["fn"]
+
+    @property
+    def p(self):
+        """The model's (prior) element distribution, or its site distribution when not factorised."""
+        return unwrap(self.model_site["fn"])[0] if self.elementwise else self.model_site["fn"]
+
+    def _target_shape(self) -> torch.Size:
+        value = self.guide_site["value"]
+        ndim = self.max_plate_nesting + 1 + len(self.guide_site["fn"].event_shape) - len(self.q.event_shape)
+        return value.shape[:ndim]
+
+    def canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """Lay an element-level tensor (broadcastable to the site's element shape) out as ``(S, N, D)``."""
+        target = self._target_shape()
+        x = x.expand(target)
+        pos = self.max_plate_nesting + 1 + self.frame.dim
+        x = x.movedim(pos, 1)
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    @property
+    def value(self) -> torch.Tensor:
+        value = self.guide_site["value"]
+        if not self.elementwise:
+            raise ValueError(f"site '{self.name}' is not factorised over its dimensions")
+        return self.canonical(value)
+
+    def kl(self) -> tuple[torch.Tensor, bool]:
+        """
+        KL(q ‖ p) per element and dimension, ``(S, N, D)``: analytic where
+        :func:`torch.distributions.kl_divergence` has the pair (then ``True``), else the
+        one-sample Monte Carlo ``log q(z) - log p(z)`` (``False``).
+        """
+        q, p = self.q, self.p
+        try:
+            kl = torch.distributions.kl_divergence(q, p)
+            analytic = True
+        except NotImplementedError:
+            z = self.guide_site["value"]
+            kl = q.log_prob(z) - p.log_prob(z)
+            analytic = False
+        return self.canonical(kl), analytic
+
+    def log_q(self) -> torch.Tensor:
+        """``log q(z_{s,n} | x_n)`` per element, ``(S, N, D)`` (``D`` groups for a non-factorised base)."""
+        return self.canonical(self.q.log_prob(self.guide_site["value"]))
+
+    def log_p(self) -> torch.Tensor:
+        """``log p(z_{s,n})`` per element under the model's (prior) site distribution, ``(S, N, D)``."""
+        return self.canonical(self.p.log_prob(self.guide_site["value"]))
+
+    def pairwise_log_q(self, rows: torch.Tensor) -> torch.Tensor:
+        """
+        ``log q(z_{s,i} | x_m)`` for the query elements ``i in rows`` against every element
+        ``m`` of the plate, per dimension: shape ``(len(rows), S, N, D)``.
+
+        Evaluates the guide's element distribution (whose batch holds every ``x_m``) at
+        values broadcast along the data plate, so it assumes the site's guide factor
+        depends on ``x_m`` (and on the draws of the same sample ``s`` of other sites) only.
+        """
+        value = self.guide_site["value"]
+        pos = self.max_plate_nesting + 1 + self.frame.dim
+        query = value.index_select(pos, rows).movedim(pos, 0).unsqueeze(pos + 1)
+        lp = self.q.log_prob(query)  # (I, S, ..., N, ..., E_r)
+        target = (len(rows),) + tuple(self._target_shape())
+        lp = lp.expand(target).movedim(pos + 1, 2)
+        return lp.reshape(lp.shape[0], lp.shape[1], lp.shape[2], -1)
+
+    def mean(self) -> tuple[torch.Tensor, bool]:
+        """E_q[z] per element: the guide's mean where defined (``True``), else the sample."""
+        try:
+            mean = self.q.mean
+            ok = bool(torch.isfinite(mean).all())
+        except NotImplementedError:
+            ok = False
+        if not ok:
+            return self.value, False
+        return self.canonical(mean), True
+
+
+def collect_local_sites(
+    traces: ImportanceTraces, frame: CondIndepStackFrame, names: list[str], elementwise: bool
+) -> list[LocalSite]:
+    """:class:`LocalSite` views of ``names`` in ``traces``, checked."""
+    out = []
+    for name in names:
+        site = LocalSite(
+            name,
+            traces.model_trace.nodes[name],
+            traces.guide_trace.nodes[name],
+            frame,
+            traces.num_samples,
+            traces.max_plate_nesting,
+        )
+        if elementwise and not site.elementwise:
+            raise ValueError(
+                f"per-dimension diagnostics need guide and prior distributions at site '{name}' that factorise over "
+                f"its dimensions (e.g. Normal(loc, scale).to_event(1)); found guide "
+                f"{type(site.guide_site['fn']).__name__} whose elements have event shape {tuple(unwrap(site.guide_site['fn'])[0].event_shape)} and prior "
+                f"{type(site.model_site['fn']).__name__} whose elements have event shape "
+                f"{tuple(unwrap(site.model_site['fn'])[0].event_shape)}; univariate elements are needed"
+            )
+        out.append(site)
+    return out
+
+
+def batches(num_samples: int, batch_size: int) -> Iterator[int]:
+    """Sizes of consecutive batches covering ``num_samples``."""
+    done = 0
+    while done < num_samples:
+        n = min(batch_size, num_samples - done)
+        yield n
+        done += n
+
+
+def plan(model, guide, args, kwargs, max_plate_nesting: int | None, batch_size: int | None) -> tuple[int, int]:
+    """``(max_plate_nesting, batch_size)``, probing the model once when either is ``None``."""
+    if max_plate_nesting is None or batch_size is None:
+        nesting, elements = probe_traces(model, guide, args, kwargs)
+        if max_plate_nesting is None:
+            max_plate_nesting = nesting
+        if batch_size is None:
+            batch_size = max(1, ELEMENT_BUDGET // (SAFETY_FACTOR * elements))
+    return max_plate_nesting, batch_size
+
+
+def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {name}={value!r}")
+

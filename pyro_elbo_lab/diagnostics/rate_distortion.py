@@ -1,0 +1,244 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Rate R = E_x KL(q(z|x) ‖ p(z)) and distortion D = -E_x E_q log p(x|z) of a fitted model,
+or over a sweep of β (Alemi et al. 2018).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+from pyro.distributions.util import scale_and_mask
+
+from .local import batches, check_int, find_data_plate, plan
+from .traces import sum_per_sample, vectorized_traces
+
+__all__ = ["RateDistortion", "rate_distortion", "rate_distortion_sweep"]
+
+
+@dataclass(frozen=True)
+class RateDistortion:
+    """
+    Rate and distortion in nats per datapoint (totals with Pyro's data scaling, divided by
+    the data plate's full size ``N``).
+
+    :ivar float rate: :math:`R`, the KL of the latents from their prior per datapoint.
+    :ivar float distortion: :math:`D`, the negative expected log-likelihood per datapoint.
+    :ivar float rate_stderr: Monte Carlo standard error (0 when every KL is analytic and
+        the guide's parameters do not depend on its own draws; ``nan`` for one sample).
+    :ivar float distortion_stderr: Monte Carlo standard error of ``distortion``.
+    :ivar dict rate_per_site: ``{latent site: R contribution}``.
+    :ivar dict distortion_per_site: ``{observed site: D contribution}``.
+    :ivar dict kl_method: ``{latent site: "analytic" | "monte carlo"}``.
+    :ivar str plate: the data plate (``None``: no plate, values are per dataset).
+    :ivar int num_datapoints: ``N``.
+    :ivar int num_samples: draws from the guide.
+    :ivar beta: the β the model was fitted with, when known (sweeps).
+    """
+
+    rate: float
+    distortion: float
+    rate_stderr: float
+    distortion_stderr: float
+    rate_per_site: Mapping[str, float] = field(default_factory=dict)
+    distortion_per_site: Mapping[str, float] = field(default_factory=dict)
+    kl_method: Mapping[str, str] = field(default_factory=dict)
+    plate: str | None = None
+    num_datapoints: int = 1
+    num_samples: int = 1
+    beta: float | None = None
+
+    @property
+    def elbo(self) -> float:
+        """:math:`-(D + R)`, the ELBO per datapoint."""
+        return -(self.distortion + self.rate)
+
+    def objective(self, beta: float) -> float:
+        """:math:`-(D + \\beta R)`, the β-VAE objective per datapoint."""
+        return -(self.distortion + beta * self.rate)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``{name: number}``, with per-site entries ``"rate/z"``, ``"distortion/x"``."""
+        out = {
+            "rate": self.rate,
+            "distortion": self.distortion,
+            "rate_stderr": self.rate_stderr,
+            "distortion_stderr": self.distortion_stderr,
+            "elbo": self.elbo,
+        }
+        if self.beta is not None:
+            out["beta"] = self.beta
+        out.update({f"rate/{k}": v for k, v in self.rate_per_site.items()})
+        out.update({f"distortion/{k}": v for k, v in self.distortion_per_site.items()})
+        return out
+
+    def __str__(self) -> str:
+        return (
+            f"RateDistortion(rate={self.rate:.4g} ± {self.rate_stderr:.2g}, distortion={self.distortion:.4g} ± "
+            f"{self.distortion_stderr:.2g} nats per datapoint, N={self.num_datapoints})"
+        )
+
+
+def _site_kl(name, model_site, guide_site) -> tuple[torch.Tensor, bool]:
+    """Scaled, masked KL(q ‖ p) at one latent site, batch-shaped: analytic where registered."""
+    try:
+        kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        return guide_site["log_prob"] - model_site["log_prob"], False
+    return scale_and_mask(kl, guide_site["scale"], guide_site["mask"]), True
+
+
+def rate_distortion(
+    model,
+    guide,
+    *args,
+    plate: str | None = None,
+    num_samples: int = 10,
+    batch_size: int | None = None,
+    max_plate_nesting: int | None = None,
+    beta: float | None = None,
+    **kwargs,
+) -> RateDistortion:
+    """
+    Rate and distortion of a fitted model and guide (Alemi et al. 2018), per datapoint:
+
+    .. math::
+
+        R = \\frac1N \\sum_{\\text{latent } s} \\mathbb{E}_q\\,\\mathrm{KL}(q(z_s \\mid \\cdot) \\| p(z_s \\mid \\mathrm{pa}(z_s))),
+        \\qquad
+        D = -\\frac1N \\sum_{\\text{observed } s} \\mathbb{E}_q \\log p(x_s \\mid z),
+
+    so that :math:`\\mathrm{ELBO} = -N(D + R)` and the β-VAE objective is :math:`-N(D +
+    \\beta R)`. For a VAE, :math:`R = \\mathbb{E}_x \\mathrm{KL}(q(z \\mid x) \\| p(z))`; global
+    latents contribute their KL divided by ``N``. ``N`` is the full size of the data plate
+    (given, or the outermost plate holding observed sites; 1 without one), and sums use
+    Pyro's data scaling, so a subsampled plate gives unbiased per-datapoint values.
+
+    Estimators: KL analytic where :func:`torch.distributions.kl_divergence` knows the
+    guide/prior pair at a site (as :class:`~pyro_elbo_lab.BetaMeanFieldELBO`), else
+    :math:`\\log q(z) - \\log p(z)`; :math:`\\mathbb{E}_q` is a Monte Carlo average over
+    ``num_samples`` draws from one vectorised guide/model trace per batch (no Python loop
+    over samples), under :func:`torch.no_grad`. Auxiliary guide sites count in ``R`` with
+    :math:`\\mathbb{E}_q \\log q`, as in :class:`~pyro_elbo_lab.ELBOTerms`.
+
+    :param model: a fitted Pyro model with observed data.
+    :param guide: its guide.
+    :param args: model/guide positional arguments (the data).
+    :param str plate: the data plate (inferred when ``None``).
+    :param int num_samples: draws from the guide (>= 1).
+    :param int batch_size: draws per vectorised trace; automatic when ``None``.
+    :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
+    :param float beta: the β the model was fitted with, recorded in the result.
+    :param kwargs: model/guide keyword arguments.
+    :returns: rate and distortion in nats per datapoint.
+    :rtype: RateDistortion
+    :raises ValueError: if an argument is out of range, ``plate`` is not a plate of the
+        model, or a latent site has no guide site.
+
+    References
+
+    - *Fixing a Broken ELBO*, A. A. Alemi, B. Poole, I. Fischer, J. V. Dillon, R. A. Saurous,
+      K. Murphy (2018)
+    """
+    check_int("num_samples", num_samples, 1)
+    check_int("batch_size", batch_size, 1, allow_none=True)
+
+    with torch.no_grad():
+        max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
+        rate_sites: dict[str, torch.Tensor] = {}
+        dist_sites: dict[str, torch.Tensor] = {}
+        kl_method: dict[str, str] = {}
+        totals = []  # (n, 2) per batch: rate and distortion per sample
+        frame = False
+        for n in batches(num_samples, batch_size):
+            traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
+            mt, gt = traces.model_trace, traces.guide_trace
+            if frame is False:
+                frame = find_data_plate(mt, gt, plate, need_latent=False)
+            rate = distortion = torch.zeros(n)
+            for name, site in mt.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if site["is_observed"]:
+                    term = -sum_per_sample(site["log_prob"], n, max_plate_nesting)
+                    dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
+                    distortion = distortion + term
+                else:
+                    kl, analytic = _site_kl(name, site, gt.nodes[name])
+                    kl_method.setdefault(name, "analytic" if analytic else "monte carlo")
+                    term = sum_per_sample(kl, n, max_plate_nesting)
+                    rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
+                    rate = rate + term
+            for name, site in gt.nodes.items():
+                if site["type"] == "sample" and name not in mt.nodes:  # auxiliary guide site
+                    kl_method.setdefault(name, "monte carlo")
+                    term = sum_per_sample(site["log_prob"], n, max_plate_nesting)
+                    rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
+                    rate = rate + term
+            totals.append(torch.stack([rate, distortion], -1))
+        totals = torch.cat(totals, 0)  # (S, 2)
+
+    N = 1 if frame is None else (frame.full_size or frame.size)
+    S = num_samples
+    mean = totals.mean(0) / N
+    stderr = totals.std(0) / (math.sqrt(S) * N) if S > 1 else torch.full((2,), math.nan)
+    mean, stderr = mean.tolist(), stderr.tolist()
+    return RateDistortion(
+        rate=mean[0],
+        distortion=mean[1],
+        rate_stderr=stderr[0],
+        distortion_stderr=stderr[1],
+        rate_per_site={k: float(v) / (S * N) for k, v in rate_sites.items()},
+        distortion_per_site={k: float(v) / (S * N) for k, v in dist_sites.items()},
+        kl_method=kl_method,
+        plate=None if frame is None else frame.name,
+        num_datapoints=int(N),
+        num_samples=S,
+        beta=None if beta is None else float(beta),
+    )
+
+
+def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs):
+    """
+    Rate and distortion over a sweep of β: for each β, ``model, guide = fit(beta)`` (your
+    training at that β, e.g. an :class:`~pyro_elbo_lab.SVIRunner` run with
+    ``BetaELBO(beta)``), then :func:`rate_distortion` of the result, evaluated right away
+    (so the parameter store holds that fit).
+
+    :param callable fit: ``fit(beta) -> (model, guide)``.
+    :param betas: the β values (finite, >= 0).
+    :param args: the data, passed to :func:`rate_distortion`.
+    :param kwargs: keyword arguments of :func:`rate_distortion` (``plate``,
+        ``num_samples``, ...) and the model's.
+    :returns: one row per β (index ``beta``) with columns ``rate``, ``distortion``,
+        ``rate_stderr``, ``distortion_stderr``, ``elbo`` (:math:`-(D+R)`) and
+        ``objective`` (:math:`-(D+\\beta R)`), in nats per datapoint: the points of the
+        rate–distortion plane of Alemi et al. (2018).
+    :rtype: pandas.DataFrame
+    :raises ValueError: if a β is not a finite number >= 0, or ``fit`` does not return a
+        ``(model, guide)`` pair.
+    """
+    import pandas as pd
+
+    rows = []
+    for beta in betas:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"betas must be finite numbers >= 0, got {beta!r}")
+        fitted = fit(beta)
+        if not (isinstance(fitted, tuple) and len(fitted) == 2):
+            raise ValueError(f"fit(beta) must return a (model, guide) pair, got {type(fitted).__name__} for beta={beta}")
+        rd = rate_distortion(fitted[0], fitted[1], *args, beta=beta, **kwargs)
+        rows.append(
+            {
+                "beta": float(beta),
+                "rate": rd.rate,
+                "distortion": rd.distortion,
+                "rate_stderr": rd.rate_stderr,
+                "distortion_stderr": rd.distortion_stderr,
+                "elbo": rd.elbo,
+                "objective": rd.objective(beta),
+            }
+        )
+    return pd.DataFrame(rows).set_index("beta")

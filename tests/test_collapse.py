@@ -1,0 +1,200 @@
+# SPDX-License-Identifier: Apache-2.0
+"""posterior_collapse against closed-form KLs and posterior-mean variances of linear encoders."""
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_elbo_lab
+from pyro_elbo_lab.diagnostics import CollapseReport, posterior_collapse
+
+N, D = 40, 3
+# encoder loc = x @ W.T: unit 0 carries x[0], unit 1 is the prior (collapsed), unit 2 nearly so
+W = torch.tensor([[0.8, 0.0], [0.0, 0.0], [0.0, 0.001]])
+SCALE = torch.tensor([0.4, 1.0, 1.0])
+
+
+@pytest.fixture
+def data():
+    return torch.randn(N, 2)
+
+
+def vae_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z[..., :2], 0.5).to_event(1), obs=x)
+
+
+def vae_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x @ W.T, SCALE).to_event(1))
+
+
+def exact_kl_and_activity(x):
+    loc = x @ W.T
+    kl = (torch.log(1 / SCALE) + (SCALE**2 + loc**2) / 2 - 0.5).mean(0)  # KL(N(m, s²) ‖ N(0, 1))
+    return kl, loc.var(0, unbiased=False)
+
+
+def test_analytic_kl_per_dimension_and_active_units(data):
+    report = posterior_collapse(vae_model, vae_guide, data, num_samples=2)
+    kl, activity = exact_kl_and_activity(data)
+    # analytic KL and the guide's mean: exact up to float64 rounding
+    assert torch.allclose(report.kl_per_dimension, kl, atol=1e-12)
+    assert torch.allclose(report.activity, activity, atol=1e-12)
+    assert report.kl_per_dimension[1] == 0  # exactly the prior
+    assert report.active.tolist() == [True, False, False]
+    assert report.active_units == 1
+    assert report.num_dimensions == 3
+    assert report.dimensions == ("z[0]", "z[1]", "z[2]")
+    assert report.kl == pytest.approx(float(kl.sum()), abs=1e-12)
+    assert report.kl_method == {"z": "analytic"} and report.mean_method == {"z": "guide mean"}
+    # the guide's parameters depend on x only: no Monte Carlo error at all
+    assert torch.all(report.kl_per_dimension_stderr == 0)
+    assert report.plate == "data" and report.sites == ("z",) and report.num_datapoints == N
+
+
+def test_threshold_is_configurable(data):
+    report = posterior_collapse(vae_model, vae_guide, data, threshold=1e-8)
+    # unit 2 has activity 1e-6 * var(x[:, 1]) ~ 1e-6: active above 1e-8, inactive at 0.01
+    assert report.active.tolist() == [True, False, True]
+    assert report.active_units == 2
+    assert math.isnan(float(report.kl_per_dimension_stderr[0]))  # one sample: no stderr
+
+
+def test_monte_carlo_kl_for_pairs_without_closed_form(data):
+    nu = 5.0
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.StudentT(nu, x @ W.T, SCALE).to_event(1))
+
+    report = posterior_collapse(vae_model, guide, data, num_samples=4000)
+    assert report.kl_method == {"z": "monte carlo"}
+    # KL(T_ν(m, s) ‖ N(0, 1)) = -H[T] + ½ log 2π + ½ (m² + s² ν/(ν-2)), exactly
+    loc = data @ W.T
+    entropy = dist.StudentT(nu, loc, SCALE).entropy()
+    exact = (-entropy + 0.5 * math.log(2 * math.pi) + 0.5 * (loc**2 + SCALE**2 * nu / (nu - 2))).mean(0)
+    se = report.kl_per_dimension_stderr
+    assert torch.all(se > 0)
+    assert torch.all((report.kl_per_dimension - exact).abs() < 5 * se)  # 5 standard errors
+    # StudentT has a mean (ν > 1): activity from the guide's loc, exact
+    assert report.mean_method == {"z": "guide mean"}
+    assert torch.allclose(report.activity, loc.var(0, unbiased=False), atol=1e-12)
+
+
+def test_nested_latent_plate_layout_matches_event_layout(data):
+    # z as a (data × latent) plate grid instead of an event dim: same per-dimension answers
+    def model(x):
+        with pyro.plate("latent", D, dim=-1), pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data_obs", x.shape[0], dim=-2), pyro.plate("obs_dim", 2, dim=-1):
+            pyro.sample("x", dist.Normal(z[..., :2], 0.5), obs=x)
+
+    def guide(x):
+        with pyro.plate("latent", D, dim=-1), pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(x @ W.T, SCALE))
+
+    report = posterior_collapse(model, guide, data, plate="data")
+    kl, activity = exact_kl_and_activity(data)
+    assert torch.allclose(report.kl_per_dimension, kl, atol=1e-12)
+    assert torch.allclose(report.activity, activity, atol=1e-12)
+
+
+def test_several_sites_and_subsampled_plate(data):
+    idx = torch.tensor([1, 3, 5, 7, 11, 13])
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], subsample=idx):
+            a = pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            b = pyro.sample("b", dist.Normal(0.0, 2.0))
+            pyro.sample("x", dist.Normal(a + b.unsqueeze(-1), 0.5).to_event(1), obs=x[idx])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], subsample=idx):
+            pyro.sample("a", dist.Normal(0.5 * x[idx], 0.3).to_event(1))
+            pyro.sample("b", dist.Normal(x[idx, 0], 1.0))
+
+    report = posterior_collapse(model, guide, data)
+    assert report.sites == ("a", "b") and report.dimensions == ("a[0]", "a[1]", "b")
+    assert report.num_datapoints == len(idx)  # the elements present
+    xs = data[idx]
+    kl_a = (math.log(1 / 0.3) + (0.09 + (0.5 * xs) ** 2) / 2 - 0.5).mean(0)
+    kl_b = (math.log(2.0) + (1.0 + xs[:, 0] ** 2) / 8 - 0.5).mean()
+    assert torch.allclose(report.kl_per_dimension, torch.cat([kl_a, kl_b.reshape(1)]), atol=1e-12)
+    only_b = posterior_collapse(model, guide, data, sites="b")
+    assert only_b.dimensions == ("b",)
+    assert float(only_b.kl_per_dimension) == pytest.approx(float(kl_b), abs=1e-12)
+
+
+def test_report_api(data):
+    report = posterior_collapse(vae_model, vae_guide, data)
+    assert pyro_elbo_lab.posterior_collapse is posterior_collapse
+    assert pyro_elbo_lab.CollapseReport is CollapseReport
+    d = report.as_dict()
+    assert d["active_units"] == 1 and d["num_dimensions"] == 3
+    assert d["kl/z[1]"] == 0 and d["activity/z[0]"] == pytest.approx(float(report.activity[0]))
+    frame = report.to_dataframe()
+    assert list(frame.index) == ["z[0]", "z[1]", "z[2]"]
+    assert frame["active"].tolist() == [True, False, False]
+    assert "1/3 active units" in str(report)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_cause(data):
+    with pytest.raises(ValueError, match="plate='nope' is not a vectorised plate"):
+        posterior_collapse(vae_model, vae_guide, data, plate="nope")
+    with pytest.raises(ValueError, match="sites names 'x', an observed site"):
+        posterior_collapse(vae_model, vae_guide, data, sites=["x"])
+    with pytest.raises(ValueError, match="sites names 'w', which is not a sample site"):
+        posterior_collapse(vae_model, vae_guide, data, sites="w")
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        posterior_collapse(vae_model, vae_guide, data, threshold=-1.0)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        posterior_collapse(vae_model, vae_guide, data, num_samples=0)
+
+
+def test_global_latent_is_not_local(data):
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x[:, 0])
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x[:, 0], 1.0))
+
+    with pytest.raises(ValueError, match="site 'mu' is not inside the data plate 'data'"):
+        posterior_collapse(model, guide, data, sites=["mu"])
+    report = posterior_collapse(model, guide, data)  # infers the local site z
+    assert report.sites == ("z",)
+
+
+def test_non_factorised_guide_is_rejected(data):
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(x @ W.T, torch.eye(D)))
+
+    with pytest.raises(ValueError, match="factorise over its dimensions .* site 'z'|site 'z'.*factorise"):
+        posterior_collapse(vae_model, guide, data)
+
+
+def test_no_local_latents():
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="could not find a data plate holding both observed sites and latent sites"):
+        posterior_collapse(model, guide, torch.randn(5))
