@@ -780,13 +780,16 @@ class _ChainRun:
         )
 
     def _evaluate(self, args, kwargs) -> dict:
-        from .diagnostics import estimate_evidence
+        from .diagnostics import ImportanceSamplingWarning, estimate_evidence
 
         eval_args = self.r.eval_args if self.r.eval_args is not None else args
         eval_kwargs = self.r.eval_kwargs if self.r.eval_kwargs is not None else kwargs
         if self.r.eval_args is None and self.batch_fn is not None:
             raise ValueError("evaluate_every with minibatches needs eval_args (the data to evaluate the evidence on)")
-        with torch.no_grad():
+        # k̂ is recorded in the history (eval_pareto_k): no warning for each evaluation of a
+        # guide that is still far from the posterior
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImportanceSamplingWarning)
             est = estimate_evidence(
                 self.model, self.guide, *eval_args, num_samples=self.r.eval_num_samples, psis=True, **eval_kwargs
             )

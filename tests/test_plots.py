@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plots run headless (Agg), return axes with a title, labelled axes (units) and a legend."""
+from __future__ import annotations
+
+import arviz as az
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+
+from pyro_elbo_lab import BetaELBO, SVIRunner, plots
+from pyro_elbo_lab.schedules import LinearWarmup
+
+N = 12
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def model(x):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(a + b, 1.0), obs=x)
+
+
+def guide(x):
+    for name in ("a", "b"):
+        loc = pyro.param(f"{name}_loc", torch.tensor(0.0))
+        scale = pyro.param(f"{name}_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        pyro.sample(name, dist.Normal(loc, scale))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.set_default_dtype(torch.float64)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x = torch.linspace(0.0, 2.0, N)
+    runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.05}), BetaELBO(beta=LinearWarmup(20, start=0.1)),
+                       progress_bar=False, num_chains=2, seed=0, evaluate_every=20, eval_num_samples=200)
+    result = runner.run(x, num_steps=40)
+    idata = result.to_inference_data(num_samples=100)
+    return result, idata
+
+
+def assert_labelled(ax, units=True):
+    assert ax.get_title()
+    assert ax.get_xlabel() and ax.get_ylabel()
+    if units:
+        assert "nats" in ax.get_ylabel() or "nats" in ax.get_xlabel()
+    assert ax.get_legend() is not None and len(ax.get_legend().get_texts()) > 0
+
+
+def test_backend_is_headless():
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_plot_decomposition(fitted):
+    result, idata = fitted
+    ax = plots.plot_decomposition(result, smooth=5)
+    assert_labelled(ax)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "ELBO (chain 0)" in labels and "β" in labels
+    assert "β" in ax.beta_axis.get_ylabel()
+    # the drawn line is the (smoothed) history
+    line = ax.get_lines()[0]
+    expected = result.chain_history(0)["elbo"].rolling(5, min_periods=1).mean().to_numpy()
+    assert np.allclose(line.get_ydata(), expected)
+    beta = ax.beta_axis.get_lines()[0].get_ydata()
+    assert beta[0] == pytest.approx(0.1) and beta[-1] == pytest.approx(1.0)
+    # the same plot from the InferenceData's optimization_history group
+    ax2 = plots.plot_decomposition(idata, chain=1)
+    assert np.allclose(ax2.get_lines()[0].get_ydata(), result.chain_history(1)["elbo"].to_numpy())
+
+
+def test_plot_kl_per_site(fitted):
+    result, _ = fitted
+    ax = plots.plot_kl_per_site(result, smooth=3, chain=1)
+    assert_labelled(ax)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "total KL"]
+    with pytest.raises(ValueError, match="per-site KL"):
+        plots.plot_kl_per_site(pd.DataFrame({"step": [0], "loss": [1.0]}))
+
+
+def test_plot_rate_distortion():
+    frame = pd.DataFrame({"beta": [4.0, 1.0, 0.25], "rate": [1.0, 3.0, 6.0], "distortion": [9.0, 5.0, 4.5]})
+    ax = plots.plot_rate_distortion(frame)
+    assert_labelled(ax)
+    assert len(ax.texts) == 3  # one β annotation per point
+    # points sorted by β; the best -ELBO = min(R + D) = 8 line
+    assert np.array_equal(ax.get_lines()[0].get_xdata(), [6.0, 3.0, 1.0])
+    assert "8 nats" in ax.get_legend().get_texts()[1].get_text()
+    with pytest.raises(ValueError, match="distortion"):
+        plots.plot_rate_distortion({"rate": [1.0]})
+
+
+def test_plot_pareto_k(fitted):
+    result, idata = fitted
+    ax = plots.plot_pareto_k(idata)
+    assert_labelled(ax, units=False)
+    heights = [p.get_height() for p in ax.patches]
+    assert len(heights) == 2 and all(np.isfinite(heights))
+    ax = plots.plot_pareto_k(result)  # k̂ over training from the evaluation rows
+    assert_labelled(ax, units=False)
+    assert ax.get_lines()[0].get_xdata().tolist() == [19, 39]
+    ax = plots.plot_pareto_k({"fit A": 0.3, "fit B": 0.9})
+    assert [p.get_height() for p in ax.patches] == [0.3, 0.9]
+    with pytest.raises(ValueError, match="evaluate_every"):
+        plots.plot_pareto_k(pd.DataFrame({"step": [0], "loss": [1.0]}))
+
+
+def test_arviz_plots_work_on_the_inference_data(fitted):
+    _, idata = fitted
+    assert az.plot_trace(idata, var_names=["a", "b"]).shape == (2, 2)
+    assert len(np.atleast_1d(az.plot_posterior(idata, var_names=["a"]))) == 1
+    assert len(az.plot_forest(idata, var_names=["a", "b"])) == 1
+
+
+def test_summary_runs_with_chains(fitted):
+    result, idata = fitted
+    summary = result.summary(idata=idata)
+    assert list(summary.vi.index) == [0, 1]
+    assert {"elbo", "kl", "log_evidence", "gap", "pareto_k", "verdict", "ess", "r_hat"} <= set(summary.vi.columns)
+    assert np.isfinite(summary.posterior.loc["a", "r_hat"])
+    assert "<h4>" in summary._repr_html_()
