@@ -30,6 +30,8 @@ _EXPORTS = {
     "AggregatePosteriorReport": "pyro_elbo_lab.diagnostics",
     "rate_distortion": "pyro_elbo_lab.diagnostics",
     "RateDistortion": "pyro_elbo_lab.diagnostics",
+    "rate_distortion_sweep": "pyro_elbo_lab.diagnostics",
+    "ImportanceSamplingWarning": "pyro_elbo_lab.diagnostics",
     # runner and ArviZ
     "SVIRunner": "pyro_elbo_lab.runner",
     "SVIResult": "pyro_elbo_lab.runner",

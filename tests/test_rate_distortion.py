@@ -74,7 +74,7 @@ def test_sweep_traces_the_rate_distortion_curve(data):
     frame = rate_distortion_sweep(fit, betas, data, num_samples=400)
     assert fitted == betas
     assert list(frame.index) == betas
-    assert list(frame.columns) == ["rate", "distortion", "rate_stderr", "distortion_stderr", "elbo", "objective"]
+    assert list(frame.columns) == ["beta", "rate", "distortion", "rate_stderr", "distortion_stderr", "elbo", "objective"]
     for beta, row in frame.iterrows():
         rate, distortion = exact_rate_distortion(data, *optimal_encoder(beta, data))
         assert row["rate"] == pytest.approx(rate, abs=1e-12)
@@ -85,6 +85,17 @@ def test_sweep_traces_the_rate_distortion_curve(data):
     assert frame["distortion"].is_monotonic_increasing
     # the ELBO (β = 1 objective) is largest at the β = 1 optimum; differences >> stderr here
     assert frame["elbo"].idxmax() == 1.0
+
+
+def test_sweep_table_feeds_the_rate_distortion_plot(data):
+    plots = pytest.importorskip("pyro_elbo_lab.plots")
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    frame = rate_distortion_sweep(lambda b: (vae_model, normal_guide(*optimal_encoder(b, data))), [0.5, 2.0], data)
+    ax = plots.plot_rate_distortion(frame)
+    assert len(ax.texts) == 2  # one β label per fit
+    plt.close(ax.figure)
 
 
 def test_global_latent_rate_is_divided_by_n():
@@ -171,6 +182,8 @@ def test_result_api_and_errors(data):
     d = rd.as_dict()
     assert {"rate", "distortion", "elbo", "rate/z", "distortion/x"} <= set(d)
     assert "nats per datapoint" in str(rd)
+    row = rate_distortion(vae_model, guide, data, num_samples=2, beta=1.0).to_dataframe()
+    assert row.loc[1.0, "objective"] == pytest.approx(row.loc[1.0, "elbo"])
 
     with pytest.raises(ValueError, match="plate='nope' is not a vectorised plate"):
         rate_distortion(vae_model, guide, data, plate="nope")

@@ -74,6 +74,26 @@ class RateDistortion:
         out.update({f"distortion/{k}": v for k, v in self.distortion_per_site.items()})
         return out
 
+    def to_dataframe(self):
+        """
+        One row (index ``beta`` when known) with columns ``rate``, ``distortion``,
+        ``rate_stderr``, ``distortion_stderr``, ``elbo``: the shape of
+        :func:`rate_distortion_sweep`'s table, for :func:`pyro_elbo_lab.plots.plot_rate_distortion`.
+        """
+        import pandas as pd
+
+        row = {
+            "rate": self.rate,
+            "distortion": self.distortion,
+            "rate_stderr": self.rate_stderr,
+            "distortion_stderr": self.distortion_stderr,
+            "elbo": self.elbo,
+        }
+        if self.beta is not None:
+            row = {"beta": self.beta, **row, "objective": self.objective(self.beta)}
+            return pd.DataFrame([row]).set_index("beta", drop=False).rename_axis(None)
+        return pd.DataFrame([row])
+
     def __str__(self) -> str:
         return (
             f"RateDistortion(rate={self.rate:.4g} ± {self.rate_stderr:.2g}, distortion={self.distortion:.4g} ± "
@@ -212,7 +232,7 @@ def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs
     :param args: the data, passed to :func:`rate_distortion`.
     :param kwargs: keyword arguments of :func:`rate_distortion` (``plate``,
         ``num_samples``, ...) and the model's.
-    :returns: one row per β (index ``beta``) with columns ``rate``, ``distortion``,
+    :returns: one row per β (indexed by β) with columns ``beta``, ``rate``, ``distortion``,
         ``rate_stderr``, ``distortion_stderr``, ``elbo`` (:math:`-(D+R)`) and
         ``objective`` (:math:`-(D+\\beta R)`), in nats per datapoint: the points of the
         rate–distortion plane of Alemi et al. (2018).
@@ -241,4 +261,6 @@ def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs
                 "objective": rd.objective(beta),
             }
         )
-    return pd.DataFrame(rows).set_index("beta")
+    frame = pd.DataFrame(rows)
+    frame.index = pd.Index(frame["beta"].tolist())
+    return frame
