@@ -349,21 +349,14 @@ def _is_weights(idata, chain: int) -> np.ndarray:
 
 def _psis(log_weights) -> tuple[np.ndarray, float]:
     """
-    Pareto-smoothed log weights (normalised) and k̂ of one chain, with ``az.psislw``.
-    ArviZ's warning for k̂ > 0.7 is silenced: k̂ is reported, not warned about, here.
-    Constant weights (the guide is the posterior) get k̂ = -inf.
+    Pareto-smoothed log weights and k̂ of one chain, with
+    :func:`pyro_elbo_lab.diagnostics.evidence.psis_diagnostics` (``az.psislw``; k̂ =
+    -inf for constant weights, NaN below 21 draws; no warnings: k̂ is reported).
     """
-    import warnings
+    from .diagnostics.evidence import psis_diagnostics
 
-    import arviz as az
-
-    lw = np.asarray(log_weights, dtype="float64")
-    if lw.max() - lw.min() <= 1e-9:
-        return lw - np.log(np.exp(lw - lw.max()).sum()) - lw.max(), -math.inf
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        smoothed, k = az.psislw(lw.copy(), reff=1.0)
-    return np.asarray(smoothed, dtype="float64"), float(k)
+    smoothed, k = psis_diagnostics(torch.as_tensor(np.asarray(log_weights, dtype="float64")))
+    return smoothed.numpy(), float(k)
 
 
 def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
@@ -402,10 +395,12 @@ def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
 
 
 def _verdict(k: float) -> str:
-    # the thresholds of pyro_elbo_lab.diagnostics (Vehtari et al. 2024)
+    """The verdict of :attr:`pyro_elbo_lab.EvidenceEstimate.verdict` for a k̂."""
+    from .diagnostics.evidence import PARETO_K_BAD, PARETO_K_GOOD
+
     if math.isnan(k):
         return "unknown"
-    return "good" if k <= 0.5 else "ok" if k <= 0.7 else "bad"
+    return "good" if k <= PARETO_K_GOOD else "ok" if k <= PARETO_K_BAD else "bad"
 
 
 def psis_means(idata):

@@ -181,9 +181,10 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     against distortion :math:`D = -\\mathbb{E}_q[\\log p(x \\mid z)]`, in nats, one point
     per fit (e.g. per β), with the :math:`R + D = -\\mathrm{ELBO}` lines of the best fit.
 
-    :param data: a table with columns ``rate``, ``distortion`` and optionally ``beta``
-        (a :class:`pandas.DataFrame`, a dict of columns, or an object with
-        ``to_dataframe()`` such as :class:`~pyro_elbo_lab.RateDistortion`).
+    :param data: a table with columns ``rate``, ``distortion`` and optionally ``beta``,
+        ``rate_stderr``, ``distortion_stderr`` (error bars): a :class:`pandas.DataFrame`
+        (e.g. from a β sweep), a dict of columns, or one or a list of
+        :class:`~pyro_elbo_lab.RateDistortion`.
     :param matplotlib.axes.Axes ax: axes to draw on.
     :param bool annotate: label points with their β.
     :rtype: matplotlib.axes.Axes
@@ -198,6 +199,8 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
 
     if hasattr(data, "to_dataframe"):
         data = data.to_dataframe()
+    elif isinstance(data, (list, tuple)) and data and all(hasattr(d, "to_dataframe") for d in data):
+        data = pd.concat([d.to_dataframe() for d in data], ignore_index=True)
     frame = pd.DataFrame(data)
     missing = [c for c in ("rate", "distortion") if c not in frame.columns]
     if missing:
@@ -206,7 +209,11 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     if "beta" in frame.columns:
         frame = frame.sort_values("beta")
     ax = _axes(ax)
-    ax.plot(frame["rate"], frame["distortion"], marker="o", color="C0", label="fits")
+    if "rate_stderr" in frame.columns and "distortion_stderr" in frame.columns:
+        ax.errorbar(frame["rate"], frame["distortion"], xerr=frame["rate_stderr"], yerr=frame["distortion_stderr"],
+                    marker="o", color="C0", capsize=2, label="fits (± 1 standard error)")
+    else:
+        ax.plot(frame["rate"], frame["distortion"], marker="o", color="C0", label="fits")
     best = frame.iloc[int(np.argmin((frame["rate"] + frame["distortion"]).to_numpy()))]
     total = float(best["rate"] + best["distortion"])
     r = np.linspace(0.0, max(total, float(frame["rate"].max())), 50)

@@ -103,6 +103,16 @@ def test_plot_rate_distortion():
         plots.plot_rate_distortion({"rate": [1.0]})
 
 
+def test_plot_rate_distortion_from_diagnostics():
+    from pyro_elbo_lab import RateDistortion
+
+    points = [RateDistortion(rate=r, distortion=d, rate_stderr=0.1, distortion_stderr=0.2, beta=b)
+              for b, r, d in [(2.0, 1.0, 6.0), (0.5, 4.0, 3.0)]]
+    ax = plots.plot_rate_distortion(points)
+    assert_labelled(ax)
+    assert any("standard error" in t.get_text() for t in ax.get_legend().get_texts())
+
+
 def test_plot_pareto_k(fitted):
     result, idata = fitted
     ax = plots.plot_pareto_k(idata)

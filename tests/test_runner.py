@@ -406,3 +406,33 @@ def test_bad_arguments(data):
         SVIRunner(model, guide, adam()).run(data, num_steps=-1)
     with pytest.raises(ValueError, match="num_chains"):
         SVIRunner(model, guide, adam(), num_chains=0)
+
+
+class _FakeTerminal:
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_only_on_a_terminal(data, monkeypatch, capsys):
+    SVIRunner(model, guide, adam(), progress_bar=True).run(data, num_steps=3)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+    terminal = _FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    SVIRunner(model, guide, adam(), progress_bar=True).run(data, num_steps=3)
+    shown = terminal.buffer.getvalue()
+    assert "3/3" in shown and "loss=" in shown and "kl=" in shown and "β=" in shown
+    terminal = _FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    SVIRunner(model, guide, adam(), progress_bar=False).run(data, num_steps=3)
+    assert terminal.buffer.getvalue() == ""
