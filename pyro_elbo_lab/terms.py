@@ -137,44 +137,72 @@ class _TermsRecord:
     """
     Terms of one loss call kept as a single detached tensor on the loss's device.
 
-    Floats are made on first access with one ``tolist()`` (one device sync), so a step
-    that never reads its terms pays no synchronisation at all.
+    The loss records only the objective and the per-site terms; totals, cross-entropies,
+    means and standard errors are derived here on first access, ending with one
+    ``tolist()`` (one device sync), so a step that never reads its terms pays for one
+    ``torch.stack`` and nothing else.
 
-    :param list names: entry names: the :data:`TOTAL_FIELDS` first, then
-        ``(term, site)`` pairs.
+    :param list names: entry names: ``"objective"`` first, then ``(term, site)`` pairs with
+        term ``"reconstruction"`` (observed sites), ``"kl"`` or ``"entropy"`` (latent and
+        auxiliary sites).
     :param torch.Tensor values: shape ``(num_entries, num_particles)``.
     """
 
-    __slots__ = ("names", "stats", "num_particles", "beta", "capacity", "_terms")
+    __slots__ = ("names", "values", "num_particles", "beta", "capacity", "_terms")
 
     def __init__(self, names, values: torch.Tensor, beta: float, capacity: float | None):
         self.names = names
+        self.values = values
         self.num_particles = values.shape[-1]
-        mean = values.mean(-1)
-        if self.num_particles > 1:
-            stderr = values.std(-1) / math.sqrt(self.num_particles)
-            self.stats = torch.stack([mean, stderr])
-        else:
-            self.stats = mean.unsqueeze(0)
         self.beta = beta
         self.capacity = capacity
         self._terms = None
 
     def terms(self) -> ELBOTerms:
         if self._terms is None:
-            stats = self.stats.tolist()
-            means = stats[0]
-            totals = dict(zip(TOTAL_FIELDS, means))
-            per_site: dict[str, dict[str, float]] = {}
-            for (term, site), value in zip(self.names[len(TOTAL_FIELDS):], means[len(TOTAL_FIELDS):]):
-                per_site.setdefault(site, {})[term] = value
-            stderr = dict(zip(TOTAL_FIELDS, stats[1])) if len(stats) > 1 else {}
-            self._terms = ELBOTerms(
-                beta=self.beta,
-                num_particles=self.num_particles,
-                per_site=per_site,
-                stderr=stderr,
-                capacity=self.capacity,
-                **totals,
-            )
+            self._terms = self._materialise()
         return self._terms
+
+    def _materialise(self) -> ELBOTerms:
+        values = self.values
+        if values.dim() == 1:
+            values = values.unsqueeze(-1)
+        entries = self.names[1:]
+        rows = {"reconstruction": [], "kl": [], "entropy": []}
+        for i, (term, _) in enumerate(entries, start=1):
+            rows[term].append(i)
+
+        def total(term):
+            index = rows[term]
+            if not index:
+                return values.new_zeros(values.shape[-1])
+            return values[index].sum(0)
+
+        objective, recon, kl, entropy = values[0], total("reconstruction"), total("kl"), total("entropy")
+        cross = kl + entropy
+        # rows in the order of TOTAL_FIELDS
+        totals = torch.stack([objective, recon - kl, recon, kl, entropy, cross, recon - cross])
+        site_values = values[1:]
+        parts = [totals.mean(-1), site_values.mean(-1)]
+        if self.num_particles > 1:
+            parts.append(totals.std(-1) / math.sqrt(self.num_particles))
+        flat = torch.cat(parts).tolist()
+        num_totals, num_sites = len(TOTAL_FIELDS), len(entries)
+        totals_mean = flat[:num_totals]
+        site_mean = flat[num_totals : num_totals + num_sites]
+        stderr = flat[num_totals + num_sites :]
+
+        per_site: dict[str, dict[str, float]] = {}
+        for (term, site), value in zip(entries, site_mean):
+            per_site.setdefault(site, {})[term] = value
+        for terms in per_site.values():
+            if "kl" in terms:
+                terms["cross_entropy"] = terms["kl"] + terms["entropy"]
+        return ELBOTerms(
+            beta=self.beta,
+            num_particles=self.num_particles,
+            per_site=per_site,
+            stderr=dict(zip(TOTAL_FIELDS, stderr)),
+            capacity=self.capacity,
+            **dict(zip(TOTAL_FIELDS, totals_mean)),
+        )

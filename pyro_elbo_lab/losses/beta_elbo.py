@@ -49,6 +49,8 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     C in nats per element of the data plate (N as above).
 
     Free bits and capacity need reparameterised guide sites among the selected ones.
+    Score-function sites left out of ``sites`` are fine: their downstream cost contains
+    the whole (non-linear) free-bits or capacity term of each particle.
 
     :param beta: β >= 0, or a schedule ``step -> β`` (:mod:`pyro_elbo_lab.schedules`).
     :param sites: names of the latent sites β (and free bits / capacity) apply to; all

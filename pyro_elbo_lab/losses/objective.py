@@ -19,7 +19,7 @@ from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.util import warn_if_nan
 
 from ..schedules import Schedule, ScheduleLike, as_schedule
-from ..terms import TOTAL_FIELDS, ELBOTerms, _TermsRecord
+from ..terms import ELBOTerms, _TermsRecord
 
 __all__ = ["WeightedObjective"]
 
@@ -340,7 +340,7 @@ class WeightedObjective:
         red = self._per_particle
         nonlinear = self.free_bits is not None or capacity is not None
         zero = None
-        recon = kl_total = ent_total = 0.0
+        recon = 0.0
         objective = surrogate = 0.0
         selected_kl = selected_size = None
         names: list = []
@@ -384,10 +384,8 @@ class WeightedObjective:
                 kl_surr, kl_value, ent_value = self._latent_site_terms(name, model_site, guide_site)
             kl_p, ent_p = red(kl_value), red(ent_value)
             zero = kl_p if zero is None else zero
-            kl_total = kl_total + kl_p
-            ent_total = ent_total + ent_p
-            names += [("kl", name), ("entropy", name), ("cross_entropy", name)]
-            values += [kl_p, ent_p, kl_p + ent_p]
+            names += [("kl", name), ("entropy", name)]
+            values += [kl_p, ent_p]
 
             weighted = self._site_weight(name)
             if weighted and nonlinear and model_site is not None:
@@ -445,15 +443,14 @@ class WeightedObjective:
 
         if zero is None:
             raise ValueError("The model has no sample sites: there is no ELBO to compute.")
-        recon = recon + torch.zeros_like(zero)
         objective = objective + recon
-        kl_total = kl_total + torch.zeros_like(zero)
-        elbo = recon - kl_total
-        ent_total = ent_total + torch.zeros_like(zero)
-        cross = kl_total + ent_total
-        totals = [objective, elbo, recon, kl_total, ent_total, cross, recon - cross]
-        record = torch.stack([t.detach() for t in totals] + values)
-        return objective, surrogate, list(TOTAL_FIELDS) + names, record
+        if not torch.is_tensor(objective):  # neither observed sites nor linear KL terms
+            objective = objective + torch.zeros_like(zero)
+        # Only the objective and the per-site terms are recorded; the totals, cross-entropies
+        # and standard errors are derived when ``last_terms`` is first read (_TermsRecord),
+        # which keeps the per-step cost of recording to one stack.
+        record = torch.stack([objective.detach()] + values)
+        return objective, surrogate, ["objective"] + names, record
 
     def _broadcast_per_particle(self, x: torch.Tensor) -> torch.Tensor:
         """Shape a per-particle value (``()`` or ``(num_particles,)``) to broadcast against sites."""
