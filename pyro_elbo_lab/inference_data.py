@@ -101,7 +101,7 @@ def to_inference_data(
     if _result is not None and history is None:
         history = _result
 
-    if _result is not None and _result.num_chains > 1:
+    if _result is not None:  # each chain's own final parameters, whatever the store holds now
         draws = []
         for chain in range(_result.num_chains):
             with _result.use_params(chain):

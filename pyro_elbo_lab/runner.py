@@ -44,7 +44,6 @@ __all__ = ["SVIRunner", "SVIResult", "NonFiniteError", "SVISummary"]
 CHECKPOINT_FORMAT = "pyro_elbo_lab.checkpoint/1"
 
 _NAN_WARNING = r"Encountered (NaN|[+-]?inf)"
-_STOP_REASONS = ("num_steps", "converged", "max_time", "interrupted", "callback", "exhausted", "nonfinite")
 
 
 class NonFiniteError(ValueError):
@@ -164,7 +163,7 @@ class SVIResult:
         try:
             yield
         finally:
-            _load_store(saved)
+            _load_store(saved, clone=False)  # the very tensors back, so optimiser states still match
 
     def _data_args(self, args, kwargs) -> tuple[tuple, dict]:
         if args or kwargs:
@@ -916,11 +915,13 @@ def _store_state() -> dict:
     }
 
 
-def _load_store(state: dict) -> None:
-    """Replace the parameter store's content by ``state`` (fresh leaf tensors)."""
+def _load_store(state: dict, clone: bool = True) -> None:
+    """Replace the parameter store's content by ``state`` (as fresh leaf tensors if ``clone``)."""
     store = pyro.get_param_store()
     store.clear()
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in state["params"].items()}
+    params = state["params"]
+    if clone:
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     store.set_state({"params": params, "constraints": dict(state["constraints"])})
 
 

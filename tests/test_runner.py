@@ -288,6 +288,36 @@ def test_resume_equals_uninterrupted(data, tmp_path, kind):
     assert loss.step == 20
 
 
+def test_resume_after_interrupt_with_chains(data, tmp_path):
+    # Ctrl-C in chain 1 after its checkpoint at step 5; the resumed run keeps chain 0 and
+    # finishes chain 1 exactly as the uninterrupted run does
+    path = tmp_path / "ckpt.pt"
+
+    def make(callbacks=()):
+        return SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, num_chains=2, seed=3,
+                         checkpoint_every=5, checkpoint_path=path, callbacks=callbacks)
+
+    full = make().run(data, num_steps=10)
+    pyro.clear_param_store()
+    calls = []
+
+    def interrupt(step, row):
+        calls.append(step)
+        if len(calls) == 17:  # chain 1, step 6
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning, match="interrupted"):
+        partial = make([interrupt]).run(data, num_steps=10)
+    assert partial.num_steps == [10, 7] and partial.stop_reasons == ["num_steps", "interrupted"]
+    pyro.clear_param_store()
+    resumed = make().run(data, num_steps=10, resume_from=path)
+    assert resumed.num_steps == [10, 10]
+    assert resumed.history["loss"].to_numpy() == pytest.approx(full.history["loss"].to_numpy(), abs=1e-6)
+    for c in range(2):
+        for name, value in full.chain_states[c]["params"].items():
+            assert torch.allclose(resumed.chain_states[c]["params"][name], value, atol=1e-6, rtol=0)
+
+
 def test_resume_rejects_bad_file(tmp_path, data):
     bad = tmp_path / "bad.pt"
     torch.save({"foo": 1}, bad)
