@@ -1,0 +1,494 @@
+#!/usr/bin/env python
+# SPDX-License-Identifier: Apache-2.0
+"""
+Benchmark suite: ms per SVI step of our losses against Pyro's, side by side in one process.
+
+Methodology (see benchmarks/README.md): every method of a case is built from the same seed
+in its own parameter-store scope and warmed up (compiled losses compile here); then, for
+each round, every method runs one block of steps, in an order rotated by one each round,
+so slow drifts of a shared machine hit all methods alike. We report, per method, the
+median over rounds of the ms/step of a block, its inter-quartile range, and the median
+(and IQR) of the per-round ratio to the case's reference method. Every Pyro method runs
+through ``pyro.infer.SVI`` with ``pyro.optim.Adam`` under the same validation setting.
+
+    python benchmarks/run.py            # full run, < 10 min on 2 cores
+    python benchmarks/run.py --quick    # smoke run, < 60 s (what CI runs)
+
+Writes ``results.json`` and ``results.md`` to ``--output`` (default benchmarks/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import (  # noqa: E402
+    SVI,
+    Importance,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
+
+from models import VAE, EightSchools, digits_data, synthetic_data  # noqa: E402
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, JitBetaELBO, JitBetaMeanFieldELBO  # noqa: E402
+
+LR = 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# timing machinery
+
+
+@dataclass
+class Method:
+    """One contender: ``build()`` returns a zero-argument step function (run in its scope)."""
+
+    name: str
+    build: Callable[[], Callable[[], object]]
+    info: Callable[[], dict] = lambda: {}
+    step: Callable[[], object] | None = None
+    scope: dict = field(default_factory=lambda: {"params": {}, "constraints": {}})
+    ms: list = field(default_factory=list)
+
+
+def _quantiles(xs):
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def measure(methods: list[Method], reference: str, rounds: int, block: int, warmup: int, seed: int = 0) -> dict:
+    store = pyro.get_param_store()
+    for m in methods:
+        with store.scope(m.scope):
+            pyro.set_rng_seed(seed)
+            m.step = m.build()
+            for _ in range(warmup):
+                m.step()
+    for r in range(rounds):
+        k = r % len(methods)
+        for m in methods[k:] + methods[:k]:
+            with store.scope(m.scope):
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    m.step()
+                m.ms.append((time.perf_counter() - t0) / block * 1e3)
+    ref = next(m for m in methods if m.name == reference)
+    out = {}
+    for m in methods:
+        ratios = [a / b for a, b in zip(m.ms, ref.ms)]
+        q1, q3 = _quantiles(m.ms)
+        r1, r3 = _quantiles(ratios)
+        out[m.name] = {
+            "median_ms": statistics.median(m.ms),
+            "q25_ms": q1,
+            "q75_ms": q3,
+            "ratio_median": statistics.median(ratios),
+            "ratio_q25": r1,
+            "ratio_q75": r3,
+            "ms_per_round": m.ms,
+            "ratio_per_round": ratios,
+            **m.info(),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# method factories
+
+
+def _svi_method(name, make_problem, make_loss, args_fn):
+    """A Pyro loss driven by SVI + pyro.optim.Adam; ``make_problem()`` -> (model, guide, batches)."""
+    holder = {}
+
+    def build():
+        model, guide, batches = make_problem()
+        loss = make_loss()
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), loss)
+        holder["loss"] = loss
+        holder["traced"] = set()
+        it = {"i": 0}
+
+        def step():
+            i = it["i"] = (it["i"] + 1) % len(batches)
+            out = svi.step(*args_fn(batches[i]))
+            if isinstance(loss, JitTraceMeanField_ELBO):
+                holder["traced"].add(id(getattr(loss, "_differentiable_loss", None)))
+            return out
+
+        return step
+
+    def info():
+        loss = holder.get("loss")
+        if isinstance(loss, (JitBetaELBO, JitBetaMeanFieldELBO)):
+            return {"compilations": loss.num_compilations}
+        if isinstance(loss, JitTraceMeanField_ELBO):
+            # Pyro 1.9.2 caches under _loss_and_surrogate_loss but stores _differentiable_loss:
+            # a new compiled function each step (one id per trace)
+            return {"compilations": len(holder["traced"])}
+        if isinstance(loss, JitTrace_ELBO):
+            return {"compilations": len(loss._loss_and_surrogate_loss.compiled)}
+        return {}
+
+    return Method(name, build, info)
+
+
+def _history_method(name, make_problem, make_loss, args_fn):
+    """Like ``_svi_method`` but reads ``last_terms.as_dict()`` every step (an SVI history row)."""
+
+    def build():
+        model, guide, batches = make_problem()
+        loss = make_loss()
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), loss)
+        it = {"i": 0}
+        rows = []
+
+        def step():
+            i = it["i"] = (it["i"] + 1) % len(batches)
+            out = svi.step(*args_fn(batches[i]))
+            rows.append(loss.last_terms.as_dict())
+            if len(rows) > 1000:
+                rows.clear()
+            return out
+
+        return step
+
+    return Method(name, build)
+
+
+def _losses(particles: int = 1, vectorize: bool = False, max_plate_nesting: int = 1, jit_pyro: bool = True):
+    kw = {"num_particles": particles, "vectorize_particles": vectorize}
+    if vectorize:
+        kw["max_plate_nesting"] = max_plate_nesting
+    jkw = dict(kw, ignore_jit_warnings=True)
+    out = [
+        ("Trace_ELBO", lambda: Trace_ELBO(**kw)),
+        ("TraceMeanField_ELBO", lambda: TraceMeanField_ELBO(**kw)),
+        ("BetaELBO", lambda: BetaELBO(**kw)),
+        ("BetaMeanFieldELBO", lambda: BetaMeanFieldELBO(**kw)),
+        ("JitBetaELBO", lambda: JitBetaELBO(**jkw)),
+        ("JitBetaMeanFieldELBO", lambda: JitBetaMeanFieldELBO(**jkw)),
+    ]
+    if jit_pyro:
+        out += [
+            ("JitTrace_ELBO (Pyro)", lambda: JitTrace_ELBO(**jkw)),
+            ("JitTraceMeanField_ELBO (Pyro)", lambda: JitTraceMeanField_ELBO(**jkw)),
+        ]
+    return out
+
+
+def _torch_vae_method(make_vae, batches):
+    def build():
+        vae = make_vae()
+        opt = torch.optim.Adam(vae.parameters(), lr=LR)
+        it = {"i": 0}
+
+        def step():
+            i = it["i"] = (it["i"] + 1) % len(batches)
+            opt.zero_grad()
+            loss = vae.negative_elbo(batches[i])
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return step
+
+    return Method("PyTorch by hand", build)
+
+
+# ---------------------------------------------------------------------------------------
+# cases
+
+
+def _batches(x: torch.Tensor, batch_size: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    n = x.shape[0] // batch_size * batch_size
+    return list(x[perm[:n]].split(batch_size))
+
+
+def vae_case(title, x, hidden, z_dim, particles, cfg):
+    batches = _batches(x, 128)
+
+    def make_vae():
+        return VAE(x.shape[1], hidden, z_dim, num_data=x.shape[0], seed=0)
+
+    def make_problem():
+        vae = make_vae()
+        return vae.model, vae.guide, batches
+
+    def args_fn(b):
+        return (b,)
+
+    cases = []
+    methods = [_torch_vae_method(make_vae, batches)]
+    methods += [_svi_method(n, make_problem, f, args_fn) for n, f in _losses(jit_pyro=cfg["jit_pyro"])]
+    if cfg["history"]:
+        methods.append(_history_method("BetaELBO + history read", make_problem, BetaELBO, args_fn))
+    cases.append((f"{title}, 1 particle", methods, "Trace_ELBO", cfg["vae"]))
+    if particles:
+        pm = []
+        for vec in (False, True):
+            label = "vectorised" if vec else "sequential"
+            for n, f in _losses(particles, vec, jit_pyro=False):
+                if n in ("Trace_ELBO", "BetaELBO", "JitBetaELBO"):
+                    pm.append(_svi_method(f"{n} ({label})", make_problem, f, args_fn))
+        cases.append((f"{title}, {particles} particles", pm, "Trace_ELBO (sequential)", cfg["vae_particles"]))
+    return cases
+
+
+def schools_case(particles, cfg):
+    def make_problem():
+        s = EightSchools(seed=0)
+        return s.model, s.guide, [(s.y, s.sigma)]
+
+    def args_fn(b):
+        return b
+
+    methods = [_svi_method(n, make_problem, f, args_fn) for n, f in _losses(jit_pyro=cfg["jit_pyro"])]
+    if cfg["history"]:
+        methods.append(_history_method("BetaELBO + history read", make_problem, BetaELBO, args_fn))
+    cases = [("Eight schools (AutoNormal), 1 particle", methods, "Trace_ELBO", cfg["schools"])]
+    pm = []
+    for vec in (False, True):
+        label = "vectorised" if vec else "sequential"
+        for n, f in _losses(particles, vec, jit_pyro=False):
+            if n in ("Trace_ELBO", "BetaELBO", "JitBetaELBO"):
+                pm.append(_svi_method(f"{n} ({label})", make_problem, f, args_fn))
+    cases.append((f"Eight schools (AutoNormal), {particles} particles", pm, "Trace_ELBO (sequential)", cfg["schools_particles"]))
+    return cases
+
+
+def evidence_case(cfg):
+    try:
+        from pyro_elbo_lab import estimate_evidence
+    except (ImportError, AttributeError) as e:  # built in parallel; skip until it lands
+        print(f"[evidence] skipped: pyro_elbo_lab.estimate_evidence is not available ({e})")
+        return []
+    s = EightSchools(seed=0)
+    shared = {"params": {}, "constraints": {}}
+    store = pyro.get_param_store()
+    with store.scope(shared):
+        pyro.set_rng_seed(0)
+        svi = SVI(s.model, s.guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+        for _ in range(cfg["evidence_fit_steps"]):
+            svi.step(s.y, s.sigma)
+
+    def importance_build():
+        def step():
+            posterior = Importance(s.model, s.guide, num_samples=1000).run(s.y, s.sigma)
+            return posterior.get_log_normalizer().item()
+
+        return step
+
+    def evidence_build(n):
+        def build():
+            def step():
+                return float(estimate_evidence(s.model, s.guide, s.y, s.sigma, num_samples=n).log_evidence)
+
+            return step
+
+        return build
+
+    methods = [
+        Method("pyro.infer.Importance (1000)", importance_build, scope=shared),
+        Method("estimate_evidence (1000)", evidence_build(1000), scope=shared),
+        Method("estimate_evidence (100000)", evidence_build(100_000), scope=shared),
+    ]
+    # methods share the fitted guide: measure() re-enters the same scope for each
+    return [("Evidence, eight schools (one call = one estimate)", methods, "pyro.infer.Importance (1000)", cfg["evidence"])]
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores (shared), torch {m['torch']} on {m['torch_threads']} thread(s), "
+        f"pyro-ppl {m['pyro']}, Python {m['python']}; {m['date']}.",
+        f"Settings: {'quick' if s['quick'] else 'full'} run, default dtype {s['dtype']}, "
+        f"pyro.enable_validation({s['validation']}) for every method, pyro.optim.Adam(lr={LR}) via SVI "
+        "(the PyTorch baseline: torch.optim.Adam).",
+        "Median ms per step over rounds [IQR]; ratio = per-round ms / reference ms, median [IQR]. "
+        "Produced by `python benchmarks/run.py`" + (" --quick" if s["quick"] else "") + ".",
+        "",
+    ]
+    for case in report["cases"]:
+        lines += [
+            f"## {case['title']}",
+            "",
+            f"{case['rounds']} rounds x {case['block']} steps, reference: {case['reference']}.",
+            "",
+            "| method | ms/step | IQR | ratio | ratio IQR | compilations |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in case["results"].items():
+            comp = r.get("compilations", "")
+            lines.append(
+                f"| {name} | {r['median_ms']:.3f} | {r['q25_ms']:.3f}–{r['q75_ms']:.3f} | {r['ratio_median']:.3f} | "
+                f"{r['ratio_q25']:.3f}–{r['ratio_q75']:.3f} | {comp} |"
+            )
+        lines.append("")
+    if report["targets"]:
+        lines += ["## Targets (issue 6)", "", "| target | measured | met |", "|---|---:|:---:|"]
+        for t in report["targets"]:
+            lines.append(f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(report: dict) -> list:
+    out = []
+    by_title = {c["title"]: c["results"] for c in report["cases"]}
+
+    def ratio(title_start, name):
+        for title, res in by_title.items():
+            if title.startswith(title_start) and name in res:
+                return res[name]["ratio_median"]
+        return None
+
+    checks = [
+        ("Digits VAE, 1 particle", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (digits VAE)", lambda r: r <= 1.03),
+        ("Synthetic 784", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (784-dim VAE)", lambda r: r <= 1.03),
+        ("Eight schools (AutoNormal), 1", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (eight schools)", lambda r: r <= 1.03),
+        ("Digits VAE, 1 particle", "JitBetaELBO", "JitBetaELBO / Trace_ELBO <= 0.75 (digits VAE)", lambda r: r <= 0.75),
+        ("Eight schools (AutoNormal), 1", "JitBetaELBO", "JitBetaELBO / Trace_ELBO <= 0.5 (eight schools)", lambda r: r <= 0.5),
+    ]
+    for title, name, text, ok in checks:
+        r = ratio(title, name)
+        if r is not None:
+            out.append({"target": text, "measured": r, "met": bool(ok(r))})
+    r = ratio("Evidence", "estimate_evidence (1000)")
+    if r is not None:
+        out.append({"target": "Importance(1000) / estimate_evidence(1000) >= 100", "measured": 1.0 / r, "met": 1.0 / r >= 100})
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: few rounds, small blocks (< 60 s)")
+    parser.add_argument("--output", default=str(HERE / "results"), help="folder for results.json and results.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--validation", choices=["on", "off"], default="off", help="pyro.enable_validation for every method")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--only", default="", help="comma-separated case prefixes to run (digits,synthetic,schools,evidence)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    pyro.enable_validation(args.validation == "on")
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
+
+    # (rounds, block, warmup) per case
+    if args.quick:
+        cfg = {
+            "vae": (2, 2, 2), "vae_particles": (2, 1, 1), "vae784": (2, 1, 1), "vae784_particles": None,
+            "schools": (2, 5, 3), "schools_particles": (2, 2, 2), "evidence": (2, 1, 1),
+            "evidence_fit_steps": 50, "jit_pyro": True, "history": True,
+        }
+    else:
+        cfg = {
+            "vae": (25, 20, 10), "vae_particles": (15, 4, 3), "vae784": (15, 4, 3), "vae784_particles": (7, 1, 1),
+            "schools": (25, 40, 20), "schools_particles": (15, 10, 5), "evidence": (7, 1, 1),
+            "evidence_fit_steps": 1000, "jit_pyro": True, "history": True,
+        }
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+
+    def wanted(key):
+        return not only or any(key.startswith(o) for o in only)
+
+    plan = []
+    if wanted("digits"):
+        plan += vae_case("Digits VAE (64-256-8, batch 128)", digits_data(), 256, 8, 16, dict(cfg, vae_particles=cfg["vae_particles"]))
+    if wanted("synthetic"):
+        c = dict(cfg, vae=cfg["vae784"], vae_particles=cfg["vae784_particles"], history=False)
+        plan += vae_case(
+            "Synthetic 784-dim VAE (784-400-20, batch 128)", synthetic_data(), 400, 20, 16 if c["vae_particles"] else 0, c
+        )
+    if wanted("schools"):
+        plan += schools_case(64, cfg)
+    if wanted("evidence"):
+        plan += evidence_case(cfg)
+
+    report = {
+        "machine": machine(),
+        "settings": {"quick": args.quick, "validation": args.validation, "dtype": args.dtype, "lr": LR},
+        "cases": [],
+    }
+    t_start = time.perf_counter()
+    for title, methods, reference, (rounds, block, warmup) in plan:
+        t0 = time.perf_counter()
+        results = measure(methods, reference, rounds, block, warmup)
+        report["cases"].append(
+            {"title": title, "reference": reference, "rounds": rounds, "block": block, "warmup": warmup, "results": results}
+        )
+        print(f"\n== {title}  ({time.perf_counter() - t0:.1f} s)")
+        for name, r in results.items():
+            comp = f"  compilations={r['compilations']}" if "compilations" in r else ""
+            print(
+                f"  {name:34s} {r['median_ms']:9.3f} ms [{r['q25_ms']:.3f}, {r['q75_ms']:.3f}]"
+                f"  ratio {r['ratio_median']:.3f} [{r['ratio_q25']:.3f}, {r['ratio_q75']:.3f}]{comp}"
+            )
+    report["targets"] = targets(report)
+    report["total_s"] = time.perf_counter() - t_start
+    for t in report["targets"]:
+        print(f"  target: {t['target']}: {t['measured']:.3f} {'met' if t['met'] else 'NOT met'}")
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({report['total_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Compiled losses (JitBetaELBO, JitBetaMeanFieldELBO): identical losses and gradients to the
+uncompiled classes for the same seed, exact values on conjugate models, β and capacity as
+inputs of the compiled function (schedules without recompiling), compile-once caching.
+"""
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn as nn
+from pyro.distributions import constraints
+from pyro.infer import SVI
+from pyro.optim import Adam
+
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, JitBetaELBO, JitBetaMeanFieldELBO
+from pyro_elbo_lab.schedules import LinearWarmup
+
+PAIRS = [
+    pytest.param(BetaELBO, JitBetaELBO, id="JitBetaELBO"),
+    pytest.param(BetaMeanFieldELBO, JitBetaMeanFieldELBO, id="JitBetaMeanFieldELBO"),
+]
+
+# Normal–Normal: mu ~ N(MU0, SIGMA0), x_i ~ N(mu, SIGMA), i = 1..N
+MU0, SIGMA0, SIGMA = 0.5, 2.0, 1.5
+X = torch.tensor([1.3, 2.1, -0.4, 0.9, 1.7, 2.6])
+
+
+def nn_model(x):
+    mu = pyro.sample("mu", dist.Normal(MU0, SIGMA0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(mu, SIGMA), obs=x)
+
+
+def nn_guide(x):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(loc, scale))
+
+
+def posterior(x):
+    precision = 1 / SIGMA0**2 + x.shape[0] / SIGMA**2
+    mean = (MU0 / SIGMA0**2 + x.sum() / SIGMA**2) / precision
+    return mean, torch.tensor(precision**-0.5)
+
+
+def log_evidence(x):
+    n = x.shape[0]
+    cov = SIGMA**2 * torch.eye(n) + SIGMA0**2 * torch.ones(n, n)
+    return dist.MultivariateNormal(torch.full((n,), MU0), cov).log_prob(x)
+
+
+def expected_terms(x, m, s, beta):
+    """Closed form E_q[log p(x|mu)], KL(q||p(mu)) and the β-objective for q = N(m, s)."""
+    recon = (-0.5 * math.log(2 * math.pi * SIGMA**2) - ((x - m) ** 2 + s**2) / (2 * SIGMA**2)).sum()
+    kl = math.log(SIGMA0 / s) + (s**2 + (m - MU0) ** 2) / (2 * SIGMA0**2) - 0.5
+    return recon, kl, recon - beta * kl
+
+
+class TinyVAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 4)
+        self.dec = nn.Linear(2, 5)
+
+    def model(self, x):
+        pyro.module("dec", self.dec)
+        with pyro.plate("batch", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.dec(z), 0.5).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("enc", self.enc)
+        with pyro.plate("batch", x.shape[0]):
+            h = self.enc(x)
+            pyro.sample("z", dist.Normal(h[..., :2], nn.functional.softplus(h[..., 2:]) + 1e-3).to_event(1))
+
+
+def discrete_model(x):
+    z = pyro.sample("z", dist.Bernoulli(0.3))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=x)
+
+
+def discrete_guide(x):
+    logit = pyro.param("logit", torch.tensor(0.2))
+    pyro.sample("z", dist.Bernoulli(logits=logit))
+
+
+def run_svi(loss, model, guide, args, steps, seed=0):
+    """Losses, terms and final parameters of ``steps`` SVI steps from a fresh store."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    if isinstance(model, TinyVAE):  # fresh modules, same initial weights
+        vae = TinyVAE()
+        model, guide = vae.model, vae.guide
+    svi = SVI(model, guide, Adam({"lr": 0.05}), loss)
+    losses, terms = [], []
+    for _ in range(steps):
+        losses.append(svi.step(*args))
+        terms.append(loss.last_terms)
+    params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    return losses, terms, params
+
+
+def assert_same_run(ref, jit, model, guide, args, steps=6, seed=0):
+    l0, t0, p0 = run_svi(ref, model, guide, args, steps, seed)
+    l1, t1, p1 = run_svi(jit, model, guide, args, steps, seed)
+    # same seed, same random draws, same arithmetic: the compiled graph runs the ops the
+    # eager pass ran, so losses agree to float64 rounding (a few ulps of ~1e2 nats)
+    assert l1 == pytest.approx(l0, rel=1e-12, abs=1e-10)
+    for a, b in zip(t0, t1):
+        da, db = a.as_dict(), b.as_dict()
+        assert set(da) == set(db)
+        for key in da:
+            assert db[key] == pytest.approx(da[key], rel=1e-12, abs=1e-10), key
+    for name in p0:
+        assert torch.allclose(p1[name], p0[name], rtol=1e-10, atol=1e-12), name
+    assert jit.num_compilations == 1
+    return l1, t1
+
+
+# -- identical to the uncompiled classes --------------------------------------------------
+
+
+@pytest.mark.parametrize("ref_cls, jit_cls", PAIRS)
+def test_same_losses_conjugate(ref_cls, jit_cls):
+    assert_same_run(ref_cls(), jit_cls(), nn_model, nn_guide, (X,))
+
+
+@pytest.mark.parametrize("ref_cls, jit_cls", PAIRS)
+@pytest.mark.parametrize("vectorize", [False, True], ids=["sequential", "vectorised"])
+def test_same_losses_particles_modules(ref_cls, jit_cls, vectorize):
+    x = torch.randn(7, 5)
+    kw = dict(num_particles=3, vectorize_particles=vectorize, max_plate_nesting=1)
+    _, terms = assert_same_run(ref_cls(beta=2.0, **kw), jit_cls(beta=2.0, **kw), TinyVAE(), None, (x,))
+    assert terms[-1].num_particles == 3 and set(terms[-1].stderr) >= {"elbo", "kl"}
+
+
+@pytest.mark.parametrize("ref_cls, jit_cls", PAIRS)
+def test_beta_schedule_is_an_input(ref_cls, jit_cls):
+    # a baked-in β would freeze the first step's β = 0; the sequences would part at step 2
+    sched = LinearWarmup(4, start=0.0, end=3.0)
+    losses, terms = assert_same_run(ref_cls(beta=sched), jit_cls(beta=sched), nn_model, nn_guide, (X,))
+    assert [t.beta for t in terms] == [sched(k) for k in range(6)]
+
+
+def test_score_function_site_beta_schedule():
+    # non-reparameterised guide site: the downstream cost log_r carries β (JitBetaELBO._log_r)
+    sched = LinearWarmup(3, start=0.5, end=2.0)
+    assert_same_run(BetaELBO(beta=sched), JitBetaELBO(beta=sched), discrete_model, discrete_guide, (X,), steps=5)
+
+
+@pytest.mark.parametrize("ref_cls, jit_cls", PAIRS)
+def test_capacity_and_free_bits(ref_cls, jit_cls):
+    x = torch.randn(7, 5)
+    cap = LinearWarmup(3, start=0.0, end=2.0)
+    _, terms = assert_same_run(ref_cls(capacity=cap, gamma=5.0), jit_cls(capacity=cap, gamma=5.0), TinyVAE(), None, (x,))
+    assert [t.capacity for t in terms] == [cap(k) for k in range(6)]
+    assert_same_run(ref_cls(free_bits=0.3), jit_cls(free_bits=0.3), TinyVAE(), None, (x,))
+
+
+@pytest.mark.parametrize("ref_cls, jit_cls", PAIRS)
+def test_gradients_match_uncompiled(ref_cls, jit_cls):
+    def calls(loss):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        out = []
+        for method in ("loss_and_grads", "loss_and_grads", "differentiable_loss"):
+            params = [pyro.param(n).unconstrained() for n in ("loc", "scale")] if out else None
+            if params:
+                for p in params:
+                    p.grad = None
+            value = getattr(loss, method)(nn_model, nn_guide, X)
+            params = [pyro.param(n).unconstrained() for n in ("loc", "scale")]
+            if method == "differentiable_loss":
+                grads = torch.autograd.grad(value, params)
+            else:
+                grads = [p.grad.clone() for p in params]
+            out.append((float(value.detach()) if torch.is_tensor(value) else value, grads))
+        return out
+
+    # the first call of the compiled loss is eager; the second and third run the trace
+    for (v0, g0), (v1, g1) in zip(calls(ref_cls(beta=1.7)), calls(jit_cls(beta=1.7))):
+        assert v1 == pytest.approx(v0, rel=1e-12)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -- exact answers ---------------------------------------------------------------------------
+
+
+def test_exact_evidence_at_posterior():
+    # q = p(mu | x): log p(x, mu) - log q(mu) = log p(x) for every draw, so the compiled
+    # Monte Carlo loss is -log p(x) up to float64 rounding, with zero spread over particles
+    mean, std = posterior(X)
+    pyro.param("loc", mean.clone())
+    pyro.param("scale", std.clone(), constraint=constraints.positive)
+    loss = JitBetaELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
+    expected = -log_evidence(X).item()
+    for _ in range(3):  # the eager first call, then the compiled function
+        assert loss.loss(nn_model, nn_guide, X) == pytest.approx(expected, abs=1e-9)
+    assert loss.num_compilations == 1
+    terms = loss.last_terms
+    assert terms.elbo == pytest.approx(-expected, abs=1e-9)
+    assert terms.stderr["elbo"] < 1e-9
+    assert terms.elbo == pytest.approx(terms.reconstruction - terms.kl, abs=1e-9)
+    assert terms.elbo == pytest.approx(terms.expected_log_joint + terms.entropy, abs=1e-9)
+    # the analytic-KL loss is exact in expectation only: within 5 standard errors
+    mf = JitBetaMeanFieldELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+    for _ in range(2):
+        value = mf.loss(nn_model, nn_guide, X)
+    se = mf.last_terms.stderr["elbo"]
+    assert 0 < se < 0.05 and value == pytest.approx(expected, abs=5 * se)
+
+
+def test_beta_objective_and_gradient_closed_form():
+    # β-objective of the Normal–Normal model with analytic KL: recon is Monte Carlo over
+    # P vectorised particles, the KL exact. β follows a schedule; at each step the compiled
+    # function must use that step's β (a baked β would be off by |Δβ| * KL ~ 1 nat).
+    P = 20000
+    m, s = 0.7, 0.6
+    pyro.param("loc", torch.tensor(m))
+    pyro.param("scale", torch.tensor(s), constraint=constraints.positive)
+    sched = LinearWarmup(3, start=0.0, end=3.0)
+    loss = JitBetaMeanFieldELBO(beta=sched, num_particles=P, vectorize_particles=True, max_plate_nesting=1)
+    n = X.shape[0]
+    for step in range(4):
+        beta = sched(step)
+        out = loss.differentiable_loss(nn_model, nn_guide, X)
+        loc = pyro.param("loc").unconstrained()
+        (g_loc,) = torch.autograd.grad(out, [loc])
+        recon, kl, objective = expected_terms(X, m, s, beta)
+        terms = loss.last_terms
+        # objective: only the reconstruction is random; 5 standard errors of its MC mean
+        se = terms.stderr["reconstruction"]
+        assert 0 < se < 0.05
+        assert terms.beta == beta
+        assert terms.kl == pytest.approx(kl, abs=1e-10)
+        assert -out.item() == pytest.approx(objective.item(), abs=5 * se)
+        assert terms.objective == pytest.approx(terms.reconstruction - beta * terms.kl, abs=1e-9)
+        # d(-objective)/dm = -sum_i (x_i - m - s eps)/SIGMA^2 + beta (m - MU0)/SIGMA0^2; the
+        # eps part has sd n s / SIGMA^2 / sqrt(P): tolerance 5 of those
+        exact = -(X - m).sum() / SIGMA**2 + beta * (m - MU0) / SIGMA0**2
+        tol = 5 * n * s / SIGMA**2 / math.sqrt(P)
+        assert g_loc.item() == pytest.approx(exact.item(), abs=tol)
+    assert loss.num_compilations == 1 and loss.step == 4
+
+
+# -- caching, recompilation, errors -----------------------------------------------------------
+
+
+def test_compiles_once_and_recompiles_on_new_shape():
+    loss = JitBetaELBO()
+    svi = SVI(nn_model, nn_guide, Adam({"lr": 0.01}), loss)
+    for _ in range(5):
+        svi.step(X)
+    assert loss.num_compilations == 1
+    # a smaller batch (a data plate of another size) compiles once more, then both are reused
+    x_small = X[:4]
+    value = loss.loss(nn_model, nn_guide, x_small)
+    assert loss.num_compilations == 2
+    for _ in range(3):
+        svi.step(X)
+        svi.step(x_small)
+    assert loss.num_compilations == 2
+    # the second compiled function is that of 4 data points: compare with the uncompiled loss
+    pyro.set_rng_seed(11)
+    a = loss.loss(nn_model, nn_guide, x_small)
+    pyro.set_rng_seed(11)
+    b = BetaELBO().loss(nn_model, nn_guide, x_small)
+    assert a == pytest.approx(b, rel=1e-12) and math.isfinite(value)
+
+
+def test_decompose_does_not_step_or_touch_last_terms():
+    loss = JitBetaMeanFieldELBO(beta=2.0)
+    loss.loss_and_grads(nn_model, nn_guide, X)
+    last = loss.last_terms
+    terms = loss.decompose(nn_model, nn_guide, X)
+    assert loss.step == 1 and loss.last_terms is last
+    assert terms.kl > 0 and terms.objective == pytest.approx(terms.reconstruction - 2.0 * terms.kl, abs=1e-9)
+
+
+def test_positional_argument_must_be_a_tensor():
+    def model(x, n):
+        nn_model(x)
+
+    def guide(x, n):
+        nn_guide(x)
+
+    with pytest.raises(ValueError, match=r"argument 1 is a int \(3\).*keyword"):
+        JitBetaELBO().loss(model, guide, X, 3)
+
+
+def test_keyword_arguments_compile_once_each():
+    def model(x, scale=1.0):
+        nn_model(x * scale)
+
+    def guide(x, scale=1.0):
+        nn_guide(x)
+
+    loss = JitBetaELBO()
+    for s in (1.0, 2.0, 1.0, 2.0):
+        loss.loss(model, guide, X, scale=s)
+    assert loss.num_compilations == 2
