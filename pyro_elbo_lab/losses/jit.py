@@ -187,15 +187,17 @@ class _JitObjective:
         self._last_record = _TermsRecord(names, values.detach(), beta, capacity)
         return loss.detach(), surrogate
 
-    def _log_r(self, model_trace, guide_trace, beta) -> MultiFrameTensor:
+    def _log_r(self, model_trace, guide_trace, beta, exclude=()) -> MultiFrameTensor:
         # β is a tensor input of the trace: weight unconditionally instead of branching on
         # ``beta != 1`` (which would bake the first step's β into the compiled function)
         if not torch.is_tensor(beta):
+            if exclude:
+                return super()._log_r(model_trace, guide_trace, beta, exclude=exclude)
             return super()._log_r(model_trace, guide_trace, beta)
         log_r = MultiFrameTensor()
         stacks = get_plate_stacks(model_trace)
         for name, site in model_trace.nodes.items():
-            if not _is_sample(site):
+            if not _is_sample(site) or name in exclude:
                 continue
             term = site["log_prob"]
             if not site["is_observed"]:
