@@ -103,10 +103,11 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
         super().__init__(**kwargs)
 
     def _latent_site_terms(self, name, model_site, guide_site):
-        lp = model_site["log_prob"]
-        lq = guide_site["log_prob"]
-        kl_surrogate = guide_site["score_parts"].entropy_term - lp
-        return kl_surrogate, (lq - lp).detach(), -lq.detach()
+        # per-particle sums only: the batch-shaped log_probs were already summed by Pyro
+        lp = self._log_prob_per_particle(model_site)
+        lq = self._log_prob_per_particle(guide_site).detach()
+        kl_surrogate = self._entropy_term_per_particle(guide_site) - lp
+        return kl_surrogate, lq - lp.detach(), -lq
 
     def _latent_site_kl_per_dim(self, name, model_site, guide_site):
         return _mc_kl_per_dim(model_site, guide_site)

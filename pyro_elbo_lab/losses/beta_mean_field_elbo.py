@@ -78,19 +78,21 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
             check_fully_reparametrized(guide_site)
         q, p = guide_site["fn"], model_site["fn"]
         lq = guide_site["log_prob"]
+        red = self._per_particle
         try:
-            kl = _analytic(lambda: kl_divergence(q, p), lq, guide_site)
+            kl = red(_analytic(lambda: kl_divergence(q, p), lq, guide_site))
         except NotImplementedError:
-            lp = model_site["log_prob"]
-            kl_surrogate = guide_site["score_parts"].entropy_term - lp
-            return kl_surrogate, (lq - lp).detach(), -lq.detach()
+            lp = self._log_prob_per_particle(model_site)
+            lq = self._log_prob_per_particle(guide_site).detach()
+            kl_surrogate = self._entropy_term_per_particle(guide_site) - lp
+            return kl_surrogate, lq - lp.detach(), -lq
         try:
-            entropy = _analytic(q.entropy, lq, guide_site).detach()
+            entropy = red(_analytic(q.entropy, lq, guide_site).detach())
         except NotImplementedError:
             # H[q] = -E_q[log p(z)] - KL(q||p): the Monte Carlo cross-entropy minus the
             # registered KL, so that cross_entropy stays -log p(z) (for a Delta guide site,
             # whose registered KL is -log p(v), the entropy is then 0, as that KL assumes)
-            entropy = (-model_site["log_prob"] - kl).detach()
+            entropy = (-self._log_prob_per_particle(model_site) - kl).detach()
         return kl, kl.detach(), entropy
 
     def _latent_site_kl_per_dim(self, name, model_site, guide_site):

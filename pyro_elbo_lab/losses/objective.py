@@ -307,6 +307,21 @@ class WeightedObjective:
             x = x.sum(dims)
         return x.expand((self.num_particles,) + x.shape[1:])
 
+    def _log_prob_per_particle(self, site) -> torch.Tensor:
+        """A site's scaled ``log_prob`` summed per particle (memoised sum when sequential)."""
+        if self.vectorize_particles and self.num_particles > 1:
+            return self._per_particle(site["log_prob"])
+        return site["log_prob_sum"]
+
+    def _entropy_term_per_particle(self, site) -> torch.Tensor:
+        """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
+        term = site["score_parts"].entropy_term
+        if is_identically_zero(term):
+            return torch.zeros_like(site["log_prob_sum"])
+        if self.vectorize_particles and self.num_particles > 1:
+            return self._per_particle(term)
+        return term.sum()
+
     def _site_weight(self, name: str) -> bool:
         return self.sites is None or name in self.sites
 
@@ -354,7 +369,7 @@ class WeightedObjective:
             if not _is_sample(model_site):
                 continue
             if model_site["is_observed"]:
-                lp = red(model_site["log_prob"])
+                lp = self._log_prob_per_particle(model_site)
                 zero = lp if zero is None else zero
                 recon = recon + lp.detach()
                 surrogate = surrogate + lp
@@ -377,12 +392,10 @@ class WeightedObjective:
             sf = guide_site["score_parts"].score_function
             reparam = is_identically_zero(sf)
             if model_site is None:
-                lq = guide_site["log_prob"]
-                kl_surr = guide_site["score_parts"].entropy_term
-                kl_value, ent_value = lq.detach(), -lq.detach()
+                lq = self._log_prob_per_particle(guide_site).detach()
+                kl_surr, kl_p, ent_p = self._entropy_term_per_particle(guide_site), lq, -lq
             else:
-                kl_surr, kl_value, ent_value = self._latent_site_terms(name, model_site, guide_site)
-            kl_p, ent_p = red(kl_value), red(ent_value)
+                kl_surr, kl_p, ent_p = self._latent_site_terms(name, model_site, guide_site)
             zero = kl_p if zero is None else zero
             names += [("kl", name), ("entropy", name)]
             values += [kl_p, ent_p]
@@ -405,7 +418,7 @@ class WeightedObjective:
                     objective = objective - beta * fb.detach()
                     surrogate = surrogate - beta * fb
                 else:
-                    kl_s = red(kl_surr)
+                    kl_s = kl_surr
                     size = red(_data_size(guide_site))
                     selected_kl = kl_s if selected_kl is None else selected_kl + kl_s
                     selected_size = size if selected_size is None else torch.maximum(selected_size, size)
@@ -415,7 +428,7 @@ class WeightedObjective:
             objective = objective - w * kl_p
             # pathwise gradient; for non-reparameterised sites kl_surr = -log p(z), which carries
             # the model-parameter gradient, and the guide gradient comes from the score function
-            surrogate = surrogate - w * red(kl_surr)
+            surrogate = surrogate - w * kl_surr
             if not reparam:
                 score_sites.append((guide_site, sf))
 
@@ -480,8 +493,9 @@ class WeightedObjective:
 
     def _latent_site_terms(self, name, model_site, guide_site):
         """
-        :returns: ``(kl_surrogate, kl, entropy)``, batch-shaped tensors, scaled and masked
-            like the site: a differentiable surrogate whose gradient (together with the
+        :returns: ``(kl_surrogate, kl, entropy)`` per particle (shape ``()`` or
+            ``(num_particles,)``, see :meth:`_per_particle`), scaled and masked like the
+            site: a differentiable surrogate whose gradient (together with the
             score-function term for non-reparameterised sites) estimates that of the KL,
             and detached estimates of KL(q‖p) and H[q] at this site.
         """
