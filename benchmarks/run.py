@@ -385,26 +385,27 @@ def targets(report: dict) -> list:
     out = []
     by_title = {c["title"]: c["results"] for c in report["cases"]}
 
-    def ratio(title_start, name):
+    def ratio(prefix, name):
         for title, res in by_title.items():
-            if title.startswith(title_start) and name in res:
+            if title.startswith(prefix) and title.endswith(", 1 particle") and name in res:
                 return res[name]["ratio_median"]
         return None
 
     checks = [
-        ("Digits VAE, 1 particle", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (digits VAE)", lambda r: r <= 1.03),
-        ("Synthetic 784", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (784-dim VAE)", lambda r: r <= 1.03),
-        ("Eight schools (AutoNormal), 1", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (eight schools)", lambda r: r <= 1.03),
-        ("Digits VAE, 1 particle", "JitBetaELBO", "JitBetaELBO / Trace_ELBO <= 0.75 (digits VAE)", lambda r: r <= 0.75),
-        ("Eight schools (AutoNormal), 1", "JitBetaELBO", "JitBetaELBO / Trace_ELBO <= 0.5 (eight schools)", lambda r: r <= 0.5),
+        ("Digits", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (digits VAE)", lambda r: r <= 1.03),
+        ("Synthetic", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (784-dim VAE)", lambda r: r <= 1.03),
+        ("Eight schools", "BetaELBO", "BetaELBO / Trace_ELBO <= 1.03 (eight schools)", lambda r: r <= 1.03),
+        ("Digits", "JitBetaELBO", "JitBetaELBO / Trace_ELBO <= 0.75 (digits VAE)", lambda r: r <= 0.75),
+        ("Eight schools", "JitBetaELBO", "JitBetaELBO / Trace_ELBO <= 0.5 (eight schools)", lambda r: r <= 0.5),
     ]
     for title, name, text, ok in checks:
         r = ratio(title, name)
         if r is not None:
             out.append({"target": text, "measured": r, "met": bool(ok(r))})
-    r = ratio("Evidence", "estimate_evidence (1000)")
-    if r is not None:
-        out.append({"target": "Importance(1000) / estimate_evidence(1000) >= 100", "measured": 1.0 / r, "met": 1.0 / r >= 100})
+    for title in by_title:
+        if title.startswith("Evidence"):
+            r = by_title[title]["estimate_evidence (1000)"]["ratio_median"]
+            out.append({"target": "Importance(1000) / estimate_evidence(1000) >= 100", "measured": 1.0 / r, "met": 1.0 / r >= 100})
     return out
 
 
@@ -425,6 +426,9 @@ def main(argv=None) -> int:
     torch.set_default_dtype(getattr(torch, args.dtype))
     pyro.enable_validation(args.validation == "on")
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    # the AutoNormal fit of eight schools has heavy-tailed importance weights (k̂ > 0.7):
+    # expected, and beside the point of a timing run
+    warnings.filterwarnings("ignore", message=r"Pareto k̂")
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
 
     # (rounds, block, warmup) per case

@@ -307,3 +307,16 @@ def test_keyword_arguments_compile_once_each():
     for s in (1.0, 2.0, 1.0, 2.0):
         loss.loss(model, guide, X, scale=s)
     assert loss.num_compilations == 2
+
+
+@pytest.mark.parametrize("ref_cls, jit_cls", PAIRS)
+def test_same_losses_unoptimised_graph(ref_cls, jit_cls, monkeypatch):
+    # large graphs (many unrolled particles) run as recorded instead of through the
+    # optimising executor: the same losses either way
+    import pyro_elbo_lab.losses.jit as jit_module
+
+    monkeypatch.setattr(jit_module, "_OPTIMIZE_MAX_NODES", 0)
+    jit = jit_cls(num_particles=2)
+    assert_same_run(ref_cls(num_particles=2), jit, discrete_model if ref_cls is BetaELBO else nn_model,
+                    discrete_guide if ref_cls is BetaELBO else nn_guide, (X,))
+    assert not next(iter(jit._compiled.values())).optimize

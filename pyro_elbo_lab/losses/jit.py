@@ -40,15 +40,23 @@ from .objective import _is_sample
 __all__ = ["JitBetaELBO", "JitBetaMeanFieldELBO"]
 
 
+#: Graphs up to this many nodes run through TorchScript's optimising (profiling) executor,
+#: which builds one differentiable graph (faster backward) after two profiling runs;
+#: larger ones, such as many unrolled sequential particles, run as recorded, because the
+#: optimisation of a graph of 30 000 nodes (64 particles of eight schools) takes minutes.
+_OPTIMIZE_MAX_NODES = 5000
+
+
 class _Compiled:
     """One traced ``(loss, surrogate, record)`` function and what is needed to call it."""
 
-    __slots__ = ("function", "param_names", "names")
+    __slots__ = ("function", "param_names", "names", "optimize")
 
-    def __init__(self, function, param_names: list, names: list):
+    def __init__(self, function, param_names: list, names: list, optimize: bool):
         self.function = function
         self.param_names = param_names
         self.names = names
+        self.optimize = optimize
 
 
 class _JitObjective:
@@ -152,7 +160,8 @@ class _JitObjective:
                 function = torch.jit.trace(traced, example, **options)
         finally:
             torch.set_rng_state(rng)
-        self._compiled[key] = _Compiled(function, param_names, names)
+        optimize = sum(1 for _ in function.graph.nodes()) <= _OPTIMIZE_MAX_NODES
+        self._compiled[key] = _Compiled(function, param_names, names, optimize)
         self.num_compilations += 1
         return outputs, names
 
@@ -172,10 +181,7 @@ class _JitObjective:
         else:
             # pyro.param here (not inside the compiled function) so that SVI sees the parameters
             params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
-            # the profiling executor's optimisation pass costs 0.1 s (1 particle) to 90 s (64
-            # unrolled particles) on the first runs and gains nothing measurable on these
-            # small-op graphs: run the trace as recorded
-            with torch.jit.optimized_execution(False):
+            with torch.jit.optimized_execution(compiled.optimize):
                 loss, surrogate, values = compiled.function(beta_t, capacity_t, *params, *args)
             names = compiled.names
             trainable = bool(params)
