@@ -55,7 +55,9 @@ def to_inference_data(
       ``pyro.deterministic`` sites), dims ``(chain, draw, *plates, *event)``; plate
       dimensions are named after their plates, others ``<site>_dim_<i>``.
     - ``log_likelihood``: per observed site, the pointwise :math:`\\log p(x_i \\mid z_s)`
-      (unscaled), dims ``(chain, draw, *plates)``.
+      (unscaled: no subsampling scale or ``poutine.scale``), dims
+      ``(chain, draw, *plates)``; event dims of the observation are summed (one value
+      per data point).
     - ``observed_data``: the observed values; ``constant_data``: as given.
     - ``posterior_predictive`` (``posterior_predictive=True``): replicated data from the
       model with the observed sites resampled, for the same draws.
@@ -75,8 +77,10 @@ def to_inference_data(
     :param args: model/guide arguments (the full data, not a minibatch).
     :param int num_samples: draws per chain.
     :param dict coords: coordinates per dimension name, overriding the defaults.
-    :param dict dims: ``{variable: [dim names]}`` (dims after ``chain, draw``),
-        overriding the plate names.
+    :param dict dims: ``{variable: [dim names]}`` (dims after ``chain, draw``; for an
+        observed site its plate dims, shared by ``log_likelihood``, ``observed_data`` and
+        ``posterior_predictive``), overriding the plate names; trailing dims left
+        unnamed get ArviZ's default names.
     :param dict constant_data: the ``constant_data`` group.
     :param bool posterior_predictive: add the ``posterior_predictive`` group.
     :param int max_plate_nesting: the model's plate depth; guessed when None.
@@ -121,10 +125,11 @@ def to_inference_data(
     for group in ("posterior", "log_likelihood", "posterior_predictive"):
         for name, value in first[group].items():
             ndim = value.ndim - 1  # after the draw dim
-            if name in all_dims and len(all_dims[name]) != ndim:
+            if name in all_dims and len(all_dims[name]) > ndim:
                 raise ValueError(
                     f"dims[{name!r}] = {all_dims[name]!r} names {len(all_dims[name])} dimensions, but '{name}' has "
-                    f"{ndim} after (chain, draw) (shape {value.shape[1:]}); give one name per dimension"
+                    f"{ndim} after (chain, draw) (shape {value.shape[1:]}) in {group}; give at most one name per "
+                    "dimension (unnamed trailing dimensions get ArviZ's default names)"
                 )
     groups = {
         "posterior": stack("posterior"),
@@ -241,17 +246,15 @@ def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_
             continue
         ll, ll_names = _shape_draws(name, site["unscaled_log_prob"], site, S, mpn, 0)
         out["log_likelihood"][name] = ll
-        observed, obs_names = _shape_observed(name, site["value"], site, mpn, event_dim)
+        observed, _ = _shape_observed(name, site["value"], site, mpn, event_dim)
         out["observed_data"][name] = observed
-        # the data and the pointwise log-likelihood share the plate dims
-        dims[name] = obs_names
+        # the data, its replicas and the pointwise log-likelihood share the plate dims;
+        # the data's event dims come after them and get ArviZ's default names
+        dims[name] = ll_names
         if predictive is not None:
             replica = predictive.nodes[name]
             value, _ = _shape_draws(name, replica["value"], replica, S, mpn, event_dim)
             out["posterior_predictive"][name] = value
-        if list(ll_names) != list(obs_names[: len(ll_names)]):
-            # rare: data broadcast against the draws; name the log-likelihood separately
-            dims[name] = ll_names
     if not out["posterior"] and not out["log_likelihood"]:
         raise ValueError("the model has no sample sites: there is nothing to draw")
     log_p = log_p.detach().cpu().numpy().astype("float64")

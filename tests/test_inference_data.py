@@ -129,6 +129,27 @@ def test_dims_from_plates_and_overrides():
         to_inference_data(hier, g, y, num_samples=5, dims={"w": ["a", "b"]})
 
 
+def test_observed_site_with_event_dims():
+    # images-like data: 5 points of dimension 3; the log-likelihood is per point
+    x = torch.arange(15.0).reshape(5, 3) / 10
+
+    def vec_model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    g = AutoNormal(vec_model)
+    g(x)
+    idata = to_inference_data(vec_model, g, x, num_samples=40, posterior_predictive=True)
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "data")
+    assert idata.observed_data["x"].dims == ("data", "x_dim_1")
+    assert idata.posterior_predictive["x"].dims == ("chain", "draw", "data", "x_dim_1")
+    assert idata.posterior["z"].dims == ("chain", "draw", "z_dim_0")
+    z = torch.as_tensor(idata.posterior["z"].values)
+    ll = dist.Normal(z.unsqueeze(-2), 1.0).log_prob(x).sum(-1)
+    assert np.allclose(idata.log_likelihood["x"].values, ll.numpy(), rtol=1e-12)
+
+
 def test_posterior_predictive_moments(data):
     # x_rep = z + eps with z ~ q = N(0.7, 0.2^2): mean 0.7, variance 1 + 0.04. With 4000 x 20
     # replicated values the sample mean has sd ~ sqrt(0.04/4000 + 1/80000) = 0.0047 and
