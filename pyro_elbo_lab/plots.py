@@ -131,6 +131,8 @@ def plot_decomposition(
         if "capacity" in frame.columns:
             twin.plot(rows["step"].to_numpy(), rows["capacity"].to_numpy(dtype=float), color="grey", linestyle=":",
                       label="capacity C (nats)")
+        top = float(np.nanmax(rows["beta"].to_numpy(dtype=float))) if len(rows) else 1.0
+        twin.set_ylim(0.0, 1.05 * max(top, 1e-12))  # β from 0: a constant β reads as constant
         twin.set_ylabel("β (unitless)")
         h2, l2 = twin.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2

@@ -434,6 +434,11 @@ class SVIRunner:
             argument. For exact resumes use a callable or a list.
         :param resume_from: a checkpoint written by this runner's ``checkpoint_every``.
         :param kwargs: model/guide keyword arguments.
+
+        Each call starts its history at step 0 (or at the checkpoint's step); the
+        loss's own step count, which drives β and capacity schedules, continues across
+        calls on the same loss (a new chain's copy starts at its pristine count).
+
         :returns: the result; on Ctrl-C the partial result, with a warning.
         :rtype: SVIResult
         :raises NonFiniteError: on a NaN/Inf loss or gradient (``on_nonfinite="raise"``);
