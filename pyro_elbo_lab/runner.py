@@ -272,7 +272,8 @@ class SVIRunner:
     :math:`\\bar{\\mathcal L}_{k} - \\bar{\\mathcal L}_{k-1} < \\mathrm{tol} \\cdot
     |\\bar{\\mathcal L}_{k}|` at ``convergence_patience`` consecutive checks. Window means
     reduce the Monte Carlo noise of single-step estimates by :math:`\\sqrt{w}`, and
-    patience guards against one noisy flat window.
+    patience guards against one noisy flat window. No check counts while β or the
+    capacity changed within the two windows (the objective moves with its schedule).
 
     **Chains** (``num_chains > 1``): independent fits, each from a fresh parameter
     store, fresh copies of the optimiser and loss (and of the model and guide when they
@@ -811,7 +812,13 @@ class _ChainRun:
         n = len(self.rows)
         if tol is None or (step + 1) % w != 0 or n < 2 * w:
             return False
-        values = torch.tensor([-r["loss"] for r in self.rows[-2 * w:]])
+        window = self.rows[-2 * w:]
+        for key in ("beta", "capacity"):
+            if len({r.get(key) for r in window}) > 1:
+                # the objective itself is moving with its schedule: not a plateau
+                self.flat_checks = 0
+                return False
+        values = torch.tensor([-r["loss"] for r in window])
         older, newer = values[:w], values[w:]
         older, newer = older[torch.isfinite(older)], newer[torch.isfinite(newer)]
         if len(older) == 0 or len(newer) == 0:

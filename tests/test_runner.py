@@ -252,6 +252,15 @@ def test_convergence_stops_near_optimum(data):
     assert h[-50:].mean() - h[-100:-50].mean() < 1e-3 * abs(h[-50:].mean())
 
 
+def test_convergence_waits_for_the_beta_schedule(data):
+    # the objective falls while β warms up over 400 steps: that is not convergence
+    runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(beta=LinearWarmup(400, start=0.0)),
+                       progress_bar=False, convergence_tol=1e-3, convergence_window=50, convergence_patience=2)
+    result = runner.run(data, num_steps=5000)
+    assert result.stop_reason == "converged"
+    assert len(result.history) >= 400 + 2 * 50 + 50
+
+
 def test_callback_stop(data):
     result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False,
                        callbacks=[lambda step, row: step == 2]).run(data, num_steps=10)
