@@ -238,9 +238,13 @@ _LIMITS = """
     * The first call of each compiled function is evaluated eagerly, then traced; the
       random-number state is restored after tracing so that losses are those of the
       uncompiled class for the same seed.
-    * :func:`torch.jit.trace` is marked deprecated from torch 2.9 (the deprecation warning
-      is silenced here); :func:`torch.compile` was measured slower on these models (the
-      Pyro effect-handler stack breaks the graph at every site).
+    * Graphs of up to 5000 nodes run through TorchScript's optimising executor (two
+      profiling runs, then one differentiable graph with a faster backward); larger ones
+      (e.g. dozens of unrolled sequential particles) run as recorded, since optimising
+      them takes minutes. Prefer ``vectorize_particles=True``.
+    * :func:`torch.jit.trace` is marked deprecated in recent torch releases (the
+      deprecation warning is silenced here); :func:`torch.compile` has not been evaluated
+      as a replacement.
 
     :attr:`num_compilations` counts the traces made so far.
 """
