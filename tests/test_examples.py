@@ -86,6 +86,18 @@ def test_regression_decompose_matches_closed_form(regression, guide):
         assert est.kl == pytest.approx(r["exact"]["kl_prior"], abs=1e-8)
 
 
+@pytest.mark.parametrize("guide", ["mean_field", "full_rank"])
+def test_regression_importance_sampled_evidence(regression, guide):
+    # The IS estimate of log p(y) is a stochastic lower bound (Burda et al. 2016) that is at
+    # least the ELBO: exact ELBO - 5 se <= estimate <= exact log p(y) + 5 se.
+    br, result = regression
+    ev = result["guides"][guide]["evidence"]
+    exact = result["guides"][guide]["exact"]
+    assert exact["elbo"] - 5 * ev.log_evidence_stderr <= ev.log_evidence
+    assert ev.log_evidence <= result["exact"].log_evidence + 5 * ev.log_evidence_stderr
+    assert ev.verdict in ("good", "ok", "bad")
+
+
 def test_regression_gaps(regression):
     br, result = regression
     best = result["mean_field_gap"]
