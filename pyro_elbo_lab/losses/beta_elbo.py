@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+
 from pyro.infer import Trace_ELBO
 
 from ..schedules import ScheduleLike
@@ -108,6 +110,20 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
         lq = self._log_prob_per_particle(guide_site).detach()
         kl_surrogate = self._entropy_term_per_particle(guide_site) - lp
         return kl_surrogate, lq - lp.detach(), -lq
+
+    def _latent_terms(self, latent):
+        # Monte Carlo terms from Pyro's memoised per-site sums, stacked once:
+        # KL = log q - log p, H = -log q; surrogate = entropy_term - log p
+        log_p, log_q, entropy_term = [], [], []
+        for _, model_site, guide_site in latent:
+            log_q.append(self._log_prob_per_particle(guide_site))
+            entropy_term.append(self._entropy_term_per_particle(guide_site))
+            log_p.append(
+                torch.zeros_like(log_q[-1]) if model_site is None else self._log_prob_per_particle(model_site)
+            )
+        log_p, log_q = torch.stack(log_p), torch.stack(log_q).detach()
+        kl_surrogate = torch.stack(entropy_term) - log_p
+        return kl_surrogate, log_q - log_p.detach(), -log_q
 
     def _latent_site_kl_per_dim(self, name, model_site, guide_site):
         return _mc_kl_per_dim(model_site, guide_site)

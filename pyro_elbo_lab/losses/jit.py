@@ -27,7 +27,6 @@ from typing import Iterable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.ops.jit import _hashable_args_kwargs
 from pyro.util import ignore_jit_warnings, optional
 
@@ -35,7 +34,6 @@ from ..schedules import ScheduleLike
 from ..terms import _TermsRecord
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
-from .objective import _is_sample
 
 __all__ = ["JitBetaELBO", "JitBetaMeanFieldELBO"]
 
@@ -192,26 +190,6 @@ class _JitObjective:
             surrogate = 0.0
         self._last_record = _TermsRecord(names, values.detach(), beta, capacity)
         return loss.detach(), surrogate
-
-    def _log_r(self, model_trace, guide_trace, beta, exclude=()) -> MultiFrameTensor:
-        # β is a tensor input of the trace: weight unconditionally instead of branching on
-        # ``beta != 1`` (which would bake the first step's β into the compiled function)
-        if not torch.is_tensor(beta):
-            if exclude:
-                return super()._log_r(model_trace, guide_trace, beta, exclude=exclude)
-            return super()._log_r(model_trace, guide_trace, beta)
-        log_r = MultiFrameTensor()
-        stacks = get_plate_stacks(model_trace)
-        for name, site in model_trace.nodes.items():
-            if not _is_sample(site) or name in exclude:
-                continue
-            term = site["log_prob"]
-            if not site["is_observed"]:
-                term = term - guide_trace.nodes[name]["log_prob"]
-                if self._site_weight(name):
-                    term = beta * term
-            log_r.add((stacks[name], term.detach()))
-        return log_r
 
 
 _LIMITS = """

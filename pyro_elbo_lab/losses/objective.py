@@ -316,8 +316,10 @@ class WeightedObjective:
     def _entropy_term_per_particle(self, site) -> torch.Tensor:
         """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
         term = site["score_parts"].entropy_term
+        if term is site["log_prob"]:  # reparameterised, unscaled: reuse the memoised sum
+            return self._log_prob_per_particle(site)
         if is_identically_zero(term):
-            return torch.zeros_like(site["log_prob_sum"])
+            return torch.zeros_like(self._log_prob_per_particle(site))
         if self.vectorize_particles and self.num_particles > 1:
             return self._per_particle(term)
         return term.sum()
@@ -350,93 +352,107 @@ class WeightedObjective:
         particle (detached), the surrogate objective per particle (differentiable), the
         record names and the record tensor of shape ``(num_entries,)`` or
         ``(num_entries, num_particles)``.
+
+        The per-site sums are stacked once and weighted with one vector operation, so the
+        cost of the objective and of its recording barely grows with the number of sites.
         """
         self._check_sites(model_trace, guide_trace)
-        red = self._per_particle
         nonlinear = self.free_bits is not None or capacity is not None
-        zero = None
-        recon = 0.0
-        objective = surrogate = 0.0
-        selected_kl = selected_size = None
-        names: list = []
-        values: list = []
+
+        obs_names: list = []
+        obs_lp: list = []
+        latent: list = []
+        for name, model_site in model_trace.nodes.items():
+            if model_site["type"] != "sample":
+                continue
+            if model_site["is_observed"]:
+                obs_names.append(name)
+                obs_lp.append(self._log_prob_per_particle(model_site))
+                continue
+            guide_site = guide_trace.nodes.get(name)
+            if guide_site is None:
+                raise ValueError(
+                    f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
+                    "needs a matching guide site of the same name (or pass it as observed data)."
+                )
+            latent.append((name, model_site, guide_site))
+        for name, guide_site in guide_trace.nodes.items():
+            if guide_site["type"] == "sample" and name not in model_trace.nodes:
+                latent.append((name, None, guide_site))  # auxiliary guide site
+        if not obs_lp and not latent:
+            raise ValueError("The model has no sample sites: there is no ELBO to compute.")
+
+        names = ["objective"] + [("reconstruction", n) for n in obs_names]
+        pieces = []
+        surrogate = objective = 0.0
+        if obs_lp:
+            recon_sites = torch.stack(obs_lp)
+            recon = recon_sites.sum(0)
+            surrogate = recon
+            objective = recon.detach()
+            pieces.append(recon_sites.detach())
+
         score_sites: list = []
         nonlinear_sites: set = set()
         nonlinear_cost = 0.0
-
-        latent_sites = []
-        for name, model_site in model_trace.nodes.items():
-            if not _is_sample(model_site):
-                continue
-            if model_site["is_observed"]:
-                lp = self._log_prob_per_particle(model_site)
-                zero = lp if zero is None else zero
-                recon = recon + lp.detach()
-                surrogate = surrogate + lp
-                names.append(("reconstruction", name))
-                values.append(lp.detach())
-            else:
-                if name not in guide_trace.nodes:
-                    raise ValueError(
-                        f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
-                        "needs a matching guide site of the same name (or pass it as observed data)."
-                    )
-                latent_sites.append((name, model_site, guide_trace.nodes[name]))
-        auxiliary = [
-            (name, None, site)
-            for name, site in guide_trace.nodes.items()
-            if _is_sample(site) and name not in model_trace.nodes
-        ]
-
-        for name, model_site, guide_site in latent_sites + auxiliary:
-            sf = guide_site["score_parts"].score_function
-            reparam = is_identically_zero(sf)
-            if model_site is None:
-                lq = self._log_prob_per_particle(guide_site).detach()
-                kl_surr, kl_p, ent_p = self._entropy_term_per_particle(guide_site), lq, -lq
-            else:
-                kl_surr, kl_p, ent_p = self._latent_site_terms(name, model_site, guide_site)
-            zero = kl_p if zero is None else zero
-            names += [("kl", name), ("entropy", name)]
-            values += [kl_p, ent_p]
-
-            weighted = self._site_weight(name)
-            if weighted and nonlinear and model_site is not None:
+        if latent:
+            kl_surrogate, kl, entropy = self._latent_terms(latent)
+            names += [("kl", n) for n, _, _ in latent] + [("entropy", n) for n, _, _ in latent]
+            pieces += [kl, entropy]
+            # linear sites are weighted by beta (selected) or 1; non-linear ones are handled below
+            selected_kl = selected_size = None
+            linear = []
+            weighted = []
+            for index, (name, model_site, guide_site) in enumerate(latent):
+                sf = guide_site["score_parts"].score_function
+                reparam = is_identically_zero(sf)
+                is_weighted = self._site_weight(name)
+                if is_weighted and nonlinear and model_site is not None:
+                    if not reparam:
+                        raise NotImplementedError(
+                            "free bits and capacity are non-linear in the KL and need reparameterised guide sites; "
+                            f"guide site '{name}' ({type(guide_site['fn']).__name__}) is not reparameterisable. "
+                            "Use beta weighting, a reparameterisable (e.g. relaxed) distribution, or restrict "
+                            "sites= to reparameterised sites."
+                        )
+                    nonlinear_sites.add(name)
+                    size = self._per_particle(_data_size(guide_site))
+                    if self.free_bits is not None:
+                        per_dim = self._per_particle(
+                            self._latent_site_kl_per_dim(name, model_site, guide_site), keep_last=1
+                        )
+                        fb = torch.maximum(per_dim, (self.free_bits * size).unsqueeze(-1)).sum(-1)
+                        nonlinear_cost = nonlinear_cost - beta * fb.detach()
+                        surrogate = surrogate - beta * fb
+                    else:
+                        kl_s = kl_surrogate[index]
+                        selected_kl = kl_s if selected_kl is None else selected_kl + kl_s
+                        selected_size = size if selected_size is None else torch.maximum(selected_size, size)
+                    continue
+                linear.append(index)
+                weighted.append(is_weighted)
                 if not reparam:
-                    raise NotImplementedError(
-                        f"free bits and capacity are non-linear in the KL and need reparameterised guide sites; "
-                        f"guide site '{name}' ({type(guide_site['fn']).__name__}) is not reparameterisable. Use "
-                        "beta weighting, a reparameterisable (e.g. relaxed) distribution, or restrict sites= to "
-                        "reparameterised sites."
-                    )
-                nonlinear_sites.add(name)
-                if self.free_bits is not None:
-                    per_dim = red(self._latent_site_kl_per_dim(name, model_site, guide_site), keep_last=1)
-                    size = red(_data_size(guide_site))
-                    fb = torch.maximum(per_dim, (self.free_bits * size).unsqueeze(-1)).sum(-1)
-                    nonlinear_cost = nonlinear_cost - beta * fb.detach()
-                    objective = objective - beta * fb.detach()
-                    surrogate = surrogate - beta * fb
+                    score_sites.append((guide_site, sf))
+            if selected_kl is not None:
+                cap = torch.abs(selected_kl - capacity * selected_size)
+                nonlinear_cost = -self.gamma * cap.detach()
+                surrogate = surrogate - self.gamma * cap
+            if linear:
+                if len(linear) < len(latent):
+                    kl_surrogate, kl = kl_surrogate[linear], kl[linear]
+                # pathwise gradient; for non-reparameterised sites kl_surrogate = -log p(z),
+                # which carries the model-parameter gradient, and the guide gradient comes
+                # from the score-function term below
+                if all(weighted):
+                    kl_surrogate_sum, kl_sum = kl_surrogate.sum(0), kl.sum(0)
+                    if torch.is_tensor(beta) or beta != 1.0:
+                        kl_surrogate_sum, kl_sum = beta * kl_surrogate_sum, beta * kl_sum
                 else:
-                    kl_s = kl_surr
-                    size = red(_data_size(guide_site))
-                    selected_kl = kl_s if selected_kl is None else selected_kl + kl_s
-                    selected_size = size if selected_size is None else torch.maximum(selected_size, size)
-                continue
-
-            w = beta if weighted else 1.0
-            objective = objective - w * kl_p
-            # pathwise gradient; for non-reparameterised sites kl_surr = -log p(z), which carries
-            # the model-parameter gradient, and the guide gradient comes from the score function
-            surrogate = surrogate - w * kl_surr
-            if not reparam:
-                score_sites.append((guide_site, sf))
-
-        if selected_kl is not None:
-            cap = torch.abs(selected_kl - capacity * selected_size)
-            nonlinear_cost = -self.gamma * cap.detach()
-            objective = objective - self.gamma * cap.detach()
-            surrogate = surrogate - self.gamma * cap
+                    w = self._weights(tuple(weighted), beta, kl)
+                    kl_surrogate_sum, kl_sum = (w * kl_surrogate).sum(0), (w * kl).sum(0)
+                surrogate = surrogate - kl_surrogate_sum
+                objective = objective - kl_sum
+            objective = objective + nonlinear_cost
 
         if score_sites:
             # Score-function term with Pyro's plate-wise Rao-Blackwellised downstream cost. A
@@ -452,18 +468,42 @@ class WeightedObjective:
                 downstream = log_r.sum_to(guide_site["cond_indep_stack"])
                 if extra is not None:
                     downstream = downstream + extra
-                surrogate = surrogate + red(downstream * sf)
+                surrogate = surrogate + self._per_particle(downstream * sf)
 
-        if zero is None:
-            raise ValueError("The model has no sample sites: there is no ELBO to compute.")
-        objective = objective + recon
-        if not torch.is_tensor(objective):  # neither observed sites nor linear KL terms
-            objective = objective + torch.zeros_like(zero)
+        if not torch.is_tensor(objective):
+            objective = torch.zeros_like(pieces[0][0]) + objective
         # Only the objective and the per-site terms are recorded; the totals, cross-entropies
-        # and standard errors are derived when ``last_terms`` is first read (_TermsRecord),
-        # which keeps the per-step cost of recording to one stack.
-        record = torch.stack([objective.detach()] + values)
-        return objective, surrogate, ["objective"] + names, record
+        # and standard errors are derived when ``last_terms`` is first read (_TermsRecord).
+        record = torch.cat([objective.detach().unsqueeze(0)] + pieces)
+        return objective, surrogate, names, record
+
+    def _weights(self, weighted: tuple, beta, like: torch.Tensor) -> torch.Tensor:
+        """Per-site weights (beta for selected sites, 1 otherwise), shaped to broadcast."""
+        key = (weighted, like.dtype, like.device, like.dim())
+        mask = self._analytic_cache.get(key)
+        if mask is None:
+            mask = torch.tensor(weighted, dtype=like.dtype, device=like.device)
+            mask = mask.reshape((-1,) + (1,) * (like.dim() - 1))
+            self._analytic_cache[key] = mask
+        return 1.0 + (beta - 1.0) * mask
+
+    def _latent_terms(self, latent: list):
+        """
+        Stacked per-site terms of the latent and auxiliary sites ``[(name, model_site or
+        None, guide_site), ...]``: ``(kl_surrogate, kl, entropy)``, each of shape
+        ``(num_sites,)`` or ``(num_sites, num_particles)``; see :meth:`_latent_site_terms`.
+        """
+        kl_surrogate, kl, entropy = [], [], []
+        for name, model_site, guide_site in latent:
+            if model_site is None:
+                lq = self._log_prob_per_particle(guide_site).detach()
+                terms = self._entropy_term_per_particle(guide_site), lq, -lq
+            else:
+                terms = self._latent_site_terms(name, model_site, guide_site)
+            kl_surrogate.append(terms[0])
+            kl.append(terms[1])
+            entropy.append(terms[2])
+        return torch.stack(kl_surrogate), torch.stack(kl), torch.stack(entropy)
 
     def _broadcast_per_particle(self, x: torch.Tensor) -> torch.Tensor:
         """Shape a per-particle value (``()`` or ``(num_particles,)``) to broadcast against sites."""
@@ -484,7 +524,7 @@ class WeightedObjective:
             term = site["log_prob"]
             if not site["is_observed"]:
                 term = term - guide_trace.nodes[name]["log_prob"]
-                if self._site_weight(name) and beta != 1.0:
+                if self._site_weight(name) and (torch.is_tensor(beta) or beta != 1.0):
                     term = beta * term
             log_r.add((stacks[name], term.detach()))
         return log_r
