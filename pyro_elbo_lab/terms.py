@@ -168,6 +168,9 @@ class _TermsRecord:
         if values.dim() == 1:
             values = values.unsqueeze(-1)
         entries = self.names[1:]
+        if self.num_particles == 1:
+            # one sync, then plain float arithmetic: cheaper than a dozen tiny tensor ops
+            return self._build(entries, values.reshape(-1).tolist(), {})
         rows = {"reconstruction": [], "kl": [], "entropy": []}
         for i, (term, _) in enumerate(entries, start=1):
             rows[term].append(i)
@@ -188,13 +191,23 @@ class _TermsRecord:
             parts.append(totals.std(-1) / math.sqrt(self.num_particles))
         flat = torch.cat(parts).tolist()
         num_totals, num_sites = len(TOTAL_FIELDS), len(entries)
-        totals_mean = flat[:num_totals]
-        site_mean = flat[num_totals : num_totals + num_sites]
-        stderr = flat[num_totals + num_sites :]
+        stderr = dict(zip(TOTAL_FIELDS, flat[num_totals + num_sites :]))
+        return self._build(entries, [flat[0]] + flat[num_totals : num_totals + num_sites], stderr)
 
+    def _build(self, entries, means: list, stderr: dict) -> ELBOTerms:
+        """ELBOTerms from the particle means ``[objective, *per-entry values]``."""
+        recon = kl = entropy = 0.0
         per_site: dict[str, dict[str, float]] = {}
-        for (term, site), value in zip(entries, site_mean):
+        for (term, site), value in zip(entries, means[1:]):
             per_site.setdefault(site, {})[term] = value
+            if term == "reconstruction":
+                recon += value
+            elif term == "kl":
+                kl += value
+            else:
+                entropy += value
+        cross = kl + entropy
+        totals_mean = [means[0], recon - kl, recon, kl, entropy, cross, recon - cross]
         for terms in per_site.values():
             if "kl" in terms:
                 terms["cross_entropy"] = terms["kl"] + terms["entropy"]
@@ -202,7 +215,7 @@ class _TermsRecord:
             beta=self.beta,
             num_particles=self.num_particles,
             per_site=per_site,
-            stderr=dict(zip(TOTAL_FIELDS, stderr)),
+            stderr=stderr,
             capacity=self.capacity,
             **dict(zip(TOTAL_FIELDS, totals_mean)),
         )
