@@ -35,6 +35,7 @@ _EXPORTS = {
     # runner and ArviZ
     "SVIRunner": "pyro_elbo_lab.runner",
     "SVIResult": "pyro_elbo_lab.runner",
+    "SVISummary": "pyro_elbo_lab.runner",
     "NonFiniteError": "pyro_elbo_lab.runner",
     "to_inference_data": "pyro_elbo_lab.inference_data",
 }

@@ -376,24 +376,20 @@ def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
         normalised weights.
     :rtype: dict
     """
-    lw = np.asarray(log_weights, dtype="float64")
-    S = lw.shape[0]
-    m = lw.max()
-    w = np.exp(lw - m)
-    mean_w = w.mean()
-    log_evidence = float(m + np.log(mean_w))
-    stderr = float(np.sqrt(w.var(ddof=1) / S) / mean_w) if S > 1 else math.nan
+    from .diagnostics.evidence import _importance_stats, psis_diagnostics
+
+    lw = torch.as_tensor(np.asarray(log_weights, dtype="float64"))
+    smoothed, k = psis_diagnostics(lw)
+    log_evidence, stderr, _ = (float(v) for v in _importance_stats(lw))
+    ess = float(_importance_stats(smoothed)[2])
     elbo = float(lw.mean())
-    smoothed, k = _psis(lw)
-    ws = np.exp(smoothed - smoothed.max())
-    ws /= ws.sum()
     return {
         "log_evidence": log_evidence,
         "log_evidence_stderr": stderr,
         "elbo": elbo,
         "gap": log_evidence - elbo,
-        "pareto_k": k,
-        "ess": float(1.0 / np.sum(ws**2)),
+        "pareto_k": float(k),
+        "ess": ess,
     }
 
 

@@ -803,7 +803,7 @@ class _ChainRun:
             "eval_log_evidence_stderr": float(est.log_evidence_stderr),
             "eval_elbo": float(est.elbo),
             "eval_gap": float(est.gap),
-            "eval_pareto_k": math.nan if est.pareto_k is None else float(est.pareto_k),
+            "eval_pareto_k": float(est.pareto_k),  # nan below 21 draws, -inf for constant weights
             "eval_ess": float(est.ess),
         }
 
