@@ -82,7 +82,12 @@ class Report:
 
     def table(self, frame, float_format: str = "{:.4g}") -> None:
         """A :class:`pandas.DataFrame`, printed as text and kept as a Markdown table."""
-        formatted = frame.map(lambda v: float_format.format(v) if isinstance(v, float) else str(v))
+        def cell(v) -> str:
+            if isinstance(v, float):
+                return "" if math.isnan(v) else float_format.format(v)
+            return str(v)
+
+        formatted = frame.map(cell)
         if self.verbose:
             print(formatted.to_string())
         index_name = frame.index.name or ""

@@ -116,7 +116,7 @@ class ExactReference:
     tau_sd: float
 
 
-def exact_reference(num_nodes: int = 4000) -> ExactReference:
+def exact_reference(num_nodes: int = 800) -> ExactReference:
     """
     Integrate μ and θ out in closed form and τ numerically.
 
