@@ -42,7 +42,7 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
     """
     seed_everything(seed)
     num_steps = steps or (400 if quick else 1500)
-    num_samples = 1000 if quick else 5000
+    num_samples = 1000 if quick else 10000
     report = Report(verbose)
     sigma, y = data()
     exact = exact_reference()  # numpy quadrature, independent of pyro-elbo-lab

@@ -361,7 +361,7 @@ def test_vae_study_reports_every_weighting(vae_study):
     for name, ev in result["evaluations"].items():
         assert ev["elbo"] == pytest.approx(ev["reconstruction"] - ev["kl"], abs=1e-9)
         assert ev["kl"] == pytest.approx(float(ev["kl_per_dimension"].sum()), rel=0.2), name
-        assert 0 <= ev["active_units"] <= 8
+        assert 0 <= ev["active_units"] <= 16  # latent dimension 16
         # the IWAE bound with S samples is at least the ELBO in expectation (Burda et al. 2016);
         # per image the difference is the log of an average of S weights >= the average log
         # weight (Jensen), so only Monte Carlo noise in the ELBO estimate could reverse it

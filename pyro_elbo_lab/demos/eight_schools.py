@@ -299,7 +299,7 @@ def run_fits(
     """The four fits (centred / non-centred × mean-field / full-rank) and the references."""
     seed_everything(seed)
     num_steps = steps or (400 if quick else 1500)
-    num_samples = 1000 if quick else 5000
+    num_samples = 1000 if quick else 10000
     fits = []
     for model_name in MODELS:
         for guide_name in GUIDES:
