@@ -26,7 +26,6 @@ import warnings
 import arviz as az
 import pandas as pd
 import pyro
-import torch
 
 from pyro_elbo_lab import BetaELBO, SVIRunner, estimate_evidence
 from pyro_elbo_lab.demos.common import Report, example_parser, seed_everything

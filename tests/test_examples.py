@@ -360,7 +360,9 @@ def test_vae_study_reports_every_weighting(vae_study):
     assert table["final β"].tolist() == pytest.approx([1.0, 1.0, 1.0, 4.0])
     for name, ev in result["evaluations"].items():
         assert ev["elbo"] == pytest.approx(ev["reconstruction"] - ev["kl"], abs=1e-9)
-        assert ev["kl"] == pytest.approx(float(ev["kl_per_dimension"].sum()), rel=0.2), name
+        # the rate (rate_distortion) and the KL per dimension (posterior_collapse) are both analytic
+        # Gaussian KLs of an encoder that depends on x only: no Monte Carlo error, same number
+        assert ev["kl"] == pytest.approx(float(ev["kl_per_dimension"].sum()), rel=1e-8), name
         assert 0 <= ev["active_units"] <= 16  # latent dimension 16
         # the IWAE bound with S samples is at least the ELBO in expectation (Burda et al. 2016);
         # per image the difference is the log of an average of S weights >= the average log

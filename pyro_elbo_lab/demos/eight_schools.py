@@ -33,7 +33,6 @@ References
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -51,7 +50,7 @@ from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence
 from ..losses import BetaELBO
 from ..runner import SVIRunner
-from .common import Report, fmt, pyplot, seed_everything
+from .common import Report, pyplot, seed_everything
 
 __all__ = [
     "ExactReference",

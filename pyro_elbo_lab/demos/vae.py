@@ -48,11 +48,11 @@ import torch
 from torch import nn
 
 from ..datasets import load_digits
-from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, posterior_collapse
+from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, posterior_collapse, rate_distortion
 from ..losses import BetaMeanFieldELBO
 from ..runner import SVIRunner
 from ..schedules import Cyclical, LinearWarmup
-from .common import Report, fmt, pyplot, seed_everything
+from .common import Report, pyplot, seed_everything
 
 __all__ = ["BetaConfig", "DigitsVAE", "VAEStudy", "beta_configs", "evaluate", "fit", "load_split", "run", "run_study"]
 
@@ -181,13 +181,12 @@ def evaluate(vae: DigitsVAE, x_test: torch.Tensor, num_samples: int = 500) -> di
     Held-out diagnostics of one VAE, all in nats per image.
 
     :returns: dict with ``reconstruction``, ``kl`` (rate), ``distortion``, ``elbo``,
-        ``iwae`` (mean per-image IWAE log-likelihood), ``iwae_stderr``, ``active_units``,
-        ``kl_per_dimension`` (tensor), ``collapse`` (the report).
+        ``iwae`` (mean per-image IWAE log-likelihood), ``iwae_stderr`` (over images),
+        ``active_units``, ``kl_per_dimension`` (tensor), ``collapse`` (a
+        :class:`~pyro_elbo_lab.CollapseReport`) and ``rate_distortion`` (a
+        :class:`~pyro_elbo_lab.RateDistortion`).
     """
-    N = x_test.shape[0]
-    terms = BetaMeanFieldELBO(num_particles=64, vectorize_particles=True, max_plate_nesting=1).decompose(
-        vae.model, vae.guide, x_test
-    )
+    rd = rate_distortion(vae.model, vae.guide, x_test, plate="data", num_samples=64, max_plate_nesting=1)
     collapse = posterior_collapse(vae.model, vae.guide, x_test, plate="data", num_samples=16, max_plate_nesting=1)
     with warnings.catch_warnings():  # the per-image k̂ is reported, not warned about
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
@@ -197,12 +196,13 @@ def evaluate(vae: DigitsVAE, x_test: torch.Tensor, num_samples: int = 500) -> di
         )
     per_image = evidence.log_evidence_per_datapoint
     return {
-        "reconstruction": terms.reconstruction / N,
-        "kl": terms.kl / N,
-        "distortion": -terms.reconstruction / N,
-        "elbo": terms.elbo / N,
+        "reconstruction": -rd.distortion,
+        "kl": rd.rate,
+        "distortion": rd.distortion,
+        "elbo": rd.elbo,
+        "rate_distortion": rd,
         "iwae": per_image.mean().item(),
-        "iwae_stderr": (per_image.std() / N**0.5).item(),
+        "iwae_stderr": (per_image.std() / per_image.shape[0] ** 0.5).item(),
         "active_units": collapse.active_units,
         "kl_per_dimension": collapse.kl_per_dimension,
         "collapse": collapse,
@@ -317,15 +317,14 @@ def write_outputs(study: VAEStudy, output: str, report: Report) -> list[str]:
     paths.append(path)
     report.image(path, "ELBO decomposition over training, per KL weighting")
 
-    rd = pd.DataFrame(
-        {
-            "rate": [study.evaluations[c.name]["kl"] for c in study.configs],
-            "distortion": [study.evaluations[c.name]["distortion"] for c in study.configs],
-        }
-    )
+    rd = pd.concat([study.evaluations[c.name]["rate_distortion"].to_dataframe() for c in study.configs], ignore_index=True)
     ax = plots.plot_rate_distortion(rd, annotate=False)
-    for config, (rate, distortion) in zip(study.configs, rd.itertuples(index=False)):
+    for config, rate, distortion in zip(study.configs, rd["rate"], rd["distortion"]):
         ax.annotate(config.label, (rate, distortion), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # zoom on the fits (the R + D = -ELBO line runs on to the axes)
+    spread = max(rd["distortion"].max() - rd["distortion"].min(), rd["rate"].max() - rd["rate"].min(), 1.0)
+    ax.set_xlim(0, rd["rate"].max() + spread)
+    ax.set_ylim(rd["distortion"].min() - 0.5 * spread, rd["distortion"].max() + 0.5 * spread)
     path = os.path.join(output, "vae_rate_distortion.png")
     ax.figure.savefig(path, dpi=100)
     plt.close(ax.figure)
