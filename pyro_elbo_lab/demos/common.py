@@ -87,7 +87,8 @@ class Report:
                 return "" if math.isnan(v) else float_format.format(v)
             return str(v)
 
-        formatted = frame.map(cell)
+        elementwise = getattr(frame, "map", None) or frame.applymap  # DataFrame.map is pandas >= 2.1
+        formatted = elementwise(cell)
         if self.verbose:
             print(formatted.to_string())
         index_name = frame.index.name or ""
