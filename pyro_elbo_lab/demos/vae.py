@@ -344,8 +344,7 @@ def write_outputs(study: VAEStudy, output: str, report: Report) -> list[str]:
         paths.append(path)
         report.image(path, f"{config.label}: rows are held-out images, their reconstructions, and samples from the prior")
 
-        # dims: name only the data plate of the observed images (their log_likelihood is per image)
-        idata = study.results[config.name].to_inference_data(x, num_samples=100, dims={"x": ["data"]})
+        idata = study.results[config.name].to_inference_data(x, num_samples=100)
         path = os.path.join(output, f"vae_{config.name}.nc")
         idata.to_netcdf(path)
         paths.append(path)
