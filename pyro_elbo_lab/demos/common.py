@@ -78,7 +78,8 @@ class Report:
             print("=" * len(text) if level <= 2 else "-" * len(text))
 
     def text(self, text: str = "") -> None:
-        self._emit(text, text)
+        # one Markdown paragraph per call; list items ("- ...") stay together
+        self._emit(text, text if text.startswith("- ") else text + "\n")
 
     def table(self, frame, float_format: str = "{:.4g}") -> None:
         """A :class:`pandas.DataFrame`, printed as text and kept as a Markdown table."""
@@ -92,8 +93,8 @@ class Report:
         if self.verbose:
             print(formatted.to_string())
         index_name = frame.index.name or ""
-        header = [index_name] + [str(c) for c in formatted.columns]
-        rows = [[str(i)] + list(r) for i, r in zip(formatted.index, formatted.values.tolist())]
+        header = [_cell(index_name)] + [_cell(c) for c in formatted.columns]
+        rows = [[_cell(i)] + [_cell(v) for v in r] for i, r in zip(formatted.index, formatted.values.tolist())]
         self.lines.append("")
         self.lines.append("| " + " | ".join(header) + " |")
         self.lines.append("|" + "---|" * len(header))
@@ -116,3 +117,8 @@ class Report:
             print(plain)
             sys.stdout.flush()
         self.lines.append(markdown)
+
+
+def _cell(value) -> str:
+    """A Markdown table cell: pipes escaped (``KL(q||p)``)."""
+    return str(value).replace("|", "\\|")
