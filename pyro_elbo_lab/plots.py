@@ -208,7 +208,8 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     if missing:
         raise ValueError(f"rate–distortion data needs columns 'rate' and 'distortion'; missing {missing} "
                          f"(columns: {list(frame.columns)})")
-    if "beta" in frame.columns:
+    numeric_beta = "beta" in frame.columns and pd.api.types.is_numeric_dtype(frame["beta"])
+    if numeric_beta:
         frame = frame.sort_values("beta")
     ax = _axes(ax)
     if "rate_stderr" in frame.columns and "distortion_stderr" in frame.columns:
@@ -222,8 +223,17 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     ax.plot(r, total - r, color="grey", linestyle="--", label=f"R + D = {total:.4g} nats (best -ELBO)")
     if annotate and "beta" in frame.columns:
         for _, row in frame.iterrows():
-            ax.annotate(f"β={row['beta']:.3g}", (row["rate"], row["distortion"]), textcoords="offset points",
+            label = f"β={row['beta']:.3g}" if numeric_beta else str(row["beta"])
+            ax.annotate(label, (row["rate"], row["distortion"]), textcoords="offset points",
                         xytext=(4, 4), fontsize="small")
+    # frame the fitted points, not the whole R + D line (which would squash them into a corner)
+    for column, set_lim in (("rate", ax.set_xlim), ("distortion", ax.set_ylim)):
+        values = frame[column].to_numpy(dtype=float)
+        err = frame.get(f"{column}_stderr")
+        err = np.zeros_like(values) if err is None else np.nan_to_num(err.to_numpy(dtype=float))
+        lo, hi = float(np.min(values - err)), float(np.max(values + err))
+        pad = 0.15 * (hi - lo) if hi > lo else max(1.0, 0.05 * abs(hi))
+        set_lim(lo - pad, hi + pad)
     ax.set_xlabel("rate R = KL(q(z|x) || p(z)) (nats)")
     ax.set_ylabel("distortion D = -E[log p(x|z)] (nats)")
     ax.set_title("Rate–distortion")

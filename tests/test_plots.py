@@ -142,3 +142,16 @@ def test_summary_runs_with_chains(fitted):
     assert {"elbo", "kl", "log_evidence", "gap", "pareto_k", "verdict", "ess", "r_hat"} <= set(summary.vi.columns)
     assert np.isfinite(summary.posterior.loc["a", "r_hat"])
     assert "<h4>" in summary._repr_html_()
+
+
+def test_rate_distortion_labels_and_limits_frame_the_points():
+    """β given as labels (schedules) annotates with the label; the axes frame the fits."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"rate": [1.0, 5.0, 9.0], "distortion": [50.0, 40.0, 38.0],
+                          "beta": ["β = 4", "warm-up", "β = 1"]})
+    ax = plots.plot_rate_distortion(frame)
+    assert sorted(t.get_text() for t in ax.texts) == ["warm-up", "β = 1", "β = 4"]
+    # 15% padding of the points' range: rate 1..9 -> (-0.2, 10.2), distortion 38..50 -> (36.2, 51.8)
+    assert ax.get_xlim() == pytest.approx((-0.2, 10.2))
+    assert ax.get_ylim() == pytest.approx((36.2, 51.8))
