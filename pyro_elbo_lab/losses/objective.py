@@ -261,12 +261,17 @@ class WeightedObjective:
         surrogate = 0.0
         records = []
         names = None
+        scale = -1.0 / self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             objective_p, surrogate_p, names_p, record_p = self._particle(model_trace, guide_trace, beta, capacity)
-            loss_p = -objective_p.sum() / self.num_particles
+            if objective_p.dim():
+                objective_p = objective_p.sum()
+            loss_p = -objective_p if scale == -1.0 else scale * objective_p
             loss = loss_p if loss is None else loss + loss_p
             if mode != "value" and torch.is_tensor(surrogate_p) and surrogate_p.requires_grad:
-                surrogate_p = -surrogate_p.sum() / self.num_particles
+                if surrogate_p.dim():
+                    surrogate_p = surrogate_p.sum()
+                surrogate_p = -surrogate_p if scale == -1.0 else scale * surrogate_p
                 if mode == "backward":
                     trainable = any(
                         site["type"] == "param" for trace in (model_trace, guide_trace) for site in trace.nodes.values()
