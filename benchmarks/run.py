@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -86,6 +87,9 @@ def measure(methods: list[Method], reference: str, rounds: int, block: int, warm
         k = r % len(methods)
         for m in methods[k:] + methods[:k]:
             with store.scope(m.scope):
+                # collect the garbage the previous method left, so that it is not charged to
+                # this one (Importance leaves thousands of traces); GC stays on while timing
+                gc.collect()
                 t0 = time.perf_counter()
                 for _ in range(block):
                     m.step()
