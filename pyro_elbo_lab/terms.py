@@ -69,6 +69,14 @@ class ELBOTerms:
         (``std / sqrt(num_particles)``); empty when ``num_particles == 1``.
     :ivar capacity: the capacity :math:`C(t)` in force (nats per element of the data
         plate), or ``None`` when the objective has no capacity term.
+
+    References
+
+    [1] `Variational Inference: A Review for Statisticians`, David M. Blei, Alp
+        Kucukelbir, Jon D. McAuliffe (2017), eqs. (11)–(13): the three decompositions.
+
+    [2] `ELBO surgery: yet another way to carve up the variational evidence lower bound`,
+        Matthew D. Hoffman, Matthew J. Johnson (2016)
     """
 
     objective: float
