@@ -73,7 +73,7 @@ class ELBOTerms:
     References
 
     [1] `Variational Inference: A Review for Statisticians`, David M. Blei, Alp
-        Kucukelbir, Jon D. McAuliffe (2017), eqs. (11)–(13): the three decompositions.
+        Kucukelbir, Jon D. McAuliffe (2017), Section 2.2: the ELBO and its decompositions.
 
     [2] `ELBO surgery: yet another way to carve up the variational evidence lower bound`,
         Matthew D. Hoffman, Matthew J. Johnson (2016)
