@@ -5,7 +5,9 @@ already has, together with the ELBO's decomposition.
 
 This module holds the machinery shared by :class:`~pyro_elbo_lab.BetaELBO` (Monte Carlo
 KL) and :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL where registered). The two
-differ only in :meth:`WeightedObjective._latent_site_terms`, the per-site KL estimator.
+differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` per site (or
+:meth:`WeightedObjective._latent_terms` for all sites at once) and
+:meth:`WeightedObjective._latent_site_kl_per_dim` for free bits.
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ class WeightedObjective:
             - \\sum_{s \\notin S} \\mathrm{KL}_s - \\beta \\sum_{s \\in S} \\mathrm{KL}_s,
 
     (or the free-bits / capacity variants on the sites ``S``), and records the ELBO's
-    decomposition on every call. Subclasses implement :meth:`_latent_site_terms`.
+    decomposition on every call. Subclasses implement :meth:`_latent_site_terms` (or
+    override :meth:`_latent_terms`) and :meth:`_latent_site_kl_per_dim`.
 
     Not part of the public API: use :class:`~pyro_elbo_lab.BetaELBO` or
     :class:`~pyro_elbo_lab.BetaMeanFieldELBO`.
@@ -132,7 +135,7 @@ class WeightedObjective:
         self.step = 0
         self._last_record: _TermsRecord | None = None
         self._sites_checked = False
-        self._analytic_cache: dict = {}
+        self._weight_cache: dict = {}
 
     # -- hyper-parameters in force --------------------------------------------------------
 
@@ -485,11 +488,11 @@ class WeightedObjective:
     def _weights(self, weighted: tuple, beta, like: torch.Tensor) -> torch.Tensor:
         """Per-site weights (beta for selected sites, 1 otherwise), shaped to broadcast."""
         key = (weighted, like.dtype, like.device, like.dim())
-        mask = self._analytic_cache.get(key)
+        mask = self._weight_cache.get(key)
         if mask is None:
             mask = torch.tensor(weighted, dtype=like.dtype, device=like.device)
             mask = mask.reshape((-1,) + (1,) * (like.dim() - 1))
-            self._analytic_cache[key] = mask
+            self._weight_cache[key] = mask
         return 1.0 + (beta - 1.0) * mask
 
     def _latent_terms(self, latent: list):
