@@ -22,7 +22,6 @@ differences that matter here:
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
 
 import pyro
 import pyro.poutine as poutine
@@ -30,7 +29,6 @@ import torch
 from pyro.ops.jit import _hashable_args_kwargs
 from pyro.util import ignore_jit_warnings, optional
 
-from ..schedules import ScheduleLike
 from ..terms import _TermsRecord
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
@@ -67,11 +65,15 @@ class _JitObjective:
     #: number of traces made so far (for tests and benchmarks: it must not grow per step)
     num_compilations: int
 
-    def _init_jit(self) -> None:
+    #: the uncompiled class this one compiles (named in errors)
+    _uncompiled: type
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._compiled: dict = {}
         self.num_compilations = 0
 
-    def _jit_key(self, model, guide, args, kwargs, capacity):
+    def _jit_key(self, model, guide, args, kwargs):
         for i, arg in enumerate(args):
             if not torch.is_tensor(arg):
                 raise ValueError(
@@ -79,8 +81,18 @@ class _JitObjective:
                     f"but argument {i} is a {type(arg).__name__} ({arg!r}). Pass tensors positionally and "
                     "everything else as keyword arguments (each distinct keyword value compiles once)."
                 )
+        for name, value in kwargs.items():
+            if torch.is_tensor(value):
+                raise ValueError(
+                    f"{type(self).__name__} freezes keyword arguments into the compiled function, but keyword "
+                    f"argument {name!r} is a tensor (it would be compiled in as a constant, once per tensor "
+                    "object). Pass tensors positionally."
+                )
         shapes = tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
-        return (id(model), id(guide), capacity is None, shapes, _hashable_args_kwargs(args, kwargs))
+        # the model and guide themselves, not their ids: a bound method (vae.model) is a new
+        # object at every attribute access but compares equal, and holding them in the key
+        # keeps an id from being reused by another function
+        return (model, guide, shapes, _hashable_args_kwargs((), kwargs))
 
     def _traced_body(self, model, guide, kwargs, holder: dict):
         """The Python function that is traced: ``(beta, capacity, *args) -> (loss, surrogate, record)``."""
@@ -100,10 +112,12 @@ class _JitObjective:
                 if names is None:
                     names = names_p
                 elif names_p != names:
+                    missing = [n for n in names if n not in names_p]
+                    extra = [n for n in names_p if n not in names]
                     raise ValueError(
                         f"{type(self).__name__} needs a model and guide with static structure, but sequential "
-                        f"particles visited different sites ({[n for n in names_p if n not in names]} appeared). "
-                        f"Use {type(self).__mro__[2].__name__}, whose particles may differ."
+                        f"particles visited different sites (missing: {missing}; new: {extra}). "
+                        f"Use {self._uncompiled.__name__}, whose particles may differ."
                     )
                 records.append(record_p)
             values = records[0] if len(records) == 1 else torch.stack(records, -1)
@@ -144,8 +158,10 @@ class _JitObjective:
         example = (beta_t, capacity_t) + tuple(pyro.param(n).unconstrained() for n in param_names) + tuple(args)
         options = dict(self.jit_options or {})
         options.setdefault("check_trace", False)
-        rng = torch.get_rng_state()
-        try:
+        devices = sorted({t.device.index or 0 for t in example if t.is_cuda})
+        # restore every random state tracing consumed (CPU and the CUDA devices in use), so
+        # that the losses are those of the uncompiled class for the same seed
+        with torch.random.fork_rng(devices=devices):
             with (
                 pyro.validation_enabled(False),
                 torch.enable_grad(),
@@ -156,8 +172,6 @@ class _JitObjective:
                 # stable way to remove Pyro's per-step Python overhead (see the class docs).
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
                 function = torch.jit.trace(traced, example, **options)
-        finally:
-            torch.set_rng_state(rng)
         optimize = sum(1 for _ in function.graph.nodes()) <= _OPTIMIZE_MAX_NODES
         self._compiled[key] = _Compiled(function, param_names, names, optimize)
         self.num_compilations += 1
@@ -166,7 +180,7 @@ class _JitObjective:
     def _run(self, model, guide, args, kwargs, mode: str):
         beta = self.current_beta()
         capacity = self.current_capacity()
-        key = self._jit_key(model, guide, args, kwargs, capacity)
+        key = self._jit_key(model, guide, args, kwargs)
         dtype = torch.get_default_dtype()
         beta_t = torch.tensor(beta, dtype=dtype)
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
@@ -201,10 +215,13 @@ _LIMITS = """
       ``pyro.plate`` sizes and sequential particles that visit different sites are frozen
       at the first call (sequential particles that differ raise ``ValueError``).
     * Positional arguments must be tensors (they are inputs of the compiled function);
-      anything else goes in keyword arguments. Every distinct keyword value, every new
+      anything else goes in keyword arguments (a tensor keyword argument raises
+      ``ValueError``: it would be frozen in as a constant). Every distinct keyword value, every new
       ``(model, guide)`` pair, and every new shape, dtype or device of a positional
       tensor compiles once more (so the smaller last minibatch of an epoch compiles once,
-      and is then reused). Global data read from a closure is frozen at compile time.
+      and is then reused). Global data read from a closure is frozen at compile time, and
+      so are the random indices of a subsampling ``pyro.plate(..., subsample_size=...)``:
+      scale minibatches passed in as arguments with ``poutine.scale`` instead.
     * All parameters must exist after the first call (``pyro.param`` calls that appear
       later are not seen). β and the capacity are inputs, so schedules never recompile;
       ``free_bits``, ``gamma``, ``sites``, ``num_particles``, ``vectorize_particles`` and
@@ -267,18 +284,7 @@ class JitBetaELBO(_JitObjective, BetaELBO):
     """
     )
 
-    def __init__(
-        self,
-        beta: ScheduleLike = 1.0,
-        *,
-        sites: Iterable[str] | None = None,
-        free_bits: float | None = None,
-        capacity: ScheduleLike | None = None,
-        gamma: float = 1000.0,
-        **kwargs,
-    ):
-        super().__init__(beta, sites=sites, free_bits=free_bits, capacity=capacity, gamma=gamma, **kwargs)
-        self._init_jit()
+    _uncompiled = BetaELBO
 
 
 class JitBetaMeanFieldELBO(_JitObjective, BetaMeanFieldELBO):
@@ -308,15 +314,4 @@ class JitBetaMeanFieldELBO(_JitObjective, BetaMeanFieldELBO):
     """
     )
 
-    def __init__(
-        self,
-        beta: ScheduleLike = 1.0,
-        *,
-        sites: Iterable[str] | None = None,
-        free_bits: float | None = None,
-        capacity: ScheduleLike | None = None,
-        gamma: float = 1000.0,
-        **kwargs,
-    ):
-        super().__init__(beta, sites=sites, free_bits=free_bits, capacity=capacity, gamma=gamma, **kwargs)
-        self._init_jit()
+    _uncompiled = BetaMeanFieldELBO
