@@ -331,3 +331,18 @@ def test_result_api():
     assert "pareto_k" in str(result) and "log_weights" not in repr(result)
     for k, verdict in [(0.3, "good"), (0.5, "good"), (0.6, "ok"), (0.7, "ok"), (0.71, "bad")]:
         assert evidence_module._verdict(k) == verdict
+
+
+def test_guide_shape_disagreeing_with_model_is_an_error():
+    """A guide site of shape (3,) for a scalar model site must not give a silent number."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.5 * torch.ones(3), 0.3))
+
+    with pytest.raises(ValueError, match="mu"):
+        estimate_evidence(model, guide, torch.tensor([0.1, -0.3]), num_samples=100)

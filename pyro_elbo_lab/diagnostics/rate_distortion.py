@@ -177,7 +177,7 @@ def rate_distortion(
             mt, gt = traces.model_trace, traces.guide_trace
             if frame is False:
                 frame = find_data_plate(mt, gt, plate, need_latent=False)
-            rate = distortion = torch.zeros(n)
+            rate = distortion = 0.0  # becomes an (n,) tensor on the model's device
             for name, site in mt.nodes.items():
                 if site["type"] != "sample":
                     continue
@@ -197,6 +197,10 @@ def rate_distortion(
                     term = sum_per_sample(site["log_prob"], n, max_plate_nesting)
                     rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
                     rate = rate + term
+            if not torch.is_tensor(rate):  # no latent site
+                rate = torch.zeros_like(distortion)
+            if not torch.is_tensor(distortion):  # no observed site
+                distortion = torch.zeros_like(rate)
             totals.append(torch.stack([rate, distortion], -1))
         totals = torch.cat(totals, 0)  # (S, 2)
 

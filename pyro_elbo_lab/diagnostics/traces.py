@@ -13,7 +13,9 @@ from typing import NamedTuple
 import torch
 import pyro
 import pyro.poutine as poutine
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 
 __all__ = [
     "SAMPLE_PLATE",
@@ -103,16 +105,18 @@ def vectorized_traces(
     :param int num_samples: S >= 1.
     :param int max_plate_nesting: the model's plate depth; guessed when None.
     :rtype: ImportanceTraces
-    :raises ValueError: if a latent site of the model has no guide site.
+    :raises ValueError: if a latent site of the model has no guide site; under validation
+        (``pyro.enable_validation``), if model and guide shapes disagree at a site or a site
+        does not fit its plates (Pyro's ``check_model_guide_match`` / ``check_site_shape``).
     """
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    # the plate goes inside the replay, as in Pyro's vectorised ELBO, so that it broadcasts the
+    # model's distributions too (a replayed site is "done" and not broadcast from outside)
     plate = pyro.plate(SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1))
     with poutine.block():
-        with plate:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        with plate:
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(*args, **kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     for name, site in model_trace.nodes.items():
@@ -121,8 +125,17 @@ def vectorized_traces(
                 f"The model's latent site '{name}' has no site in the guide, so the guide cannot propose it. "
                 f"Guide sites: {[n for n, s in guide_trace.nodes.items() if s['type'] == 'sample']}"
             )
+    if is_validation_enabled():
+        # Pyro's own checks (as in get_importance_trace): shapes that disagree between model
+        # and guide, or sites that do not fit their plates, would give silently wrong weights
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
+    if is_validation_enabled():
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting + 1)
     return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting)
 
 
