@@ -87,6 +87,70 @@ def test_monte_carlo_kl_for_pairs_without_closed_form(data):
     assert torch.allclose(report.activity, loc.var(0, unbiased=False), atol=1e-12)
 
 
+F32 = torch.float32
+
+
+def _float32_vae(loc_fn):
+    """The VAE model and a guide with element distribution ``loc_fn(loc, x)``, every tensor float32."""
+    w32 = W.to(F32)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(D, dtype=F32), torch.ones((), dtype=F32)).to_event(1))
+            pyro.sample("x", dist.Normal(z[..., :2], torch.tensor(0.5, dtype=F32)).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", loc_fn(x @ w32.T).to_event(1))
+
+    return model, guide
+
+
+def test_float32_analytic_kl_over_several_batches_has_zero_stderr(data):
+    # KL ≈ 450 nats per dimension: the old sum-of-squares variance, Σ kl² - S·mean², cancelled
+    # in float32 and reported a stderr of 4e-3 where the closed form is exactly 0
+    x = data.to(F32)
+    offset, scale = 30.0, SCALE.to(F32)
+    model, guide = _float32_vae(lambda loc: dist.Normal(offset + loc, scale))
+    report = posterior_collapse(model, guide, x, num_samples=1000, batch_size=300)  # batches 300, 300, 300, 100
+    assert report.kl_per_dimension.dtype == F32
+    loc = offset + data @ W.T  # float64 closed form
+    exact = (torch.log(1 / SCALE) + (SCALE**2 + loc**2) / 2 - 0.5).mean(0)
+    # float32 rounds at 6e-8 relative; a mean over 40 elements and 1000 samples stays within 1e-5
+    assert torch.allclose(report.kl_per_dimension.double(), exact, rtol=1e-5, atol=0)
+    # the guide's parameters depend on x only, so every sample has the same KL: the stderr is 0
+    # up to the deviations of identical values from their float32 mean (a few ulp of the KL)
+    bound = 4 * torch.finfo(F32).eps * exact / math.sqrt(1000)
+    assert torch.all(report.kl_per_dimension_stderr.double() <= bound)
+
+
+def test_float32_monte_carlo_kl_stderr_over_several_batches_matches_closed_form(data):
+    # Student-t guide far from the prior (KL ≈ 5000 nats, per-sample sd ≈ 0.25): with the old
+    # sum-of-squares variance the float32 stderr came out 0 (clamped) or several times too big
+    nu, scale, offset = 5.0, 0.01, 100.0
+    x = data.to(F32)
+    model, guide = _float32_vae(
+        lambda loc: dist.StudentT(torch.tensor(nu, dtype=F32), offset + loc, torch.tensor(scale, dtype=F32))
+    )
+    S = 400
+    report = posterior_collapse(model, guide, x, num_samples=S, batch_size=150)  # batches 150, 150, 100
+    assert report.kl_method == {"z": "monte carlo"}
+    loc = offset + data @ W.T  # (N, D), float64
+    entropy = dist.StudentT(nu, loc, scale).entropy()
+    exact = (-entropy + 0.5 * math.log(2 * math.pi) + 0.5 * (loc**2 + scale**2 * nu / (nu - 2))).mean(0)
+    # per element, with z = m + s t: log q - log p = log T_ν(t) + m s t + s² t²/2 + const, and
+    # log T_ν(t) = -(ν+1)/2 · log(1 + t²/ν) with 1/(1 + t²/ν) ~ Beta(ν/2, 1/2), so
+    # Var = ((ν+1)/2)² (ψ₁(ν/2) - ψ₁((ν+1)/2)) + m² s² ν/(ν-2) + O(s²) (1e-4 here, neglected)
+    var_log_t = ((nu + 1) / 2) ** 2 * float(torch.polygamma(1, torch.tensor(nu / 2)) - torch.polygamma(1, torch.tensor((nu + 1) / 2)))
+    var = var_log_t + loc**2 * scale**2 * nu / (nu - 2)  # (N, D)
+    exact_se = var.sum(0).sqrt() / N / math.sqrt(S)  # sd of the data average, over sqrt(S) samples
+    se = report.kl_per_dimension_stderr.double()
+    # the sd of S = 400 near-Gaussian rows has relative error 1/sqrt(2·399) ≈ 3.5%; allow 20%
+    assert torch.allclose(se, exact_se, rtol=0.2)
+    # 5 standard errors; float32 rounding of a 5000-nat mean (~1e-3) is far below 5 se ≈ 0.06
+    assert torch.all((report.kl_per_dimension.double() - exact).abs() < 5 * exact_se)
+
+
 def test_nested_latent_plate_layout_matches_event_layout(data):
     # z as a (data × latent) plate grid instead of an event dim: same per-dimension answers
     def model(x):

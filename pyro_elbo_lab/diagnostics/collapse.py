@@ -180,7 +180,8 @@ def posterior_collapse(
     with torch.no_grad():
         max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
         frame = names = None
-        kl_sum = kl_sq = mean_sum = None
+        mean_sum = None
+        kl_rows: list[torch.Tensor] = []  # (n, D) per batch: per sample, averaged over the data
         kl_method: dict[str, str] = {}
         mean_method: dict[str, str] = {}
         sizes: list[int] = []
@@ -192,27 +193,24 @@ def posterior_collapse(
             views = collect_local_sites(traces, frame, names, elementwise=True)
             kls, means = [], []
             for view in views:
-                kl, analytic = view.kl()
-                mean, from_guide = view.mean()
+                kl, analytic = view.kl()  # (n, N, D_site)
+                mean, from_guide = view.mean()  # (n, N, D_site)
                 kl_method.setdefault(view.name, "analytic" if analytic else "monte carlo")
                 mean_method.setdefault(view.name, "guide mean" if from_guide else "monte carlo")
-                kls.append(kl.expand(n, -1, -1))
-                means.append(mean.expand(n, -1, -1))
+                kls.append(kl)
+                means.append(mean)
                 if len(sizes) < len(views):
                     sizes.append(kl.shape[-1])
-            kl = torch.cat(kls, -1).mean(1)  # (n, D): per sample, averaged over the data
+            kl_rows.append(torch.cat(kls, -1).mean(1))
             mean = torch.cat(means, -1)  # (n, N, D)
-            kl_sum = kl.sum(0) if kl_sum is None else kl_sum + kl.sum(0)
-            kl_sq = kl.pow(2).sum(0) if kl_sq is None else kl_sq + kl.pow(2).sum(0)
             mean_sum = mean.sum(0) if mean_sum is None else mean_sum + mean.sum(0)
 
         S = num_samples
-        kl_mean = kl_sum / S
-        if S > 1:
-            var = (kl_sq - S * kl_mean.pow(2)).clamp(min=0) / (S - 1)
-            kl_se = (var / S).sqrt()
-        else:
-            kl_se = torch.full_like(kl_mean, math.nan)
+        rows = torch.cat(kl_rows, 0)  # (S, D): small, kept so the spread is computed from deviations
+        kl_mean = rows.mean(0)
+        # the sample sd from deviations about the mean, not the sum of squares minus S·mean²,
+        # which cancels catastrophically in float32 when the KL is large against its spread
+        kl_se = rows.std(0) / math.sqrt(S) if S > 1 else torch.full_like(kl_mean, math.nan)
         posterior_mean = mean_sum / S  # (N, D)
         activity = posterior_mean.var(0, unbiased=False)
 
