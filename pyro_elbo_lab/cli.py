@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Sequence
 
-from .datasets import EXTRA_HINT
+from .datasets import MissingExtraError, require
 
 __all__ = ["DEMOS", "main"]
 
@@ -29,6 +29,7 @@ DEFAULT_OUTPUT = "elbo-lab-output"
 
 
 def _positive_int(text: str) -> int:
+    """``--steps`` (here and in the example scripts): a positive integer, else exit status 2."""
     try:
         value = int(text)
     except ValueError:
@@ -46,6 +47,13 @@ def _demo_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser of the ``pyro-elbo-lab`` command: ``--version`` and the ``demo``
+    sub-command with ``NAME`` (one of :data:`DEMOS` or an alias), ``--quick``, ``--seed``,
+    ``--steps`` (a positive integer), ``--output`` and ``--no-progress``.
+
+    :returns: the parser; ``parse_args`` exits with status 2 on bad arguments (argparse).
+    """
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -88,23 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.exists(output) and not os.path.isdir(output):
         parser.error(f"--output {args.output!r} exists and is not a directory; pass a directory")
     module_name, _ = DEMOS[args.name]
+    purpose = f"pyro-elbo-lab demo {args.name}"
     try:
+        # fail before any fitting if an optional dependency is missing; a MissingExtraError
+        # names the package and the install command. Any other ImportError is a bug and is
+        # not caught.
         for needed in ("matplotlib", "sklearn") if args.name == "vae" else ("matplotlib",):
-            importlib.import_module(needed)
+            require(needed, purpose)
         module = importlib.import_module(f"pyro_elbo_lab.demos.{module_name}")
-    except ImportError as e:
-        print(
-            f"pyro-elbo-lab demo {args.name} needs an optional dependency that is not installed ({e}).\n"
-            f"Install the demo's dependencies with: {EXTRA_HINT}",
-            file=sys.stderr,
-        )
-        return 1
-    os.makedirs(output, exist_ok=True)
-    start = time.perf_counter()
-    try:
+        os.makedirs(output, exist_ok=True)
+        start = time.perf_counter()
         module.run(output, quick=args.quick, seed=args.seed, steps=args.steps, progress_bar=not args.no_progress)
-    except ImportError as e:  # e.g. scikit-learn missing at data loading
-        print(f"{e}\nInstall the demo's dependencies with: {EXTRA_HINT}", file=sys.stderr)
+    except MissingExtraError as e:
+        print(e, file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - start:.0f} s; outputs in {output}")
     return 0

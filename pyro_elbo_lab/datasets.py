@@ -5,7 +5,7 @@ Small real data sets for the demo and the examples.
 The eight schools data are constants (Rubin 1981). The others are scikit-learn's bundled
 copies (no download): handwritten digits, diabetes and iris. scikit-learn is an optional
 dependency of pyro-elbo-lab, installed with the ``examples`` extra; without it, the
-loaders raise an :class:`ImportError` that says so.
+loaders raise a :class:`MissingExtraError` (an :class:`ImportError`) that says so.
 
 Every loader returns ``torch`` tensors in the current default dtype.
 """
@@ -22,6 +22,7 @@ __all__ = [
     "EIGHT_SCHOOLS_Y",
     "EXTRA_HINT",
     "Dataset",
+    "MissingExtraError",
     "eight_schools",
     "load_diabetes",
     "load_digits",
@@ -65,6 +66,17 @@ class Dataset(NamedTuple):
     description: str
 
 
+class MissingExtraError(ImportError):
+    """
+    An optional dependency (the ``examples`` extra) is missing or cannot be imported.
+
+    Raised by :func:`require`; its message names the package and the install command, so
+    a caller can print it as it is. A subclass of :class:`ImportError`, so code that
+    catches ``ImportError`` keeps working, while the command line catches only this and
+    lets any other ``ImportError`` (a bug) through.
+    """
+
+
 def require(module: str, purpose: str):
     """
     Import an optional dependency, or fail with a message that names the extra to install.
@@ -72,23 +84,33 @@ def require(module: str, purpose: str):
     :param str module: the module to import, e.g. ``"sklearn.datasets"``.
     :param str purpose: what it is needed for, e.g. ``"the digits data"``.
     :returns: the imported module.
-    :raises ImportError: if it is not installed, naming ``pyro-elbo-lab[examples]``.
+    :raises MissingExtraError: (an :class:`ImportError`) if it is not installed, or its
+        import fails, naming the package and ``pip install "pyro-elbo-lab[examples]"``.
     """
     try:
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
         package = {"sklearn": "scikit-learn"}.get(top, top)
-        raise ImportError(
-            f"{purpose} needs {package}, which is not installed. "
+        missing = isinstance(e, ModuleNotFoundError) and (
+            e.name is None or module == e.name or module.startswith(e.name + ".")
+        )
+        problem = "which is not installed" if missing else f"which could not be imported ({e})"
+        raise MissingExtraError(
+            f"{purpose} needs {package}, {problem}. "
             f"Install the optional dependencies of the demo and the examples with: {EXTRA_HINT}"
         ) from e
 
 
 def eight_schools() -> Dataset:
     """
-    The eight schools data (Rubin 1981): estimated effects ``y`` (shape ``(8,)``) as
-    ``data`` and their standard errors ``sigma`` as ``target``.
+    The eight schools data (Rubin 1981): estimated coaching effects and their standard
+    errors, in points on the SAT-V scale, schools in the order of
+    :data:`EIGHT_SCHOOLS_NAMES`.
+
+    :returns: a :class:`Dataset` with ``data`` the effects ``y`` (shape ``(8,)``),
+        ``target`` their standard errors ``sigma`` (shape ``(8,)``), ``feature_names`` the
+        school names.
 
     References
 
@@ -109,7 +131,7 @@ def load_digits() -> Dataset:
 
     :returns: ``data`` of shape ``(1797, 64)`` with integer-valued counts in [0, 16],
         ``target`` the digit (0..9).
-    :raises ImportError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
+    :raises MissingExtraError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
 
     References
 
@@ -133,7 +155,7 @@ def load_diabetes() -> Dataset:
     scikit-learn; the target is disease progression one year later.
 
     :returns: ``data`` of shape ``(442, 10)``, ``target`` of shape ``(442,)``.
-    :raises ImportError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
+    :raises MissingExtraError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
 
     References
 
@@ -157,7 +179,7 @@ def load_iris() -> Dataset:
 
     :returns: ``data`` of shape ``(150, 4)`` (sepal length, sepal width, petal length,
         petal width), ``target`` the species (0..2).
-    :raises ImportError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
+    :raises MissingExtraError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
 
     References
 

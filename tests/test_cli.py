@@ -47,8 +47,9 @@ def test_bad_arguments(argv, message, capsys):
 def test_output_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "report.txt"
     path.write_text("")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--quick", "--output", str(path)])
+    assert exc.value.code == 2  # argparse's status for bad arguments
     assert "is not a directory" in capsys.readouterr().err
 
 
@@ -89,20 +90,65 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert cli.main(["demo", "--quick", "--output", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert 'pip install "pyro-elbo-lab[examples]"' in err
+    assert "pyro-elbo-lab demo eight_schools needs matplotlib, which is not installed" in err
+    assert err.count(datasets.EXTRA_HINT) == 1
 
 
 def test_missing_sklearn_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     assert cli.main(["demo", "vae", "--quick", "--output", str(tmp_path)]) == 1
-    assert "pyro-elbo-lab[examples]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs scikit-learn, which is not installed" in err
+    assert err.count(datasets.EXTRA_HINT) == 1
+
+
+def test_missing_extra_inside_a_demo_prints_the_hint_once(monkeypatch, tmp_path, capsys):
+    # a dependency found missing only while the demo runs (datasets.require inside run):
+    # its message already names the extra, and the command prints it once, with status 1
+    from pyro_elbo_lab.demos import eight_schools
+
+    def run(*args, **kwargs):
+        datasets.require("pyro_elbo_lab_no_such_module", "the test data")
+
+    monkeypatch.setattr(eight_schools, "run", run)
+    assert cli.main(["demo", "--quick", "--no-progress", "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "the test data needs pyro_elbo_lab_no_such_module, which is not installed" in err
+    assert err.count(datasets.EXTRA_HINT) == 1
+
+
+def test_import_error_inside_a_demo_is_not_reported_as_a_missing_extra(monkeypatch, tmp_path, capsys):
+    # an ImportError that is not a missing optional dependency is a bug: it propagates
+    from pyro_elbo_lab.demos import eight_schools
+
+    def run(*args, **kwargs):
+        raise ImportError("cannot import name 'nothing' from 'pyro_elbo_lab'")
+
+    monkeypatch.setattr(eight_schools, "run", run)
+    with pytest.raises(ImportError, match="cannot import name 'nothing'") as exc:
+        cli.main(["demo", "--quick", "--no-progress", "--output", str(tmp_path)])
+    assert not isinstance(exc.value, datasets.MissingExtraError)
+    assert datasets.EXTRA_HINT not in capsys.readouterr().err
+
+
+def test_require_broken_install_is_not_called_missing(monkeypatch):
+    # installed but failing to import (here: a dependency of it missing): the message says
+    # so instead of "not installed", and still names the extra
+    import importlib
+
+    def broken(name, package=None):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(datasets.MissingExtraError, match=r"needs scikit-learn, which could not be imported \(No module named 'scipy'\)"):
+        datasets.require("sklearn.datasets", "the digits data")
 
 
 @pytest.mark.parametrize("loader", ["load_digits", "load_diabetes", "load_iris"])
 def test_dataset_loaders_without_sklearn(monkeypatch, loader):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(ImportError, match=r'needs scikit-learn, which is not installed.*pip install "pyro-elbo-lab\[examples\]"'):
+    with pytest.raises(datasets.MissingExtraError, match=r'needs scikit-learn, which is not installed.*pip install "pyro-elbo-lab\[examples\]"'):
         getattr(datasets, loader)()
 
 

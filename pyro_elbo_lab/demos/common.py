@@ -9,6 +9,7 @@ import sys
 import pyro
 import torch
 
+from ..cli import _positive_int  # the one check of --steps, shared with the command line
 from ..datasets import require
 
 __all__ = ["example_parser", "fmt", "pyplot", "seed_everything", "Report"]
@@ -27,13 +28,6 @@ def example_parser(description: str, default_steps: int | None = None) -> argpar
     hint = f" (default {default_steps}" + ", fewer with --quick)" if default_steps else ""
     parser.add_argument("--steps", type=_positive_int, default=None, help=f"optimisation steps{hint}")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def seed_everything(seed: int) -> None:
