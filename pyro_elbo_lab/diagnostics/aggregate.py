@@ -12,8 +12,7 @@ from typing import Iterable
 
 import torch
 
-from .collapse import dimension_names
-from .local import ELEMENT_BUDGET, check_int, collect_local_sites, find_data_plate, local_sites
+from .local import ELEMENT_BUDGET, check_int, collect_local_sites, dimension_names, find_data_plate, local_sites
 from .traces import guess_max_plate_nesting, vectorized_traces
 
 __all__ = ["AggregatePosteriorReport", "aggregate_posterior", "ESTIMATORS"]
@@ -33,7 +32,8 @@ class AggregatePosteriorReport:
     ``marginal_kl == total_correlation + dimensionwise_kl``.
 
     :ivar str estimator: ``"full"``, ``"mws"`` or ``"stratified"``.
-    :ivar str plate: the data plate. :ivar tuple sites: the latent sites (jointly ``z``).
+    :ivar str plate: the data plate.
+    :ivar tuple sites: the latent sites (jointly ``z``).
     :ivar tuple dimensions: latent dimension names, length ``D``.
     :ivar int num_datapoints: ``N``, the data size the estimator assumes (the plate's full
         size; for ``"full"`` the elements present).
@@ -195,12 +195,13 @@ def aggregate_posterior(
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         traces = vectorized_traces(model, guide, args, kwargs, num_samples, max_plate_nesting)
-        frame = find_data_plate(traces.model_trace, traces.guide_trace, plate)
-        names = local_sites(traces.model_trace, traces.guide_trace, frame, sites)
+        frame = find_data_plate(traces.model_trace, plate)
+        names = local_sites(traces.model_trace, frame, sites)
         views = collect_local_sites(traces, frame, names, elementwise=False)
         factorised = all(v.elementwise for v in views)
 
-        log_q = torch.cat([v.log_q() for v in views], -1)  # (S, M, D)
+        log_q_sites = [v.log_q() for v in views]  # (S, M, D_site) each
+        log_q = torch.cat(log_q_sites, -1)  # (S, M, D)
         log_p = torch.cat([v.log_p() for v in views], -1)
         S, M, D = log_q.shape
         N = frame.full_size if (estimator != "full" and frame.full_size is not None) else frame.size
@@ -211,7 +212,7 @@ def aggregate_posterior(
         kls = [v.kl() for v in views]
         kl_analytic = None
         if all(analytic for _, analytic in kls):
-            kl_analytic = float(torch.cat([kl.expand(S, -1, -1) for kl, _ in kls], -1).sum(-1).mean())
+            kl_analytic = float(torch.cat([kl for kl, _ in kls], -1).sum(-1).mean())
 
         # log q̄(z_{s,i}) and log q̄_u(z_{s,i,u}), in chunks of query elements
         chunk = max(1, ELEMENT_BUDGET // max(1, S * M * D))
@@ -235,8 +236,7 @@ def aggregate_posterior(
             per_dim = (log_qbar_dims - log_p).mean((0, 1))
             dimensionwise = float(per_dim.sum())
 
-    sizes = [v.log_q().shape[-1] for v in views]
-    dims = tuple(d for v, size in zip(views, sizes) for d in dimension_names(v.name, size))
+    dims = tuple(d for v, lq in zip(views, log_q_sites) for d in dimension_names(v.name, lq.shape[-1]))
     return AggregatePosteriorReport(
         estimator=estimator,
         plate=frame.name,

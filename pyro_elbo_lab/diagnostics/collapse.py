@@ -10,15 +10,10 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .local import batches, check_int, collect_local_sites, find_data_plate, local_sites, plan
+from .local import batches, check_int, collect_local_sites, dimension_names, find_data_plate, local_sites, plan
 from .traces import vectorized_traces
 
 __all__ = ["CollapseReport", "posterior_collapse"]
-
-
-def dimension_names(site: str, size: int) -> list[str]:
-    """``["z"]`` for a one-dimensional site, else ``["z[0]", "z[1]", ...]``."""
-    return [site] if size == 1 else [f"{site}[{i}]" for i in range(size)]
 
 
 @dataclass(frozen=True)
@@ -188,8 +183,8 @@ def posterior_collapse(
         for n in batches(num_samples, batch_size):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
             if frame is None:
-                frame = find_data_plate(traces.model_trace, traces.guide_trace, plate)
-                names = local_sites(traces.model_trace, traces.guide_trace, frame, sites)
+                frame = find_data_plate(traces.model_trace, plate)
+                names = local_sites(traces.model_trace, frame, sites)
             views = collect_local_sites(traces, frame, names, elementwise=True)
             kls, means = [], []
             for view in views:

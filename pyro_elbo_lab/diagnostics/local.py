@@ -21,65 +21,79 @@ from torch.distributions import Independent
 from .traces import SAMPLE_PLATE, ImportanceTraces, probe_traces
 
 __all__ = [
+    "ELEMENT_BUDGET",
+    "SAFETY_FACTOR",
     "LocalSite",
     "batches",
     "check_int",
     "collect_local_sites",
+    "dimension_names",
     "find_data_plate",
     "local_sites",
     "plan",
+    "sample_sites",
     "unwrap",
 ]
 
-#: Elements (value and log_prob entries, times a safety factor) one automatic batch may hold.
+#: Elements (value and log_prob entries, times :data:`SAFETY_FACTOR`) one automatic batch may hold.
 ELEMENT_BUDGET = 2**24
+#: Headroom for the temporaries a vectorised trace creates besides its values and log_probs.
 SAFETY_FACTOR = 4
 
 
-def _sample_sites(trace):
+def sample_sites(trace) -> list[tuple[str, dict]]:
+    """``(name, site)`` for every sample site of ``trace``, in trace order."""
     return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+def dimension_names(site: str, size: int) -> list[str]:
+    """``["z"]`` for a one-dimensional site, else ``["z[0]", "z[1]", ...]``."""
+    return [site] if size == 1 else [f"{site}[{i}]" for i in range(size)]
 
 
 def _frames(site) -> list[CondIndepStackFrame]:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
 
 
-def unwrap(fn) -> tuple[torch.distributions.Distribution, int]:
+def unwrap(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:
     """
     Strip :class:`~torch.distributions.Independent`, Pyro's expanded and masked wrappers
     off a site distribution.
 
-    :returns: ``(base, reinterpreted)``: the element-level distribution and the number of
-        event dims of ``fn`` that are batch dims of ``base``.
+    :returns: the element-level distribution.
     """
-    reinterpreted = 0
-    while True:
-        if isinstance(fn, Independent):
-            reinterpreted += fn.reinterpreted_batch_ndims
-            fn = fn.base_dist
-        elif isinstance(fn, (ExpandedDistribution, MaskedDistribution)):
-            fn = fn.base_dist
-        else:
-            return fn, reinterpreted
+    while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
 
 
-def find_data_plate(model_trace, guide_trace, plate: str | None, need_latent: bool = True) -> CondIndepStackFrame | None:
+def find_data_plate(
+    model_trace, plate: str | None, need_latent: bool = True, argument: str = "plate"
+) -> CondIndepStackFrame | None:
     """
-    The data plate: the named one, or the single (outermost) vectorised plate that holds
-    an observed site and, when ``need_latent``, a latent site of the guide.
+    The data plate of a (vectorised) model trace: the named one, or the single outermost
+    vectorised plate that holds an observed site and, when ``need_latent``, a latent site
+    of the model. The sample plate of :mod:`~pyro_elbo_lab.diagnostics.traces` is never a
+    candidate.
 
-    :raises ValueError: if ``plate`` is not a vectorised plate of the model, or it cannot be
-        inferred.
+    :param model_trace: a model trace.
+    :param str plate: the plate's name, or ``None`` to infer it.
+    :param bool need_latent: whether the inferred plate must also hold a latent site.
+    :param str argument: the caller's name for ``plate``, used in error messages.
+    :returns: the plate's frame; ``None`` when ``plate`` is ``None``, ``need_latent`` is
+        false and no vectorised plate holds an observed site.
+    :raises ValueError: if ``plate`` is not a vectorised plate of the model (listing the
+        model's plates), or it cannot be inferred.
     """
-    observed = [(n, s) for n, s in _sample_sites(model_trace) if s["is_observed"]]
-    latent = [(n, s) for n, s in _sample_sites(model_trace) if not s["is_observed"]]
-    all_frames = {f.name: f for _, s in _sample_sites(model_trace) for f in _frames(s)}
+    observed = [(n, s) for n, s in sample_sites(model_trace) if s["is_observed"]]
+    latent = [(n, s) for n, s in sample_sites(model_trace) if not s["is_observed"]]
+    all_frames = {f.name: f for _, s in sample_sites(model_trace) for f in _frames(s)}
     if plate is not None:
         if not isinstance(plate, str):
-            raise ValueError(f"plate must be the name of the data plate (str) or None, got {plate!r}")
+            raise ValueError(f"{argument} must be the name of the data plate (str) or None, got {argument}={plate!r}")
         if plate not in all_frames:
             raise ValueError(
-                f"plate='{plate}' is not a vectorised plate of the model; its plates are {sorted(all_frames)}. "
+                f"{argument}='{plate}' is not a vectorised plate of the model; its plates are {sorted(all_frames)}. "
                 "Name the data plate that holds the observations (with pyro.plate(name, N))."
             )
         return all_frames[plate]
@@ -105,14 +119,16 @@ def find_data_plate(model_trace, guide_trace, plate: str | None, need_latent: bo
     return chosen[0]
 
 
-def local_sites(model_trace, guide_trace, frame: CondIndepStackFrame, sites: Iterable[str] | str | None) -> list[str]:
+def local_sites(model_trace, frame: CondIndepStackFrame, sites: Iterable[str] | str | None) -> list[str]:
     """
     Latent sites of the model inside ``frame`` (all of them, or the named ones, checked).
+    The traces come from :func:`~pyro_elbo_lab.diagnostics.traces.vectorized_traces`, which
+    has already checked that every latent site of the model has a guide site.
 
-    :raises ValueError: naming a site that is observed, missing from the model or the guide,
-        or outside the data plate.
+    :raises ValueError: naming a site that is observed, missing from the model, or outside
+        the data plate; or if ``frame`` holds no latent site.
     """
-    latent = [n for n, s in _sample_sites(model_trace) if not s["is_observed"]]
+    latent = [n for n, s in sample_sites(model_trace) if not s["is_observed"]]
     inside = [n for n in latent if any(f.name == frame.name for f in _frames(model_trace.nodes[n]))]
     if sites is None:
         if not inside:
@@ -136,8 +152,6 @@ def local_sites(model_trace, guide_trace, frame: CondIndepStackFrame, sites: Ite
                 f"site '{name}' is not inside the data plate '{frame.name}', so it is not a local latent; "
                 f"local latents: {inside}"
             )
-        if name not in guide_trace.nodes:
-            raise ValueError(f"The model's latent site '{name}' has no site in the guide")
     return sites
 
 
@@ -148,33 +162,34 @@ class LocalSite:
     out as ``(S, N, D)``.
 
     :ivar str name: site name.
-    :ivar value: ``z``, shape ``(S, N, D)``.
-    :ivar q: guide element distribution; ``p``: model (prior) element distribution.
+    :ivar dict model_site: the model trace's site.
+    :ivar dict guide_site: the guide trace's site.
+    :ivar frame: the data plate.
+    :ivar int max_plate_nesting: plate depth of the traces (the sample plate is one further left).
     """
 
     name: str
     model_site: dict
     guide_site: dict
     frame: CondIndepStackFrame
-    num_samples: int
     max_plate_nesting: int
 
     @property
     def elementwise(self) -> bool:
         """Whether guide and prior factorise into univariate distributions (per-dimension terms exist)."""
-        q, _ = unwrap(self.guide_site["fn"])
-        p, _ = unwrap(self.model_site["fn"])
+        q = unwrap(self.guide_site["fn"])
+        p = unwrap(self.model_site["fn"])
         return q.event_shape == torch.Size() and p.event_shape == torch.Size()
 
     @property
     def q(self):
         """The guide's element distribution (univariate), or its site distribution when not factorised."""
-        return unwrap(self.guide_site["fn"])[0] if self.elementwise else self.guide_site["fn"]
+        return unwrap(self.guide_site["fn"]) if self.elementwise else self.guide_site["fn"]
 
     @property
     def p(self):
         """The model's (prior) element distribution, or its site distribution when not factorised."""
-        return unwrap(self.model_site["fn"])[0] if self.elementwise else self.model_site["fn"]
+        return unwrap(self.model_site["fn"]) if self.elementwise else self.model_site["fn"]
 
     def _target_shape(self) -> torch.Size:
         value = self.guide_site["value"]
@@ -191,6 +206,10 @@ class LocalSite:
 
     @property
     def value(self) -> torch.Tensor:
+        """``z``, shape ``(S, N, D)``.
+
+        :raises ValueError: if the site's distributions do not factorise over dimensions.
+        """
         value = self.guide_site["value"]
         if not self.elementwise:
             raise ValueError(f"site '{self.name}' is not factorised over its dimensions")
@@ -260,16 +279,15 @@ def collect_local_sites(
             traces.model_trace.nodes[name],
             traces.guide_trace.nodes[name],
             frame,
-            traces.num_samples,
             traces.max_plate_nesting,
         )
         if elementwise and not site.elementwise:
             raise ValueError(
                 f"per-dimension diagnostics need guide and prior distributions at site '{name}' that factorise over "
                 f"its dimensions (e.g. Normal(loc, scale).to_event(1)); found guide "
-                f"{type(site.guide_site['fn']).__name__} whose elements have event shape {tuple(unwrap(site.guide_site['fn'])[0].event_shape)} and prior "
+                f"{type(site.guide_site['fn']).__name__} whose elements have event shape {tuple(unwrap(site.guide_site['fn']).event_shape)} and prior "
                 f"{type(site.model_site['fn']).__name__} whose elements have event shape "
-                f"{tuple(unwrap(site.model_site['fn'])[0].event_shape)}; univariate elements are needed"
+                f"{tuple(unwrap(site.model_site['fn']).event_shape)}; univariate elements are needed"
             )
         out.append(site)
     return out
@@ -295,10 +313,22 @@ def plan(model, guide, args, kwargs, max_plate_nesting: int | None, batch_size: 
     return max_plate_nesting, batch_size
 
 
-def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+def check_int(name: str, value, minimum: int, allow_none: bool = False, hint: str = "") -> None:
+    """
+    Check an integer argument.
+
+    :param str name: the argument's name, for the message.
+    :param value: its value.
+    :param int minimum: the smallest value allowed.
+    :param bool allow_none: whether ``None`` (automatic) is allowed.
+    :param str hint: what to do, appended to the message.
+    :raises ValueError: if ``value`` is not an integer (``bool`` excluded) ``>= minimum``.
+    """
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {name}={value!r}")
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}{' or None (automatic)' if allow_none else ''}, "
+            f"got {name}={value!r}{'; ' + hint if hint else ''}"
+        )
 
