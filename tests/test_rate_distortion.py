@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pyro_elbo_lab
+from pyro_elbo_lab import plots
 from pyro_elbo_lab.diagnostics import RateDistortion, rate_distortion, rate_distortion_sweep
 
 N, SIGMA = 30, 0.7
@@ -58,8 +59,9 @@ def test_linear_gaussian_vae(data, beta):
     assert rd.rate_stderr == 0
     assert rd.distortion == pytest.approx(distortion, abs=5 * rd.distortion_stderr)  # 5 standard errors
     assert rd.num_datapoints == N and rd.plate == "data" and rd.beta == beta
-    assert rd.elbo == pytest.approx(-(rd.rate + rd.distortion))
-    assert rd.objective(beta) == pytest.approx(-(rd.distortion + beta * rd.rate))
+    # the rate is exact, so ELBO and objective carry the distortion's error only: 5 standard errors
+    assert rd.elbo == pytest.approx(-(distortion + rate), abs=5 * rd.distortion_stderr)
+    assert rd.objective(beta) == pytest.approx(-(distortion + beta * rate), abs=5 * rd.distortion_stderr)
 
 
 def test_sweep_traces_the_rate_distortion_curve(data):
@@ -79,7 +81,8 @@ def test_sweep_traces_the_rate_distortion_curve(data):
         rate, distortion = exact_rate_distortion(data, *optimal_encoder(beta, data))
         assert row["rate"] == pytest.approx(rate, abs=1e-12)
         assert row["distortion"] == pytest.approx(distortion, abs=5 * row["distortion_stderr"])
-        assert row["objective"] == pytest.approx(-(row["distortion"] + beta * row["rate"]))
+        assert row["objective"] == pytest.approx(-(distortion + beta * rate), abs=5 * row["distortion_stderr"])
+        assert row["elbo"] == pytest.approx(-(distortion + rate), abs=5 * row["distortion_stderr"])
     # larger β buys lower rate at higher distortion (exact rates, distortions 0.2+ nats apart)
     assert frame["rate"].is_monotonic_decreasing
     assert frame["distortion"].is_monotonic_increasing
@@ -88,7 +91,6 @@ def test_sweep_traces_the_rate_distortion_curve(data):
 
 
 def test_sweep_table_feeds_the_rate_distortion_plot(data):
-    plots = pytest.importorskip("pyro_elbo_lab.plots")
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
@@ -182,8 +184,13 @@ def test_result_api_and_errors(data):
     d = rd.as_dict()
     assert {"rate", "distortion", "elbo", "rate/z", "distortion/x"} <= set(d)
     assert "nats per datapoint" in str(rd)
-    row = rate_distortion(vae_model, guide, data, num_samples=2, beta=1.0).to_dataframe()
-    assert row.loc[1.0, "objective"] == pytest.approx(row.loc[1.0, "elbo"])
+    row = rate_distortion(vae_model, guide, data, num_samples=400, beta=2.0).to_dataframe()
+    assert list(row.index) == [2.0]
+    rate, distortion = exact_rate_distortion(data, m, s2)
+    assert row.loc[2.0, "rate"] == pytest.approx(rate, abs=1e-12)  # analytic KL, parameters fixed
+    se = row.loc[2.0, "distortion_stderr"]  # 5 standard errors of the distortion, the only noisy term
+    assert row.loc[2.0, "objective"] == pytest.approx(-(distortion + 2.0 * rate), abs=5 * se)
+    assert row.loc[2.0, "elbo"] == pytest.approx(-(distortion + rate), abs=5 * se)
 
     with pytest.raises(ValueError, match="plate='nope' is not a vectorised plate"):
         rate_distortion(vae_model, guide, data, plate="nope")
@@ -195,5 +202,7 @@ def test_result_api_and_errors(data):
         rate_distortion_sweep(lambda b: (vae_model, guide), [1.0, -1], data)
     with pytest.raises(ValueError, match=r"fit\(beta\) must return a \(model, guide\) pair"):
         rate_distortion_sweep(lambda b: guide, [1.0], data)
+    with pytest.raises(ValueError, match=r"betas is empty"):
+        rate_distortion_sweep(lambda b: (vae_model, guide), [], data)
     with pytest.raises(ValueError, match="latent site 'z' has no site in the guide"):
         rate_distortion(vae_model, lambda x: None, data)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 from pyro.distributions.util import scale_and_mask
 
 from .local import batches, check_int, find_data_plate, plan
 from .traces import sum_per_sample, vectorized_traces
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = ["RateDistortion", "rate_distortion", "rate_distortion_sweep"]
 
@@ -74,7 +77,7 @@ class RateDistortion:
         out.update({f"distortion/{k}": v for k, v in self.distortion_per_site.items()})
         return out
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> pandas.DataFrame:
         """
         One row (index ``beta`` when known) with columns ``rate``, ``distortion``,
         ``rate_stderr``, ``distortion_stderr``, ``elbo``: the shape of
@@ -101,7 +104,7 @@ class RateDistortion:
         )
 
 
-def _site_kl(name, model_site, guide_site) -> tuple[torch.Tensor, bool]:
+def _site_kl(model_site: dict, guide_site: dict) -> tuple[torch.Tensor, bool]:
     """Scaled, masked KL(q ‖ p) at one latent site, batch-shaped: analytic where registered."""
     try:
         kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
@@ -171,12 +174,11 @@ def rate_distortion(
         dist_sites: dict[str, torch.Tensor] = {}
         kl_method: dict[str, str] = {}
         totals = []  # (n, 2) per batch: rate and distortion per sample
-        frame = False
-        for n in batches(num_samples, batch_size):
+        for i, n in enumerate(batches(num_samples, batch_size)):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
             mt, gt = traces.model_trace, traces.guide_trace
-            if frame is False:
-                frame = find_data_plate(mt, gt, plate, need_latent=False)
+            if i == 0:  # None is a valid answer (no data plate), so resolve on the first batch
+                frame = find_data_plate(mt, plate, need_latent=False)
             rate = distortion = 0.0  # becomes an (n,) tensor on the model's device
             for name, site in mt.nodes.items():
                 if site["type"] != "sample":
@@ -186,7 +188,7 @@ def rate_distortion(
                     dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
                     distortion = distortion + term
                 else:
-                    kl, analytic = _site_kl(name, site, gt.nodes[name])
+                    kl, analytic = _site_kl(site, gt.nodes[name])
                     kl_method.setdefault(name, "analytic" if analytic else "monte carlo")
                     term = sum_per_sample(kl, n, max_plate_nesting)
                     rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
@@ -224,7 +226,7 @@ def rate_distortion(
     )
 
 
-def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs):
+def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs) -> pandas.DataFrame:
     """
     Rate and distortion over a sweep of β: for each β, ``model, guide = fit(beta)`` (your
     training at that β, e.g. an :class:`~pyro_elbo_lab.SVIRunner` run with
@@ -241,8 +243,16 @@ def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs
         ``objective`` (:math:`-(D+\\beta R)`), in nats per datapoint: the points of the
         rate–distortion plane of Alemi et al. (2018).
     :rtype: pandas.DataFrame
-    :raises ValueError: if a β is not a finite number >= 0, or ``fit`` does not return a
-        ``(model, guide)`` pair.
+    :raises ValueError: if ``betas`` is empty, a β is not a finite number >= 0, or ``fit``
+        does not return a ``(model, guide)`` pair.
+
+    References
+
+    - *Fixing a Broken ELBO*, A. A. Alemi, B. Poole, I. Fischer, J. V. Dillon, R. A. Saurous,
+      K. Murphy (2018)
+    - *β-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework*,
+      I. Higgins, L. Matthey, A. Pal, C. Burgess, X. Glorot, M. Botvinick, S. Mohamed,
+      A. Lerchner (2017)
     """
     import pandas as pd
 
@@ -253,18 +263,7 @@ def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs
         fitted = fit(beta)
         if not (isinstance(fitted, tuple) and len(fitted) == 2):
             raise ValueError(f"fit(beta) must return a (model, guide) pair, got {type(fitted).__name__} for beta={beta}")
-        rd = rate_distortion(fitted[0], fitted[1], *args, beta=beta, **kwargs)
-        rows.append(
-            {
-                "beta": float(beta),
-                "rate": rd.rate,
-                "distortion": rd.distortion,
-                "rate_stderr": rd.rate_stderr,
-                "distortion_stderr": rd.distortion_stderr,
-                "elbo": rd.elbo,
-                "objective": rd.objective(beta),
-            }
-        )
-    frame = pd.DataFrame(rows)
-    frame.index = pd.Index(frame["beta"].tolist())
-    return frame
+        rows.append(rate_distortion(fitted[0], fitted[1], *args, beta=beta, **kwargs).to_dataframe())
+    if not rows:
+        raise ValueError("betas is empty: pass the β values to fit, e.g. betas=[0.5, 1.0, 4.0]")
+    return pd.concat(rows)
