@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from pyro.distributions.util import scale_and_mask
 
-from .traces import ImportanceTraces, log_joint_and_guide, probe_traces, vectorized_traces
+from .local import batches, check_int, find_data_plate, plan, sample_sites
+from .traces import ImportanceTraces, log_joint_and_guide, vectorized_traces
 
 __all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence", "psis_diagnostics"]
 
@@ -27,10 +28,6 @@ logger = logging.getLogger(__name__)
 #: above ``BAD`` it is not.
 PARETO_K_GOOD = 0.5
 PARETO_K_BAD = 0.7
-
-#: Elements (log_prob and value entries, times a safety factor) one automatic batch may hold.
-_ELEMENT_BUDGET = 2**24
-_SAFETY_FACTOR = 4
 
 #: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
 _CONSTANT_TOL = 1e-9
@@ -144,25 +141,43 @@ class EvidenceEstimate:
 
 def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Pareto-smoothed log weights and k̂ along the last dim, with :func:`arviz.psislw`
-    (``reff=1``: independent draws).
+    Pareto-smoothed log weights and the Pareto shape k̂ of their upper tail, along the last
+    dim, with :func:`arviz.psislw` (``reff=1``: independent draws).
 
-    Rows whose weights are constant to ``1e-9`` nats get k̂ = ``-inf`` (bounded weights,
-    nothing to smooth); with fewer than 21 draws k̂ cannot be fitted and is ``nan``.
-    ArviZ's own warnings are swallowed: :func:`estimate_evidence` issues ours.
+    PSIS replaces the largest :math:`M = \\min(S/5, 3\\sqrt S)` weights by the expected
+    order statistics of a generalised Pareto distribution fitted to them; its shape
+    :math:`\\hat k` says how many moments the weights have (:math:`\\hat k < 0.5`: finite
+    variance; :math:`\\hat k > 0.7`: estimates unreliable). Rows whose log weights are
+    constant to ``1e-9`` nats get k̂ = ``-inf`` (bounded weights, nothing to smooth); with
+    fewer than 21 draws k̂ cannot be fitted: it is ``nan`` and the weights are returned
+    unsmoothed. ArviZ's own warnings are swallowed: :func:`estimate_evidence` issues ours.
 
-    :param torch.Tensor log_weights: shape ``(..., S)``.
-    :returns: ``(smoothed, k)``: unnormalised smoothed log weights, shape ``(..., S)``,
-        and k̂, shape ``(...)``.
+    :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``,
+        finite.
+    :returns: ``(smoothed, k)``: unnormalised smoothed log weights in nats, shape
+        ``(..., S)``, on the device of ``log_weights``, and k̂ (dimensionless), shape
+        ``(...)``, on the CPU.
+    :rtype: tuple
+    :raises ValueError: if ``log_weights`` is not a tensor with at least one dimension.
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
     """
-    import arviz as az
-
+    if not torch.is_tensor(log_weights) or log_weights.dim() < 1:
+        raise ValueError(
+            "log_weights must be a tensor of shape (..., S) with the importance samples along the last dim, "
+            f"got {log_weights!r}; pass log_weights.reshape(-1) for one set of weights"
+        )
     lw = log_weights.detach().to("cpu", torch.float64).numpy()
     S = lw.shape[-1]
     constant = (lw.max(-1) - lw.min(-1)) <= _CONSTANT_TOL
     if S < MIN_PSIS_SAMPLES:
         k = np.where(constant, -np.inf, np.nan)
         return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
+    import arviz as az
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         smoothed, k = az.psislw(lw, reff=1.0, normalize=False)
@@ -190,25 +205,23 @@ def _importance_stats(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 # -- drawing log weights in batches --------------------------------------------------------------
 
 
-def _sample_sites(trace):
-    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
-
-
 def _per_datapoint_log_weights(traces: ImportanceTraces, plate: str) -> torch.Tensor:
-    """Unscaled (masked) ``log p(x_n, z_n) - log q(z_n)`` per sample and element: ``(S, N)``."""
-    S, mpn = traces.num_samples, traces.max_plate_nesting
-    nd = mpn + 1
+    """
+    Unscaled (masked) ``log p(x_n, z_n) - log q(z_n)`` per sample and element: ``(S, N)``.
+    ``plate`` is a vectorised plate of the model (checked by the caller).
+    """
+    S = traces.num_samples
+    nd = traces.max_plate_nesting + 1
     out = None
-    size = None
     for sign, trace, role in ((1.0, traces.model_trace, "model"), (-1.0, traces.guide_trace, "guide")):
-        for name, site in _sample_sites(trace):
+        for name, site in sample_sites(trace):
             frames = [f for f in site["cond_indep_stack"] if f.name == plate]
             if not frames:
                 plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
                 raise ValueError(
                     f"per_datapoint='{plate}' needs every sample site inside plate '{plate}' (latents local to "
                     f"the data), but {role} site '{name}' is outside it (its plates: {plates}). With global "
-                    "latents p(x) does not factorise over the data; use per_datapoint=None, or fix the plate name."
+                    "latents p(x) does not factorise over the data; use per_datapoint=None."
                 )
             frame = frames[0]
             if not frame.vectorized:
@@ -224,54 +237,51 @@ def _per_datapoint_log_weights(traces: ImportanceTraces, plate: str) -> torch.Te
             dims = tuple(d for d in range(nd) if d not in keep)
             if dims:
                 lp = lp.sum(dims)
-            size = frame.size
-            lp = lp.expand(S, size)
+            lp = lp.expand(S, frame.size)
             out = sign * lp if out is None else out + sign * lp
     return out
 
 
 def _draw_log_weights(
-    model, guide, args, kwargs, num_samples: int, batch_size: int | None, max_plate_nesting: int, plate: str | None
+    model, guide, args, kwargs, num_samples: int, batch_size: int, max_plate_nesting: int, plate: str | None
 ) -> torch.Tensor:
     """Log weights, shape ``(S,)`` (or ``(S, N)`` per datapoint), drawn in vectorised batches."""
-
-    def batch(n: int) -> tuple[torch.Tensor, ImportanceTraces]:
+    chunks = []
+    for i, n in enumerate(batches(num_samples, batch_size)):
         traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
         if plate is None:
             log_p, log_q = log_joint_and_guide(traces)
             lw = log_p - log_q
-            lw = lw.expand(n) if lw.dim() == 0 else lw
         else:
+            if i == 0:  # a plate the model does not have is the argument's fault, not a site's
+                find_data_plate(traces.model_trace, plate, need_latent=False, argument="per_datapoint")
             lw = _per_datapoint_log_weights(traces, plate)
-        _check_finite(lw, traces, plate)
-        return lw, traces
-
-    chunks = []
-    done = 0
-    while done < num_samples:
-        n = min(batch_size, num_samples - done)
-        lw, _ = batch(n)
+        _check_finite(lw, traces, num_samples)
         chunks.append(lw)
-        done += n
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0)
 
 
-def _check_finite(lw: torch.Tensor, traces: ImportanceTraces, plate: str | None) -> None:
+def _check_finite(lw: torch.Tensor, traces: ImportanceTraces, num_samples: int) -> None:
+    """
+    :raises ValueError: if a log weight of this batch is not finite, naming the sites with
+        non-finite log_probs.
+    """
     finite = torch.isfinite(lw)
     if bool(finite.all()):
         return
     bad_samples = int((~finite.reshape(finite.shape[0], -1).all(-1)).sum())
+    n = traces.num_samples
+    which = f"of {n} importance samples" if n == num_samples else f"in a batch of {n} importance samples (of {num_samples})"
     culprits = []
-    S, mpn = traces.num_samples, traces.max_plate_nesting
     for role, trace in (("model", traces.model_trace), ("guide", traces.guide_trace)):
-        for name, site in _sample_sites(trace):
+        for name, site in sample_sites(trace):
             lp = site["log_prob"]
             if torch.is_tensor(lp) and not bool(torch.isfinite(lp).all()):
                 kind = "nan" if bool(torch.isnan(lp).any()) else "infinite"
                 culprits.append(f"{role} site '{name}' ({kind} log_prob)")
     where = ", ".join(culprits) if culprits else "the sum of finite site log_probs (overflow)"
     raise ValueError(
-        f"{bad_samples} of {S} importance samples have a non-finite log weight log p(x,z) - log q(z), from {where}. "
+        f"{bad_samples} {which} have a non-finite log weight log p(x,z) - log q(z), from {where}. "
         "The guide proposes values where the model's density is zero or undefined (check supports and "
         "constraints), or the model produces nan; importance sampling needs q(z) > 0 only where p(x, z) > 0."
     )
@@ -348,7 +358,8 @@ def estimate_evidence(
     :rtype: EvidenceEstimate
     :raises ValueError: if ``num_samples < 2``, ``batch_size < 1``, a latent site of the
         model has no guide site, a log weight is not finite (naming the sites), or in
-        per-datapoint mode a site lies outside the plate.
+        per-datapoint mode ``per_datapoint`` is not a vectorised plate of the model or a
+        site lies outside it.
 
     References
 
@@ -358,22 +369,20 @@ def estimate_evidence(
     - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
       J. Gabry (2024)
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(
-            f"num_samples must be an integer >= 2 (importance sampling needs several draws to average), "
-            f"got num_samples={num_samples!r}; use >= 1000 for a usable Pareto k̂"
-        )
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None (automatic), got batch_size={batch_size!r}")
+    check_int(
+        "num_samples",
+        num_samples,
+        2,
+        hint="importance sampling needs several draws to average; use >= 1000 for a usable Pareto k̂",
+    )
+    check_int("batch_size", batch_size, 1, allow_none=True)
     if per_datapoint is not None and not isinstance(per_datapoint, str):
-        raise ValueError(f"per_datapoint must be the name of a data plate (str) or None, got {per_datapoint!r}")
+        raise ValueError(
+            f"per_datapoint must be the name of a data plate (str) or None, got per_datapoint={per_datapoint!r}"
+        )
 
     with torch.no_grad():
-        if max_plate_nesting is None or batch_size is None:
-            nesting, elements = probe_traces(model, guide, args, kwargs)
-            max_plate_nesting = nesting if max_plate_nesting is None else max_plate_nesting
-            if batch_size is None:
-                batch_size = max(1, _ELEMENT_BUDGET // (_SAFETY_FACTOR * elements))
+        max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
         lw = _draw_log_weights(model, guide, args, kwargs, num_samples, batch_size, max_plate_nesting, per_datapoint)
 
         if per_datapoint is None:
@@ -396,8 +405,7 @@ def estimate_evidence(
     else:
         log_evidence = float(log_mean.sum())
         log_evidence_se = float(stderr.pow(2).sum().sqrt())
-        finite_k = k[~torch.isnan(k)]
-        pareto_k = float(finite_k.max()) if finite_k.numel() == k.numel() else math.nan
+        pareto_k = float(k.max())  # nan if any element's k̂ is nan (torch.max propagates nan)
         ess_value = float(ess.min())
         extra = dict(
             per_datapoint=per_datapoint,
