@@ -11,8 +11,11 @@ different seeds. The result, :class:`SVIResult`, converts to ArviZ
 (:func:`pyro_elbo_lab.to_inference_data`).
 
 **Non-finite values.** The loss is computed and its gradients accumulated first; the
-loss value and every gradient are checked (one device synchronisation per step) before
-the optimiser touches the parameters. A step with a NaN or infinite loss or gradient
+loss value and every gradient are checked before the optimiser touches the parameters.
+On an accelerator a step synchronises with the device a few times, not once: reading the
+loss value, the all-finite check of the gradients (one reduction over all of them) and
+reading :attr:`~pyro_elbo_lab.BetaELBO.last_terms` into the history each wait for the
+device (besides any synchronisation inside the loss itself). A step with a NaN or infinite loss or gradient
 is therefore never applied: the parameter store still holds the last parameters
 produced by a finite update, with no per-step copy of the parameters (which would
 double the memory traffic of a large model). Only on such a step are the culprit ELBO
@@ -152,28 +155,43 @@ class SVIResult:
         Load a chain's parameters into Pyro's parameter store for the duration of the
         ``with`` block; the store is restored afterwards.
 
+        The values are copied in place into the parameters already in the store (so a
+        module registered with :func:`pyro.module`, which keeps using its own
+        parameters, sees them too) and copied back afterwards; the store's tensor
+        objects, and with them the optimiser's per-parameter state, are unchanged.
+
         :param int chain: the chain (default :attr:`best_chain`).
+        :raises ValueError: if ``chain`` is not in ``[0, num_chains)``.
         """
         chain = self.best_chain if chain is None else chain
         if not 0 <= chain < self.num_chains:
             raise ValueError(f"chain must be in [0, {self.num_chains}), got {chain!r}")
         store = pyro.get_param_store()
-        saved = store.get_state()
+        tensors = dict(store._params)  # the very tensor objects, put back afterwards
+        saved = _store_state()  # their values, copied back in place
         _load_store(self.chain_states[chain])
         try:
             yield
         finally:
-            _load_store(saved, clone=False)  # the very tensors back, so optimiser states still match
+            for name in [n for n in store.keys() if store._params[n] is not tensors.get(n)]:
+                del store[name]
+            store.set_state(
+                {
+                    "params": {n: t for n, t in tensors.items() if n not in store._params},
+                    "constraints": {n: saved["constraints"][n] for n in tensors if n not in store._params},
+                }
+            )
+            _load_store(saved)
 
     def _data_args(self, args, kwargs) -> tuple[tuple, dict]:
-        if args or kwargs:
-            return tuple(args), dict(kwargs)
-        if self.args is None:
+        """The run's data, with positional ``args`` replacing its positional data and
+        ``kwargs`` updating its keyword data."""
+        if not args and not kwargs and self.args is None:
             raise ValueError(
                 "this result was fitted on minibatches, so it has no data of its own: pass the data, "
                 "e.g. result.to_inference_data(x_full)"
             )
-        return tuple(self.args), dict(self.kwargs)
+        return tuple(args) or tuple(self.args or ()), {**self.kwargs, **kwargs}
 
     def to_inference_data(self, *args, num_samples: int = 1000, **kwargs):
         """
@@ -182,13 +200,16 @@ class SVIResult:
         result's history in the ``optimization_history`` group. See
         :func:`pyro_elbo_lab.to_inference_data` for the groups and options.
 
-        :param args: the model's data; default the arguments of the run (not
-            available after a minibatch run).
+        :param args: the model's data; default the positional arguments of the run
+            (not available after a minibatch run: pass the full data).
         :param int num_samples: draws per chain.
-        :param kwargs: model keyword arguments and the options of
-            :func:`~pyro_elbo_lab.to_inference_data` (``coords``, ``dims``,
+        :param kwargs: model keyword arguments (updating those of the run) and the
+            options of :func:`~pyro_elbo_lab.to_inference_data` (``coords``, ``dims``,
             ``constant_data``, ``posterior_predictive``, ``max_plate_nesting``).
         :rtype: arviz.InferenceData
+        :raises ValueError: after a minibatch run without data given; and as
+            :func:`~pyro_elbo_lab.to_inference_data` (bad ``num_samples`` or ``dims``, a
+            model without sample sites).
         """
         from .inference_data import _OPTION_NAMES, to_inference_data
 
@@ -216,6 +237,8 @@ class SVIResult:
         :param arviz.InferenceData idata: reuse an existing conversion.
         :param int last: steps averaged for the ELBO terms.
         :rtype: SVISummary
+        :raises ValueError: as :meth:`to_inference_data` when ``idata`` is not given, or
+            if ``last`` is not a positive integer.
         """
         from .inference_data import summarize
 
@@ -279,9 +302,12 @@ class SVIRunner:
     store, fresh copies of the optimiser and loss (and of the model and guide when they
     are :class:`torch.nn.Module` s, e.g. autoguides), seeded ``seed + chain``. Their
     final parameters are kept as chains, so that :math:`\\hat R` of the guide draws
-    across chains flags multimodality or failed optimisation. Parameters created by
-    :func:`pyro.module` inside a plain function keep their module's current weights as
-    the starting point of every chain.
+    across chains flags multimodality or failed optimisation. A module registered with
+    :func:`pyro.module` by a plain function or a bound method (as in a VAE's
+    ``self.model``) is shared by the chains: its parameters are reset in place, before
+    each chain, to the weights it had when the run first registered them, so every
+    chain starts from the same weights; :meth:`SVIResult.use_params` and the ArviZ
+    conversion copy each chain's values into the module's own parameters.
 
     :param model: a Pyro model.
     :param guide: a Pyro guide.
@@ -436,21 +462,36 @@ class SVIRunner:
         :param resume_from: a checkpoint written by this runner's ``checkpoint_every``.
         :param kwargs: model/guide keyword arguments.
 
+        Warnings: Pyro's "Encountered NaN/inf" warnings are silenced while the run
+        lasts (the runner checks values itself); other warnings of the model, guide
+        and callbacks follow the caller's filters, so a ``"once"`` warning shows once
+        per run (an evaluation, ``evaluate_every``, resets Python's warning registry).
+
         Each call starts its history at step 0 (or at the checkpoint's step); the
         loss's own step count, which drives β and capacity schedules, continues across
         calls on the same loss (a new chain's copy starts at its pristine count).
 
         :returns: the result; on Ctrl-C the partial result, with a warning.
         :rtype: SVIResult
-        :raises NonFiniteError: on a NaN/Inf loss or gradient (``on_nonfinite="raise"``);
-            ``error.result`` is the partial result.
-        :raises ValueError: for a bad ``num_steps``, ``batches`` or checkpoint.
+        :raises NonFiniteError: on a NaN/Inf loss or gradient (``on_nonfinite="raise"``)
+            or non-finite parameters; ``error.result`` is the partial result.
+        :raises ValueError: for a bad ``num_steps``, ``batches`` that are neither
+            iterable nor callable or an empty sequence of them, ``evaluate_every`` with
+            ``batches`` but no ``eval_args``, or a missing or foreign checkpoint (or one
+            with another ``num_chains``).
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}")
         if batches is not None and not callable(batches) and not isinstance(batches, Iterable):
             raise ValueError(
                 f"batches must be an iterable of batches (list, DataLoader) or a callable step -> batch, got {batches!r}"
+            )
+        if isinstance(batches, Sequence) and len(batches) == 0:
+            raise ValueError(f"batches={batches!r} is empty: give at least one batch")
+        if self.evaluate_every is not None and batches is not None and self.eval_args is None:
+            raise ValueError(
+                f"evaluate_every={self.evaluate_every} with batches needs eval_args, the data to estimate the "
+                "evidence on (a minibatch is not the data set): pass SVIRunner(..., eval_args=(x_full,))"
             )
         ckpt = self._load_checkpoint(resume_from) if resume_from is not None else None
 
@@ -461,9 +502,16 @@ class SVIRunner:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
 
         done: list[dict] = list(ckpt["chains_done"]) if ckpt is not None else []
-        initial = None
+        initial = initial_modules = None
         if self.num_chains > 1:
+            # every chain starts from the store as it is now; parameters of modules that
+            # pyro.module registers during the run are added (with their values before
+            # the first update) by the first step that registers them
             initial = ckpt["initial_state"] if ckpt is not None else _store_state()
+            if ckpt is not None:
+                initial_modules = dict(ckpt.get("initial_modules") or {})
+            else:
+                initial_modules = {n: v for n, v in initial["params"].items() if _is_module_param(n)}
         interrupted = False
         error: NonFiniteError | None = None
         pristine = self._pristine() if self.num_chains > 1 else None
@@ -474,7 +522,7 @@ class SVIRunner:
                 optim, loss = copy.deepcopy(pristine[2]), copy.deepcopy(pristine[3])
             else:
                 model, guide, optim, loss = self.model, self.guide, self.optim, self.loss
-            chain_run = _ChainRun(self, chain, model, guide, optim, loss, seed, done, initial)
+            chain_run = _ChainRun(self, chain, model, guide, optim, loss, seed, done, initial, initial_modules)
             try:
                 outcome = chain_run.run(args, kwargs, num_steps, batches, resume)
             except NonFiniteError as e:
@@ -555,13 +603,14 @@ class SVIRunner:
 class _ChainRun:
     """One chain of :meth:`SVIRunner.run`: the step loop and its state."""
 
-    def __init__(self, runner: SVIRunner, chain, model, guide, optim, loss, seed, done, initial):
+    def __init__(self, runner: SVIRunner, chain, model, guide, optim, loss, seed, done, initial, initial_modules):
         self.r = runner
         self.chain = chain
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self.seed = seed
         self.done = done
-        self.initial = initial
+        self.initial = initial  # the store at the start of every chain (several chains only)
+        self.initial_modules = initial_modules  # {name: start value} of pyro.module parameters
         self.rows: list[dict] = []
         self.flat_checks = 0
         self.elapsed0 = 0.0
@@ -572,10 +621,27 @@ class _ChainRun:
     def _start(self, args, kwargs, resume):
         if resume is None:
             if self.initial is not None:
+                _reset_modules(self.initial_modules)
                 _load_store(self.initial)
             if self.seed is not None:
                 pyro.set_rng_seed(self.seed + self.chain)
             return 0
+        # Lazy set-up that consumes random numbers in the uninterrupted run before the
+        # checkpoint (autoguide prototypes, the loss's plate-nesting guess, parameters of
+        # modules registered with pyro.module) happens here, before the RNG state is
+        # restored, so that the resumed run draws the same numbers. It runs before the
+        # checkpoint's parameters are loaded so that those are copied into the tensors the
+        # model and guide use (a module's own Parameters), not beside them. The warm-up
+        # batch is peeked at: the step loop still gets it.
+        step_args, step_kwargs = args, kwargs
+        if self.batch_fn is not None:
+            step_args, step_kwargs = self.peek_fn(resume["step"])
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NAN_WARNING)
+            if hasattr(self.loss, "decompose"):
+                self.loss.decompose(self.model, self.guide, *step_args, **step_kwargs)
+            else:
+                self.loss.loss(self.model, self.guide, *step_args, **step_kwargs)
         _load_store(resume["param_store"])
         self.optim.set_state(resume["optim"])
         if self.has_state and resume["loss"] is not None:
@@ -583,25 +649,16 @@ class _ChainRun:
         self.rows = list(resume["history"])
         self.flat_checks = resume["flat_checks"]
         self.elapsed0 = resume["wall_time"]
-        # Lazy set-up that consumes random numbers in the uninterrupted run before the
-        # checkpoint (autoguide prototypes, the loss's plate-nesting guess) happens here,
-        # before the RNG state is restored, so that the resumed run draws the same numbers.
-        step_args, step_kwargs = args, kwargs
-        if self.batch_fn is not None:
-            step_args, step_kwargs = self.batch_fn(resume["step"])
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NAN_WARNING)
-            if hasattr(self.loss, "decompose"):
-                self.loss.decompose(self.model, self.guide, *step_args, **step_kwargs)
-            else:
-                self.loss.loss(self.model, self.guide, *step_args, **step_kwargs)
         pyro.util.set_rng_state(resume["rng"])
         return resume["step"]
 
-    def _batches(self, args, kwargs, batches, start):
-        """Sets ``self.batch_fn(step) -> (args, kwargs)`` or None."""
+    def _batches(self, args, kwargs, batches):
+        """
+        Sets ``self.batch_fn(step) -> (args, kwargs)`` (or None without batches) and
+        ``self.peek_fn(step)``, the same batch without consuming it from an iterator.
+        """
+        self.batch_fn = self.peek_fn = None
         if batches is None:
-            self.batch_fn = None
             return
 
         def merge(batch):
@@ -612,65 +669,81 @@ class _ChainRun:
             return tuple(args) + (batch,), dict(kwargs)
 
         if callable(batches) and not isinstance(batches, Iterable):
-            self.batch_fn = lambda step: merge(batches(step))
+            self.batch_fn = self.peek_fn = lambda step: merge(batches(step))
+            return
+        if isinstance(batches, Sequence):
+            # indexed by step: epochs repeat the sequence, and a resume at any step (or a
+            # warm-up look at a batch) consumes nothing
+            self.batch_fn = self.peek_fn = lambda step: merge(batches[step % len(batches)])
             return
 
-        state: dict[str, Any] = {"it": None, "fresh": True}
-        if isinstance(batches, Sequence) and len(batches) > 0:
-            # deterministic fast-forward for exact resumes
-            state["it"] = iter(list(batches[start % len(batches):]))
-        if isinstance(batches, Iterator):
-            state["it"] = batches
+        state: dict[str, Any] = {"it": batches if isinstance(batches, Iterator) else None, "pending": None}
 
-        def next_batch(step):
-            for attempt in range(2):
+        def fetch():
+            for _ in range(2):
                 if state["it"] is None:
                     state["it"] = iter(batches)
                 try:
-                    return merge(next(state["it"]))
+                    return next(state["it"])
                 except StopIteration:
                     if isinstance(batches, Iterator):
                         raise _Exhausted() from None
                     state["it"] = None
-            raise ValueError(f"batches {batches!r} is empty: give at least one batch")
+            raise ValueError(f"batches={batches!r} is empty: give at least one batch")
 
-        self.batch_fn = next_batch
+        def next_batch(step):
+            if state["pending"] is not None:
+                batch, state["pending"] = state["pending"][0], None
+                return merge(batch)
+            return merge(fetch())
+
+        def peek(step):
+            if state["pending"] is None:
+                state["pending"] = (fetch(),)
+            return merge(state["pending"][0])
+
+        self.batch_fn, self.peek_fn = next_batch, peek
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, args, kwargs, num_steps, batches, resume) -> dict:
-        start_hint = resume["step"] if resume is not None else 0
-        self._batches(args, kwargs, batches, start_hint)
+        self._batches(args, kwargs, batches)
         start = self._start(args, kwargs, resume)
         self.t0 = time.perf_counter()
         bar = self._bar(num_steps, start)
         stop_reason = "num_steps"
         try:
-            for step in range(start, num_steps):
-                if self.r.max_time is not None and time.perf_counter() - self.t0 >= self.r.max_time:
-                    stop_reason = "max_time"
-                    break
-                try:
-                    row = self._step(step, args, kwargs)
-                except _Exhausted:
-                    stop_reason = "exhausted"
-                    break
-                if bar is not None:
-                    bar.update(1)
-                    self._postfix(bar, row)
-                if self.r.evaluate_every is not None and (step + 1) % self.r.evaluate_every == 0:
-                    row.update(self._evaluate(args, kwargs))
-                stop = False
-                for cb in self.r.callbacks:
-                    stop = bool(cb(step, row)) or stop
-                if self.r.checkpoint_every is not None and (step + 1) % self.r.checkpoint_every == 0:
-                    self._checkpoint(step + 1)
-                if stop:
-                    stop_reason = "callback"
-                    break
-                if self._converged(step):
-                    stop_reason = "converged"
-                    break
+            # opened once per run, not per step: entering catch_warnings resets Python's
+            # warning registry, so a "once"/"default" warning of the model would fire on
+            # every step (and the context costs time). Pyro's "Encountered NaN" warning is
+            # silenced: the runner checks the loss and gradients itself.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NAN_WARNING)
+                for step in range(start, num_steps):
+                    if self.r.max_time is not None and time.perf_counter() - self.t0 >= self.r.max_time:
+                        stop_reason = "max_time"
+                        break
+                    try:
+                        row = self._step(step, args, kwargs)
+                    except _Exhausted:
+                        stop_reason = "exhausted"
+                        break
+                    if bar is not None:
+                        bar.update(1)
+                        self._postfix(bar, row)
+                    if self.r.evaluate_every is not None and (step + 1) % self.r.evaluate_every == 0:
+                        row.update(self._evaluate(args, kwargs))
+                    stop = False
+                    for cb in self.r.callbacks:
+                        stop = bool(cb(step, row)) or stop
+                    if self.r.checkpoint_every is not None and (step + 1) % self.r.checkpoint_every == 0:
+                        self._checkpoint(step + 1)
+                    if stop:
+                        stop_reason = "callback"
+                        break
+                    if self._converged(step):
+                        stop_reason = "converged"
+                        break
         except KeyboardInterrupt:
             stop_reason = "interrupted"
         finally:
@@ -693,8 +766,7 @@ class _ChainRun:
         params: set = set()
         try:
             try:
-                with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_NAN_WARNING)
+                with poutine.trace(param_only=True) as capture:
                     loss = self.loss.loss_and_grads(self.model, self.guide, *args, **kwargs)
             except ValueError as e:
                 # with validation on, a non-finite parameter surfaces as a distribution's
@@ -704,6 +776,8 @@ class _ChainRun:
                     raise self._nonfinite(step, math.nan, set(), e) from e
                 raise
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            if self.initial_modules is not None:
+                _record_modules(capture.trace, self.initial_modules)
             loss = float(loss[0] if isinstance(loss, tuple) else loss)
             finite = math.isfinite(loss) and _all_finite_grads(params)
             error = None
@@ -789,8 +863,6 @@ class _ChainRun:
 
         eval_args = self.r.eval_args if self.r.eval_args is not None else args
         eval_kwargs = self.r.eval_kwargs if self.r.eval_kwargs is not None else kwargs
-        if self.r.eval_args is None and self.batch_fn is not None:
-            raise ValueError("evaluate_every with minibatches needs eval_args (the data to evaluate the evidence on)")
         # k̂ is recorded in the history (eval_pareto_k): no warning for each evaluation of a
         # guide that is still far from the posterior
         with torch.no_grad(), warnings.catch_warnings():
@@ -846,6 +918,7 @@ class _ChainRun:
             "wall_time": self.elapsed0 + time.perf_counter() - self.t0,
             "chains_done": self.done,
             "initial_state": self.initial,
+            "initial_modules": self.initial_modules,
         }
         path = self.r.checkpoint_path
         tmp = f"{path}.tmp"
@@ -918,6 +991,39 @@ def _nonfinite_params() -> list[str]:
     )
 
 
+def _is_module_param(name: str) -> bool:
+    """Whether a parameter-store name was registered by :func:`pyro.module` (``"net$$$weight"``)."""
+    return pyro.params.user_param_name(name) != name
+
+
+def _record_modules(param_trace, initial_modules: dict) -> None:
+    """
+    Record the values of :func:`pyro.module` parameters seen for the first time in
+    ``param_trace`` (a param-only trace of a step, taken before the update).
+    """
+    for name, site in param_trace.nodes.items():
+        if name not in initial_modules and _is_module_param(name):
+            initial_modules[name] = site["value"].unconstrained().detach().clone()
+
+
+def _reset_modules(initial_modules: dict) -> None:
+    """
+    Before a chain: copy the start values into the :func:`pyro.module` parameters in the
+    store (in place, so a module shared by the chains, used by a plain function or a
+    bound method, starts each chain from the same weights), then drop them from the
+    store, so that the chain's first step registers the parameters of the module it
+    actually uses (its own copy when the model or guide is a module).
+    """
+    store = pyro.get_param_store()
+    for name in [n for n in store.keys() if _is_module_param(n)]:
+        value = initial_modules.get(name)
+        tensor = store._params[name]
+        if value is not None and tensor.shape == value.shape:
+            with torch.no_grad():
+                tensor.copy_(value)
+        del store[name]
+
+
 def _store_state() -> dict:
     """A detached copy of the parameter store's state (unconstrained values, constraints)."""
     state = pyro.get_param_store().get_state()
@@ -927,14 +1033,33 @@ def _store_state() -> dict:
     }
 
 
-def _load_store(state: dict, clone: bool = True) -> None:
-    """Replace the parameter store's content by ``state`` (as fresh leaf tensors if ``clone``)."""
+def _load_store(state: dict) -> None:
+    """
+    Make the parameter store hold ``state`` (unconstrained values and constraints, as
+    :func:`_store_state`): names not in it are removed; a parameter already in the store
+    with the same shape, dtype and device gets the value copied IN PLACE, so
+    that tensors held elsewhere see it (a module's own Parameters, registered by
+    :func:`pyro.module`, which keeps using them; the optimiser's per-parameter state);
+    other names get fresh leaf tensors. The tensors of ``state`` are never shared.
+    """
     store = pyro.get_param_store()
-    store.clear()
-    params = state["params"]
-    if clone:
-        params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    store.set_state({"params": params, "constraints": dict(state["constraints"])})
+    params, constraints = state["params"], state["constraints"]
+    for name in [n for n in store.keys() if n not in params]:
+        del store[name]
+    new_params, new_constraints = {}, {}
+    for name, value in params.items():
+        tensor = store._params.get(name)
+        if tensor is not None and (tensor.shape, tensor.dtype, tensor.device) == (value.shape, value.dtype, value.device):
+            with torch.no_grad():
+                tensor.copy_(value)
+            store._constraints[name] = constraints[name]
+            continue
+        if tensor is not None:
+            del store[name]
+        new_params[name] = value.detach().clone().requires_grad_(True)
+        new_constraints[name] = constraints[name]
+    if new_params:
+        store.set_state({"params": new_params, "constraints": new_constraints})
 
 
 def _constrained_params(state: dict) -> dict[str, torch.Tensor]:
