@@ -39,14 +39,8 @@ def collapsed_guide(x, subsample=None):
         pyro.sample("z", dist.Normal(torch.zeros(len(idx), 2), 1.0).to_event(1))
 
 
-def assert_parts_add_up(report):
-    assert report.mutual_information + report.marginal_kl == pytest.approx(report.kl, abs=1e-10)
-    if report.total_correlation is not None:
-        assert report.total_correlation + report.dimensionwise_kl == pytest.approx(report.marginal_kl, abs=1e-10)
-        assert float(report.dimensionwise_kl_per_dimension.sum()) == pytest.approx(report.dimensionwise_kl, abs=1e-12)
-
-
-def test_linear_gaussian_encoder_matches_closed_form():
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_linear_gaussian_encoder_matches_closed_form(estimator):
     # q̄(z) → N(0, Σ), Σ = [[A²+S², AB], [AB, B²+S²]]; the Gaussian channel gives
     # I = ½ log(det Σ / S⁴), TC = ½ log(Σ₁₁ Σ₂₂ / det Σ), KL(q̄_u ‖ N(0,1)) = ½(Σ_uu - 1 - log Σ_uu)
     cov = torch.tensor([[A * A + S * S, A * B], [A * B, B * B + S * S]])
@@ -54,27 +48,22 @@ def test_linear_gaussian_encoder_matches_closed_form():
     tc = 0.5 * math.log(float(cov[0, 0] * cov[1, 1] / torch.det(cov)))
     dw = [0.5 * (v - 1 - math.log(v)) for v in cov.diagonal().tolist()]
     kl = 0.5 * (2 * S * S + (A * A + B * B) * float((X**2).mean()) - 2 - 2 * math.log(S * S))
+    # without subsampling "stratified" is "full"; "mws" divides q̄ by N·M = N² instead of N, so its
+    # log q̄ is log N lower: I and TC (joint minus D = 2 marginals) gain log N, each KL(q̄_u ‖ p_u) loses it
+    shift = math.log(N) if estimator == "mws" else 0.0
 
-    report = aggregate_posterior(model, linear_guide, X, num_samples=4)
-    assert_parts_add_up(report)
+    report = aggregate_posterior(model, linear_guide, X, estimator=estimator, num_samples=12)
     assert report.kl_analytic == pytest.approx(kl, abs=1e-10)  # analytic mean KL
-    # Monte Carlo over S·N = 2400 draws plus the O(1/N) mixture-vs-Gaussian error: over 5
-    # seeds at N = 1000 the terms scattered by sd ≈ 0.01; allow 0.05 (5 sd)
+    # Monte Carlo over S·N = 7200 draws plus the O(1/N) mixture-vs-Gaussian error, measured over
+    # 30 seeds at N = 600, S = 12: sd 0.010 (kl), 0.008 (I), 0.006 (TC), 0.0012 and 0.0024 (the
+    # dimension-wise terms), means within 0.005 of the closed form; allow 0.05 (5 sd or more) and
+    # 0.015 (6 sd) for the dimension-wise terms
     assert report.kl == pytest.approx(kl, abs=0.05)
-    assert report.mutual_information == pytest.approx(mi, abs=0.05)
-    assert report.total_correlation == pytest.approx(tc, abs=0.05)
-    assert report.dimensionwise_kl_per_dimension.tolist() == pytest.approx(dw, abs=0.03)
-    assert 0 < report.mutual_information <= math.log(N)
-    assert report.num_datapoints == N and report.minibatch_size == N and report.estimator == "full"
-
-
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_parts_add_up_for_every_estimator(estimator):
-    report = aggregate_posterior(model, linear_guide, X[:100], estimator=estimator, num_samples=3)
-    assert_parts_add_up(report)
-    assert report.kl == pytest.approx(
-        report.mutual_information + report.total_correlation + report.dimensionwise_kl, abs=1e-10
-    )
+    assert report.mutual_information == pytest.approx(mi + shift, abs=0.05)
+    assert report.total_correlation == pytest.approx(tc + shift, abs=0.05)
+    assert report.dimensionwise_kl_per_dimension.tolist() == pytest.approx([v - shift for v in dw], abs=0.015)
+    assert report.dimensionwise_kl == pytest.approx(sum(dw) - 2 * shift, abs=0.03)
+    assert report.num_datapoints == N and report.minibatch_size == N and report.estimator == estimator
 
 
 def test_collapsed_guide_exact_values():
@@ -101,7 +90,7 @@ def test_mutual_information_reaches_log_n_for_separated_codes():
 
     report = aggregate_posterior(model, guide, x, num_samples=2)
     assert report.mutual_information == pytest.approx(math.log(121), abs=1e-9)
-    assert report.mutual_information <= report.mutual_information_bound + 1e-12
+    assert report.mutual_information_bound == pytest.approx(math.log(121), abs=1e-12)
 
 
 def test_stratified_equals_full_without_subsampling():
@@ -119,28 +108,33 @@ def test_subsampled_plate_minibatch_estimators():
     for estimator in ("mws", "stratified"):
         report = aggregate_posterior(model, collapsed_guide, X, idx, estimator=estimator)
         assert report.num_datapoints == N and report.minibatch_size == len(idx)
-        assert_parts_add_up(report)
     # collapsed codes: stratified is exact (weights sum to 1); MWS is log(N M) - log M = log N
     strat = aggregate_posterior(model, collapsed_guide, X, idx, estimator="stratified")
     assert strat.mutual_information == pytest.approx(0.0, abs=1e-12)
+    assert strat.total_correlation == pytest.approx(0.0, abs=1e-12)
     mws = aggregate_posterior(model, collapsed_guide, X, idx, estimator="mws")
     assert mws.mutual_information == pytest.approx(math.log(N), abs=1e-12)
-    # on informative codes the stratified estimate of I stays within its range [0, log N]
-    strat = aggregate_posterior(model, linear_guide, X, idx, estimator="stratified", num_samples=8)
-    assert 0 <= strat.mutual_information <= math.log(N)
+    # (informative codes under subsampling have no closed form here: the log of the unbiased
+    # stratified estimate of q̄ is biased, by +0.18 nats in I for M = 30; not asserted)
 
 
 def test_non_factorised_guide_gives_surgery_only():
+    cov_q = torch.tensor([[0.3, 0.1], [0.1, 0.2]])
+    v = torch.tensor([A, B])
+
     def guide(x, subsample=None):
         with pyro.plate("data", len(x)):
             loc = torch.stack([A * x, B * x], -1)
-            pyro.sample("z", dist.MultivariateNormal(loc, torch.tensor([[0.3, 0.1], [0.1, 0.2]])))
+            pyro.sample("z", dist.MultivariateNormal(loc, cov_q))
 
-    report = aggregate_posterior(model, guide, X[:200], num_samples=2)
+    x = X[::3]  # 200 evenly spaced normal quantiles: x ~ N(0, 1) to O(1/N)
+    report = aggregate_posterior(model, guide, x, num_samples=16)
     assert report.total_correlation is None and report.dimensionwise_kl is None
-    assert_parts_add_up(report)
-    assert 0 < report.mutual_information <= math.log(200)
     assert report.kl_analytic is None  # MVN guide vs Independent Normal prior: no registered KL
+    # Gaussian channel z = v x + ε, ε ~ N(0, Σq): I = ½ log det(Σq + Var(x) v vᵀ) / det Σq.
+    # Measured over 30 seeds: sd 0.014, mean within 0.002 of it; allow 0.07 (5 sd)
+    mi = 0.5 * math.log(float(torch.det(cov_q + torch.outer(v, v)) / torch.det(cov_q)))
+    assert report.mutual_information == pytest.approx(mi, abs=0.07)
 
 
 def test_report_api():

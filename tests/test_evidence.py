@@ -85,7 +85,6 @@ def test_misfit_guide_evidence_and_gap_match_closed_form(width, psis):
     assert result.elbo == pytest.approx(log_evidence - kl, abs=5 * result.elbo_stderr)
     se_gap = math.hypot(result.log_evidence_stderr, result.elbo_stderr)
     assert result.gap == pytest.approx(kl, abs=5 * se_gap)
-    assert result.gap > 0
     assert result.verdict == "good"
     assert 0 < result.ess < result.num_samples
     assert result.psis is psis
@@ -99,8 +98,11 @@ def test_log_evidence_stderr_matches_spread_over_replicates():
     mean_se = sum(r.log_evidence_stderr for r in runs) / len(runs)
     # the sd of 60 replicates has relative error ~ 1/sqrt(2*59) ≈ 9%; allow 35% (about 4 of those)
     assert float(values.std()) == pytest.approx(mean_se, rel=0.35)
-    # and the replicates centre on the truth (bias of L_S is O(1/S), far below the se/sqrt(60))
-    assert float(values.mean()) == pytest.approx(log_evidence, abs=5 * mean_se / math.sqrt(len(runs)) + 1e-3)
+    # and the replicates centre on the truth: 5 standard errors of their mean, plus the bias of
+    # the log of a mean weight, E log w̄ - log p(x) ≈ -Var(w̄)/(2 p(x)²) ≈ -se²/2 (second-order
+    # delta method; O(1/S), about 1e-4 here)
+    tol = 5 * mean_se / math.sqrt(len(runs)) + mean_se**2 / 2
+    assert float(values.mean()) == pytest.approx(log_evidence, abs=tol)
 
 
 @pytest.mark.parametrize("post_var", [1.5, 3.0, 5.0], ids=lambda v: f"s2={v}")
@@ -143,16 +145,30 @@ def test_heavy_tails_warn_and_verdict_bad():
     assert record[0].filename == __file__
 
 
-def test_moderate_k_is_logged_not_warned(caplog):
-    # k = 1 - 1/s² with s² = 2.5: 0.6, well inside the "ok" band only for enough samples;
-    # assert the logging follows whatever k̂ came out, and that nothing is warned below 0.7
-    _, m, s = nn_exact(X)
+@pytest.mark.parametrize("k, verdict", [(0.3, "good"), (0.6, "ok"), (0.9, "bad")], ids=["good", "ok", "bad"])
+def test_k_hat_band_is_reported_deterministically(monkeypatch, caplog, k, verdict):
+    # log weights at the exact quantiles (i - ½)/S of a generalised Pareto distribution of shape k
+    # and scale 1: no randomness, so k̂ lands in a known band whatever the seed. The estimator
+    # runs as usual on them (k̂, verdict, logging for 0.5 < k̂ <= 0.7, warning above 0.7).
+    S = 4000
+    u = (torch.arange(S) + 0.5) / S
+    log_weights = torch.log(((1 - u) ** (-k) - 1) / k)
+    monkeypatch.setattr(evidence_module, "_draw_log_weights", lambda *args: log_weights)
     with caplog.at_level(logging.INFO, logger="pyro_elbo_lab.diagnostics.evidence"):
-        result = estimate_evidence(nn_model, gaussian_guide(m, s / math.sqrt(2.5)), X, num_samples=50000)
-    assert 0.4 < result.pareto_k < 0.7
-    noted = any("Pareto k̂" in r.getMessage() for r in caplog.records)
-    assert noted == (result.pareto_k > 0.5)
-    assert result.verdict == ("ok" if result.pareto_k > 0.5 else "good")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = estimate_evidence(nn_model, gaussian_guide(0.0, 1.0), X, num_samples=S)
+    # arviz fits the 3·sqrt(S) = 190 largest weights with a weak prior pulling k̂ towards 0.5
+    # (Vehtari et al. 2024), (190 k + 5)/200 here: within 0.03 of k for these k; allow 0.05
+    assert result.pareto_k == pytest.approx(k, abs=0.05)
+    assert result.verdict == verdict
+    noted = [r for r in caplog.records if "Pareto k̂" in r.getMessage()]
+    warned = [w for w in caught if issubclass(w.category, ImportanceSamplingWarning)]
+    assert len(noted) == (verdict == "ok")
+    assert len(warned) == (verdict == "bad")
+    assert [w for w in caught if not issubclass(w.category, ImportanceSamplingWarning)] == []
+    for w in warned:
+        assert w.filename == __file__  # stacklevel points at the caller
 
 
 def test_too_few_samples_for_k_hat_warns():
@@ -240,17 +256,22 @@ def test_per_datapoint_exact_guide():
 
 def test_per_datapoint_misfit_guide_within_error_bars():
     exact = dist.Normal(0.0, math.sqrt(1 + LOCAL_SIGMA**2)).log_prob(XS)
-    guide = local_guide_factory(0.8, 1.4)
+    shrink, width = 0.8, 1.4
+    guide = local_guide_factory(shrink, width)
     result = estimate_evidence(local_model, guide, XS, num_samples=5000, per_datapoint="data")
     se = result.log_evidence_per_datapoint_stderr
     # 5 standard errors per element (bounded weights: wide guide)
     assert torch.all((result.log_evidence_per_datapoint - exact).abs() < 5 * se)
-    assert result.log_evidence == pytest.approx(float(result.log_evidence_per_datapoint.sum()), abs=1e-9)
+    assert result.log_evidence == pytest.approx(float(exact.sum()), abs=5 * result.log_evidence_stderr)
     assert result.log_evidence_stderr == pytest.approx(float(se.pow(2).sum().sqrt()), rel=1e-9)
     assert result.pareto_k == pytest.approx(float(result.pareto_k_per_datapoint.max()))
-    # joint log weights are the sums over the data of the per-element ones
-    assert result.elbo == pytest.approx(float(result.log_weights.mean()), abs=1e-12)
-    assert result.gap > 0
+    # ELBO = Σ_n [log p(x_n) - KL(q_n ‖ p(z_n | x_n))], posterior N(c x_n, v), v = 1/(1 + 1/σ²), c = v/σ²
+    post_var = 1.0 / (1.0 + 1.0 / LOCAL_SIGMA**2)
+    coef, post_sd = post_var / LOCAL_SIGMA**2, math.sqrt(post_var)
+    kl = sum(kl_normal(shrink * coef * x, width * post_sd, coef * x, post_sd) for x in XS.tolist())
+    assert result.elbo == pytest.approx(float(exact.sum()) - kl, abs=5 * result.elbo_stderr)  # 5 standard errors
+    # the gap estimates Σ_n KL(q_n ‖ p(z_n | x_n)); 5 standard errors (the O(1/S) bias is far below)
+    assert result.gap == pytest.approx(kl, abs=5 * math.hypot(result.log_evidence_stderr, result.elbo_stderr))
 
 
 def test_per_datapoint_rejects_global_latents():
@@ -321,6 +342,12 @@ def test_nan_log_weights_name_the_site():
     with pytest.warns(UserWarning, match="Encountered NaN"):
         with pytest.raises(ValueError, match=r"model site 'obs' \(nan log_prob\)"):
             estimate_evidence(model, gaussian_guide(0.5, 1.0), X, num_samples=100)
+
+
+def test_psis_diagnostics_needs_a_sample_dimension():
+    # a 0-d tensor used to fail inside numpy with an IndexError; now a ValueError naming the fix
+    with pytest.raises(ValueError, match=r"log_weights must be a tensor of shape \(\.\.\., S\).*reshape\(-1\)"):
+        evidence_module.psis_diagnostics(torch.tensor(0.5))
 
 
 def test_per_datapoint_must_be_a_name():
