@@ -139,19 +139,17 @@ def vectorized_traces(
     return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting)
 
 
-def sum_per_sample(x, num_samples: int, max_plate_nesting: int, keep_last: int = 0) -> torch.Tensor:
+def sum_per_sample(x, num_samples: int, max_plate_nesting: int) -> torch.Tensor:
     """
     Sum a batch-shaped ``log_prob`` tensor down to one value per importance sample.
 
-    :param x: tensor whose (right-aligned) dim ``-(max_plate_nesting + 1 + keep_last)``
-        is the sample plate (size S or 1), or a number.
-    :param int keep_last: trailing dims to keep (e.g. a data plate for per-datapoint
-        values).
-    :returns: shape ``(S,) + x.shape[-keep_last:]``.
+    :param x: tensor whose (right-aligned) dim ``-(max_plate_nesting + 1)`` is the sample
+        plate (size S or 1), or a number.
+    :returns: shape ``(S,)``.
     """
     if not torch.is_tensor(x):
         x = torch.tensor(float(x))
-    batch_dim = x.dim() - keep_last
+    batch_dim = x.dim()
     k = batch_dim - (max_plate_nesting + 1)
     if k < 0:
         x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
