@@ -18,7 +18,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 
 from .local import batches, check_int, find_data_plate, plan, sample_sites
-from .traces import ImportanceTraces, log_joint_and_guide, vectorized_traces
+from .traces import SAMPLE_PLATE, ImportanceTraces, log_joint_and_guide, vectorized_traces
 
 __all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence", "psis_diagnostics"]
 
@@ -217,7 +217,7 @@ def _per_datapoint_log_weights(traces: ImportanceTraces, plate: str) -> torch.Te
         for name, site in sample_sites(trace):
             frames = [f for f in site["cond_indep_stack"] if f.name == plate]
             if not frames:
-                plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+                plates = [f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
                 raise ValueError(
                     f"per_datapoint='{plate}' needs every sample site inside plate '{plate}' (latents local to "
                     f"the data), but {role} site '{name}' is outside it (its plates: {plates}). With global "
