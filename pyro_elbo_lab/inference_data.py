@@ -22,6 +22,9 @@ import torch
 
 import pyro
 import pyro.poutine as poutine
+from pyro.distributions.util import scale_and_mask
+
+from .diagnostics.evidence import _verdict
 
 __all__ = ["to_inference_data", "history_to_dataset", "summarize", "HISTORY_GROUP"]
 
@@ -55,9 +58,10 @@ def to_inference_data(
       ``pyro.deterministic`` sites), dims ``(chain, draw, *plates, *event)``; plate
       dimensions are named after their plates, others ``<site>_dim_<i>``.
     - ``log_likelihood``: per observed site, the pointwise :math:`\\log p(x_i \\mid z_s)`
-      (unscaled: no subsampling scale or ``poutine.scale``), dims
-      ``(chain, draw, *plates)``; event dims of the observation are summed (one value
-      per data point).
+      (unscaled: no subsampling scale or ``poutine.scale``; masked: a data point
+      masked out by ``poutine.mask`` or the site's ``mask`` contributes 0, as in the
+      model's ``log_prob``), dims ``(chain, draw, *plates)``; event dims of the
+      observation are summed (one value per data point).
     - ``observed_data``: the observed values; ``constant_data``: as given.
     - ``posterior_predictive`` (``posterior_predictive=True``): replicated data from the
       model with the observed sites resampled, for the same draws.
@@ -87,8 +91,10 @@ def to_inference_data(
     :param history: an :class:`~pyro_elbo_lab.SVIResult` or a history DataFrame.
     :param kwargs: model/guide keyword arguments.
     :rtype: arviz.InferenceData
-    :raises ValueError: for a bad ``num_samples`` or ``dims``, or a model without
-        sample sites.
+    :raises ValueError: for a bad ``num_samples``, ``dims`` naming more dimensions than
+        a variable has, a model without sample sites, a site with batch dimensions left
+        of its plates (pass ``max_plate_nesting``), or a ``history`` that is not an
+        ``SVIResult`` or history DataFrame.
 
     References
 
@@ -244,7 +250,9 @@ def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_
             out["posterior"][name] = value
             dims[name] = names
             continue
-        ll, ll_names = _shape_draws(name, site["unscaled_log_prob"], site, S, mpn, 0)
+        # the site's mask applies (masked points contribute 0), its scale does not
+        ll = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
+        ll, ll_names = _shape_draws(name, ll, site, S, mpn, 0)
         out["log_likelihood"][name] = ll
         observed, _ = _shape_observed(name, site["value"], site, mpn, event_dim)
         out["observed_data"][name] = observed
@@ -367,21 +375,34 @@ def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
     Importance-sampling diagnostics from one chain's log weights
     :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats.
 
+    The same estimates as :func:`pyro_elbo_lab.estimate_evidence` with ``psis=True``,
+    which is what :class:`~pyro_elbo_lab.SVIRunner`'s ``evaluate_every`` records
+    (``eval_log_evidence``, ...): ``log_evidence``, its standard error and ``ess`` come
+    from the Pareto-smoothed weights :math:`\\tilde w_s`, ``elbo`` from the raw ones.
+
     :param numpy.ndarray log_weights: shape ``(S,)``.
-    :returns: ``log_evidence`` :math:`\\log \\frac1S \\sum_s w_s`, its delta-method
-        ``log_evidence_stderr`` :math:`\\mathrm{sd}(w) / (\\sqrt{S}\\,\\bar w)`,
-        ``elbo`` :math:`\\frac1S \\sum_s \\log w_s`, ``gap`` (their difference, an
+    :returns: ``log_evidence`` :math:`\\log \\frac1S \\sum_s \\tilde w_s` (PSIS-smoothed),
+        its delta-method ``log_evidence_stderr``
+        :math:`\\mathrm{sd}(\\tilde w) / (\\sqrt{S}\\,\\bar{\\tilde w})`, ``elbo``
+        :math:`\\frac1S \\sum_s \\log w_s` (raw), ``gap`` (``log_evidence - elbo``, an
         estimate of :math:`\\mathrm{KL}(q \\| p(z \\mid x))`), ``pareto_k`` (from
-        ``az.psislw``), ``ess`` :math:`1 / \\sum_s \\tilde w_s^2` of the smoothed
-        normalised weights.
+        ``az.psislw``; ``-inf`` for constant weights, NaN below 21 draws), ``ess``
+        :math:`1 / \\sum_s \\bar{\\tilde w}_s^2` of the smoothed normalised weights.
     :rtype: dict
+
+    References
+
+    [1] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
+        Gelman, Yuling Yao, Jonah Gabry (2024)
+
+    [2] `Yes, but Did It Work?: Evaluating Variational Inference`, Yuling Yao, Aki
+        Vehtari, Daniel Simpson, Andrew Gelman (2018)
     """
     from .diagnostics.evidence import _importance_stats, psis_diagnostics
 
     lw = torch.as_tensor(np.asarray(log_weights, dtype="float64"))
     smoothed, k = psis_diagnostics(lw)
-    log_evidence, stderr, _ = (float(v) for v in _importance_stats(lw))
-    ess = float(_importance_stats(smoothed)[2])
+    log_evidence, stderr, ess = (float(v) for v in _importance_stats(smoothed))
     elbo = float(lw.mean())
     return {
         "log_evidence": log_evidence,
@@ -393,22 +414,23 @@ def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
     }
 
 
-def _verdict(k: float) -> str:
-    """The verdict of :attr:`pyro_elbo_lab.EvidenceEstimate.verdict` for a k̂."""
-    from .diagnostics.evidence import PARETO_K_BAD, PARETO_K_GOOD
-
-    if math.isnan(k):
-        return "unknown"
-    return "good" if k <= PARETO_K_GOOD else "ok" if k <= PARETO_K_BAD else "bad"
-
-
 def psis_means(idata):
     """
-    PSIS-corrected posterior means: per chain the self-normalised estimate
-    :math:`\\sum_s \\tilde w_s z_s` with Pareto-smoothed weights, averaged over chains.
+    PSIS-corrected posterior means: per chain the self-normalised importance-sampling
+    estimate :math:`\\sum_s \\bar{\\tilde w}_s z_s` with the Pareto-smoothed,
+    normalised weights of ``sample_stats.log_importance_weight``, averaged over chains.
+    Reliable where k̂ ≤ 0.7 (see :func:`importance_diagnostics`).
 
-    :param arviz.InferenceData idata: from :func:`to_inference_data`.
+    :param arviz.InferenceData idata: from :func:`to_inference_data`, with posterior
+        variables of shape ``(chain, draw, ...)``.
+    :returns: the posterior group's variables without the ``chain`` and ``draw`` dims,
+        in the units of each variable.
     :rtype: xarray.Dataset
+
+    References
+
+    [1] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
+        Gelman, Yuling Yao, Jonah Gabry (2024)
     """
     import xarray as xr
 
@@ -427,8 +449,33 @@ def summarize(idata, history=None, last: int = 50):
     The report behind :meth:`pyro_elbo_lab.SVIResult.summary`, from an InferenceData
     made by :func:`to_inference_data` (and optionally the history).
 
+    ``posterior``: ``az.summary`` of the guide's draws (``kind="all"`` with several
+    chains, so with :math:`\\hat R` and ESS; ``"stats"`` with one) with a ``psis_mean``
+    column (:func:`psis_means`) beside the raw ``mean``. ``vi``: one row per chain with
+    the history's ``elbo``, ``reconstruction``, ``kl``, ``entropy`` (or ``loss``)
+    averaged over its last ``last`` steps, the :func:`importance_diagnostics` of the
+    chain's log weights (``log_evidence`` and its standard error and ``ess``
+    PSIS-smoothed, as the runner's ``eval_*`` columns; ``gap``; ``pareto_k``), the
+    ``verdict`` of k̂ (``"good"``, ``"ok"``, ``"bad"``, ``"unknown"``) and the largest
+    posterior :math:`\\hat R` (NaN for one chain). Values in nats.
+
+    :param arviz.InferenceData idata: from :func:`to_inference_data`.
+    :param history: an :class:`~pyro_elbo_lab.SVIResult` or its history DataFrame.
+    :param int last: steps averaged for the ELBO terms.
     :rtype: pyro_elbo_lab.runner.SVISummary
+    :raises ValueError: if ``last`` is not a positive integer.
+
+    References
+
+    [1] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
+        Gelman, Yuling Yao, Jonah Gabry (2024)
+
+    [2] `Rank-normalization, folding, and localization: An improved R-hat for assessing
+        convergence of MCMC`, Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
+        Paul-Christian Bürkner (2021)
     """
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise ValueError(f"last must be a positive integer number of steps, got {last!r}")
     import arviz as az
     import pandas as pd
     from arviz.labels import BaseLabeller
