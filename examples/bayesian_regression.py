@@ -105,9 +105,11 @@ def exact_posterior(X, y) -> ExactPosterior:
     return ExactPosterior(mean, precision, float(log_evidence))
 
 
-def exact_elbo(X, y, loc, cov) -> dict:
+def exact_elbo(X, y, loc, cov, post: ExactPosterior) -> dict:
     """
-    For q = N(loc, cov): the ELBO and its terms, and KL(q || posterior), in closed form.
+    For q = N(loc, cov): the ELBO and its terms, and KL(q || posterior), in closed form;
+    ``post`` is :func:`exact_posterior` of the same data (computed once by the caller: it
+    costs an N x N log-determinant).
 
     E_q log p(y|w) = -N/2 log(2 pi sigma^2) - (|y - X loc|^2 + tr(X^T X cov)) / (2 sigma^2)
     KL(q || prior) = (tr(cov)/s0^2 + |loc|^2/s0^2 - D + D log s0^2 - log det cov) / 2
@@ -122,7 +124,6 @@ def exact_elbo(X, y, loc, cov) -> dict:
     ) / (2 * NOISE_SCALE**2)
     s2 = PRIOR_SCALE**2
     kl_prior = 0.5 * (np.trace(cov) / s2 + loc @ loc / s2 - D + D * np.log(s2) - logdet_cov)
-    post = exact_posterior(X, y)
     _, logdet_prec = np.linalg.slogdet(post.precision)
     diff = post.mean - loc
     kl_post = 0.5 * (np.trace(post.precision @ cov) + diff @ post.precision @ diff - D - logdet_cov - logdet_prec)
@@ -150,13 +151,13 @@ def mean_field_optimum(post: ExactPosterior):
 # ----------------------------------------------------------------------------------------
 
 
-def fit(guide, loss, X, y, num_steps: int, lr: float = 0.1):
+def fit(guide, loss, X, y, num_steps: int, lr: float = 0.1) -> None:
+    """``num_steps`` SVI steps; the fitted parameters are left in Pyro's param store."""
     # decay the learning rate 100-fold over the run, so that the iterate settles near the optimum
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.01 ** (1.0 / num_steps)})
     svi = pyro.infer.SVI(model, guide, optim, loss)
     for _ in range(num_steps):
         svi.step(X, y)
-    return loss
 
 
 def q_moments(name: str):
@@ -203,7 +204,7 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
     for name, (guide, loss_cls, loss_name) in losses.items():
         fit(guide, loss_cls(num_particles=4, vectorize_particles=True, max_plate_nesting=1), X, y, num_steps)
         loc, cov = q_moments(name)
-        exact = exact_elbo(X, y, loc, cov)
+        exact = exact_elbo(X, y, loc, cov, post)
         estimate = loss_cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1).decompose(model, guide, X, y)
         with warnings.catch_warnings():  # k-hat and its verdict are part of the report
             warnings.simplefilter("ignore", ImportanceSamplingWarning)
