@@ -32,8 +32,9 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
     """
     Train and evaluate the four weightings.
 
-    :returns: ``{"table": DataFrame, "evaluations": {config name: dict}, "configs": [...]}``;
-        each evaluation has ``reconstruction``, ``kl``, ``elbo``, ``iwae``, ``iwae_stderr``,
+    :returns: ``{"table": DataFrame, "evaluations": {config name: dict}, "configs": [...],
+        "vaes": {config name: DigitsVAE}, "x_test": Tensor}``; each evaluation has
+        ``reconstruction``, ``kl``, ``elbo``, ``iwae``, ``iwae_stderr``, ``iwae_per_image``,
         ``active_units``, ``kl_per_dimension`` and ``collapse`` (a CollapseReport).
     """
     seed_everything(seed)
@@ -44,14 +45,14 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
     report.heading("β-VAE on handwritten digits: KL weightings and posterior collapse", 1)
     report.text(f"{x_train.shape[0]} training and {x_test.shape[0]} held-out images; {num_steps} steps per weighting.")
 
-    evaluations, rows = {}, {}
+    evaluations, vaes, rows = {}, {}, {}
     configs = beta_configs(num_steps)
     for config in configs:
         # 1. fit: BetaMeanFieldELBO(beta=config.beta), a float or a schedule step -> β
         vae, result = fit(config, x_train, num_steps, seed, progress_bar=verbose)
         # 2. held-out diagnostics: decompose, posterior_collapse, estimate_evidence(per_datapoint="data")
         ev = evaluate(vae, x_test, num_samples=num_samples)
-        evaluations[config.name] = ev
+        evaluations[config.name], vaes[config.name] = ev, vae
         rows[config.label] = {
             "final β": float(result.history["beta"].iloc[-1]),
             "reconstruction": ev["reconstruction"],
@@ -78,11 +79,18 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
         frame = collapse.to_dataframe()[["kl", "activity", "active"]].T
         frame.index.name = "per dimension"
         report.table(frame, "{:.3f}")
+    units = {name: evaluations[name]["active_units"] for name in ("beta1", "beta4")}
+    verdict = (
+        "the larger β collapsed more dimensions"
+        if units["beta4"] < units["beta1"]
+        else "in this run the larger β did not collapse more dimensions"
+    )
     report.text(
         "A dimension whose KL is ~0 and whose posterior mean does not vary with the image (activity < 0.01) "
-        "has collapsed to the prior: the decoder ignores it. Larger β collapses more dimensions."
+        f"has collapsed to the prior: the decoder ignores it. Active units: {units['beta1']} with β = 1, "
+        f"{units['beta4']} with β = 4: {verdict}."
     )
-    return {"table": table, "evaluations": evaluations, "configs": configs}
+    return {"table": table, "evaluations": evaluations, "configs": configs, "vaes": vaes, "x_test": x_test}
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import pandas as pd
 import pyro
 
 from pyro_elbo_lab import BetaELBO, SVIRunner, estimate_evidence
+from pyro_elbo_lab.datasets import eight_schools
 from pyro_elbo_lab.demos.common import Report, example_parser, seed_everything
-from pyro_elbo_lab.demos.eight_schools import GUIDES, MODELS, data, exact_reference, nuts_reference
+from pyro_elbo_lab.demos.eight_schools import GUIDES, MODELS, exact_reference, nuts_reference
 from pyro_elbo_lab.diagnostics import ImportanceSamplingWarning
 
 
@@ -43,7 +44,8 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
     num_steps = steps or (400 if quick else 1500)
     num_samples = 1000 if quick else 10000
     report = Report(verbose)
-    sigma, y = data()
+    schools = eight_schools()  # data: the effects y, target: their standard errors sigma
+    sigma, y = schools.target, schools.data
     exact = exact_reference()  # numpy quadrature, independent of pyro-elbo-lab
     nuts = nuts_reference()  # az.load_arviz_data("non_centered_eight"), bundled with ArviZ
 

@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -95,7 +96,32 @@ def test_regression_importance_sampled_evidence(regression, guide):
     exact = result["guides"][guide]["exact"]
     assert exact["elbo"] - 5 * ev.log_evidence_stderr <= ev.log_evidence
     assert ev.log_evidence <= result["exact"].log_evidence + 5 * ev.log_evidence_stderr
-    assert ev.verdict in ("good", "ok", "bad")
+
+
+def gaussian_pareto_k(precision_p: np.ndarray, cov_q: np.ndarray) -> float:
+    """
+    The true Pareto shape k of the importance weights p/q for Gaussians q and p, in closed
+    form. With x = m_q + cov_q^(1/2) u, u ~ N(0, I), log w = u^T (I - A) u / 2 + (linear in
+    u) with A = cov_q^(1/2) precision_p cov_q^(1/2); along an eigenvector of A with eigenvalue
+    a < 1, P(w > t) ~ t^(-1/(1-a)), a tail index 1/(1-a): k = 1 - a, the largest over the
+    directions (the means move only the linear term).
+    """
+    a = np.linalg.eigvals(precision_p @ cov_q).real
+    return float(max(0.0, 1.0 - a.min()))
+
+
+def test_regression_importance_sampling_verdicts(regression):
+    # The mean-field guide's variances are 1 / Lambda_ii, below the posterior's marginal
+    # variances along the correlated serum features: the true k of its weights, in closed form,
+    # is ~0.99 (measured), far above 0.7, so PSIS must call it "bad" (k̂ measured 0.85-1.03 over
+    # seeds 0-2). The full-rank guide after 500 quick steps has a true k of 0.68-0.78 (seeds
+    # 0-2), astride the 0.7 threshold, so its verdict is not asserted.
+    br, result = regression
+    post = result["exact"]
+    mf = result["guides"]["mean_field"]
+    assert gaussian_pareto_k(post.precision, mf["cov"]) > 0.9
+    assert mf["evidence"].verdict == "bad"
+    assert mf["evidence"].pareto_k > 0.7
 
 
 def test_regression_gaps(regression):
@@ -122,7 +148,7 @@ def test_regression_identity_for_random_gaussian_q(regression):
     store.clear()
     store["fr_loc"] = loc.clone()
     store["fr_scale_tril"] = tril.clone()
-    exact = br.exact_elbo(X, y, loc.numpy(), (tril @ tril.T).numpy())
+    exact = br.exact_elbo(X, y, loc.numpy(), (tril @ tril.T).numpy(), br.exact_posterior(X, y))
     assert exact["elbo"] + exact["kl_posterior"] == pytest.approx(exact["log_evidence"], abs=1e-6)
     est = br.BetaELBO(num_particles=4096, vectorize_particles=True, max_plate_nesting=1).decompose(
         br.model, br.full_rank_guide, X, y
@@ -167,6 +193,37 @@ def test_em_m_step_raises_the_elbo(em):
     assert np.all(h["E log p(x,z) after M"] >= h["E log p(x,z) after E"] - 1e-9)
     assert np.all(h["ELBO after M"] >= h["ELBO after E"] - 1e-9)
     assert np.all(h["gap after M"] >= -1e-9)
+
+
+def test_em_report_words_follow_the_numbers(em):
+    # the sentences about monotonicity are computed from the history, not canned: the real
+    # run reads "never negative"; a history with a drop (made up here) is reported as one
+    module, result = em
+    h = result["history"]
+    assert "never negative" in module.monotonicity(h["log p(x)"])
+    assert "each M-step raised the ELBO" in module.steps_summary(h)
+    made_up = pd.Series([-300.0, -250.0, -260.0, -240.0])
+    text = module.monotonicity(made_up)
+    assert "never negative" not in text
+    assert "DECREASED at 1 of 3 iterations (largest drop 10 nats)" in text
+    broken = h.copy()
+    broken.loc[1, "ELBO after M"] = broken.loc[1, "ELBO after E"] - 2.0
+    assert "an M-step LOWERED the ELBO (by 2 nats)" in module.steps_summary(broken)
+
+
+def test_em_exact_terms_against_the_definitions(em):
+    # the terms by enumeration against their definitions written out in numpy with 0 log 0 = 0,
+    # for responsibilities with exact zeros (a hard assignment); float64 round-off on ~100s
+    module, _ = em
+    x, _ = module.load_data()
+    params = module.initial_params(x, 0)
+    resp = torch.nn.functional.one_hot(torch.arange(x.shape[0]) % module.K, module.K).to(x.dtype)
+    resp[0] = torch.tensor([0.2, 0.3, 0.5])
+    terms = module.exact_terms(x, params, resp)
+    r, w = resp.numpy(), params.weights.numpy()
+    r_log_r = np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)
+    assert terms["entropy"] == pytest.approx(-r_log_r.sum(), abs=1e-10)
+    assert terms["kl"] == pytest.approx((r_log_r - r * np.log(w)).sum(), abs=1e-10)
 
 
 def test_em_mc_terms_match_enumeration(em):
@@ -236,13 +293,47 @@ def test_cavi_fixed_point_matches_closed_form(cavi):
     N = x.shape[0]
     # the stationary equations: mu_N, a_N in closed form; lambda_N and b_N consistent with each other
     assert q["mu_loc"] == pytest.approx((module.LAMBDA0 * module.MU0 + x.sum().item()) / (module.LAMBDA0 + N), abs=1e-12)
-    assert q["tau_concentration"] == pytest.approx(module.A0 + (N + 1) / 2)
     lam = q["mu_scale"] ** -2
     assert lam == pytest.approx((module.LAMBDA0 + N) * q["tau_concentration"] / q["tau_rate"], rel=1e-9)
     e_sq = ((x - q["mu_loc"]) ** 2).sum().item() + N / lam + module.LAMBDA0 * ((q["mu_loc"] - module.MU0) ** 2 + 1 / lam)
     assert q["tau_rate"] == pytest.approx(module.B0 + 0.5 * e_sq, rel=1e-9)
     # coordinate ascent never lowers the ELBO
     assert np.all(np.diff(result["cavi_trace"]) >= -1e-12)
+
+
+def test_cavi_fixed_point_is_a_maximum_of_the_elbo(cavi):
+    # each CAVI update is the exact optimum of its factor, and the optimum lies in the
+    # Normal x Gamma family, so the fixed point maximises the closed-form ELBO over all four
+    # parameters: moving any of them by 0.1% lowers it. The second-order drop is >= ~1e-7 nats
+    # for these curvatures; float64 round-off of the ELBO (~60 nats) is ~1e-13.
+    module, result = cavi
+    x = module.load_data()
+    q = result["cavi_q"]
+    best = module.mean_field_elbo(x, q)
+    for name in q:
+        for sign in (-1, 1):
+            moved = dict(q, **{name: q[name] * (1 + sign * 1e-3)})
+            assert module.mean_field_elbo(x, moved) < best - 1e-10, (name, sign)
+
+
+def test_cavi_needs_a_sweep(cavi):
+    # num_iterations=0 used to return the initial q and an empty trace (main then failed on trace[-1])
+    module, _ = cavi
+    with pytest.raises(ValueError, match="num_iterations must be >= 1.*got 0"):
+        module.cavi(module.load_data(), num_iterations=0)
+
+
+def test_cavi_report_words_follow_the_numbers(cavi):
+    # the sentence about the sweeps is computed from the trace, not canned
+    module, result = cavi
+    assert result["cavi_converged"]
+    assert "no sweep lowered the ELBO" in module.sweep_summary(result["cavi_trace"], True)
+    text = module.sweep_summary([-40.0, -39.0, -39.5, -39.4], False)
+    assert text.startswith("NOT converged after 4 sweeps")
+    assert "1 of 3 sweeps LOWERED the ELBO (largest drop 0.5 nats)" in text
+    # stopping at the iteration limit is not convergence
+    _, trace, converged = module.cavi(module.load_data(), num_iterations=2)
+    assert len(trace) == 2 and not converged
 
 
 def test_cavi_below_exact_evidence(cavi):
@@ -337,9 +428,26 @@ def test_eight_schools_where_vi_is_trustworthy(eight_schools):
     assert gap["non-centred, full-rank"] < 1.0
     assert gap["centred, mean-field"] > 2.0
     assert fits["centred, mean-field"]["evidence"].pareto_k > 0.7
+    assert fits["centred, mean-field"]["evidence"].verdict == "bad"
+    # measured k̂ = 0.60 ("ok"): the guide covers the posterior, so the estimate must be close
     nc = fits["non-centred, full-rank"]["evidence"]
-    if nc.verdict != "bad":
-        assert within_se(nc.log_evidence, exact, nc.log_evidence_stderr, k=6.0)
+    assert nc.verdict in ("good", "ok"), nc.pareto_k
+    # 6 rather than 5 standard errors: for 0.5 < k̂ <= 0.7 the raw weights have no finite
+    # variance (a Pareto tail has moments of order < 1/k only), so the se is itself a rough
+    # estimate, and the log of a mean is biased low by ~se^2 / 2 (Vehtari et al. 2024);
+    # measured deviation 1.2 se
+    assert within_se(nc.log_evidence, exact, nc.log_evidence_stderr, k=6.0)
+
+
+def test_eight_schools_demo_argument_errors():
+    from pyro_elbo_lab.demos.eight_schools import exact_reference, fit
+
+    with pytest.raises(ValueError, match="model_name must be one of 'centred', 'non-centred', got 'centered'"):
+        fit("centered", "mean-field", 10)
+    with pytest.raises(ValueError, match="guide_name must be one of 'mean-field', 'full-rank', got 'diagonal'"):
+        fit("centred", "diagonal", 10)
+    with pytest.raises(ValueError, match="num_nodes must be a positive integer.*got 0"):
+        exact_reference(0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -359,15 +467,58 @@ def test_vae_study_reports_every_weighting(vae_study):
     assert list(table.index) == [c.label for c in result["configs"]]
     assert table["final β"].tolist() == pytest.approx([1.0, 1.0, 1.0, 4.0])
     for name, ev in result["evaluations"].items():
-        assert ev["elbo"] == pytest.approx(ev["reconstruction"] - ev["kl"], abs=1e-9)
         # the rate (rate_distortion) and the KL per dimension (posterior_collapse) are both analytic
         # Gaussian KLs of an encoder that depends on x only: no Monte Carlo error, same number
         assert ev["kl"] == pytest.approx(float(ev["kl_per_dimension"].sum()), rel=1e-8), name
         assert 0 <= ev["active_units"] <= 16  # latent dimension 16
-        # the IWAE bound with S samples is at least the ELBO in expectation (Burda et al. 2016);
-        # per image the difference is the log of an average of S weights >= the average log
-        # weight (Jensen), so only Monte Carlo noise in the ELBO estimate could reverse it
-        assert ev["iwae"] > ev["elbo"] - 1.0, name
+
+
+def elbo_by_hand(vae, x: torch.Tensor, num_draws: int = 64, seed: int = 1):
+    """
+    With plain torch, independent of pyro-elbo-lab: the Binomial(16) log-likelihood of each
+    image under ``num_draws`` draws of z from the encoder, shape ``(S, N)``, and the analytic
+    KL(q(z|x) || N(0, I)) per image, shape ``(N,)``.
+    """
+    with torch.no_grad():
+        loc, scale = vae.encode(x)
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0))
+        g = torch.Generator().manual_seed(seed)
+        z = loc + scale * torch.randn((num_draws,) + tuple(loc.shape), generator=g)
+        log_lik = torch.distributions.Binomial(16, logits=vae.decode(z)).log_prob(x).sum(-1)
+    return log_lik, kl.sum(-1)
+
+
+@pytest.fixture(scope="module")
+def vae_by_hand(vae_study):
+    _, result = vae_study
+    return {name: elbo_by_hand(vae, result["x_test"]) for name, vae in result["vaes"].items()}
+
+
+def test_vae_decomposition_against_torch(vae_study, vae_by_hand):
+    # reconstruction, KL and ELBO per held-out image against the same quantities from plain
+    # torch: the KL is analytic in both (round-off, rel 1e-8); the reconstruction is a Monte
+    # Carlo mean in both, so they must agree within 5 se of the difference of two independent
+    # estimates (a false alarm every ~1.7 million runs)
+    _, result = vae_study
+    for name, ev in result["evaluations"].items():
+        log_lik, kl = vae_by_hand[name]
+        per_draw = log_lik.mean(-1)  # (S,): reconstruction per image, one draw per image
+        recon, se = per_draw.mean().item(), (per_draw.std() / per_draw.shape[0] ** 0.5).item()
+        bound = 5 * math.hypot(se, ev["rate_distortion"].distortion_stderr)
+        assert ev["kl"] == pytest.approx(kl.mean().item(), rel=1e-8), name
+        assert abs(ev["reconstruction"] - recon) <= bound, name
+        assert abs(ev["elbo"] - (recon - kl.mean().item())) <= bound, name
+
+
+def test_vae_iwae_at_least_the_elbo(vae_study, vae_by_hand):
+    # the IWAE bound with S samples is at least the ELBO in expectation, per image (Burda et al.
+    # 2016). Paired per image: d_n = IWAE_n - ELBO_n (ELBO_n from plain torch, independent
+    # draws); the d_n are independent over images, so their mean is >= -5 se of the mean
+    _, result = vae_study
+    for name, ev in result["evaluations"].items():
+        log_lik, kl = vae_by_hand[name]
+        d = ev["iwae_per_image"] - (log_lik.mean(0) - kl)
+        assert d.mean().item() >= -5 * (d.std() / d.shape[0] ** 0.5).item(), name
 
 
 def test_vae_beta_four_has_the_lowest_rate(vae_study):

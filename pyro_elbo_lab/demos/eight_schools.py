@@ -30,6 +30,10 @@ References
 
 [4] `A General Framework for the Parametrization of Hierarchical Models`, Omiros
     Papaspiliopoulos, Gareth O. Roberts, Martin Sköld (2007)
+
+[5] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight schools",
+    Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki Vehtari, Donald B.
+    Rubin (2013)
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y
+from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence
 from ..losses import BetaELBO
 from ..runner import SVIRunner
@@ -68,13 +72,19 @@ PRIOR_MU_SCALE = 5.0
 PRIOR_TAU_SCALE = 5.0
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sigma, y)``, each of shape ``(8,)``."""
-    return torch.tensor(EIGHT_SCHOOLS_SIGMA), torch.tensor(EIGHT_SCHOOLS_Y)
-
-
 def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-    """The centred model: θ drawn around μ with scale τ (a funnel in (τ, θ))."""
+    """
+    The centred model: θ drawn around μ with scale τ (a funnel in (τ, θ)).
+
+    :param torch.Tensor sigma: standard errors of the schools' estimates, shape ``(8,)``.
+    :param torch.Tensor y: estimated effects, shape ``(8,)``; ``None`` to sample them.
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
+    """
     mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SCALE))
     tau = pyro.sample("tau", dist.HalfCauchy(PRIOR_TAU_SCALE))
     with pyro.plate("school", sigma.shape[-1], dim=-1):
@@ -83,7 +93,22 @@ def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
 
 
 def non_centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-    """The non-centred model: standardised effects θ̃, θ = μ + τ θ̃ (no funnel)."""
+    """
+    The non-centred model: standardised effects θ̃ (site ``theta_t``) and θ = μ + τ θ̃
+    (deterministic site ``theta``); no funnel.
+
+    :param torch.Tensor sigma: standard errors of the schools' estimates, shape ``(8,)``.
+    :param torch.Tensor y: estimated effects, shape ``(8,)``; ``None`` to sample them.
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
+
+    [2] `A General Framework for the Parametrization of Hierarchical Models`, Omiros
+        Papaspiliopoulos, Gareth O. Roberts, Martin Sköld (2007)
+    """
     mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SCALE))
     tau = pyro.sample("tau", dist.HalfCauchy(PRIOR_TAU_SCALE))
     with pyro.plate("school", sigma.shape[-1], dim=-1):
@@ -124,7 +149,20 @@ def exact_reference(num_nodes: int = 800) -> ExactReference:
     :math:`\\tau = 5 \\tan u` the HalfCauchy(5) prior becomes uniform on :math:`u \\in (0,
     \\pi/2)` with density :math:`2/\\pi`, and the integrand is smooth: Gauss–Legendre with
     ``num_nodes`` nodes.
+
+    :param int num_nodes: Gauss–Legendre nodes in u (at least 1; 800 is ample).
+    :returns: :class:`ExactReference`: log p(y) in nats; posterior mean and sd of μ and τ
+        (points on the SAT-V scale).
+    :raises ValueError: if ``num_nodes`` < 1.
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
     """
+    if num_nodes < 1:
+        raise ValueError(f"exact_reference: num_nodes must be a positive integer (800 is ample), got {num_nodes}")
     y = np.asarray(EIGHT_SCHOOLS_Y)
     sigma = np.asarray(EIGHT_SCHOOLS_SIGMA)
     nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
@@ -152,7 +190,16 @@ def exact_reference(num_nodes: int = 800) -> ExactReference:
 def nuts_reference() -> pd.DataFrame:
     """
     Posterior means and sds from the NUTS draws ArviZ ships (``non_centered_eight``, 4
-    chains × 500 draws; bundled, no download): rows ``mu``, ``tau``, ``theta[<school>]``.
+    chains × 500 draws; bundled, no download).
+
+    :returns: a DataFrame with columns ``mean`` and ``sd`` (SAT-V points) and rows ``mu``,
+        ``tau``, ``theta[0]`` .. ``theta[7]`` (schools in :data:`EIGHT_SCHOOLS_NAMES` order).
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
     """
     import arviz as az
 
@@ -165,7 +212,7 @@ def _rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
     """``theta[Choate]`` / ``theta[0]`` -> ``theta[0]``, so NUTS and VI tables line up."""
     index = []
     for name in frame.index:
-        if name.startswith("theta[") and not name.startswith("theta_t"):
+        if name.startswith("theta["):
             key = name[len("theta["):-1]
             if key in EIGHT_SCHOOLS_NAMES:
                 key = str(EIGHT_SCHOOLS_NAMES.index(key))
@@ -209,11 +256,33 @@ def fit(
     Fit one guide with :class:`~pyro_elbo_lab.SVIRunner` and :class:`~pyro_elbo_lab.BetaELBO`
     (β = 1, 8 vectorised particles), then decompose the ELBO, estimate the evidence with
     PSIS, and draw the guide's posterior as InferenceData.
+
+    :param str model_name: a key of :data:`MODELS`: ``"centred"`` or ``"non-centred"``.
+    :param str guide_name: a key of :data:`GUIDES`: ``"mean-field"`` or ``"full-rank"``.
+    :param int num_steps: SVI steps (ClippedAdam, learning rate 0.05 decayed 10-fold).
+    :param int seed: random seed of the run.
+    :param int num_samples: importance samples for :func:`~pyro_elbo_lab.estimate_evidence`.
+    :param bool progress_bar: show a progress bar while fitting.
+    :returns: a :class:`Fit`: the guide, the :class:`~pyro_elbo_lab.SVIResult`, the ELBO's
+        decomposition at the fitted guide (1000 particles, nats), the evidence estimate
+        with k̂, InferenceData (1000 draws) and a mean/sd summary of μ, τ, θ.
+    :raises ValueError: for a ``model_name`` or ``guide_name`` not listed above.
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
     """
     import arviz as az
 
+    if model_name not in MODELS:
+        raise ValueError(f"fit: model_name must be one of {', '.join(map(repr, MODELS))}, got {model_name!r}")
+    if guide_name not in GUIDES:
+        raise ValueError(f"fit: guide_name must be one of {', '.join(map(repr, GUIDES))}, got {guide_name!r}")
     pyro.clear_param_store()
-    sigma, y = data()
+    schools = eight_schools()
+    sigma, y = schools.target, schools.data
     model = MODELS[model_name]
     guide = GUIDES[guide_name](model)
     loss = BetaELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
@@ -222,10 +291,7 @@ def fit(
     runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed)
     result = runner.run(sigma, y, num_steps=num_steps)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        terms = BetaELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1).decompose(
-            model, guide, sigma, y
-        )
+    terms = BetaELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1).decompose(model, guide, sigma, y)
     with warnings.catch_warnings():  # k̂ and its verdict are reported
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
         evidence = estimate_evidence(model, guide, sigma, y, num_samples=num_samples, psis=True, max_plate_nesting=1)
@@ -295,7 +361,23 @@ def run_fits(
     progress_bar: bool = True,
     log: Callable[[str], None] = print,
 ) -> EightSchools:
-    """The four fits (centred / non-centred × mean-field / full-rank) and the references."""
+    """
+    The four fits (centred / non-centred × mean-field / full-rank) and the references.
+
+    :param bool quick: 400 steps and 1000 importance samples per fit instead of 1500 and 10000.
+    :param int seed: random seed (every fit starts from it).
+    :param int steps: SVI steps per fit, overriding the default.
+    :param bool progress_bar: show progress bars.
+    :param log: called with one line of text per fit.
+    :returns: an :class:`EightSchools` with the four :class:`Fit` s, the
+        :func:`exact_reference` and the :func:`nuts_reference`.
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
+    """
     seed_everything(seed)
     num_steps = steps or (400 if quick else 1500)
     num_samples = 1000 if quick else 10000
@@ -407,7 +489,24 @@ def run(
     verbose: bool = True,
     progress_bar: bool = True,
 ) -> EightSchools:
-    """``pyro-elbo-lab demo``: fits, report, plots, netCDF and ``report.md`` in ``output``."""
+    """
+    ``pyro-elbo-lab demo``: fits, report, plots, netCDF and ``report.md`` in ``output``.
+
+    :param str output: directory for the files (created if missing).
+    :param bool quick: a smoke run (see :func:`run_fits`).
+    :param int seed: random seed.
+    :param int steps: SVI steps per fit, overriding the default.
+    :param bool verbose: print the report as it is made.
+    :param bool progress_bar: show progress bars (only when ``verbose``).
+    :returns: the :class:`EightSchools` study that the report shows.
+    :raises MissingExtraError: without matplotlib (install ``pyro-elbo-lab[examples]``).
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
+    """
     report = Report(verbose)
     report.heading("pyro-elbo-lab demo: eight schools", 1)
     report.text(

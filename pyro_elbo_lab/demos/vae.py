@@ -104,6 +104,13 @@ class DigitsVAE(nn.Module):
             pyro.sample("x", dist.Binomial(TOTAL_COUNT, logits=self.decode(z)).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """
+        The amortised mean-field guide :math:`q_\\phi(z_n \\mid x_n) = \\mathcal N(\\mu_\\phi(x_n),
+        \\mathrm{diag}\\,\\sigma_\\phi(x_n)^2)`, from :meth:`encode`.
+
+        :param torch.Tensor x: images, shape ``(N, 64)``, counts in 0..16.
+        :param int num_data: size of the whole data set when ``x`` is a minibatch.
+        """
         pyro.module(f"{self.name}.encoder", self.encoder)
         with self._plate(x, num_data):
             loc, scale = self.encode(x)
@@ -120,7 +127,22 @@ class BetaConfig:
 
 
 def beta_configs(num_steps: int) -> list[BetaConfig]:
-    """The four KL weightings compared, for a run of ``num_steps`` steps."""
+    """
+    The four KL weightings compared, for a run of ``num_steps`` steps: β = 1, a linear
+    warm-up 0 → 1 over the first half, a cyclical schedule (4 cycles over the first 80%,
+    then 1) and β = 4.
+
+    :param int num_steps: optimisation steps of the run the schedules are sized for.
+    :returns: four :class:`BetaConfig` s, named ``beta1``, ``warmup``, ``cyclical``, ``beta4``.
+
+    References
+
+    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
+        Framework`, Irina Higgins et al. (2017)
+
+    [2] `Cyclical Annealing Schedule: A Simple Approach to Mitigating KL Vanishing`, Hao
+        Fu, Chunyuan Li, Xiaodong Liu, Jianfeng Gao, Asli Celikyilmaz, Lawrence Carin (2019)
+    """
     return [
         BetaConfig("beta1", "β = 1 (ELBO)", 1.0),
         BetaConfig("warmup", "linear warm-up 0→1", LinearWarmup(num_steps=max(1, num_steps // 2))),
@@ -130,7 +152,16 @@ def beta_configs(num_steps: int) -> list[BetaConfig]:
 
 
 def load_split(seed: int = 0, num_test: int = NUM_TEST) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Digits shuffled with ``seed``: ``(x_train, x_test, labels_test)``."""
+    """
+    The digits, shuffled with ``seed`` and split into training and held-out images.
+
+    :param int seed: seed of the shuffle.
+    :param int num_test: held-out images.
+    :returns: ``(x_train, x_test, labels_test)``: pixel counts of shapes
+        ``(1797 - num_test, 64)`` and ``(num_test, 64)``, and the digits (0..9) of the
+        held-out images, shape ``(num_test,)``.
+    :raises MissingExtraError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
+    """
     digits = load_digits()
     perm = torch.randperm(digits.data.shape[0], generator=torch.Generator().manual_seed(seed))
     x, labels = digits.data[perm], digits.target[perm]
@@ -143,11 +174,14 @@ def minibatches(x: torch.Tensor, batch_size: int, seed: int = 0) -> Callable[[in
     epoch, reproducible from ``seed``), for :meth:`~pyro_elbo_lab.SVIRunner.run`.
     """
     per_epoch = max(1, x.shape[0] // batch_size)
+    current = {"epoch": None, "perm": None}  # one permutation per epoch, made when it starts
 
     def batches(step: int) -> tuple:
         epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        return (x[perm[i * batch_size : (i + 1) * batch_size]],)
+        if current["epoch"] != epoch:
+            generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+            current["epoch"], current["perm"] = epoch, torch.randperm(x.shape[0], generator=generator)
+        return (x[current["perm"][i * batch_size : (i + 1) * batch_size]],)
 
     return batches
 
@@ -163,10 +197,20 @@ def fit(
 ):
     """
     Train one VAE with :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL) on
-    minibatches of the training set, with :class:`~pyro_elbo_lab.SVIRunner`.
+    minibatches of the training set, with :class:`~pyro_elbo_lab.SVIRunner` and Adam
+    (learning rate 3e-3).
 
-    :returns: ``(vae, result)``; ``result.history`` is per step, in nats for the whole
-        training set (Pyro's minibatch scaling).
+    :param BetaConfig config: the KL weighting (β or a schedule); its ``name`` prefixes
+        the VAE's parameters in Pyro's param store.
+    :param torch.Tensor x_train: training images, shape ``(N, 64)``, counts in 0..16.
+    :param int num_steps: optimisation steps (one minibatch each).
+    :param int seed: seeds the initial weights, the particles and the minibatch order.
+    :param bool progress_bar: show a progress bar.
+    :param int latent_dim: L, dimensions of :math:`z`.
+    :param int batch_size: images per minibatch.
+    :returns: ``(vae, result)``: the trained :class:`DigitsVAE` and the
+        :class:`~pyro_elbo_lab.SVIResult`; ``result.history`` is per step, in nats for the
+        whole training set (Pyro's minibatch scaling).
     """
     pyro.set_rng_seed(seed)
     vae = DigitsVAE(latent_dim=latent_dim, name=config.name)
@@ -180,11 +224,23 @@ def evaluate(vae: DigitsVAE, x_test: torch.Tensor, num_samples: int = 500) -> di
     """
     Held-out diagnostics of one VAE, all in nats per image.
 
-    :returns: dict with ``reconstruction``, ``kl`` (rate), ``distortion``, ``elbo``,
-        ``iwae`` (mean per-image IWAE log-likelihood), ``iwae_stderr`` (over images),
-        ``active_units``, ``kl_per_dimension`` (tensor), ``collapse`` (a
+    :param DigitsVAE vae: a trained VAE.
+    :param torch.Tensor x_test: held-out images, shape ``(N, 64)``, counts in 0..16.
+    :param int num_samples: importance samples per image for the IWAE bound.
+    :returns: dict with ``reconstruction``, ``kl`` (rate), ``distortion``, ``elbo`` (64
+        draws of q per image), ``iwae`` (mean per-image IWAE log-likelihood),
+        ``iwae_stderr`` (over images), ``iwae_per_image`` (tensor of shape ``(N,)``),
+        ``active_units``, ``kl_per_dimension`` (tensor of shape ``(L,)``), ``collapse`` (a
         :class:`~pyro_elbo_lab.CollapseReport`) and ``rate_distortion`` (a
         :class:`~pyro_elbo_lab.RateDistortion`).
+
+    References
+
+    [1] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan
+        Salakhutdinov (2016)
+
+    [2] `Fixing a Broken ELBO`, Alexander A. Alemi, Ben Poole, Ian Fischer, Joshua V.
+        Dillon, Rif A. Saurous, Kevin Murphy (2018)
     """
     rd = rate_distortion(vae.model, vae.guide, x_test, plate="data", num_samples=64, max_plate_nesting=1)
     collapse = posterior_collapse(vae.model, vae.guide, x_test, plate="data", num_samples=16, max_plate_nesting=1)
@@ -203,6 +259,7 @@ def evaluate(vae: DigitsVAE, x_test: torch.Tensor, num_samples: int = 500) -> di
         "rate_distortion": rd,
         "iwae": per_image.mean().item(),
         "iwae_stderr": (per_image.std() / per_image.shape[0] ** 0.5).item(),
+        "iwae_per_image": per_image,
         "active_units": collapse.active_units,
         "kl_per_dimension": collapse.kl_per_dimension,
         "collapse": collapse,
@@ -231,7 +288,19 @@ def run_study(
     progress_bar: bool = True,
     log: Callable[[str], None] = print,
 ) -> VAEStudy:
-    """Train the four configurations and evaluate them on held-out images."""
+    """
+    Train the four configurations of :func:`beta_configs` and evaluate them on held-out
+    images with :func:`evaluate`.
+
+    :param bool quick: 60 steps and 32 importance samples instead of 2000 and 500.
+    :param int seed: random seed (data split, weights, minibatches, particles).
+    :param int steps: optimisation steps per configuration, overriding the default.
+    :param bool progress_bar: show progress bars.
+    :param log: called with one line of text per configuration.
+    :returns: a :class:`VAEStudy`; its ``table`` has one row per configuration, in nats
+        per held-out image.
+    :raises MissingExtraError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
+    """
     seed_everything(seed)
     num_steps = steps or (60 if quick else 2000)
     num_samples = 32 if quick else 500
@@ -362,6 +431,16 @@ def run(
     """
     ``pyro-elbo-lab demo vae``: the study, printed, with plots, netCDF and ``report.md``
     in ``output``.
+
+    :param str output: directory for the files (created if missing).
+    :param bool quick: a smoke run (see :func:`run_study`).
+    :param int seed: random seed.
+    :param int steps: optimisation steps per configuration, overriding the default.
+    :param bool verbose: print the report as it is made.
+    :param bool progress_bar: show progress bars (only when ``verbose``).
+    :returns: the :class:`VAEStudy` that the report shows.
+    :raises MissingExtraError: without scikit-learn or matplotlib (install
+        ``pyro-elbo-lab[examples]``).
     """
     report = Report(verbose)
     report.heading("pyro-elbo-lab demo: a β-VAE on handwritten digits", 1)
