@@ -16,7 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .diagnostics.evidence import PARETO_K_BAD, PARETO_K_GOOD, _verdict
+
 __all__ = ["plot_decomposition", "plot_kl_per_site", "plot_rate_distortion", "plot_pareto_k"]
+
+_VERDICT_COLORS = {"good": "C2", "ok": "C1", "bad": "C3", "unknown": "grey"}
 
 _TERM_LABELS = {
     "elbo": "ELBO",
@@ -92,7 +96,8 @@ def plot_decomposition(
     :param matplotlib.axes.Axes ax: axes to draw on (a new figure when None).
     :param terms: history columns to draw (for plain Pyro losses only ``loss`` exists
         and is drawn instead).
-    :param bool beta: draw β (and the capacity, when recorded) on a twin axis.
+    :param bool beta: draw β on a twin axis (unitless), and the capacity, when
+        recorded, on the main axis (nats).
     :param int smooth: rolling-mean window in steps, to see through Monte Carlo noise.
     :param int chain: which chain (default all, one line style per chain).
     :returns: the primary axes; the β axis is ``ax.beta_axis`` (None without β).
@@ -122,15 +127,17 @@ def plot_decomposition(
     ax.set_xlabel("step")
     ax.set_ylabel("nats")
     ax.set_title("ELBO decomposition over training" + (f" (rolling mean of {smooth} steps)" if smooth > 1 else ""))
-    handles, labels = ax.get_legend_handles_labels()
     ax.beta_axis = None
     if beta and "beta" in frame.columns:
-        twin = ax.twinx()
         _, rows = chains[0]
-        twin.plot(rows["step"].to_numpy(), rows["beta"].to_numpy(dtype=float), color="black", alpha=0.6, label="β")
         if "capacity" in frame.columns:
-            twin.plot(rows["step"].to_numpy(), rows["capacity"].to_numpy(dtype=float), color="grey", linestyle=":",
-                      label="capacity C (nats)")
+            # the capacity is in nats: on the main axis, whose limits then include it
+            ax.plot(rows["step"].to_numpy(), rows["capacity"].to_numpy(dtype=float), color="grey", linestyle=":",
+                    label="capacity C (nats)")
+    handles, labels = ax.get_legend_handles_labels()
+    if beta and "beta" in frame.columns:
+        twin = ax.twinx()
+        twin.plot(rows["step"].to_numpy(), rows["beta"].to_numpy(dtype=float), color="black", alpha=0.6, label="β")
         top = float(np.nanmax(rows["beta"].to_numpy(dtype=float))) if len(rows) else 1.0
         twin.set_ylim(0.0, 1.05 * max(top, 1e-12))  # β from 0: a constant β reads as constant
         twin.set_ylabel("β (unitless)")
@@ -244,7 +251,12 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
 def plot_pareto_k(data, ax=None):
     """
     Pareto :math:`\\hat k` of the importance weights :math:`p(x, z_s) / q(z_s)`, with the
-    0.5 ("good") and 0.7 ("bad") thresholds of Vehtari et al.
+    "good" and "bad" thresholds of Vehtari et al.
+    (:data:`~pyro_elbo_lab.diagnostics.evidence.PARETO_K_GOOD`,
+    :data:`~pyro_elbo_lab.diagnostics.evidence.PARETO_K_BAD`). Bars are coloured by the
+    verdict of :attr:`pyro_elbo_lab.EvidenceEstimate.verdict`: green "good" (including
+    k̂ = -inf, constant weights: the guide is the posterior, drawn as a zero-height bar),
+    orange "ok", red "bad", grey "unknown" (k̂ = NaN, too few draws; zero height).
 
     :param data: one of
 
@@ -296,15 +308,15 @@ def plot_pareto_k(data, ax=None):
         ax.set_xlabel("step")
         ax.set_title("Pareto k̂ of the importance weights over training")
     else:
-        finite = [k if math.isfinite(k) else np.nan for k in ks]
-        colors = ["C2" if k <= 0.5 else "C1" if k <= 0.7 else "C3" for k in np.nan_to_num(finite, nan=1.0)]
-        ax.bar(range(len(ks)), np.nan_to_num(finite, nan=0.0), color=colors, label="k̂")
+        colors = [_VERDICT_COLORS[_verdict(k)] for k in ks]
+        heights = [k if math.isfinite(k) else 0.0 for k in ks]  # -inf (exact) and NaN (unknown): no bar
+        ax.bar(range(len(ks)), heights, color=colors, label="k̂")
         ax.set_xticks(range(len(ks)))
         ax.set_xticklabels(labels)
         ax.set_xlabel("chain / fit")
         ax.set_title("Pareto k̂ of the importance weights")
-    ax.axhline(0.5, color="C1", linestyle="--", label="0.5 (good below)")
-    ax.axhline(0.7, color="C3", linestyle="--", label="0.7 (unreliable above)")
+    ax.axhline(PARETO_K_GOOD, color="C1", linestyle="--", label=f"{PARETO_K_GOOD} (good below)")
+    ax.axhline(PARETO_K_BAD, color="C3", linestyle="--", label=f"{PARETO_K_BAD} (unreliable above)")
     ax.set_ylabel("k̂ (unitless)")
     ax.legend(loc="best", fontsize="small")
     return ax

@@ -118,7 +118,10 @@ def test_plot_pareto_k(fitted):
     ax = plots.plot_pareto_k(idata)
     assert_labelled(ax, units=False)
     heights = [p.get_height() for p in ax.patches]
-    assert len(heights) == 2 and all(np.isfinite(heights))
+    # each bar is ArviZ's own k̂ of that chain's log importance weights (psis_diagnostics wraps
+    # az.psislw with reff=1: the same computation, 1e-12 for rounding)
+    lw = idata.sample_stats["log_importance_weight"].values
+    assert heights == pytest.approx([float(az.psislw(lw[c].copy())[1]) for c in range(2)], rel=1e-12)
     ax = plots.plot_pareto_k(result)  # k̂ over training from the evaluation rows
     assert_labelled(ax, units=False)
     assert ax.get_lines()[0].get_xdata().tolist() == [19, 39]
@@ -126,6 +129,35 @@ def test_plot_pareto_k(fitted):
     assert [p.get_height() for p in ax.patches] == [0.3, 0.9]
     with pytest.raises(ValueError, match="evaluate_every"):
         plots.plot_pareto_k(pd.DataFrame({"step": [0], "loss": [1.0]}))
+
+
+def test_plot_pareto_k_colours_follow_the_verdict():
+    # regression: k̂ = -inf (constant weights: the guide is exact) was drawn as a red "bad"
+    # bar and NaN (too few draws) as red; the colours are those of EvidenceEstimate.verdict
+    from matplotlib.colors import to_rgba
+
+    from pyro_elbo_lab.diagnostics.evidence import PARETO_K_BAD, PARETO_K_GOOD
+
+    ks = {"exact": -np.inf, "few draws": np.nan, "good": 0.3, "ok": 0.6, "bad": 0.9}
+    ax = plots.plot_pareto_k(ks)
+    colours = [p.get_facecolor() for p in ax.patches]
+    assert colours == [to_rgba(c) for c in ("C2", "grey", "C2", "C1", "C3")]
+    assert [p.get_height() for p in ax.patches] == [0.0, 0.0, 0.3, 0.6, 0.9]
+    assert sorted(line.get_ydata()[0] for line in ax.get_lines()) == [PARETO_K_GOOD, PARETO_K_BAD]
+
+
+def test_plot_decomposition_draws_the_capacity_in_nats():
+    # regression: the capacity (nats) was drawn on the β axis, whose limits come from β
+    # alone, so a capacity of 25 nats was off the plot
+    frame = pd.DataFrame({"step": range(5), "elbo": [-30.0, -20.0, -15.0, -12.0, -11.0], "beta": [0.5] * 5,
+                          "capacity": [0.0, 5.0, 10.0, 20.0, 25.0]})
+    ax = plots.plot_decomposition(frame)
+    capacity = [line for line in ax.get_lines() if line.get_label() == "capacity C (nats)"]
+    assert len(capacity) == 1 and capacity[0].get_ydata().tolist() == [0.0, 5.0, 10.0, 20.0, 25.0]
+    lo, hi = ax.get_ylim()
+    assert lo <= -30.0 and hi >= 25.0  # ELBO and capacity both inside the nats axis
+    assert "capacity C (nats)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert all(line.get_label() != "capacity C (nats)" for line in ax.beta_axis.get_lines())
 
 
 def test_arviz_plots_work_on_the_inference_data(fitted):
