@@ -136,6 +136,20 @@ def test_regression_gaps(regression):
     assert fr_gap < 0.6 * best
 
 
+def test_regression_report_words_follow_the_numbers(regression):
+    # the closing sentence is computed from the fits: the quick run's full-rank gap is below the
+    # best mean-field gap (asserted in test_regression_gaps), a made-up unconverged fit is not
+    br, result = regression
+    post, mf_gap = result["exact"], result["mean_field_gap"]
+    post_sd = np.sqrt(np.diag(np.linalg.inv(post.precision)))
+    mf_var = 1.0 / np.diag(post.precision)
+    mf, fr = result["guides"]["mean_field"], result["guides"]["full_rank"]
+    assert "The full-rank guide gets below any mean-field guide" in br.closing_words(post, post_sd, mf_var, mf_gap, mf, fr)
+    stuck = dict(fr, exact=dict(fr["exact"], kl_posterior=mf_gap + 10.0))
+    text = br.closing_words(post, post_sd, mf_var, mf_gap, mf, stuck)
+    assert "not yet below the best mean-field gap" in text and "gets below" not in text
+
+
 def test_regression_identity_for_random_gaussian_q(regression):
     # "for any Gaussian q": a random full-rank q, set by hand; decompose() against the closed form
     br, _ = regression
