@@ -38,6 +38,8 @@ _EXPORTS = {
     "SVISummary": "pyro_elbo_lab.runner",
     "NonFiniteError": "pyro_elbo_lab.runner",
     "to_inference_data": "pyro_elbo_lab.inference_data",
+    # optional dependencies
+    "MissingExtraError": "pyro_elbo_lab.datasets",
 }
 _SUBMODULES = ("schedules", "losses", "diagnostics", "runner", "inference_data", "plots", "terms")
 
