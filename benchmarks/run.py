@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     else:
         cfg = {
             "vae": (25, 20, 10), "vae_particles": (15, 4, 3), "vae784": (15, 4, 3), "vae784_particles": (7, 1, 1),
-            "schools": (25, 40, 20), "schools_particles": (15, 10, 5), "evidence": (7, 1, 1),
+            "schools": (25, 40, 20), "schools_particles": (15, 10, 5), "evidence": (7, 5, 1),
             "evidence_fit_steps": 1000, "jit_pyro": True, "history": True,
         }
     only = [s.strip() for s in args.only.split(",") if s.strip()]
