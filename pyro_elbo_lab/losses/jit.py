@@ -1,8 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Compiled variants of the β-ELBO losses: the model/guide pass, the objective and the
-decomposition record are traced once with :func:`torch.jit.trace` and the compiled
-function is reused on every later step.
+decomposition record are traced once and the compiled function is reused on every later
+step. Two compilers:
+
+* ``"torchscript"`` (default): :func:`torch.jit.trace`, as Pyro's
+  :class:`~pyro.infer.JitTrace_ELBO`; compiles in about a second.
+* ``"inductor"``: the step (forward pass *and* the gradients, as one graph of aten ops from
+  :func:`torch.fx.experimental.proxy_tensor.make_fx`) compiled to fused C++ by
+  :func:`torch.compile`'s inductor backend; seconds to a minute to compile, then 2–4 times
+  faster per step than TorchScript on small models (``benchmarks/RESULTS.md``).
 
 The plumbing follows :func:`pyro.ops.jit.trace` (parameters are passed to the traced
 function as unconstrained leaf tensors and replayed into the model and guide), with three
@@ -21,6 +28,7 @@ differences that matter here:
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import pyro
@@ -43,16 +51,26 @@ __all__ = ["JitBetaELBO", "JitBetaMeanFieldELBO"]
 _OPTIMIZE_MAX_NODES = 5000
 
 
+#: the compilers a compiled loss accepts (``compiler=``)
+COMPILERS = ("torchscript", "inductor")
+
+
 class _Compiled:
-    """One traced ``(loss, surrogate, record)`` function and what is needed to call it."""
+    """
+    One compiled function and what is needed to call it: ``(loss, surrogate, record)`` for
+    TorchScript and the inductor forward graph; ``(loss, record, *grads)`` for the inductor
+    gradient graph, whose ``grad_index`` lists the parameters that have a gradient.
+    """
 
-    __slots__ = ("function", "param_names", "names", "optimize")
+    __slots__ = ("function", "param_names", "names", "optimize", "grad_index", "called")
 
-    def __init__(self, function, param_names: list, names: list, optimize: bool):
+    def __init__(self, function, param_names: list, names: list, optimize: bool, grad_index=None):
         self.function = function
         self.param_names = param_names
         self.names = names
         self.optimize = optimize
+        self.grad_index = grad_index
+        self.called = False
 
 
 class _JitObjective:
@@ -65,13 +83,21 @@ class _JitObjective:
     #: number of traces made so far (for tests and benchmarks: it must not grow per step)
     num_compilations: int
 
+    #: wall-clock seconds spent tracing and compiling so far (inductor: including the first
+    #: call of each compiled function, which is when it compiles)
+    compile_seconds: float
+
     #: the uncompiled class this one compiles (named in errors)
     _uncompiled: type
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, compiler: str = "torchscript", **kwargs):
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}.")
+        self.compiler = compiler
         super().__init__(*args, **kwargs)
         self._compiled: dict = {}
         self.num_compilations = 0
+        self.compile_seconds = 0.0
 
     def _jit_key(self, model, guide, args, kwargs):
         for i, arg in enumerate(args):
@@ -130,11 +156,13 @@ class _JitObjective:
 
         return body
 
-    def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t):
+    def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t, gradients: bool):
         """
         Evaluate eagerly (recording which parameters are used), then trace; returns the
         eager outputs, which are those of the uncompiled loss for the same seed.
+        ``gradients`` (inductor only) compiles the gradients into the graph.
         """
+        start = time.perf_counter()
         holder: dict = {}
         body = self._traced_body(model, guide, kwargs, holder)
         with poutine.trace(param_only=True) as capture:
@@ -156,8 +184,6 @@ class _JitObjective:
         if capacity_t is None:
             capacity_t = torch.zeros_like(beta_t)
         example = (beta_t, capacity_t) + tuple(pyro.param(n).unconstrained() for n in param_names) + tuple(args)
-        options = dict(self.jit_options or {})
-        options.setdefault("check_trace", False)
         devices = sorted({t.device.index or 0 for t in example if t.is_cuda})
         # restore every random state tracing consumed (CPU and the CUDA devices in use), so
         # that the losses are those of the uncompiled class for the same seed
@@ -168,34 +194,132 @@ class _JitObjective:
                 optional(ignore_jit_warnings(), self.ignore_jit_warnings),
                 warnings.catch_warnings(),
             ):
-                # torch >= 2.9 marks torch.jit as deprecated; tracing is still the fastest
-                # stable way to remove Pyro's per-step Python overhead (see the class docs).
-                warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
-                function = torch.jit.trace(traced, example, **options)
-        optimize = sum(1 for _ in function.graph.nodes()) <= _OPTIMIZE_MAX_NODES
-        self._compiled[key] = _Compiled(function, param_names, names, optimize)
+                if self.compiler == "inductor":
+                    compiled = self._make_graph(traced, example, len(param_names), names, gradients)
+                else:
+                    compiled = self._torchscript(traced, example, names)
+        compiled.param_names = param_names
+        self._compiled[key] = compiled
         self.num_compilations += 1
+        self.compile_seconds += time.perf_counter() - start
         return outputs, names
+
+    def _torchscript(self, traced, example, names) -> _Compiled:
+        options = dict(self.jit_options or {})
+        options.setdefault("check_trace", False)
+        # torch >= 2.9 marks torch.jit as deprecated; tracing is still the fastest stable
+        # way to remove Pyro's per-step Python overhead at a compile cost of about a second
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
+        function = torch.jit.trace(traced, example, **options)
+        optimize = sum(1 for _ in function.graph.nodes()) <= _OPTIMIZE_MAX_NODES
+        return _Compiled(function, [], names, optimize)
+
+    def _make_graph(self, traced, example, num_params: int, names, gradients: bool) -> _Compiled:
+        """
+        Record the step as a graph of aten ops (``make_fx``, real tensors: Python control
+        flow is frozen as by :func:`torch.jit.trace`) and wrap it in :func:`torch.compile`,
+        which compiles it at its first call. With ``gradients`` the graph also runs the
+        backward pass and returns the parameters' gradients, so one compiled function does
+        the whole step.
+        """
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        grad_index = None
+        if gradients:
+            found = {}
+
+            def function(*inputs):
+                loss, surrogate, values = traced(*inputs)
+                params = inputs[2: 2 + num_params]
+                grads = [None] * num_params
+                if surrogate.requires_grad:
+                    grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+                found["index"] = [i for i, g in enumerate(grads) if g is not None]
+                return (loss.detach(), values.detach()) + tuple(g for g in grads if g is not None)
+
+        else:
+            function = traced
+        try:
+            graph = make_fx(function)(*example)
+        except RuntimeError as e:
+            if "tracing tensor" not in str(e):
+                raise
+            raise ValueError(
+                f"{type(self).__name__}(compiler='inductor') cannot record the model and guide as a graph: "
+                "they read a tensor's value in Python (data-dependent control flow, .item(), or a check "
+                f"such as pyro.enable_validation's). Use compiler='torchscript', which freezes such values, "
+                f"or {self._uncompiled.__name__}."
+            ) from e
+        if gradients:
+            grad_index = found["index"]
+        # fallback_random: draw with the eager random ops, so the random stream (and the
+        # losses) are those of the uncompiled class for the same seed
+        function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
+        return _Compiled(function, [], names, True, grad_index)
+
+    def _call_compiled(self, compiled: _Compiled, inputs: tuple):
+        if compiled.called:
+            return compiled.function(*inputs)
+        # the first call of a torch.compile'd function compiles it
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
+                out = compiled.function(*inputs)
+        except Exception as e:
+            if self.compiler != "inductor" or type(e).__name__ != "BackendCompilerFailed":
+                raise
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(
+                f"{type(self).__name__}(compiler='inductor') failed to compile the recorded step: {cause}. "
+                "On CPU the inductor backend needs a working C++ compiler (on GPU, Triton); "
+                "compiler='torchscript' needs neither."
+            ) from e
+        compiled.called = True
+        if self.compiler == "inductor":
+            self.compile_seconds += time.perf_counter() - start
+        return out
 
     def _run(self, model, guide, args, kwargs, mode: str):
         beta = self.current_beta()
         capacity = self.current_capacity()
         key = self._jit_key(model, guide, args, kwargs)
+        # inductor compiles the training step (gradients in the graph) apart from the
+        # forward pass that loss(), decompose() and differentiable_loss() run
+        gradients = self.compiler == "inductor" and mode == "backward"
+        if self.compiler == "inductor":
+            key = key + (gradients,)
         dtype = torch.get_default_dtype()
         beta_t = torch.tensor(beta, dtype=dtype)
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
         compiled = self._compiled.get(key)
         if compiled is None:
             (loss, surrogate, values), names = self._compile(
-                key, model, guide, args, kwargs, beta_t, None if capacity is None else capacity_t
+                key, model, guide, args, kwargs, beta_t, None if capacity is None else capacity_t, gradients
             )
             trainable = bool(self._compiled[key].param_names)
         else:
             # pyro.param here (not inside the compiled function) so that SVI sees the parameters
             params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
-            with torch.jit.optimized_execution(compiled.optimize):
-                loss, surrogate, values = compiled.function(beta_t, capacity_t, *params, *args)
             names = compiled.names
+            inputs = (beta_t, capacity_t) + params + tuple(args)
+            if gradients:
+                loss, values, *grads = self._call_compiled(compiled, inputs)
+                for i, grad in zip(compiled.grad_index, grads):
+                    param = params[i]
+                    if param.grad is None:
+                        param.grad = grad
+                    else:  # accumulate, as backward() does
+                        param.grad.add_(grad)
+                self._last_record = _TermsRecord(names, values, beta, capacity)
+                return loss, 0.0
+            if self.compiler == "inductor":
+                with torch.set_grad_enabled(mode == "differentiable" and torch.is_grad_enabled()):
+                    loss, surrogate, values = self._call_compiled(compiled, inputs)
+            else:
+                with torch.jit.optimized_execution(compiled.optimize):
+                    loss, surrogate, values = self._call_compiled(compiled, inputs)
             trainable = bool(params)
         if mode == "backward" and trainable and surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
