@@ -8,8 +8,8 @@ step. Two compilers:
   :class:`~pyro.infer.JitTrace_ELBO`; compiles in about a second.
 * ``"inductor"``: the step (forward pass *and* the gradients, as one graph of aten ops from
   :func:`torch.fx.experimental.proxy_tensor.make_fx`) compiled to fused C++ by
-  :func:`torch.compile`'s inductor backend; seconds to a minute to compile, then 2–4 times
-  faster per step than TorchScript on small models (``benchmarks/RESULTS.md``).
+  :func:`torch.compile`'s inductor backend; seconds to compile, then 1.5–2 times faster per step
+  than TorchScript on the benchmark models (``benchmarks/RESULTS.md``).
 
 The plumbing follows :func:`pyro.ops.jit.trace` (parameters are passed to the traced
 function as unconstrained leaf tensors and replayed into the model and guide), with three
@@ -246,8 +246,8 @@ class _JitObjective:
                 raise
             raise ValueError(
                 f"{type(self).__name__}(compiler='inductor') cannot record the model and guide as a graph: "
-                "they read a tensor's value in Python (data-dependent control flow, .item(), or a check "
-                f"such as pyro.enable_validation's). Use compiler='torchscript', which freezes such values, "
+                "they read a tensor's value in Python (data-dependent control flow, .item(), float(tensor)). "
+                "Use compiler='torchscript', which freezes such values, "
                 f"or {self._uncompiled.__name__}."
             ) from e
         if gradients:
@@ -357,15 +357,34 @@ _LIMITS = """
     * The first call of each compiled function is evaluated eagerly, then traced; the
       random-number state is restored after tracing so that losses are those of the
       uncompiled class for the same seed.
-    * Graphs of up to 5000 nodes run through TorchScript's optimising executor (two
-      profiling runs, then one differentiable graph with a faster backward); larger ones
-      (e.g. dozens of unrolled sequential particles) run as recorded, since optimising
-      them takes minutes. Prefer ``vectorize_particles=True``.
-    * :func:`torch.jit.trace` is marked deprecated in recent torch releases (the
-      deprecation warning is silenced here); :func:`torch.compile` has not been evaluated
-      as a replacement.
+    * With ``compiler="torchscript"``, graphs of up to 5000 nodes run through
+      TorchScript's optimising executor (two profiling runs, then one differentiable
+      graph with a faster backward); larger ones (e.g. dozens of unrolled sequential
+      particles) run as recorded, since optimising them takes minutes. Prefer
+      ``vectorize_particles=True``. :func:`torch.jit.trace` is marked deprecated in recent
+      torch releases (the deprecation warning is silenced here).
+    * With ``compiler="inductor"``, the training step (:meth:`loss_and_grads`) is one graph
+      of aten ops, forward pass and gradients together, recorded by
+      :func:`~torch.fx.experimental.proxy_tensor.make_fx` and compiled to fused C++ by
+      :func:`torch.compile` (inductor backend, ``fallback_random=True`` so random draws
+      use the eager random stream). :meth:`loss`, :meth:`decompose` and
+      :meth:`differentiable_loss` record a second, forward-only graph, compiled once for
+      calls without gradients and once for calls with them. Each compilation takes seconds
+      (about 5–15 s for the benchmark models on two CPU cores; inductor caches compiled
+      code on disk, so later processes compile faster) and is paid once, at the second
+      call of each graph. It needs a C++ compiler on CPU (Triton on GPU); a failed
+      compilation raises ``RuntimeError``. Python reads of tensor values (``.item()``,
+      ``if tensor:``) cannot be recorded and raise ``ValueError`` instead of being frozen.
+      Sums are fused, so losses equal the uncompiled ones to rounding (relative 1e-15 in
+      float64), not bit for bit. Sequential particles are unrolled into the graph, so its
+      compile time grows with ``num_particles``: prefer ``vectorize_particles=True``.
+    * Which to use: the inductor step is 1.5–2 times faster than TorchScript's on the
+      benchmark models (``benchmarks/RESULTS.md``) and pays for its compile time after a
+      few thousand steps; TorchScript compiles in about a second and needs no C++
+      toolchain.
 
-    :attr:`num_compilations` counts the traces made so far.
+    :attr:`num_compilations` counts the graphs recorded so far and
+    :attr:`compile_seconds` the seconds spent recording and compiling them.
 """
 
 
@@ -374,10 +393,15 @@ class JitBetaELBO(_JitObjective, BetaELBO):
         """
     :class:`~pyro_elbo_lab.BetaELBO`, compiled: the same objective, gradient estimator and
     decomposition (:attr:`last_terms` is filled from the compiled function's outputs), with
-    the model/guide pass traced once by :func:`torch.jit.trace` and reused, which removes
-    Pyro's per-step Python overhead. Takes the arguments of
-    :class:`~pyro_elbo_lab.BetaELBO`; ``ignore_jit_warnings`` and ``jit_options`` are
-    passed to the tracer as in :class:`pyro.infer.JitTrace_ELBO`.
+    the model/guide pass compiled once and reused, which removes Pyro's per-step Python
+    overhead. Takes the arguments of :class:`~pyro_elbo_lab.BetaELBO`, and
+    ``ignore_jit_warnings`` and ``jit_options`` (passed to :func:`torch.jit.trace` as in
+    :class:`pyro.infer.JitTrace_ELBO`).
+
+    :param str compiler: ``"torchscript"`` (default; :func:`torch.jit.trace`, as
+        :class:`pyro.infer.JitTrace_ELBO`, compiles in about a second) or ``"inductor"``
+        (the whole step, gradients included, compiled by :func:`torch.compile`: the
+        fastest step, at a compile cost of seconds; see the limits below).
 
     .. math::
 
@@ -386,8 +410,10 @@ class JitBetaELBO(_JitObjective, BetaELBO):
 """
         + _LIMITS
         + """
-    :raises ValueError: as :class:`~pyro_elbo_lab.BetaELBO`; and for a positional
-        argument that is not a tensor.
+    :raises ValueError: as :class:`~pyro_elbo_lab.BetaELBO`; for an unknown ``compiler``;
+        for a positional argument that is not a tensor or a tensor keyword argument; with
+        ``compiler="inductor"``, for a model or guide that reads tensor values in Python.
+    :raises RuntimeError: with ``compiler="inductor"``, when inductor fails to compile.
 
     Example::
 
@@ -396,6 +422,9 @@ class JitBetaELBO(_JitObjective, BetaELBO):
         for batch in batches:
             svi.step(batch)          # compiled on the first step, reused afterwards
         print(svi.loss.last_terms)
+
+        # a long run: the fused step, compiled once in seconds
+        loss = JitBetaELBO(beta=LinearWarmup(1000), compiler="inductor")
 
     References
 
@@ -415,8 +444,9 @@ class JitBetaMeanFieldELBO(_JitObjective, BetaMeanFieldELBO):
     __doc__ = (
         """
     :class:`~pyro_elbo_lab.BetaMeanFieldELBO`, compiled: analytic KL where registered, the
-    same objective and decomposition, with the model/guide pass traced once by
-    :func:`torch.jit.trace` and reused. Unlike Pyro 1.9.2's
+    same objective and decomposition, with the model/guide pass compiled once and reused
+    (``compiler="torchscript"`` or ``"inductor"``, as in
+    :class:`~pyro_elbo_lab.JitBetaELBO`). Unlike Pyro 1.9.2's
     :class:`~pyro.infer.JitTraceMeanField_ELBO`, which re-traces on every step, the
     compiled function is kept.
 
@@ -427,8 +457,11 @@ class JitBetaMeanFieldELBO(_JitObjective, BetaMeanFieldELBO):
 """
         + _LIMITS
         + """
-    :raises ValueError: as :class:`~pyro_elbo_lab.BetaMeanFieldELBO`; and for a positional
-        argument that is not a tensor.
+    :param str compiler: ``"torchscript"`` (default) or ``"inductor"``; see
+        :class:`~pyro_elbo_lab.JitBetaELBO`.
+    :raises ValueError: as :class:`~pyro_elbo_lab.BetaMeanFieldELBO`; and as
+        :class:`~pyro_elbo_lab.JitBetaELBO`.
+    :raises RuntimeError: with ``compiler="inductor"``, when inductor fails to compile.
 
     References
 
