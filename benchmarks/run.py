@@ -394,7 +394,7 @@ def markdown(report: dict) -> str:
         ]
         for name, r in case["results"].items():
             comp = r.get("compilations", "")
-            comp_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+            comp_s = f"{r['compile_s']:.2f}" if "compile_s" in r else ""
             lines.append(
                 f"| {name} | {r['median_ms']:.3f} | {r['q25_ms']:.3f}–{r['q75_ms']:.3f} | {r['ratio_median']:.3f} | "
                 f"{r['ratio_q25']:.3f}–{r['ratio_q75']:.3f} | {comp} | {comp_s} |"
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
         print(f"\n== {title}  ({time.perf_counter() - t0:.1f} s)")
         for name, r in results.items():
             comp = f"  compilations={r['compilations']}" if "compilations" in r else ""
-            comp += f" ({r['compile_s']:.1f} s)" if "compile_s" in r else ""
+            comp += f" ({r['compile_s']:.2f} s)" if "compile_s" in r else ""
             print(
                 f"  {name:34s} {r['median_ms']:9.3f} ms [{r['q25_ms']:.3f}, {r['q75_ms']:.3f}]"
                 f"  ratio {r['ratio_median']:.3f} [{r['ratio_q25']:.3f}, {r['ratio_q75']:.3f}]{comp}"
