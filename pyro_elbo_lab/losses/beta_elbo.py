@@ -115,12 +115,16 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
         # Monte Carlo terms from Pyro's memoised per-site sums, stacked once:
         # KL = log q - log p, H = -log q; surrogate = entropy_term - log p
         log_p, log_q, entropy_term = [], [], []
+        zero = None  # log p of auxiliary guide sites (no model site), one tensor for all
         for _, model_site, guide_site in latent:
             log_q.append(self._log_prob_per_particle(guide_site))
             entropy_term.append(self._entropy_term_per_particle(guide_site))
-            log_p.append(
-                torch.zeros_like(log_q[-1]) if model_site is None else self._log_prob_per_particle(model_site)
-            )
+            if model_site is None:
+                if zero is None:
+                    zero = torch.zeros_like(log_q[-1])
+                log_p.append(zero)
+            else:
+                log_p.append(self._log_prob_per_particle(model_site))
         log_p, log_q = torch.stack(log_p), torch.stack(log_q).detach()
         kl_surrogate = torch.stack(entropy_term) - log_p
         return kl_surrogate, log_q - log_p.detach(), -log_q

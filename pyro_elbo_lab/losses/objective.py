@@ -460,7 +460,8 @@ class WeightedObjective:
                     kl_surrogate_sum, kl_sum = (w * kl_surrogate).sum(0), (w * kl).sum(0)
                 surrogate = surrogate - kl_surrogate_sum
                 objective = objective - kl_sum
-            objective = objective + nonlinear_cost
+            if torch.is_tensor(nonlinear_cost):
+                objective = objective + nonlinear_cost
 
         if score_sites:
             # Score-function term with Pyro's plate-wise Rao-Blackwellised downstream cost. A
