@@ -62,7 +62,7 @@ class _Compiled:
     gradient graph, whose ``grad_index`` lists the parameters that have a gradient.
     """
 
-    __slots__ = ("function", "param_names", "names", "optimize", "grad_index", "called")
+    __slots__ = ("function", "param_names", "names", "optimize", "grad_index", "compiled_modes")
 
     def __init__(self, function, param_names: list, names: list, optimize: bool, grad_index=None):
         self.function = function
@@ -70,7 +70,9 @@ class _Compiled:
         self.names = names
         self.optimize = optimize
         self.grad_index = grad_index
-        self.called = False
+        #: the grad modes (True/False) the function was called under (torch.compile
+        #: compiles once per grad mode)
+        self.compiled_modes: set = set()
 
 
 class _JitObjective:
@@ -232,7 +234,7 @@ class _JitObjective:
                 loss, surrogate, values = traced(*inputs)
                 params = inputs[2: 2 + num_params]
                 grads = [None] * num_params
-                if surrogate.requires_grad:
+                if num_params and surrogate.requires_grad:
                     grads = torch.autograd.grad(surrogate, params, allow_unused=True)
                 found["index"] = [i for i, g in enumerate(grads) if g is not None]
                 return (loss.detach(), values.detach()) + tuple(g for g in grads if g is not None)
@@ -252,15 +254,37 @@ class _JitObjective:
             ) from e
         if gradients:
             grad_index = found["index"]
+            # the gradient graph differentiates with respect to the Pyro parameters only: a
+            # tensor that needs a gradient but reaches the graph otherwise (a module not
+            # registered with pyro.module, a closure tensor, an argument) would silently
+            # get none, where the uncompiled loss fills its .grad
+            for node in graph.graph.nodes:
+                if node.op == "get_attr":
+                    value = getattr(graph, node.target, None)
+                    if torch.is_tensor(value) and value.requires_grad:
+                        raise ValueError(
+                            f"{type(self).__name__}(compiler='inductor') differentiates with respect to Pyro "
+                            f"parameters only, but the model or guide uses a tensor of shape {tuple(value.shape)} "
+                            "that requires grad and is not in the parameter store. Register its module with "
+                            f"pyro.module (or create it with pyro.param), or use {self._uncompiled.__name__}."
+                        )
+            for i, arg in enumerate(example[2 + num_params:]):
+                if arg.requires_grad:
+                    raise ValueError(
+                        f"{type(self).__name__}(compiler='inductor') differentiates with respect to Pyro "
+                        f"parameters only, but positional argument {i} requires grad. Detach it, or use "
+                        f"{self._uncompiled.__name__}."
+                    )
         # fallback_random: draw with the eager random ops, so the random stream (and the
         # losses) are those of the uncompiled class for the same seed
         function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
         return _Compiled(function, [], names, True, grad_index)
 
     def _call_compiled(self, compiled: _Compiled, inputs: tuple):
-        if compiled.called:
+        mode = torch.is_grad_enabled()
+        if mode in compiled.compiled_modes:
             return compiled.function(*inputs)
-        # the first call of a torch.compile'd function compiles it
+        # the first call (per grad mode) of a torch.compile'd function compiles it
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
@@ -268,15 +292,16 @@ class _JitObjective:
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
                 out = compiled.function(*inputs)
         except Exception as e:
-            if self.compiler != "inductor" or type(e).__name__ != "BackendCompilerFailed":
+            if self.compiler != "inductor" or not type(e).__module__.startswith("torch._dynamo"):
                 raise
-            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = getattr(e, "inner_exception", None) or e
             raise RuntimeError(
-                f"{type(self).__name__}(compiler='inductor') failed to compile the recorded step: {cause}. "
-                "On CPU the inductor backend needs a working C++ compiler (on GPU, Triton); "
-                "compiler='torchscript' needs neither."
+                f"{type(self).__name__}(compiler='inductor') failed to compile the recorded step: "
+                f"{type(cause).__name__}: {str(cause).strip()[:1000]} "
+                "(on CPU inductor needs a working C++ compiler, on GPU Triton). "
+                f"compiler='torchscript' or {self._uncompiled.__name__} run without compiling it."
             ) from e
-        compiled.called = True
+        compiled.compiled_modes.add(mode)
         if self.compiler == "inductor":
             self.compile_seconds += time.perf_counter() - start
         return out
@@ -289,7 +314,9 @@ class _JitObjective:
         # forward pass that loss(), decompose() and differentiable_loss() run
         gradients = self.compiler == "inductor" and mode == "backward"
         if self.compiler == "inductor":
-            key = key + (gradients,)
+            # torch.compile specialises on strides too (a new stride pattern would recompile
+            # behind the cache, up to dynamo's recompile limit)
+            key = key + (gradients, tuple(a.stride() for a in args))
         dtype = torch.get_default_dtype()
         beta_t = torch.tensor(beta, dtype=dtype)
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
@@ -305,13 +332,18 @@ class _JitObjective:
             names = compiled.names
             inputs = (beta_t, capacity_t) + params + tuple(args)
             if gradients:
-                loss, values, *grads = self._call_compiled(compiled, inputs)
-                for i, grad in zip(compiled.grad_index, grads):
-                    param = params[i]
-                    if param.grad is None:
-                        param.grad = grad
-                    else:  # accumulate, as backward() does
-                        param.grad.add_(grad)
+                # no_grad: the gradients are outputs of the graph, not something to
+                # differentiate (under grad mode AOTAutograd would also compile their backward)
+                with torch.no_grad():
+                    loss, values, *grads = self._call_compiled(compiled, inputs)
+                    for i, grad in zip(compiled.grad_index, grads):
+                        param = params[i]
+                        if param.grad is None:
+                            # a copy: the graph may return one tensor for two parameters, or
+                            # an alias of a constant or an input, which must not be accumulated into
+                            param.grad = grad.clone(memory_format=torch.contiguous_format)
+                        else:  # accumulate, as backward() does
+                            param.grad.add_(grad)
                 self._last_record = _TermsRecord(names, values, beta, capacity)
                 return loss, 0.0
             if self.compiler == "inductor":
@@ -370,11 +402,15 @@ _LIMITS = """
       use the eager random stream). :meth:`loss`, :meth:`decompose` and
       :meth:`differentiable_loss` record a second, forward-only graph, compiled once for
       calls without gradients and once for calls with them. Each compilation takes seconds
-      (about 5–15 s for the benchmark models on two CPU cores; inductor caches compiled
-      code on disk, so later processes compile faster) and is paid once, at the second
-      call of each graph. It needs a C++ compiler on CPU (Triton on GPU); a failed
-      compilation raises ``RuntimeError``. Python reads of tensor values (``.item()``,
-      ``if tensor:``) cannot be recorded and raise ``ValueError`` instead of being frozen.
+      (1–15 s for the benchmark models on two CPU cores, depending on the size of the graph
+      and on inductor's on-disk cache of earlier compilations) and is paid once per graph,
+      at its first call after the eager one. It needs a C++ compiler on CPU (Triton on GPU);
+      a failed compilation raises ``RuntimeError``. Python reads of values computed from
+      the inputs or from random draws (``.item()``, ``if tensor:``) cannot be recorded and
+      raise ``ValueError`` instead of being frozen (reads of constant tensors are frozen).
+      The gradient graph differentiates with respect to Pyro parameters only: a tensor that
+      requires grad but is not in the parameter store (a module not registered with
+      :func:`pyro.module`, a positional argument) raises ``ValueError``.
       Sums are fused, so losses equal the uncompiled ones to rounding (relative 1e-15 in
       float64), not bit for bit. Sequential particles are unrolled into the graph, so its
       compile time grows with ``num_particles``: prefer ``vectorize_particles=True``.
@@ -384,7 +420,8 @@ _LIMITS = """
       toolchain.
 
     :attr:`num_compilations` counts the graphs recorded so far and
-    :attr:`compile_seconds` the seconds spent recording and compiling them.
+    :attr:`compile_seconds` the seconds spent recording them and, with inductor,
+    compiling them (the calls that compiled, once per graph and grad mode).
 """
 
 
@@ -412,7 +449,8 @@ class JitBetaELBO(_JitObjective, BetaELBO):
         + """
     :raises ValueError: as :class:`~pyro_elbo_lab.BetaELBO`; for an unknown ``compiler``;
         for a positional argument that is not a tensor or a tensor keyword argument; with
-        ``compiler="inductor"``, for a model or guide that reads tensor values in Python.
+        ``compiler="inductor"``, for a model or guide that reads tensor values in Python or
+        uses a tensor that requires grad outside the parameter store.
     :raises RuntimeError: with ``compiler="inductor"``, when inductor fails to compile.
 
     Example::
