@@ -402,8 +402,8 @@ _LIMITS = """
       use the eager random stream). :meth:`loss`, :meth:`decompose` and
       :meth:`differentiable_loss` record a second, forward-only graph, compiled once for
       calls without gradients and once for calls with them. Each compilation takes seconds
-      (1–15 s for the benchmark models on two CPU cores, depending on the size of the graph
-      and on inductor's on-disk cache of earlier compilations) and is paid once per graph,
+      (0.3–15 s for the benchmark models on two CPU cores, depending on the size of the
+      graph and on inductor's on-disk cache of earlier compilations) and is paid once per graph,
       at its first call after the eager one. It needs a C++ compiler on CPU (Triton on GPU);
       a failed compilation raises ``RuntimeError``. Python reads of values computed from
       the inputs or from random draws (``.item()``, ``if tensor:``) cannot be recorded and
