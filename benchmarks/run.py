@@ -81,9 +81,10 @@ def measure(methods: list[Method], reference: str, rounds: int, block: int, warm
         with store.scope(m.scope):
             pyro.set_rng_seed(seed)
             m.step = m.build()
-            # at least 3 steps: the first call of a compiled loss is eager, the second
-            # compiles (inductor) or profiles (TorchScript, which optimises at the third)
-            for _ in range(max(warmup, 3)):
+            # at least 5 steps: the first call of a compiled loss is eager, the second
+            # compiles (inductor); TorchScript's profiling executor profiles the second and
+            # third and optimises at the fourth
+            for _ in range(max(warmup, 5)):
                 m.step()
     for r in range(rounds):
         k = r % len(methods)
