@@ -226,6 +226,17 @@ _PARTICLE_METHODS = {
 }
 
 
+def _particle_methods(particles, make_problem, args_fn) -> list:
+    """The many-particle case's methods, sequential then vectorised (``_PARTICLE_METHODS``)."""
+    out = []
+    for vec in (False, True):
+        label = "vectorised" if vec else "sequential"
+        for n, f in _losses(particles, vec, jit_pyro=False):
+            if n in _PARTICLE_METHODS[vec]:
+                out.append(_svi_method(f"{n} ({label})", make_problem, f, args_fn))
+    return out
+
+
 def _torch_vae_method(make_vae, batches):
     def build():
         vae = make_vae()
@@ -276,12 +287,7 @@ def vae_case(title, x, hidden, z_dim, particles, cfg):
         methods.append(_history_method("BetaELBO + history read", make_problem, BetaELBO, args_fn))
     cases.append((f"{title}, 1 particle", methods, "Trace_ELBO", cfg["vae"]))
     if particles:
-        pm = []
-        for vec in (False, True):
-            label = "vectorised" if vec else "sequential"
-            for n, f in _losses(particles, vec, jit_pyro=False):
-                if n in _PARTICLE_METHODS[vec]:
-                    pm.append(_svi_method(f"{n} ({label})", make_problem, f, args_fn))
+        pm = _particle_methods(particles, make_problem, args_fn)
         cases.append((f"{title}, {particles} particles", pm, "Trace_ELBO (sequential)", cfg["vae_particles"]))
     return cases
 
@@ -298,12 +304,7 @@ def schools_case(particles, cfg):
     if cfg["history"]:
         methods.append(_history_method("BetaELBO + history read", make_problem, BetaELBO, args_fn))
     cases = [("Eight schools (AutoNormal), 1 particle", methods, "Trace_ELBO", cfg["schools"])]
-    pm = []
-    for vec in (False, True):
-        label = "vectorised" if vec else "sequential"
-        for n, f in _losses(particles, vec, jit_pyro=False):
-            if n in _PARTICLE_METHODS[vec]:
-                pm.append(_svi_method(f"{n} ({label})", make_problem, f, args_fn))
+    pm = _particle_methods(particles, make_problem, args_fn)
     cases.append((f"Eight schools (AutoNormal), {particles} particles", pm, "Trace_ELBO (sequential)", cfg["schools_particles"]))
     return cases
 
