@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["ELBOTerms", "TOTAL_FIELDS", "SITE_FIELDS_LATENT", "SITE_FIELDS_OBSERVED"]
+__all__ = ["ELBOTerms", "TermsRecord", "TOTAL_FIELDS", "SITE_FIELDS_LATENT", "SITE_FIELDS_OBSERVED"]
 
 #: Fields of :class:`ELBOTerms` that are totals over sites, in the order they are recorded.
 TOTAL_FIELDS = (
@@ -141,7 +141,7 @@ class ELBOTerms:
         return "ELBOTerms(" + ", ".join(parts) + ")"
 
 
-class _TermsRecord:
+class TermsRecord:
     """
     Terms of one loss call kept as a single detached tensor on the loss's device.
 
@@ -167,6 +167,7 @@ class _TermsRecord:
         self._terms = None
 
     def terms(self) -> ELBOTerms:
+        """The recorded terms as an :class:`ELBOTerms` (floats; one device sync on first call)."""
         if self._terms is None:
             self._terms = self._materialise()
         return self._terms

@@ -37,7 +37,7 @@ import torch
 from pyro.ops.jit import _hashable_args_kwargs
 from pyro.util import ignore_jit_warnings, optional
 
-from ..terms import _TermsRecord
+from ..terms import TermsRecord
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
 
@@ -344,7 +344,7 @@ class _JitObjective:
                             param.grad = grad.clone(memory_format=torch.contiguous_format)
                         else:  # accumulate, as backward() does
                             param.grad.add_(grad)
-                self._last_record = _TermsRecord(names, values, beta, capacity)
+                self._last_record = TermsRecord(names, values, beta, capacity)
                 return loss, 0.0
             if self.compiler == "inductor":
                 with torch.set_grad_enabled(mode == "differentiable" and torch.is_grad_enabled()):
@@ -358,7 +358,7 @@ class _JitObjective:
             surrogate = 0.0
         elif mode != "differentiable" or not surrogate.requires_grad:
             surrogate = 0.0
-        self._last_record = _TermsRecord(names, values.detach(), beta, capacity)
+        self._last_record = TermsRecord(names, values.detach(), beta, capacity)
         return loss.detach(), surrogate
 
 

@@ -21,7 +21,7 @@ from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.util import warn_if_nan
 
 from ..schedules import Schedule, ScheduleLike, as_schedule
-from ..terms import ELBOTerms, _TermsRecord
+from ..terms import ELBOTerms, TermsRecord
 
 __all__ = ["WeightedObjective"]
 
@@ -133,7 +133,7 @@ class WeightedObjective:
             capacity = as_schedule(capacity, "capacity")
         self.capacity = capacity
         self.step = 0
-        self._last_record: _TermsRecord | None = None
+        self._last_record: TermsRecord | None = None
         self._sites_checked = False
         self._weight_cache: dict = {}
 
@@ -292,7 +292,7 @@ class WeightedObjective:
         values = records[0] if len(records) == 1 else torch.stack(records, -1)
         if values.dim() == 1:
             values = values.unsqueeze(-1)
-        self._last_record = _TermsRecord(names, values, beta, capacity)
+        self._last_record = TermsRecord(names, values, beta, capacity)
         return loss, surrogate
 
     def _per_particle(self, x, keep_last: int = 0) -> torch.Tensor:
@@ -482,7 +482,7 @@ class WeightedObjective:
         if not torch.is_tensor(objective):
             objective = torch.zeros_like(pieces[0][0]) + objective
         # Only the objective and the per-site terms are recorded; the totals, cross-entropies
-        # and standard errors are derived when ``last_terms`` is first read (_TermsRecord).
+        # and standard errors are derived when ``last_terms`` is first read (TermsRecord).
         record = torch.cat([objective.detach().unsqueeze(0)] + pieces)
         return objective, surrogate, names, record
 

@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Argument checks shared by every public entry point: one message format, naming the
+argument, the value found and what to pass instead.
+
+Imports nothing from the rest of the package, so any module may use it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+__all__ = ["check_int", "check_model_kwargs", "nonnegative_number"]
+
+
+def check_int(name: str, value: Any, minimum: int, allow_none: bool = False, hint: str = "") -> None:
+    """
+    Check an integer argument.
+
+    :param str name: the argument's name, for the message.
+    :param value: its value.
+    :param int minimum: the smallest value allowed.
+    :param bool allow_none: whether ``None`` (automatic) is allowed.
+    :param str hint: what to do, appended to the message.
+    :raises ValueError: if ``value`` is not an integer (``bool`` excluded) ``>= minimum``.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}{' or None (automatic)' if allow_none else ''}, "
+            f"got {name}={value!r}{'; ' + hint if hint else ''}"
+        )
+
+
+def nonnegative_number(value: Any, name: str, hint: str) -> float:
+    """
+    ``value`` as a finite float >= 0.
+
+    :param value: a Python, NumPy or one-element tensor number.
+    :param str name: the argument's name, for the message.
+    :param str hint: what the number means, appended to the message.
+    :raises ValueError: if ``value`` is not a finite number >= 0.
+    """
+    if torch.is_tensor(value) and value.numel() == 1:
+        value_ = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value_ = float(value)
+    else:
+        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}; {hint}")
+    if not math.isfinite(value_) or value_ < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}; {hint}")
+    return float(value_)
+
+
+def check_model_kwargs(model_kwargs: Any, name: str = "model_kwargs") -> dict:
+    """
+    The model's keyword arguments as a dict (``{}`` for ``None``).
+
+    Every public entry point that runs the model takes its positional data as ``*args``
+    and its keyword data as this one dict, so that no option of ours can swallow a model
+    keyword of the same name.
+
+    :raises ValueError: if ``model_kwargs`` is not a mapping with string keys.
+    """
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise ValueError(
+            f"{name} must be a dict of the model's keyword arguments (str keys) or None, got {name}={model_kwargs!r}; "
+            "pass positional data as extra positional arguments"
+        )
+    return dict(model_kwargs)
