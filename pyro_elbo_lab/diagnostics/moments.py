@@ -1,0 +1,365 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The guide's own error, estimated: its mean and sd per latent element against the
+Pareto-smoothed importance-sampling (PSIS) estimates of the posterior's, from the same draws.
+
+A guide :math:`q(z)` fitted by VI reports moments of :math:`q`, not of :math:`p(z \\mid x)`.
+Reweighting draws :math:`z_s \\sim q` by :math:`w_s = p(x, z_s) / q(z_s)` (Pareto-smoothed)
+gives self-normalised estimates of the posterior's moments whenever the weights' Pareto
+:math:`\\hat k` is small enough; their difference from the guide's moments estimates the
+guide's error in units of the posterior sd.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..checks import check_int, check_model_kwargs
+from .evidence import psis_diagnostics
+from .local import batches, plan
+from .traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
+
+__all__ = ["GuideMoments", "guide_moments", "self_normalized_moments"]
+
+#: Default tolerances of :meth:`GuideMoments.verdict`.
+MEAN_ERROR_TOL = 0.1
+SD_RATIO_TOL = 0.1
+
+
+def pareto_k_threshold(num_samples: int) -> float:
+    """
+    The sample-size dependent k̂ threshold of Vehtari et al. (2024):
+    :math:`\\min(1 - 1/\\log_{10} S, 0.7)`; above it PSIS estimates are unreliable.
+    """
+    if num_samples <= 10:
+        return 0.0
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+
+
+def self_normalized_moments(values: torch.Tensor, log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """
+    Self-normalised importance-sampling mean and sd of each column of ``values`` with their
+    delta-method Monte Carlo standard errors.
+
+    With normalised weights :math:`\\tilde w_s` and :math:`\\hat\\mu = \\sum_s \\tilde w_s h_s`,
+
+    .. math::
+
+        \\mathrm{MCSE}(\\hat\\mu)^2 \\approx \\sum_s \\tilde w_s^2 (h_s - \\hat\\mu)^2,
+        \\qquad
+        \\mathrm{MCSE}(\\hat\\sigma^2)^2 \\approx \\sum_s \\tilde w_s^2
+            \\big((h_s - \\hat\\mu)^2 - \\hat\\sigma^2\\big)^2,
+        \\qquad \\mathrm{MCSE}(\\hat\\sigma) = \\mathrm{MCSE}(\\hat\\sigma^2) / (2\\hat\\sigma),
+
+    the variance of a self-normalised ratio estimate (Vehtari et al. 2024, section on the
+    Monte Carlo error of self-normalised importance sampling; :math:`r_\\text{eff} = 1` for
+    independent draws), applied to :math:`h` and to :math:`(h - \\hat\\mu)^2`. Equal weights
+    give the plain sample moments and their usual standard errors.
+
+    :param torch.Tensor values: shape ``(S, D)``.
+    :param torch.Tensor log_weights: shape ``(S,)``, in nats (unnormalised).
+    :returns: ``{"mean", "sd", "mean_mcse", "sd_mcse"}``, each of shape ``(D,)``.
+    :rtype: dict
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    w = torch.softmax(log_weights, 0).unsqueeze(-1)  # (S, 1), sums to 1
+    mean = (w * values).sum(0)
+    dev2 = (values - mean) ** 2
+    var = (w * dev2).sum(0)
+    sd = var.sqrt()
+    w2 = w**2
+    mean_mcse = (w2 * dev2).sum(0).sqrt()
+    var_mcse = (w2 * (dev2 - var) ** 2).sum(0).sqrt()
+    sd_mcse = var_mcse / (2 * sd)
+    return {"mean": mean, "sd": sd, "mean_mcse": mean_mcse, "sd_mcse": sd_mcse}
+
+
+@dataclass(frozen=True)
+class GuideMoments:
+    """
+    The guide's moments and their PSIS-estimated errors, per latent element, in the
+    constrained space of the model's sites.
+
+    Every array below has one entry per latent element (``names[i]``, e.g. ``"beta[0]"``
+    for element 0 of site ``beta``), in the order of the model's sites.
+
+    :ivar list names: element names.
+    :ivar list sites: the site of each element.
+    :ivar np.ndarray guide_mean, guide_sd: sample moments of the guide's draws.
+    :ivar np.ndarray guide_mean_mcse, guide_sd_mcse: their Monte Carlo standard errors.
+    :ivar np.ndarray psis_mean, psis_sd: PSIS self-normalised estimates of the posterior's
+        mean and sd (meaningful where ``pareto_k <= k_threshold``).
+    :ivar np.ndarray psis_mean_mcse, psis_sd_mcse: their delta-method MCSE.
+    :ivar np.ndarray mean_error: ``(guide_mean - psis_mean) / psis_sd``, the guide's
+        estimated standardised mean error; NaN where k̂ is above the threshold.
+    :ivar np.ndarray mean_error_mcse: ``psis_mean_mcse / psis_sd`` (the dominant term).
+    :ivar np.ndarray sd_ratio: ``guide_sd / psis_sd``; NaN where k̂ is above the threshold.
+    :ivar np.ndarray sd_ratio_mcse: ``sd_ratio * psis_sd_mcse / psis_sd``.
+    :ivar float pareto_k: k̂ of the joint importance weights (one for all elements).
+    :ivar float k_threshold: :func:`pareto_k_threshold` of ``num_samples``.
+    :ivar int num_samples: ``S``.
+    :ivar str reason: why the errors are NaN, or ``""``.
+    """
+
+    names: list
+    sites: list
+    guide_mean: np.ndarray
+    guide_sd: np.ndarray
+    guide_mean_mcse: np.ndarray
+    guide_sd_mcse: np.ndarray
+    psis_mean: np.ndarray
+    psis_sd: np.ndarray
+    psis_mean_mcse: np.ndarray
+    psis_sd_mcse: np.ndarray
+    mean_error: np.ndarray
+    mean_error_mcse: np.ndarray
+    sd_ratio: np.ndarray
+    sd_ratio_mcse: np.ndarray
+    pareto_k: float
+    k_threshold: float
+    num_samples: int
+    reason: str = ""
+    log_weights: torch.Tensor = field(default=None, repr=False)
+
+    @property
+    def reliable(self) -> bool:
+        """Whether importance sampling is reliable: ``pareto_k <= k_threshold``."""
+        return bool(self.pareto_k <= self.k_threshold)
+
+    def to_dataframe(self):
+        """
+        :returns: one row per latent element (index ``name``) with columns ``site``, the
+            guide's and PSIS moments and MCSEs, ``mean_error``, ``sd_ratio``, their MCSEs
+            and ``pareto_k``.
+        :rtype: pandas.DataFrame
+        """
+        import pandas as pd
+
+        cols = (
+            "guide_mean guide_mean_mcse guide_sd guide_sd_mcse psis_mean psis_mean_mcse psis_sd psis_sd_mcse "
+            "mean_error mean_error_mcse sd_ratio sd_ratio_mcse"
+        ).split()
+        df = pd.DataFrame({c: getattr(self, c) for c in cols}, index=pd.Index(self.names, name="name"))
+        df.insert(0, "site", self.sites)
+        df["pareto_k"] = self.pareto_k
+        return df
+
+    def element_status(self, mean_error_tol: float = MEAN_ERROR_TOL, sd_ratio_tol: float = SD_RATIO_TOL) -> list:
+        """
+        Per element: ``"accurate"`` (the estimated errors, ±2 MCSE, are inside the
+        tolerances), ``"inaccurate"`` (an estimated error is outside them by more than 2
+        MCSE), ``"uncertain"`` (the tolerance is within 2 MCSE of an estimate: draw more
+        samples) or ``"unknown"`` (k̂ above the threshold).
+
+        :param float mean_error_tol: largest acceptable ``|mean_error|`` (posterior sds).
+        :param float sd_ratio_tol: largest acceptable ``|sd_ratio - 1|``.
+        :rtype: list
+        """
+        if not self.reliable:
+            return ["unknown"] * len(self.names)
+        out = []
+        for m, mm, r, rm in zip(self.mean_error, self.mean_error_mcse, self.sd_ratio, self.sd_ratio_mcse):
+            if not (np.isfinite(m) and np.isfinite(r)):
+                out.append("unknown")
+            elif abs(m) - 2 * mm > mean_error_tol or abs(r - 1) - 2 * rm > sd_ratio_tol:
+                out.append("inaccurate")
+            elif abs(m) + 2 * mm <= mean_error_tol and abs(r - 1) + 2 * rm <= sd_ratio_tol:
+                out.append("accurate")
+            else:
+                out.append("uncertain")
+        return out
+
+    def verdict(self, mean_error_tol: float = MEAN_ERROR_TOL, sd_ratio_tol: float = SD_RATIO_TOL) -> str:
+        """
+        What the numbers show, in three parts: whether importance sampling is reliable
+        (k̂), whether the guide's own moments are accurate (the estimated errors against
+        the tolerances, with their MCSE), and which estimates to use.
+
+        :param float mean_error_tol: largest acceptable ``|mean_error|``, in posterior sds.
+        :param float sd_ratio_tol: largest acceptable ``|sd_ratio - 1|``.
+        :rtype: str
+        """
+        k, thr = self.pareto_k, self.k_threshold
+        if not self.reliable:
+            return (
+                f"Importance sampling is unreliable (Pareto k̂ = {k:.2f} > {thr:.2f}): the PSIS-corrected moments "
+                "and the guide's estimated errors cannot be trusted, so the guide's accuracy is unknown. "
+                "Use neither as the posterior: fit a richer guide or run MCMC."
+            )
+        status = self.element_status(mean_error_tol, sd_ratio_tol)
+        tol = f"|mean error| ≤ {mean_error_tol:g} posterior sd and sd ratio within [{1 - sd_ratio_tol:g}, {1 + sd_ratio_tol:g}]"
+        head = f"Importance sampling is reliable (Pareto k̂ = {k:.2f} ≤ {thr:.2f}). "
+        bad = [i for i, s in enumerate(status) if s == "inaccurate"]
+        unsure = [i for i, s in enumerate(status) if s == "uncertain"]
+
+        def describe(idx):
+            return ", ".join(
+                f"{self.names[i]} (mean error {self.mean_error[i]:+.2f} sd, sd ratio {self.sd_ratio[i]:.2f})"
+                for i in idx[:5]
+            ) + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
+
+        if bad:
+            return (
+                head + f"The guide's moments are inaccurate ({tol} fails beyond 2 MCSE) at {describe(bad)}. "
+                "Use the PSIS-corrected moments (psis_mean, psis_sd, with their MCSE), not the guide's."
+            )
+        if unsure:
+            return (
+                head + f"The guide's moments cannot be told accurate or not ({tol}) within 2 MCSE at "
+                f"{describe(unsure)}; draw more samples. Use the PSIS-corrected moments meanwhile."
+            )
+        return (
+            head + f"The guide's moments are accurate: {tol} at every element, within 2 MCSE. "
+            "The guide's and the PSIS-corrected moments may both be used."
+        )
+
+    def __str__(self) -> str:
+        return self.verdict()
+
+
+def _site_values(site, max_plate_nesting: int) -> torch.Tensor:
+    """A latent site's value as ``(S, *element shape)``, the sample plate moved to the front."""
+    value = site["value"]
+    batch_len = len(site["fn"].batch_shape)
+    axis = batch_len - (max_plate_nesting + 1)
+    if axis < 0:
+        raise ValueError(f"site '{site['name']}' is not inside the sample plate {SAMPLE_PLATE!r}")
+    event_dim = value.dim() - batch_len
+    plates = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
+    keep = max(plates, default=0) + event_dim
+    value = value.movedim(axis, 0)
+    rest = value.shape[1:]
+    extra = len(rest) - keep
+    if extra > 0:
+        value = value.reshape((value.shape[0],) + rest[extra:])
+    return value
+
+
+def _element_names(name: str, shape: torch.Size) -> list:
+    if len(shape) == 0:
+        return [name]
+    return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+
+
+def guide_moments(
+    model,
+    guide,
+    *args,
+    model_kwargs: dict | None = None,
+    num_samples: int = 4000,
+    batch_size: int | None = None,
+    max_plate_nesting: int | None = None,
+) -> GuideMoments:
+    """
+    The guide's mean and sd of every latent element and their errors against the posterior's,
+    estimated by Pareto-smoothed self-normalised importance sampling from the same draws.
+
+    Draws :math:`z_s \\sim q`, ``s = 1..S``, in vectorised batches, with log weights
+    :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)` (nats), smooths them with PSIS and
+    estimates, for each element :math:`h` of each latent site (constrained space):
+    :math:`\\hat\\mu_q, \\hat\\sigma_q` (equal weights) and :math:`\\hat\\mu_p,
+    \\hat\\sigma_p` (smoothed weights), with the MCSE of :func:`self_normalized_moments`.
+    Where :math:`\\hat k \\le \\min(1 - 1/\\log_{10}S, 0.7)` the guide's standardised
+    mean error :math:`(\\hat\\mu_q - \\hat\\mu_p)/\\hat\\sigma_p` and sd ratio
+    :math:`\\hat\\sigma_q/\\hat\\sigma_p` are reported; above it they are NaN (``reason`` says
+    why).
+
+    :param model: a Pyro model.
+    :param guide: a guide for it (for example an AutoGuide after fitting).
+    :param args: the model's positional data.
+    :param dict model_kwargs: the model's keyword data.
+    :param int num_samples: S, at least 100.
+    :param int batch_size: draws per vectorised pass; chosen from the model's size when None.
+    :param int max_plate_nesting: the model's plate depth; guessed when None.
+    :rtype: GuideMoments
+    :raises ValueError: on bad arguments, or if a log weight is not finite.
+
+    References
+
+    - *Yes, but Did It Work?: Evaluating Variational Inference*, Y. Yao, A. Vehtari,
+      D. Simpson, A. Gelman (2018)
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    kwargs = check_model_kwargs(model_kwargs)
+    check_int("num_samples", num_samples, 100, hint="PSIS needs at least 100 draws; 4000 is a good default")
+    check_int("batch_size", batch_size, 1, allow_none=True)
+    check_int("max_plate_nesting", max_plate_nesting, 0, allow_none=True)
+    max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
+
+    chunks: dict[str, list] = {}
+    lw_chunks = []
+    with torch.no_grad():
+        for n in batches(num_samples, batch_size):
+            traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
+            log_p, log_q = log_joint_and_guide(traces)
+            lw = log_p - log_q
+            if not bool(torch.isfinite(lw).all()):
+                raise ValueError(
+                    f"{int((~torch.isfinite(lw)).sum())} of {n} draws have a non-finite log weight "
+                    "log p(x,z) - log q(z): the guide proposes values where the model's density is zero or "
+                    "undefined; check the supports of the model's and the guide's sites"
+                )
+            lw_chunks.append(lw)
+            for name, site in traces.model_trace.nodes.items():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    chunks.setdefault(name, []).append(_site_values(site, max_plate_nesting))
+    lw = torch.cat(lw_chunks).to(torch.float64)
+    smoothed, k = psis_diagnostics(lw)
+    k = float(k)
+
+    names, sites, columns = [], [], []
+    for name, parts in chunks.items():
+        v = torch.cat(parts, 0).to(torch.float64)
+        names += _element_names(name, v.shape[1:])
+        sites += [name] * (v[0].numel())
+        columns.append(v.reshape(v.shape[0], -1))
+    values = torch.cat(columns, 1)
+    q = self_normalized_moments(values, torch.zeros_like(lw))
+    p = self_normalized_moments(values, smoothed)
+    q = {key: val.numpy() for key, val in q.items()}
+    p = {key: val.numpy() for key, val in p.items()}
+    threshold = pareto_k_threshold(num_samples)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_error = (q["mean"] - p["mean"]) / p["sd"]
+        mean_error_mcse = p["mean_mcse"] / p["sd"]
+        sd_ratio = q["sd"] / p["sd"]
+        sd_ratio_mcse = sd_ratio * p["sd_mcse"] / p["sd"]
+    reason = ""
+    if math.isnan(k):
+        reason = "k̂ could not be fitted"
+    elif k > threshold:
+        reason = f"Pareto k̂ = {k:.2f} > {threshold:.2f}: the PSIS estimates are unreliable"
+    if reason:
+        mean_error = np.full_like(mean_error, np.nan)
+        mean_error_mcse = np.full_like(mean_error, np.nan)
+        sd_ratio = np.full_like(mean_error, np.nan)
+        sd_ratio_mcse = np.full_like(mean_error, np.nan)
+    return GuideMoments(
+        names=names,
+        sites=sites,
+        guide_mean=q["mean"],
+        guide_sd=q["sd"],
+        guide_mean_mcse=q["mean_mcse"],
+        guide_sd_mcse=q["sd_mcse"],
+        psis_mean=p["mean"],
+        psis_sd=p["sd"],
+        psis_mean_mcse=p["mean_mcse"],
+        psis_sd_mcse=p["sd_mcse"],
+        mean_error=mean_error,
+        mean_error_mcse=mean_error_mcse,
+        sd_ratio=sd_ratio,
+        sd_ratio_mcse=sd_ratio_mcse,
+        pareto_k=k,
+        k_threshold=threshold,
+        num_samples=num_samples,
+        reason=reason,
+        log_weights=lw,
+    )

@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+guide_moments on conjugate models whose posterior is known in closed form: the exact guide,
+over- and under-dispersed guides and a shifted one, whose true standardised mean error and
+sd ratio are set by construction.
+"""
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_elbo_lab.diagnostics.moments import guide_moments, self_normalized_moments
+
+PRIOR_SD = 2.0
+Y = torch.tensor([[0.3, -1.2, 2.0], [1.1, -0.4, 1.4], [0.8, -0.9, 2.6], [0.2, -1.5, 1.9]])  # (N=4, D=3)
+
+
+def model(y):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(3), PRIOR_SD).to_event(1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+
+
+def posterior(y):
+    """Closed-form Normal posterior of mu: (mean (3,), sd (3,))."""
+    precision = 1 / PRIOR_SD**2 + y.shape[0]
+    return y.sum(0) / precision, torch.full((3,), precision**-0.5)
+
+
+def make_guide(shift: float, scale: float):
+    m, s = posterior(Y)
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(m + shift * s, scale * s).to_event(1))
+
+    return guide
+
+
+def test_exact_guide_has_no_error_and_is_called_accurate():
+    report = guide_moments(model, make_guide(0.0, 1.0), Y, num_samples=4000)
+    m, s = posterior(Y)
+    # the weights are the constant p(y): k̂ is -inf and the PSIS moments are the guide's
+    assert report.pareto_k == -math.inf
+    np.testing.assert_allclose(report.mean_error, 0.0, atol=1e-10)
+    np.testing.assert_allclose(report.sd_ratio, 1.0, atol=1e-10)
+    # the PSIS moments estimate the closed-form posterior within MCSE
+    assert np.all(np.abs(report.psis_mean - m.numpy()) < 4 * report.psis_mean_mcse)
+    assert np.all(np.abs(report.psis_sd - s.numpy()) < 4 * report.psis_sd_mcse)
+    assert report.names == ["mu[0]", "mu[1]", "mu[2]"]
+    assert report.element_status() == ["accurate"] * 3
+    assert "moments are accurate" in report.verdict()
+    assert "reliable" in report.verdict() and "unreliable" not in report.verdict()
+
+
+@pytest.mark.parametrize(
+    "shift, scale, status",
+    [(0.0, 1.3, "inaccurate"), (0.0, 0.8, "inaccurate"), (0.5, 1.0, "inaccurate"), (0.03, 1.02, "accurate")],
+    ids=["over-dispersed", "under-dispersed", "shifted", "nearly-exact"],
+)
+def test_known_errors_are_recovered(shift, scale, status):
+    report = guide_moments(model, make_guide(shift, scale), Y, num_samples=8000)
+    assert report.pareto_k <= 0.7
+    # truth by construction: (guide mean - posterior mean) / posterior sd = shift, sd ratio = scale
+    assert np.all(np.abs(report.mean_error - shift) <= 4 * report.mean_error_mcse + 0.01)
+    assert np.all(np.abs(report.sd_ratio - scale) <= 4 * report.sd_ratio_mcse + 0.01)
+    assert np.all(report.mean_error_mcse < 0.03) and np.all(report.sd_ratio_mcse < 0.05)
+    assert report.element_status() == [status] * 3
+    df = report.to_dataframe()
+    assert list(df.index) == ["mu[0]", "mu[1]", "mu[2]"]
+    if status == "inaccurate":
+        assert "inaccurate" in report.verdict() and "PSIS-corrected" in report.verdict()
+
+
+def test_heavy_tailed_weights_give_nan_errors_and_an_unknown_verdict():
+    # a guide 5x too narrow: log weights grow like z^2, k̂ far above 0.7
+    report = guide_moments(model, make_guide(1.0, 0.15), Y, num_samples=2000)
+    assert report.pareto_k > 0.7
+    assert np.all(np.isnan(report.mean_error)) and np.all(np.isnan(report.sd_ratio))
+    assert "unreliable" in report.reason
+    assert "unknown" in report.verdict() and "accurate" not in report.verdict().replace("inaccurate", "")
+
+
+def test_constrained_site_gamma_poisson():
+    """Values are in the constrained space: a Gamma-Poisson model with a Gamma guide."""
+    a, b = 3.0, 2.0
+    counts = torch.tensor([4.0, 2.0, 5.0, 3.0, 6.0])
+
+    def pmodel(y):
+        rate = pyro.sample("rate", dist.Gamma(a, b))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Poisson(rate), obs=y)
+
+    post_a, post_b = a + counts.sum(), b + len(counts)
+    mean, sd = post_a / post_b, post_a.sqrt() / post_b
+    # guide: same mean, sd 1.2x the posterior's (Gamma with shape a/1.44 and the same mean)
+    ga = post_a / 1.44
+    gb = ga / mean
+
+    def pguide(y):
+        pyro.sample("rate", dist.Gamma(ga, gb))
+
+    report = guide_moments(pmodel, pguide, counts, num_samples=8000)
+    assert report.names == ["rate"]
+    assert abs(report.psis_mean[0] - mean.item()) < 4 * report.psis_mean_mcse[0]
+    assert abs(report.sd_ratio[0] - 1.2) < 4 * report.sd_ratio_mcse[0] + 0.01
+    assert abs(report.mean_error[0]) < 4 * report.mean_error_mcse[0] + 0.01
+
+
+def test_self_normalized_mcse_matches_replication():
+    """The delta-method MCSE against the spread of the estimate over independent replications."""
+    torch.manual_seed(1)
+    # target N(0, 1), proposal N(0, 1.5^2)
+    estimates, mcses = [], []
+    for _ in range(300):
+        z = torch.randn(1000) * 1.5
+        lw = dist.Normal(0.0, 1.0).log_prob(z) - dist.Normal(0.0, 1.5).log_prob(z)
+        out = self_normalized_moments(z.unsqueeze(-1), lw)
+        estimates.append([out["mean"].item(), out["sd"].item()])
+        mcses.append([out["mean_mcse"].item(), out["sd_mcse"].item()])
+    spread = np.std(estimates, 0)
+    typical = np.mean(mcses, 0)
+    np.testing.assert_allclose(typical, spread, rtol=0.15)
+    np.testing.assert_allclose(np.mean(estimates, 0), [0.0, 1.0], atol=0.01)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_samples"):
+        guide_moments(model, make_guide(0.0, 1.0), Y, num_samples=10)
+    with pytest.raises(ValueError, match="model_kwargs"):
+        guide_moments(model, make_guide(0.0, 1.0), model_kwargs=[Y])
