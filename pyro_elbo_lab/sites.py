@@ -1,0 +1,328 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The one per-site estimator: every loss and diagnostic of the package computes the terms of
+a sample site here.
+
+A *site* is a node of a :class:`pyro.poutine.Trace` whose ``log_prob`` has been computed
+(``trace.compute_log_prob()`` or Pyro's ``compute_score_parts``). For a latent site the
+*pair* is ``(model_site, guide_site)``: the model's site replayed at the guide's value.
+
+Quantities, elementwise over the site's batch shape (or ``batch_shape + (J,)`` per latent
+dimension), in nats:
+
+- :func:`log_prob`: :math:`\\log p(z)` of a model site or :math:`\\log q(z)` of a guide site;
+- :func:`kl`: :math:`\\mathrm{KL}(q \\| p)`, analytic where
+  :func:`torch.distributions.kl_divergence` is registered for the pair, else the one-sample
+  Monte Carlo :math:`\\log q(z) - \\log p(z)`; per latent dimension with ``per_dim=True``;
+- :func:`entropy`: :math:`\\mathbb{H}[q]`, analytic where the guide distribution has one,
+  else :math:`-\\log q(z)`;
+- :func:`cross_entropy`: :math:`-\\log p(z)` at the guide's draw (Monte Carlo);
+- :func:`count`: how many elements a site has (its data size);
+- :func:`sum_per_particle`, :func:`log_prob_per_particle`: a batch-shaped tensor summed
+  down to one value per particle (or importance sample).
+
+**The rule for scale and mask.** Every quantity is masked: where a site is masked
+(``poutine.mask``, ``Distribution.mask``) an element contributes 0 and is not counted. A
+quantity of the pair (KL, entropy, cross-entropy, and :func:`pair_mask`) is masked where
+either site is masked; in the usual case (the same masks in model and guide, as with
+``pyro.plate`` and ``poutine.mask`` around both) this is each site's own mask. The site's
+``scale`` (``poutine.scale``, subsampling) is applied with ``scaled=True`` (the objective:
+Pyro's data scaling, the guide site's scale for pair quantities, as
+:class:`pyro.infer.TraceMeanField_ELBO`) and not with ``scaled=False`` (per-datapoint
+diagnostics, which report unweighted values). One exception, for speed and for parity with
+:class:`pyro.infer.Trace_ELBO`: :func:`log_prob_per_particle` returns Pyro's own memoised
+``log_prob_sum``, in which each site carries only its own mask.
+
+Imports nothing from the rest of the package.
+
+References
+
+[1] `Pyro: Deep Universal Probabilistic Programming`, Eli Bingham, Jonathan P. Chen,
+    Martin Jankowiak, Fritz Obermeyer, Neeraj Pradhan, Theofanis Karaletsos, Rohit Singh,
+    Paul Szerlip, Paul Horsfall, Noah D. Goodman (2019): trace sites, scale and mask.
+
+[2] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (2014): the
+    analytic KL estimator.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from pyro.distributions import ExpandedDistribution, MaskedDistribution
+from pyro.distributions.util import scale_and_mask
+from torch.distributions import Independent, kl_divergence
+
+__all__ = [
+    "Factorised",
+    "count",
+    "cross_entropy",
+    "entropy",
+    "factorise",
+    "kl",
+    "log_prob",
+    "log_prob_per_particle",
+    "pair_mask",
+    "scale_and_mask_event",
+    "site_mask",
+    "sum_per_particle",
+]
+
+
+# -- per-particle sums --------------------------------------------------------------------
+
+
+def sum_per_particle(
+    x, num_particles: int | None = None, max_plate_nesting: int = 0, event_dims: int = 0
+) -> torch.Tensor:
+    """
+    Sum a batch-shaped tensor down to one value per particle.
+
+    Particles (a loss's vectorised particles, a diagnostic's importance samples) sit in a
+    plate at batch dim ``-(max_plate_nesting + 1)``, counted from the right of the batch
+    dims (``x.dim() - event_dims``); a tensor with fewer batch dims does not depend on the
+    particle and is broadcast.
+
+    :param x: a tensor of shape ``batch_shape + trailing`` (``trailing`` has
+        ``event_dims`` dims, kept), or a number.
+    :param int num_particles: the size ``P`` of the particle plate; ``None`` for no
+        particle plate (sequential particles): every batch dim is summed.
+    :param int max_plate_nesting: plate dims to the right of the particle plate.
+    :param int event_dims: trailing dims of ``x`` to keep.
+    :returns: shape ``trailing`` when ``num_particles`` is None, else ``(P,) + trailing``.
+    :rtype: torch.Tensor
+    """
+    if not torch.is_tensor(x):
+        x = torch.tensor(float(x))
+    batch_dim = x.dim() - event_dims
+    if num_particles is None:
+        return x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
+    k = batch_dim - (max_plate_nesting + 1)
+    if k < 0:
+        x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
+        return x.unsqueeze(0).expand((num_particles,) + x.shape)
+    dims = tuple(d for d in range(batch_dim) if d != k)
+    if dims:
+        x = x.sum(dims)
+    return x.expand((num_particles,) + x.shape[1:])
+
+
+def log_prob_per_particle(site, num_particles: int | None = None, max_plate_nesting: int = 0) -> torch.Tensor:
+    """
+    A site's scaled, masked ``log_prob`` summed per particle: Pyro's memoised
+    ``log_prob_sum`` without a particle plate (no new computation), else
+    :func:`sum_per_particle` of ``site["log_prob"]``.
+
+    :returns: shape ``()`` or ``(P,)``, nats.
+    :rtype: torch.Tensor
+    """
+    if num_particles is None:
+        return site["log_prob_sum"]
+    return sum_per_particle(site["log_prob"], num_particles, max_plate_nesting)
+
+
+# -- masks and scale ------------------------------------------------------------------------
+
+
+class Factorised(NamedTuple):
+    """
+    A site distribution taken apart by :func:`factorise`.
+
+    :ivar element: the distribution under the ``Independent``, expanded and masked
+        wrappers (its own ``event_shape`` is kept, e.g. a ``MultivariateNormal``).
+    :ivar int reinterpreted: how many of the site's event dims ``Independent`` wrappers
+        reinterpreted (the latent dimensions of a ``.to_event(k)`` site).
+    :ivar mask: the product of the wrappers' masks (``Distribution.mask``), shaped to
+        broadcast against ``batch_shape + event_shape[:reinterpreted]``; ``None`` when
+        unmasked.
+    """
+
+    element: torch.distributions.Distribution
+    reinterpreted: int
+    mask: torch.Tensor | None
+
+
+def factorise(fn: torch.distributions.Distribution) -> Factorised:
+    """
+    Strip ``Independent``, Pyro's ``ExpandedDistribution`` and ``MaskedDistribution`` off
+    a site distribution, keeping count of the reinterpreted dims and the masks.
+
+    :rtype: Factorised
+    """
+    reinterpreted = 0
+    mask = None
+    while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
+        if isinstance(fn, MaskedDistribution) and fn._mask is not None:
+            # this level's batch shape is a prefix of the full element shape: pad on the right
+            m = fn._mask.expand(fn.batch_shape) if torch.is_tensor(fn._mask) else torch.tensor(bool(fn._mask))
+            m = m.reshape(m.shape + (1,) * reinterpreted)
+            mask = m if mask is None else mask & m
+        if isinstance(fn, Independent):
+            reinterpreted += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    return Factorised(fn, reinterpreted, mask)
+
+
+def site_mask(site) -> torch.Tensor | None:
+    """
+    The site's ``mask`` (``poutine.mask``) as a bool tensor broadcastable to the site's
+    batch shape, or ``None`` when the site is not masked. (Masks set with
+    ``Distribution.mask`` are inside the distribution and already in its ``log_prob``.)
+    """
+    mask = site.get("mask")
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask):
+        return None if mask else torch.tensor(False)
+    return mask.bool()
+
+
+def pair_mask(model_site, guide_site) -> torch.Tensor | None:
+    """The mask of a pair: an element is kept where neither site masks it (``None``: all kept)."""
+    masks = [m for m in (site_mask(model_site), site_mask(guide_site)) if m is not None]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else masks[0] & masks[1]
+
+
+def scale_and_mask_event(x: torch.Tensor, scale, mask, event_dims: int = 0) -> torch.Tensor:
+    """
+    :func:`pyro.distributions.util.scale_and_mask` for a tensor with ``event_dims``
+    trailing dims beyond the site's batch shape (masked elements are 0, not NaN).
+    """
+    if torch.is_tensor(scale) and event_dims:
+        scale = scale.reshape(scale.shape + (1,) * event_dims)
+    if torch.is_tensor(mask) and event_dims:
+        mask = mask.reshape(mask.shape + (1,) * event_dims)
+    return scale_and_mask(x, scale, mask)
+
+
+def _apply(x: torch.Tensor, site, mask, scaled: bool, event_dims: int = 0) -> torch.Tensor:
+    return scale_and_mask_event(x, site["scale"] if scaled else 1.0, mask, event_dims)
+
+
+# -- per-site quantities ------------------------------------------------------------------------
+
+
+def log_prob(site, *, scaled: bool = True) -> torch.Tensor:
+    """
+    :math:`\\log p(z)` of a model site (or :math:`\\log q(z)` of a guide site) per element,
+    masked; scaled with ``scaled=True`` (then Pyro's own ``site["log_prob"]``, reused).
+
+    :returns: batch-shaped tensor, nats.
+    :rtype: torch.Tensor
+    """
+    if scaled:
+        return site["log_prob"]
+    return _apply(site["unscaled_log_prob"], site, site_mask(site), scaled=False)
+
+
+def count(site, *, scaled: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    The site's element count: ones over its batch shape, masked (by ``mask``, default the
+    site's) and, with ``scaled=True``, scaled (``N`` for a data plate, also under
+    subsampling).
+
+    :returns: batch-shaped tensor of element weights.
+    :rtype: torch.Tensor
+    """
+    ones = torch.ones_like(site["unscaled_log_prob"])
+    return _apply(ones, site, site_mask(site) if mask is None else mask, scaled)
+
+
+def cross_entropy(model_site, guide_site, *, scaled: bool = True) -> torch.Tensor:
+    """
+    :math:`-\\log p(z)` at the guide's draw, per element (a one-sample estimate of the
+    cross-entropy :math:`-\\mathbb{E}_q \\log p(z)`), masked by :func:`pair_mask`.
+
+    :rtype: torch.Tensor
+    """
+    return _apply(-model_site["unscaled_log_prob"], guide_site, pair_mask(model_site, guide_site), scaled)
+
+
+def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.Tensor, bool]:
+    """
+    :math:`\\mathbb{H}[q]` per element: the guide distribution's analytic ``entropy()``
+    where it has one, else the one-sample :math:`-\\log q(z)`.
+
+    :param guide_site: the guide's site.
+    :param model_site: the model's site, for :func:`pair_mask` (else the guide's mask).
+    :returns: ``(entropy, analytic)``: batch-shaped tensor (nats) and whether it is analytic.
+    :rtype: tuple
+    """
+    mask = site_mask(guide_site) if model_site is None else pair_mask(model_site, guide_site)
+    fn = guide_site["fn"]
+    try:
+        value = fn.entropy()
+        analytic = True
+    except NotImplementedError:
+        value = -guide_site["unscaled_log_prob"]
+        analytic = False
+    if not torch.is_tensor(value):
+        value = torch.full_like(guide_site["unscaled_log_prob"], float(value))
+    value = value.expand(fn.batch_shape) if value.shape != fn.batch_shape else value
+    return _apply(value, guide_site, mask, scaled), analytic
+
+
+def kl(
+    model_site, guide_site, *, scaled: bool = True, per_dim: bool = False, analytic: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """
+    :math:`\\mathrm{KL}(q(z) \\| p(z))` at one latent site, per element, masked by
+    :func:`pair_mask` and scaled (guide site's scale) with ``scaled=True``.
+
+    Analytic where :func:`torch.distributions.kl_divergence` is registered for the
+    (guide, model) distributions (with ``analytic=True``), else the one-sample Monte Carlo
+    :math:`\\log q(z) - \\log p(z)` at the guide's draw (unbiased; exact in expectation).
+
+    With ``per_dim=True`` the KL is split over latent dimensions: when guide and prior
+    are ``Independent`` over the same number of event dims (``.to_event(k)``), their
+    element distributions give one KL per element of those dims, flattened to ``J``; a
+    site of another kind is one dimension (``J = 1``).
+
+    :param dict model_site: the model's site (replayed at the guide's value).
+    :param dict guide_site: the guide's site.
+    :param bool scaled: apply the site's scale (objective) or not (diagnostics).
+    :param bool per_dim: split over latent dimensions.
+    :param bool analytic: use the analytic KL where registered.
+    :returns: ``(kl, is_analytic)``: shape ``batch_shape`` (or ``batch_shape + (J,)``),
+        nats; and whether the analytic KL was used.
+    :rtype: tuple
+    :raises ValueError: if the guide and model values differ in shape (not a pair).
+    """
+    mask = pair_mask(model_site, guide_site)
+    fq, fp = guide_site["fn"], model_site["fn"]
+    event_dims = 0
+    value = None
+    if per_dim:
+        q, p = factorise(fq), factorise(fp)
+        if q.reinterpreted == p.reinterpreted and q.element.event_shape == p.element.event_shape:
+            event_dims = q.reinterpreted
+            target = guide_site["value"].shape[: guide_site["value"].dim() - len(q.element.event_shape)]
+            if analytic:
+                try:
+                    value = kl_divergence(q.element, p.element)
+                except NotImplementedError:
+                    pass
+            is_analytic = value is not None
+            if value is None:
+                z = guide_site["value"]
+                value = q.element.log_prob(z) - p.element.log_prob(z)
+            value = value.expand(target)
+            for m in (q.mask, p.mask):
+                if m is not None:
+                    value = value.masked_fill(~m, 0.0)
+            value = _apply(value, guide_site, mask, scaled, event_dims)
+            return value.reshape(value.shape[: value.dim() - event_dims] + (-1,)), is_analytic
+    if analytic:
+        try:
+            value = kl_divergence(fq, fp)
+        except NotImplementedError:
+            pass
+    is_analytic = value is not None
+    if value is None:
+        value = guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
+    elif value.shape != fq.batch_shape:
+        value = value.expand(fq.batch_shape)
+    value = _apply(value, guide_site, mask, scaled)
+    return (value.unsqueeze(-1) if per_dim else value), is_analytic
