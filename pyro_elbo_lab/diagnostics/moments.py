@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..checks import check_int, check_model_kwargs
-from .evidence import psis_diagnostics
+from .psis import PARETO_K_BAD, psis_diagnostics
 from .local import batches, plan
 from .traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
 
@@ -36,7 +36,7 @@ def pareto_k_threshold(num_samples: int) -> float:
     """
     if num_samples <= 10:
         return 0.0
-    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+    return min(1.0 - 1.0 / math.log10(num_samples), PARETO_K_BAD)
 
 
 def self_normalized_moments(values: torch.Tensor, log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
