@@ -329,13 +329,13 @@ def test_keyword_arguments_compile_once_each():
 def test_same_losses_unoptimised_graph(ref_cls, jit_cls, monkeypatch):
     # large graphs (many unrolled particles) run as recorded instead of through the
     # optimising executor: the same losses either way
-    import pyro_elbo_lab.losses.jit as jit_module
+    from pyro_elbo_lab.losses.torchscript import TorchScriptStrategy
 
-    monkeypatch.setattr(jit_module, "_OPTIMIZE_MAX_NODES", 0)
+    monkeypatch.setattr(TorchScriptStrategy, "optimize_max_nodes", 0)
     jit = jit_cls(num_particles=2)
     assert_same_run(ref_cls(num_particles=2), jit, discrete_model if ref_cls is BetaELBO else nn_model,
                     discrete_guide if ref_cls is BetaELBO else nn_guide, (X,))
-    assert not next(iter(jit._compiled.values())).optimize
+    assert not next(iter(jit._compiled.values())).info["optimize"]
 
 
 class _Amortised:

@@ -2,6 +2,6 @@
 """ELBO objectives: β-weighted, free-bits and capacity, each recording its decomposition."""
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
-from .jit import JitBetaELBO, JitBetaMeanFieldELBO
+from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
 
 __all__ = ["BetaELBO", "BetaMeanFieldELBO", "JitBetaELBO", "JitBetaMeanFieldELBO"]

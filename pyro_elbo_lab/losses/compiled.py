@@ -2,11 +2,13 @@
 """
 Compiled variants of the β-ELBO losses: the model/guide pass, the objective and the
 decomposition record are traced once and the compiled function is reused on every later
-step. Two compilers:
+step. This module owns what every compiler shares (the traced step, the cache and its key,
+the public classes); each compiler is a :class:`~.compile_strategy.CompileStrategy` in its
+own module, chosen by ``compiler=``:
 
-* ``"torchscript"`` (default): :func:`torch.jit.trace`, as Pyro's
+* ``"torchscript"`` (default, :mod:`.torchscript`): :func:`torch.jit.trace`, as Pyro's
   :class:`~pyro.infer.JitTrace_ELBO`; compiles in about a second.
-* ``"inductor"``: the step (forward pass *and* the gradients, as one graph of aten ops from
+* ``"inductor"`` (:mod:`.inductor`): the step (forward pass *and* the gradients, as one graph of aten ops from
   :func:`torch.fx.experimental.proxy_tensor.make_fx`) compiled to fused C++ by
   :func:`torch.compile`'s inductor backend; seconds to compile, then 1.5–2 times faster per step
   than TorchScript on the benchmark models (``benchmarks/RESULTS.md``).
@@ -15,8 +17,8 @@ The plumbing follows :func:`pyro.ops.jit.trace` (parameters are passed to the tr
 function as unconstrained leaf tensors and replayed into the model and guide), with three
 differences that matter here:
 
-* the compiled function is cached per ``(model, guide, kwargs, argument shapes)`` and
-  reused; Pyro 1.9.2's :class:`~pyro.infer.JitTraceMeanField_ELBO` stores its compiled
+* the compiled function is cached per ``(model, guide, kwargs, argument shapes and
+  dtypes, default dtype)`` and reused while the parameters keep their shapes and dtypes; Pyro 1.9.2's :class:`~pyro.infer.JitTraceMeanField_ELBO` stores its compiled
   function under one attribute and looks it up under another, so it re-traces on every
   step;
 * β and the capacity C(t) are inputs of the traced function, not constants baked into the
@@ -34,51 +36,27 @@ import warnings
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.ops.jit import _hashable_args_kwargs
-from pyro.util import ignore_jit_warnings, optional
+from pyro.util import ignore_jit_warnings
 
 from ..terms import TermsRecord
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
+from .compile_strategy import CompiledFunction, CompileStrategy, freeze_kwargs, tensor_signature
+from .inductor import InductorStrategy
+from .torchscript import TorchScriptStrategy
 
-__all__ = ["JitBetaELBO", "JitBetaMeanFieldELBO"]
+__all__ = ["COMPILERS", "JitBetaELBO", "JitBetaMeanFieldELBO"]
 
-
-#: Graphs up to this many nodes run through TorchScript's optimising (profiling) executor,
-#: which builds one differentiable graph (faster backward) after two profiling runs;
-#: larger ones, such as many unrolled sequential particles, run as recorded, because the
-#: optimisation of a graph of 30 000 nodes (64 particles of eight schools) takes minutes.
-_OPTIMIZE_MAX_NODES = 5000
-
-
-#: the compilers a compiled loss accepts (``compiler=``)
-COMPILERS = ("torchscript", "inductor")
+#: the compilers a compiled loss accepts (``compiler=``), each a strategy class
+STRATEGIES: dict[str, type[CompileStrategy]] = {s.name: s for s in (TorchScriptStrategy, InductorStrategy)}
+COMPILERS = tuple(STRATEGIES)
 
 
-class _Compiled:
-    """
-    One compiled function and what is needed to call it: ``(loss, surrogate, record)`` for
-    TorchScript and the inductor forward graph; ``(loss, record, *grads)`` for the inductor
-    gradient graph, whose ``grad_index`` lists the parameters that have a gradient.
-    """
-
-    __slots__ = ("function", "param_names", "names", "optimize", "grad_index", "compiled_modes")
-
-    def __init__(self, function, param_names: list, names: list, optimize: bool, grad_index=None):
-        self.function = function
-        self.param_names = param_names
-        self.names = names
-        self.optimize = optimize
-        self.grad_index = grad_index
-        #: the grad modes (True/False) the function was called under (torch.compile
-        #: compiles once per grad mode)
-        self.compiled_modes: set = set()
-
-
-class _JitObjective:
+class CompiledObjective:
     """
     Mixin over :class:`~pyro_elbo_lab.losses.objective.WeightedObjective` that replaces
-    ``_run`` (the particle loop) by a compiled function. Not public: use
+    ``_run`` (the particle loop) by a compiled function, made and run by the
+    :class:`~.compile_strategy.CompileStrategy` named by ``compiler``. Not public: use
     :class:`JitBetaELBO` or :class:`JitBetaMeanFieldELBO`.
     """
 
@@ -93,15 +71,16 @@ class _JitObjective:
     _uncompiled: type
 
     def __init__(self, *args, compiler: str = "torchscript", **kwargs):
-        if compiler not in COMPILERS:
+        if compiler not in STRATEGIES:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}.")
         self.compiler = compiler
         super().__init__(*args, **kwargs)
+        self._strategy = STRATEGIES[compiler](type(self).__name__, self._uncompiled.__name__, self.jit_options)
         self._compiled: dict = {}
         self.num_compilations = 0
         self.compile_seconds = 0.0
 
-    def _jit_key(self, model, guide, args, kwargs):
+    def _cache_key(self, model, guide, args, kwargs, mode: str) -> tuple:
         for i, arg in enumerate(args):
             if not torch.is_tensor(arg):
                 raise ValueError(
@@ -116,11 +95,17 @@ class _JitObjective:
                     f"argument {name!r} is a tensor (it would be compiled in as a constant, once per tensor "
                     "object). Pass tensors positionally."
                 )
-        shapes = tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
         # the model and guide themselves, not their ids: a bound method (vae.model) is a new
         # object at every attribute access but compares equal, and holding them in the key
-        # keeps an id from being reused by another function
-        return (model, guide, shapes, _hashable_args_kwargs((), kwargs))
+        # keeps an id from being reused by another function. The default dtype: constants
+        # the model creates (torch.tensor(1.3), distribution parameters) are traced in it.
+        return (
+            model,
+            guide,
+            torch.get_default_dtype(),
+            tensor_signature(args),
+            freeze_kwargs(kwargs),
+        ) + self._strategy.cache_key(args, mode)
 
     def _traced_body(self, model, guide, kwargs, holder: dict):
         """The Python function that is traced: ``(beta, capacity, *args) -> (loss, surrogate, record)``."""
@@ -158,11 +143,11 @@ class _JitObjective:
 
         return body
 
-    def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t, gradients: bool):
+    def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t, mode: str):
         """
         Evaluate eagerly (recording which parameters are used), then trace; returns the
-        eager outputs, which are those of the uncompiled loss for the same seed.
-        ``gradients`` (inductor only) compiles the gradients into the graph.
+        eager outputs, which are those of the uncompiled loss for the same seed, and the
+        compiled function (also cached under ``key``).
         """
         start = time.perf_counter()
         holder: dict = {}
@@ -183,182 +168,55 @@ class _JitObjective:
                 constrained[name] = value
             return poutine.replay(body, params=constrained)(beta, capacity if has_capacity else None, *inputs)
 
+        if self.ignore_jit_warnings:
+            # as pyro.ops.jit.trace: the filter must be entered inside the traced function
+            # (ignore_jit_warnings installs it only while a trace is being recorded)
+            traced = ignore_jit_warnings()(traced)
         if capacity_t is None:
             capacity_t = torch.zeros_like(beta_t)
-        example = (beta_t, capacity_t) + tuple(pyro.param(n).unconstrained() for n in param_names) + tuple(args)
+        params = tuple(pyro.param(n).unconstrained() for n in param_names)
+        example = (beta_t, capacity_t) + params + tuple(args)
         devices = sorted({t.device.index or 0 for t in example if t.is_cuda})
         # restore every random state tracing consumed (CPU and the CUDA devices in use), so
         # that the losses are those of the uncompiled class for the same seed
         with torch.random.fork_rng(devices=devices):
-            with (
-                pyro.validation_enabled(False),
-                torch.enable_grad(),
-                optional(ignore_jit_warnings(), self.ignore_jit_warnings),
-                warnings.catch_warnings(),
-            ):
-                if self.compiler == "inductor":
-                    compiled = self._make_graph(traced, example, len(param_names), names, gradients)
-                else:
-                    compiled = self._torchscript(traced, example, names)
+            with pyro.validation_enabled(False), torch.enable_grad(), warnings.catch_warnings():
+                compiled = self._strategy.compile(traced, example, len(param_names), names, mode)
         compiled.param_names = param_names
+        compiled.param_signature = tensor_signature(params)
         self._compiled[key] = compiled
         self.num_compilations += 1
         self.compile_seconds += time.perf_counter() - start
-        return outputs, names
-
-    def _torchscript(self, traced, example, names) -> _Compiled:
-        options = dict(self.jit_options or {})
-        options.setdefault("check_trace", False)
-        # torch >= 2.9 marks torch.jit as deprecated; tracing is still the fastest stable
-        # way to remove Pyro's per-step Python overhead at a compile cost of about a second
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
-        function = torch.jit.trace(traced, example, **options)
-        optimize = sum(1 for _ in function.graph.nodes()) <= _OPTIMIZE_MAX_NODES
-        return _Compiled(function, [], names, optimize)
-
-    def _make_graph(self, traced, example, num_params: int, names, gradients: bool) -> _Compiled:
-        """
-        Record the step as a graph of aten ops (``make_fx``, real tensors: Python control
-        flow is frozen as by :func:`torch.jit.trace`) and wrap it in :func:`torch.compile`,
-        which compiles it at its first call. With ``gradients`` the graph also runs the
-        backward pass and returns the parameters' gradients, so one compiled function does
-        the whole step.
-        """
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        grad_index = None
-        if gradients:
-            found = {}
-
-            def function(*inputs):
-                loss, surrogate, values = traced(*inputs)
-                params = inputs[2: 2 + num_params]
-                grads = [None] * num_params
-                if num_params and surrogate.requires_grad:
-                    grads = torch.autograd.grad(surrogate, params, allow_unused=True)
-                found["index"] = [i for i, g in enumerate(grads) if g is not None]
-                return (loss.detach(), values.detach()) + tuple(g for g in grads if g is not None)
-
-        else:
-            function = traced
-        try:
-            graph = make_fx(function)(*example)
-        except RuntimeError as e:
-            if "tracing tensor" not in str(e):
-                raise
-            raise ValueError(
-                f"{type(self).__name__}(compiler='inductor') cannot record the model and guide as a graph: "
-                "they read a tensor's value in Python (data-dependent control flow, .item(), float(tensor)). "
-                "Use compiler='torchscript', which freezes such values, "
-                f"or {self._uncompiled.__name__}."
-            ) from e
-        if gradients:
-            grad_index = found["index"]
-            # the gradient graph differentiates with respect to the Pyro parameters only: a
-            # tensor that needs a gradient but reaches the graph otherwise (a module not
-            # registered with pyro.module, a closure tensor, an argument) would silently
-            # get none, where the uncompiled loss fills its .grad
-            for node in graph.graph.nodes:
-                if node.op == "get_attr":
-                    value = getattr(graph, node.target, None)
-                    if torch.is_tensor(value) and value.requires_grad:
-                        raise ValueError(
-                            f"{type(self).__name__}(compiler='inductor') differentiates with respect to Pyro "
-                            f"parameters only, but the model or guide uses a tensor of shape {tuple(value.shape)} "
-                            "that requires grad and is not in the parameter store. Register its module with "
-                            f"pyro.module (or create it with pyro.param), or use {self._uncompiled.__name__}."
-                        )
-            for i, arg in enumerate(example[2 + num_params:]):
-                if arg.requires_grad:
-                    raise ValueError(
-                        f"{type(self).__name__}(compiler='inductor') differentiates with respect to Pyro "
-                        f"parameters only, but positional argument {i} requires grad. Detach it, or use "
-                        f"{self._uncompiled.__name__}."
-                    )
-        # fallback_random: draw with the eager random ops, so the random stream (and the
-        # losses) are those of the uncompiled class for the same seed
-        function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
-        return _Compiled(function, [], names, True, grad_index)
-
-    def _call_compiled(self, compiled: _Compiled, inputs: tuple):
-        mode = torch.is_grad_enabled()
-        if mode in compiled.compiled_modes:
-            return compiled.function(*inputs)
-        # the first call (per grad mode) of a torch.compile'd function compiles it
-        start = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
-                warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
-                out = compiled.function(*inputs)
-        except Exception as e:
-            if self.compiler != "inductor" or not type(e).__module__.startswith("torch._dynamo"):
-                raise
-            cause = getattr(e, "inner_exception", None) or e
-            raise RuntimeError(
-                f"{type(self).__name__}(compiler='inductor') failed to compile the recorded step: "
-                f"{type(cause).__name__}: {str(cause).strip()[:1000]} "
-                "(on CPU inductor needs a working C++ compiler, on GPU Triton). "
-                f"compiler='torchscript' or {self._uncompiled.__name__} run without compiling it."
-            ) from e
-        compiled.compiled_modes.add(mode)
-        if self.compiler == "inductor":
-            self.compile_seconds += time.perf_counter() - start
-        return out
+        return outputs, compiled
 
     def _run(self, model, guide, args, kwargs, mode: str):
         beta = self.current_beta()
         capacity = self.current_capacity()
-        key = self._jit_key(model, guide, args, kwargs)
-        # inductor compiles the training step (gradients in the graph) apart from the
-        # forward pass that loss(), decompose() and differentiable_loss() run
-        gradients = self.compiler == "inductor" and mode == "backward"
-        if self.compiler == "inductor":
-            # torch.compile specialises on strides too (a new stride pattern would recompile
-            # behind the cache, up to dynamo's recompile limit)
-            key = key + (gradients, tuple(a.stride() for a in args))
+        key = self._cache_key(model, guide, args, kwargs, mode)
         dtype = torch.get_default_dtype()
         beta_t = torch.tensor(beta, dtype=dtype)
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            (loss, surrogate, values), names = self._compile(
-                key, model, guide, args, kwargs, beta_t, None if capacity is None else capacity_t, gradients
-            )
-            trainable = bool(self._compiled[key].param_names)
-        else:
+        compiled: CompiledFunction | None = self._compiled.get(key)
+        if compiled is not None:
             # pyro.param here (not inside the compiled function) so that SVI sees the parameters
             params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
-            names = compiled.names
+            if tensor_signature(params) != compiled.param_signature:
+                compiled = None  # a parameter was re-created with another shape, dtype or device
+        if compiled is None:
+            (loss, surrogate, values), compiled = self._compile(
+                key, model, guide, args, kwargs, beta_t, None if capacity is None else capacity_t, mode
+            )
+        else:
             inputs = (beta_t, capacity_t) + params + tuple(args)
-            if gradients:
-                # no_grad: the gradients are outputs of the graph, not something to
-                # differentiate (under grad mode AOTAutograd would also compile their backward)
-                with torch.no_grad():
-                    loss, values, *grads = self._call_compiled(compiled, inputs)
-                    for i, grad in zip(compiled.grad_index, grads):
-                        param = params[i]
-                        if param.grad is None:
-                            # a copy: the graph may return one tensor for two parameters, or
-                            # an alias of a constant or an input, which must not be accumulated into
-                            param.grad = grad.clone(memory_format=torch.contiguous_format)
-                        else:  # accumulate, as backward() does
-                            param.grad.add_(grad)
-                self._last_record = TermsRecord(names, values, beta, capacity)
-                return loss, 0.0
-            if self.compiler == "inductor":
-                with torch.set_grad_enabled(mode == "differentiable" and torch.is_grad_enabled()):
-                    loss, surrogate, values = self._call_compiled(compiled, inputs)
-            else:
-                with torch.jit.optimized_execution(compiled.optimize):
-                    loss, surrogate, values = self._call_compiled(compiled, inputs)
-            trainable = bool(params)
-        if mode == "backward" and trainable and surrogate.requires_grad:
+            loss, surrogate, values, seconds = self._strategy.run(compiled, inputs, params, mode)
+            self.compile_seconds += seconds
+        differentiable = torch.is_tensor(surrogate) and surrogate.requires_grad
+        if mode == "backward" and compiled.param_names and differentiable:
             surrogate.backward(retain_graph=self.retain_graph)
             surrogate = 0.0
-        elif mode != "differentiable" or not surrogate.requires_grad:
+        elif mode != "differentiable" or not differentiable:
             surrogate = 0.0
-        self._last_record = TermsRecord(names, values.detach(), beta, capacity)
+        self._last_record = TermsRecord(compiled.names, values.detach(), beta, capacity)
         return loss.detach(), surrogate
 
 
@@ -425,7 +283,7 @@ _LIMITS = """
 """
 
 
-class JitBetaELBO(_JitObjective, BetaELBO):
+class JitBetaELBO(CompiledObjective, BetaELBO):
     __doc__ = (
         """
     :class:`~pyro_elbo_lab.BetaELBO`, compiled: the same objective, gradient estimator and
@@ -478,7 +336,7 @@ class JitBetaELBO(_JitObjective, BetaELBO):
     _uncompiled = BetaELBO
 
 
-class JitBetaMeanFieldELBO(_JitObjective, BetaMeanFieldELBO):
+class JitBetaMeanFieldELBO(CompiledObjective, BetaMeanFieldELBO):
     __doc__ = (
         """
     :class:`~pyro_elbo_lab.BetaMeanFieldELBO`, compiled: analytic KL where registered, the
