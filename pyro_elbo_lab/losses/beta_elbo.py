@@ -8,7 +8,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ..schedules import ScheduleLike
-from .objective import WeightedObjective, _flatten_event, _scale_mask_event, _unwrap_independent
+from .objective import WeightedObjective
 
 __all__ = ["BetaELBO"]
 
@@ -128,19 +128,3 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
         log_p, log_q = torch.stack(log_p), torch.stack(log_q).detach()
         kl_surrogate = torch.stack(entropy_term) - log_p
         return kl_surrogate, log_q - log_p.detach(), -log_q
-
-    def _latent_site_kl_per_dim(self, name, model_site, guide_site):
-        return _mc_kl_per_dim(model_site, guide_site)
-
-
-def _mc_kl_per_dim(model_site, guide_site):
-    """log q(z_j) - log p(z_j) per element and latent dimension, scaled and masked."""
-    q, p = _unwrap_independent(guide_site["fn"]), _unwrap_independent(model_site["fn"])
-    value = guide_site["value"]
-    if q is not None and p is not None and q[1] == p[1]:
-        base_q, ndim = q
-        kl = base_q.log_prob(value) - p[0].log_prob(value)
-    else:
-        ndim = 0
-        kl = guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
-    return _flatten_event(_scale_mask_event(kl, guide_site, ndim), ndim)

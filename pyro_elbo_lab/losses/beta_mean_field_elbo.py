@@ -3,25 +3,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
-from torch.distributions import kl_divergence
 
+from .. import sites
 from ..schedules import ScheduleLike
-from .beta_elbo import _mc_kl_per_dim
-from .objective import WeightedObjective, _flatten_event, _scale_mask_event, _unwrap_independent
+from .objective import WeightedObjective
 
 __all__ = ["BetaMeanFieldELBO"]
-
-
-def _analytic(fn, shape_like: torch.Tensor, site) -> torch.Tensor:
-    """Scale and mask an analytic per-element quantity; broadcast constants."""
-    value = fn()
-    if not torch.is_tensor(value):
-        value = torch.full_like(shape_like, float(value))
-    return scale_and_mask(value, site["scale"], site["mask"])
 
 
 class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
@@ -73,40 +62,27 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
         self._init_objective(beta, sites, free_bits, capacity, gamma)
         super().__init__(**kwargs)
 
+    analytic_kl = True
+
     def _latent_site_terms(self, name, model_site, guide_site):
         if is_validation_enabled():
             check_fully_reparametrized(guide_site)
-        q, p = guide_site["fn"], model_site["fn"]
-        lq = guide_site["log_prob"]
-        red = self._per_particle
-        try:
-            kl = red(_analytic(lambda: kl_divergence(q, p), lq, guide_site))
-        except NotImplementedError:
+        kl, analytic = sites.kl(model_site, guide_site)
+        if not analytic:  # Monte Carlo from Pyro's memoised sums, as TraceMeanField_ELBO
             lp = self._log_prob_per_particle(model_site)
             lq = self._log_prob_per_particle(guide_site).detach()
             kl_surrogate = self._entropy_term_per_particle(guide_site) - lp
             return kl_surrogate, lq - lp.detach(), -lq
-        try:
-            entropy = red(_analytic(q.entropy, lq, guide_site).detach())
-        except NotImplementedError:
+        kl = self._per_particle(kl)
+        entropy, analytic = sites.entropy(guide_site, model_site)
+        if analytic:
+            entropy = self._per_particle(entropy.detach())
+        else:
             # H[q] = -E_q[log p(z)] - KL(q||p): the Monte Carlo cross-entropy minus the
             # registered KL, so that cross_entropy stays -log p(z) (for a Delta guide site,
             # whose registered KL is -log p(v), the entropy is then 0, as that KL assumes)
             entropy = (-self._log_prob_per_particle(model_site) - kl).detach()
         return kl, kl.detach(), entropy
-
-    def _latent_site_kl_per_dim(self, name, model_site, guide_site):
-        q, p = _unwrap_independent(guide_site["fn"]), _unwrap_independent(model_site["fn"])
-        try:
-            if q is not None and p is not None and q[1] == p[1]:
-                ndim = q[1]
-                kl = kl_divergence(q[0], p[0])
-            else:
-                ndim = 0
-                kl = kl_divergence(guide_site["fn"], model_site["fn"])
-        except NotImplementedError:
-            return _mc_kl_per_dim(model_site, guide_site)
-        return _flatten_event(_scale_mask_event(kl, guide_site, ndim), ndim)
 
     def _particle(self, model_trace, guide_trace, beta, capacity):
         if is_validation_enabled():

@@ -7,19 +7,21 @@ This module holds the machinery shared by :class:`~pyro_elbo_lab.BetaELBO` (Mont
 KL) and :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL where registered). The two
 differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` per site (or
 :meth:`WeightedObjective._latent_terms` for all sites at once) and
-:meth:`WeightedObjective._latent_site_kl_per_dim` for free bits.
+:attr:`WeightedObjective.analytic_kl` for free bits. Every per-site quantity comes from
+:mod:`pyro_elbo_lab.sites`.
 """
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Iterable
 
 import torch
-from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.util import warn_if_nan
 
+from .. import sites
+from ..checks import nonnegative_number
 from ..schedules import Schedule, ScheduleLike, as_schedule
 from ..terms import ELBOTerms, TermsRecord
 
@@ -50,19 +52,6 @@ def _check_schedule(schedule, name: str) -> None:
             )
 
 
-def _nonnegative_number(value, name: str, hint: str) -> float:
-    """``value`` as a finite float >= 0 (Python, NumPy or 0-d tensor number), else ValueError."""
-    if torch.is_tensor(value) and value.numel() == 1:
-        value_ = value.item()
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value_ = float(value)
-    else:
-        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}; {hint}")
-    if not math.isfinite(value_) or value_ < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}; {hint}")
-    return float(value_)
-
-
 class WeightedObjective:
     """
     Mixin that turns a Pyro trace ELBO into the objective
@@ -74,11 +63,15 @@ class WeightedObjective:
 
     (or the free-bits / capacity variants on the sites ``S``), and records the ELBO's
     decomposition on every call. Subclasses implement :meth:`_latent_site_terms` (or
-    override :meth:`_latent_terms`) and :meth:`_latent_site_kl_per_dim`.
+    override :meth:`_latent_terms`) and set :attr:`analytic_kl`. Pyro's hook
+    :meth:`_differentiable_loss_particle` computes the same weighted objective.
 
     Not part of the public API: use :class:`~pyro_elbo_lab.BetaELBO` or
     :class:`~pyro_elbo_lab.BetaMeanFieldELBO`.
     """
+
+    #: whether the KL per latent dimension (free bits) is analytic where registered
+    analytic_kl: bool = False
 
     # -- construction -------------------------------------------------------------------
 
@@ -91,7 +84,7 @@ class WeightedObjective:
         gamma: float,
     ) -> None:
         if not callable(beta):
-            beta = _nonnegative_number(
+            beta = nonnegative_number(
                 beta,
                 "beta",
                 "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term; or pass a schedule",
@@ -113,11 +106,11 @@ class WeightedObjective:
                     raise ValueError(f"sites must be site names (str), got {name!r}")
         self.sites = sites
         if free_bits is not None:
-            free_bits = _nonnegative_number(
+            free_bits = nonnegative_number(
                 free_bits, "free_bits", "λ in Kingma et al. 2016 is a number of nats per latent dimension"
             )
         self.free_bits = free_bits
-        self.gamma = _nonnegative_number(gamma, "gamma", "γ in Burgess et al. 2018 weights |KL - C|")
+        self.gamma = nonnegative_number(gamma, "gamma", "γ in Burgess et al. 2018 weights |KL - C|")
         if capacity is not None:
             if free_bits is not None:
                 raise ValueError("free_bits and capacity are alternative objectives: pass one of them, not both")
@@ -127,7 +120,7 @@ class WeightedObjective:
                     f"leave beta at 1 (got beta={beta!r}) and set gamma instead"
                 )
             if not callable(capacity):
-                capacity = _nonnegative_number(capacity, "capacity", "C is in nats per element of the data plate")
+                capacity = nonnegative_number(capacity, "capacity", "C is in nats per element of the data plate")
             else:
                 _check_schedule(capacity, "capacity")
             capacity = as_schedule(capacity, "capacity")
@@ -255,6 +248,31 @@ class WeightedObjective:
         finally:
             self._last_record = last
 
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        """
+        Pyro's extension hook (:class:`pyro.infer.Trace_ELBO`,
+        :class:`pyro.infer.TraceMeanField_ELBO`): the weighted objective of one particle
+        (or of the vectorised particle plate, summed), with β, free bits and capacity at
+        the loss's current step, so that a class built on the hook (as Pyro's
+        ``JitTraceMeanField_ELBO`` is) keeps the weighting. Records nothing and does not
+        advance the step count.
+
+        :returns: ``(loss, surrogate_loss)``: ``-objective`` as a float (a detached
+            tensor while tracing) and a tensor of the same value whose gradient estimates
+            that of ``-objective``.
+        :rtype: tuple
+        """
+        objective, surrogate, _, _ = self._particle(
+            model_trace, guide_trace, self.current_beta(), self.current_capacity()
+        )
+        objective = objective.sum()
+        if torch.is_tensor(surrogate) and surrogate.requires_grad:
+            surrogate = surrogate.sum()
+            objective = objective + (surrogate - surrogate.detach())
+        loss = -objective
+        value = loss.detach() if torch._C._get_tracing_state() else loss.item()
+        return value, loss
+
     # -- the work -----------------------------------------------------------------------------
 
     def _run(self, model, guide, args, kwargs, mode: str):
@@ -295,31 +313,18 @@ class WeightedObjective:
         self._last_record = TermsRecord(names, values, beta, capacity)
         return loss, surrogate
 
-    def _per_particle(self, x, keep_last: int = 0) -> torch.Tensor:
-        """
-        Sum a batch-shaped tensor down to one value per particle: shape ``()`` for
-        sequential particles, ``(num_particles,)`` for vectorised ones; ``keep_last``
-        trailing (event) dims are kept.
-        """
-        if not torch.is_tensor(x):
-            x = torch.tensor(float(x))
-        batch_dim = x.dim() - keep_last
-        if not (self.vectorize_particles and self.num_particles > 1):
-            return x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
-        k = batch_dim - self.max_plate_nesting
-        if k < 0:
-            x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
-            return x.unsqueeze(0).expand((self.num_particles,) + x.shape)
-        dims = tuple(d for d in range(batch_dim) if d != k)
-        if dims:
-            x = x.sum(dims)
-        return x.expand((self.num_particles,) + x.shape[1:])
+    def _particle_plate(self) -> int | None:
+        """The vectorised particle plate's size, or ``None`` for sequential particles."""
+        return self.num_particles if self.vectorize_particles and self.num_particles > 1 else None
+
+    def _per_particle(self, x, event_dims: int = 0) -> torch.Tensor:
+        """:func:`pyro_elbo_lab.sites.sum_per_particle` with this loss's particle plate."""
+        # Pyro counts the vectorised particle plate in max_plate_nesting: it sits at -max_plate_nesting
+        return sites.sum_per_particle(x, self._particle_plate(), self.max_plate_nesting - 1, event_dims)
 
     def _log_prob_per_particle(self, site) -> torch.Tensor:
-        """A site's scaled ``log_prob`` summed per particle (memoised sum when sequential)."""
-        if self.vectorize_particles and self.num_particles > 1:
-            return self._per_particle(site["log_prob"])
-        return site["log_prob_sum"]
+        """A site's scaled ``log_prob`` summed per particle (Pyro's memoised sum when sequential)."""
+        return sites.log_prob_per_particle(site, self._particle_plate(), self.max_plate_nesting - 1)
 
     def _entropy_term_per_particle(self, site) -> torch.Tensor:
         """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
@@ -424,10 +429,10 @@ class WeightedObjective:
                             "sites= to reparameterised sites."
                         )
                     nonlinear_sites.add(name)
-                    size = self._per_particle(_data_size(guide_site))
+                    size = self._per_particle(sites.count(guide_site))
                     if self.free_bits is not None:
                         per_dim = self._per_particle(
-                            self._latent_site_kl_per_dim(name, model_site, guide_site), keep_last=1
+                            sites.kl(model_site, guide_site, per_dim=True, analytic=self.analytic_kl)[0], event_dims=1
                         )
                         fb = torch.maximum(per_dim, (self.free_bits * size).unsqueeze(-1)).sum(-1)
                         nonlinear_cost = nonlinear_cost - beta * fb.detach()
@@ -550,31 +555,6 @@ class WeightedObjective:
         """
         raise NotImplementedError
 
-    def _latent_site_kl_per_dim(self, name, model_site, guide_site) -> torch.Tensor:
-        """Differentiable KL per element and per latent dimension: ``batch_shape + (J,)``."""
-        raise NotImplementedError
-
-
-def _data_size(site) -> torch.Tensor:
-    """Scaled, masked element count of a site's batch shape (N for a data plate)."""
-    ones = torch.ones_like(site["unscaled_log_prob"])
-    return scale_and_mask(ones, site["scale"], site["mask"])
-
-
-def _scale_mask_event(x: torch.Tensor, site, event_ndim: int) -> torch.Tensor:
-    """Scale and mask a ``batch_shape + event_shape`` tensor with the site's scale/mask."""
-    scale, mask = site["scale"], site["mask"]
-    if torch.is_tensor(scale):
-        scale = scale.reshape(scale.shape + (1,) * event_ndim)
-    if torch.is_tensor(mask):
-        mask = mask.reshape(mask.shape + (1,) * event_ndim)
-    return scale_and_mask(x, scale, mask)
-
-
-def _flatten_event(x: torch.Tensor, event_ndim: int) -> torch.Tensor:
-    if event_ndim == 0:
-        return x.unsqueeze(-1)
-    return x.reshape(x.shape[: x.dim() - event_ndim] + (-1,))
 
 
 def _merge_records(names, records, names_p, record_p):
@@ -589,10 +569,3 @@ def _merge_records(names, records, names_p, record_p):
 
     merged = [widen(names, r) for r in records] + [widen(names_p, record_p)]
     return union, merged
-
-
-def _unwrap_independent(fn):
-    """``(base_dist, reinterpreted_batch_ndims)`` for an Independent distribution, else None."""
-    if isinstance(fn, torch.distributions.Independent):
-        return fn.base_dist, fn.reinterpreted_batch_ndims
-    return None
