@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["ELBOTerms", "TermsRecord", "TOTAL_FIELDS", "SITE_FIELDS_LATENT", "SITE_FIELDS_OBSERVED"]
+__all__ = ["ELBOTerms", "TermsRecord", "merge_records", "TOTAL_FIELDS", "SITE_FIELDS_LATENT", "SITE_FIELDS_OBSERVED"]
 
 #: Fields of :class:`ELBOTerms` that are totals over sites, in the order they are recorded.
 TOTAL_FIELDS = (
@@ -228,3 +228,24 @@ class TermsRecord:
             capacity=self.capacity,
             **dict(zip(TOTAL_FIELDS, totals_mean)),
         )
+
+
+def merge_records(names, records, names_p, record_p):
+    """
+    Union of record entries when sequential particles visit different sites (zeros
+    elsewhere).
+
+    :param list names: the entries recorded so far; :param list records: their tensors.
+    :param list names_p: the new particle's entries; :param record_p: its tensor.
+    :returns: ``(union of names, records widened to it)``.
+    """
+    union = list(names) + [n for n in names_p if n not in names]
+    index = {n: i for i, n in enumerate(union)}
+
+    def widen(old_names, rec):
+        out = rec.new_zeros(len(union))
+        out[[index[n] for n in old_names]] = rec
+        return out
+
+    merged = [widen(names, r) for r in records] + [widen(names_p, record_p)]
+    return union, merged

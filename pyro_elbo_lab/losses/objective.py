@@ -12,7 +12,6 @@ differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` pe
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -21,35 +20,15 @@ from pyro.infer.util import MultiFrameTensor, get_plate_stacks
 from pyro.util import warn_if_nan
 
 from .. import sites
-from ..checks import nonnegative_number
-from ..schedules import Schedule, ScheduleLike, as_schedule
-from ..terms import ELBOTerms, TermsRecord
+from ..schedules import ScheduleLike
+from ..terms import ELBOTerms, TermsRecord, merge_records
+from .weighting import check_weighting, schedule_value
 
 __all__ = ["WeightedObjective"]
 
 
 def _is_sample(site) -> bool:
     return site["type"] == "sample"
-
-
-def _check_schedule(schedule, name: str) -> None:
-    """
-    Validate a schedule at construction: its value at step 0 and, for the schedules of
-    :mod:`pyro_elbo_lab.schedules` (monotone between ``start`` and ``end``), its end
-    points must be finite and >= 0. Other callables are checked again at every call.
-    """
-    values = [("its value at step 0", schedule(0))]
-    if isinstance(schedule, Schedule):
-        values += [(attr, getattr(schedule, attr)) for attr in ("value", "start", "end") if hasattr(schedule, attr)]
-    for what, value in values:
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"the {name} schedule {schedule!r} must return numbers; {what} is {value!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"the {name} schedule {schedule!r} has {what} = {value!r}; {name} must stay finite and >= 0"
-            )
 
 
 class WeightedObjective:
@@ -83,48 +62,9 @@ class WeightedObjective:
         capacity: ScheduleLike | None,
         gamma: float,
     ) -> None:
-        if not callable(beta):
-            beta = nonnegative_number(
-                beta,
-                "beta",
-                "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term; or pass a schedule",
-            )
-        else:
-            _check_schedule(beta, "beta")
-        self._beta = as_schedule(beta, "beta")
-        if sites is not None:
-            if isinstance(sites, str):
-                sites = [sites]
-            try:
-                sites = frozenset(sites)
-            except TypeError:
-                raise ValueError(f"sites must be an iterable of latent site names, got sites={sites!r}") from None
-            if not sites:
-                raise ValueError("sites is empty: pass None to weight every latent site, or name at least one")
-            for name in sites:
-                if not isinstance(name, str):
-                    raise ValueError(f"sites must be site names (str), got {name!r}")
-        self.sites = sites
-        if free_bits is not None:
-            free_bits = nonnegative_number(
-                free_bits, "free_bits", "λ in Kingma et al. 2016 is a number of nats per latent dimension"
-            )
-        self.free_bits = free_bits
-        self.gamma = nonnegative_number(gamma, "gamma", "γ in Burgess et al. 2018 weights |KL - C|")
-        if capacity is not None:
-            if free_bits is not None:
-                raise ValueError("free_bits and capacity are alternative objectives: pass one of them, not both")
-            if callable(beta) or beta != 1:
-                raise ValueError(
-                    "capacity replaces β: the objective is E_q[log p(x|z)] - gamma * |KL - C|; "
-                    f"leave beta at 1 (got beta={beta!r}) and set gamma instead"
-                )
-            if not callable(capacity):
-                capacity = nonnegative_number(capacity, "capacity", "C is in nats per element of the data plate")
-            else:
-                _check_schedule(capacity, "capacity")
-            capacity = as_schedule(capacity, "capacity")
-        self.capacity = capacity
+        (self._beta, self.sites, self.free_bits, self.gamma, self.capacity) = check_weighting(
+            beta, sites, free_bits, capacity, gamma
+        )
         self.step = 0
         self._last_record: TermsRecord | None = None
         self._sites_checked = False
@@ -143,23 +83,13 @@ class WeightedObjective:
 
         :raises ValueError: if the schedule returns a negative or non-finite value.
         """
-        step = self.step if step is None else step
-        value = float(self._beta(step))
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"the beta schedule {self._beta!r} returned {value!r} at step {step}; β must be finite and >= 0")
-        return value
+        return schedule_value(self._beta, self.step if step is None else step, "beta")
 
     def current_capacity(self, step: int | None = None) -> float | None:
         """The capacity C(t) in nats at ``step``, or ``None`` without a capacity term."""
         if self.capacity is None:
             return None
-        step = self.step if step is None else step
-        value = float(self.capacity(step))
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"the capacity schedule {self.capacity!r} returned {value!r} at step {step}; C must be finite and >= 0"
-            )
-        return value
+        return schedule_value(self.capacity, self.step if step is None else step, "capacity")
 
     # -- state ------------------------------------------------------------------------------
 
@@ -304,7 +234,7 @@ class WeightedObjective:
             if names is None:
                 names = names_p
             elif names_p != names:  # dynamic structure across sequential particles
-                names, records = _merge_records(names, records, names_p, record_p)
+                names, records = merge_records(names, records, names_p, record_p)
                 continue
             records.append(record_p)
         values = records[0] if len(records) == 1 else torch.stack(records, -1)
@@ -554,18 +484,3 @@ class WeightedObjective:
             and detached estimates of KL(q‖p) and H[q] at this site.
         """
         raise NotImplementedError
-
-
-
-def _merge_records(names, records, names_p, record_p):
-    """Union of record entries when sequential particles visit different sites (zeros elsewhere)."""
-    union = list(names) + [n for n in names_p if n not in names]
-    index = {n: i for i, n in enumerate(union)}
-
-    def widen(old_names, rec):
-        out = rec.new_zeros(len(union))
-        out[[index[n] for n in old_names]] = rec
-        return out
-
-    merged = [widen(names, r) for r in records] + [widen(names_p, record_p)]
-    return union, merged
