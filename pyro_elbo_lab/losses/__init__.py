@@ -2,6 +2,7 @@
 """ELBO objectives: β-weighted, free-bits and capacity, each recording its decomposition."""
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
+from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
 
-__all__ = ["BetaELBO", "BetaMeanFieldELBO", "JitBetaELBO", "JitBetaMeanFieldELBO"]
+__all__ = ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceEnumELBO", "JitBetaELBO", "JitBetaMeanFieldELBO"]

@@ -1,0 +1,446 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+:class:`BetaTraceEnumELBO`: the β-weighted ELBO with discrete sites summed out exactly
+(Pyro's :class:`~pyro.infer.TraceEnum_ELBO`), recording its decomposition.
+
+Imports :mod:`pyro_elbo_lab.terms` and :mod:`.beta_state`; from Pyro it reuses the
+enumeration helpers of ``pyro.infer.traceenum_elbo`` (ordinals, the common-scale check).
+"""
+from __future__ import annotations
+
+import math
+import queue
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+from opt_einsum import shared_intermediates
+from pyro import poutine
+from pyro.distributions.util import is_identically_zero
+from pyro.infer import TraceEnum_ELBO
+from pyro.infer.enum import iter_discrete_escape, iter_discrete_extend
+from pyro.infer.traceenum_elbo import _check_model_guide_enumeration_constraint, _find_ordinal, _get_common_scale
+from pyro.infer.util import Dice
+from pyro.ops import packed
+from pyro.ops.contract import contract_tensor_tree
+from pyro.ops.einsum.adjoint import require_backward
+from pyro.ops.rings import MarginalRing, SampleRing
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.util import warn_if_nan
+
+from ..schedules import ScheduleLike
+from ..terms import TermsRecord
+from .beta_state import BetaState, check_site_names
+
+__all__ = ["BetaTraceEnumELBO"]
+
+_PARTICLE_PLATE = "num_particles_vectorized"  # the plate of pyro.infer.elbo.ELBO._vectorized_num_particles
+
+
+class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
+    """
+    A drop-in replacement for :class:`pyro.infer.TraceEnum_ELBO` that maximises
+
+    .. math::
+
+        \\mathcal{L}_\\beta = \\mathbb{E}_{q}\\Big[\\log \\sum_{z_e} p(x, z_e \\mid z)\\Big]
+            - \\beta \\sum_{s \\in S} \\mathrm{KL}_s - \\sum_{s \\notin S} \\mathrm{KL}_s,
+        \\qquad \\mathrm{KL}_s = \\mathbb{E}_q[\\log q(z_s) - \\log p(z_s \\mid \\mathrm{pa}(z_s))],
+
+    where :math:`z_e` are the sites enumerated in the model (summed out exactly, as
+    ``TraceEnum_ELBO`` does) and :math:`z` the guide's sites: sampled, or enumerated in the
+    guide (then the expectation over them is exact). β multiplies the cost terms
+    :math:`\\log p(z_s)` and :math:`-\\log q(z_s)` of the selected sites; DiCE weights
+    (Foerster et al. 2018) use the unscaled score functions, so this equals putting
+    ``poutine.scale(scale=β)`` on those sites in model and guide, and the score-function
+    terms of sampled discrete sites carry β on the KL parts downstream of them.
+
+    With ``beta=1`` the loss and its gradients are those of ``TraceEnum_ELBO`` for the
+    same seed (up to float summation order).
+
+    **Recorded decomposition** (:attr:`last_terms`, nats, unweighted):
+
+    - ``reconstruction`` of an observed site that depends on no model-enumerated site:
+      :math:`\\mathbb{E}_q[\\log p(x_s \\mid \\cdot)]`.
+    - The *marginal* reconstruction: the factors that depend on model-enumerated sites (the
+      enumerated sites' own priors, the observed sites below them, and any guide site whose
+      model ``log_prob`` depends on them) are contracted into
+      :math:`\\mathbb{E}_q[\\log \\sum_{z_e} \\prod \\text{factors}]` and reported as one
+      ``reconstruction`` entry named after the observed sites of that group joined by
+      ``"+"`` (e.g. ``"obs"``). Model-enumerated sites get no KL entry: they are summed
+      out, not approximated.
+    - ``kl`` and ``entropy`` of each guide site, sampled or guide-enumerated (exact
+      expectations for the latter). A guide site whose model ``log_prob`` depends on a
+      model-enumerated site has its :math:`\\log p` inside the marginal reconstruction, so
+      its ``kl`` entry is :math:`\\mathbb{E}_q \\log q` only (like an auxiliary guide site).
+
+    With ``vectorize_particles=True`` the per-particle values are kept (standard errors
+    in :attr:`last_terms`); traces of sequential guide enumeration are summed per particle.
+
+    :param beta: β >= 0, or a schedule ``step -> β`` (:mod:`pyro_elbo_lab.schedules`).
+    :param sites: names of the guide sites whose KL β weights; all guide sites when None.
+    :param free_bits: not supported (must be None).
+    :param capacity: not supported (must be None).
+    :param kwargs: :class:`~pyro.infer.TraceEnum_ELBO` arguments (``num_particles``,
+        ``max_plate_nesting``, ``vectorize_particles``, ``strict_enumeration_warning``...).
+    :raises NotImplementedError: for ``free_bits`` or ``capacity``; at a call, for a
+        selected site whose model ``log_prob`` depends on a model-enumerated site (its KL
+        does not separate from the marginal likelihood).
+    :raises ValueError: for negative or NaN β; at a call, for ``sites`` that are not guide
+        sites (a model-enumerated site is named as such).
+
+    Example::
+
+        elbo = BetaTraceEnumELBO(beta=0.5, max_plate_nesting=1)
+        svi = pyro.infer.SVI(model, config_enumerate(guide), pyro.optim.Adam({"lr": 0.01}), elbo)
+        svi.step(data)
+        print(elbo.last_terms)
+
+    References
+
+    [1] `Tensor Variable Elimination for Plated Factor Graphs`, Fritz Obermeyer, Eli
+        Bingham, Martin Jankowiak, Justin Chiu, Neeraj Pradhan, Alexander Rush, Noah
+        Goodman (2019)
+
+    [2] `DiCE: The Infinitely Differentiable Monte-Carlo Estimator`, Jakob Foerster, Greg
+        Farquhar, Maruan Al-Shedivat, Tim Rocktäschel, Eric P. Xing, Shimon Whiteson (2018)
+
+    [3] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
+        Framework`, Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
+        Glorot, Matthew Botvinick, Shakir Mohamed, Alexander Lerchner (2017)
+    """
+
+    def __init__(
+        self,
+        beta: ScheduleLike = 1.0,
+        *,
+        sites: Iterable[str] | None = None,
+        free_bits: float | None = None,
+        capacity: ScheduleLike | None = None,
+        **kwargs,
+    ):
+        if free_bits is not None or capacity is not None:
+            raise NotImplementedError(
+                "BetaTraceEnumELBO supports β weighting only: free bits and capacity are non-linear in the KL, "
+                "which DiCE's exact expectations over enumerated sites do not carry through. "
+                "Use BetaELBO for free bits or capacity on a model without enumerated sites."
+            )
+        self._init_beta(beta)
+        self.sites = check_site_names(sites)
+        super().__init__(**kwargs)
+
+    # -- traces ------------------------------------------------------------------------------
+
+    def _particle_traces(self, model, guide, args, kwargs):
+        """``(particle index, model_trace, guide_trace)``, as ``TraceEnum_ELBO._get_traces``."""
+        if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
+            raise NotImplementedError("BetaTraceEnumELBO does not support GuideMessenger")
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        if self.vectorize_particles:
+            guide = self._vectorized_num_particles(guide)
+            model = self._vectorized_num_particles(model)
+        guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
+        model = EnumMessenger()(model)
+        q = queue.LifoQueue()
+        guide = poutine.queue(guide, q, escape_fn=iter_discrete_escape, extend_fn=iter_discrete_extend)
+        for particle in range(1 if self.vectorize_particles else self.num_particles):
+            q.put(poutine.Trace())
+            while not q.empty():
+                model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+                yield particle, model_trace, guide_trace
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for _, model_trace, guide_trace in self._particle_traces(model, guide, args, kwargs):
+            yield model_trace, guide_trace
+
+    # -- the three entry points ----------------------------------------------------------------
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """
+        :returns: ``-objective`` in nats (the negative ELBO for β = 1), averaged over particles.
+        :rtype: float
+
+        Records :attr:`last_terms`; does not advance the step count.
+        """
+        with torch.no_grad():
+            objective = self._run(model, guide, args, kwargs, backward=False)
+        loss = -float(objective)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """
+        ``-objective`` as a differentiable tensor; counts one gradient step.
+
+        :raises ValueError: if the objective cannot be differentiated.
+        """
+        objective = self._run(model, guide, args, kwargs, backward=False)
+        if not torch.is_tensor(objective) or not objective.requires_grad:
+            raise ValueError(f"ELBO cannot be differentiated: {objective}")
+        self.step += 1
+        loss = -objective
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """
+        ``-objective`` in nats; accumulates its gradient into the parameters' ``.grad``
+        (what :class:`pyro.infer.SVI` calls); counts one gradient step.
+        """
+        objective = self._run(model, guide, args, kwargs, backward=True)
+        self.step += 1
+        loss = -float(objective)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def _run(self, model, guide, args, kwargs, backward: bool):
+        beta = self.current_beta()
+        objective = 0.0
+        columns: dict = {}  # particle -> {name: value}
+        order: list = []
+        for particle, model_trace, guide_trace in self._particle_traces(model, guide, args, kwargs):
+            objective_p, names, record = self._particle(model_trace, guide_trace, beta)
+            total = objective_p.sum() / self.num_particles
+            if backward:
+                trainable = any(
+                    site["type"] == "param" for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+                )
+                if trainable and total.requires_grad:
+                    (-total).backward(retain_graph=True)
+                objective = objective + total.detach()
+            else:
+                objective = objective + total
+            column = columns.setdefault(particle, {})
+            for name, value in zip(names, record):
+                column[name] = column[name] + value if name in column else value
+                if name not in order:
+                    order.append(name)
+        self._last_record = _record(order, list(columns.values()), beta)
+        return objective
+
+    # -- one trace -----------------------------------------------------------------------------
+
+    def _particle(self, model_trace, guide_trace, beta: float):
+        """
+        The objective of one trace pair (differentiable; shape ``()`` or
+        ``(num_particles,)`` when vectorised), the record names and the record values
+        (detached, each of the objective's shape).
+        """
+        ordering = {
+            name: _find_ordinal(trace, site)
+            for trace in (model_trace, guide_trace)
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample"
+        }
+        enum_dims: set = set()
+        non_enum_dims = set().union(*ordering.values())
+        enumerated = []
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if name in guide_trace.nodes:
+                non_enum_dims.update(guide_trace.nodes[name]["packed"]["log_prob"]._pyro_dims)
+            elif site["infer"].get("_enumerate_dim") is not None:
+                enumerated.append(name)
+                enum_dims.update(site["packed"]["log_prob"]._pyro_dims)
+        enum_dims -= non_enum_dims
+        self._check_sites(model_trace, guide_trace, enumerated)
+
+        atoms: list = []  # (ordinal, cost)
+
+        def atom(ordinal, cost) -> int:
+            atoms.append((ordinal, cost))
+            return len(atoms) - 1
+
+        # entries: (name, [(sign, atom index), ...], weight in the objective or None (not in it))
+        entries: list = []
+        log_factors: OrderedDict = OrderedDict()
+        scales: list = []
+        marginal_observed: list = []
+        kl_sites: list = []
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            in_guide = name in guide_trace.nodes
+            if not in_guide and site["infer"].get("_enumerate_dim") is not None:
+                log_factors.setdefault(ordering[name], []).append(site["packed"]["unscaled_log_prob"])
+                scales.append(site["scale"])
+                continue
+            lp = site["packed"]["log_prob"]
+            if enum_dims.isdisjoint(lp._pyro_dims):
+                if site["is_observed"]:
+                    entries.append((("reconstruction", name), [(1.0, atom(ordering[name], lp))], 1.0))
+                else:
+                    kl_sites.append((name, atom(ordering[name], lp)))
+                continue
+            # depends on a model-enumerated site: mask inside, scale outside the log-sum-exp
+            if not site["is_observed"] and self._weighted(name) and self.sites is not None:
+                raise NotImplementedError(
+                    f"sites names '{name}', whose model log_prob depends on the model-enumerated site(s) "
+                    f"{enumerated}: its KL does not separate from the marginal likelihood, so β cannot weight it. "
+                    "Enumerate it away, or leave it out of sites=."
+                )
+            if not site["is_observed"] and self.sites is None and beta != 1.0:
+                raise NotImplementedError(
+                    f"β weights every guide site (sites=None), but the model log_prob of '{name}' depends on the "
+                    f"model-enumerated site(s) {enumerated}: its KL does not separate from the marginal likelihood. "
+                    "Pass sites= naming the other guide sites."
+                )
+            masked = site["packed"].get("masked_log_prob")
+            if masked is None:
+                masked = packed.scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
+                site["packed"]["masked_log_prob"] = masked
+            log_factors.setdefault(ordering[name], []).append(masked)
+            scales.append(site["scale"])
+            if site["is_observed"]:
+                marginal_observed.append(name)
+            else:
+                kl_sites.append((name, None))
+        if log_factors:
+            if enumerated:
+                _check_model_guide_enumeration_constraint({ordering[n]: None for n in enumerated}, guide_trace)
+            scale = _get_common_scale(scales)
+            dim_to_size: dict = {}
+            for terms in log_factors.values():
+                for term in terms:
+                    dim_to_size.update(zip(term._pyro_dims, term.shape))
+            with shared_intermediates() as cache:
+                ring = SampleRing(cache=cache, dim_to_size=dim_to_size)
+                contracted = contract_tensor_tree(log_factors, enum_dims, ring=ring)
+            group = [atom(t, packed.scale_and_mask(term, scale=scale)) for t, terms in contracted.items() for term in terms]
+            key = "+".join(marginal_observed or enumerated)
+            entries.append((("reconstruction", key), [(1.0, i) for i in group], 1.0))
+
+        guide_atoms = {
+            name: atom(ordering[name], site["packed"]["log_prob"])
+            for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample"
+        }
+        model_lp = dict(kl_sites)
+        latent_names = [n for n, _ in kl_sites if n in guide_atoms]
+        latent_names += [n for n in guide_atoms if n not in model_lp]  # auxiliary guide sites
+        latent_names += [n for n, _ in kl_sites if n not in guide_atoms]  # sampled from the prior
+        kl_entries, entropy_entries = [], []
+        for name in latent_names:
+            parts = []
+            if name in guide_atoms:
+                parts.append((1.0, guide_atoms[name]))
+            if model_lp.get(name) is not None:
+                parts.append((-1.0, model_lp[name]))
+            weight = beta if self._weighted(name) and (name in guide_atoms) else 1.0
+            kl_entries.append((("kl", name), parts, -weight))
+            entropy_entries.append(
+                (("entropy", name), [(-1.0, guide_atoms[name])] if name in guide_atoms else [], None)
+            )
+        entries += kl_entries + entropy_entries
+
+        particles = self.num_particles if self.vectorize_particles else 1
+        particle_symbol = guide_trace.plate_to_symbol.get(_PARTICLE_PLATE) if particles > 1 else None
+        expected = _expectations(Dice(guide_trace, ordering), atoms, particle_symbol, particles)
+
+        objective = 0.0
+        names, values = ["objective"], []
+        for name, parts, weight in entries:
+            value = sum(sign * expected[i] for sign, i in parts) if parts else torch.zeros_like(expected[0])
+            if weight is not None:
+                objective = objective + (value if weight == 1.0 else weight * value)
+            names.append(name)
+            values.append(value.detach())
+        if not torch.is_tensor(objective):
+            objective = torch.zeros_like(expected[0]) + objective
+        values.insert(0, objective.detach())
+        return objective, names, values
+
+    def _weighted(self, name: str) -> bool:
+        return self.sites is None or name in self.sites
+
+    def _check_sites(self, model_trace, guide_trace, enumerated) -> None:
+        if self.sites is None:
+            return
+        guide_sites = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
+        for name in sorted(self.sites):
+            if name in guide_sites:
+                continue
+            if name in enumerated:
+                raise ValueError(
+                    f"sites names '{name}', a site enumerated in the model: it is summed out exactly and has no KL. "
+                    f"Drop it from sites=, or enumerate it in the guide. Guide sites: {guide_sites}"
+                )
+            raise ValueError(
+                f"sites names '{name}', which is not a site of the guide. β weights the KL of guide sites: "
+                f"{guide_sites}. Fix the name, or pass sites=None to weight every guide site."
+            )
+
+
+def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) -> list:
+    """
+    The DiCE expectation of each cost in ``atoms = [(ordinal, packed cost), ...]``:
+    :meth:`pyro.infer.util.Dice.compute_expectation` term by term (its value and
+    gradient), kept per particle (shape ``(num_particles,)``) when ``particle_symbol``
+    names the vectorised particle plate.
+    """
+    out: list = [None] * len(atoms)
+    by_ordinal: dict = {}
+    for index, (ordinal, cost) in enumerate(atoms):
+        by_ordinal.setdefault(ordinal, []).append((index, cost))
+    with shared_intermediates() as cache:
+        ring = MarginalRing(cache=cache)
+        for ordinal, items in by_ordinal.items():
+            log_factors = dice._get_log_factors(ordinal)
+            scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
+            log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
+            queries = {frozenset(cost._pyro_dims): None for _, cost in items}
+            for log_factor in log_factors:
+                key = frozenset(log_factor._pyro_dims)
+                if queries.get(key, False) is None:
+                    queries[key] = log_factor
+            for _, cost in items:
+                key = frozenset(cost._pyro_dims)
+                if queries[key] is None:
+                    query = torch.zeros_like(cost)
+                    query._pyro_dims = cost._pyro_dims
+                    log_factors.append(query)
+                    queries[key] = query
+            sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+            for query in queries.values():
+                require_backward(query)
+            root = ring.sumproduct(log_factors, sum_dims)
+            root._pyro_backward()
+            probs = {key: query._pyro_backward_result.exp() for key, query in queries.items()}
+            for index, cost in items:
+                key = frozenset(cost._pyro_dims)
+                prob = probs[key]
+                prob._pyro_dims = queries[key]._pyro_dims
+                if is_identically_zero(cost):
+                    out[index] = torch.zeros(num_particles) if particle_symbol else torch.zeros(())
+                    continue
+                cost, prob = packed.broadcast_all(cost, prob)
+                mask = prob > 0
+                if not bool(mask.all()):
+                    cost = cost.masked_fill(~mask, 0.0)
+                term = prob * cost
+                dims = cost._pyro_dims
+                if particle_symbol is not None and particle_symbol in dims:
+                    k = dims.index(particle_symbol)
+                    rest = [d for d in range(term.dim()) if d != k]
+                    value = term.sum(rest) if rest else term
+                elif particle_symbol is not None:
+                    value = (term.sum() / num_particles).expand(num_particles)
+                else:
+                    value = term.sum()
+                out[index] = scale * value if scale != 1.0 else value
+    return out
+
+
+def _record(order: list, columns: list, beta: float) -> TermsRecord:
+    """A :class:`TermsRecord` from one ``{name: value}`` dict per particle (zeros where a particle lacks a name)."""
+    stacked = []
+    for column in columns:
+        like = column["objective"]
+        stacked.append(torch.stack([column[n] if n in column else torch.zeros_like(like) for n in order]))
+    values = stacked[0] if len(stacked) == 1 else torch.stack(stacked, -1)
+    if values.dim() == 1:
+        values = values.unsqueeze(-1)
+    return TermsRecord(order, values, beta, None)
+
