@@ -3,6 +3,7 @@
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_trace_enum_elbo import BetaTraceEnumELBO
+from .beta_trace_graph_elbo import BetaTraceGraphELBO
 from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
 
-__all__ = ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceEnumELBO", "JitBetaELBO", "JitBetaMeanFieldELBO"]
+__all__ = ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceEnumELBO", "BetaTraceGraphELBO", "JitBetaELBO", "JitBetaMeanFieldELBO"]
