@@ -14,8 +14,10 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, JitBetaMeanFieldELBO, NonFiniteError, SVIResult, SVIRunner
-from pyro_elbo_lab.diagnostics import evidence  # noqa: F401  (the evaluation rows use it)
+from pyro_elbo_lab.inference_data import from_svi_result
+from pyro_elbo_lab.runner import Convergence, Evaluation
 from pyro_elbo_lab.schedules import LinearWarmup
+from pyro_elbo_lab.summary import summarize
 
 N = 20
 
@@ -57,23 +59,37 @@ def adam(lr=0.05):
 # -- history -------------------------------------------------------------------------------
 
 
-def test_history_columns_equal_loss_terms(data):
+def test_history_rows_equal_a_hand_computation(data):
+    # every row against log-densities computed here from the z the guide drew at that step
+    # and the parameters it drew it with (one particle, so the row is that one draw)
     seen = []
-    runner = SVIRunner(model, guide, adam(), BetaELBO(beta=LinearWarmup(4, start=0.5, end=1.0)), progress_bar=False)
-    runner.callbacks.append(lambda step, row: seen.append((step, runner.loss.last_terms.as_dict())))
-    result = runner.run(data, num_steps=6)
+
+    def recording_guide(x):
+        loc = pyro.param("loc", torch.tensor(0.3))
+        scale = pyro.param("scale", torch.tensor(0.8), constraint=dist.constraints.positive)
+        z = pyro.sample("z", dist.Normal(loc, scale))
+        seen.append((loc.detach().clone(), scale.detach().clone(), z.detach().clone()))
+
+    loss = BetaELBO(beta=LinearWarmup(4, start=0.5, end=1.0))
+    result = SVIRunner(model, recording_guide, adam(), loss, progress_bar=False).run(data, num_steps=6)
     h = result.history
-    for column in ("step", "loss", "objective", "elbo", "reconstruction", "kl", "entropy", "expected_log_joint",
-                   "beta", "wall_time", "kl/z", "reconstruction/x"):
-        assert column in h.columns
-    assert h["step"].tolist() == list(range(6))
-    for step, terms in seen:
+    assert h["step"].tolist() == list(range(6)) and len(seen) == 6
+    betas = [0.5, 0.625, 0.75, 0.875, 1.0, 1.0]  # the warm-up 0.5 -> 1 over 4 steps, by hand
+    for step, (loc, scale, z) in enumerate(seen):
         row = h.iloc[step]
-        for name, value in terms.items():
-            assert row[name] == value, name
-        assert row["loss"] == -terms["objective"]
-    # the schedule in force at each step: 0.5 -> 1 over 4 steps, then 1
-    assert h["beta"].tolist() == pytest.approx([0.5, 0.625, 0.75, 0.875, 1.0, 1.0])
+        log_lik = float(dist.Normal(z, 1.0).log_prob(data).sum())
+        log_prior = float(dist.Normal(0.0, 1.0).log_prob(z))
+        log_q = float(dist.Normal(loc, scale).log_prob(z))
+        kl = log_q - log_prior
+        assert row["beta"] == betas[step]
+        assert row["reconstruction"] == pytest.approx(log_lik, rel=1e-12)
+        assert row["reconstruction/x"] == pytest.approx(log_lik, rel=1e-12)
+        assert row["kl"] == pytest.approx(kl, rel=1e-12, abs=1e-12)
+        assert row["kl/z"] == pytest.approx(kl, rel=1e-12, abs=1e-12)
+        assert row["entropy"] == pytest.approx(-log_q, rel=1e-12, abs=1e-12)
+        assert row["cross_entropy"] == pytest.approx(-log_prior, rel=1e-12, abs=1e-12)
+        assert row["elbo"] == pytest.approx(log_lik + log_prior - log_q, rel=1e-12)
+        assert row["loss"] == pytest.approx(-(log_lik - betas[step] * kl), rel=1e-12)
     assert h["wall_time"].is_monotonic_increasing
     assert result.stop_reason == "num_steps" and isinstance(result, SVIResult)
 
@@ -142,7 +158,7 @@ def test_fit_recovers_exact_posterior(data):
     loss = BetaMeanFieldELBO(num_particles=32, vectorize_particles=True)
     result = SVIRunner(model, guide, optim, loss, progress_bar=False).run(data, num_steps=1500)
     m, s = exact_posterior(data)
-    idata = result.to_inference_data(num_samples=4000)
+    idata = from_svi_result(result, num_samples=4000)
     z = idata.posterior["z"].values.reshape(-1)
     assert z.mean() == pytest.approx(m, abs=5 * s / math.sqrt(4000) + 0.01)
     assert z.std() == pytest.approx(s, abs=5 * s / math.sqrt(8000) + 0.01)
@@ -261,7 +277,7 @@ def test_max_time(data):
 
 def test_convergence_stops_near_optimum(data):
     runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(), progress_bar=False,
-                       convergence_tol=1e-3, convergence_window=50, convergence_patience=2)
+                       convergence=Convergence(tol=1e-3, window=50, patience=2))
     result = runner.run(data, num_steps=20000)
     assert result.stop_reason == "converged"
     assert len(result.history) < 20000 and len(result.history) % 50 == 0
@@ -271,14 +287,57 @@ def test_convergence_stops_near_optimum(data):
     # parameter by about lr); half a posterior sd (0.11) is two such steps (measured
     # |loc - m| <= 0.06 over seeds 0-4). The window means of the objective meet the tolerance.
     assert float(result.params["loc"]) == pytest.approx(m, abs=0.5 * s)
-    h = result.history["objective"].to_numpy()
-    assert h[-50:].mean() - h[-100:-50].mean() < 1e-3 * abs(h[-50:].mean())
+
+
+class ScriptedLoss:
+    """An ELBO stand-in whose loss at step t is ``values[t]`` (no gradients): a loss
+    sequence whose convergence answer is known by hand."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.calls = 0
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        pyro.param("p", torch.tensor(0.0))
+        self.calls += 1
+        return self.values[self.calls - 1]
+
+
+def _scripted_run(values, **convergence):
+    runner = SVIRunner(model, guide, adam(), ScriptedLoss(values), progress_bar=False,
+                       convergence=Convergence(**convergence))
+    return runner.run(torch.zeros(1), num_steps=len(values))
+
+
+def test_convergence_on_a_flat_sequence_stops_where_counted_by_hand():
+    # window 5, patience 2: the first check compares steps 0-4 with 5-9 (after step 9), flat;
+    # the second compares 5-9 with 10-14 (after step 14), flat again: 15 steps
+    result = _scripted_run([3.0] * 100, tol=1e-3, window=5, patience=2)
+    assert result.stop_reason == "converged" and len(result.history) == 15
+    # patience 3: one more window
+    result = _scripted_run([3.0] * 100, tol=1e-3, window=5, patience=3)
+    assert result.stop_reason == "converged" and len(result.history) == 20
+
+
+def test_convergence_does_not_stop_a_rising_objective():
+    # objective = step (loss = -step): every window mean is 5 above the one before,
+    # 5 >= 1e-3 * |mean| for all 100 steps, so no check is flat
+    result = _scripted_run([-float(t) for t in range(100)], tol=1e-3, window=5, patience=2)
+    assert result.stop_reason == "num_steps" and len(result.history) == 100
+
+
+def test_convergence_patience_counts_consecutive_flat_checks():
+    # steps 0-9 flat (first check flat), 10-14 jump up by 10 (second check not flat: the
+    # count restarts), then flat: checks after steps 19 and 24 are flat -> stop after 25 steps
+    values = [2.0] * 10 + [-8.0] * 90
+    result = _scripted_run(values, tol=1e-3, window=5, patience=2)
+    assert result.stop_reason == "converged" and len(result.history) == 25
 
 
 def test_convergence_waits_for_the_beta_schedule(data):
     # the objective falls while β warms up over 400 steps: that is not convergence
     runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(beta=LinearWarmup(400, start=0.0)),
-                       progress_bar=False, convergence_tol=1e-3, convergence_window=50, convergence_patience=2)
+                       progress_bar=False, convergence=Convergence(tol=1e-3, window=50, patience=2))
     result = runner.run(data, num_steps=5000)
     assert result.stop_reason == "converged"
     assert len(result.history) >= 400 + 2 * 50 + 50
@@ -290,106 +349,9 @@ def test_callback_stop(data):
     assert result.stop_reason == "callback" and len(result.history) == 3
 
 
-# -- checkpoints ---------------------------------------------------------------------------
-
-
-def _resume_setup(kind):
-    if kind == "adam":
-        return model, guide, adam(), BetaELBO(beta=LinearWarmup(10))
-    # autoguide (lazy prototype set-up), vectorised particles (plate guess), lr schedule
-    optim = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "gamma": 0.99})
-    return model, AutoNormal(model), optim, BetaELBO(num_particles=3, vectorize_particles=True)
-
-
-@pytest.mark.parametrize("kind", ["adam", "autoguide-scheduler"])
-def test_resume_equals_uninterrupted(data, tmp_path, kind):
-    path = tmp_path / "ckpt.pt"
-    m, g, optim, loss = _resume_setup(kind)
-    full = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11, checkpoint_every=7,
-                     checkpoint_path=path).run(data, num_steps=20)
-    # the checkpoint at step 14 is the latest; a fresh process continues from it
-    pyro.clear_param_store()
-    pyro.set_rng_seed(123)
-    m, g, optim, loss = _resume_setup(kind)
-    resumed = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11).run(data, num_steps=20, resume_from=path)
-    assert resumed.history["step"].tolist() == list(range(20))
-    # same parameters, optimiser and scheduler state, loss state and RNG state: the resumed
-    # steps do the same floating-point operations, so the histories are bit-equal
-    for column in ("loss", "elbo", "kl", "beta"):
-        assert resumed.history[column].tolist() == full.history[column].tolist()
-    for name, value in full.params.items():
-        assert torch.equal(resumed.params[name], value)
-    assert loss.step == 20
-
-
-def test_resume_after_interrupt_with_chains(data, tmp_path):
-    # Ctrl-C in chain 1 after its checkpoint at step 5; the resumed run keeps chain 0 and
-    # finishes chain 1 exactly as the uninterrupted run does
-    path = tmp_path / "ckpt.pt"
-
-    def make(callbacks=()):
-        return SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, num_chains=2, seed=3,
-                         checkpoint_every=5, checkpoint_path=path, callbacks=callbacks)
-
-    full = make().run(data, num_steps=10)
-    pyro.clear_param_store()
-    calls = []
-
-    def interrupt(step, row):
-        calls.append(step)
-        if len(calls) == 17:  # chain 1, step 6
-            raise KeyboardInterrupt
-
-    with pytest.warns(UserWarning, match="interrupted"):
-        partial = make([interrupt]).run(data, num_steps=10)
-    assert partial.num_steps == [10, 7] and partial.stop_reasons == ["num_steps", "interrupted"]
-    pyro.clear_param_store()
-    resumed = make().run(data, num_steps=10, resume_from=path)
-    assert resumed.num_steps == [10, 10]
-    # bit-exact continuation, as in test_resume_equals_uninterrupted
-    assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
-    for c in range(2):
-        for name, value in full.chain_states[c]["params"].items():
-            assert torch.equal(resumed.chain_states[c]["params"][name], value)
-
-
-def test_resume_with_a_list_of_batches_equals_uninterrupted(data, tmp_path):
-    # regression: the resume's warm-up pass used to take one batch off the list's iterator,
-    # so the resumed run trained step 4 on the batch of step 5
-    path = tmp_path / "ckpt.pt"
-    batches = [data[:5], data[5:12], data[12:]]
-    seen = []
-
-    def m(x):
-        seen.append(x.shape[0])
-        model(x)
-
-    full = SVIRunner(m, guide, adam(), BetaELBO(), progress_bar=False, seed=2, checkpoint_every=4,
-                     checkpoint_path=path).run(num_steps=6, batches=batches)
-    assert seen == [5, 7, 8, 5, 7, 8]
-    pyro.clear_param_store()
-    resumed = SVIRunner(m, guide, adam(), BetaELBO(), progress_bar=False, seed=2).run(
-        num_steps=6, batches=batches, resume_from=path)
-    # the same batches, RNG state, parameters and optimiser state: the same floating-point
-    # operations, so the continuation is bit-exact
-    assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
-    for name, value in full.params.items():
-        assert torch.equal(resumed.params[name], value)
-
-
 def test_empty_list_of_batches_is_rejected():
     with pytest.raises(ValueError, match=r"batches=\[\] is empty"):
         SVIRunner(model, guide, adam(), progress_bar=False).run(num_steps=3, batches=[])
-
-
-def test_resume_rejects_bad_file(tmp_path, data):
-    bad = tmp_path / "bad.pt"
-    torch.save({"foo": 1}, bad)
-    runner = SVIRunner(model, guide, adam(), progress_bar=False)
-    with pytest.raises(ValueError, match="not a checkpoint of SVIRunner"):
-        runner.run(data, num_steps=3, resume_from=bad)
-    with pytest.raises(ValueError, match="no such checkpoint"):
-        runner.run(data, num_steps=3, resume_from=tmp_path / "missing.pt")
 
 
 # -- chains ------------------------------------------------------------------------------------
@@ -430,7 +392,7 @@ def test_chains_with_pyro_module_in_a_plain_function(data):
     # chain c's draws come from chain c's parameters: log q(z_s) at the stored draws equals
     # the closed-form Normal log density with that chain's loc = w + b and scale (float64
     # rounding only: w * 1 + b in the module against w + b here, so 1e-12 relative)
-    idata = result.to_inference_data(num_samples=50)
+    idata = from_svi_result(result, num_samples=50)
     for c in range(2):
         params = result.chain_states[c]["params"]
         loc = float(params["net$$$weight"].sum() + params["net$$$bias"].sum())
@@ -443,7 +405,7 @@ def test_chains_with_pyro_module_in_a_plain_function(data):
     # the store and the module are back to the best chain afterwards
     best = result.chain_states[result.best_chain]["params"]
     assert torch.equal(net.weight.detach(), best["net$$$weight"])
-    assert pyro.get_param_store()._params["net$$$weight"] is net.weight
+    assert pyro.get_param_store().get_state()["params"]["net$$$weight"] is net.weight
     # each chain is the fit of a single chain seeded 5 + c from the same initial weights:
     # the same operations on the same numbers, so bit-equal
     for c in range(2):
@@ -474,7 +436,7 @@ def test_chains_flag_multimodality():
                        seed=2).run(x, num_steps=300)
     locs = [float(state["params"]["loc"]) for state in result.chain_states]
     assert min(locs) == pytest.approx(-2.0, abs=0.1) and max(locs) == pytest.approx(2.0, abs=0.1)
-    summary = result.summary(num_samples=200)
+    summary = summarize(from_svi_result(result, num_samples=200))
     assert summary.posterior.loc["z", "r_hat"] > 1.5
     assert (summary.vi["r_hat"] > 1.5).all()
 
@@ -499,8 +461,7 @@ def test_batches_list_callable_and_iterator(data):
     seen.clear()
     result = SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=10, batches=iter(batches))
     assert seen == [5, 7, 8] and result.stop_reason == "exhausted"
-    with pytest.raises(ValueError, match="minibatches"):
-        result.to_inference_data()
+    assert result.args is None  # a minibatch run has no data set of its own
 
 
 def test_dataloader_batches(data):
@@ -517,12 +478,11 @@ def test_lr_scheduler_is_stepped(data):
 
 
 def test_evaluation_rows(data):
-    pytest.importorskip("pyro_elbo_lab.diagnostics.evidence")
     # exact log evidence: x ~ N(0, I + 11^T)
     cov = torch.eye(N) + torch.ones(N, N)
     exact = float(dist.MultivariateNormal(torch.zeros(N), cov).log_prob(data))
-    runner = SVIRunner(model, guide, adam(0.1), BetaMeanFieldELBO(), progress_bar=False, evaluate_every=100,
-                       eval_num_samples=2000)
+    runner = SVIRunner(model, guide, adam(0.1), BetaMeanFieldELBO(), progress_bar=False,
+                       evaluation=Evaluation(every=100, num_samples=2000))
     h = runner.run(data, num_steps=200).history
     rows = h[h["eval_log_evidence"].notna()]
     assert rows["step"].tolist() == [99, 199]
@@ -562,16 +522,40 @@ def test_a_model_warning_shows_once_per_run(data):
 def test_evaluation_with_batches_needs_eval_args_before_any_step(data):
     # regression: the missing eval_args was reported only at the first evaluation, after
     # evaluate_every steps of training (here never: 3 steps < evaluate_every)
-    runner = SVIRunner(model, guide, adam(), progress_bar=False, evaluate_every=10)
-    with pytest.raises(ValueError, match=r"evaluate_every=10 with batches needs eval_args"):
+    runner = SVIRunner(model, guide, adam(), progress_bar=False, evaluation=Evaluation(every=10))
+    with pytest.raises(ValueError, match=r"Evaluation\(every=10\) with batches needs Evaluation.args"):
         runner.run(num_steps=3, batches=[data])
     assert list(pyro.get_param_store().keys()) == []
 
 
-def test_to_inference_data_keeps_the_run_data_with_keyword_arguments(data):
+def test_model_kwargs_reach_the_model(data):
+    # a model keyword passed as model_kwargs, including one named like an option
+    # (num_samples), reaches the model at every step: the recorded reconstruction is the
+    # log-likelihood under lik_scale=2 at the z the guide drew
+    seen = []
+
+    def m(x, lik_scale=1.0, num_samples=None):
+        assert num_samples == 7
+        model(x, lik_scale=lik_scale)
+
+    def g(x, lik_scale=1.0, num_samples=None):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        seen.append(pyro.sample("z", dist.Normal(loc, 1.0)).detach())
+
+    kwargs = {"lik_scale": 2.0, "num_samples": 7}
+    result = SVIRunner(m, g, adam(), progress_bar=False).run(data, num_steps=2, model_kwargs=kwargs)
+    for step, z in enumerate(seen):
+        expected = float(dist.Normal(z, 2.0).log_prob(data).sum())
+        assert result.history["reconstruction"][step] == pytest.approx(expected, rel=1e-12)
+    assert result.model_kwargs == kwargs and result.args == (data,)
+    with pytest.raises(ValueError, match="model_kwargs must be a dict"):
+        SVIRunner(m, g, adam(), progress_bar=False).run(data, num_steps=1, model_kwargs=[("lik_scale", 2.0)])
+
+
+def test_from_svi_result_keeps_the_run_data_with_keyword_arguments(data):
     # regression: keyword arguments alone replaced the run's data, so the model got no x
     result = SVIRunner(model, guide, adam(), progress_bar=False).run(data, num_steps=2)
-    idata = result.to_inference_data(num_samples=10, lik_scale=2.0)
+    idata = from_svi_result(result, num_samples=10, model_kwargs={"lik_scale": 2.0})
     z = torch.as_tensor(idata.posterior["z"].values)
     # log p(x_i | z) = Normal(z, 2).log_prob(x_i) in closed form at the stored draws
     expected = dist.Normal(z.unsqueeze(-1), 2.0).log_prob(data).numpy()
@@ -579,12 +563,26 @@ def test_to_inference_data_keeps_the_run_data_with_keyword_arguments(data):
 
 
 def test_bad_arguments(data):
+    with pytest.raises(ValueError, match="chain must be an integer in \\[0, 1\\)"):
+        SVIRunner(model, guide, adam(), progress_bar=False).run(data, num_steps=1).chain_history(5)
     with pytest.raises(ValueError, match="pyro.optim"):
         SVIRunner(model, guide, torch.optim.Adam)
     with pytest.raises(ValueError, match="on_nonfinite"):
         SVIRunner(model, guide, adam(), on_nonfinite="ignore")
-    with pytest.raises(ValueError, match="checkpoint_path"):
-        SVIRunner(model, guide, adam(), checkpoint_every=5)
+    with pytest.raises(ValueError, match="convergence must be a Convergence"):
+        SVIRunner(model, guide, adam(), convergence=1e-3)
+    with pytest.raises(ValueError, match=r"Convergence.tol must be a finite number >= 0, got Convergence.tol=-1"):
+        Convergence(tol=-1)
+    with pytest.raises(ValueError, match=r"Convergence.window must be an integer >= 1"):
+        Convergence(tol=1e-3, window=0)
+    with pytest.raises(ValueError, match=r"Evaluation.every must be an integer >= 1"):
+        Evaluation(every=0)
+    with pytest.raises(ValueError, match=r"Evaluation.args must be a tuple"):
+        Evaluation(every=5, args=data)
+    with pytest.raises(ValueError, match="max_time"):
+        SVIRunner(model, guide, adam(), max_time=-1.0)
+    with pytest.raises(ValueError, match="seed"):
+        SVIRunner(model, guide, adam(), seed=-1)
     with pytest.raises(ValueError, match="num_steps"):
         SVIRunner(model, guide, adam()).run(data, num_steps=-1)
     with pytest.raises(ValueError, match="num_chains"):

@@ -1,0 +1,305 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+One chain of a run: the step loop (the update, the non-finite check before it, the history
+row, evaluation, callbacks, checkpoints, stopping) and its state. It gets the objects and
+options it needs; it holds no reference to the runner.
+
+**Non-finite values.** The loss is computed and its gradients accumulated first; the
+loss value and every gradient are checked before the optimiser touches the parameters.
+On an accelerator a step synchronises with the device a few times, not once: reading the
+loss value, the all-finite check of the gradients (one reduction over all of them) and
+reading :attr:`~pyro_elbo_lab.BetaELBO.last_terms` into the history. A step with a NaN
+or infinite loss or gradient is therefore never applied: the parameter store still
+holds the last parameters produced by a finite update, with no per-step copy of the
+parameters. Only on such a step are the culprit ELBO terms, sites and parameters looked
+up, from :attr:`~pyro_elbo_lab.BetaELBO.last_terms` and the parameter store, without
+another model/guide pass.
+
+Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostics` and
+:mod:`pyro_elbo_lab.terms` when it needs them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import pyro
+import pyro.poutine as poutine
+
+from .batches import BatchSource, Exhausted
+from .options import Evaluation
+from .params import nonfinite_params, record_modules
+from .result import NonFiniteError
+
+__all__ = ["ChainLoop", "LoopOptions", "NAN_WARNING"]
+
+#: Pyro's "Encountered NaN/inf" warning, silenced while a run lasts (the loop checks itself).
+NAN_WARNING = r"Encountered (NaN|[+-]?inf)"
+
+
+@dataclass
+class LoopOptions:
+    """What every chain of a run shares."""
+
+    on_nonfinite: str = "raise"
+    scheduler_every: int = 1
+    max_time: float | None = None
+    evaluation: Evaluation | None = None
+    callbacks: list = field(default_factory=list)
+    progress_bar: bool = False
+    num_chains: int = 1
+    checkpoint_every: int | None = None
+
+
+class ChainLoop:
+    """
+    The step loop of one chain.
+
+    :param int chain: the chain's index.
+    :param model: the chain's model.
+    :param guide: the chain's guide.
+    :param optim: the chain's :class:`pyro.optim.PyroOptim`.
+    :param loss: the chain's ELBO.
+    :param LoopOptions options: shared options.
+    :param rule: the convergence rule (``should_stop(rows, step)``) or None.
+    :param dict initial_modules: ``{name: start value}`` of :func:`pyro.module` parameters
+        (several chains), filled by the first step that registers them; or None.
+    :param save: ``save(loop, steps_done)`` writes a checkpoint, or None.
+    """
+
+    def __init__(self, chain, model, guide, optim, loss, options: LoopOptions, rule=None, initial_modules=None,
+                 save: Callable | None = None):
+        self.chain = chain
+        self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
+        self.options = options
+        self.rule = rule
+        self.initial_modules = initial_modules
+        self.save = save
+        self.rows: list[dict] = []
+        self.elapsed0 = 0.0
+        self.t0 = time.perf_counter()
+        self.has_state = hasattr(loss, "state_dict") and hasattr(loss, "load_state_dict")
+        self._last_postfix = 0.0
+
+    def wall_time(self) -> float:
+        """Seconds of this chain so far, resumed runs included."""
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+    def warm_up(self, args, model_kwargs) -> set[str]:
+        """
+        Before a resume: one pass of the loss without gradients, so that lazy set-up that
+        consumes random numbers (autoguide prototypes, the loss's plate-nesting guess,
+        :func:`pyro.module` parameters) happens before the RNG state is restored.
+
+        :returns: the names of the parameters the pass registered.
+        """
+        with torch.no_grad(), warnings.catch_warnings(), poutine.trace(param_only=True) as capture:
+            warnings.filterwarnings("ignore", message=NAN_WARNING)
+            if hasattr(self.loss, "decompose"):
+                self.loss.decompose(self.model, self.guide, *args, **model_kwargs)
+            else:
+                self.loss.loss(self.model, self.guide, *args, **model_kwargs)
+        return set(capture.trace.nodes)
+
+    def run(self, batches: BatchSource, num_steps: int, start: int = 0) -> str:
+        """
+        Steps ``start .. num_steps - 1``.
+
+        :returns: the stop reason.
+        :raises NonFiniteError: on a non-finite step that is not skipped.
+        """
+        self.t0 = time.perf_counter()
+        bar = self._bar(num_steps, start)
+        stop_reason = "num_steps"
+        options = self.options
+        deadline = None if options.max_time is None else self.t0 + options.max_time
+        try:
+            # opened once per run, not per step: entering catch_warnings resets Python's
+            # warning registry, so a "once"/"default" warning of the model would fire on
+            # every step
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=NAN_WARNING)
+                for step in range(start, num_steps):
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        stop_reason = "max_time"
+                        break
+                    try:
+                        args, model_kwargs = batches.get(step)
+                    except Exhausted:
+                        stop_reason = "exhausted"
+                        break
+                    row = self.step(step, args, model_kwargs)
+                    if bar is not None:
+                        bar.update(1)
+                        self._postfix(bar, row)
+                    evaluation = options.evaluation
+                    if evaluation is not None and (step + 1) % evaluation.every == 0:
+                        row.update(self.evaluate(evaluation, batches))
+                    stop = False
+                    for cb in options.callbacks:
+                        stop = bool(cb(step, row)) or stop
+                    if self.save is not None and (step + 1) % options.checkpoint_every == 0:
+                        self.save(self, step + 1)
+                    if stop:
+                        stop_reason = "callback"
+                        break
+                    if self.rule is not None and self.rule.should_stop(self.rows, step):
+                        stop_reason = "converged"
+                        break
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        finally:
+            if bar is not None:
+                bar.close()
+        return stop_reason
+
+    def step(self, step: int, args, model_kwargs) -> dict:
+        """One update and its history row (appended to :attr:`rows`)."""
+        loss_state = self.loss.state_dict() if self.has_state else None
+        params: set = set()
+        try:
+            try:
+                with poutine.trace(param_only=True) as capture:
+                    loss = self.loss.loss_and_grads(self.model, self.guide, *args, **model_kwargs)
+            except ValueError as e:
+                # with validation on, a non-finite parameter surfaces as a distribution's
+                # argument check; say which parameters are at fault
+                if nonfinite_params():
+                    raise self.nonfinite_error(step, math.nan, set(), e) from e
+                raise
+            params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            if self.initial_modules is not None:
+                record_modules(capture.trace, self.initial_modules)
+            loss = float(loss[0] if isinstance(loss, tuple) else loss)
+            finite = math.isfinite(loss) and _all_finite_grads(params)
+            error = None
+            if finite:
+                self.optim(params)
+            elif self.options.on_nonfinite == "raise" or nonfinite_params():
+                error = self.nonfinite_error(step, loss, params, None)  # before the gradients are cleared
+            pyro.infer.util.zero_grads(params)
+            if error is not None:
+                raise error
+        except BaseException:
+            # leave no half-done step behind: gradients cleared, the loss's step count back
+            for _, p in pyro.get_param_store().named_parameters():
+                p.grad = None
+            if loss_state is not None:
+                self.loss.load_state_dict(loss_state)
+            raise
+        if (
+            finite
+            and isinstance(self.optim, pyro.optim.PyroLRScheduler)
+            and (step + 1) % self.options.scheduler_every == 0
+        ):
+            plateau = any(
+                isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in self.optim.optim_objs.values()
+            )
+            self.optim.step(loss) if plateau else self.optim.step()
+
+        row: dict[str, Any] = {"step": step, "loss": loss}
+        terms = getattr(self.loss, "last_terms", None)
+        if terms is not None:
+            row.update(terms.as_dict(per_site=True))
+        row["wall_time"] = self.wall_time()
+        if self.options.on_nonfinite == "skip":
+            row["skipped"] = not finite
+        self.rows.append(row)
+        return row
+
+    def nonfinite_error(self, step, loss, params, cause) -> NonFiniteError:
+        """The :class:`NonFiniteError` of ``step``, naming the culprit terms, sites and parameters."""
+        store = pyro.get_param_store()
+        terms = getattr(self.loss, "last_terms", None) if cause is None else None
+        bad_terms: list[str] = []
+        bad_sites: dict[str, list[str]] = {}
+        if terms is not None:
+            from ..terms import TOTAL_FIELDS
+
+            bad_terms = [n for n in TOTAL_FIELDS if not math.isfinite(getattr(terms, n))]
+            for site, values in terms.per_site.items():
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    bad_sites[site] = bad
+        bad_grads = sorted(
+            store.param_name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        )
+        bad_params = nonfinite_params()
+        lines = [f"non-finite values at step {step} (chain {self.chain}); the update of this step was not applied."]
+        lines.append(f"The model or guide raised: {cause}" if cause is not None else f"loss = {loss}")
+        if bad_terms:
+            lines.append("ELBO terms: " + ", ".join(f"{n} = {getattr(terms, n)}" for n in bad_terms))
+        if bad_sites:
+            lines.append(
+                "sites: "
+                + "; ".join(
+                    f"'{s}' ({', '.join(f'{k} = {terms.per_site[s][k]}' for k in ks)})" for s, ks in bad_sites.items()
+                )
+            )
+        if bad_grads:
+            lines.append("parameters with non-finite gradients: " + ", ".join(f"'{n}'" for n in bad_grads))
+        if bad_params:
+            lines.append(
+                "parameters with non-finite values: " + ", ".join(f"'{n}'" for n in bad_params)
+                + " (produced by an earlier update: lower the learning rate or clip gradients)"
+            )
+        lines.append(
+            "The partial result (history before this step, last finite parameters) is error.result. Fix the "
+            "log-probability of the named sites (e.g. clamp scales away from 0, check the data for inf/NaN), "
+            "lower the learning rate, or pass on_nonfinite='skip' to drop such steps."
+        )
+        return NonFiniteError(
+            "\n".join(lines), step=step, terms=bad_terms, sites=bad_sites, grads=bad_grads, params=bad_params
+        )
+
+    def evaluate(self, evaluation: Evaluation, batches: BatchSource) -> dict:
+        """The ``eval_*`` columns: :func:`~pyro_elbo_lab.estimate_evidence` with PSIS."""
+        from ..diagnostics import ImportanceSamplingWarning, estimate_evidence
+
+        args = evaluation.args if evaluation.args is not None else batches.args
+        model_kwargs = evaluation.model_kwargs if evaluation.model_kwargs is not None else batches.model_kwargs
+        # k̂ is recorded in the history (eval_pareto_k): no warning for each evaluation of a
+        # guide that is still far from the posterior
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImportanceSamplingWarning)
+            est = estimate_evidence(
+                self.model, self.guide, *args, model_kwargs=model_kwargs, num_samples=evaluation.num_samples,
+                psis=True,
+            )
+        return {
+            "eval_log_evidence": float(est.log_evidence),
+            "eval_log_evidence_stderr": float(est.log_evidence_stderr),
+            "eval_elbo": float(est.elbo),
+            "eval_gap": float(est.gap),
+            "eval_pareto_k": float(est.pareto_k),  # nan below 21 draws, -inf for constant weights
+            "eval_ess": float(est.ess),
+        }
+
+    def _bar(self, num_steps, start):
+        if not self.options.progress_bar or not sys.stderr.isatty() or num_steps <= start:
+            return None
+        from tqdm.auto import tqdm
+
+        desc = f"chain {self.chain}" if self.options.num_chains > 1 else "SVI"
+        return tqdm(total=num_steps, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+    def _postfix(self, bar, row) -> None:
+        now = time.perf_counter()
+        if now - self._last_postfix < 0.2:
+            return
+        self._last_postfix = now
+        keys = (("loss", "loss"), ("elbo", "elbo"), ("reconstruction", "rec"), ("kl", "kl"), ("beta", "β"))
+        bar.set_postfix({short: f"{row[k]:.4g}" for k, short in keys if k in row}, refresh=False)
+
+
+def _all_finite_grads(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -1,0 +1,455 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+:class:`SVIRunner`: the options of a run, its chains, resuming from a checkpoint, and the
+:class:`~pyro_elbo_lab.runner.SVIResult` it returns. The step loop itself is
+:class:`~pyro_elbo_lab.runner.loop.ChainLoop`.
+
+Imports its :mod:`pyro_elbo_lab.runner` siblings and :mod:`pyro_elbo_lab.losses` (the
+default loss).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+
+import pyro
+import pyro.util
+
+from ..checks import check_int, check_model_kwargs
+from .batches import BatchSource, check_batches
+from .checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    UnknownConstraint,
+    data_fingerprint,
+    decode_terms,
+    encode,
+    encode_terms,
+    read_checkpoint,
+)
+from .loop import ChainLoop, LoopOptions
+from .options import Checkpointing, Convergence, Evaluation, check_writable_file
+from .params import fresh_copy, is_module_param, load_store, reset_modules, store_state
+from .result import NonFiniteError, SVIResult
+from .stopping import WindowMeanRule, final_score
+
+__all__ = ["SVIRunner"]
+
+
+def _type_name(x) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def optim_type(optim) -> str:
+    """A description of a Pyro optimiser: its torch optimiser (and scheduler) classes."""
+    torch_optim = getattr(optim, "pt_optim_constructor", None)
+    scheduler = getattr(optim, "pt_scheduler_constructor", None)
+    if scheduler is not None:
+        torch_optim = getattr(optim, "kwargs", {}).get("optimizer", torch_optim)
+    name = getattr(torch_optim, "__name__", type(optim).__name__)
+    return f"{getattr(scheduler, '__name__', '')}({name})" if scheduler is not None else name
+
+
+class SVIRunner:
+    """
+    Runs stochastic variational inference and records the ELBO's decomposition.
+
+    Each step does what :meth:`pyro.infer.SVI.step` does (``loss.loss_and_grads``, the
+    optimiser on the parameters seen, zero gradients), checks the loss and the gradients
+    for NaN/Inf *before* the update, and appends the loss's
+    :attr:`~pyro_elbo_lab.BetaELBO.last_terms` to the history. Works with any
+    :class:`pyro.optim.PyroOptim` (including learning-rate schedulers, stepped every
+    ``scheduler_every`` steps) and any Pyro ELBO (only the loss is recorded for losses
+    without ``last_terms``).
+
+    **Chains** (``num_chains > 1``): independent fits, each from a fresh parameter
+    store, fresh copies of the optimiser and loss (and of the model and guide when they
+    are :class:`torch.nn.Module` s, e.g. autoguides), seeded ``seed + chain``, so that
+    :math:`\\hat R` of the guide draws across chains flags multimodality or failed
+    optimisation. A module registered with :func:`pyro.module` by a plain function or a
+    bound method is shared by the chains: its parameters are reset in place, before each
+    chain, to the weights it had when the run first registered them.
+
+    :param model: a Pyro model.
+    :param guide: a Pyro guide.
+    :param pyro.optim.PyroOptim optim: a Pyro optimiser or learning-rate scheduler.
+    :param loss: an ELBO (default :class:`~pyro_elbo_lab.BetaELBO` ``()``).
+    :param int num_chains: independent fits.
+    :param int seed: chain ``c`` is seeded with ``seed + c``; None keeps the current
+        RNG state for a single chain and draws a base seed from it for several.
+    :param str on_nonfinite: ``"raise"`` (raise :class:`NonFiniteError`) or ``"skip"``
+        (drop the step's update, as NumPyro's ``stable_update``; it is recorded with
+        ``skipped=True``). Non-finite *parameters* always raise.
+    :param bool progress_bar: show a tqdm bar (only when stderr is a terminal).
+    :param Convergence convergence: stop on convergence (None: never).
+    :param Checkpointing checkpoint: write resumable checkpoints (None: never).
+    :param Evaluation evaluation: estimate the evidence during the run (None: never).
+    :param float max_time: wall-time limit per chain, in seconds.
+    :param callbacks: callables ``callback(step, row) -> bool | None`` called after each
+        step with the history row (a dict); returning True stops the run.
+    :param int scheduler_every: for learning-rate schedulers, call ``optim.step()``
+        every this many steps (``ReduceLROnPlateau`` receives the loss).
+    :raises ValueError: for invalid options (a checkpoint path that cannot be written
+        included).
+
+    Example::
+
+        runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.01}), BetaELBO(beta=4.0),
+                           convergence=Convergence(tol=1e-4),
+                           checkpoint=Checkpointing("fit.ckpt", every=500))
+        result = runner.run(data, num_steps=20000)
+        result.history.plot(x="step", y=["elbo", "kl"])
+
+    References
+
+    [1] `Automatic Differentiation Variational Inference`, Alp Kucukelbir, Dustin Tran,
+        Rajesh Ranganath, Andrew Gelman, David M. Blei (2017)
+
+    [2] `Composable Effects for Flexible and Accelerated Probabilistic Programming in
+        NumPyro`, Du Phan, Neeraj Pradhan, Martin Jankowiak (2019)
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        optim,
+        loss=None,
+        *,
+        num_chains: int = 1,
+        seed: int | None = None,
+        on_nonfinite: str = "raise",
+        progress_bar: bool = True,
+        convergence: Convergence | None = None,
+        checkpoint: Checkpointing | None = None,
+        evaluation: Evaluation | None = None,
+        max_time: float | None = None,
+        callbacks: Iterable[Callable] = (),
+        scheduler_every: int = 1,
+    ):
+        if loss is None:
+            from ..losses import BetaELBO
+
+            loss = BetaELBO()
+        if not callable(model) or not callable(guide):
+            raise ValueError(f"model and guide must be callables, got {model!r} and {guide!r}")
+        if not isinstance(optim, pyro.optim.PyroOptim):
+            raise ValueError(
+                f"optim must be a pyro.optim optimiser (e.g. pyro.optim.Adam({{'lr': 1e-3}})), got {optim!r}; "
+                "wrap torch optimisers with pyro.optim.PyroOptim"
+            )
+        if not hasattr(loss, "loss_and_grads"):
+            raise ValueError(f"loss must be a Pyro ELBO with loss_and_grads (e.g. BetaELBO()), got {loss!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got on_nonfinite={on_nonfinite!r}")
+        check_int("num_chains", num_chains, 1)
+        check_int("scheduler_every", scheduler_every, 1)
+        if seed is not None:
+            check_int("seed", seed, 0, hint="a seed in [0, 2**32 - num_chains)")
+            if seed + num_chains > 2**32:
+                raise ValueError(f"seed + num_chains must be at most 2**32 (NumPy's seed range), got seed={seed!r}")
+        for name, value, cls in (("convergence", convergence, Convergence), ("checkpoint", checkpoint, Checkpointing),
+                                 ("evaluation", evaluation, Evaluation)):
+            if value is not None and not isinstance(value, cls):
+                raise ValueError(f"{name} must be a {cls.__name__}(...) or None, got {name}={value!r}")
+        if checkpoint is not None:
+            check_writable_file(checkpoint.path, "Checkpointing.path")
+        if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, (int, float))
+                                     or not max_time > 0 or not math.isfinite(max_time)):
+            raise ValueError(f"max_time must be a positive number of seconds or None, got max_time={max_time!r}")
+        callbacks = list(callbacks)
+        for cb in callbacks:
+            if not callable(cb):
+                raise ValueError(f"callbacks must be callables callback(step, row), got {cb!r}")
+
+        self.model = model
+        self.guide = guide
+        self.optim = optim
+        self.loss = loss
+        self.num_chains = num_chains
+        self.seed = seed
+        self.on_nonfinite = on_nonfinite
+        self.progress_bar = progress_bar
+        self.convergence = convergence
+        self.checkpoint = checkpoint
+        self.evaluation = evaluation
+        self.max_time = max_time
+        self.callbacks = callbacks
+        self.scheduler_every = scheduler_every
+
+    def run(
+        self,
+        *args,
+        num_steps: int,
+        model_kwargs: dict | None = None,
+        batches: Iterable | Callable[[int], Any] | None = None,
+        resume_from: str | os.PathLike | None = None,
+    ) -> SVIResult:
+        """
+        Fit, and return the history and final parameters.
+
+        :param args: the model's positional data, used at every step.
+        :param int num_steps: total steps per chain (a resumed run continues up to it).
+        :param dict model_kwargs: the model's keyword data.
+        :param batches: per-step data: an iterable of batches (a list, a
+            :class:`torch.utils.data.DataLoader`; re-iterated each epoch), or a callable
+            ``batches(step) -> batch``. A batch that is a tuple or list is appended to
+            ``args``, a dict updates ``model_kwargs``, anything else is appended as one
+            argument. For exact resumes use a callable or a list.
+        :param resume_from: a checkpoint written by :class:`Checkpointing`.
+
+        Pyro's "Encountered NaN/inf" warnings are silenced while the run lasts (the
+        runner checks values itself); other warnings follow the caller's filters.
+        Each call starts its history at step 0 (or at the checkpoint's step); the loss's
+        own step count, which drives β and capacity schedules, continues across calls
+        on the same loss.
+
+        :returns: the result; on Ctrl-C the partial result, with a warning.
+        :rtype: SVIResult
+        :raises NonFiniteError: on a NaN/Inf loss or gradient (``on_nonfinite="raise"``)
+            or non-finite parameters; ``error.result`` is the partial result.
+        :raises ValueError: for a bad ``num_steps``, ``model_kwargs`` or ``batches``,
+            an evaluation with ``batches`` but no ``Evaluation.args``, or a
+            ``resume_from`` that is missing, unreadable, foreign, or does not match this
+            run (parameters, optimiser, loss, ``num_chains``, a ``num_steps`` below its
+            step).
+        """
+        check_int("num_steps", num_steps, 0)
+        model_kwargs = check_model_kwargs(model_kwargs)
+        check_batches(batches)
+        if self.evaluation is not None and batches is not None and self.evaluation.args is None:
+            raise ValueError(
+                f"evaluation=Evaluation(every={self.evaluation.every}) with batches needs Evaluation.args, the data "
+                "to estimate the evidence on (a minibatch is not the data set): pass "
+                "SVIRunner(..., evaluation=Evaluation(every=N, args=(x_full,)))"
+            )
+        fingerprint = data_fingerprint(tuple(args), model_kwargs)
+        ckpt = None
+        if resume_from is not None:
+            ckpt = read_checkpoint(resume_from)
+            self._check_resume(ckpt, num_steps, fingerprint)
+
+        seed = self.seed
+        if ckpt is not None:
+            seed = ckpt.meta["seed"]
+        elif seed is None and self.num_chains > 1:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+
+        done: list[dict] = []
+        if ckpt is not None:
+            for i, entry in enumerate(ckpt.meta["chains_done"]):
+                done.append({"rows": ckpt.rows[i], "state": entry["state"], "terms": decode_terms(entry["terms"]),
+                             "stop_reason": entry["stop_reason"]})
+        initial = initial_modules = None
+        if self.num_chains > 1:
+            # every chain starts from the store as it is now; parameters of modules that
+            # pyro.module registers during the run are added (with their values before the
+            # first update) by the first step that registers them
+            if ckpt is not None:
+                initial = ckpt.meta["initial_state"]
+                initial_modules = dict(ckpt.meta["initial_modules"] or {})
+            else:
+                initial = store_state()
+                initial_modules = {n: v for n, v in initial["params"].items() if is_module_param(n)}
+        writer = None
+        if self.checkpoint is not None:
+            writer = CheckpointWriter(self.checkpoint.path)
+            if ckpt is not None:
+                writer.continue_from(ckpt)
+        options = LoopOptions(
+            on_nonfinite=self.on_nonfinite, scheduler_every=self.scheduler_every, max_time=self.max_time,
+            evaluation=self.evaluation, callbacks=self.callbacks, progress_bar=self.progress_bar,
+            num_chains=self.num_chains, checkpoint_every=None if self.checkpoint is None else self.checkpoint.every,
+        )
+        pristine = None
+        if self.num_chains > 1:
+            pristine = (fresh_copy(self.model), fresh_copy(self.guide), copy.deepcopy(self.optim), copy.deepcopy(self.loss))
+
+        interrupted = False
+        error: NonFiniteError | None = None
+        for chain in range(len(done), self.num_chains):
+            if self.num_chains > 1:
+                model, guide = fresh_copy(pristine[0]), fresh_copy(pristine[1])
+                optim, loss = copy.deepcopy(pristine[2]), copy.deepcopy(pristine[3])
+            else:
+                model, guide, optim, loss = self.model, self.guide, self.optim, self.loss
+            rule = WindowMeanRule(self.convergence) if self.convergence is not None else None
+            save = None
+            if writer is not None:
+                save = self._saver(writer, done, seed, initial, initial_modules, rule, fingerprint)
+            loop = ChainLoop(chain, model, guide, optim, loss, options, rule, initial_modules, save)
+            source = BatchSource(args, model_kwargs, batches)
+            resume = ckpt if (ckpt is not None and ckpt.meta["chain"] == chain) else None
+            if resume is None:
+                if initial is not None:
+                    reset_modules(initial_modules)
+                    load_store(initial)
+                if seed is not None:
+                    pyro.set_rng_seed(seed + chain)
+                start = 0
+            else:
+                start = self._resume(loop, source, resume, done, rule)
+            try:
+                stop_reason = loop.run(source, num_steps, start)
+            except NonFiniteError as e:
+                stop_reason, error = "nonfinite", e
+            done.append({"rows": loop.rows, "state": store_state(), "terms": getattr(loss, "last_terms", None),
+                         "stop_reason": stop_reason})
+            if error is not None:
+                break
+            if stop_reason == "interrupted":
+                interrupted = True
+                break
+
+        result = self._result(done, args, model_kwargs, batches)
+        if error is not None:
+            error.result = result
+            raise error
+        if interrupted:
+            warnings.warn(
+                f"SVIRunner.run was interrupted (KeyboardInterrupt) after {result.num_steps[-1]} completed steps of "
+                f"chain {len(done) - 1}; returning the partial result (stop_reason='interrupted').",
+                UserWarning,
+                stacklevel=2,
+            )
+        return result
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _saver(self, writer, done, seed, initial, initial_modules, rule, fingerprint):
+        num_chains = self.num_chains
+
+        def save(loop: ChainLoop, steps_done: int) -> None:
+            tensors: dict = {}
+            store = pyro.get_param_store().get_state()
+            meta = {
+                "step": steps_done,
+                "chain": loop.chain,
+                "num_chains": num_chains,
+                "seed": seed,
+                "params": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in store["params"].items()},
+                "param_store": encode(store, tensors, "the parameter store"),
+                "optim": {"type": optim_type(loop.optim),
+                          "state": encode(loop.optim.get_state(), tensors, "the optimiser state")},
+                "loss": {"type": _type_name(loop.loss),
+                         "state": encode(loop.loss.state_dict() if loop.has_state else None, tensors, "the loss state")},
+                "stopping": rule.state_dict() if rule is not None else None,
+                "rng": encode(pyro.util.get_rng_state(), tensors, "the RNG state"),
+                "wall_time": loop.wall_time(),
+                "data": fingerprint,
+                "chains_done": [
+                    {"state": encode(o["state"], tensors, f"chain {i}'s parameters"), "terms": encode_terms(o["terms"]),
+                     "stop_reason": o["stop_reason"]}
+                    for i, o in enumerate(done)
+                ],
+                "initial_state": encode(initial, tensors, "the initial parameters"),
+                "initial_modules": encode(initial_modules, tensors, "the initial module parameters"),
+            }
+            writer.write(meta, tensors, [o["rows"] for o in done] + [loop.rows])
+
+        return save
+
+    def _check_resume(self, ckpt: Checkpoint, num_steps: int, fingerprint: list) -> None:
+        meta, path = ckpt.meta, ckpt.path
+
+        def refuse(what: str) -> ValueError:
+            return ValueError(f"resume_from={path!r} does not match this run: {what}")
+
+        if meta["num_chains"] != self.num_chains:
+            raise refuse(f"the checkpoint has num_chains={meta['num_chains']}, this runner num_chains="
+                         f"{self.num_chains}; resume with the same number of chains")
+        if num_steps < meta["step"]:
+            raise refuse(f"the checkpoint is at step {meta['step']} (chain {meta['chain']}), beyond num_steps="
+                         f"{num_steps}; pass num_steps >= {meta['step']}")
+        if meta["optim"]["type"] != optim_type(self.optim):
+            raise refuse(f"the checkpoint was written with the optimiser {meta['optim']['type']}, this runner has "
+                         f"{optim_type(self.optim)}; resume with the same optimiser")
+        if meta["loss"]["type"] != _type_name(self.loss):
+            raise refuse(f"the checkpoint was written with the loss {meta['loss']['type']}, this runner has "
+                         f"{_type_name(self.loss)}; resume with the same loss class")
+        if meta["data"] != fingerprint:
+            warnings.warn(
+                f"resume_from={path!r}: the data arguments differ in shape or dtype from those the checkpoint was "
+                f"written with ({meta['data']} then, {fingerprint} now); continuing on the new data",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _resume(self, loop: ChainLoop, source: BatchSource, ckpt: Checkpoint, done: list, rule) -> int:
+        # Lazy set-up that consumes random numbers in the uninterrupted run (autoguide
+        # prototypes, the loss's plate-nesting guess, pyro.module parameters) happens here,
+        # before the RNG state is restored, and before the checkpoint's parameters are
+        # loaded, so that those are copied into the tensors the model and guide use.
+        meta, path = ckpt.meta, ckpt.path
+        step = meta["step"]
+        registered = loop.warm_up(*source.peek(step))
+        live = pyro.get_param_store().get_state()
+        saved = meta["params"]
+        missing = sorted(set(registered) - set(saved))
+        extra = sorted(n for n in saved if n not in live["params"])
+        shapes = sorted(
+            f"'{n}' {tuple(saved[n]['shape'])} then, {tuple(live['params'][n].shape)} now"
+            for n in saved if n in live["params"] and list(live["params"][n].shape) != saved[n]["shape"]
+        )
+        if missing or extra or shapes:
+            parts = ([f"parameters not in the checkpoint: {missing}"] if missing else []) + (
+                [f"checkpoint parameters this model and guide do not have: {extra}"] if extra else []) + (
+                [f"other shapes: {'; '.join(shapes)}"] if shapes else [])
+            raise ValueError(f"resume_from={path!r} does not match this run's parameters: {'; '.join(parts)}; "
+                             "resume with the model and guide that wrote the checkpoint")
+        for state in [meta["param_store"], meta["initial_state"]] + [o["state"] for o in done]:
+            if state is None:
+                continue
+            for name, c in list(state["constraints"].items()):
+                if isinstance(c, UnknownConstraint):
+                    if name not in live["constraints"]:
+                        raise ValueError(f"resume_from={path!r}: the constraint of parameter '{name}' "
+                                         f"({c.description}) cannot be restored; register it before resuming")
+                    state["constraints"][name] = live["constraints"][name]
+        load_store(meta["param_store"])
+        loop.optim.set_state(meta["optim"]["state"])
+        if loop.has_state and meta["loss"]["state"] is not None:
+            loop.loss.load_state_dict(meta["loss"]["state"])
+        loop.rows = ckpt.rows[meta["chain"]]
+        if rule is not None and meta["stopping"] is not None:
+            rule.load_state_dict(meta["stopping"])
+        loop.elapsed0 = meta["wall_time"]
+        pyro.util.set_rng_state(meta["rng"])
+        return step
+
+    # -- result -----------------------------------------------------------------------------------
+
+    def _result(self, done, args, model_kwargs, batches) -> SVIResult:
+        import pandas as pd
+
+        frames = []
+        for i, outcome in enumerate(done):
+            frame = pd.DataFrame.from_records(outcome["rows"]) if outcome["rows"] else pd.DataFrame({"step": []})
+            if self.num_chains > 1:
+                frame.insert(0, "chain", i)
+            frames.append(frame)
+        history = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        if "step" in history.columns:
+            history["step"] = history["step"].astype("int64")
+        window = self.convergence.window if self.convergence is not None else 100
+        scores = [final_score(o["rows"], window) for o in done]
+        best = max(range(len(done)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
+        if len(done) > 1:
+            load_store(done[best]["state"])
+        return SVIResult(
+            history=history,
+            chain_states=[o["state"] for o in done],
+            terms=[o["terms"] for o in done],
+            stop_reasons=[o["stop_reason"] for o in done],
+            best_chain=best,
+            model=self.model,
+            guide=self.guide,
+            args=None if batches is not None else tuple(args),
+            model_kwargs=dict(model_kwargs),
+        )
