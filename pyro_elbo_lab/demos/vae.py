@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..datasets import load_digits
+from ..inference_data import from_svi_result
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, posterior_collapse, rate_distortion
 from ..losses import BetaMeanFieldELBO
 from ..runner import SVIRunner
@@ -216,7 +217,9 @@ def fit(
     vae = DigitsVAE(latent_dim=latent_dim, name=config.name)
     loss = BetaMeanFieldELBO(beta=config.beta, max_plate_nesting=1)
     runner = SVIRunner(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), loss, progress_bar=progress_bar, seed=seed)
-    result = runner.run(num_steps=num_steps, batches=minibatches(x_train, batch_size, seed), num_data=x_train.shape[0])
+    result = runner.run(
+        num_steps=num_steps, batches=minibatches(x_train, batch_size, seed), model_kwargs={"num_data": x_train.shape[0]}
+    )
     return vae, result
 
 
@@ -413,7 +416,7 @@ def write_outputs(study: VAEStudy, output: str, report: Report) -> list[str]:
         paths.append(path)
         report.image(path, f"{config.label}: rows are held-out images, their reconstructions, and samples from the prior")
 
-        idata = study.results[config.name].to_inference_data(x, num_samples=100)
+        idata = from_svi_result(study.results[config.name], x, num_samples=100)
         path = os.path.join(output, f"vae_{config.name}.nc")
         idata.to_netcdf(path)
         paths.append(path)
