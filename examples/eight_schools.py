@@ -11,7 +11,7 @@ guides (mean-field AutoNormal; full-rank AutoMultivariateNormal). For each fit:
 1. SVIRunner + BetaELBO: the ELBO and its decomposition recorded at every step;
 2. BetaELBO.decompose: ELBO = reconstruction - KL(q || prior) = E_q log p(y, z) + H[q];
 3. estimate_evidence(psis=True): log p(y) ± se, the gap KL(q || p(z|y)) and Pareto k̂;
-4. SVIResult.to_inference_data + az.summary, beside ArviZ's bundled NUTS posterior.
+4. from_svi_result + az.summary, beside ArviZ's bundled NUTS posterior.
 
 Both parametrisations have the same marginal likelihood, computed here to quadrature
 precision, so every guide's evidence estimate and gap are checked against one exact number.
@@ -27,7 +27,7 @@ import arviz as az
 import pandas as pd
 import pyro
 
-from pyro_elbo_lab import BetaELBO, SVIRunner, estimate_evidence
+from pyro_elbo_lab import BetaELBO, SVIRunner, estimate_evidence, from_svi_result
 from pyro_elbo_lab.datasets import eight_schools
 from pyro_elbo_lab.demos.common import Report, example_parser, seed_everything
 from pyro_elbo_lab.demos.eight_schools import GUIDES, MODELS, exact_reference, nuts_reference
@@ -70,7 +70,7 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
                 warnings.simplefilter("ignore", ImportanceSamplingWarning)
                 evidence = estimate_evidence(model, guide, sigma, y, num_samples=num_samples, psis=True, max_plate_nesting=1)
             # 4. draws from the guide as InferenceData, summarised by ArviZ
-            idata = result.to_inference_data(sigma, y, num_samples=1000)
+            idata = from_svi_result(result, sigma, y, num_samples=1000)
             summary = az.summary(idata, var_names=["mu", "tau"], kind="stats")
             fits[name] = {"terms": terms, "evidence": evidence, "summary": summary, "history": result.history}
             rows[name] = {

@@ -20,6 +20,8 @@ _EXPORTS = {
     "BetaMeanFieldELBO": "pyro_elbo_lab.losses",
     "JitBetaELBO": "pyro_elbo_lab.losses",
     "JitBetaMeanFieldELBO": "pyro_elbo_lab.losses",
+    "BetaTraceEnumELBO": "pyro_elbo_lab.losses",
+    "BetaTraceGraphELBO": "pyro_elbo_lab.losses",
     "ELBOTerms": "pyro_elbo_lab.terms",
     # diagnostics
     "estimate_evidence": "pyro_elbo_lab.diagnostics",
@@ -35,13 +37,18 @@ _EXPORTS = {
     # runner and ArviZ
     "SVIRunner": "pyro_elbo_lab.runner",
     "SVIResult": "pyro_elbo_lab.runner",
-    "SVISummary": "pyro_elbo_lab.runner",
+    "SVISummary": "pyro_elbo_lab.summary",
     "NonFiniteError": "pyro_elbo_lab.runner",
+    "Convergence": "pyro_elbo_lab.runner",
+    "Checkpointing": "pyro_elbo_lab.runner",
+    "Evaluation": "pyro_elbo_lab.runner",
     "to_inference_data": "pyro_elbo_lab.inference_data",
+    "from_svi_result": "pyro_elbo_lab.inference_data",
+    "summarize": "pyro_elbo_lab.summary",
     # optional dependencies
     "MissingExtraError": "pyro_elbo_lab.datasets",
 }
-_SUBMODULES = ("schedules", "losses", "diagnostics", "runner", "inference_data", "plots", "terms")
+_SUBMODULES = ("schedules", "losses", "diagnostics", "runner", "inference_data", "summary", "arviz_compat", "plots", "terms")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

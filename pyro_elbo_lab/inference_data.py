@@ -1,20 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-ArviZ :class:`~arviz.InferenceData` for variational fits.
+The converter: a variational fit as ArviZ data.
 
 ``az.from_pyro`` reads MCMC internals and does not apply to SVI. :func:`to_inference_data`
 draws from the guide in one vectorised pass (:func:`~pyro_elbo_lab.diagnostics.traces.vectorized_traces`)
 and builds the groups ArviZ's diagnostics read: ``posterior`` (guide draws),
-``log_likelihood`` (pointwise, so ``az.loo`` / ``az.waic`` work), ``observed_data``,
+``log_likelihood`` (pointwise, so ``az.loo`` works), ``observed_data``,
 ``constant_data``, ``posterior_predictive`` on request, ``sample_stats`` with each draw's
 :math:`\\log p(x, z_s)`, :math:`\\log q(z_s)` and log importance weight (so PSIS
 diagnostics and importance-corrected estimates can be computed from the file alone),
-and the optimisation history of an :class:`~pyro_elbo_lab.SVIResult` in its own group,
-``optimization_history``, with a ``step`` dimension.
+and the optimisation history in its own group, ``optimization_history``, with a ``step``
+dimension. :func:`from_svi_result` does the same for every chain of an
+:class:`~pyro_elbo_lab.SVIResult`.
+
+The result is built once as an :class:`xarray.DataTree`: ArviZ 1.x gets it as is, ArviZ
+0.2x as an ``InferenceData`` (:func:`pyro_elbo_lab.arviz_compat.finalize`). This module
+calls ArviZ only through :mod:`pyro_elbo_lab.arviz_compat`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -24,34 +28,15 @@ import pyro
 import pyro.poutine as poutine
 from pyro.distributions.util import scale_and_mask
 
-from .diagnostics.evidence import _verdict
+from . import arviz_compat
+from .checks import check_int, check_model_kwargs
 
-__all__ = ["to_inference_data", "history_to_dataset", "summarize", "HISTORY_GROUP"]
+__all__ = ["to_inference_data", "from_svi_result", "history_to_dataset", "HISTORY_GROUP"]
 
-#: Name of the InferenceData group holding the optimisation history.
+#: Name of the group holding the optimisation history.
 HISTORY_GROUP = "optimization_history"
 
-# options of to_inference_data, told apart from model keyword arguments by SVIResult
-_OPTION_NAMES = ("coords", "dims", "constant_data", "posterior_predictive", "max_plate_nesting", "history")
-
-
-def to_inference_data(
-    model,
-    guide,
-    *args,
-    num_samples: int = 1000,
-    coords: Mapping[str, Any] | None = None,
-    dims: Mapping[str, list[str]] | None = None,
-    constant_data: Mapping[str, Any] | None = None,
-    posterior_predictive: bool = False,
-    max_plate_nesting: int | None = None,
-    history=None,
-    _result=None,
-    **kwargs,
-):
-    """
-    Draw from a fitted guide and return an :class:`arviz.InferenceData`.
-
+_GROUPS_DOC = """
     Groups:
 
     - ``posterior``: the guide's draws of every latent site of the model (and
@@ -69,32 +54,50 @@ def to_inference_data(
       ``log_guide`` :math:`\\log q(z_s)` and ``log_importance_weight``
       :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats with Pyro's data
       scaling.
-    - ``optimization_history``: ``history`` (an :class:`~pyro_elbo_lab.SVIResult` or its
-      history DataFrame) with dims ``(chain, step)``, per-site terms as
-      ``<term>_per_site`` with a ``site`` dimension.
+    - ``optimization_history``: the history (see :func:`history_to_dataset`) with dims
+      ``(chain, step)``, per-site terms as ``<term>_per_site`` with a ``site`` dimension.
+"""
 
-    The draws use the parameters in Pyro's parameter store (for an ``SVIResult``,
-    each chain's parameters in turn).
 
+def to_inference_data(
+    model,
+    guide,
+    *args,
+    model_kwargs: dict | None = None,
+    num_samples: int = 1000,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, list[str]] | None = None,
+    constant_data: Mapping[str, Any] | None = None,
+    posterior_predictive: bool = False,
+    max_plate_nesting: int | None = None,
+    history=None,
+):
+    """
+    Draw from a fitted guide (the parameters in Pyro's parameter store) and return the
+    fit as ArviZ data: an ``arviz.InferenceData`` on ArviZ 0.2x, an
+    :class:`xarray.DataTree` on ArviZ 1.x, with one chain.
+    {groups}
     :param model: a Pyro model.
     :param guide: a Pyro guide (fitted).
-    :param args: model/guide arguments (the full data, not a minibatch).
+    :param args: model/guide positional arguments (the full data, not a minibatch).
+    :param dict model_kwargs: model/guide keyword arguments (any names, ``dims`` and
+        ``num_samples`` included: they go to the model).
     :param int num_samples: draws per chain.
     :param dict coords: coordinates per dimension name, overriding the defaults.
-    :param dict dims: ``{variable: [dim names]}`` (dims after ``chain, draw``; for an
+    :param dict dims: ``{{variable: [dim names]}}`` (dims after ``chain, draw``; for an
         observed site its plate dims, shared by ``log_likelihood``, ``observed_data`` and
         ``posterior_predictive``), overriding the plate names; trailing dims left
         unnamed get ArviZ's default names.
     :param dict constant_data: the ``constant_data`` group.
     :param bool posterior_predictive: add the ``posterior_predictive`` group.
     :param int max_plate_nesting: the model's plate depth; guessed when None.
-    :param history: an :class:`~pyro_elbo_lab.SVIResult` or a history DataFrame.
-    :param kwargs: model/guide keyword arguments.
-    :rtype: arviz.InferenceData
-    :raises ValueError: for a bad ``num_samples``, ``dims`` naming more dimensions than
-        a variable has, a model without sample sites, a site with batch dimensions left
-        of its plates (pass ``max_plate_nesting``), or a ``history`` that is not an
-        ``SVIResult`` or history DataFrame.
+    :param history: an :class:`~pyro_elbo_lab.SVIResult` or a history DataFrame for the
+        ``optimization_history`` group.
+    :rtype: arviz.InferenceData or xarray.DataTree
+    :raises ValueError: for a bad ``num_samples`` or ``model_kwargs``, ``dims`` naming more
+        dimensions than a variable has, a model without sample sites, a site with batch
+        dimensions left of its plates (pass ``max_plate_nesting``), or a ``history`` that
+        is not an ``SVIResult`` or history DataFrame.
 
     References
 
@@ -104,30 +107,77 @@ def to_inference_data(
     [2] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
         Gelman, Yuling Yao, Jonah Gabry (2024)
     """
-    import arviz as az
+    kwargs = check_model_kwargs(model_kwargs)
+    check_int("num_samples", num_samples, 1, hint="the number of draws from the guide")
+    draws = [_draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive)]
+    return _build(draws, coords, dims, constant_data, posterior_predictive, history)
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if _result is not None and history is None:
-        history = _result
 
-    if _result is not None:  # each chain's own final parameters, whatever the store holds now
-        draws = []
-        for chain in range(_result.num_chains):
-            with _result.use_params(chain):
-                draws.append(_draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive))
-    else:
-        draws = [_draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive)]
+def from_svi_result(
+    result,
+    *args,
+    model_kwargs: dict | None = None,
+    num_samples: int = 1000,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, list[str]] | None = None,
+    constant_data: Mapping[str, Any] | None = None,
+    posterior_predictive: bool = False,
+    max_plate_nesting: int | None = None,
+    history=None,
+):
+    """
+    An :class:`~pyro_elbo_lab.SVIResult` as ArviZ data: each runner chain's guide, with
+    that chain's final parameters (:meth:`~pyro_elbo_lab.SVIResult.use_params`), gives
+    one ArviZ chain of ``num_samples`` draws; the run's history is the
+    ``optimization_history`` group. Groups as :func:`to_inference_data`.
 
+    Reads only the result's public data: ``model``, ``guide``, ``num_chains``,
+    ``use_params(chain)``, ``args``, ``model_kwargs`` and ``history``.
+
+    :param result: a fitted :class:`~pyro_elbo_lab.SVIResult`.
+    :param args: the model's positional data; default the run's own (``result.args``;
+        after a minibatch run there is none: pass the full data).
+    :param dict model_kwargs: the model's keyword data; default the run's own
+        (``result.model_kwargs``).
+    :param num_samples: and the other options: as :func:`to_inference_data`;
+        ``history`` defaults to ``result``'s.
+    :rtype: arviz.InferenceData or xarray.DataTree
+    :raises ValueError: after a minibatch run without data given; and as
+        :func:`to_inference_data`.
+    """
+    if model_kwargs is None:
+        model_kwargs = result.model_kwargs
+    kwargs = check_model_kwargs(model_kwargs)
+    if not args:
+        if result.args is None:
+            raise ValueError(
+                "this result was fitted on minibatches, so it has no data of its own: pass the full data, "
+                "e.g. from_svi_result(result, x_full)"
+            )
+        args = tuple(result.args)
+    check_int("num_samples", num_samples, 1, hint="the number of draws per chain")
+    draws = []
+    for chain in range(result.num_chains):  # each chain's own final parameters
+        with result.use_params(chain):
+            draws.append(
+                _draw(result.model, result.guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive)
+            )
+    return _build(draws, coords, dims, constant_data, posterior_predictive, result if history is None else history)
+
+
+to_inference_data.__doc__ = to_inference_data.__doc__.format(groups=_GROUPS_DOC)
+
+
+def _build(draws, coords, dims, constant_data, posterior_predictive, history):
+    """One DataTree from the draws of each chain, then the installed ArviZ's type."""
     first = draws[0]
 
     def stack(group):
         return {name: np.stack([d[group][name] for d in draws]) for name in first[group]}
 
     all_dims = dict(first["dims"])
-    if dims:
-        for name, names in dims.items():
-            all_dims[name] = list(names)
+    for name, names in (dims or {}).items():
+        all_dims[name] = list(names)
     for group in ("posterior", "log_likelihood", "posterior_predictive"):
         for name, value in first[group].items():
             ndim = value.ndim - 1  # after the draw dim
@@ -139,17 +189,19 @@ def to_inference_data(
                 )
     groups = {
         "posterior": stack("posterior"),
-        "log_likelihood": stack("log_likelihood") or None,
+        "log_likelihood": stack("log_likelihood"),
         "sample_stats": stack("sample_stats"),
-        "observed_data": first["observed_data"] or None,
-        "constant_data": {k: _to_numpy(v) for k, v in constant_data.items()} if constant_data else None,
+        "observed_data": first["observed_data"],
+        "constant_data": {k: _to_numpy(v) for k, v in (constant_data or {}).items()},
     }
     if posterior_predictive:
         groups["posterior_predictive"] = stack("posterior_predictive")
-    idata = az.from_dict(**groups, coords=dict(coords or {}), dims=all_dims)
+    tree = arviz_compat.from_dict(groups, coords=coords, dims=all_dims)
     if history is not None:
-        idata.add_groups({HISTORY_GROUP: history_to_dataset(history)})
-    return idata
+        import xarray as xr
+
+        tree[HISTORY_GROUP] = xr.DataTree(history_to_dataset(history))
+    return arviz_compat.finalize(tree)
 
 
 def history_to_dataset(history):
@@ -159,52 +211,35 @@ def history_to_dataset(history):
     Totals (``loss``, ``elbo``, ``kl``, ...) become ``(chain, step)`` variables; per-site
     columns ``"<term>/<site>"`` become ``<term>_per_site`` with dims
     ``(chain, step, site)`` (NaN where a term does not apply to a site). Chains of
-    different lengths are padded with NaN.
+    different lengths are padded with NaN; non-numeric columns become NaN.
 
     :param history: an :class:`~pyro_elbo_lab.SVIResult` or its ``history`` DataFrame.
     :rtype: xarray.Dataset
+    :raises ValueError: if ``history`` is neither (or has no ``step`` column).
     """
     import pandas as pd
-    import xarray as xr
 
     frame = getattr(history, "history", history)
     if not isinstance(frame, pd.DataFrame) or "step" not in frame.columns:
         raise ValueError(f"history must be an SVIResult or its history DataFrame (with a 'step' column), got {type(history)}")
-    frame = frame.copy()
-    if "chain" not in frame.columns:
-        frame["chain"] = 0
-    chains = sorted(frame["chain"].unique().tolist())
-    steps = sorted(frame["step"].unique().tolist())
-    frame = frame.set_index(["chain", "step"])
-    full = pd.MultiIndex.from_product([chains, steps], names=["chain", "step"])
-    frame = frame.reindex(full)
-
-    per_site: dict[str, dict[str, str]] = {}
-    totals = []
-    for column in frame.columns:
-        if "/" in column:
-            term, site = column.split("/", 1)
-            per_site.setdefault(term, {})[site] = column
-        else:
-            totals.append(column)
-    sites = sorted({s for cols in per_site.values() for s in cols})
-    shape = (len(chains), len(steps))
-    data_vars = {}
-    for column in totals:
-        values = frame[column].to_numpy()
-        if values.dtype == object or values.dtype == bool:
-            values = pd.to_numeric(frame[column].astype("float64"), errors="coerce").to_numpy()
-        data_vars[column] = (("chain", "step"), values.astype("float64").reshape(shape))
-    for term, columns in per_site.items():
-        values = np.full(shape + (len(sites),), np.nan)
-        for j, site in enumerate(sites):
-            if site in columns:
-                values[..., j] = frame[columns[site]].to_numpy(dtype="float64").reshape(shape)
-        data_vars[f"{term}_per_site"] = (("chain", "step", "site"), values)
-    coords = {"chain": np.asarray(chains, dtype="int64"), "step": np.asarray(steps, dtype="int64")}
-    if sites:
-        coords["site"] = np.asarray(sites, dtype=str)
-    return xr.Dataset(data_vars, coords=coords, attrs={"units": "nats", "description": "SVI optimisation history"})
+    frame = frame.assign(chain=frame["chain"] if "chain" in frame.columns else 0).set_index(["chain", "step"])
+    frame = frame.apply(lambda column: pd.to_numeric(column, errors="coerce")).astype("float64")
+    per_site = [c for c in frame.columns if "/" in c]
+    # to_xarray unstacks the (chain, step) index onto the full grid: missing steps are NaN
+    dataset = frame.drop(columns=per_site).to_xarray()
+    if per_site:
+        sites = frame[per_site]
+        sites.columns = pd.MultiIndex.from_tuples(
+            [(term + "_per_site", site) for term, site in (c.split("/", 1) for c in per_site)], names=[None, "site"]
+        )
+        long = sites.stack("site", future_stack=True).sort_index()
+        dataset = dataset.merge(long.to_xarray())
+        dataset["site"] = dataset["site"].astype(str)
+    dataset = dataset.assign_coords(
+        chain=dataset["chain"].astype("int64"), step=dataset["step"].astype("int64")
+    )
+    dataset.attrs.update(units="nats", description="SVI optimisation history")
+    return dataset
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,168 +384,3 @@ def _to_numpy(value) -> np.ndarray:
         return value.detach().cpu().numpy()
     return np.asarray(value)
 
-
-# ------------------------------------------------------------------------------------------
-# summary
-
-
-def _is_weights(idata, chain: int) -> np.ndarray:
-    return np.asarray(idata.sample_stats["log_importance_weight"].isel(chain=chain).values, dtype="float64")
-
-
-def _psis(log_weights) -> tuple[np.ndarray, float]:
-    """
-    Pareto-smoothed log weights and k̂ of one chain, with
-    :func:`pyro_elbo_lab.diagnostics.evidence.psis_diagnostics` (``az.psislw``; k̂ =
-    -inf for constant weights, NaN below 21 draws; no warnings: k̂ is reported).
-    """
-    from .diagnostics.evidence import psis_diagnostics
-
-    smoothed, k = psis_diagnostics(torch.as_tensor(np.asarray(log_weights, dtype="float64")))
-    return smoothed.numpy(), float(k)
-
-
-def importance_diagnostics(log_weights: np.ndarray) -> dict[str, float]:
-    """
-    Importance-sampling diagnostics from one chain's log weights
-    :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats.
-
-    The same estimates as :func:`pyro_elbo_lab.estimate_evidence` with ``psis=True``,
-    which is what :class:`~pyro_elbo_lab.SVIRunner`'s ``evaluate_every`` records
-    (``eval_log_evidence``, ...): ``log_evidence``, its standard error and ``ess`` come
-    from the Pareto-smoothed weights :math:`\\tilde w_s`, ``elbo`` from the raw ones.
-
-    :param numpy.ndarray log_weights: shape ``(S,)``.
-    :returns: ``log_evidence`` :math:`\\log \\frac1S \\sum_s \\tilde w_s` (PSIS-smoothed),
-        its delta-method ``log_evidence_stderr``
-        :math:`\\mathrm{sd}(\\tilde w) / (\\sqrt{S}\\,\\bar{\\tilde w})`, ``elbo``
-        :math:`\\frac1S \\sum_s \\log w_s` (raw), ``gap`` (``log_evidence - elbo``, an
-        estimate of :math:`\\mathrm{KL}(q \\| p(z \\mid x))`), ``pareto_k`` (from
-        ``az.psislw``; ``-inf`` for constant weights, NaN below 21 draws), ``ess``
-        :math:`1 / \\sum_s \\bar{\\tilde w}_s^2` of the smoothed normalised weights.
-    :rtype: dict
-
-    References
-
-    [1] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
-        Gelman, Yuling Yao, Jonah Gabry (2024)
-
-    [2] `Yes, but Did It Work?: Evaluating Variational Inference`, Yuling Yao, Aki
-        Vehtari, Daniel Simpson, Andrew Gelman (2018)
-    """
-    from .diagnostics.evidence import _importance_stats, psis_diagnostics
-
-    lw = torch.as_tensor(np.asarray(log_weights, dtype="float64"))
-    smoothed, k = psis_diagnostics(lw)
-    log_evidence, stderr, ess = (float(v) for v in _importance_stats(smoothed))
-    elbo = float(lw.mean())
-    return {
-        "log_evidence": log_evidence,
-        "log_evidence_stderr": stderr,
-        "elbo": elbo,
-        "gap": log_evidence - elbo,
-        "pareto_k": float(k),
-        "ess": ess,
-    }
-
-
-def psis_means(idata):
-    """
-    PSIS-corrected posterior means: per chain the self-normalised importance-sampling
-    estimate :math:`\\sum_s \\bar{\\tilde w}_s z_s` with the Pareto-smoothed,
-    normalised weights of ``sample_stats.log_importance_weight``, averaged over chains.
-    Reliable where k̂ ≤ 0.7 (see :func:`importance_diagnostics`).
-
-    :param arviz.InferenceData idata: from :func:`to_inference_data`, with posterior
-        variables of shape ``(chain, draw, ...)``.
-    :returns: the posterior group's variables without the ``chain`` and ``draw`` dims,
-        in the units of each variable.
-    :rtype: xarray.Dataset
-
-    References
-
-    [1] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
-        Gelman, Yuling Yao, Jonah Gabry (2024)
-    """
-    import xarray as xr
-
-    post = idata.posterior
-    chains = []
-    for c in range(post.sizes["chain"]):
-        smoothed, _ = _psis(_is_weights(idata, c))
-        w = np.exp(smoothed - smoothed.max())
-        w = xr.DataArray(w / w.sum(), dims=["draw"], coords={"draw": post["draw"].values})
-        chains.append((post.isel(chain=c) * w).sum("draw"))
-    return sum(chains[1:], chains[0]) / len(chains)
-
-
-def summarize(idata, history=None, last: int = 50):
-    """
-    The report behind :meth:`pyro_elbo_lab.SVIResult.summary`, from an InferenceData
-    made by :func:`to_inference_data` (and optionally the history).
-
-    ``posterior``: ``az.summary`` of the guide's draws (``kind="all"`` with several
-    chains, so with :math:`\\hat R` and ESS; ``"stats"`` with one) with a ``psis_mean``
-    column (:func:`psis_means`) beside the raw ``mean``. ``vi``: one row per chain with
-    the history's ``elbo``, ``reconstruction``, ``kl``, ``entropy`` (or ``loss``)
-    averaged over its last ``last`` steps, the :func:`importance_diagnostics` of the
-    chain's log weights (``log_evidence`` and its standard error and ``ess``
-    PSIS-smoothed, as the runner's ``eval_*`` columns; ``gap``; ``pareto_k``), the
-    ``verdict`` of k̂ (``"good"``, ``"ok"``, ``"bad"``, ``"unknown"``) and the largest
-    posterior :math:`\\hat R` (NaN for one chain). Values in nats.
-
-    :param arviz.InferenceData idata: from :func:`to_inference_data`.
-    :param history: an :class:`~pyro_elbo_lab.SVIResult` or its history DataFrame.
-    :param int last: steps averaged for the ELBO terms.
-    :rtype: pyro_elbo_lab.runner.SVISummary
-    :raises ValueError: if ``last`` is not a positive integer.
-
-    References
-
-    [1] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
-        Gelman, Yuling Yao, Jonah Gabry (2024)
-
-    [2] `Rank-normalization, folding, and localization: An improved R-hat for assessing
-        convergence of MCMC`, Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
-        Paul-Christian Bürkner (2021)
-    """
-    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
-        raise ValueError(f"last must be a positive integer number of steps, got {last!r}")
-    import arviz as az
-    import pandas as pd
-    from arviz.labels import BaseLabeller
-    from arviz.sel_utils import xarray_var_iter
-
-    from .runner import SVISummary
-
-    num_chains = idata.posterior.sizes["chain"]
-    posterior = az.summary(idata, kind="all") if num_chains > 1 else az.summary(idata, kind="stats")
-    means = psis_means(idata)
-    labeller = BaseLabeller()
-    corrected = {
-        labeller.make_label_flat(var, sel, isel): float(values)
-        for var, sel, isel, values in xarray_var_iter(means, combined=True)
-    }
-    posterior.insert(posterior.columns.get_loc("mean") + 1, "psis_mean", [corrected.get(i, np.nan) for i in posterior.index])
-    r_hat = float(posterior["r_hat"].max()) if "r_hat" in posterior.columns else math.nan
-
-    frame = getattr(history, "history", history)
-    rows = []
-    for c in range(num_chains):
-        row: dict[str, Any] = {"chain": c}
-        if frame is not None and len(frame):
-            h = frame[frame["chain"] == c] if "chain" in frame.columns else frame
-            tail = h.tail(last)
-            for column in ("elbo", "reconstruction", "kl", "entropy"):
-                if column in tail.columns:
-                    row[column] = float(tail[column].mean())
-            if "elbo" not in row and "loss" in tail.columns:
-                row["loss"] = float(tail["loss"].mean())
-        diag = importance_diagnostics(_is_weights(idata, c))
-        row.update({k: diag[k] for k in ("log_evidence", "log_evidence_stderr", "gap", "pareto_k")})
-        row["verdict"] = _verdict(diag["pareto_k"])
-        row["ess"] = diag["ess"]
-        row["r_hat"] = r_hat
-        rows.append(row)
-    vi = pd.DataFrame(rows).set_index("chain")
-    return SVISummary(posterior=posterior, vi=vi)

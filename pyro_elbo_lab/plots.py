@@ -1,13 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Plots of a variational fit, drawn from data (a history DataFrame, an
-:class:`~pyro_elbo_lab.SVIResult`, an :class:`arviz.InferenceData` or a table), never
-from a model.
+:class:`~pyro_elbo_lab.SVIResult`, the output of :func:`~pyro_elbo_lab.to_inference_data` (an ``InferenceData`` or
+``DataTree``) or a table), never from a model.
 
 Every function returns the matplotlib :class:`~matplotlib.axes.Axes` it drew on, with a
 title, axis labels with units (nats) and a legend. For the posterior itself use ArviZ's
-plots on :meth:`~pyro_elbo_lab.SVIResult.to_inference_data`: ``az.plot_trace``,
-``az.plot_posterior``, ``az.plot_forest``.
+plots on :func:`~pyro_elbo_lab.from_svi_result`'s output (``az.plot_trace``,
+``az.plot_forest``; ``az.plot_posterior`` on ArviZ 0.2x).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .diagnostics.evidence import PARETO_K_BAD, PARETO_K_GOOD, _verdict
+from . import arviz_compat
+from .diagnostics.psis import PARETO_K_BAD, PARETO_K_GOOD, chain_log_weights, psis_diagnostics, verdict
 
 __all__ = ["plot_decomposition", "plot_kl_per_site", "plot_rate_distortion", "plot_pareto_k"]
 
@@ -50,8 +51,8 @@ def _history(data):
         return data.history
     if isinstance(data, pd.DataFrame):
         return data
-    if hasattr(data, "groups") and "optimization_history" in data.groups():
-        ds = data["optimization_history"]
+    if _is_result(data) and "optimization_history" in arviz_compat.groups(data):
+        ds = arviz_compat.group(data, "optimization_history")
         frame = ds[[v for v in ds.data_vars if "site" not in ds[v].dims]].to_dataframe().reset_index()
         for var in ds.data_vars:
             if "site" in ds[var].dims:
@@ -63,6 +64,15 @@ def _history(data):
         f"expected an SVIResult, its history DataFrame or an InferenceData with an optimization_history group, "
         f"got {type(data).__name__}"
     )
+
+
+def _is_result(data) -> bool:
+    """Whether ``data`` is the converter's output (checked without importing ArviZ for a table)."""
+    import pandas as pd
+
+    if isinstance(data, (pd.DataFrame, dict, list, tuple, np.ndarray)) or hasattr(data, "history"):
+        return False
+    return arviz_compat.is_inference_data(data)
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -252,18 +262,18 @@ def plot_pareto_k(data, ax=None):
     """
     Pareto :math:`\\hat k` of the importance weights :math:`p(x, z_s) / q(z_s)`, with the
     "good" and "bad" thresholds of Vehtari et al.
-    (:data:`~pyro_elbo_lab.diagnostics.evidence.PARETO_K_GOOD`,
-    :data:`~pyro_elbo_lab.diagnostics.evidence.PARETO_K_BAD`). Bars are coloured by the
-    verdict of :attr:`pyro_elbo_lab.EvidenceEstimate.verdict`: green "good" (including
+    (:data:`~pyro_elbo_lab.diagnostics.psis.PARETO_K_GOOD`,
+    :data:`~pyro_elbo_lab.diagnostics.psis.PARETO_K_BAD`). Bars are coloured by the
+    verdict of :func:`pyro_elbo_lab.diagnostics.psis.verdict`: green "good" (including
     k̂ = -inf, constant weights: the guide is the posterior, drawn as a zero-height bar),
     orange "ok", red "bad", grey "unknown" (k̂ = NaN, too few draws; zero height).
 
     :param data: one of
 
-        - an InferenceData from :func:`~pyro_elbo_lab.to_inference_data`: k̂ per chain,
+        - the output of :func:`~pyro_elbo_lab.to_inference_data`: k̂ per chain,
           from ``sample_stats.log_importance_weight``;
         - an :class:`~pyro_elbo_lab.SVIResult` or history with ``eval_pareto_k`` (fitted
-          with ``evaluate_every``): k̂ over training;
+          with ``evaluation=Evaluation(every=N)``): k̂ over training;
         - a mapping ``{label: k̂}`` or a sequence of k̂ values (or of
           :class:`~pyro_elbo_lab.EvidenceEstimate` s).
     :param matplotlib.axes.Axes ax: axes to draw on.
@@ -282,16 +292,16 @@ def plot_pareto_k(data, ax=None):
 
     ax = _axes(ax)
     over_training = False
-    if hasattr(data, "groups") and "sample_stats" in data.groups():
-        from .inference_data import _psis
+    if _is_result(data) and "sample_stats" in arviz_compat.groups(data):
+        import torch
 
-        lw = data.sample_stats["log_importance_weight"]
-        labels = [f"chain {int(c)}" for c in lw["chain"].values]
-        ks = [_psis(lw.isel(chain=i).values)[1] for i in range(len(labels))]
+        chains = arviz_compat.group(data, "sample_stats")["chain"].values
+        labels = [f"chain {int(c)}" for c in chains]
+        ks = [float(psis_diagnostics(torch.as_tensor(chain_log_weights(data, i)))[1]) for i in range(len(labels))]
     elif isinstance(data, pd.DataFrame) or hasattr(data, "history"):
         frame = _history(data)
         if "eval_pareto_k" not in frame.columns:
-            raise ValueError("the history has no 'eval_pareto_k' column: fit with SVIRunner(..., evaluate_every=N)")
+            raise ValueError("the history has no 'eval_pareto_k' column: fit with SVIRunner(..., evaluation=Evaluation(every=N))")
         over_training = True
     elif isinstance(data, dict):
         labels, ks = [str(k) for k in data], [float(getattr(v, "pareto_k", v)) for v in data.values()]
@@ -308,7 +318,7 @@ def plot_pareto_k(data, ax=None):
         ax.set_xlabel("step")
         ax.set_title("Pareto k̂ of the importance weights over training")
     else:
-        colors = [_VERDICT_COLORS[_verdict(k)] for k in ks]
+        colors = [_VERDICT_COLORS[verdict(k)] for k in ks]
         heights = [k if math.isfinite(k) else 0.0 for k in ks]  # -inf (exact) and NaN (unknown): no bar
         ax.bar(range(len(ks)), heights, color=colors, label="k̂")
         ax.set_xticks(range(len(ks)))

@@ -19,6 +19,7 @@ import pyro_elbo_lab
 from pyro_elbo_lab.diagnostics import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence
 from pyro_elbo_lab.diagnostics import evidence as evidence_module
 from pyro_elbo_lab.diagnostics import local as local_module
+from pyro_elbo_lab.diagnostics import psis as psis_module
 from pyro_elbo_lab.diagnostics.traces import SAMPLE_PLATE
 
 # -- Normal–Normal: mu ~ N(0, tau0²), x_i ~ N(mu, sigma²) ------------------------------------------
@@ -348,7 +349,7 @@ def test_nan_log_weights_name_the_site():
 def test_psis_diagnostics_needs_a_sample_dimension():
     # a 0-d tensor used to fail inside numpy with an IndexError; now a ValueError naming the fix
     with pytest.raises(ValueError, match=r"log_weights must be a tensor of shape \(\.\.\., S\).*reshape\(-1\)"):
-        evidence_module.psis_diagnostics(torch.tensor(0.5))
+        psis_module.psis_diagnostics(torch.tensor(0.5))
 
 
 def test_per_datapoint_must_be_a_name():
@@ -375,7 +376,7 @@ def test_result_api():
     assert 0 < result.ess_fraction <= 1
     assert "pareto_k" in str(result) and "log_weights" not in repr(result)
     for k, verdict in [(0.3, "good"), (0.5, "good"), (0.6, "ok"), (0.7, "ok"), (0.71, "bad")]:
-        assert evidence_module._verdict(k) == verdict
+        assert psis_module.verdict(k) == verdict
 
 
 def test_guide_shape_disagreeing_with_model_is_an_error():
@@ -391,3 +392,42 @@ def test_guide_shape_disagreeing_with_model_is_an_error():
 
     with pytest.raises(ValueError, match="mu"):
         estimate_evidence(model, guide, torch.tensor([0.1, -0.3]), num_samples=100)
+
+
+# -- model keyword arguments -------------------------------------------------------------------------
+
+
+def kw_model(x, dims=1.0, num_samples=0.0, history=0.0):
+    # keywords named like the options of estimate_evidence / to_inference_data: the
+    # observations are N(mu + num_samples + history, dims²)
+    mu = pyro.sample("mu", dist.Normal(0.0, TAU0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(mu + num_samples + history, dims), obs=x)
+
+
+def test_model_keywords_named_like_options_reach_the_model():
+    # regression: a model keyword named num_samples was taken as the option. With
+    # model_kwargs it reaches the model: x - shift ~ N(0, dims² I + tau0² 11ᵀ) in closed form,
+    # and with the exact posterior as guide every weight is p(x) exactly (1e-9: float64 rounding)
+    kw = {"dims": 0.5, "num_samples": 1.5, "history": -0.25}
+    shift, sd = 1.25, 0.5
+    n = len(X)
+    post_var = 1.0 / (1.0 / TAU0**2 + n / sd**2)
+    post_mean = post_var * float((X - shift).sum()) / sd**2
+    cov = sd**2 * torch.eye(n) + TAU0**2 * torch.ones(n, n)
+    log_evidence = float(dist.MultivariateNormal(torch.zeros(n), cov).log_prob(X - shift))
+
+    def guide(x, **kwargs):
+        pyro.sample("mu", dist.Normal(post_mean, math.sqrt(post_var)))
+
+    result = estimate_evidence(kw_model, guide, X, model_kwargs=kw, num_samples=30)
+    assert result.num_samples == 30
+    assert result.log_evidence == pytest.approx(log_evidence, abs=1e-9)
+    assert result.elbo == pytest.approx(log_evidence, abs=1e-9)
+    # without them the model is another one: the guide misses its posterior (k̂ > 0.7) and
+    # the evidence differs by far more than rounding
+    with pytest.warns(ImportanceSamplingWarning, match="unreliable"):
+        plain = estimate_evidence(kw_model, guide, X, num_samples=30)
+    assert abs(plain.log_evidence - log_evidence) > 1.0
+    with pytest.raises(ValueError, match=r"model_kwargs must be a dict.*got model_kwargs=\[1\]"):
+        estimate_evidence(kw_model, guide, X, model_kwargs=[1])

@@ -201,10 +201,10 @@ def nuts_reference() -> pd.DataFrame:
         schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
         Vehtari, Donald B. Rubin (2013)
     """
-    import arviz as az
+    from .. import arviz_compat
 
-    idata = az.load_arviz_data("non_centered_eight")
-    summary = az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats")
+    idata = arviz_compat.load_arviz_data("non_centered_eight")
+    summary = arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)
     return _rename_schools(summary[["mean", "sd"]])
 
 
@@ -274,7 +274,8 @@ def fit(
         schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
         Vehtari, Donald B. Rubin (2013)
     """
-    import arviz as az
+    from .. import arviz_compat
+    from ..inference_data import from_svi_result
 
     if model_name not in MODELS:
         raise ValueError(f"fit: model_name must be one of {', '.join(map(repr, MODELS))}, got {model_name!r}")
@@ -295,8 +296,8 @@ def fit(
     with warnings.catch_warnings():  # k̂ and its verdict are reported
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
         evidence = estimate_evidence(model, guide, sigma, y, num_samples=num_samples, psis=True, max_plate_nesting=1)
-    idata = result.to_inference_data(sigma, y, num_samples=1000, coords={"school": list(EIGHT_SCHOOLS_NAMES)})
-    summary = _rename_schools(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats")[["mean", "sd"]])
+    idata = from_svi_result(result, sigma, y, num_samples=1000, coords={"school": list(EIGHT_SCHOOLS_NAMES)})
+    summary = _rename_schools(arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]])
     name = f"{model_name}, {guide_name}"
     return Fit(name, model_name, guide_name, guide, result, terms, evidence, idata, summary, seconds)
 
@@ -409,9 +410,7 @@ def _trust(fit: Fit, exact: ExactReference) -> str:
 
 def write_outputs(study: EightSchools, output: str, report: Report) -> list[str]:
     """Plots (decomposition over training, posterior against NUTS) and netCDF files."""
-    import arviz as az
-
-    from .. import plots
+    from .. import arviz_compat, plots
 
     plt = pyplot()
     os.makedirs(output, exist_ok=True)
@@ -431,12 +430,8 @@ def write_outputs(study: EightSchools, output: str, report: Report) -> list[str]
     paths.append(path)
     report.image(path, "ELBO decomposition over training (nats), with the exact log-evidence")
 
-    nuts = az.load_arviz_data("non_centered_eight")
-    datasets = [nuts] + [f.idata for f in study.fits]
-    names = ["NUTS"] + [f.name for f in study.fits]
-    axes = az.plot_forest(datasets, model_names=names, var_names=["mu", "tau", "theta"], combined=True,
-                          hdi_prob=0.9, figsize=(8, 9))
-    fig = np.ravel(axes)[0].figure
+    datasets = {"NUTS": arviz_compat.load_arviz_data("non_centered_eight")} | {f.name: f.idata for f in study.fits}
+    fig = arviz_compat.plot_forest(datasets, var_names=["mu", "tau", "theta"], ci_prob=0.9)
     fig.suptitle("Eight schools: VI posteriors (90% intervals) against NUTS")
     path = os.path.join(output, "eight_schools_posterior.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -4,6 +4,8 @@ Post-fit VI diagnostics: is the guide any good, and why.
 
 - :func:`estimate_evidence`: importance-sampled log evidence, ELBO, the KL gap
   :math:`\\mathrm{KL}(q \\| p(z \\mid x))` and the PSIS k̂ of the weights.
+- :mod:`.psis`: the importance-weight statistics (PSIS k̂ and its verdict, log mean
+  weight, ESS, PSIS-corrected means), shared by every caller.
 - :func:`posterior_collapse`: KL per latent dimension and active units of local latents.
 - :func:`aggregate_posterior`: ELBO surgery and the β-TCVAE split of the average KL
   (index-code mutual information, total correlation, dimension-wise KL).
@@ -13,10 +15,13 @@ from __future__ import annotations
 
 from .aggregate import AggregatePosteriorReport, aggregate_posterior
 from .collapse import CollapseReport, posterior_collapse
-from .evidence import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence, psis_diagnostics
+from .evidence import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence
+from .psis import PARETO_K_BAD, PARETO_K_GOOD, importance_diagnostics, psis_diagnostics, psis_means, verdict
 from .rate_distortion import RateDistortion, rate_distortion, rate_distortion_sweep
 
 __all__ = [
+    "PARETO_K_BAD",
+    "PARETO_K_GOOD",
     "AggregatePosteriorReport",
     "CollapseReport",
     "EvidenceEstimate",
@@ -24,8 +29,11 @@ __all__ = [
     "RateDistortion",
     "aggregate_posterior",
     "estimate_evidence",
+    "importance_diagnostics",
     "posterior_collapse",
     "psis_diagnostics",
+    "psis_means",
     "rate_distortion",
     "rate_distortion_sweep",
+    "verdict",
 ]

@@ -4,7 +4,7 @@ Importance-sampled evidence, the KL gap and the PSIS k̂ of a fitted guide.
 
 One vectorised guide/model trace per batch of importance samples (the sample plate of
 :mod:`pyro_elbo_lab.diagnostics.traces`), never a Python loop over samples; the Pareto
-k̂ comes from :func:`arviz.psislw`.
+k̂ and the importance statistics come from :mod:`pyro_elbo_lab.diagnostics.psis`.
 """
 from __future__ import annotations
 
@@ -13,44 +13,23 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from pyro.distributions.util import scale_and_mask
 
-from .local import batches, check_int, find_data_plate, plan, sample_sites
+from ..checks import check_int, check_model_kwargs
+from .local import batches, find_data_plate, plan, sample_sites
+from .psis import MIN_PSIS_SAMPLES, PARETO_K_BAD, PARETO_K_GOOD, importance_stats, psis_diagnostics, verdict
 from .traces import SAMPLE_PLATE, ImportanceTraces, log_joint_and_guide, vectorized_traces
 
-__all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence", "psis_diagnostics"]
+__all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence"]
 
 logger = logging.getLogger(__name__)
-
-#: k̂ thresholds of Vehtari et al. (2024): at most ``GOOD`` the estimate is reliable,
-#: above ``BAD`` it is not.
-PARETO_K_GOOD = 0.5
-PARETO_K_BAD = 0.7
-
-#: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
-_CONSTANT_TOL = 1e-9
-
-#: psislw needs more than 4 tail draws, i.e. at least this many samples, to fit k̂.
-MIN_PSIS_SAMPLES = 21
-
 
 class ImportanceSamplingWarning(UserWarning):
     """
     The importance weights of a guide are too heavy-tailed (Pareto k̂ > 0.7) for the
     evidence and KL gap estimates to be trusted, or too few samples were drawn to tell.
     """
-
-
-def _verdict(k: float) -> str:
-    if math.isnan(k):
-        return "unknown"
-    if k <= PARETO_K_GOOD:
-        return "good"
-    if k <= PARETO_K_BAD:
-        return "ok"
-    return "bad"
 
 
 @dataclass(frozen=True)
@@ -108,7 +87,7 @@ class EvidenceEstimate:
         ``"bad"`` (k̂ > 0.7: evidence and gap unreliable) or ``"unknown"`` (too few samples
         to fit k̂).
         """
-        return _verdict(self.pareto_k)
+        return verdict(self.pareto_k)
 
     @property
     def ess_fraction(self) -> float:
@@ -134,72 +113,6 @@ class EvidenceEstimate:
             f"elbo={self.elbo:.4f} ± {self.elbo_stderr:.2g}, gap={self.gap:.4g}, "
             f"pareto_k={self.pareto_k:.3g} ({self.verdict}), ess={self.ess:.1f}/{self.num_samples})"
         )
-
-
-# -- PSIS ---------------------------------------------------------------------------------------
-
-
-def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Pareto-smoothed log weights and the Pareto shape k̂ of their upper tail, along the last
-    dim, with :func:`arviz.psislw` (``reff=1``: independent draws).
-
-    PSIS replaces the largest :math:`M = \\min(S/5, 3\\sqrt S)` weights by the expected
-    order statistics of a generalised Pareto distribution fitted to them; its shape
-    :math:`\\hat k` says how many moments the weights have (:math:`\\hat k < 0.5`: finite
-    variance; :math:`\\hat k > 0.7`: estimates unreliable). Rows whose log weights are
-    constant to ``1e-9`` nats get k̂ = ``-inf`` (bounded weights, nothing to smooth); with
-    fewer than 21 draws k̂ cannot be fitted: it is ``nan`` and the weights are returned
-    unsmoothed. ArviZ's own warnings are swallowed: :func:`estimate_evidence` issues ours.
-
-    :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``,
-        finite.
-    :returns: ``(smoothed, k)``: unnormalised smoothed log weights in nats, shape
-        ``(..., S)``, on the device of ``log_weights``, and k̂ (dimensionless), shape
-        ``(...)``, on the CPU.
-    :rtype: tuple
-    :raises ValueError: if ``log_weights`` is not a tensor with at least one dimension.
-
-    References
-
-    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
-      J. Gabry (2024)
-    """
-    if not torch.is_tensor(log_weights) or log_weights.dim() < 1:
-        raise ValueError(
-            "log_weights must be a tensor of shape (..., S) with the importance samples along the last dim, "
-            f"got {log_weights!r}; pass log_weights.reshape(-1) for one set of weights"
-        )
-    lw = log_weights.detach().to("cpu", torch.float64).numpy()
-    S = lw.shape[-1]
-    constant = (lw.max(-1) - lw.min(-1)) <= _CONSTANT_TOL
-    if S < MIN_PSIS_SAMPLES:
-        k = np.where(constant, -np.inf, np.nan)
-        return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
-    import arviz as az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        smoothed, k = az.psislw(lw, reff=1.0, normalize=False)
-    k = np.where(constant, -np.inf, np.asarray(k, dtype=np.float64))
-    smoothed = np.where(constant[..., None], lw, smoothed)
-    return (
-        torch.as_tensor(smoothed, dtype=log_weights.dtype, device=log_weights.device),
-        torch.as_tensor(k, dtype=log_weights.dtype),
-    )
-
-
-def _importance_stats(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log mean w, delta-method se of it, ESS)`` along the last dim."""
-    S = lw.shape[-1]
-    log_mean = torch.logsumexp(lw, -1) - math.log(S)
-    w = torch.exp(lw - lw.max(-1, keepdim=True).values)  # in (0, 1], the largest is 1
-    mean = w.mean(-1)
-    # var(mean w) = var(w)/S; d log(m) = dm/m  =>  se(log mean) = sd(w) / (sqrt(S) * mean(w))
-    stderr = w.std(-1) / (math.sqrt(S) * mean)
-    wn = w / w.sum(-1, keepdim=True)
-    ess = 1.0 / (wn**2).sum(-1)
-    return log_mean, stderr, ess
 
 
 # -- drawing log weights in batches --------------------------------------------------------------
@@ -294,12 +207,12 @@ def estimate_evidence(
     model,
     guide,
     *args,
+    model_kwargs: dict | None = None,
     num_samples: int = 1000,
     batch_size: int | None = None,
     per_datapoint: str | None = None,
     psis: bool = False,
     max_plate_nesting: int | None = None,
-    **kwargs,
 ) -> EvidenceEstimate:
     """
     Importance-sampled log evidence, ELBO, KL gap and Pareto k̂ of a guide.
@@ -323,10 +236,10 @@ def estimate_evidence(
     is the delta method on the mean weight: :math:`\\mathrm{se}(\\log \\bar w) \\approx
     \\mathrm{sd}(w)/(\\sqrt{S}\\,\\bar w)`, valid when the weights have finite variance
     (k̂ < 0.5). The Pareto k̂ of the weights (Yao et al. 2018) is fitted with
-    :func:`arviz.psislw`; ESS is :math:`1/\\sum_s \\bar w_s^2` for the normalised weights.
+    :func:`~pyro_elbo_lab.diagnostics.psis.psis_diagnostics`; ESS is :math:`1/\\sum_s \\bar w_s^2` for the normalised weights.
 
     Reporting: k̂ > 0.7 issues an :class:`ImportanceSamplingWarning` (evidence and gap
-    unreliable), as does ``S < 21`` (k̂ cannot be fitted); 0.5 < k̂ ≤ 0.7 is noted with a
+    unreliable), as does ``S < 25`` (k̂ cannot be fitted); 0.5 < k̂ ≤ 0.7 is noted with a
     ``logging`` INFO message on the logger ``pyro_elbo_lab.diagnostics.evidence`` (the
     estimate is usable but converges slowly) and in :attr:`EvidenceEstimate.verdict`.
 
@@ -347,16 +260,18 @@ def estimate_evidence(
     :param model: a Pyro model with observed data.
     :param guide: a guide with a site for every latent site of the model (same arguments).
     :param args: model/guide positional arguments.
-    :param int num_samples: ``S >= 2`` importance samples (at least 21 to fit k̂).
+    :param dict model_kwargs: model/guide keyword arguments (any names, ``num_samples``
+        and ``psis`` included: they go to the model, never to this function).
+    :param int num_samples: ``S >= 2`` importance samples (at least 25 to fit k̂).
     :param int batch_size: samples per vectorised trace; automatic when ``None``.
     :param str per_datapoint: name of a data plate for per-datapoint estimates.
     :param bool psis: report ``log_evidence``, its standard error and ``ess`` from the
         Pareto-smoothed weights (Vehtari et al. 2024); ``elbo`` stays the raw mean.
     :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
-    :param kwargs: model/guide keyword arguments.
     :returns: the estimates, in nats.
     :rtype: EvidenceEstimate
-    :raises ValueError: if ``num_samples < 2``, ``batch_size < 1``, a latent site of the
+    :raises ValueError: if ``num_samples < 2``, ``batch_size < 1``, ``model_kwargs`` is not
+        a dict, a latent site of the
         model has no guide site, a log weight is not finite (naming the sites), or in
         per-datapoint mode ``per_datapoint`` is not a vectorised plate of the model or a
         site lies outside it.
@@ -376,6 +291,7 @@ def estimate_evidence(
         hint="importance sampling needs several draws to average; use >= 1000 for a usable Pareto k̂",
     )
     check_int("batch_size", batch_size, 1, allow_none=True)
+    kwargs = check_model_kwargs(model_kwargs)
     if per_datapoint is not None and not isinstance(per_datapoint, str):
         raise ValueError(
             f"per_datapoint must be the name of a data plate (str) or None, got per_datapoint={per_datapoint!r}"
@@ -392,7 +308,7 @@ def estimate_evidence(
             joint = lw.sum(-1)
             rows = lw.transpose(0, 1)  # (N, S)
         smoothed, k = psis_diagnostics(rows)
-        log_mean, stderr, ess = _importance_stats(smoothed if psis else rows)
+        log_mean, stderr, ess = importance_stats(smoothed if psis else rows)
         elbo = joint.mean()
         elbo_se = joint.std() / math.sqrt(num_samples)
 

@@ -1,0 +1,233 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Importance-weight statistics of a guide, each written once: Pareto-smoothed weights and
+k̂, the verdict on k̂, the log mean weight with its standard error and the effective
+sample size, and PSIS-corrected posterior means.
+
+:func:`~pyro_elbo_lab.estimate_evidence`, the runner's evaluation,
+:func:`~pyro_elbo_lab.summarize` and :func:`~pyro_elbo_lab.plots.plot_pareto_k` all use
+these. The PSIS fit itself is :func:`pyro_elbo_lab.arviz_compat.psislw` (ArviZ's, on
+either ArviZ generation).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import arviz_compat
+
+__all__ = [
+    "MIN_PSIS_SAMPLES",
+    "PARETO_K_BAD",
+    "PARETO_K_GOOD",
+    "chain_log_weights",
+    "importance_diagnostics",
+    "importance_stats",
+    "psis_diagnostics",
+    "psis_means",
+    "verdict",
+]
+
+#: k̂ thresholds of Vehtari et al. (2024): at most ``GOOD`` the estimate is reliable,
+#: above ``BAD`` it is not.
+PARETO_K_GOOD = 0.5
+PARETO_K_BAD = 0.7
+
+#: The fewest importance samples from which k̂ is fitted (both ArviZ generations).
+MIN_PSIS_SAMPLES = arviz_compat.MIN_PSIS_DRAWS
+
+#: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
+CONSTANT_TOL = 1e-9
+
+
+def verdict(k: float) -> str:
+    """
+    The verdict on a Pareto k̂: ``"good"`` (k̂ ≤ 0.5, including ``-inf`` for constant
+    weights), ``"ok"`` (0.5 < k̂ ≤ 0.7: usable, slower convergence), ``"bad"`` (k̂ > 0.7:
+    unreliable) or ``"unknown"`` (NaN: too few samples to fit k̂).
+
+    :param float k: the Pareto shape k̂.
+    :rtype: str
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    k = float(k)
+    if math.isnan(k):
+        return "unknown"
+    if k <= PARETO_K_GOOD:
+        return "good"
+    if k <= PARETO_K_BAD:
+        return "ok"
+    return "bad"
+
+
+def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pareto-smoothed log weights and the Pareto shape k̂ of their upper tail, along the last
+    dim, with :func:`pyro_elbo_lab.arviz_compat.psislw` (relative efficiency 1:
+    independent draws).
+
+    PSIS replaces the largest :math:`M = \\min(S/5, 3\\sqrt S)` weights by the expected
+    order statistics of a generalised Pareto distribution fitted to them; its shape
+    :math:`\\hat k` says how many moments the weights have (:math:`\\hat k < 0.5`: finite
+    variance; :math:`\\hat k > 0.7`: estimates unreliable). The smoothed weights keep the
+    scale of the raw ones (the body of the weights is unchanged), so
+    :math:`\\log \\frac1S \\sum_s \\tilde w_s` estimates the evidence. Rows whose log weights
+    are constant to ``1e-9`` nats get k̂ = ``-inf`` (bounded weights, nothing to smooth);
+    with fewer than :data:`MIN_PSIS_SAMPLES` (25) draws k̂ cannot be fitted: it is ``nan``
+    and the weights are returned unsmoothed.
+
+    :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``,
+        finite.
+    :returns: ``(smoothed, k)``: unnormalised smoothed log weights in nats, shape
+        ``(..., S)``, on the device of ``log_weights``, and k̂ (dimensionless), shape
+        ``(...)``, on the CPU.
+    :rtype: tuple
+    :raises ValueError: if ``log_weights`` is not a tensor with at least one dimension.
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    if not torch.is_tensor(log_weights) or log_weights.dim() < 1:
+        raise ValueError(
+            "log_weights must be a tensor of shape (..., S) with the importance samples along the last dim, "
+            f"got {log_weights!r}; pass log_weights.reshape(-1) for one set of weights"
+        )
+    lw = log_weights.detach().to("cpu", torch.float64).numpy()
+    S = lw.shape[-1]
+    constant = (lw.max(-1) - lw.min(-1)) <= CONSTANT_TOL
+    if S < MIN_PSIS_SAMPLES:
+        k = np.where(constant, -np.inf, np.nan)
+        return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
+    normalised, k = arviz_compat.psislw(lw)
+    # PSIS leaves the body of the weights as it is: the smallest weight gives back the scale
+    low = lw.argmin(-1)[..., None]
+    shift = np.take_along_axis(lw, low, -1) - np.take_along_axis(normalised, low, -1)
+    smoothed = np.where(constant[..., None], lw, normalised + shift)
+    k = np.where(constant, -np.inf, k)
+    return (
+        torch.as_tensor(smoothed, dtype=log_weights.dtype, device=log_weights.device),
+        torch.as_tensor(k, dtype=log_weights.dtype),
+    )
+
+
+def importance_stats(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The log mean weight, its delta-method standard error and the effective sample size,
+    along the last dim:
+
+    .. math::
+
+        \\log \\bar w = \\log \\frac1S \\sum_s w_s, \\qquad
+        \\mathrm{se}(\\log \\bar w) \\approx \\frac{\\mathrm{sd}(w)}{\\sqrt S\\, \\bar w}, \\qquad
+        \\mathrm{ESS} = \\frac{1}{\\sum_s \\bar w_s^2}
+
+    with :math:`\\bar w_s = w_s / \\sum_t w_t`. The standard error is valid when the
+    weights have finite variance (k̂ < 0.5).
+
+    :param torch.Tensor log_weights: log weights in nats (raw or smoothed), shape
+        ``(..., S)``.
+    :returns: ``(log_mean, stderr, ess)``, each of shape ``(...)``; nats, nats, draws.
+    :rtype: tuple
+
+    References
+
+    - *Importance Weighted Autoencoders*, Y. Burda, R. Grosse, R. Salakhutdinov (2016)
+    - *Monte Carlo theory, methods and examples* (ch. 9, importance sampling), A. B. Owen (2013)
+    """
+    S = log_weights.shape[-1]
+    log_mean = torch.logsumexp(log_weights, -1) - math.log(S)
+    w = torch.exp(log_weights - log_weights.max(-1, keepdim=True).values)  # in (0, 1], the largest is 1
+    mean = w.mean(-1)
+    # var(mean w) = var(w)/S; d log(m) = dm/m  =>  se(log mean) = sd(w) / (sqrt(S) * mean(w))
+    stderr = w.std(-1) / (math.sqrt(S) * mean)
+    wn = w / w.sum(-1, keepdim=True)
+    ess = 1.0 / (wn**2).sum(-1)
+    return log_mean, stderr, ess
+
+
+def importance_diagnostics(log_weights) -> dict[str, float]:
+    """
+    Importance-sampling diagnostics from one set of log weights
+    :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats: the estimates of
+    :func:`pyro_elbo_lab.estimate_evidence` with ``psis=True`` (what the runner's
+    evaluation records as ``eval_*``): ``log_evidence``, its standard error and ``ess``
+    from the Pareto-smoothed weights, ``elbo`` from the raw ones.
+
+    :param log_weights: shape ``(S,)``, a NumPy array or tensor.
+    :returns: ``log_evidence`` :math:`\\log \\frac1S \\sum_s \\tilde w_s`,
+        ``log_evidence_stderr``, ``elbo`` :math:`\\frac1S \\sum_s \\log w_s`, ``gap``
+        (``log_evidence - elbo``, an estimate of :math:`\\mathrm{KL}(q \\| p(z \\mid x))`),
+        ``pareto_k`` (``-inf`` for constant weights, NaN below 25 draws), ``ess``.
+    :rtype: dict
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    - *Yes, but Did It Work?: Evaluating Variational Inference*, Y. Yao, A. Vehtari,
+      D. Simpson, A. Gelman (2018)
+    """
+    lw = torch.as_tensor(np.asarray(log_weights, dtype="float64"))
+    smoothed, k = psis_diagnostics(lw)
+    log_evidence, stderr, ess = (float(v) for v in importance_stats(smoothed))
+    elbo = float(lw.mean())
+    return {
+        "log_evidence": log_evidence,
+        "log_evidence_stderr": stderr,
+        "elbo": elbo,
+        "gap": log_evidence - elbo,
+        "pareto_k": float(k),
+        "ess": ess,
+    }
+
+
+def chain_log_weights(data, chain: int) -> np.ndarray:
+    """
+    One chain's ``sample_stats.log_importance_weight`` of a converter result, shape
+    ``(draw,)``, nats.
+
+    :param data: an ``InferenceData`` or ``DataTree`` from
+        :func:`~pyro_elbo_lab.to_inference_data`.
+    :param int chain: the chain's position.
+    :rtype: numpy.ndarray
+    """
+    stats = arviz_compat.group(data, "sample_stats")
+    return np.asarray(stats["log_importance_weight"].isel(chain=chain).values, dtype="float64")
+
+
+def psis_means(data):
+    """
+    PSIS-corrected posterior means: per chain the self-normalised importance-sampling
+    estimate :math:`\\sum_s \\bar{\\tilde w}_s z_s` with the Pareto-smoothed, normalised
+    weights of ``sample_stats.log_importance_weight``, averaged over chains. Reliable
+    where k̂ ≤ 0.7 (see :func:`importance_diagnostics`).
+
+    :param data: an ``InferenceData`` or ``DataTree`` from
+        :func:`~pyro_elbo_lab.to_inference_data`.
+    :returns: the posterior's variables without the ``chain`` and ``draw`` dims, in the
+        units of each variable.
+    :rtype: xarray.Dataset
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    import xarray as xr
+
+    post = arviz_compat.group(data, "posterior")
+    chains = []
+    for c in range(post.sizes["chain"]):
+        smoothed, _ = psis_diagnostics(torch.as_tensor(chain_log_weights(data, c)))
+        w = torch.softmax(smoothed, -1).numpy()
+        w = xr.DataArray(w, dims=["draw"], coords={"draw": post["draw"].values})
+        chains.append((post.isel(chain=c) * w).sum("draw"))
+    return sum(chains[1:], chains[0]) / len(chains)
