@@ -5,5 +5,6 @@ from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .beta_trace_graph_elbo import BetaTraceGraphELBO
 from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
+from .iwae import IWAE
 
-__all__ = ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceEnumELBO", "BetaTraceGraphELBO", "JitBetaELBO", "JitBetaMeanFieldELBO"]
+__all__ = ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceEnumELBO", "BetaTraceGraphELBO", "IWAE", "JitBetaELBO", "JitBetaMeanFieldELBO"]

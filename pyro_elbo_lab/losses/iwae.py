@@ -1,0 +1,303 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+:class:`IWAE`: the importance-weighted (Rényi-α) bound with the doubly-reparameterised
+gradient, recording the bound, the ELBO of the same particles and its decomposition.
+
+Imports :mod:`pyro_elbo_lab.sites` (per-particle sums), :mod:`pyro_elbo_lab.terms` and
+:mod:`.beta_state`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import RenyiELBO
+from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
+from pyro.util import warn_if_nan
+
+from ..checks import check_int
+from ..sites import sum_per_particle
+from ..terms import TermsRecord
+from .beta_state import BetaState
+
+__all__ = ["IWAE"]
+
+_GRADIENTS = ("dreg", "standard")
+
+
+class IWAE(BetaState, RenyiELBO):
+    """
+    The importance-weighted bound of order α (α = 0: IWAE, Burda et al. 2016; Rényi
+    bound, Li & Turner 2016) with ``K = num_particles`` particles,
+
+    .. math::
+
+        \\mathcal{L}_{\\alpha,K} = \\frac{1}{1-\\alpha}
+            \\log \\frac{1}{K} \\sum_{k=1}^K w_k^{1-\\alpha}, \\qquad
+        w_k = \\frac{p(x, z_k)}{q(z_k)},\\; z_k \\sim q,
+
+    taken per element of the plates that the particles' log-weights do not couple (as
+    :class:`pyro.infer.RenyiELBO` does), in nats. Its value is ``RenyiELBO``'s for the same
+    seed, and ``gradient="standard"`` gives ``RenyiELBO``'s gradient.
+
+    ``gradient="dreg"`` (default) uses the doubly-reparameterised estimator for the
+    guide's parameters φ (Tucker et al. 2019), generalised to α with normalised weights
+    :math:`\\tilde w_k \\propto w_k^{1-\\alpha}`:
+
+    .. math::
+
+        \\nabla_\\phi \\mathcal{L} \\approx \\sum_k \\big(\\alpha \\tilde w_k
+            + (1-\\alpha)\\tilde w_k^2\\big)
+            \\frac{\\partial \\log w_k}{\\partial z_k} \\frac{\\partial z_k}{\\partial \\phi},
+
+    with :math:`\\log q` evaluated at parameters held fixed (``stop_gradient``), which
+    removes the score-function term whose variance grows with K (Rainforth et al. 2018).
+    Model parameters get the standard gradient :math:`\\sum_k \\tilde w_k \\nabla_\\theta
+    \\log p(x, z_k)`; a parameter used by both model and guide is treated as a guide
+    parameter. DReG needs reparameterised guide sites whose distribution parameters are
+    plain tensors (``Normal``, ``Independent``, ``TransformedDistribution`` with tensor
+    transforms, ``Delta``, ...) and, to be unbiased, guide sites that do not depend on one
+    another (a mean-field guide; for hierarchical guides the stop-gradient is per site,
+    as in Tucker et al.'s implementation). Neural-network transforms (normalising flows)
+    are refused under validation.
+
+    :attr:`last_terms` records, per particle, each observed site's reconstruction and each
+    latent site's Monte Carlo KL and entropy: its ``elbo`` is the ELBO of the same
+    particles; its ``objective`` is the bound (the same value in every particle's column).
+    :attr:`last_bound` and :attr:`last_elbo` hold both as floats.
+
+    :param int num_particles: K >= 1.
+    :param float alpha: the order α (α != 1; α = 0 is IWAE).
+    :param str gradient: ``"dreg"`` or ``"standard"``.
+    :param max_plate_nesting: as in :class:`~pyro.infer.RenyiELBO`.
+    :param bool vectorize_particles: draw the K particles in one vectorised pass.
+    :raises ValueError: for K < 1, α = 1 or an unknown ``gradient``.
+    :raises NotImplementedError: at a call, for a non-reparameterised guide site.
+
+    References
+
+    [1] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan
+        Salakhutdinov (2016)
+
+    [2] `Rényi Divergence Variational Inference`, Yingzhen Li, Richard E. Turner (2016)
+
+    [3] `Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives`, George
+        Tucker, Dieterich Lawson, Shixiang Gu, Chris J. Maddison (2019)
+
+    [4] `Tighter Variational Bounds are Not Necessarily Better`, Tom Rainforth, Adam R.
+        Kosiorek, Tuan Anh Le, Chris J. Maddison, Maximilian Igl, Frank Wood, Yee Whye Teh
+        (2018)
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 8,
+        *,
+        alpha: float = 0.0,
+        gradient: str = "dreg",
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
+    ):
+        check_int("num_particles", num_particles, 1, hint="K, the number of importance samples per bound")
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"alpha must be a number != 1, got alpha={alpha!r}") from None
+        if not math.isfinite(alpha) or alpha == 1.0:
+            raise ValueError(f"alpha must be a finite number != 1, got alpha={alpha!r}; alpha=1 is the ELBO: use BetaELBO")
+        if gradient not in _GRADIENTS:
+            raise ValueError(f"gradient must be one of {_GRADIENTS}, got gradient={gradient!r}")
+        self.gradient = gradient
+        self._init_beta(1.0)
+        self.last_bound: float | None = None
+        self.last_elbo: float | None = None
+        super().__init__(
+            alpha=alpha,
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
+        )
+
+    # -- entry points -----------------------------------------------------------------------
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """
+        :returns: ``-bound`` in nats; records :attr:`last_terms`; no step is counted.
+        :rtype: float
+        """
+        with torch.no_grad():
+            bound, _ = self._run(model, guide, args, kwargs, need_grads=False)
+        loss = -bound
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """
+        ``-bound`` in nats; accumulates the gradient estimate (``gradient=``) into the
+        parameters' ``.grad``; counts one gradient step.
+        """
+        bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
+        for param, grad in grads:
+            param.grad = -grad if param.grad is None else param.grad - grad
+        self.step += 1
+        loss = -bound
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """
+        ``-bound`` as a tensor whose first derivative with respect to the parameters is the
+        gradient estimate of :meth:`loss_and_grads` (not differentiable twice); counts one step.
+        """
+        bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
+        loss = torch.tensor(-bound)
+        for param, grad in grads:
+            loss = loss - ((param * grad).sum() - (param * grad).sum().detach())
+        self.step += 1
+        return loss
+
+    # -- the work ---------------------------------------------------------------------------
+
+    def _run(self, model, guide, args, kwargs, need_grads: bool):
+        vectorized = self.vectorize_particles and self.num_particles > 1
+        log_w, log_w_stop, columns = [], [], []
+        model_params, guide_params = {}, {}
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+            lw = lw_stop = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    lw = lw + torch_sum(site["log_prob"], sum_dims)
+                elif site["type"] == "param":
+                    model_params[site["name"]] = site["value"].unconstrained()
+            lw_stop = lw
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "param":
+                    guide_params[site["name"]] = site["value"].unconstrained()
+                if site["type"] != "sample":
+                    continue
+                lw = lw - torch_sum(site["log_prob"], sum_dims)
+                if need_grads:
+                    if not site["fn"].has_rsample:
+                        raise NotImplementedError(
+                            f"IWAE needs reparameterised guide sites; guide site '{name}' "
+                            f"({type(site['fn']).__name__}) is not. Use pyro.infer.RenyiELBO (score function) "
+                            "or a reparameterisable (e.g. relaxed) distribution."
+                        )
+                    if self.gradient == "dreg":
+                        lw_stop = lw_stop - torch_sum(_log_prob_stopped(name, site), sum_dims)
+            log_w.append(lw)
+            log_w_stop.append(lw_stop)
+            columns.append(self._record(model_trace, guide_trace, vectorized))
+        if vectorized:
+            log_w, log_w_stop = log_w[0], log_w_stop[0]
+        else:
+            log_w, log_w_stop = torch.stack(log_w), torch.stack(log_w_stop)
+        one_minus = 1.0 - self.alpha
+        log_mean = torch.logsumexp(one_minus * log_w, dim=0) - math.log(self.num_particles)
+        bound_t = log_mean.sum() / one_minus
+        bound = bound_t.item()
+
+        names, values = columns[0] if len(columns) == 1 else _stack_columns(columns)
+        values = torch.cat([torch.full_like(values[:1], bound), values])
+        self._last_record = TermsRecord(["objective"] + names, values, 1.0, None)
+        self.last_bound = bound
+        self.last_elbo = self._last_record.terms().elbo
+
+        grads = []
+        if need_grads and torch.is_tensor(log_w) and log_w.requires_grad:
+            weights = torch.softmax(one_minus * log_w.detach(), dim=0)  # normalised over particles
+            standard = (weights * log_w).sum()
+            if self.gradient == "standard":
+                params = {**model_params, **guide_params}
+                grads += _grads(standard, params, retain=False)
+            else:
+                coefficient = self.alpha * weights + one_minus * weights**2
+                dreg = (coefficient * log_w_stop).sum()
+                only_model = {k: v for k, v in model_params.items() if k not in guide_params}
+                grads += _grads(standard, only_model, retain=True)
+                grads += _grads(dreg, guide_params, retain=False)
+        return bound, grads
+
+    def _record(self, model_trace, guide_trace, vectorized: bool):
+        """Per-particle reconstruction, KL and entropy: names and values of shape ``(entries, particles)``."""
+        num, nesting = (self.num_particles, self.max_plate_nesting - 1) if vectorized else (None, 0)
+
+        def total(site):
+            return sum_per_particle(site["log_prob"], num, nesting).detach()
+
+        names, values, kl, entropy = [], [], [], []
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                names.append(("reconstruction", name))
+                values.append(total(site))
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            lq = total(site)
+            model_site = model_trace.nodes.get(name)
+            lp = total(model_site) if model_site is not None and model_site["type"] == "sample" else 0.0
+            kl.append((("kl", name), lq - lp))
+            entropy.append((("entropy", name), -lq))
+        for name, value in kl + entropy:
+            names.append(name)
+            values.append(value)
+        like = next(v for v in values if torch.is_tensor(v))
+        column = torch.stack([torch.zeros_like(like) + v for v in values])
+        return names, column if column.dim() == 2 else column.unsqueeze(-1)
+
+
+def _grads(surrogate: torch.Tensor, params: dict, retain: bool) -> list:
+    if not params:
+        return []
+    names = sorted(params)
+    tensors = [params[n] for n in names]
+    grads = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
+    return [(t, g) for t, g in zip(tensors, grads) if g is not None]
+
+
+def _stack_columns(columns: list):
+    """Sequential particles: one column per particle (zeros where a particle lacks an entry)."""
+    order: list = []
+    for names, _ in columns:
+        order += [n for n in names if n not in order]
+    out = []
+    for names, column in columns:
+        index = dict(zip(names, column[:, 0]))
+        like = column[0, 0]
+        out.append(torch.stack([index[n] if n in index else torch.zeros_like(like) for n in order]))
+    return order, torch.stack(out, -1)
+
+
+def _detached(obj):
+    """A shallow copy of a distribution (or transform) whose tensor attributes are detached."""
+    if torch.is_tensor(obj):
+        return obj.detach()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(x) for x in obj)
+    if isinstance(obj, (torch.distributions.Distribution, torch.distributions.Transform)):
+        if isinstance(obj, torch.nn.Module):
+            return obj  # parameters in modules: caught by the validation check
+        new = copy.copy(obj)
+        for key, value in vars(obj).items():
+            if torch.is_tensor(value) or isinstance(
+                value, (list, tuple, torch.distributions.Distribution, torch.distributions.Transform)
+            ):
+                new.__dict__[key] = _detached(value)
+        return new
+    return obj
+
+
+def _log_prob_stopped(name: str, site) -> torch.Tensor:
+    """``log q(z)`` at the sampled ``z`` (gradient kept) with the distribution's parameters detached; scaled and masked."""
+    fn = _detached(site["fn"])
+    if is_validation_enabled() and fn.log_prob(site["value"].detach()).requires_grad:
+        raise NotImplementedError(
+            f"gradient='dreg' cannot hold the parameters of guide site '{name}' ({type(site['fn']).__name__}) fixed: "
+            "they live in a torch.nn.Module (e.g. a normalising flow). Use gradient='standard'."
+        )
+    return scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])
