@@ -57,6 +57,7 @@ __all__ = [
     "Factorised",
     "count",
     "cross_entropy",
+    "element_mask",
     "entropy",
     "factorise",
     "kl",
@@ -150,16 +151,19 @@ def factorise(fn: torch.distributions.Distribution) -> Factorised:
     :rtype: Factorised
     """
     reinterpreted = 0
-    mask = None
+    masks = []
     while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
         if isinstance(fn, MaskedDistribution) and fn._mask is not None:
-            # this level's batch shape is a prefix of the full element shape: pad on the right
             m = fn._mask.expand(fn.batch_shape) if torch.is_tensor(fn._mask) else torch.tensor(bool(fn._mask))
-            m = m.reshape(m.shape + (1,) * reinterpreted)
-            mask = m if mask is None else mask & m
+            masks.append((m, reinterpreted))
         if isinstance(fn, Independent):
             reinterpreted += fn.reinterpreted_batch_ndims
         fn = fn.base_dist
+    mask = None
+    for m, above in masks:
+        # a level's batch shape lacks the dims reinterpreted below it: pad those on the right
+        m = m.reshape(m.shape + (1,) * (reinterpreted - above))
+        mask = m if mask is None else mask & m
     return Factorised(fn, reinterpreted, mask)
 
 
@@ -198,23 +202,46 @@ def scale_and_mask_event(x: torch.Tensor, scale, mask, event_dims: int = 0) -> t
 
 
 def _apply(x: torch.Tensor, site, mask, scaled: bool, event_dims: int = 0) -> torch.Tensor:
-    return scale_and_mask_event(x, site["scale"] if scaled else 1.0, mask, event_dims)
+    """Scale (when ``scaled``) and mask ``x``; a ``batch_shape + (J,)`` tensor takes
+    ``event_dims=1`` for the scale while its mask already has the full shape."""
+    scale = site["scale"] if scaled else 1.0
+    if torch.is_tensor(scale) and event_dims:
+        scale = scale.reshape(scale.shape + (1,) * event_dims)
+    return scale_and_mask(x, scale, mask)
 
 
 # -- per-site quantities ------------------------------------------------------------------------
 
 
-def log_prob(site, *, scaled: bool = True) -> torch.Tensor:
+def log_prob(site, *, scaled: bool = True, per_dim: bool = False, value: torch.Tensor | None = None) -> torch.Tensor:
     """
     :math:`\\log p(z)` of a model site (or :math:`\\log q(z)` of a guide site) per element,
     masked; scaled with ``scaled=True`` (then Pyro's own ``site["log_prob"]``, reused).
 
-    :returns: batch-shaped tensor, nats.
+    :param bool per_dim: split over the latent dimensions of an ``Independent``
+        (``.to_event``) site (see :func:`factorise`): ``batch_shape + (J,)``.
+    :param value: evaluate at this value instead of the site's (``per_dim`` only; it must
+        broadcast against the site's value shape).
+    :returns: batch-shaped tensor (or ``batch_shape + (J,)``), nats.
     :rtype: torch.Tensor
     """
-    if scaled:
-        return site["log_prob"]
-    return _apply(site["unscaled_log_prob"], site, site_mask(site), scaled=False)
+    if not per_dim:
+        if scaled:
+            return site["log_prob"]
+        return _apply(site["unscaled_log_prob"], site, site_mask(site), scaled=False)
+    f = factorise(site["fn"])
+    z = site["value"] if value is None else value
+    target = z.shape[: z.dim() - len(f.element.event_shape)]
+    lp = f.element.log_prob(z).expand(target)
+    mask = site_mask(site)
+    if f.mask is not None:
+        mask = f.mask if mask is None else mask.reshape(mask.shape + (1,) * f.reinterpreted) & f.mask
+    elif mask is not None:
+        mask = mask.reshape(mask.shape + (1,) * f.reinterpreted)
+    lp = _flatten_dims(_apply(lp, site, None, scaled, f.reinterpreted), f.reinterpreted)
+    if mask is not None:
+        lp = lp.masked_fill(~_flatten_dims(mask.expand(target), f.reinterpreted), 0.0)
+    return lp
 
 
 def count(site, *, scaled: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,6 +291,54 @@ def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.
     return _apply(value, guide_site, mask, scaled), analytic
 
 
+def _dims_layout(model_site, guide_site):
+    """``(q, p, target)`` when guide and prior split into the same latent dimensions, else None."""
+    q, p = factorise(guide_site["fn"]), factorise(model_site["fn"])
+    if q.reinterpreted != p.reinterpreted or q.element.event_shape != p.element.event_shape:
+        return None
+    value = guide_site["value"]
+    return q, p, value.shape[: value.dim() - len(q.element.event_shape)]
+
+
+def _flatten_dims(x: torch.Tensor, event_dims: int) -> torch.Tensor:
+    return x.reshape(x.shape[: x.dim() - event_dims] + (-1,)) if event_dims else x.unsqueeze(-1)
+
+
+def element_mask(model_site, guide_site=None, *, per_dim: bool = False) -> torch.Tensor:
+    """
+    Which elements of a latent site are kept: :func:`pair_mask` together with the masks
+    of ``Distribution.mask`` wrappers, as a bool tensor. With ``guide_site=None``, the
+    elements of the one site ``model_site`` (e.g. an observed site).
+
+    :returns: shape ``batch_shape`` (an element is kept where any of its latent dimensions
+        is), or ``batch_shape + (J,)`` with ``per_dim=True`` (the layout of :func:`kl`).
+    :rtype: torch.Tensor
+    """
+    if guide_site is None:
+        guide_site = model_site
+    batch_shape = guide_site["fn"].batch_shape
+    mask = pair_mask(model_site, guide_site)
+    mask = torch.ones((), dtype=torch.bool, device=guide_site["value"].device) if mask is None else mask
+    layout = _dims_layout(model_site, guide_site)
+    if layout is None:
+        full = mask.expand(batch_shape)
+        for f, fn in ((factorise(guide_site["fn"]), guide_site["fn"]), (factorise(model_site["fn"]), model_site["fn"])):
+            if f.mask is not None:
+                m = f.mask.expand(tuple(fn.batch_shape) + tuple(fn.event_shape)[: f.reinterpreted])
+                if f.reinterpreted:
+                    m = m.reshape(m.shape[: m.dim() - f.reinterpreted] + (-1,)).any(-1)
+                full = full & m
+        return full.unsqueeze(-1) if per_dim else full
+    q, p, target = layout
+    event_dims = q.reinterpreted
+    full = mask.reshape(mask.shape + (1,) * event_dims).expand(target)
+    for m in (q.mask, p.mask):
+        if m is not None:
+            full = full & m.expand(target)
+    full = _flatten_dims(full, event_dims)
+    return full if per_dim else full.any(-1)
+
+
 def kl(
     model_site, guide_site, *, scaled: bool = True, per_dim: bool = False, analytic: bool = True
 ) -> tuple[torch.Tensor, bool]:
@@ -290,30 +365,23 @@ def kl(
     :rtype: tuple
     :raises ValueError: if the guide and model values differ in shape (not a pair).
     """
-    mask = pair_mask(model_site, guide_site)
     fq, fp = guide_site["fn"], model_site["fn"]
-    event_dims = 0
     value = None
-    if per_dim:
-        q, p = factorise(fq), factorise(fp)
-        if q.reinterpreted == p.reinterpreted and q.element.event_shape == p.element.event_shape:
-            event_dims = q.reinterpreted
-            target = guide_site["value"].shape[: guide_site["value"].dim() - len(q.element.event_shape)]
-            if analytic:
-                try:
-                    value = kl_divergence(q.element, p.element)
-                except NotImplementedError:
-                    pass
-            is_analytic = value is not None
-            if value is None:
-                z = guide_site["value"]
-                value = q.element.log_prob(z) - p.element.log_prob(z)
-            value = value.expand(target)
-            for m in (q.mask, p.mask):
-                if m is not None:
-                    value = value.masked_fill(~m, 0.0)
-            value = _apply(value, guide_site, mask, scaled, event_dims)
-            return value.reshape(value.shape[: value.dim() - event_dims] + (-1,)), is_analytic
+    layout = _dims_layout(model_site, guide_site) if per_dim else None
+    if layout is not None:
+        q, p, target = layout
+        if analytic:
+            try:
+                value = kl_divergence(q.element, p.element)
+            except NotImplementedError:
+                pass
+        is_analytic = value is not None
+        if value is None:
+            z = guide_site["value"]
+            value = q.element.log_prob(z) - p.element.log_prob(z)
+        value = _flatten_dims(value.expand(target), q.reinterpreted)
+        return _apply(value, guide_site, element_mask(model_site, guide_site, per_dim=True), scaled, 1), is_analytic
+    mask = pair_mask(model_site, guide_site)
     if analytic:
         try:
             value = kl_divergence(fq, fp)

@@ -12,7 +12,8 @@ from typing import Iterable
 
 import torch
 
-from .local import ELEMENT_BUDGET, check_int, collect_local_sites, dimension_names, find_data_plate, local_sites
+from ..checks import check_int, check_model_kwargs
+from .local import ELEMENT_BUDGET, collect_local_sites, dimension_names, find_data_plate, local_sites
 from .traces import guess_max_plate_nesting, vectorized_traces
 
 __all__ = ["AggregatePosteriorReport", "aggregate_posterior", "ESTIMATORS"]
@@ -121,12 +122,12 @@ def aggregate_posterior(
     model,
     guide,
     *args,
+    model_kwargs: dict | None = None,
     plate: str | None = None,
     sites: Iterable[str] | str | None = None,
     estimator: str = "full",
     num_samples: int = 1,
     max_plate_nesting: int | None = None,
-    **kwargs,
 ) -> AggregatePosteriorReport:
     """
     ELBO surgery and the β-TCVAE decomposition of the average KL of local latents.
@@ -164,17 +165,21 @@ def aggregate_posterior(
     dimensions (e.g. ``Normal(loc, scale).to_event(1)`` against ``Normal(0, 1)``); otherwise
     they are ``None`` and only the surgery is reported. The analysed sites are taken
     jointly as ``z``, assuming each site's guide factor depends on ``x_n`` (not on draws
-    of other latents). Pyro's site scale and mask are not applied.
+    of other latents). Per-site values come from :mod:`pyro_elbo_lab.sites`; Pyro's site
+    scale is not applied (per-datapoint values), masks are: a masked element of the data
+    plate is left out of the averages and of :math:`\\bar q` (``M`` counts the unmasked
+    elements present; for ``"mws"`` and ``"stratified"``, ``N`` is the full size less the
+    masked share of the minibatch).
 
     :param model: a Pyro model with local latents in a data plate.
     :param guide: an amortised guide for them.
     :param args: model/guide positional arguments (the data).
+    :param dict model_kwargs: model/guide keyword arguments.
     :param str plate: the data plate (inferred when ``None``).
     :param sites: local latent sites (default: all inside the plate).
     :param str estimator: ``"full"``, ``"mws"`` or ``"stratified"``.
     :param int num_samples: draws per datapoint (>= 1; Chen et al. use 1).
     :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
-    :param kwargs: model/guide keyword arguments.
     :returns: the decomposition, in nats per datapoint.
     :rtype: AggregatePosteriorReport
     :raises ValueError: for an unknown estimator, ``"stratified"`` with one element
@@ -190,6 +195,7 @@ def aggregate_posterior(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got estimator={estimator!r}")
     check_int("num_samples", num_samples, 1)
+    kwargs = check_model_kwargs(model_kwargs)
 
     with torch.no_grad():
         if max_plate_nesting is None:
@@ -200,29 +206,43 @@ def aggregate_posterior(
         views = collect_local_sites(traces, frame, names, elementwise=False)
         factorised = all(v.elementwise for v in views)
 
-        log_q_sites = [v.log_q() for v in views]  # (S, M, D_site) each
+        # masked elements of the data plate are left out: of the averages and of the mixture q̄
+        kls = [v.kl() for v in views]  # (S, M_present, D_site) each, 0 where masked
+        kept = torch.cat([v.mask().expand(kl.shape) for v, (kl, _) in zip(views, kls)], -1)[0].any(-1)
+        index = kept.nonzero().squeeze(-1)
+        M_present = kept.shape[0]
+        log_q_sites = [v.log_q()[:, index] for v in views]  # (S, M, D_site) each
         log_q = torch.cat(log_q_sites, -1)  # (S, M, D)
-        log_p = torch.cat([v.log_p() for v in views], -1)
+        log_p = torch.cat([v.log_p()[:, index] for v in views], -1)
         S, M, D = log_q.shape
-        N = frame.full_size if (estimator != "full" and frame.full_size is not None) else frame.size
+        if M == 0:
+            raise ValueError(
+                f"every element of plate '{frame.name}' is masked at sites {names}: there is no datapoint for the "
+                "aggregate posterior; unmask some (poutine.mask / Distribution.mask)"
+            )
+        if estimator == "full":
+            N = M
+        else:  # the plate's full size, less the masked share of the minibatch
+            full = frame.full_size if frame.full_size is not None else frame.size
+            N = max(M, round(full * M / M_present))
         if estimator == "stratified" and M < 2:
             raise ValueError(
-                f"estimator='stratified' needs at least 2 elements of plate '{frame.name}' present, found {M}"
+                f"estimator='stratified' needs at least 2 elements of plate '{frame.name}' present, found {M} "
+                "(masked elements do not count)"
             )
-        kls = [v.kl() for v in views]
         kl_analytic = None
         if all(analytic for _, analytic in kls):
-            kl_analytic = float(torch.cat([kl for kl, _ in kls], -1).sum(-1).mean())
+            kl_analytic = float(torch.cat([kl[:, index] for kl, _ in kls], -1).sum(-1).mean())
 
         # log q̄(z_{s,i}) and log q̄_u(z_{s,i,u}), in chunks of query elements
-        chunk = max(1, ELEMENT_BUDGET // max(1, S * M * D))
+        chunk = max(1, ELEMENT_BUDGET // max(1, S * M_present * D))
         log_qbar, log_qbar_dims = [], []
         for start in range(0, M, chunk):
-            rows = torch.arange(start, min(M, start + chunk), device=log_q.device)
-            pairwise = torch.cat([v.pairwise_log_q(rows) for v in views], -1)  # (I, S, M, D)
-            log_qbar.append(_log_mixture(pairwise.sum(-1), rows, estimator, N, M))  # (I, S)
+            local = torch.arange(start, min(M, start + chunk), device=log_q.device)
+            pairwise = torch.cat([v.pairwise_log_q(index[local]) for v in views], -1)[:, :, index]  # (I, S, M, D)
+            log_qbar.append(_log_mixture(pairwise.sum(-1), local, estimator, N, M))  # (I, S)
             if factorised:
-                log_qbar_dims.append(_log_mixture(pairwise, rows, estimator, N, M))  # (I, S, D)
+                log_qbar_dims.append(_log_mixture(pairwise, local, estimator, N, M))  # (I, S, D)
         log_qbar = torch.cat(log_qbar, 0).transpose(0, 1)  # (S, M)
 
         log_q_joint, log_p_joint = log_q.sum(-1), log_p.sum(-1)

@@ -10,7 +10,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .local import batches, check_int, collect_local_sites, dimension_names, find_data_plate, local_sites, plan
+from ..checks import check_int, check_model_kwargs, nonnegative_number
+from .local import batches, collect_local_sites, dimension_names, find_data_plate, local_sites, plan
 from .traces import vectorized_traces
 
 __all__ = ["CollapseReport", "posterior_collapse"]
@@ -33,7 +34,7 @@ class CollapseReport:
     :ivar torch.Tensor activity: :math:`A_u = \\mathrm{Cov}_n(\\mathbb{E}_q[z_{n,u}])`, the
         variance over the data of the posterior mean, shape ``(D,)``.
     :ivar float threshold: a unit is active when ``activity > threshold``.
-    :ivar int num_datapoints: ``N``, elements of the data plate present.
+    :ivar int num_datapoints: ``N``, elements of the data plate present and not masked.
     :ivar int num_samples: draws per datapoint.
     :ivar dict kl_method: ``{site: "analytic" | "monte carlo"}``.
     :ivar dict mean_method: ``{site: "guide mean" | "monte carlo"}``.
@@ -107,13 +108,13 @@ def posterior_collapse(
     model,
     guide,
     *args,
+    model_kwargs: dict | None = None,
     plate: str | None = None,
     sites: Iterable[str] | str | None = None,
     threshold: float = 0.01,
     num_samples: int = 1,
     batch_size: int | None = None,
     max_plate_nesting: int | None = None,
-    **kwargs,
 ) -> CollapseReport:
     """
     Which latent dimensions of an amortised guide carry information about the data.
@@ -141,12 +142,15 @@ def posterior_collapse(
     draws per datapoint. :math:`\\mathbb{E}_q[z]` is the guide's ``mean`` where defined,
     else the sample average. :attr:`CollapseReport.kl_method` says which was used. Draws
     come from one vectorised guide/model trace per batch of samples, under
-    :func:`torch.no_grad`; Pyro's site scale and mask are not applied (per-datapoint values
-    over the elements present).
+    :func:`torch.no_grad`. Per-site values come from :mod:`pyro_elbo_lab.sites`: Pyro's
+    site scale is not applied (per-datapoint values over the elements present), masks are
+    (``poutine.mask`` or ``Distribution.mask`` in model or guide): a masked element of the
+    data plate is left out of the averages, the activity and ``num_datapoints``.
 
     :param model: a Pyro model with local latents in a data plate.
     :param guide: an amortised guide for them.
     :param args: model/guide positional arguments (the data).
+    :param dict model_kwargs: model/guide keyword arguments.
     :param str plate: the data plate; inferred as the vectorised plate holding both
         observed and latent sites when ``None``.
     :param sites: the local latent sites to analyse (default: all inside the plate).
@@ -155,7 +159,6 @@ def posterior_collapse(
     :param int num_samples: draws per datapoint (>= 1); raise it for Monte Carlo KL.
     :param int batch_size: draws per vectorised trace; automatic when ``None``.
     :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
-    :param kwargs: model/guide keyword arguments.
     :returns: the report.
     :rtype: CollapseReport
     :raises ValueError: if the plate or a site cannot be found, a site's guide or prior does
@@ -167,8 +170,10 @@ def posterior_collapse(
     - *Lagging Inference Networks and Posterior Collapse in Variational Autoencoders*,
       J. He, D. Spokoyny, G. Neubig, T. Berg-Kirkpatrick (2019)
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0 (0.01 in Burda et al. 2016), got threshold={threshold!r}")
+    threshold = nonnegative_number(
+        threshold, "threshold", "a unit is active when its activity exceeds it (0.01 in Burda et al. 2016)"
+    )
+    kwargs = check_model_kwargs(model_kwargs)
     check_int("num_samples", num_samples, 1)
     check_int("batch_size", batch_size, 1, allow_none=True)
 
@@ -176,27 +181,38 @@ def posterior_collapse(
         max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
         frame = names = None
         mean_sum = None
-        kl_rows: list[torch.Tensor] = []  # (n, D) per batch: per sample, averaged over the data
+        kl_rows: list[torch.Tensor] = []  # (n, D) per batch: per sample, averaged over the kept data
         kl_method: dict[str, str] = {}
         mean_method: dict[str, str] = {}
         sizes: list[int] = []
+        kept = None  # (N, D): which elements of the data plate count (masks), from the first draw
         for n in batches(num_samples, batch_size):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
             if frame is None:
                 frame = find_data_plate(traces.model_trace, plate)
                 names = local_sites(traces.model_trace, frame, sites)
             views = collect_local_sites(traces, frame, names, elementwise=True)
-            kls, means = [], []
+            kls, means, masks = [], [], []
             for view in views:
-                kl, analytic = view.kl()  # (n, N, D_site)
+                kl, analytic = view.kl()  # (n, N, D_site), 0 where masked
                 mean, from_guide = view.mean()  # (n, N, D_site)
                 kl_method.setdefault(view.name, "analytic" if analytic else "monte carlo")
                 mean_method.setdefault(view.name, "guide mean" if from_guide else "monte carlo")
                 kls.append(kl)
                 means.append(mean)
+                masks.append(view.mask().expand(kl.shape))
                 if len(sizes) < len(views):
                     sizes.append(kl.shape[-1])
-            kl_rows.append(torch.cat(kls, -1).mean(1))
+            mask = torch.cat(masks, -1)  # (n, N, D)
+            if kept is None:
+                kept = mask[0]
+                if not kept.any():
+                    raise ValueError(
+                        f"every element of plate '{frame.name}' is masked at sites {names}: there is no datapoint "
+                        "to average over; unmask some (poutine.mask / Distribution.mask)"
+                    )
+            # masked elements contribute 0 and are not counted
+            kl_rows.append(torch.cat(kls, -1).sum(1) / mask.sum(1).clamp(min=1))
             mean = torch.cat(means, -1)  # (n, N, D)
             mean_sum = mean.sum(0) if mean_sum is None else mean_sum + mean.sum(0)
 
@@ -207,7 +223,12 @@ def posterior_collapse(
         # which cancels catastrophically in float32 when the KL is large against its spread
         kl_se = rows.std(0) / math.sqrt(S) if S > 1 else torch.full_like(kl_mean, math.nan)
         posterior_mean = mean_sum / S  # (N, D)
-        activity = posterior_mean.var(0, unbiased=False)
+        # the empirical (1/N) variance over the kept elements of the plate, per dimension
+        weight = kept.to(posterior_mean.dtype)
+        count = weight.sum(0).clamp(min=1)
+        centre = (posterior_mean * weight).sum(0) / count
+        activity = (((posterior_mean - centre) ** 2) * weight).sum(0) / count
+        num_datapoints = int(kept.any(-1).sum())
 
     dims = [d for name, size in zip(names, sizes) for d in dimension_names(name, size)]
     return CollapseReport(
@@ -218,7 +239,7 @@ def posterior_collapse(
         kl_per_dimension_stderr=kl_se,
         activity=activity,
         threshold=float(threshold),
-        num_datapoints=int(posterior_mean.shape[0]),
+        num_datapoints=num_datapoints,
         num_samples=S,
         kl_method=kl_method,
         mean_method=mean_method,

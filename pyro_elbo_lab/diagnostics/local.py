@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
-from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.indep_messenger import CondIndepStackFrame
-from torch.distributions import Independent
 
+from .. import sites
 from .traces import SAMPLE_PLATE, ImportanceTraces, probe_traces
 
 __all__ = [
@@ -25,7 +24,6 @@ __all__ = [
     "SAFETY_FACTOR",
     "LocalSite",
     "batches",
-    "check_int",
     "collect_local_sites",
     "dimension_names",
     "find_data_plate",
@@ -56,15 +54,8 @@ def _frames(site) -> list[CondIndepStackFrame]:
 
 
 def unwrap(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:
-    """
-    Strip :class:`~torch.distributions.Independent`, Pyro's expanded and masked wrappers
-    off a site distribution.
-
-    :returns: the element-level distribution.
-    """
-    while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
-        fn = fn.base_dist
-    return fn
+    """The element-level distribution of a site (:func:`pyro_elbo_lab.sites.factorise`)."""
+    return sites.factorise(fn).element
 
 
 def find_data_plate(
@@ -159,7 +150,9 @@ def local_sites(model_trace, frame: CondIndepStackFrame, sites: Iterable[str] | 
 class LocalSite:
     """
     One local latent site of a vectorised model/guide trace, with per-element tensors laid
-    out as ``(S, N, D)``.
+    out as ``(S, N, D)`` (importance sample, element of the data plate, latent dimension).
+    Every quantity comes from :mod:`pyro_elbo_lab.sites`, unscaled (per-datapoint values)
+    and masked: :meth:`mask` says which entries are kept.
 
     :ivar str name: site name.
     :ivar dict model_site: the model trace's site.
@@ -176,96 +169,73 @@ class LocalSite:
 
     @property
     def elementwise(self) -> bool:
-        """Whether guide and prior factorise into univariate distributions (per-dimension terms exist)."""
-        q = unwrap(self.guide_site["fn"])
-        p = unwrap(self.model_site["fn"])
-        return q.event_shape == torch.Size() and p.event_shape == torch.Size()
+        """Whether guide and prior factorise into univariate distributions over the same dimensions."""
+        q, p = sites.factorise(self.guide_site["fn"]), sites.factorise(self.model_site["fn"])
+        return q.element.event_shape == torch.Size() == p.element.event_shape and q.reinterpreted == p.reinterpreted
 
     @property
     def q(self):
         """The guide's element distribution (univariate), or its site distribution when not factorised."""
-        return unwrap(self.guide_site["fn"]) if self.elementwise else self.guide_site["fn"]
-
-    @property
-    def p(self):
-        """The model's (prior) element distribution, or its site distribution when not factorised."""
-        return unwrap(self.model_site["fn"]) if self.elementwise else self.model_site["fn"]
-
-    def _target_shape(self) -> torch.Size:
-        value = self.guide_site["value"]
-        ndim = self.max_plate_nesting + 1 + len(self.guide_site["fn"].event_shape) - len(self.q.event_shape)
-        return value.shape[:ndim]
+        return sites.factorise(self.guide_site["fn"]).element if self.elementwise else self.guide_site["fn"]
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
-        """Lay an element-level tensor (broadcastable to the site's element shape) out as ``(S, N, D)``."""
-        target = self._target_shape()
-        x = x.expand(target)
+        """Lay a ``batch_shape + (J,)`` tensor (the layout of :mod:`pyro_elbo_lab.sites`) out as ``(S, N, D)``."""
+        x = x.expand(tuple(self.guide_site["fn"].batch_shape) + (x.shape[-1],))
         pos = self.max_plate_nesting + 1 + self.frame.dim
         x = x.movedim(pos, 1)
         return x.reshape(x.shape[0], x.shape[1], -1)
 
-    @property
-    def value(self) -> torch.Tensor:
-        """``z``, shape ``(S, N, D)``.
-
-        :raises ValueError: if the site's distributions do not factorise over dimensions.
-        """
-        value = self.guide_site["value"]
-        if not self.elementwise:
-            raise ValueError(f"site '{self.name}' is not factorised over its dimensions")
-        return self.canonical(value)
+    def mask(self) -> torch.Tensor:
+        """Which entries are kept (bool, ``(S, N, D)``): :func:`pyro_elbo_lab.sites.element_mask`."""
+        return self.canonical(sites.element_mask(self.model_site, self.guide_site, per_dim=True))
 
     def kl(self) -> tuple[torch.Tensor, bool]:
         """
-        KL(q ‖ p) per element and dimension, ``(S, N, D)``: analytic where
-        :func:`torch.distributions.kl_divergence` has the pair (then ``True``), else the
-        one-sample Monte Carlo ``log q(z) - log p(z)`` (``False``).
+        KL(q ‖ p) per element and dimension, ``(S, N, D)``, 0 where masked: analytic where
+        registered (then ``True``), else the one-sample Monte Carlo ``log q(z) - log p(z)``
+        (:func:`pyro_elbo_lab.sites.kl`, unscaled).
         """
-        q, p = self.q, self.p
-        try:
-            kl = torch.distributions.kl_divergence(q, p)
-            analytic = True
-        except NotImplementedError:
-            z = self.guide_site["value"]
-            kl = q.log_prob(z) - p.log_prob(z)
-            analytic = False
+        kl, analytic = sites.kl(self.model_site, self.guide_site, scaled=False, per_dim=True)
         return self.canonical(kl), analytic
 
     def log_q(self) -> torch.Tensor:
         """``log q(z_{s,n} | x_n)`` per element, ``(S, N, D)`` (``D`` groups for a non-factorised base)."""
-        return self.canonical(self.q.log_prob(self.guide_site["value"]))
+        return self.canonical(sites.log_prob(self.guide_site, scaled=False, per_dim=True))
 
     def log_p(self) -> torch.Tensor:
         """``log p(z_{s,n})`` per element under the model's (prior) site distribution, ``(S, N, D)``."""
-        return self.canonical(self.p.log_prob(self.guide_site["value"]))
+        return self.canonical(sites.log_prob(self.model_site, scaled=False, per_dim=True))
 
     def pairwise_log_q(self, rows: torch.Tensor) -> torch.Tensor:
         """
         ``log q(z_{s,i} | x_m)`` for the query elements ``i in rows`` against every element
-        ``m`` of the plate, per dimension: shape ``(len(rows), S, N, D)``.
+        ``m`` of the plate, per dimension: shape ``(len(rows), S, N, D)``, masks not applied
+        (the caller selects the kept elements).
 
         Evaluates the guide's element distribution (whose batch holds every ``x_m``) at
         values broadcast along the data plate, so it assumes the site's guide factor
         depends on ``x_m`` (and on the draws of the same sample ``s`` of other sites) only.
         """
         value = self.guide_site["value"]
+        q = self.q
         pos = self.max_plate_nesting + 1 + self.frame.dim
         query = value.index_select(pos, rows).movedim(pos, 0).unsqueeze(pos + 1)
-        lp = self.q.log_prob(query)  # (I, S, ..., N, ..., E_r)
-        target = (len(rows),) + tuple(self._target_shape())
+        lp = q.log_prob(query)  # (I, S, ..., N, ..., E_r)
+        target = (len(rows),) + tuple(value.shape[: value.dim() - len(q.event_shape)])
         lp = lp.expand(target).movedim(pos + 1, 2)
         return lp.reshape(lp.shape[0], lp.shape[1], lp.shape[2], -1)
 
     def mean(self) -> tuple[torch.Tensor, bool]:
-        """E_q[z] per element: the guide's mean where defined (``True``), else the sample."""
+        """E_q[z] per element, ``(S, N, D)``: the guide's mean where defined (``True``), else the sample."""
+        value = self.guide_site["value"]
         try:
             mean = self.q.mean
             ok = bool(torch.isfinite(mean).all())
         except NotImplementedError:
             ok = False
-        if not ok:
-            return self.value, False
-        return self.canonical(mean), True
+        x = mean.expand(value.shape) if ok else value
+        r = sites.factorise(self.guide_site["fn"]).reinterpreted
+        return self.canonical(x.reshape(x.shape[: x.dim() - r] + (-1,)) if r else x.unsqueeze(-1)), ok
 
 
 def collect_local_sites(
@@ -311,24 +281,3 @@ def plan(model, guide, args, kwargs, max_plate_nesting: int | None, batch_size: 
         if batch_size is None:
             batch_size = max(1, ELEMENT_BUDGET // (SAFETY_FACTOR * elements))
     return max_plate_nesting, batch_size
-
-
-def check_int(name: str, value, minimum: int, allow_none: bool = False, hint: str = "") -> None:
-    """
-    Check an integer argument.
-
-    :param str name: the argument's name, for the message.
-    :param value: its value.
-    :param int minimum: the smallest value allowed.
-    :param bool allow_none: whether ``None`` (automatic) is allowed.
-    :param str hint: what to do, appended to the message.
-    :raises ValueError: if ``value`` is not an integer (``bool`` excluded) ``>= minimum``.
-    """
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{name} must be an integer >= {minimum}{' or None (automatic)' if allow_none else ''}, "
-            f"got {name}={value!r}{'; ' + hint if hint else ''}"
-        )
-

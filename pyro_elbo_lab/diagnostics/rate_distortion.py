@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
-from pyro.distributions.util import scale_and_mask
 
-from .local import batches, check_int, find_data_plate, plan
-from .traces import sum_per_sample, vectorized_traces
+from .. import sites
+from ..checks import check_int, check_model_kwargs, nonnegative_number
+from .local import batches, find_data_plate, plan
+from .traces import vectorized_traces
 
 if TYPE_CHECKING:
     import pandas
@@ -104,25 +105,37 @@ class RateDistortion:
         )
 
 
-def _site_kl(model_site: dict, guide_site: dict) -> tuple[torch.Tensor, bool]:
-    """Scaled, masked KL(q ‖ p) at one latent site, batch-shaped: analytic where registered."""
-    try:
-        kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
-    except NotImplementedError:
-        return guide_site["log_prob"] - model_site["log_prob"], False
-    return scale_and_mask(kl, guide_site["scale"], guide_site["mask"]), True
+def _kept_share(model_trace, frame) -> float:
+    """
+    The share of the data plate's present elements that are not masked at every observed
+    site inside it (1.0 without masks): an element counts where any observed site keeps it.
+    """
+    kept = None
+    for site in model_trace.nodes.values():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        if not any(f.name == frame.name for f in site["cond_indep_stack"]):
+            continue
+        mask = sites.element_mask(site)  # batch_shape: (..., N, ...), N at frame.dim
+        mask = mask.reshape((1,) * max(0, -frame.dim - mask.dim()) + mask.shape)
+        mask = mask.movedim(frame.dim, 0)
+        mask = mask.reshape(mask.shape[0], -1).any(-1)
+        kept = mask if kept is None else kept | mask
+    if kept is None:
+        return 1.0
+    return float(kept.sum()) / kept.numel()
 
 
 def rate_distortion(
     model,
     guide,
     *args,
+    model_kwargs: dict | None = None,
     plate: str | None = None,
     num_samples: int = 10,
     batch_size: int | None = None,
     max_plate_nesting: int | None = None,
     beta: float | None = None,
-    **kwargs,
 ) -> RateDistortion:
     """
     Rate and distortion of a fitted model and guide (Alemi et al. 2018), per datapoint:
@@ -138,6 +151,9 @@ def rate_distortion(
     latents contribute their KL divided by ``N``. ``N`` is the full size of the data plate
     (given, or the outermost plate holding observed sites; 1 without one), and sums use
     Pyro's data scaling, so a subsampled plate gives unbiased per-datapoint values.
+    Masks are applied (the rule of :mod:`pyro_elbo_lab.sites`): a masked element
+    contributes 0, and ``N`` counts only the elements of the data plate that some
+    observed site keeps (the full size times the kept share of the elements present).
 
     Estimators: KL analytic where :func:`torch.distributions.kl_divergence` knows the
     guide/prior pair at a site (as :class:`~pyro_elbo_lab.BetaMeanFieldELBO`), else
@@ -149,16 +165,17 @@ def rate_distortion(
     :param model: a fitted Pyro model with observed data.
     :param guide: its guide.
     :param args: model/guide positional arguments (the data).
+    :param dict model_kwargs: model/guide keyword arguments.
     :param str plate: the data plate (inferred when ``None``).
     :param int num_samples: draws from the guide (>= 1).
     :param int batch_size: draws per vectorised trace; automatic when ``None``.
     :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
-    :param float beta: the β the model was fitted with, recorded in the result.
-    :param kwargs: model/guide keyword arguments.
+    :param float beta: the β the model was fitted with (>= 0), recorded in the result.
     :returns: rate and distortion in nats per datapoint.
     :rtype: RateDistortion
-    :raises ValueError: if an argument is out of range, ``plate`` is not a plate of the
-        model, or a latent site has no guide site.
+    :raises ValueError: if an argument is out of range (``beta`` < 0 included), ``plate``
+        is not a plate of the model, every element of the data plate is masked, or a
+        latent site has no guide site.
 
     References
 
@@ -167,6 +184,9 @@ def rate_distortion(
     """
     check_int("num_samples", num_samples, 1)
     check_int("batch_size", batch_size, 1, allow_none=True)
+    if beta is not None:
+        beta = nonnegative_number(beta, "beta", "the β the model was fitted with, or None")
+    kwargs = check_model_kwargs(model_kwargs)
 
     with torch.no_grad():
         max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
@@ -179,24 +199,30 @@ def rate_distortion(
             mt, gt = traces.model_trace, traces.guide_trace
             if i == 0:  # None is a valid answer (no data plate), so resolve on the first batch
                 frame = find_data_plate(mt, plate, need_latent=False)
+                share = 1.0 if frame is None else _kept_share(mt, frame)
+                if share == 0.0:
+                    raise ValueError(
+                        f"every element of plate '{frame.name}' is masked at the observed sites: there is no datapoint "
+                        "to average over; unmask some (poutine.mask / Distribution.mask)"
+                    )
             rate = distortion = 0.0  # becomes an (n,) tensor on the model's device
             for name, site in mt.nodes.items():
                 if site["type"] != "sample":
                     continue
                 if site["is_observed"]:
-                    term = -sum_per_sample(site["log_prob"], n, max_plate_nesting)
+                    term = -sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
                     dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
                     distortion = distortion + term
                 else:
-                    kl, analytic = _site_kl(site, gt.nodes[name])
+                    kl, analytic = sites.kl(site, gt.nodes[name])
                     kl_method.setdefault(name, "analytic" if analytic else "monte carlo")
-                    term = sum_per_sample(kl, n, max_plate_nesting)
+                    term = sites.sum_per_particle(kl, n, max_plate_nesting)
                     rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
                     rate = rate + term
             for name, site in gt.nodes.items():
                 if site["type"] == "sample" and name not in mt.nodes:  # auxiliary guide site
                     kl_method.setdefault(name, "monte carlo")
-                    term = sum_per_sample(site["log_prob"], n, max_plate_nesting)
+                    term = sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
                     rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
                     rate = rate + term
             if not torch.is_tensor(rate):  # no latent site
@@ -206,7 +232,7 @@ def rate_distortion(
             totals.append(torch.stack([rate, distortion], -1))
         totals = torch.cat(totals, 0)  # (S, 2)
 
-    N = 1 if frame is None else (frame.full_size or frame.size)
+    N = 1 if frame is None else (frame.full_size or frame.size) * share
     S = num_samples
     mean = totals.mean(0) / N
     stderr = totals.std(0) / (math.sqrt(S) * N) if S > 1 else torch.full((2,), math.nan)
@@ -220,13 +246,22 @@ def rate_distortion(
         distortion_per_site={k: float(v) / (S * N) for k, v in dist_sites.items()},
         kl_method=kl_method,
         plate=None if frame is None else frame.name,
-        num_datapoints=int(N),
+        num_datapoints=int(round(N)),
         num_samples=S,
         beta=None if beta is None else float(beta),
     )
 
 
-def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs) -> pandas.DataFrame:
+def rate_distortion_sweep(
+    fit: Callable,
+    betas: Iterable[float],
+    *args,
+    model_kwargs: dict | None = None,
+    plate: str | None = None,
+    num_samples: int = 10,
+    batch_size: int | None = None,
+    max_plate_nesting: int | None = None,
+) -> pandas.DataFrame:
     """
     Rate and distortion over a sweep of β: for each β, ``model, guide = fit(beta)`` (your
     training at that β, e.g. an :class:`~pyro_elbo_lab.SVIRunner` run with
@@ -236,8 +271,11 @@ def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs
     :param callable fit: ``fit(beta) -> (model, guide)``.
     :param betas: the β values (finite, >= 0).
     :param args: the data, passed to :func:`rate_distortion`.
-    :param kwargs: keyword arguments of :func:`rate_distortion` (``plate``,
-        ``num_samples``, ...) and the model's.
+    :param dict model_kwargs: the model's keyword arguments.
+    :param plate: as :func:`rate_distortion`.
+    :param int num_samples: as :func:`rate_distortion`.
+    :param int batch_size: as :func:`rate_distortion`.
+    :param int max_plate_nesting: as :func:`rate_distortion`.
     :returns: one row per β (indexed by β) with columns ``beta``, ``rate``, ``distortion``,
         ``rate_stderr``, ``distortion_stderr``, ``elbo`` (:math:`-(D+R)`) and
         ``objective`` (:math:`-(D+\\beta R)`), in nats per datapoint: the points of the
@@ -263,7 +301,18 @@ def rate_distortion_sweep(fit: Callable, betas: Iterable[float], *args, **kwargs
         fitted = fit(beta)
         if not (isinstance(fitted, tuple) and len(fitted) == 2):
             raise ValueError(f"fit(beta) must return a (model, guide) pair, got {type(fitted).__name__} for beta={beta}")
-        rows.append(rate_distortion(fitted[0], fitted[1], *args, beta=beta, **kwargs).to_dataframe())
+        report = rate_distortion(
+            fitted[0],
+            fitted[1],
+            *args,
+            model_kwargs=model_kwargs,
+            plate=plate,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            max_plate_nesting=max_plate_nesting,
+            beta=beta,
+        )
+        rows.append(report.to_dataframe())
     if not rows:
         raise ValueError("betas is empty: pass the β values to fit, e.g. betas=[0.5, 1.0, 4.0]")
     return pd.concat(rows)

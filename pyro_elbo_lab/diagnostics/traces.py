@@ -17,12 +17,13 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
+from .. import sites
+
 __all__ = [
     "SAMPLE_PLATE",
     "ImportanceTraces",
     "guess_max_plate_nesting",
     "vectorized_traces",
-    "sum_per_sample",
     "log_joint_and_guide",
     "probe_traces",
 ]
@@ -139,41 +140,21 @@ def vectorized_traces(
     return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting)
 
 
-def sum_per_sample(x, num_samples: int, max_plate_nesting: int) -> torch.Tensor:
-    """
-    Sum a batch-shaped ``log_prob`` tensor down to one value per importance sample.
-
-    :param x: tensor whose (right-aligned) dim ``-(max_plate_nesting + 1)`` is the sample
-        plate (size S or 1), or a number.
-    :returns: shape ``(S,)``.
-    """
-    if not torch.is_tensor(x):
-        x = torch.tensor(float(x))
-    batch_dim = x.dim()
-    k = batch_dim - (max_plate_nesting + 1)
-    if k < 0:
-        x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
-        return x.unsqueeze(0).expand((num_samples,) + x.shape)
-    dims = tuple(d for d in range(batch_dim) if d != k)
-    if dims:
-        x = x.sum(dims)
-    return x.expand((num_samples,) + x.shape[1:])
-
-
 def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.Tensor]:
     """
     :returns: ``(log p(x, z_s), log q(z_s))``, each of shape ``(S,)``, in nats, with
-        Pyro's data scaling (subsampled plates scaled to the full data).
+        Pyro's data scaling (subsampled plates scaled to the full data) and masks
+        (:func:`pyro_elbo_lab.sites.log_prob`, summed by
+        :func:`pyro_elbo_lab.sites.sum_per_particle`).
     """
     S, mpn = traces.num_samples, traces.max_plate_nesting
-    log_p = sum(
-        sum_per_sample(site["log_prob"], S, mpn)
-        for site in traces.model_trace.nodes.values()
-        if site["type"] == "sample"
-    )
-    log_q = sum(
-        sum_per_sample(site["log_prob"], S, mpn)
-        for site in traces.guide_trace.nodes.values()
-        if site["type"] == "sample"
-    )
-    return log_p, log_q
+
+    def total(trace):
+        terms = [
+            sites.sum_per_particle(sites.log_prob(site), S, mpn)
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+        ]
+        return sum(terms) if terms else torch.zeros(S)
+
+    return total(traces.model_trace), total(traces.guide_trace)
