@@ -143,6 +143,18 @@ class CompiledObjective:
 
         return body
 
+    def _eager(self, model, guide, args, kwargs, beta_t, capacity_t):
+        """
+        Evaluate the step eagerly, as the uncompiled loss does (same random draws; creates
+        missing parameters). Returns the outputs ``(loss, surrogate, values)``, the names
+        of the rows of ``values``, the names of the parameters used, and the step.
+        """
+        holder: dict = {}
+        body = self._traced_body(model, guide, kwargs, holder)
+        with poutine.trace(param_only=True) as capture:
+            outputs = body(beta_t, capacity_t, *args)
+        return outputs, holder["names"], list(capture.trace.nodes), body
+
     def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t, mode: str):
         """
         Evaluate eagerly (recording which parameters are used), then trace; returns the
@@ -150,12 +162,7 @@ class CompiledObjective:
         compiled function (also cached under ``key``).
         """
         start = time.perf_counter()
-        holder: dict = {}
-        body = self._traced_body(model, guide, kwargs, holder)
-        with poutine.trace(param_only=True) as capture:
-            outputs = body(beta_t, capacity_t, *args)
-        names = holder["names"]
-        param_names = list(capture.trace.nodes)
+        outputs, names, param_names, body = self._eager(model, guide, args, kwargs, beta_t, capacity_t)
         has_capacity = capacity_t is not None
 
         def traced(beta, capacity, *params_and_args):
@@ -196,27 +203,34 @@ class CompiledObjective:
         dtype = torch.get_default_dtype()
         beta_t = torch.tensor(beta, dtype=dtype)
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
+        capacity_in = None if capacity is None else capacity_t
         compiled: CompiledFunction | None = self._compiled.get(key)
-        if compiled is not None:
-            # pyro.param here (not inside the compiled function) so that SVI sees the parameters
-            params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
-            if tensor_signature(params) != compiled.param_signature:
-                compiled = None  # a parameter was re-created with another shape, dtype or device
-        if compiled is None:
-            (loss, surrogate, values), compiled = self._compile(
-                key, model, guide, args, kwargs, beta_t, None if capacity is None else capacity_t, mode
-            )
+        store = pyro.get_param_store()
+        if compiled is not None and not all(name in store for name in compiled.param_names):
+            # the parameter store was cleared: an eager pass re-creates the parameters (with
+            # their init values and the random draws of the uncompiled loss); the compiled
+            # function is reused from the next call if they have the shapes and dtypes it was made for
+            (loss, surrogate, values), names, param_names, _ = self._eager(model, guide, args, kwargs, beta_t, capacity_in)
         else:
-            inputs = (beta_t, capacity_t) + params + tuple(args)
-            loss, surrogate, values, seconds = self._strategy.run(compiled, inputs, params, mode)
-            self.compile_seconds += seconds
+            if compiled is not None:
+                # pyro.param here (not inside the compiled function) so that SVI sees the parameters
+                params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
+                if tensor_signature(params) != compiled.param_signature:
+                    compiled = None  # a parameter was re-created with another shape, dtype or device
+            if compiled is None:
+                (loss, surrogate, values), compiled = self._compile(key, model, guide, args, kwargs, beta_t, capacity_in, mode)
+            else:
+                inputs = (beta_t, capacity_t) + params + tuple(args)
+                loss, surrogate, values, seconds = self._strategy.run(compiled, inputs, params, mode)
+                self.compile_seconds += seconds
+            names, param_names = compiled.names, compiled.param_names
         differentiable = torch.is_tensor(surrogate) and surrogate.requires_grad
-        if mode == "backward" and compiled.param_names and differentiable:
+        if mode == "backward" and param_names and differentiable:
             surrogate.backward(retain_graph=self.retain_graph)
             surrogate = 0.0
         elif mode != "differentiable" or not differentiable:
             surrogate = 0.0
-        self._last_record = TermsRecord(compiled.names, values.detach(), beta, capacity)
+        self._last_record = TermsRecord(names, values.detach(), beta, capacity)
         return loss.detach(), surrogate
 
 
@@ -231,13 +245,16 @@ _LIMITS = """
     * Positional arguments must be tensors (they are inputs of the compiled function);
       anything else goes in keyword arguments (a tensor keyword argument raises
       ``ValueError``: it would be frozen in as a constant). Every distinct keyword value, every new
-      ``(model, guide)`` pair, and every new shape, dtype or device of a positional
-      tensor compiles once more (so the smaller last minibatch of an epoch compiles once,
-      and is then reused). Global data read from a closure is frozen at compile time, and
+      ``(model, guide)`` pair, every new shape, dtype or device of a positional
+      tensor, and every new default dtype (:func:`torch.set_default_dtype`: constants the
+      model creates are traced in it) compiles once more (so the smaller last minibatch of
+      an epoch compiles once, and is then reused). Global data read from a closure is frozen at compile time, and
       so are the random indices of a subsampling ``pyro.plate(..., subsample_size=...)``:
       scale minibatches passed in as arguments with ``poutine.scale`` instead.
     * All parameters must exist after the first call (``pyro.param`` calls that appear
-      later are not seen). β and the capacity are inputs, so schedules never recompile;
+      later are not seen). After :func:`pyro.clear_param_store`, one eager call
+      re-creates the parameters; a parameter re-created with another shape, dtype or
+      device compiles once more. β and the capacity are inputs, so schedules never recompile;
       ``free_bits``, ``gamma``, ``sites``, ``num_particles``, ``vectorize_particles`` and
       ``max_plate_nesting`` are compiled in (they are fixed per loss object anyway).
     * Compiled steps run no Python in the model or guide: validation checks
@@ -290,8 +307,10 @@ class JitBetaELBO(CompiledObjective, BetaELBO):
     decomposition (:attr:`last_terms` is filled from the compiled function's outputs), with
     the model/guide pass compiled once and reused, which removes Pyro's per-step Python
     overhead. Takes the arguments of :class:`~pyro_elbo_lab.BetaELBO`, and
-    ``ignore_jit_warnings`` and ``jit_options`` (passed to :func:`torch.jit.trace` as in
-    :class:`pyro.infer.JitTrace_ELBO`).
+    ``ignore_jit_warnings`` and ``jit_options`` as :class:`pyro.infer.JitTrace_ELBO`
+    (``ignore_jit_warnings=True`` silences :class:`torch.jit.TracerWarning` while the step
+    is traced; ``jit_options`` go to :func:`torch.jit.trace`; neither affects
+    ``compiler="inductor"``, whose recording raises instead of warning).
 
     :param str compiler: ``"torchscript"`` (default; :func:`torch.jit.trace`, as
         :class:`pyro.infer.JitTrace_ELBO`, compiles in about a second) or ``"inductor"``
