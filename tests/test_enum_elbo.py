@@ -311,3 +311,26 @@ def test_gmm_log_likelihood_sanity():
     for k in range(2):
         direct = math.log(WEIGHTS[k]) - 0.5 * math.log(2 * math.pi) - 0.5 * (x - LOCS[k].item()) ** 2
         assert lj[k].item() == pytest.approx(direct, rel=1e-12)
+
+
+# -- examples/gmm_enumeration.py ---------------------------------------------------------------
+
+
+def test_gmm_enumeration_example_quick():
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("sklearn", reason="the example needs scikit-learn (the 'examples' extra)")
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "gmm_enumeration.py"
+    spec = importlib.util.spec_from_file_location("gmm_enumeration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(quick=True, verbose=False)
+    # setosa is linearly separable from the other species: one component holds exactly the 50 setosa
+    crosstab = out["crosstab"]
+    setosa_component = crosstab.loc["setosa"].idxmax()
+    assert crosstab.loc["setosa", setosa_component] == 50
+    assert crosstab[setosa_component].sum() == 50
+    # the ELBO (c summed out exactly) is below the importance-sampled evidence, up to Monte Carlo error
+    terms, (log_evidence, stderr) = out["terms"], out["evidence"]
+    assert terms.elbo <= log_evidence + 3 * (stderr + terms.stderr["elbo"])

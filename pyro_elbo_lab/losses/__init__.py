@@ -7,4 +7,12 @@ from .beta_trace_graph_elbo import BetaTraceGraphELBO
 from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
 from .iwae import IWAE
 
-__all__ = ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceEnumELBO", "BetaTraceGraphELBO", "IWAE", "JitBetaELBO", "JitBetaMeanFieldELBO"]
+__all__ = [
+    "BetaELBO",
+    "BetaMeanFieldELBO",
+    "BetaTraceEnumELBO",
+    "BetaTraceGraphELBO",
+    "IWAE",
+    "JitBetaELBO",
+    "JitBetaMeanFieldELBO",
+]
