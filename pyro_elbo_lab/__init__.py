@@ -22,6 +22,7 @@ _EXPORTS = {
     "JitBetaMeanFieldELBO": "pyro_elbo_lab.losses",
     "BetaTraceEnumELBO": "pyro_elbo_lab.losses",
     "BetaTraceGraphELBO": "pyro_elbo_lab.losses",
+    "IWAE": "pyro_elbo_lab.losses",
     "ELBOTerms": "pyro_elbo_lab.terms",
     # diagnostics
     "estimate_evidence": "pyro_elbo_lab.diagnostics",
