@@ -131,6 +131,79 @@ def test_beta_one_matches_trace_enum_elbo(case, vectorize):
                 torch.testing.assert_close(a[name], e[name], rtol=1e-9, atol=1e-10)
 
 
+# -- the pattern of Pyro's examples/lda.py (word_topics enumerated inside nested plates) -------
+
+NUM_TOPICS, NUM_WORDS, NUM_DOCS, WORDS_PER_DOC = 3, 12, 10, 6
+LDA_DATA = torch.randint(0, NUM_WORDS, (WORDS_PER_DOC, NUM_DOCS), generator=torch.Generator().manual_seed(0))
+
+
+def lda_model(data, batch_size=None):
+    with pyro.plate("topics", NUM_TOPICS):
+        topic_weights = pyro.sample("topic_weights", dist.Gamma(1.0 / NUM_TOPICS, 1.0))
+        topic_words = pyro.sample("topic_words", dist.Dirichlet(torch.ones(NUM_WORDS) / NUM_WORDS))
+    with pyro.plate("documents", NUM_DOCS) as ind:
+        data = data[:, ind]
+        doc_topics = pyro.sample("doc_topics", dist.Dirichlet(topic_weights))
+        with pyro.plate("words", WORDS_PER_DOC):
+            word_topics = pyro.sample("word_topics", dist.Categorical(doc_topics), infer={"enumerate": "parallel"})
+            pyro.sample("doc_words", dist.Categorical(topic_words[word_topics]), obs=data)
+
+
+def lda_guide(data, batch_size=None):
+    weights = pyro.param("topic_weights_q", torch.ones(NUM_TOPICS), constraint=dist.constraints.positive)
+    words = pyro.param("topic_words_q", torch.ones(NUM_TOPICS, NUM_WORDS), constraint=dist.constraints.greater_than(0.5))
+    doc = pyro.param("doc_topics_q", torch.ones(NUM_DOCS, NUM_TOPICS) / NUM_TOPICS, constraint=dist.constraints.simplex)
+    with pyro.plate("topics", NUM_TOPICS):
+        pyro.sample("topic_weights", dist.Gamma(weights, 1.0))
+        pyro.sample("topic_words", dist.Dirichlet(words))
+    with pyro.plate("documents", NUM_DOCS, batch_size) as ind:
+        pyro.sample("doc_topics", dist.Delta(doc[ind], event_dim=1))
+
+
+@pytest.mark.parametrize("batch_size", [None, 4], ids=["full", "subsampled"])
+def test_lda_pattern_matches_trace_enum_elbo(batch_size):
+    model = lambda d: lda_model(d, batch_size)  # noqa: E731
+    guide = lambda d: lda_guide(d, batch_size)  # noqa: E731
+    expected = _loss_and_grads(TraceEnum_ELBO(max_plate_nesting=2), model, guide, LDA_DATA)
+    actual = _loss_and_grads(BetaTraceEnumELBO(max_plate_nesting=2), model, guide, LDA_DATA)
+    for e, a in zip(expected[:3], actual[:3]):
+        assert a == pytest.approx(e, rel=1e-10)
+    for name in expected[3]:
+        torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-9, atol=1e-10)
+
+
+def test_lda_pattern_beta_on_doc_topics_equals_site_scale():
+    beta = 0.2
+
+    def scaled(fn):
+        def wrapped(d):
+            with _scale_site("doc_topics", beta):
+                fn(d)
+
+        return wrapped
+
+    expected = _loss_and_grads(TraceEnum_ELBO(max_plate_nesting=2), scaled(lda_model), scaled(lda_guide), LDA_DATA)
+    elbo = BetaTraceEnumELBO(beta, sites=["doc_topics"], max_plate_nesting=2)
+    actual = _loss_and_grads(elbo, lda_model, lda_guide, LDA_DATA)
+    for e, a in zip(expected[:3], actual[:3]):
+        assert a == pytest.approx(e, rel=1e-10)
+    for name in expected[3]:
+        torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-9, atol=1e-10)
+    assert set(elbo.last_terms.per_site) == {"doc_words", "topic_weights", "topic_words", "doc_topics"}
+
+
+class _scale_site(pyro.poutine.messenger.Messenger):
+    """Test helper: multiply one named site's scale (Pyro's own scale semantics, applied by name)."""
+
+    def __init__(self, name, factor):
+        super().__init__()
+        self.name, self.factor = name, factor
+
+    def _pyro_sample(self, msg):
+        if msg["name"] == self.name:
+            msg["scale"] = self.factor * msg["scale"]
+
+
 # -- closed forms: a two-component Gaussian mixture with known parameters ------------------
 
 
