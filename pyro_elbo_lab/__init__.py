@@ -35,6 +35,10 @@ _EXPORTS = {
     "RateDistortion": "pyro_elbo_lab.diagnostics",
     "rate_distortion_sweep": "pyro_elbo_lab.diagnostics",
     "ImportanceSamplingWarning": "pyro_elbo_lab.diagnostics",
+    "guide_moments": "pyro_elbo_lab.diagnostics",
+    "GuideMoments": "pyro_elbo_lab.diagnostics",
+    "vsbc": "pyro_elbo_lab.diagnostics",
+    "VSBCReport": "pyro_elbo_lab.diagnostics",
     # runner and ArviZ
     "SVIRunner": "pyro_elbo_lab.runner",
     "SVIResult": "pyro_elbo_lab.runner",
@@ -46,6 +50,9 @@ _EXPORTS = {
     "to_inference_data": "pyro_elbo_lab.inference_data",
     "from_svi_result": "pyro_elbo_lab.inference_data",
     "summarize": "pyro_elbo_lab.summary",
+    # data-parallel training (the ``lightning`` extra; imported only when used)
+    "ELBOLightningModule": "pyro_elbo_lab.lightning",
+    "DiagnosticsCallback": "pyro_elbo_lab.lightning",
     # optional dependencies
     "MissingExtraError": "pyro_elbo_lab.datasets",
 }
