@@ -131,3 +131,23 @@ def test_bad_arguments():
         guide_moments(model, make_guide(0.0, 1.0), Y, num_samples=10)
     with pytest.raises(ValueError, match="model_kwargs"):
         guide_moments(model, make_guide(0.0, 1.0), model_kwargs=[Y])
+
+
+def test_local_latents_in_a_plate():
+    """One element per plate entry: z_i ~ N(0, 1), y_i ~ N(z_i, 1), posterior N(y_i / 2, 1/2)."""
+    y = torch.tensor([0.5, -1.0, 2.0])
+
+    def lmodel(y):
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    def lguide(y):
+        with pyro.plate("data", 3):
+            pyro.sample("z", dist.Normal(y / 2 + 0.4 * 0.5**0.5, 1.2 * 0.5**0.5))
+
+    report = guide_moments(lmodel, lguide, y, num_samples=8000)
+    assert report.names == ["z[0]", "z[1]", "z[2]"]
+    assert np.all(np.abs(report.psis_mean - (y / 2).numpy()) < 4 * report.psis_mean_mcse)
+    assert np.all(np.abs(report.mean_error - 0.4) <= 4 * report.mean_error_mcse + 0.01)
+    assert np.all(np.abs(report.sd_ratio - 1.2) <= 4 * report.sd_ratio_mcse + 0.01)
