@@ -311,7 +311,7 @@ class CheckpointWriter:
         lines = []
         for chain, rows in enumerate(chain_rows):
             done = self.rows_written[chain] if chain < len(self.rows_written) else 0
-            lines.extend(json.dumps(row, allow_nan=True) + "\n" for row in rows[done:])
+            lines.extend(json.dumps(row, allow_nan=True, default=_row_value) + "\n" for row in rows[done:])
         data = "".join(lines).encode()
         self._append(data)
         new_bytes = self.history_bytes + len(data)
@@ -325,6 +325,16 @@ class CheckpointWriter:
         atomic_save({"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta, allow_nan=True), "tensors": tensors}, self.path)
         self.history_bytes = new_bytes
         self.rows_written = [len(rows) for rows in chain_rows]
+
+
+def _row_value(value):
+    """A history value that JSON does not know (a callback may add NumPy or tensor numbers)."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()
+    raise ValueError(
+        f"cannot write a history value of type {type(value).__name__} ({value!r}) to a checkpoint: history rows "
+        "(and what callbacks add to them) must hold numbers, strings or booleans"
+    )
 
 
 @dataclasses.dataclass
