@@ -31,7 +31,7 @@ class CompiledFunction:
         ``optimize`` flag, inductor's ``grad_index``).
     """
 
-    __slots__ = ("function", "names", "param_names", "param_signature", "info", "compiled_modes")
+    __slots__ = ("function", "names", "param_names", "param_signature", "info")
 
     def __init__(self, function: Callable, names: list, info: dict | None = None):
         self.function = function
@@ -39,9 +39,6 @@ class CompiledFunction:
         self.param_names: list = []
         self.param_signature: tuple = ()
         self.info = info or {}
-        #: grad modes (True / False) under which the function has been called (a lazily
-        #: compiling strategy compiles once per grad mode)
-        self.compiled_modes: set = set()
 
 
 class CompileStrategy(ABC):

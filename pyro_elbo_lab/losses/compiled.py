@@ -205,18 +205,21 @@ class CompiledObjective:
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
         capacity_in = None if capacity is None else capacity_t
         compiled: CompiledFunction | None = self._compiled.get(key)
-        store = pyro.get_param_store()
-        if compiled is not None and not all(name in store for name in compiled.param_names):
-            # the parameter store was cleared: an eager pass re-creates the parameters (with
-            # their init values and the random draws of the uncompiled loss); the compiled
-            # function is reused from the next call if they have the shapes and dtypes it was made for
-            (loss, surrogate, values), names, param_names, _ = self._eager(model, guide, args, kwargs, beta_t, capacity_in)
-        else:
-            if compiled is not None:
+        params = None
+        if compiled is not None:
+            try:
                 # pyro.param here (not inside the compiled function) so that SVI sees the parameters
                 params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
-                if tensor_signature(params) != compiled.param_signature:
-                    compiled = None  # a parameter was re-created with another shape, dtype or device
+            except KeyError:
+                pass  # the parameter store was cleared
+        if compiled is not None and params is None:
+            # an eager pass re-creates the parameters (with their init values and the random
+            # draws of the uncompiled loss); the compiled function is reused from the next
+            # call if they have the shapes and dtypes it was made for
+            (loss, surrogate, values), names, param_names, _ = self._eager(model, guide, args, kwargs, beta_t, capacity_in)
+        else:
+            if compiled is not None and tensor_signature(params) != compiled.param_signature:
+                compiled = None  # a parameter was re-created with another shape, dtype or device
             if compiled is None:
                 (loss, surrogate, values), compiled = self._compile(key, model, guide, args, kwargs, beta_t, capacity_in, mode)
             else:

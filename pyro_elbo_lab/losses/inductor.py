@@ -67,7 +67,8 @@ class InductorStrategy(CompileStrategy):
         if gradients:
             self._check_differentiated(graph, example[2 + num_params:])
         function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
-        return CompiledFunction(function, names, {"grad_index": found.get("index")})
+        # compiled_modes: the grad modes (True / False) it has been called, and so compiled, under
+        return CompiledFunction(function, names, {"grad_index": found.get("index"), "compiled_modes": set()})
 
     def _check_differentiated(self, graph, args: tuple) -> None:
         # the gradient graph differentiates with respect to the Pyro parameters only: a
@@ -113,7 +114,8 @@ class InductorStrategy(CompileStrategy):
     def _call(self, compiled: CompiledFunction, inputs: tuple) -> tuple:
         """The outputs, and the seconds spent compiling (the first call per grad mode compiles)."""
         mode = torch.is_grad_enabled()
-        if mode in compiled.compiled_modes:
+        compiled_modes = compiled.info["compiled_modes"]
+        if mode in compiled_modes:
             return compiled.function(*inputs), 0.0
         start = time.perf_counter()
         try:
@@ -131,5 +133,5 @@ class InductorStrategy(CompileStrategy):
                 "(on CPU inductor needs a working C++ compiler, on GPU Triton). "
                 f"compiler='torchscript' or {self.fallback} run without compiling it."
             ) from e
-        compiled.compiled_modes.add(mode)
+        compiled_modes.add(mode)
         return out, time.perf_counter() - start
