@@ -108,7 +108,7 @@ def psislw(log_weights, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
 
             smoothed, k = az.psislw(lw, reff=1.0)
         else:
-            from arviz_stats.base.array_stats import array_stats
+            from arviz_stats.base import array_stats
 
             smoothed, k = array_stats.psislw(-lw, r_eff=1.0, axis=-1)
     smoothed = np.moveaxis(np.asarray(smoothed, dtype=np.float64), -1, axis)
@@ -277,10 +277,10 @@ def loo_approximate_posterior(data) -> tuple[float, np.ndarray, np.ndarray]:
     and :math:`\\widehat{\\mathrm{elpd}}_i = \\log \\sum_s \\tilde w_{is}\\, p(y_i \\mid \\theta_s)`
     with normalised :math:`\\tilde w`.
 
-    Computed here, on both generations, from ``log_likelihood`` and
-    ``sample_stats.log_joint`` / ``log_guide`` (each observed site's points, chains
-    pooled); ArviZ 1.x's ``az.loo_approximate_posterior(dt, log_p=, log_q=)`` computes the
-    same from the ``DataTree``.
+    From ``log_likelihood`` and ``sample_stats.log_joint`` / ``log_guide`` (chains
+    pooled): ArviZ 1.x's ``az.loo_approximate_posterior(data, log_p=, log_q=)``; on 0.2x,
+    which has none, the same computation here around ArviZ's PSIS (the two agree to
+    rounding on ArviZ 1.3).
 
     :param data: a converter result (one observed site in ``log_likelihood``).
     :returns: ``(elpd, elpd_i, pareto_k_i)`` in nats; the pointwise arrays have the
@@ -300,8 +300,20 @@ def loo_approximate_posterior(data) -> tuple[float, np.ndarray, np.ndarray]:
     names = list(log_likelihood.data_vars)
     if len(names) != 1:
         raise ValueError(f"loo_approximate_posterior needs one observed site in log_likelihood, got {names}")
-    ll = log_likelihood[names[0]].stack(__sample__=("chain", "draw")).transpose(..., "__sample__").values
     stats = group(data, "sample_stats")
+    draws = stats.sizes["chain"] * stats.sizes["draw"]
+    if draws < MIN_PSIS_DRAWS:
+        raise ValueError(f"PSIS-LOO needs at least {MIN_PSIS_DRAWS} draws to fit the Pareto tails, got {draws}; draw more")
+    if generation() >= 1:
+        import arviz as az
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # k̂ is returned for the caller to judge
+            result = az.loo_approximate_posterior(
+                data, log_p=stats["log_joint"], log_q=stats["log_guide"], pointwise=True
+            )
+        return float(result.elpd), np.asarray(result.elpd_i), np.asarray(result.pareto_k)
+    ll = log_likelihood[names[0]].stack(__sample__=("chain", "draw")).transpose(..., "__sample__").values
     log_ratio = (stats["log_joint"] - stats["log_guide"]).stack(__sample__=("chain", "draw")).values
     smoothed, k = psislw(log_ratio - ll, axis=-1)
     lse = ll + smoothed
@@ -334,8 +346,9 @@ def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: f
         axes = az.plot_forest(list(datasets.values()), model_names=list(datasets), var_names=var_names,
                               combined=True, hdi_prob=ci_prob, figsize=(8, 9))
         return np.ravel(axes)[0].figure
-    plot = az.plot_forest(dict(datasets), var_names=var_names, ci_prob=ci_prob, backend="matplotlib")
-    return plot.viz["chart"].item()
+    plot = az.plot_forest(dict(datasets), var_names=var_names, combined=True, ci_probs=(0.5, ci_prob),
+                          backend="matplotlib")
+    return plot.viz["figure"].item()
 
 
 # -- files -----------------------------------------------------------------------------------

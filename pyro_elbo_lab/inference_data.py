@@ -197,11 +197,35 @@ def _build(draws, coords, dims, constant_data, posterior_predictive, history):
     if posterior_predictive:
         groups["posterior_predictive"] = stack("posterior_predictive")
     tree = arviz_compat.from_dict(groups, coords=coords, dims=all_dims)
+    _name_event_dims(tree, all_dims)
     if history is not None:
         import xarray as xr
 
         tree[HISTORY_GROUP] = xr.DataTree(history_to_dataset(history))
     return arviz_compat.finalize(tree)
+
+
+def _name_event_dims(tree, dims) -> None:
+    """
+    The observed data's event dims (left unnamed: ``log_likelihood`` shares the plate
+    dims but has no event dims) as ``<site>_dim_<position>`` on both ArviZ generations
+    (ArviZ 1.x would count only the unnamed dims).
+    """
+    import xarray as xr
+
+    for group, skip in (("observed_data", 0), ("posterior_predictive", 2)):
+        if group not in tree.children:
+            continue
+        dataset = tree[group].to_dataset()
+        renames = {}
+        for name, variable in dataset.data_vars.items():
+            named = len(dims.get(name, ()))
+            for position, dim in enumerate(variable.dims[skip:]):
+                wanted = f"{name}_dim_{position}"
+                if position >= named and dim != wanted and dim.startswith(f"{name}_dim_"):
+                    renames[dim] = wanted
+        if renames:
+            tree[group] = xr.DataTree(dataset.rename(renames))
 
 
 def history_to_dataset(history):

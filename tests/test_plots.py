@@ -195,4 +195,5 @@ def test_rate_distortion_labels_and_limits_frame_the_points():
 def test_forest_plot_of_several_fits(fitted):
     _, idata = fitted
     fig = arviz_compat.plot_forest({"fit": idata, "again": idata}, var_names=["a", "b"], ci_prob=0.9)
-    assert fig.axes and any(ax.get_yticklabels() for ax in fig.axes)
+    labels = {t.get_text().strip() for ax in fig.axes for t in list(ax.texts) + list(ax.get_yticklabels())}
+    assert {"a", "b"} <= labels

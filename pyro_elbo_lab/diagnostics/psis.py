@@ -106,12 +106,16 @@ def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if S < MIN_PSIS_SAMPLES:
         k = np.where(constant, -np.inf, np.nan)
         return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
-    normalised, k = arviz_compat.psislw(lw)
-    # PSIS leaves the body of the weights as it is: the smallest weight gives back the scale
-    low = lw.argmin(-1)[..., None]
-    shift = np.take_along_axis(lw, low, -1) - np.take_along_axis(normalised, low, -1)
-    smoothed = np.where(constant[..., None], lw, normalised + shift)
-    k = np.where(constant, -np.inf, k)
+    # constant rows are left out of the fit (ArviZ 1.x refuses a constant tail)
+    smoothed, k = lw.copy(), np.full(lw.shape[:-1], -np.inf)
+    rows = ~constant
+    if rows.any():
+        varying = lw[rows]
+        normalised, k[rows] = arviz_compat.psislw(varying)
+        # PSIS leaves the body of the weights as it is: the smallest weight gives back the scale
+        low = varying.argmin(-1)[..., None]
+        shift = np.take_along_axis(varying, low, -1) - np.take_along_axis(normalised, low, -1)
+        smoothed[rows] = normalised + shift
     return (
         torch.as_tensor(smoothed, dtype=log_weights.dtype, device=log_weights.device),
         torch.as_tensor(k, dtype=log_weights.dtype),
