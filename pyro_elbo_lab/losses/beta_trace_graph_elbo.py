@@ -18,7 +18,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
-from ..sites import sum_per_particle
+from ..sites import log_prob_per_particle, sum_per_particle
 from ..terms import TermsRecord
 from .beta_state import BetaState, check_site_names
 
@@ -147,6 +147,11 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
 
     def _finish(self) -> None:
         columns = self._columns
+        if len(columns) == 1:
+            names, values = columns[0]
+            self._last_record = TermsRecord(names, values, self._call_beta, None)
+            self._columns = []
+            return
         order: list = []
         for names, _ in columns:
             order += [n for n in names if n not in order]
@@ -161,10 +166,16 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         beta = self._call_beta
+        if beta == 1.0:  # nothing to weight: Pyro's traces as they are
+            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+            with torch._C.DisableTorchFunctionSubclass():  # plain tensor ops, no provenance tracking
+                self._record(model_trace, guide_trace, {}, {})
+            return model_trace, guide_trace
         model_scale = _BetaScale(beta, self._weighted)
         guide_scale = _BetaScale(beta, self._weighted)
         model_trace, guide_trace = super()._get_trace(model_scale(model), guide_scale(guide), args, kwargs)
-        self._record(model_trace, guide_trace, model_scale.unweighted, guide_scale.unweighted)
+        with torch._C.DisableTorchFunctionSubclass():  # plain tensor ops, no provenance tracking
+            self._record(model_trace, guide_trace, model_scale.unweighted, guide_scale.unweighted)
         return model_trace, guide_trace
 
     def _weighted(self, name: str) -> bool:
@@ -176,44 +187,52 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         vectorized = self.vectorize_particles and self.num_particles > 1
         num, nesting = (self.num_particles, self.max_plate_nesting - 1) if vectorized else (None, 0)
 
-        def total(site, unweighted: dict, weighted: bool):
-            if weighted:
-                x = site["log_prob"]
-            elif site["name"] in unweighted:
-                x = scale_and_mask(site["unscaled_log_prob"], unweighted[site["name"]], site["mask"])
-            else:
-                x = site["log_prob"]
-            return sum_per_particle(x, num, nesting).detach()
+        def weighted_total(site):
+            return log_prob_per_particle(site, num, nesting)
 
-        objective = 0.0
-        names, values, kl, entropy = [], [], [], []
+        def total(site, unweighted: dict):
+            scale = unweighted.get(site["name"])
+            if scale is None:
+                return weighted_total(site)
+            x = scale_and_mask(site["unscaled_log_prob"], scale, site["mask"])
+            return sum_per_particle(x, num, nesting)
+
+        recon_names, recon, lp_model, lp_guide = [], [], [], []
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            lp_w = total(site, model_unweighted, True)
-            objective = objective + lp_w
+            lp_model.append(weighted_total(site))
             if site["is_observed"]:
-                names.append(("reconstruction", name))
-                values.append(lp_w)
-        latent = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+                recon_names.append(("reconstruction", name))
+                recon.append(lp_model[-1])
+        latent_names, lq, lp = [], [], []
+        zero = None
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            objective = objective - total(site, guide_unweighted, True)
-            lq = total(site, guide_unweighted, False)
-            lp = total(model_trace.nodes[name], model_unweighted, False) if name in latent else 0.0
-            kl.append((("kl", name), lq - lp))
-            entropy.append((("entropy", name), -lq))
-        for name, value in kl + entropy:
-            names.append(name)
-            values.append(value)
-        like = values[0] if values else objective
-        objective = torch.zeros_like(like) + objective
-        values = [objective] + [torch.zeros_like(objective) + v for v in values]
-        column = torch.stack(values)
+            lp_guide.append(weighted_total(site))
+            latent_names.append(name)
+            lq.append(total(site, guide_unweighted))
+            model_site = model_trace.nodes.get(name)
+            if model_site is not None and model_site["type"] == "sample":
+                lp.append(total(model_site, model_unweighted))
+            else:
+                zero = torch.zeros_like(lq[-1]) if zero is None else zero
+                lp.append(zero)
+        objective = torch.stack(lp_model).sum(0)
+        if lp_guide:
+            objective = objective - torch.stack(lp_guide).sum(0)
+        rows = [objective.unsqueeze(0)]
+        if recon:
+            rows.append(torch.stack(recon))
+        if lq:
+            lq, lp = torch.stack(lq), torch.stack(lp)
+            rows += [lq - lp, -lq]
+        column = torch.cat(rows).detach()
         if column.dim() == 1:
             column = column.unsqueeze(-1)
-        self._columns.append((["objective"] + names, column))
+        names = ["objective"] + recon_names + [("kl", n) for n in latent_names] + [("entropy", n) for n in latent_names]
+        self._columns.append((names, column))
 
     def _check_sites(self, model_trace, guide_trace) -> None:
         if self.sites is None:
