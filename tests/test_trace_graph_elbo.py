@@ -193,3 +193,57 @@ def test_step_counting():
 def test_unknown_site_refused():
     with pytest.raises(ValueError, match="'obs', an observed site"):
         BetaTraceGraphELBO(0.5, sites=["obs"], max_plate_nesting=1).loss(bernoulli_model, bernoulli_guide, DATA)
+
+
+# -- sites= as a glob pattern or a callable, checked per call (a deep Markov model's z_1 ... z_T) ----
+
+
+class _ScaleMatching(pyro.poutine.messenger.Messenger):
+    """Test helper: Pyro's own site scale on the latent sites whose name starts with a prefix."""
+
+    def __init__(self, prefix, factor):
+        super().__init__()
+        self.prefix, self.factor = prefix, factor
+
+    def _pyro_sample(self, msg):
+        if msg["name"].startswith(self.prefix) and not msg["is_observed"]:
+            msg["scale"] = self.factor * msg["scale"]
+
+
+def chain_model(data):
+    z = torch.tensor(0.0)
+    for t, x in enumerate(data):
+        z = pyro.sample(f"z_{t}", dist.Normal(0.5 * z, 1.0))
+        pyro.sample(f"x_{t}", dist.Normal(z, 0.5), obs=x)
+    pyro.sample("w", dist.Normal(0.0, 1.0))
+
+
+def chain_guide(data):
+    locs = pyro.param("locs", torch.zeros(10))
+    for t in range(len(data)):
+        pyro.sample(f"z_{t}", dist.Normal(locs[t], 0.7))
+    pyro.sample("w", dist.Normal(0.1, 1.0))
+
+
+@pytest.mark.parametrize("sites", ["z_*", lambda name: name.startswith("z_")], ids=["glob", "callable"])
+def test_sites_pattern_with_varying_sites(sites):
+    beta = 0.3
+    elbo = BetaTraceGraphELBO(beta, sites=sites, max_plate_nesting=0)
+    reference = TraceGraph_ELBO(max_plate_nesting=0)
+    for length in (3, 5):  # the number of z_t sites changes between calls
+        data = DATA[:length]
+        expected = _run(
+            reference,
+            lambda d: _ScaleMatching("z_", beta)(chain_model)(d),
+            lambda d: _ScaleMatching("z_", beta)(chain_guide)(d),
+            data,
+        )
+        actual = _run(elbo, chain_model, chain_guide, data)
+        assert actual[0] == pytest.approx(expected[0], rel=1e-12)
+        torch.testing.assert_close(actual[2]["locs"], expected[2]["locs"], rtol=1e-10, atol=1e-12)
+        assert set(elbo.last_terms.per_site) == {f"z_{t}" for t in range(length)} | {f"x_{t}" for t in range(length)} | {"w"}
+
+
+def test_sites_pattern_matching_nothing_refused():
+    with pytest.raises(ValueError, match="sites='y_\\*' selects none of the sites"):
+        BetaTraceGraphELBO(0.5, sites="y_*", max_plate_nesting=0).loss(chain_model, chain_guide, DATA[:3])

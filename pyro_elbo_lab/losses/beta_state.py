@@ -12,36 +12,85 @@ Imports only :mod:`pyro_elbo_lab.checks`, :mod:`pyro_elbo_lab.schedules` and
 """
 from __future__ import annotations
 
+import fnmatch
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..checks import nonnegative_number
 from ..schedules import ScheduleLike, as_schedule
 from ..terms import ELBOTerms, TermsRecord
 
-__all__ = ["BetaState", "check_site_names"]
+__all__ = ["BetaState", "GlobSites", "check_selection_matches", "check_site_names", "site_selected"]
 
 
-def check_site_names(sites: Iterable[str] | str | None) -> frozenset | None:
+def check_site_names(sites: Iterable[str] | str | Callable[[str], bool] | None):
     """
-    ``sites`` as a frozenset of names (``None`` stays ``None``).
+    Validate ``sites=``: ``None`` (every site), site names (a str or an iterable of str), a
+    glob pattern (a str with ``*``, ``?`` or ``[``, matched with :func:`fnmatch.fnmatchcase`)
+    or a callable ``name -> bool``.
 
-    :raises ValueError: for an empty collection or a non-string name.
+    :returns: ``None``, a frozenset of names, or a predicate ``name -> bool`` (patterns
+        become a :class:`GlobSites`).
+    :raises ValueError: for an empty collection or a name that is not a str.
     """
     if sites is None:
         return None
+    if isinstance(sites, str) and any(c in sites for c in "*?["):
+        return GlobSites(sites)
+    if callable(sites):
+        return sites
     if isinstance(sites, str):
         sites = [sites]
     try:
         sites = frozenset(sites)
     except TypeError:
-        raise ValueError(f"sites must be an iterable of latent site names, got sites={sites!r}") from None
+        raise ValueError(
+            f"sites must be site names, a glob pattern or a callable name -> bool, got sites={sites!r}"
+        ) from None
     if not sites:
         raise ValueError("sites is empty: pass None to weight every latent site, or name at least one")
     for name in sites:
         if not isinstance(name, str):
             raise ValueError(f"sites must be site names (str), got {name!r} in sites={sorted(map(str, sites))}")
     return sites
+
+
+class GlobSites:
+    """A ``sites=`` glob pattern as a predicate (``GlobSites("z_*")("z_3") is True``)."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+
+    def __call__(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def __repr__(self) -> str:
+        return repr(self.pattern)
+
+
+def site_selected(sites, name: str) -> bool:
+    """Whether ``sites`` (as returned by :func:`check_site_names`) selects site ``name``."""
+    if sites is None:
+        return True
+    if isinstance(sites, frozenset):
+        return name in sites
+    return bool(sites(name))
+
+
+def check_selection_matches(sites, available: list) -> None:
+    """
+    A pattern or predicate must select at least one of the ``available`` sites of this
+    call (explicit names are checked by the losses, with their own messages).
+
+    :raises ValueError: naming the pattern and the sites present.
+    """
+    if sites is None or isinstance(sites, frozenset):
+        return
+    if not any(sites(name) for name in available):
+        raise ValueError(
+            f"sites={sites!r} selects none of the sites β can weight in this call: {available}. "
+            "Fix the pattern, or pass sites=None to weight every site."
+        )
 
 
 class BetaState:

@@ -30,7 +30,7 @@ from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
 from ..terms import TermsRecord
-from .beta_state import BetaState, check_site_names
+from .beta_state import BetaState, check_selection_matches, check_site_names, site_selected
 
 __all__ = ["BetaTraceEnumELBO"]
 
@@ -78,7 +78,9 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
     in :attr:`last_terms`); traces of sequential guide enumeration are summed per particle.
 
     :param beta: β >= 0, or a schedule ``step -> β`` (:mod:`pyro_elbo_lab.schedules`).
-    :param sites: names of the guide sites whose KL β weights; all guide sites when None.
+    :param sites: the guide sites whose KL β weights: names, a glob pattern (``"z_*"``) or a
+        callable ``name -> bool``, checked at every call against the sites present; all
+        guide sites when None.
     :param free_bits: not supported (must be None).
     :param capacity: not supported (must be None).
     :param kwargs: :class:`~pyro.infer.TraceEnum_ELBO` arguments (``num_particles``,
@@ -353,12 +355,15 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         return objective, names, values
 
     def _weighted(self, name: str) -> bool:
-        return self.sites is None or name in self.sites
+        return site_selected(self.sites, name)
 
     def _check_sites(self, model_trace, guide_trace, enumerated) -> None:
         if self.sites is None:
             return
         guide_sites = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
+        if not isinstance(self.sites, frozenset):
+            check_selection_matches(self.sites, guide_sites)
+            return
         for name in sorted(self.sites):
             if name in guide_sites:
                 continue

@@ -20,7 +20,7 @@ from pyro.util import warn_if_nan
 from ..schedules import ScheduleLike
 from ..sites import log_prob_per_particle, sum_per_particle
 from ..terms import TermsRecord
-from .beta_state import BetaState, check_site_names
+from .beta_state import BetaState, check_selection_matches, check_site_names, site_selected
 
 __all__ = ["BetaTraceGraphELBO"]
 
@@ -71,8 +71,9 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
     (:math:`-\\log q`) of each latent site (auxiliary guide sites: KL = :math:`\\log q`).
 
     :param beta: β >= 0, or a schedule ``step -> β`` (:mod:`pyro_elbo_lab.schedules`).
-    :param sites: names of the latent sites β weights; all latent (and auxiliary guide)
-        sites when None.
+    :param sites: the latent sites β weights: names, a glob pattern (``"z_*"``) or a callable
+        ``name -> bool``, checked at every call against the sites present; all latent (and
+        auxiliary guide) sites when None.
     :param kwargs: :class:`~pyro.infer.TraceGraph_ELBO` arguments (``num_particles``,
         ``max_plate_nesting``, ``vectorize_particles``, ...).
     :raises ValueError: for negative or NaN β; at a call, for ``sites`` that are not latent
@@ -179,7 +180,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         return model_trace, guide_trace
 
     def _weighted(self, name: str) -> bool:
-        return self.sites is None or name in self.sites
+        return site_selected(self.sites, name)
 
     def _record(self, model_trace, guide_trace, model_unweighted: dict, guide_unweighted: dict) -> None:
         """Unweighted per-site terms of one trace pair, per particle: columns of shape ``(num_entries, P)``."""
@@ -238,6 +239,9 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         if self.sites is None:
             return
         latent = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
+        if not isinstance(self.sites, frozenset):
+            check_selection_matches(self.sites, latent)
+            return
         observed = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
         for name in sorted(self.sites):
             if name in latent:
