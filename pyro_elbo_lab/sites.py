@@ -260,11 +260,11 @@ def count(site, *, scaled: bool = True, mask: torch.Tensor | None = None) -> tor
 def cross_entropy(model_site, guide_site, *, scaled: bool = True) -> torch.Tensor:
     """
     :math:`-\\log p(z)` at the guide's draw, per element (a one-sample estimate of the
-    cross-entropy :math:`-\\mathbb{E}_q \\log p(z)`), masked by :func:`pair_mask`.
+    cross-entropy :math:`-\\mathbb{E}_q \\log p(z)`), masked by :func:`element_mask`.
 
     :rtype: torch.Tensor
     """
-    return _apply(-model_site["unscaled_log_prob"], guide_site, pair_mask(model_site, guide_site), scaled)
+    return _apply(-model_site["unscaled_log_prob"], guide_site, element_mask(model_site, guide_site), scaled)
 
 
 def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.Tensor, bool]:
@@ -273,11 +273,11 @@ def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.
     where it has one, else the one-sample :math:`-\\log q(z)`.
 
     :param guide_site: the guide's site.
-    :param model_site: the model's site, for :func:`pair_mask` (else the guide's mask).
+    :param model_site: the model's site, for :func:`element_mask` (else the guide's masks).
     :returns: ``(entropy, analytic)``: batch-shaped tensor (nats) and whether it is analytic.
     :rtype: tuple
     """
-    mask = site_mask(guide_site) if model_site is None else pair_mask(model_site, guide_site)
+    mask = element_mask(guide_site if model_site is None else model_site, guide_site)
     fn = guide_site["fn"]
     try:
         value = fn.entropy()
@@ -296,8 +296,8 @@ def _dims_layout(model_site, guide_site):
     q, p = factorise(guide_site["fn"]), factorise(model_site["fn"])
     if q.reinterpreted != p.reinterpreted or q.element.event_shape != p.element.event_shape:
         return None
-    value = guide_site["value"]
-    return q, p, value.shape[: value.dim() - len(q.element.event_shape)]
+    fn = guide_site["fn"]
+    return q, p, torch.Size(tuple(fn.batch_shape) + tuple(fn.event_shape)[: q.reinterpreted])
 
 
 def _flatten_dims(x: torch.Tensor, event_dims: int) -> torch.Tensor:
@@ -344,7 +344,7 @@ def kl(
 ) -> tuple[torch.Tensor, bool]:
     """
     :math:`\\mathrm{KL}(q(z) \\| p(z))` at one latent site, per element, masked by
-    :func:`pair_mask` and scaled (guide site's scale) with ``scaled=True``.
+    :func:`element_mask` and scaled (guide site's scale) with ``scaled=True``.
 
     Analytic where :func:`torch.distributions.kl_divergence` is registered for the
     (guide, model) distributions (with ``analytic=True``), else the one-sample Monte Carlo
@@ -381,7 +381,7 @@ def kl(
             value = q.element.log_prob(z) - p.element.log_prob(z)
         value = _flatten_dims(value.expand(target), q.reinterpreted)
         return _apply(value, guide_site, element_mask(model_site, guide_site, per_dim=True), scaled, 1), is_analytic
-    mask = pair_mask(model_site, guide_site)
+    mask = element_mask(model_site, guide_site)
     if analytic:
         try:
             value = kl_divergence(fq, fp)

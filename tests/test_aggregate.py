@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 
 import pyro_elbo_lab
 from pyro_elbo_lab.diagnostics import AggregatePosteriorReport, aggregate_posterior
@@ -154,3 +155,59 @@ def test_errors():
         aggregate_posterior(model, linear_guide, X, torch.tensor([3]), estimator="stratified")
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
         aggregate_posterior(model, linear_guide, X[:10], num_samples=0)
+
+
+KEEP = torch.arange(N) % 2 == 0
+
+
+def masked_model(x):
+    with pyro.plate("data", len(x)), poutine.mask(mask=KEEP[: len(x)]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+
+def shifted(guide_loc):
+    # masked elements are sent 50 prior sds away: counted, they would dominate every term
+    def guide(x):
+        keep = KEEP[: len(x)]
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(guide_loc(x) + torch.where(keep, 0.0, 50.0)[:, None], 1.0).to_event(1))
+
+    return guide
+
+
+def test_masked_elements_left_out_of_the_aggregate_posterior_exact():
+    # q(z | x_n) = p(z) on the kept elements: q̄ over them is p, so every term is 0 exactly
+    guide = shifted(lambda x: torch.zeros(len(x), 2))
+    x = X[:50]
+    for estimator in ("full", "stratified"):
+        report = aggregate_posterior(masked_model, guide, x, estimator=estimator, num_samples=2)
+        for value in (report.kl, report.kl_analytic, report.mutual_information, report.total_correlation):
+            assert value == pytest.approx(0.0, abs=1e-12)
+        assert report.minibatch_size == 25 and report.num_datapoints == 25
+    # minibatch weighted sampling divides by N·M with N = M = 25 kept: I = log 25 exactly
+    report = aggregate_posterior(masked_model, guide, x, estimator="mws", num_samples=2)
+    assert report.mutual_information == pytest.approx(math.log(25), abs=1e-12)
+
+
+def test_masked_linear_gaussian_encoder_matches_closed_form():
+    def loc(x):
+        return torch.stack([A * x, B * x], -1)
+
+    def guide(x):
+        keep = KEEP[: len(x)]
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc(x) + torch.where(keep, 0.0, 50.0)[:, None], S).to_event(1))
+
+    kept = X[KEEP]  # every other normal quantile: still N(0, 1) to O(1/N)
+    cov = torch.tensor([[A * A + S * S, A * B], [A * B, B * B + S * S]])
+    mi = 0.5 * math.log(float(torch.det(cov)) / S**4)
+    tc = 0.5 * math.log(float(cov[0, 0] * cov[1, 1] / torch.det(cov)))
+    kl = 0.5 * (2 * S * S + (A * A + B * B) * float((kept**2).mean()) - 2 - 2 * math.log(S * S))
+    report = aggregate_posterior(masked_model, guide, X, num_samples=24)
+    assert report.kl_analytic == pytest.approx(kl, abs=1e-10)
+    assert report.num_datapoints == N // 2
+    # tolerances of the unmasked test (same S·N draws; 0.05 is over 5 sd there)
+    assert report.kl == pytest.approx(kl, abs=0.05)
+    assert report.mutual_information == pytest.approx(mi, abs=0.05)
+    assert report.total_correlation == pytest.approx(tc, abs=0.05)

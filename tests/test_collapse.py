@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 
 import pyro_elbo_lab
 from pyro_elbo_lab.diagnostics import CollapseReport, posterior_collapse
@@ -262,3 +263,31 @@ def test_no_local_latents():
 
     with pytest.raises(ValueError, match="could not find a data plate holding both observed sites and latent sites"):
         posterior_collapse(model, guide, torch.randn(5))
+
+
+@pytest.mark.parametrize("where", ["model poutine.mask", "guide Distribution.mask"])
+def test_masked_datapoints_are_left_out(data, where):
+    # half the data points masked; the encoder sends them far away, so counting them would
+    # change both the KL and the activity by orders of magnitude
+    keep = torch.arange(N) % 2 == 0
+    shift = torch.where(keep, 0.0, 30.0)[:, None]
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            with poutine.mask(mask=keep if where.startswith("model") else True):
+                z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z[..., :2], 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            q = dist.Normal(x @ W.T + shift, SCALE)
+            if where.startswith("guide"):
+                q = q.mask(keep[:, None])
+            pyro.sample("z", q.to_event(1))
+
+    report = posterior_collapse(model, guide, data, num_samples=2)
+    kl, activity = exact_kl_and_activity(data[keep])
+    assert report.num_datapoints == int(keep.sum())
+    assert torch.allclose(report.kl_per_dimension, kl, atol=1e-10)
+    assert torch.allclose(report.activity, activity, atol=1e-10)
+    assert report.active.tolist() == [True, False, False]
