@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ from pyro_elbo_lab.schedules import LinearWarmup  # noqa: E402
 
 N, D, L, SIGMA = 40, 3, 2, 0.5
 WARMUP = 10  # steps of the β ramp 0 -> 1
-PARTICLES = 16
+PARTICLES = 64
 
 
 def make_data() -> torch.Tensor:
@@ -162,7 +163,10 @@ def read_metrics(out) -> "pd.DataFrame":
     return pd.read_csv(os.path.join(str(out), "metrics.csv"))
 
 
-def ddp_worker(out: str, steps: int = 20) -> None:
+DDP_STEPS = 60  # far enough for two runs' Monte Carlo noise to average out (spread ~0.1 nats)
+
+
+def ddp_worker(out: str, steps: int = DDP_STEPS) -> None:
     """Two ranks, each a batch of N/2 (DistributedSampler); rank r writes rank{r}.pt."""
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(0)
@@ -183,12 +187,27 @@ def ddp_worker(out: str, steps: int = 20) -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning.*")
 def test_ddp_two_processes_match_closed_form_and_single_process(tmp_path):
-    steps = 20
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    steps = DDP_STEPS
+    # both ranks started here at once (Lightning's own launcher would start rank 1 only after
+    # rank 0 has imported everything; with LOCAL_RANK set it launches nothing)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), str(tmp_path)],
+            env={**env, "LOCAL_RANK": str(r), "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     # both ranks end with identical parameters, and the schedule followed the optimiser
     for name, value in ranks[0]["state"].items():
@@ -198,7 +217,7 @@ def test_ddp_two_processes_match_closed_form_and_single_process(tmp_path):
     # logged terms (averaged over ranks) vs the closed form at the parameters of that step
     x = make_data()
     metrics = read_metrics(tmp_path).dropna(subset=["train/elbo"])
-    assert list(metrics["step"]) == [4, 9, 14, 19]
+    assert list(metrics["step"]) == list(range(4, steps, 5))
     for _, row in metrics.iterrows():
         step = int(row["step"])
         exact = closed_form(ranks[0]["params"][step], x)
@@ -214,9 +233,9 @@ def test_ddp_two_processes_match_closed_form_and_single_process(tmp_path):
     single = closed_form({k: v.detach() for k, v in module.owners[0].state_dict().items()}, x)
     ddp = closed_form(ranks[0]["state"], x)
     start = closed_form(ranks[0]["params"][0], x)
-    improvement = ddp["elbo"] - start["elbo"]
-    assert improvement > 50.0
-    assert abs(ddp["elbo"] - single["elbo"]) < 0.05 * improvement
+    assert ddp["elbo"] - start["elbo"] > 200.0  # it trained (from -405 nats)
+    # seeds 0..3 of the single-process run end within 0.15 nats of each other (sd 0.06)
+    assert abs(ddp["elbo"] - single["elbo"]) < 0.5
 
 
 def test_resume_mid_warmup_continues_beta_and_matches_uninterrupted_run(tmp_path):
@@ -271,7 +290,7 @@ def test_accumulate_grad_batches_advances_beta_once_per_optimiser_step(tmp_path)
 def test_diagnostics_callback_logs_evidence_between_elbo_and_log_px(tmp_path):
     x = make_data()
     module = make_module()
-    callback = DiagnosticsCallback(x, model_kwargs={"num_data": N}, num_samples=500, per_datapoint="data")
+    callback = DiagnosticsCallback(x, model_kwargs={"num_data": N}, num_samples=500, per_datapoint="data", collapse=True)
     trainer(tmp_path, 30, [callback]).fit(module, batches(x, N))
     exact = closed_form({k: v.detach() for k, v in module.owners[0].state_dict().items()}, x)
     ((step, metrics),) = callback.results
@@ -279,6 +298,8 @@ def test_diagnostics_callback_logs_evidence_between_elbo_and_log_px(tmp_path):
     assert metrics["diagnostics/elbo"] == pytest.approx(exact["elbo"], abs=5 * metrics["diagnostics/elbo_stderr"] + 1e-6)
     tol = 5 * metrics["diagnostics/log_evidence_stderr"] + 1e-6
     assert exact["elbo"] - tol <= metrics["diagnostics/log_evidence"] <= exact["log_px"] + tol
+    # collapse: the KL per datapoint (analytic for this guide) against the closed form
+    assert metrics["diagnostics/collapse_kl"] == pytest.approx(exact["kl"] / N, rel=1e-9)
     logged = read_metrics(tmp_path).dropna(subset=["diagnostics/log_evidence"])
     assert list(logged["step"]) == [30]
 
