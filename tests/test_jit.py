@@ -190,6 +190,33 @@ def test_score_function_site_beta_schedule():
     # non-reparameterised guide site: the downstream cost log_r carries β (JitBetaELBO._log_r)
     sched = LinearWarmup(3, start=0.5, end=2.0)
     assert_same_run(BetaELBO(beta=sched), JitBetaELBO(beta=sched), discrete_model, discrete_guide, (X,), steps=5)
+    # by hand from poutine.trace log-probabilities of the same draw: the loss
+    # -(log p(x|z) + β (log p(z) - log q(z))) and its score-function gradient in the logit,
+    # -log_r d log q(z) / d logit with log_r = log p(x|z) + β (log p(z) - log q(z)) and
+    # d log q / d logit = z - sigmoid(logit) (Ranganath et al. 2014, with β in the cost; like
+    # Pyro's Trace_ELBO, the direct term -β d log q, zero in expectation, is not included)
+    pyro.clear_param_store()
+    loss = JitBetaELBO(beta=sched)
+    logit = None
+    for step in range(5):
+        beta = sched(step)
+        pyro.set_rng_seed(step)
+        with torch.no_grad():
+            guide_trace = poutine.trace(discrete_guide).get_trace(X)
+            model_trace = poutine.trace(poutine.replay(discrete_model, trace=guide_trace)).get_trace(X)
+        z = guide_trace.nodes["z"]["value"]
+        log_q = guide_trace.nodes["z"]["fn"].log_prob(z)
+        log_r = model_trace.nodes["x"]["fn"].log_prob(X).sum() + beta * (model_trace.nodes["z"]["fn"].log_prob(z) - log_q)
+        logit = pyro.param("logit").unconstrained()
+        logit.grad = None
+        pyro.set_rng_seed(step)
+        value = loss.loss_and_grads(discrete_model, discrete_guide, X)
+        assert value == pytest.approx(-log_r.item(), rel=1e-12)
+        expected_grad = -log_r * (z - torch.sigmoid(logit.detach()))
+        assert logit.grad.item() == pytest.approx(expected_grad.item(), rel=1e-10, abs=1e-12)
+        with torch.no_grad():
+            logit -= 0.05 * logit.grad  # move, so that every step sees other parameters
+    assert loss.num_compilations == 1
 
 
 @pytest.mark.parametrize("ref_cls, jit_cls", ALL_PAIRS)
