@@ -247,3 +247,9 @@ def test_sites_pattern_with_varying_sites(sites):
 def test_sites_pattern_matching_nothing_refused():
     with pytest.raises(ValueError, match="sites='y_\\*' selects none of the sites"):
         BetaTraceGraphELBO(0.5, sites="y_*", max_plate_nesting=0).loss(chain_model, chain_guide, DATA[:3])
+
+
+@pytest.mark.parametrize("option", ["free_bits", "capacity"])
+def test_free_bits_and_capacity_refused(option):
+    with pytest.raises(NotImplementedError, match="free bits and capacity"):
+        BetaTraceGraphELBO(**{option: 1.0})

@@ -74,10 +74,13 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
     :param sites: the latent sites β weights: names, a glob pattern (``"z_*"``) or a callable
         ``name -> bool``, checked at every call against the sites present; all latent (and
         auxiliary guide) sites when None.
+    :param free_bits: not supported (must be None).
+    :param capacity: not supported (must be None).
     :param kwargs: :class:`~pyro.infer.TraceGraph_ELBO` arguments (``num_particles``,
         ``max_plate_nesting``, ``vectorize_particles``, ...).
     :raises ValueError: for negative or NaN β; at a call, for ``sites`` that are not latent
         sites.
+    :raises NotImplementedError: for ``free_bits`` or ``capacity``.
 
     References
 
@@ -92,7 +95,21 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         Glorot, Matthew Botvinick, Shakir Mohamed, Alexander Lerchner (2017)
     """
 
-    def __init__(self, beta: ScheduleLike = 1.0, *, sites: Iterable[str] | None = None, **kwargs):
+    def __init__(
+        self,
+        beta: ScheduleLike = 1.0,
+        *,
+        sites: Iterable[str] | None = None,
+        free_bits: float | None = None,
+        capacity: ScheduleLike | None = None,
+        **kwargs,
+    ):
+        if free_bits is not None or capacity is not None:
+            raise NotImplementedError(
+                "BetaTraceGraphELBO supports β weighting only: free bits and capacity are non-linear in the KL "
+                "and would have to enter every score-function site's downstream cost whole. Use BetaELBO, which "
+                "does this for score-function sites left out of sites=."
+            )
         self._init_beta(beta)
         self.sites = check_site_names(sites)
         self._call_beta = 1.0
