@@ -165,7 +165,8 @@ def from_svi_result(
     return _build(draws, coords, dims, constant_data, posterior_predictive, result if history is None else history)
 
 
-to_inference_data.__doc__ = to_inference_data.__doc__.format(groups=_GROUPS_DOC)
+if to_inference_data.__doc__:  # None under python -OO
+    to_inference_data.__doc__ = to_inference_data.__doc__.format(groups=_GROUPS_DOC)
 
 
 def _build(draws, coords, dims, constant_data, posterior_predictive, history):
