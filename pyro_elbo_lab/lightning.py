@@ -42,6 +42,7 @@ References
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -131,6 +132,10 @@ class ELBOLightningModule(pl.LightningModule):
         the training data loader.
     :raises ValueError: if ``loss`` is not one of our losses, ``model`` or ``guide`` is not
         a module or a method of one, or ``optimizer`` is a Pyro optimiser.
+
+    .. note:: Constructing the module sets ``pyro.settings.set(module_local_params=True)``
+        for the whole process (rule 3), as Pyro's ``examples/svi_lightning.py`` does; code
+        that later expects PyroModule parameters in the global param store must set it back.
     """
 
     def __init__(
@@ -170,7 +175,7 @@ class ELBOLightningModule(pl.LightningModule):
         self.val_model_kwargs = (
             self.model_kwargs if val_model_kwargs is None else check_model_kwargs(val_model_kwargs, "val_model_kwargs")
         )
-        self.optimizer = optimizer if optimizer is not None else (lambda params: torch.optim.Adam(params, lr=1e-3))
+        self.optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=1e-3)
         self.log_every_n_steps = log_every_n_steps
         self.log_sites = bool(log_sites)
         self.warmup_batch = warmup_batch
@@ -238,7 +243,8 @@ class ELBOLightningModule(pl.LightningModule):
                     f"param site {name!r} is not a parameter of the model's or the guide's nn.Module, so DDP "
                     "would not synchronise it and the optimiser would not train it; create it inside a PyroModule "
                     "(PyroParam or an autoguide, with pyro.settings.set(module_local_params=True) before the first "
-                    "call), or as an nn.Parameter of a module the model or guide is a method of"
+                    "call), or as an nn.Parameter of a module the model or guide is a method of (a stale entry of Pyro's "
+                    "global param store from an earlier run also lands here: call pyro.clear_param_store())"
                 )
         self.warmed_up = True
 

@@ -69,6 +69,14 @@ class LinearGaussianVAE(nn.Module):
             pyro.sample("z", dist.Normal(x @ self.A.T + self.c, self.log_s.exp()).to_event(1))
 
 
+@pytest.fixture(autouse=True)
+def restore_module_local_params():
+    """ELBOLightningModule turns module_local_params on for the process: undo it for other tests."""
+    before = pyro.settings.get("module_local_params")
+    yield
+    pyro.settings.set(module_local_params=before)
+
+
 # -- closed forms, written from the model's equations (no pyro_elbo_lab code) -------------------
 
 
