@@ -407,3 +407,30 @@ def test_gmm_enumeration_example_quick():
     # the ELBO (c summed out exactly) is below the importance-sampled evidence, up to Monte Carlo error
     terms, (log_evidence, stderr) = out["terms"], out["evidence"]
     assert terms.elbo <= log_evidence + 3 * (stderr + terms.stderr["elbo"])
+
+
+def test_zero_probability_guide_category_matches_trace_enum_elbo():
+    """A guide-enumerated category of probability 0 (log q = -inf) is left out, as TraceEnum_ELBO does."""
+    locs3 = torch.tensor([-1.0, 2.0, 5.0])
+
+    def model(data):
+        w = pyro.param("w3", torch.tensor([0.3, 0.5, 0.2]), constraint=dist.constraints.simplex)
+        with pyro.plate("data", len(data)):
+            c = pyro.sample("c", dist.Categorical(w))
+            pyro.sample("obs", dist.Normal(locs3[c], 1.0), obs=data)
+
+    def guide(data):
+        logits = pyro.param("glogits", torch.tensor([0.2, -0.1]).expand(len(data), 2).clone())
+        probs = torch.cat([logits.softmax(-1), torch.zeros(len(data), 1)], -1)
+        with pyro.plate("data", len(data)):
+            pyro.sample("c", dist.Categorical(probs), infer={"enumerate": "parallel"})
+
+    expected = _loss_and_grads(TraceEnum_ELBO(max_plate_nesting=1), model, guide, DATA)
+    elbo = BetaTraceEnumELBO(max_plate_nesting=1)
+    actual = _loss_and_grads(elbo, model, guide, DATA)
+    for e, a in zip(expected[:3], actual[:3]):
+        assert math.isfinite(e) and a == pytest.approx(e, rel=1e-10)
+    for name in expected[3]:
+        torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(actual[4][name], expected[4][name], rtol=1e-9, atol=1e-10)
+    assert math.isfinite(elbo.last_terms.per_site["c"]["entropy"])
