@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+"""diagnostics.psis and arviz_compat.psislw on either ArviZ generation: what PSIS keeps, the
+25-draw floor, constant rows, the importance statistics against numpy by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_elbo_lab import arviz_compat
+from pyro_elbo_lab.diagnostics import psis
+
+
+def test_psis_keeps_the_body_and_the_scale():
+    # PSIS (Vehtari et al. 2024) replaces only the M = ceil(min(S/5, 3 sqrt(S))) largest weights;
+    # the others are the raw ones, so the unnormalised smoothed weights keep the raw scale
+    S = 1000
+    lw = torch.randn(2, S, generator=torch.Generator().manual_seed(1)) * 1.5 + 40.0
+    smoothed, k = psis.psis_diagnostics(lw)
+    M = math.ceil(min(S / 5, 3 * math.sqrt(S)))
+    for row in range(2):
+        order = torch.argsort(lw[row])
+        body, tail = order[: S - M - 1], order[S - M:]
+        assert torch.allclose(smoothed[row, body], lw[row, body], rtol=0, atol=1e-9)
+        # the smoothed tail stays between the body and the largest raw weight (truncation)
+        assert (smoothed[row, tail] >= lw[row, order[S - M - 1]] - 1e-9).all()
+        assert (smoothed[row, tail] <= lw[row].max() + 1e-9).all()
+    # log-normal weights with sd 1.5: k̂ of a log-normal tail is positive and below 0.7 here
+    assert ((k > 0) & (k < 0.7)).all()
+
+
+def test_constant_rows_and_too_few_draws():
+    lw = torch.stack([torch.full((30,), -3.0), torch.linspace(0.0, 2.0, 30)])
+    smoothed, k = psis.psis_diagnostics(lw)
+    assert k[0] == -math.inf and math.isfinite(float(k[1]))
+    assert torch.equal(smoothed[0], lw[0])
+    # below 25 draws: no fit, raw weights back, k̂ NaN (or -inf for a constant row)
+    few = lw[:, :24]
+    smoothed, k = psis.psis_diagnostics(few)
+    assert k[0] == -math.inf and math.isnan(float(k[1]))
+    assert torch.equal(smoothed, few)
+    assert [psis.verdict(v) for v in (-math.inf, math.nan)] == ["good", "unknown"]
+    # the ArviZ call itself says what is wrong, on both generations
+    with pytest.raises(ValueError, match=r"PSIS needs at least 25 draws along axis -1.*got 24"):
+        arviz_compat.psislw(np.linspace(0.0, 1.0, 24))
+    normalised, k = arviz_compat.psislw(np.linspace(0.0, 1.0, 25))
+    assert np.exp(normalised).sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_importance_stats_by_hand():
+    rng = np.random.default_rng(3)
+    lw = rng.normal(size=(3, 500)) - 700.0  # far below exp's range: the code must shift
+    log_mean, stderr, ess = psis.importance_stats(torch.as_tensor(lw))
+    w = np.exp(lw + 700.0)  # the same weights times e^700, by hand
+    expected_log_mean = np.log(w.mean(-1)) - 700.0
+    expected_se = w.std(-1, ddof=1) / (math.sqrt(500) * w.mean(-1))
+    wn = w / w.sum(-1, keepdims=True)
+    assert np.allclose(log_mean.numpy(), expected_log_mean, rtol=0, atol=1e-10)
+    assert np.allclose(stderr.numpy(), expected_se, rtol=1e-10)
+    assert np.allclose(ess.numpy(), 1.0 / (wn**2).sum(-1), rtol=1e-10)
