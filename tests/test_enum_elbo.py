@@ -410,7 +410,7 @@ def test_gmm_enumeration_example_quick():
 
 
 def test_zero_probability_guide_category_matches_trace_enum_elbo():
-    """A guide-enumerated category of probability 0 (log q = -inf) is left out, as TraceEnum_ELBO does."""
+    """A guide-enumerated category of probability 0 (torch clamps its log q to log(eps)): TraceEnum_ELBO's numbers."""
     locs3 = torch.tensor([-1.0, 2.0, 5.0])
 
     def model(data):
