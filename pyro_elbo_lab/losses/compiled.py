@@ -8,19 +8,19 @@ own module, chosen by ``compiler=``:
 
 * ``"torchscript"`` (default, :mod:`.torchscript`): :func:`torch.jit.trace`, as Pyro's
   :class:`~pyro.infer.JitTrace_ELBO`; compiles in about a second.
-* ``"inductor"`` (:mod:`.inductor`): the step (forward pass *and* the gradients, as one graph of aten ops from
-  :func:`torch.fx.experimental.proxy_tensor.make_fx`) compiled to fused C++ by
-  :func:`torch.compile`'s inductor backend; seconds to compile, then 1.5–2 times faster per step
-  than TorchScript on the benchmark models (``benchmarks/RESULTS.md``).
+* ``"inductor"`` (:mod:`.inductor`): the step (forward pass *and* the gradients, as one
+  graph of aten ops from :func:`torch.fx.experimental.proxy_tensor.make_fx`) compiled to
+  fused C++ by :func:`torch.compile`'s inductor backend; seconds to compile, then 1.5–2
+  times faster per step than TorchScript on the benchmark models (``benchmarks/RESULTS.md``).
 
 The plumbing follows :func:`pyro.ops.jit.trace` (parameters are passed to the traced
 function as unconstrained leaf tensors and replayed into the model and guide), with three
 differences that matter here:
 
 * the compiled function is cached per ``(model, guide, kwargs, argument shapes and
-  dtypes, default dtype)`` and reused while the parameters keep their shapes and dtypes; Pyro 1.9.2's :class:`~pyro.infer.JitTraceMeanField_ELBO` stores its compiled
-  function under one attribute and looks it up under another, so it re-traces on every
-  step;
+  dtypes, default dtype)`` and reused while the parameters keep their shapes and dtypes;
+  Pyro 1.9.2's :class:`~pyro.infer.JitTraceMeanField_ELBO` stores its compiled function
+  under one attribute and looks it up under another, so it re-traces on every step;
 * β and the capacity C(t) are inputs of the traced function, not constants baked into the
   trace, so schedules run without recompiling;
 * the first call of each cached function is evaluated eagerly (that pass also records
