@@ -109,7 +109,8 @@ class ELBOLightningModule(pl.LightningModule):
     ``train/beta`` (``train/capacity`` with a capacity, ``train/kl/<site>`` with
     ``log_sites``), in nats, averaged over ranks (``sync_dist=True``); these are the
     unweighted terms of the step's batch, scaled to the full data as the loss is. Reading
-    them costs one device synchronisation and one all-reduce; the other steps cost neither.
+    them costs one device synchronisation and an all-reduce per logged value; the other
+    steps cost neither.
     With gradient accumulation the logged terms are those of the step's last micro-batch.
     Validation: see :meth:`evaluate`.
 
