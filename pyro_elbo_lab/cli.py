@@ -79,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output(parser: argparse.ArgumentParser, given: str, output: str) -> None:
+    """
+    Before any fitting: create ``--output`` and prove it writable with a real file (not
+    ``os.access``, which root and read-only mounts defeat); refuse a ``report.md`` that is a
+    symbolic link. Exits through ``parser.error`` (status 2).
+    """
+    import tempfile
+
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as e:
+        parser.error(f"--output {given!r} is not a writable directory ({e.strerror or e}); pass a writable one")
+    if os.path.islink(os.path.join(output, "report.md")):
+        parser.error(f"--output {given!r}: report.md there is a symbolic link; remove it (outputs are never written "
+                     "through links) or pass another directory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Entry point of the ``pyro-elbo-lab`` console script.
@@ -104,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for needed in ("matplotlib", "sklearn") if args.name == "vae" else ("matplotlib",):
             require(needed, purpose)
         module = importlib.import_module(f"pyro_elbo_lab.demos.{module_name}")
-        os.makedirs(output, exist_ok=True)
+        _check_output(parser, args.output, output)
         start = time.perf_counter()
         module.run(output, quick=args.quick, seed=args.seed, steps=args.steps, progress_bar=not args.no_progress)
     except MissingExtraError as e:

@@ -103,8 +103,20 @@ class Report:
         return "\n".join(self.lines).strip() + "\n"
 
     def write(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.markdown())
+        """Write the Markdown atomically (temporary file, then rename); never through a symbolic link."""
+        if os.path.islink(path):
+            raise ValueError(f"{path!r} is a symbolic link; the report is never written through links: remove it")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        # O_EXCL | O_NOFOLLOW: a file or link planted at the temporary name is refused, not followed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.markdown())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
 
     def _emit(self, plain: str, markdown: str) -> None:
         if self.verbose:

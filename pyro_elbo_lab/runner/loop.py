@@ -21,7 +21,10 @@ Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostic
 from __future__ import annotations
 
 import math
+import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ import torch
 
 import pyro
 import pyro.poutine as poutine
+import pyro.util
 
 from .batches import BatchSource, Exhausted
 from .options import Evaluation
@@ -119,6 +123,8 @@ class ChainLoop:
         stop_reason = "num_steps"
         options = self.options
         deadline = None if options.max_time is None else self.t0 + options.max_time
+        self.interrupted = False
+        previous = self._defer_sigint()
         try:
             # opened once per run, not per step: entering catch_warnings resets Python's
             # warning registry, so a "once"/"default" warning of the model would fire on
@@ -152,12 +158,36 @@ class ChainLoop:
                     if self.rule is not None and self.rule.should_stop(self.rows, step):
                         stop_reason = "converged"
                         break
+                    if self.interrupted:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             stop_reason = "interrupted"
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             if bar is not None:
                 bar.close()
         return stop_reason
+
+    def _defer_sigint(self):
+        """
+        In the main thread, with Python's default SIGINT handler: hold a Ctrl-C until the
+        step under way is complete (update, history row, evaluation, callbacks, checkpoint),
+        so that an interrupted run keeps parameters and history that agree. A second Ctrl-C
+        interrupts at once.
+
+        :returns: the handler to put back, or None when none was installed.
+        """
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return None
+
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        return signal.signal(signal.SIGINT, handler)
 
     def step(self, step: int, args, model_kwargs) -> dict:
         """One update and its history row (appended to :attr:`rows`)."""
@@ -168,10 +198,19 @@ class ChainLoop:
                 with poutine.trace(param_only=True) as capture:
                     loss = self.loss.loss_and_grads(self.model, self.guide, *args, **model_kwargs)
             except ValueError as e:
-                # with validation on, a non-finite parameter surfaces as a distribution's
-                # argument check; say which parameters are at fault
-                if nonfinite_params():
-                    raise self.nonfinite_error(step, math.nan, set(), e) from e
+                # with validation on, a NaN, infinite or zero scale (or a NaN value) surfaces as a
+                # distribution's argument check instead of a non-finite loss: the same fault
+                if nonfinite_params() or is_invalid_value_error(e):
+                    sites = invalid_sites(self.model, self.guide, args, model_kwargs) if not nonfinite_params() else {}
+                    if self.options.on_nonfinite == "skip" and not nonfinite_params():
+                        for _, p in pyro.get_param_store().named_parameters():
+                            p.grad = None
+                        if loss_state is not None:
+                            self.loss.load_state_dict(loss_state)
+                        row = {"step": step, "loss": math.nan, "wall_time": self.wall_time(), "skipped": True}
+                        self.rows.append(row)
+                        return row
+                    raise self.nonfinite_error(step, math.nan, set(), e, sites) from e
                 raise
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
             if self.initial_modules is not None:
@@ -179,13 +218,24 @@ class ChainLoop:
             loss = float(loss[0] if isinstance(loss, tuple) else loss)
             finite = math.isfinite(loss) and _all_finite_grads(params)
             error = None
-            if finite:
-                self.optim(params)
-            elif self.options.on_nonfinite == "raise" or nonfinite_params():
-                error = self.nonfinite_error(step, loss, params, None)  # before the gradients are cleared
-            pyro.infer.util.zero_grads(params)
+            if not finite and (self.options.on_nonfinite == "raise" or nonfinite_params()):
+                # before the gradients are cleared; losses without per-site terms: one diagnostic pass
+                located = None if getattr(self.loss, "last_terms", None) is not None else invalid_sites(
+                    self.model, self.guide, args, model_kwargs)
+                error = self.nonfinite_error(step, loss, params, None, located)
             if error is not None:
                 raise error
+            # the row is built before the update, so that the update and the row go together
+            row: dict[str, Any] = {"step": step, "loss": loss}
+            terms = getattr(self.loss, "last_terms", None)
+            if terms is not None:
+                row.update(terms.as_dict(per_site=True))
+            row["wall_time"] = self.wall_time()
+            if self.options.on_nonfinite == "skip":
+                row["skipped"] = not finite
+            if finite:
+                self.optim(params)
+            self.rows.append(row)
         except BaseException:
             # leave no half-done step behind: gradients cleared, the loss's step count back
             for _, p in pyro.get_param_store().named_parameters():
@@ -193,6 +243,7 @@ class ChainLoop:
             if loss_state is not None:
                 self.loss.load_state_dict(loss_state)
             raise
+        pyro.infer.util.zero_grads(params)
         if (
             finite
             and isinstance(self.optim, pyro.optim.PyroLRScheduler)
@@ -202,23 +253,14 @@ class ChainLoop:
                 isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in self.optim.optim_objs.values()
             )
             self.optim.step(loss) if plateau else self.optim.step()
-
-        row: dict[str, Any] = {"step": step, "loss": loss}
-        terms = getattr(self.loss, "last_terms", None)
-        if terms is not None:
-            row.update(terms.as_dict(per_site=True))
-        row["wall_time"] = self.wall_time()
-        if self.options.on_nonfinite == "skip":
-            row["skipped"] = not finite
-        self.rows.append(row)
         return row
 
-    def nonfinite_error(self, step, loss, params, cause) -> NonFiniteError:
+    def nonfinite_error(self, step, loss, params, cause, sites=None) -> NonFiniteError:
         """The :class:`NonFiniteError` of ``step``, naming the culprit terms, sites and parameters."""
         store = pyro.get_param_store()
         terms = getattr(self.loss, "last_terms", None) if cause is None else None
         bad_terms: list[str] = []
-        bad_sites: dict[str, list[str]] = {}
+        bad_sites: dict[str, list[str]] = dict(sites or {})
         if terms is not None:
             from ..terms import TOTAL_FIELDS
 
@@ -235,13 +277,15 @@ class ChainLoop:
         lines.append(f"The model or guide raised: {cause}" if cause is not None else f"loss = {loss}")
         if bad_terms:
             lines.append("ELBO terms: " + ", ".join(f"{n} = {getattr(terms, n)}" for n in bad_terms))
-        if bad_sites:
+        if bad_sites and terms is not None and all(s in terms.per_site for s in bad_sites):
             lines.append(
                 "sites: "
                 + "; ".join(
                     f"'{s}' ({', '.join(f'{k} = {terms.per_site[s][k]}' for k in ks)})" for s, ks in bad_sites.items()
                 )
             )
+        elif bad_sites:
+            lines.append("sites: " + "; ".join(f"'{s}' ({', '.join(ks)})" for s, ks in bad_sites.items()))
         if bad_grads:
             lines.append("parameters with non-finite gradients: " + ", ".join(f"'{n}'" for n in bad_grads))
         if bad_params:
@@ -296,6 +340,59 @@ class ChainLoop:
         self._last_postfix = now
         keys = (("loss", "loss"), ("elbo", "elbo"), ("reconstruction", "rec"), ("kl", "kl"), ("beta", "β"))
         bar.set_postfix({short: f"{row[k]:.4g}" for k, short in keys if k in row}, refresh=False)
+
+
+_INVALID_VALUES = re.compile(
+    r"Expected (parameter \w+|value argument) \(.*(to satisfy the constraint|to be within the support).*"
+    r"but found invalid values", re.S
+)
+
+
+def is_invalid_value_error(error: BaseException) -> bool:
+    """
+    Whether ``error`` is the ``ValueError`` of a distribution's argument validation (torch's
+    ``Expected parameter ... but found invalid values`` or ``Expected value argument ...``):
+    the form a NaN, infinite or zero scale or a NaN value takes with validation on.
+    """
+    return isinstance(error, ValueError) and bool(_INVALID_VALUES.search(str(error)))
+
+
+def invalid_sites(model, guide, args, model_kwargs) -> dict[str, list[str]]:
+    """
+    Sample sites whose ``log_prob`` is not finite, or whose distribution could not be
+    built, found by one pass of the guide and the model with validation off and without
+    gradients. Only called after a step failed; the RNG state is restored afterwards, so
+    the pass does not change the random numbers of later steps.
+
+    :returns: ``{site: ["log_prob (model)"]}`` etc.; empty when the pass finds nothing.
+    """
+    rng = pyro.util.get_rng_state()
+    found: dict[str, list[str]] = {}
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for role, trace in _traces(model, guide, args, model_kwargs):
+                for name, site in trace.nodes.items():
+                    if site["type"] != "sample":
+                        continue
+                    try:
+                        ok = bool(torch.isfinite(site["fn"].log_prob(site["value"])).all())
+                    except Exception:  # noqa: BLE001  a distribution that cannot even evaluate
+                        ok = False
+                    if not ok:
+                        found.setdefault(name, []).append(f"log_prob ({role})")
+    except Exception:  # noqa: BLE001  the diagnosis must not hide the original error
+        pass
+    finally:
+        pyro.util.set_rng_state(rng)
+    return found
+
+
+def _traces(model, guide, args, model_kwargs):
+    guide_trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*args, **model_kwargs)
+    yield "guide", guide_trace
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **model_kwargs)
+    yield "model", model_trace
 
 
 def _all_finite_grads(params) -> bool:

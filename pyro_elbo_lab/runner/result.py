@@ -32,7 +32,8 @@ class NonFiniteError(ValueError):
     :ivar list grads: names of parameters with non-finite gradients.
     :ivar list params: names of parameters with non-finite values.
     :ivar SVIResult result: the partial result: history up to (excluding) ``step`` and
-        the last finite parameters.
+        the last finite parameters (also ``partial_result``, the name every other
+        exception escaping :meth:`~pyro_elbo_lab.runner.SVIRunner.run` carries it under).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class NonFiniteError(ValueError):
         self.grads = grads
         self.params = params
         self.result = result
+        self.partial_result = result
 
 
 @dataclass
@@ -74,7 +76,9 @@ class SVIResult:
         step (``None`` for losses without terms).
     :ivar list stop_reasons: per chain, why it stopped: ``"num_steps"``,
         ``"converged"``, ``"max_time"``, ``"interrupted"``, ``"callback"``,
-        ``"exhausted"`` (the batches ran out) or ``"nonfinite"``.
+        ``"exhausted"`` (the batches ran out), ``"nonfinite"``, ``"all_skipped"`` (every
+        step skipped with ``on_nonfinite="skip"``) or ``"error"`` (in an exception's
+        ``partial_result``).
     :ivar int best_chain: the chain with the highest final smoothed objective; its
         parameters are left in Pyro's parameter store.
     :ivar model: the model.

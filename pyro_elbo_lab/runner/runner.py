@@ -212,8 +212,20 @@ class SVIRunner:
 
         :returns: the result; on Ctrl-C the partial result, with a warning.
         :rtype: SVIResult
-        :raises NonFiniteError: on a NaN/Inf loss or gradient (``on_nonfinite="raise"``)
-            or non-finite parameters; ``error.result`` is the partial result.
+        :raises NonFiniteError: on a NaN/Inf loss or gradient (``on_nonfinite="raise"``),
+            non-finite parameters, or (with Pyro's validation on) a distribution whose
+            arguments or value are invalid (a NaN, infinite or zero scale, a NaN value),
+            naming the step and the sites; ``error.result`` (also
+            ``error.partial_result``) is the partial result.
+
+        **Nothing is lost.** Any exception raised during the run (a callback, an
+        evaluation, a checkpoint write, the model) carries the partial result as
+        ``error.partial_result``: an :class:`SVIResult` with the history up to the last
+        completed step, whose update is the last one applied (``stop_reason="error"`` for
+        the failed chain). A Ctrl-C (SIGINT, main thread) is held until the step under way
+        is complete, then the run returns the partial result with a warning; a second
+        Ctrl-C interrupts at once. A chain whose every step was skipped
+        (``on_nonfinite="skip"``) stops with ``stop_reason="all_skipped"`` and a warning.
         :raises ValueError: for a bad ``num_steps``, ``model_kwargs`` or ``batches``,
             an evaluation with ``batches`` but no ``Evaluation.args``, or a
             ``resume_from`` that is missing, unreadable, foreign, or does not match this
@@ -299,6 +311,26 @@ class SVIRunner:
                 stop_reason = loop.run(source, num_steps, start)
             except NonFiniteError as e:
                 stop_reason, error = "nonfinite", e
+            except BaseException as e:
+                # any other failure (a callback, an evaluation, a checkpoint write, the model
+                # itself): the steps completed so far are kept, attached to the exception
+                done.append({"rows": loop.rows, "state": store_state(), "terms": getattr(loss, "last_terms", None),
+                             "stop_reason": "error"})
+                try:
+                    e.partial_result = self._result(done, args, model_kwargs, batches)
+                except Exception:  # noqa: BLE001  never mask the original error
+                    pass
+                raise
+            if stop_reason not in ("nonfinite", "interrupted") and loop.rows and start < len(loop.rows) and all(
+                    r.get("skipped", False) for r in loop.rows[start:]):
+                stop_reason = "all_skipped"
+                warnings.warn(
+                    f"every step of chain {chain} ({len(loop.rows) - start} steps) was skipped for non-finite values "
+                    "(on_nonfinite='skip'): nothing was fitted (stop_reason='all_skipped'); see the history's 'skipped' "
+                    "column and fix the model or the learning rate",
+                    UserWarning,
+                    stacklevel=2,
+                )
             done.append({"rows": loop.rows, "state": store_state(), "terms": getattr(loss, "last_terms", None),
                          "stop_reason": stop_reason})
             if error is not None:
@@ -309,7 +341,7 @@ class SVIRunner:
 
         result = self._result(done, args, model_kwargs, batches)
         if error is not None:
-            error.result = result
+            error.result = error.partial_result = result
             raise error
         if interrupted:
             warnings.warn(
