@@ -46,6 +46,7 @@ References
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -264,7 +265,7 @@ def cross_entropy(model_site, guide_site, *, scaled: bool = True) -> torch.Tenso
 
     :rtype: torch.Tensor
     """
-    return _apply(-model_site["unscaled_log_prob"], guide_site, element_mask(model_site, guide_site), scaled)
+    return _apply(-model_site["unscaled_log_prob"], guide_site, _mask_or_none(model_site, guide_site, False), scaled)
 
 
 def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.Tensor, bool]:
@@ -277,7 +278,7 @@ def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.
     :returns: ``(entropy, analytic)``: batch-shaped tensor (nats) and whether it is analytic.
     :rtype: tuple
     """
-    mask = element_mask(guide_site if model_site is None else model_site, guide_site)
+    mask = _mask_or_none(guide_site if model_site is None else model_site, guide_site, False)
     fn = guide_site["fn"]
     try:
         value = fn.entropy()
@@ -314,15 +315,46 @@ def element_mask(model_site, guide_site=None, *, per_dim: bool = False) -> torch
         is), or ``batch_shape + (J,)`` with ``per_dim=True`` (the layout of :func:`kl`).
     :rtype: torch.Tensor
     """
-    if guide_site is None:
-        guide_site = model_site
-    batch_shape = guide_site["fn"].batch_shape
+    guide_site = model_site if guide_site is None else guide_site
+    mask = _mask_or_none(model_site, guide_site, per_dim)
+    if mask is not None:
+        return mask
+    shape = guide_site["fn"].batch_shape
+    if per_dim:
+        layout = _dims_layout(model_site, guide_site)
+        if layout is None:
+            shape = shape + (1,)
+        else:
+            target, r = layout[2], layout[0].reinterpreted
+            shape = target[: len(target) - r] + (math.prod(target[len(target) - r :]),)
+    return torch.ones((), dtype=torch.bool, device=guide_site["value"].device).expand(shape)
+
+
+def _wraps_mask(fn) -> bool:
+    while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
+        if isinstance(fn, MaskedDistribution):
+            return True
+        fn = fn.base_dist
+    return False
+
+
+def _mask_or_none(model_site, guide_site, per_dim: bool) -> torch.Tensor | None:
+    """:func:`element_mask`, or ``None`` when nothing is masked (the fast path of the losses)."""
+    if (
+        model_site.get("mask") is None
+        and guide_site.get("mask") is None
+        and not _wraps_mask(guide_site["fn"])
+        and not _wraps_mask(model_site["fn"])
+    ):
+        return None
     mask = pair_mask(model_site, guide_site)
+    fq, fp = factorise(guide_site["fn"]), factorise(model_site["fn"])
+    batch_shape = guide_site["fn"].batch_shape
     mask = torch.ones((), dtype=torch.bool, device=guide_site["value"].device) if mask is None else mask
     layout = _dims_layout(model_site, guide_site)
     if layout is None:
         full = mask.expand(batch_shape)
-        for f, fn in ((factorise(guide_site["fn"]), guide_site["fn"]), (factorise(model_site["fn"]), model_site["fn"])):
+        for f, fn in ((fq, guide_site["fn"]), (fp, model_site["fn"])):
             if f.mask is not None:
                 m = f.mask.expand(tuple(fn.batch_shape) + tuple(fn.event_shape)[: f.reinterpreted])
                 if f.reinterpreted:
@@ -380,8 +412,8 @@ def kl(
             z = guide_site["value"]
             value = q.element.log_prob(z) - p.element.log_prob(z)
         value = _flatten_dims(value.expand(target), q.reinterpreted)
-        return _apply(value, guide_site, element_mask(model_site, guide_site, per_dim=True), scaled, 1), is_analytic
-    mask = element_mask(model_site, guide_site)
+        return _apply(value, guide_site, _mask_or_none(model_site, guide_site, True), scaled, 1), is_analytic
+    mask = _mask_or_none(model_site, guide_site, False)
     if analytic:
         try:
             value = kl_divergence(fq, fp)

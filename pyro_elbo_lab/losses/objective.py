@@ -249,12 +249,16 @@ class WeightedObjective:
 
     def _per_particle(self, x, event_dims: int = 0) -> torch.Tensor:
         """:func:`pyro_elbo_lab.sites.sum_per_particle` with this loss's particle plate."""
+        if not (self.vectorize_particles and self.num_particles > 1) and not event_dims and torch.is_tensor(x):
+            return x.sum()  # the hot path
         # Pyro counts the vectorised particle plate in max_plate_nesting: it sits at -max_plate_nesting
         return sites.sum_per_particle(x, self._particle_plate(), self.max_plate_nesting - 1, event_dims)
 
     def _log_prob_per_particle(self, site) -> torch.Tensor:
         """A site's scaled ``log_prob`` summed per particle (Pyro's memoised sum when sequential)."""
-        return sites.log_prob_per_particle(site, self._particle_plate(), self.max_plate_nesting - 1)
+        if not (self.vectorize_particles and self.num_particles > 1):
+            return site["log_prob_sum"]  # the hot path: no call into sites.py
+        return sites.log_prob_per_particle(site, self.num_particles, self.max_plate_nesting - 1)
 
     def _entropy_term_per_particle(self, site) -> torch.Tensor:
         """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
