@@ -9,6 +9,7 @@ from pyro.infer import Trace_ELBO
 
 from ..schedules import ScheduleLike
 from .objective import WeightedObjective
+from .weighting import check_particles
 
 __all__ = ["BetaELBO"]
 
@@ -50,7 +51,9 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     :math:`\\mathbb{E}_q[\\log p(x \\mid z)] - \\gamma\\,|\\mathrm{KL}_S - N C(t)|`, with
     C in nats per element of the data plate (N as above).
 
-    Free bits and capacity need reparameterised guide sites among the selected ones.
+    Free bits and capacity need reparameterised guide sites among the selected ones, and
+    guide sites that carry their own log q (not an autoguide's auxiliary sites).
+    A model without sample sites has loss 0 and all-zero terms, as in ``Trace_ELBO``.
     Score-function sites left out of ``sites`` are fine: their downstream cost contains
     the whole (non-linear) free-bits or capacity term of each particle.
 
@@ -64,8 +67,12 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     :param kwargs: :class:`~pyro.infer.Trace_ELBO` arguments (``num_particles``,
         ``vectorize_particles``, ``max_plate_nesting``, ...).
     :raises ValueError: for negative or NaN β, λ < 0, γ < 0, negative capacity, both free
-        bits and capacity, capacity with β != 1; at the first call, for ``sites`` that are
-        not latent sites of the model.
+        bits and capacity, capacity with β != 1, ``num_particles`` not an integer >= 1; at
+        the first call, for ``sites`` that are not latent sites of the model, for free bits
+        or capacity on sites of an autoguide with auxiliary sites (``AutoNormal``,
+        ``AutoDiagonalNormal``, ``AutoContinuous``: their per-site term is a cross-entropy,
+        not a KL), and for β on ``sites`` that split a latent site from the auxiliary site
+        that carries its log q.
     :raises NotImplementedError: for free bits or capacity on a non-reparameterised site.
 
     Example::
@@ -102,6 +109,7 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
         **kwargs,
     ):
         self._init_objective(beta, sites, free_bits, capacity, gamma)
+        check_particles(kwargs)
         super().__init__(**kwargs)
 
     def _latent_site_terms(self, name, model_site, guide_site):

@@ -9,6 +9,7 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from .. import sites
 from ..schedules import ScheduleLike
 from .objective import WeightedObjective
+from .weighting import check_particles
 
 __all__ = ["BetaMeanFieldELBO"]
 
@@ -60,6 +61,7 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
         **kwargs,
     ):
         self._init_objective(beta, sites, free_bits, capacity, gamma)
+        check_particles(kwargs)
         super().__init__(**kwargs)
 
     analytic_kl = True

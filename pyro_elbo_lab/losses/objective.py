@@ -22,7 +22,7 @@ from pyro.util import warn_if_nan
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
-from .weighting import check_weighting, schedule_value
+from .weighting import check_auxiliary, check_selected_sites, check_weighting, schedule_value
 
 __all__ = ["WeightedObjective"]
 
@@ -275,22 +275,11 @@ class WeightedObjective:
         return self.sites is None or name in self.sites
 
     def _check_sites(self, model_trace, guide_trace) -> None:
-        if self.sites is None or self._sites_checked:
+        """At the first call: ``sites`` names latent sites, and auxiliary guide sites allow the weighting."""
+        if self._sites_checked:
             return
-        latent = [n for n, s in model_trace.nodes.items() if _is_sample(s) and not s["is_observed"]]
-        observed = [n for n, s in model_trace.nodes.items() if _is_sample(s) and s["is_observed"]]
-        auxiliary = [n for n, s in guide_trace.nodes.items() if _is_sample(s) and n not in model_trace.nodes]
-        for name in sorted(self.sites):
-            if name in observed:
-                raise ValueError(
-                    f"sites names '{name}', an observed site of the model; β, free bits and capacity weight "
-                    f"the KL of latent sites. Latent sites: {latent + auxiliary}"
-                )
-            if name not in latent and name not in auxiliary:
-                raise ValueError(
-                    f"sites names '{name}', which is not a latent site of the model. Latent sites: "
-                    f"{latent + auxiliary}. Fix the name, or pass sites=None to weight every latent site."
-                )
+        check_selected_sites(model_trace, guide_trace, self.sites)
+        check_auxiliary(model_trace, guide_trace, self.sites, self.free_bits is not None or self.capacity is not None)
         self._sites_checked = True
 
     def _particle(self, model_trace, guide_trace, beta: float, capacity: float | None):
@@ -326,8 +315,9 @@ class WeightedObjective:
         for name, guide_site in guide_trace.nodes.items():
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 latent.append((name, None, guide_site))  # auxiliary guide site
-        if not obs_lp and not latent:
-            raise ValueError("The model has no sample sites: there is no ELBO to compute.")
+        if not obs_lp and not latent:  # an empty model: loss 0, as Pyro's Trace_ELBO
+            zero = torch.zeros(()) if self._particle_plate() is None else torch.zeros(self.num_particles)
+            return zero, 0.0, ["objective"], zero.unsqueeze(0)
 
         names = ["objective"] + [("reconstruction", n) for n in obs_names]
         pieces = []

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from ..checks import nonnegative_number
+from pyro.distributions import Delta
+
+from ..checks import check_int, nonnegative_number
 from ..schedules import Schedule, ScheduleLike, as_schedule
 
-__all__ = ["check_schedule", "check_weighting", "schedule_value"]
+__all__ = ["check_auxiliary", "check_particles", "check_schedule", "check_selected_sites", "check_weighting", "schedule_value"]
 
 
 def check_schedule(schedule, name: str) -> None:
@@ -103,3 +105,101 @@ def check_weighting(
             check_schedule(capacity, "capacity")
         capacity = as_schedule(capacity, "capacity")
     return beta_schedule, sites, free_bits, gamma, capacity
+
+
+def _sample_names(trace, observed: bool | None = None) -> list[str]:
+    return [
+        n
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample" and (observed is None or s["is_observed"] == observed)
+    ]
+
+
+def check_selected_sites(model_trace, guide_trace, sites: frozenset | None) -> None:
+    """
+    :raises ValueError: if ``sites`` names an observed site or a site that is neither a
+        latent site of the model nor an auxiliary guide site.
+    """
+    if sites is None:
+        return
+    latent = _sample_names(model_trace, observed=False)
+    observed = _sample_names(model_trace, observed=True)
+    auxiliary = [n for n in _sample_names(guide_trace) if n not in model_trace.nodes]
+    for name in sorted(sites):
+        if name in observed:
+            raise ValueError(
+                f"sites names '{name}', an observed site of the model; β, free bits and capacity weight "
+                f"the KL of latent sites. Latent sites: {latent + auxiliary}"
+            )
+        if name not in latent and name not in auxiliary:
+            raise ValueError(
+                f"sites names '{name}', which is not a latent site of the model. Latent sites: "
+                f"{latent + auxiliary}. Fix the name, or pass sites=None to weight every latent site."
+            )
+
+
+def check_auxiliary(model_trace, guide_trace, sites: frozenset | None, nonlinear: bool) -> None:
+    """
+    Refuse a weighting that auxiliary guide sites (those of ``AutoNormal``,
+    ``AutoDiagonalNormal`` and every ``AutoContinuous`` guide) would make wrong.
+
+    With an autoguide the model site's guide distribution is a ``Delta`` and its log q
+    lives at an auxiliary site, so the term of the model site alone is the cross-entropy
+    :math:`-\\log p(z)`, not a KL. A linear weighting of every site (``sites=None``) is
+    still exact (the total is); β on a subset is exact only when the subset holds each
+    model site together with the auxiliary site that carries its log q (AutoNormal's
+    ``<site>_unconstrained``); free bits and capacity, non-linear in each KL, are not.
+
+    :raises ValueError: naming the site, what is wrong and what to use instead.
+    """
+    auxiliary = [n for n in _sample_names(guide_trace) if n not in model_trace.nodes]
+    if not auxiliary:
+        return
+    latent = _sample_names(model_trace, observed=False)
+    delta = [n for n in latent if isinstance(_strip(guide_trace.nodes[n]["fn"]), Delta)]
+    selected = set(latent + auxiliary) if sites is None else set(sites)
+    touched = sorted(selected & set(auxiliary + delta))
+    if not touched:
+        return
+    if nonlinear:
+        raise ValueError(
+            f"free bits and capacity need the KL of each selected latent site, but site '{touched[0]}' is part of "
+            f"an autoguide's auxiliary sites {auxiliary} (AutoNormal, AutoDiagonalNormal, AutoContinuous): its term "
+            "would be the cross-entropy -log p(z), not a KL. Use beta weighting, restrict sites= to sites that the "
+            "guide samples directly, or write a guide with one site per latent (e.g. pyro.sample(name, "
+            "dist.Normal(loc, scale).to_event(1)))."
+        )
+    if sites is None:
+        return
+    for name in touched:
+        if name in auxiliary:
+            partners = [name[: -len("_unconstrained")]] if name.endswith("_unconstrained") else delta
+        else:
+            partners = [f"{name}_unconstrained"] if f"{name}_unconstrained" in auxiliary else auxiliary
+        missing = [n for n in partners if n in latent + auxiliary and n not in selected]
+        if missing:
+            raise ValueError(
+                f"sites selects '{name}' but not {missing}: with an autoguide the log q of a latent site lives at an "
+                f"auxiliary site, so the KL of '{name}' is only weighted right together with {missing}. Add them to "
+                "sites=, or pass sites=None."
+            )
+
+
+def _strip(fn):
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+def check_particles(elbo_kwargs: dict) -> None:
+    """
+    Check Pyro's ``num_particles`` before ``ELBO.__init__`` sees it.
+
+    :raises ValueError: if it is not an integer >= 1.
+    """
+    check_int(
+        "num_particles",
+        elbo_kwargs.get("num_particles", 1),
+        1,
+        hint="the number of samples the loss averages over per step",
+    )

@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Edge cases of the weighted losses (issue 11 §3, §5, §6): an empty model gives Pyro's
+loss of 0, bad ``num_particles`` and autoguide weightings that would not be a KL are
+refused with a message naming the argument or site.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO
+
+LOSSES = pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
+DATA = torch.tensor([0.4, 1.3, -0.2, 0.9])
+
+
+@LOSSES
+@pytest.mark.parametrize("with_param", [False, True], ids=["no-param", "param"])
+def test_empty_model_has_loss_zero_like_trace_elbo(Loss, with_param):
+    def model():
+        if with_param:
+            pyro.param("a", torch.tensor(1.0))
+
+    def guide():
+        if with_param:
+            pyro.param("b", torch.tensor(2.0))
+
+    expected = Trace_ELBO().loss(model, guide)
+    assert expected == 0.0
+    loss = Loss(beta=3.0)
+    assert loss.loss(model, guide) == expected
+    assert loss.loss_and_grads(model, guide) == expected
+    assert float(loss.differentiable_loss(model, guide)) == expected
+    terms = loss.last_terms
+    assert (terms.objective, terms.elbo, terms.kl, terms.entropy, terms.reconstruction) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    assert terms.per_site == {}
+
+
+@LOSSES
+@pytest.mark.parametrize("num_particles", [0, -2, 2.5, True, "3"])
+def test_bad_num_particles_is_refused_at_construction(Loss, num_particles):
+    with pytest.raises(ValueError, match=f"num_particles must be an integer >= 1, got num_particles={num_particles!r}"):
+        Loss(num_particles=num_particles)
+
+
+def model(data):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(z.sum(), s), obs=data)
+
+
+@LOSSES
+@pytest.mark.parametrize("Guide", [AutoNormal, AutoDiagonalNormal])
+@pytest.mark.parametrize("option", [{"free_bits": 0.5}, {"capacity": 2.0}])
+def test_free_bits_and_capacity_refuse_auxiliary_sites(Loss, Guide, option):
+    guide = Guide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Loss(**option))
+    with pytest.raises(ValueError, match="free bits and capacity need the KL of each selected latent site, but site"):
+        svi.step(DATA)
+
+
+def test_beta_on_sites_needs_the_auxiliary_partner():
+    guide = AutoNormal(model)
+    loss = BetaELBO(beta=4.0, sites=["z"])
+    with pytest.raises(ValueError, match=r"sites selects 'z' but not \['z_unconstrained'\]"):
+        loss.loss(model, guide, DATA)
+
+
+def test_beta_on_a_site_with_its_auxiliary_partner_is_the_hand_objective():
+    # β on z and z_unconstrained: β (log q(u) + log|Delta| - log p(z)) is β times z's KL, exactly
+    guide = AutoNormal(model)
+    guide(DATA)
+    loss = BetaELBO(beta=4.0, sites=["z", "z_unconstrained"])
+    pyro.set_rng_seed(1)
+    value = loss.loss(model, guide, DATA)
+    pyro.set_rng_seed(1)
+    guide_trace = pyro.poutine.trace(guide).get_trace(DATA)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(DATA)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+
+    def lp(trace, name):
+        return float(trace.nodes[name]["log_prob_sum"].detach())
+
+    kl_z = lp(guide_trace, "z_unconstrained") + lp(guide_trace, "z") - lp(model_trace, "z")
+    kl_s = lp(guide_trace, "s_unconstrained") + lp(guide_trace, "s") - lp(model_trace, "s")
+    assert value == pytest.approx(-(lp(model_trace, "x") - 4.0 * kl_z - kl_s), rel=1e-10)
