@@ -341,13 +341,24 @@ def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: f
     :returns: the matplotlib figure.
     """
     import arviz as az
+    import xarray as xr
 
     if generation() == 0:
         axes = az.plot_forest(list(datasets.values()), model_names=list(datasets), var_names=var_names,
                               combined=True, hdi_prob=ci_prob, figsize=(8, 9))
         return np.ravel(axes)[0].figure
-    plot = az.plot_forest(dict(datasets), var_names=var_names, combined=True, ci_probs=(0.5, ci_prob),
-                          backend="matplotlib")
+    # arviz_plots stacks the fits along a "model" dim: fits with other chain or draw counts
+    # would be NaN-padded (and drawn empty), so each gets the same number of pooled draws
+    posteriors = {name: group(data, "posterior") for name, data in datasets.items()}
+    draws = min(post.sizes["chain"] * post.sizes["draw"] for post in posteriors.values())
+    trees = {}
+    for name, post in posteriors.items():
+        pooled = post.stack(__sample__=("chain", "draw"))
+        keep = np.linspace(0, pooled.sizes["__sample__"] - 1, draws).round().astype(int)
+        pooled = pooled.isel(__sample__=keep).drop_vars(["__sample__", "chain", "draw"])
+        pooled = pooled.rename(__sample__="draw").assign_coords(draw=np.arange(draws)).expand_dims(chain=[0])
+        trees[name] = xr.DataTree.from_dict({"posterior": pooled.transpose("chain", "draw", ...)})
+    plot = az.plot_forest(trees, var_names=var_names, combined=True, ci_probs=(0.5, ci_prob), backend="matplotlib")
     return plot.viz["figure"].item()
 
 

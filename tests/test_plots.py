@@ -12,7 +12,7 @@ import torch
 import pyro
 import pyro.distributions as dist
 
-from pyro_elbo_lab import BetaELBO, SVIRunner, arviz_compat, from_svi_result, plots, summarize
+from pyro_elbo_lab import BetaELBO, SVIRunner, arviz_compat, from_svi_result, plots, summarize, to_inference_data
 from pyro_elbo_lab.runner import Evaluation
 from pyro_elbo_lab.schedules import LinearWarmup
 
@@ -193,7 +193,15 @@ def test_rate_distortion_labels_and_limits_frame_the_points():
 
 
 def test_forest_plot_of_several_fits(fitted):
+    # regression (ArviZ 1.x): fits with other chain / draw counts were NaN-padded and drawn empty
     _, idata = fitted
-    fig = arviz_compat.plot_forest({"fit": idata, "again": idata}, var_names=["a", "b"], ci_prob=0.9)
+    other = to_inference_data(model, guide, torch.linspace(0.0, 2.0, N), num_samples=30)  # 1 chain x 30 draws
+    fig = arviz_compat.plot_forest({"fit": idata, "other": other}, var_names=["a", "b"], ci_prob=0.9)
     labels = {t.get_text().strip() for ax in fig.axes for t in list(ax.texts) + list(ax.get_yticklabels())}
     assert {"a", "b"} <= labels
+    # the intervals are drawn: the forest's x axis spans the draws (an empty axis keeps (0, 1))
+    draws = np.concatenate([arviz_compat.group(d, "posterior")[v].values.ravel() for d in (idata, other) for v in "ab"])
+    spans = [ax.get_xlim() for ax in fig.axes if ax.get_xlim() != (0.0, 1.0)]
+    assert len(spans) == 1
+    lo, hi = spans[0]
+    assert lo < np.quantile(draws, 0.5) < hi
