@@ -85,7 +85,8 @@ def psislw(log_weights, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     :param int axis: the draw dimension.
     :returns: ``(smoothed, k)``: the smoothed log weights normalised to
         :math:`\\sum_s \\tilde w_s = 1` (nats, same shape as ``log_weights``), and the
-        Pareto shape k̂ per set of weights (dimensionless, the shape without ``axis``).
+        Pareto shape k̂ per set of weights (dimensionless, the shape without ``axis``); NaN
+        where the tail cannot be fitted (too few distinct values in it), on both generations.
     :rtype: tuple
     :raises ValueError: if fewer than :data:`MIN_PSIS_DRAWS` draws are given.
 
@@ -108,11 +109,34 @@ def psislw(log_weights, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
 
             smoothed, k = az.psislw(lw, reff=1.0)
         else:
-            from arviz_stats.base import array_stats
-
-            smoothed, k = array_stats.psislw(-lw, r_eff=1.0, axis=-1)
+            smoothed, k = _psislw_1x(lw)
     smoothed = np.moveaxis(np.asarray(smoothed, dtype=np.float64), -1, axis)
-    return smoothed, np.asarray(k, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    # a tail that cannot be fitted (ties: too few distinct tail values) is NaN on 1.x, +inf on 0.2x
+    return smoothed, np.where(np.isposinf(k), np.nan, k)
+
+
+def _psislw_1x(lw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """arviz_stats' PSIS along the last axis; a row whose tail is all ties (1.x raises) gets NaN and its
+    raw weights normalised."""
+    from arviz_stats.base import array_stats
+
+    try:
+        return array_stats.psislw(-lw, r_eff=1.0, axis=-1)
+    except ValueError as error:
+        if "tail values are the same" not in str(error):
+            raise
+    rows = lw.reshape(-1, lw.shape[-1])
+    smoothed, k = np.empty_like(rows), np.empty(rows.shape[0])
+    for i, row in enumerate(rows):
+        try:
+            smoothed[i], k[i] = array_stats.psislw(-row, r_eff=1.0, axis=-1)
+        except ValueError as error:
+            if "tail values are the same" not in str(error):
+                raise
+            top = row.max()
+            smoothed[i], k[i] = row - top - np.log(np.exp(row - top).sum()), np.nan
+    return smoothed.reshape(lw.shape), k.reshape(lw.shape[:-1])
 
 
 # -- building and reading results ------------------------------------------------------------

@@ -60,3 +60,12 @@ def test_importance_stats_by_hand():
     assert np.allclose(log_mean.numpy(), expected_log_mean, rtol=0, atol=1e-10)
     assert np.allclose(stderr.numpy(), expected_se, rtol=1e-10)
     assert np.allclose(ess.numpy(), 1.0 / (wn**2).sum(-1), rtol=1e-10)
+
+
+def test_a_tail_of_ties_cannot_be_fitted_on_either_generation():
+    # the 20% largest weights identical: no distinct tail values to fit a Pareto shape to
+    # (ArviZ 0.2x said +inf, 1.x NaN): NaN, "unknown", weights still normalised
+    lw = np.concatenate([np.linspace(-2.0, 0.0, 800), np.full(200, 3.0)])
+    normalised, k = arviz_compat.psislw(lw)
+    assert math.isnan(float(k)) and psis.verdict(k) == "unknown"
+    assert np.exp(normalised).sum() == pytest.approx(1.0, abs=1e-12)
