@@ -288,7 +288,7 @@ def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.
         analytic = False
     if not torch.is_tensor(value):
         value = torch.full_like(guide_site["unscaled_log_prob"], float(value))
-    value = value.expand(fn.batch_shape) if value.shape != fn.batch_shape else value
+    value = value.expand(fn.batch_shape)
     return _apply(value, guide_site, mask, scaled), analytic
 
 
@@ -422,7 +422,7 @@ def kl(
     is_analytic = value is not None
     if value is None:
         value = guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
-    elif value.shape != fq.batch_shape:
+    else:  # a view, and no shape comparison (which TorchScript tracing would warn about)
         value = value.expand(fq.batch_shape)
     value = _apply(value, guide_site, mask, scaled)
     return (value.unsqueeze(-1) if per_dim else value), is_analytic
