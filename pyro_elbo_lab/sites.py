@@ -18,20 +18,25 @@ dimension), in nats:
   else :math:`-\\log q(z)`;
 - :func:`cross_entropy`: :math:`-\\log p(z)` at the guide's draw (Monte Carlo);
 - :func:`count`: how many elements a site has (its data size);
+- :func:`element_mask`, :func:`pair_mask`, :func:`site_mask`, :func:`factorise`: which
+  elements are kept, and a distribution taken apart into its latent dimensions;
 - :func:`sum_per_particle`, :func:`log_prob_per_particle`: a batch-shaped tensor summed
   down to one value per particle (or importance sample).
 
 **The rule for scale and mask.** Every quantity is masked: where a site is masked
-(``poutine.mask``, ``Distribution.mask``) an element contributes 0 and is not counted. A
-quantity of the pair (KL, entropy, cross-entropy, and :func:`pair_mask`) is masked where
-either site is masked; in the usual case (the same masks in model and guide, as with
-``pyro.plate`` and ``poutine.mask`` around both) this is each site's own mask. The site's
-``scale`` (``poutine.scale``, subsampling) is applied with ``scaled=True`` (the objective:
-Pyro's data scaling, the guide site's scale for pair quantities, as
-:class:`pyro.infer.TraceMeanField_ELBO`) and not with ``scaled=False`` (per-datapoint
-diagnostics, which report unweighted values). One exception, for speed and for parity with
-:class:`pyro.infer.Trace_ELBO`: :func:`log_prob_per_particle` returns Pyro's own memoised
-``log_prob_sum``, in which each site carries only its own mask.
+(``poutine.mask``, or ``Distribution.mask`` anywhere inside its distribution) an element
+contributes 0 and is not counted. A quantity of the pair (KL, entropy, cross-entropy) is
+masked where either site masks the element (:func:`element_mask`); in the usual case (the
+same masks in model and guide, as with ``pyro.plate`` and ``poutine.mask`` around both)
+that is each site's own mask. The site's ``scale`` (``poutine.scale``, subsampling) is
+applied with ``scaled=True`` (the objective: Pyro's data scaling, the guide site's scale
+for pair quantities, as :class:`pyro.infer.TraceMeanField_ELBO`) and not with
+``scaled=False`` (per-datapoint diagnostics, which report unweighted values). One
+exception, for speed and for parity with :class:`pyro.infer.Trace_ELBO`:
+:func:`log_prob_per_particle` returns Pyro's own memoised ``log_prob_sum``, in which each
+site carries only its own mask (the losses' Monte Carlo KL is
+``log_prob_sum(guide) - log_prob_sum(model)``; it equals the rule whenever model and
+guide mask alike).
 
 Imports nothing from the rest of the package.
 
