@@ -22,6 +22,7 @@ from pyro.util import warn_if_nan
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
+from .beta_state import BetaState
 from .weighting import check_auxiliary, check_selected_sites, check_weighting, schedule_value
 
 __all__ = ["WeightedObjective"]
@@ -31,7 +32,7 @@ def _is_sample(site) -> bool:
     return site["type"] == "sample"
 
 
-class WeightedObjective:
+class WeightedObjective(BetaState):
     """
     Mixin that turns a Pyro trace ELBO into the objective
 
@@ -77,45 +78,11 @@ class WeightedObjective:
         """The β schedule (a :class:`~pyro_elbo_lab.schedules.Constant` for a fixed β)."""
         return self._beta
 
-    def current_beta(self, step: int | None = None) -> float:
-        """
-        β at ``step`` (default: the loss's own step count).
-
-        :raises ValueError: if the schedule returns a negative or non-finite value.
-        """
-        return schedule_value(self._beta, self.step if step is None else step, "beta")
-
     def current_capacity(self, step: int | None = None) -> float | None:
         """The capacity C(t) in nats at ``step``, or ``None`` without a capacity term."""
         if self.capacity is None:
             return None
         return schedule_value(self.capacity, self.step if step is None else step, "capacity")
-
-    # -- state ------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """The loss's own state (its gradient-step count), for checkpoints."""
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        """
-        Restore :meth:`state_dict` so that schedules continue where they stopped.
-
-        :raises ValueError: if ``state`` has no non-negative integer ``"step"``.
-        """
-        step = state.get("step") if isinstance(state, dict) else None
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state must be a dict with a non-negative integer 'step', got {state!r}")
-        self.step = step
-
-    @property
-    def last_terms(self) -> ELBOTerms | None:
-        """
-        The :class:`~pyro_elbo_lab.ELBOTerms` of the last ``loss``, ``loss_and_grads`` or
-        ``differentiable_loss`` call (``None`` before the first). Floats are materialised
-        on first access, with a single device synchronisation.
-        """
-        return None if self._last_record is None else self._last_record.terms()
 
     # -- the three entry points ---------------------------------------------------------------
 
