@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+
 import pyro
 import torch
 

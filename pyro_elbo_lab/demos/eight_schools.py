@@ -40,8 +40,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,15 +52,18 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
-from ..diagnostics import ImportanceSamplingWarning, estimate_evidence
+from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, guide_moments
 from ..losses import BetaELBO
-from ..runner import SVIRunner
-from .common import Report, pyplot, seed_everything
+from ..runner import Convergence, SVIRunner
+from .common import Report, seed_everything
+from .eight_schools_exact import PRIOR_MU_SCALE, PRIOR_TAU_SCALE, ExactReference, exact_intervals, exact_reference
+from .wording import FitFacts, evidence_cell, fit_status
 
 __all__ = [
     "ExactReference",
     "Fit",
     "centered",
+    "exact_intervals",
     "exact_reference",
     "fit",
     "nuts_reference",
@@ -68,8 +72,6 @@ __all__ = [
     "run_fits",
 ]
 
-PRIOR_MU_SCALE = 5.0
-PRIOR_TAU_SCALE = 5.0
 
 
 def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -124,69 +126,6 @@ GUIDES: dict[str, Callable] = {
 }
 
 
-# ----------------------------------------------------------------------------------------
-# the exact answer, by quadrature, independent of pyro-elbo-lab
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExactReference:
-    """log p(y) in nats, and posterior mean and sd of μ and τ, to quadrature precision."""
-
-    log_evidence: float
-    mu_mean: float
-    mu_sd: float
-    tau_mean: float
-    tau_sd: float
-
-
-def exact_reference(num_nodes: int = 800) -> ExactReference:
-    """
-    Integrate μ and θ out in closed form and τ numerically.
-
-    Given τ, :math:`y \\sim \\mathcal N(0, \\mathrm{diag}(\\sigma^2 + \\tau^2) + 5^2 \\mathbf 1
-    \\mathbf 1^\\top)`, and :math:`\\mu \\mid \\tau, y` is Gaussian. With
-    :math:`\\tau = 5 \\tan u` the HalfCauchy(5) prior becomes uniform on :math:`u \\in (0,
-    \\pi/2)` with density :math:`2/\\pi`, and the integrand is smooth: Gauss–Legendre with
-    ``num_nodes`` nodes.
-
-    :param int num_nodes: Gauss–Legendre nodes in u (at least 1; 800 is ample).
-    :returns: :class:`ExactReference`: log p(y) in nats; posterior mean and sd of μ and τ
-        (points on the SAT-V scale).
-    :raises ValueError: if ``num_nodes`` < 1.
-
-    References
-
-    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
-        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
-        Vehtari, Donald B. Rubin (2013)
-    """
-    if num_nodes < 1:
-        raise ValueError(f"exact_reference: num_nodes must be a positive integer (800 is ample), got {num_nodes}")
-    y = np.asarray(EIGHT_SCHOOLS_Y)
-    sigma = np.asarray(EIGHT_SCHOOLS_SIGMA)
-    nodes, weights = np.polynomial.legendre.leggauss(num_nodes)
-    u = (nodes + 1) * (np.pi / 4)  # (0, pi/2)
-    w = weights * (np.pi / 4) * (2 / np.pi)  # du times the prior density of u
-    tau = PRIOR_TAU_SCALE * np.tan(u)
-    v = sigma**2 + tau[:, None] ** 2  # (T, 8) marginal variances of y_j given mu, tau
-    # mu | tau, y: precision 1/25 + sum 1/v, mean (sum y/v) / precision
-    prec = 1 / PRIOR_MU_SCALE**2 + (1 / v).sum(-1)
-    mean = (y / v).sum(-1) / prec
-    # log p(y | tau) = log N(y | 0, diag(v) + 25 11^T) via the matrix determinant lemma
-    log_det = np.log(v).sum(-1) + np.log(PRIOR_MU_SCALE**2) + np.log(prec)
-    quad = (y**2 / v).sum(-1) - prec * mean**2
-    log_lik = -0.5 * (8 * np.log(2 * np.pi) + log_det + quad)
-    log_terms = log_lik + np.log(w)
-    log_evidence = np.logaddexp.reduce(log_terms)
-    post = np.exp(log_terms - log_evidence)  # posterior weights of the nodes
-    mu_mean = (post * mean).sum()
-    mu_var = (post * (1 / prec + mean**2)).sum() - mu_mean**2
-    tau_mean = (post * tau).sum()
-    tau_var = (post * tau**2).sum() - tau_mean**2
-    return ExactReference(float(log_evidence), float(mu_mean), float(np.sqrt(mu_var)), float(tau_mean), float(np.sqrt(tau_var)))
-
-
 def nuts_reference() -> pd.DataFrame:
     """
     Posterior means and sds from the NUTS draws ArviZ ships (``non_centered_eight``, 4
@@ -228,6 +167,33 @@ def _rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------
 
 
+#: The stopping rule of every fit (:class:`~pyro_elbo_lab.Convergence` arguments);
+#: ``num_steps`` is only the cap.
+CONVERGENCE = {"window": 200, "rhat": 1.1}
+#: ClippedAdam's constant learning rate.
+LEARNING_RATE = 0.02
+#: Step caps: a fit that reaches its cap is reported as not converged.
+STEP_CAP, QUICK_STEP_CAP = 12000, 400
+FAMILY = {"mean-field": "mean-field Gaussian", "full-rank": "full-rank Gaussian"}
+
+
+def converged(result, chain: int = 0) -> bool:
+    """
+    Whether ``chain`` of an :class:`~pyro_elbo_lab.SVIResult` was stopped by its
+    convergence rule (``result.converged`` where the runner records it, else its stop reason).
+    """
+    flags = getattr(result, "converged", None)
+    if flags is not None and not callable(flags):
+        return bool(flags[chain]) if isinstance(flags, (list, tuple)) else bool(flags)
+    return result.stop_reasons[chain] == "converged"
+
+
+def _evidence(result, chain: int = 0) -> str:
+    """The convergence rule's own account of a chain (its statistics in words), or ``""``."""
+    records = getattr(result, "convergence", None) or []
+    return str(records[chain].get("reason", "")) if chain < len(records) and records[chain] else ""
+
+
 @dataclass
 class Fit:
     """One (parametrisation, guide) fit and its diagnostics."""
@@ -242,6 +208,23 @@ class Fit:
     idata: Any
     summary: pd.DataFrame
     seconds: float
+    moments: Any = None
+    cap: int = 0
+
+    @property
+    def converged(self) -> bool:
+        """Whether the convergence rule stopped the fit (not the step cap)."""
+        return converged(self.result)
+
+    @property
+    def steps(self) -> int:
+        """Steps run."""
+        return int(self.result.num_steps[0])
+
+    @property
+    def status(self) -> str:
+        """``"converged (step N)"`` or ``"not converged (cap of N steps)"``."""
+        return fit_status(self.converged, self.steps, self.cap)
 
 
 def fit(
@@ -251,21 +234,29 @@ def fit(
     seed: int = 0,
     num_samples: int = 2000,
     progress_bar: bool = True,
+    convergence: Convergence | None = None,
+    learning_rate: float = LEARNING_RATE,
 ) -> Fit:
     """
     Fit one guide with :class:`~pyro_elbo_lab.SVIRunner` and :class:`~pyro_elbo_lab.BetaELBO`
-    (β = 1, 8 vectorised particles), then decompose the ELBO, estimate the evidence with
-    PSIS, and draw the guide's posterior as InferenceData.
+    (β = 1, 8 vectorised particles) until ``convergence`` stops it or ``num_steps`` (the cap)
+    is reached, then decompose the ELBO, estimate the evidence with PSIS, estimate the
+    guide's own error (:func:`~pyro_elbo_lab.guide_moments`), and draw the guide's posterior
+    as InferenceData.
 
     :param str model_name: a key of :data:`MODELS`: ``"centred"`` or ``"non-centred"``.
     :param str guide_name: a key of :data:`GUIDES`: ``"mean-field"`` or ``"full-rank"``.
-    :param int num_steps: SVI steps (ClippedAdam, learning rate 0.05 decayed 10-fold).
+    :param int num_steps: the step cap.
     :param int seed: random seed of the run.
-    :param int num_samples: importance samples for :func:`~pyro_elbo_lab.estimate_evidence`.
+    :param int num_samples: importance samples (at least 100), the same draws for
+        :func:`~pyro_elbo_lab.estimate_evidence` and :func:`~pyro_elbo_lab.guide_moments`.
     :param bool progress_bar: show a progress bar while fitting.
+    :param Convergence convergence: the stopping rule; None for ``Convergence(**CONVERGENCE)``.
+    :param float learning_rate: the constant step size of ClippedAdam.
     :returns: a :class:`Fit`: the guide, the :class:`~pyro_elbo_lab.SVIResult`, the ELBO's
         decomposition at the fitted guide (1000 particles, nats), the evidence estimate
-        with k̂, InferenceData (1000 draws) and a mean/sd summary of μ, τ, θ.
+        with k̂, the guide's moments against the PSIS-corrected ones, InferenceData (1000
+        draws) and a mean/sd summary of μ, τ, θ.
     :raises ValueError: for a ``model_name`` or ``guide_name`` not listed above.
 
     References
@@ -273,6 +264,9 @@ def fit(
     [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
         schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
         Vehtari, Donald B. Rubin (2013)
+
+    [2] `Yes, but Did It Work?: Evaluating Variational Inference`, Yuling Yao, Aki Vehtari,
+        Daniel Simpson, Andrew Gelman (2018)
     """
     from .. import arviz_compat
     from ..inference_data import from_svi_result
@@ -287,19 +281,27 @@ def fit(
     model = MODELS[model_name]
     guide = GUIDES[guide_name](model)
     loss = BetaELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
-    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.1 ** (1.0 / max(num_steps, 1))})
+    # a constant step size: the stationarity rule detects the phase in which the iterates
+    # fluctuate around the optimum, which a decaying step size would freeze before reaching it
+    optim = pyro.optim.ClippedAdam({"lr": learning_rate})
     start = time.perf_counter()
-    runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed)
+    convergence = Convergence(**CONVERGENCE) if convergence is None else convergence
+    runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed, convergence=convergence)
     result = runner.run(sigma, y, num_steps=num_steps)
     seconds = time.perf_counter() - start
     terms = BetaELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1).decompose(model, guide, sigma, y)
     with warnings.catch_warnings():  # k̂ and its verdict are reported
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
-        evidence = estimate_evidence(model, guide, sigma, y, num_samples=num_samples, psis=True, max_plate_nesting=1)
+        # the same draws for both (same seed, one batch), so both report the same k̂
+        draws = {"num_samples": max(num_samples, 100), "batch_size": max(num_samples, 100), "max_plate_nesting": 1}
+        pyro.set_rng_seed(seed + 1)
+        evidence = estimate_evidence(model, guide, sigma, y, psis=True, **draws)
+        pyro.set_rng_seed(seed + 1)
+        moments = guide_moments(model, guide, sigma, y, **draws)
     idata = from_svi_result(result, sigma, y, num_samples=1000, coords={"school": list(EIGHT_SCHOOLS_NAMES)})
     summary = _rename_schools(arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]])
     name = f"{model_name}, {guide_name}"
-    return Fit(name, model_name, guide_name, guide, result, terms, evidence, idata, summary, seconds)
+    return Fit(name, model_name, guide_name, guide, result, terms, evidence, idata, summary, seconds, moments, num_steps)
 
 
 @dataclass
@@ -311,6 +313,17 @@ class EightSchools:
     nuts: pd.DataFrame
     num_steps: int
     extra: dict = field(default_factory=dict)
+    quick: bool = False
+
+    def status_table(self) -> pd.DataFrame:
+        """How each fit stopped: steps, status, seconds."""
+        frame = pd.DataFrame.from_dict(
+            {f.name: {"steps": f.steps, "status": f.status, "seconds": f.seconds, "evidence": _evidence(f.result)}
+             for f in self.fits},
+            orient="index",
+        )
+        frame.index.name = "fit"
+        return frame
 
     def diagnostics_table(self) -> pd.DataFrame:
         rows = {}
@@ -318,13 +331,13 @@ class EightSchools:
             ev = f.evidence
             rows[f.name] = {
                 "ELBO": f.terms.elbo,
-                "log p(y) est.": ev.log_evidence,
-                "± se": ev.log_evidence_stderr,
+                "log p(y) est. ± se": evidence_cell(ev.log_evidence, ev.log_evidence_stderr, ev.pareto_k),
                 "log p(y) exact": self.exact.log_evidence,
                 "gap est.": ev.gap,
                 "gap exact": self.exact.log_evidence - f.terms.elbo,
-                "Pareto k": ev.pareto_k,
-                "verdict": ev.verdict,
+                "Pareto k̂": ev.pareto_k,
+                "importance sampling": "reliable" if ev.pareto_k <= 0.7 else "unreliable",
+                "fit": "converged" if f.converged else "NOT CONVERGED",
             }
         frame = pd.DataFrame.from_dict(rows, orient="index")
         frame.index.name = "fit"
@@ -341,6 +354,7 @@ class EightSchools:
                 "E log p(y,z)": t.expected_log_joint,
                 "entropy": t.entropy,
                 "se(ELBO)": t.stderr.get("elbo", float("nan")),
+                "status": f.status,
             }
         frame = pd.DataFrame.from_dict(rows, orient="index")
         frame.index.name = "fit"
@@ -354,6 +368,71 @@ class EightSchools:
         frame.index.name = "parameter"
         return frame
 
+    def reference_errors(self, f: Fit) -> tuple[dict, dict]:
+        """
+        The guide's errors against the exact (quadrature) μ and τ and the NUTS θ:
+        ``({parameter: standardised mean error}, {parameter: sd ratio})``; θ as the
+        largest |error| and the ratio farthest from 1 over the schools.
+        """
+        m = f.moments
+        guide = dict(zip(m.names, zip(m.guide_mean, m.guide_sd))) if m is not None else {}
+        ex = self.exact
+        err, ratio = {}, {}
+        for p, mean, sd in (("mu", ex.mu_mean, ex.mu_sd), ("tau", ex.tau_mean, ex.tau_sd)):
+            gm, gs = guide.get(p, (f.summary.loc[p, "mean"], f.summary.loc[p, "sd"]))
+            err[p], ratio[p] = (float(gm) - mean) / sd, float(gs) / sd
+        thetas = [i for i in f.summary.index if i.startswith("theta[")]
+        e = [(f.summary.loc[i, "mean"] - self.nuts.loc[i, "mean"]) / self.nuts.loc[i, "sd"] for i in thetas]
+        r = [f.summary.loc[i, "sd"] / self.nuts.loc[i, "sd"] for i in thetas]
+        err["theta"] = float(max(e, key=abs))
+        ratio["theta"] = float(max(r, key=lambda v: abs(v - 1)))
+        return err, ratio
+
+    def error_table(self) -> pd.DataFrame:
+        """The guide's own error, estimated (PSIS) beside the error against the references."""
+        rows = {}
+        for f in self.fits:
+            m = f.moments
+            ok = m.reliable
+            idx = {n: i for i, n in enumerate(m.names)}
+            err, ratio = self.reference_errors(f)
+            unknown = f"unknown (k̂ > {m.k_threshold:.2f})"
+
+            def est(values, p, fmt="{:+.2f}", idx=idx, ok=ok, unknown=unknown):
+                return fmt.format(values[idx[p]]) if ok else unknown
+
+            rows[f.name] = {
+                "fit": "converged" if f.converged else "NOT CONVERGED",
+                "k̂": m.pareto_k,
+                "μ mean err. est.": est(m.mean_error, "mu"),
+                "μ mean err. exact": f"{err['mu']:+.2f}",
+                "τ mean err. est.": est(m.mean_error, "tau"),
+                "τ mean err. exact": f"{err['tau']:+.2f}",
+                "τ sd ratio est.": est(m.sd_ratio, "tau", "{:.2f}"),
+                "τ sd ratio exact": f"{ratio['tau']:.2f}",
+                "θ worst mean err. (NUTS)": f"{err['theta']:+.2f}",
+                "θ worst sd ratio (NUTS)": f"{ratio['theta']:.2f}",
+            }
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        frame.index.name = "fit"
+        return frame
+
+    def facts(self, f: Fit) -> FitFacts:
+        """The numbers :func:`~pyro_elbo_lab.demos.wording.fit_conclusion` reads, for one fit."""
+        m = f.moments
+        err, ratio = self.reference_errors(f)
+        if m.reliable:
+            est_err = float(np.nanmax(np.abs(m.mean_error)))
+            est_ratio = float(m.sd_ratio[int(np.nanargmax(np.abs(m.sd_ratio - 1)))])
+        else:
+            est_err = est_ratio = float("nan")
+        return FitFacts(
+            name=f.name, family=f"{FAMILY[f.guide_name]} ({f.model_name})", converged=f.converged, steps=f.steps,
+            cap=f.cap, pareto_k=m.pareto_k, k_threshold=m.k_threshold, est_mean_error=est_err,
+            est_sd_ratio=est_ratio, gap=self.exact.log_evidence - f.terms.elbo, ref_mean_error=err,
+            ref_sd_ratio=ratio,
+        )
+
 
 def run_fits(
     quick: bool = False,
@@ -363,11 +442,13 @@ def run_fits(
     log: Callable[[str], None] = print,
 ) -> EightSchools:
     """
-    The four fits (centred / non-centred × mean-field / full-rank) and the references.
+    The four fits (centred / non-centred × mean-field / full-rank), each run until
+    :data:`CONVERGENCE` stops it or the step cap is reached, and the references.
 
-    :param bool quick: 400 steps and 1000 importance samples per fit instead of 1500 and 10000.
+    :param bool quick: a smoke run: a cap of :data:`QUICK_STEP_CAP` steps (too few to
+        converge) and 1000 importance samples per fit instead of :data:`STEP_CAP` and 4000.
     :param int seed: random seed (every fit starts from it).
-    :param int steps: SVI steps per fit, overriding the default.
+    :param int steps: the step cap per fit, overriding the default.
     :param bool progress_bar: show progress bars.
     :param log: called with one line of text per fit.
     :returns: an :class:`EightSchools` with the four :class:`Fit` s, the
@@ -380,100 +461,20 @@ def run_fits(
         Vehtari, Donald B. Rubin (2013)
     """
     seed_everything(seed)
-    num_steps = steps or (400 if quick else 1500)
-    num_samples = 1000 if quick else 10000
+    num_steps = steps or (QUICK_STEP_CAP if quick else STEP_CAP)
+    num_samples = 1000 if quick else 4000
     fits = []
     for model_name in MODELS:
         for guide_name in GUIDES:
-            log(f"fitting {model_name} model, {guide_name} guide: {num_steps} steps")
-            fits.append(fit(model_name, guide_name, num_steps, seed, num_samples, progress_bar))
-    return EightSchools(fits, exact_reference(), nuts_reference(), num_steps)
+            f = fit(model_name, guide_name, num_steps, seed, num_samples, progress_bar)
+            log(f"- {model_name} model, {guide_name} guide: {f.status}, {f.seconds:.0f} s")
+            fits.append(f)
+    return EightSchools(fits, exact_reference(), nuts_reference(), num_steps, quick=quick)
 
 
 # ----------------------------------------------------------------------------------------
 # the demo: report and files
 # ----------------------------------------------------------------------------------------
-
-
-def _trust(fit: Fit, exact: ExactReference) -> str:
-    ev = fit.evidence
-    gap = exact.log_evidence - fit.terms.elbo
-    if ev.verdict == "good":
-        return f"trustworthy: k̂ = {ev.pareto_k:.2f} <= 0.5, the guide covers the posterior (gap {gap:.2f} nats)"
-    if ev.verdict == "ok":
-        return f"usable with care: k̂ = {ev.pareto_k:.2f} in (0.5, 0.7], gap {gap:.2f} nats"
-    return (
-        f"not trustworthy: k̂ = {ev.pareto_k:.2f} > 0.7, the guide misses posterior mass (gap {gap:.2f} nats); "
-        "its evidence estimate is only a lower bound"
-    )
-
-
-def write_outputs(study: EightSchools, output: str, report: Report) -> list[str]:
-    """Plots (decomposition over training, posterior against NUTS) and netCDF files."""
-    from .. import arviz_compat, plots
-
-    plt = pyplot()
-    os.makedirs(output, exist_ok=True)
-    paths = []
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, f in zip(axes.flat, study.fits):
-        plots.plot_decomposition(f.result, ax=ax, terms=("elbo", "reconstruction", "kl", "entropy"), beta=False,
-                                 smooth=max(1, study.num_steps // 50))
-        ax.set_title(f.name)
-        ax.axhline(study.exact.log_evidence, color="black", linestyle=":", label="exact log p(y)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(output, "eight_schools_decomposition.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
-    report.image(path, "ELBO decomposition over training (nats), with the exact log-evidence")
-
-    datasets = {"NUTS": arviz_compat.load_arviz_data("non_centered_eight")} | {f.name: f.idata for f in study.fits}
-    fig = arviz_compat.plot_forest(datasets, var_names=["mu", "tau", "theta"], ci_prob=0.9)
-    fig.suptitle("Eight schools: VI posteriors (90% intervals) against NUTS")
-    path = os.path.join(output, "eight_schools_posterior.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(path)
-    report.image(path, "Posterior intervals of each guide against NUTS")
-
-    for f in study.fits:
-        path = os.path.join(output, f"eight_schools_{f.model_name}_{f.guide_name}.nc")
-        f.idata.to_netcdf(path)
-        paths.append(path)
-    return paths
-
-
-def report_fits(study: EightSchools, report: Report) -> None:
-    exact = study.exact
-    report.heading("The ELBO's decomposition at the fitted guides (nats, 1000 particles)")
-    report.table(study.decomposition_table(), "{:.3f}")
-    report.text(
-        "ELBO = reconstruction - KL(q || prior) = E_q log p(y, z) + entropy. Both forms define the same p(y), "
-        "so a higher ELBO is a better guide."
-    )
-    report.heading("Evidence, gap and Pareto k̂ (estimate_evidence, PSIS)")
-    report.table(study.diagnostics_table(), "{:.3f}")
-    report.text(
-        f"Exact log p(y) = {exact.log_evidence:.4f} nats (mu and theta integrated in closed form, tau by "
-        "Gauss-Legendre quadrature). gap = log p(y) - ELBO = KL(q || p(z|y)). "
-        "k̂ <= 0.5 good, 0.5-0.7 ok, > 0.7 bad (Yao et al. 2018)."
-    )
-    for f in study.fits:
-        report.text(f"- {f.name}: {_trust(f, exact)}")
-    report.heading("Posterior mean ± sd: each guide against NUTS")
-    table = study.posterior_table()
-    compact = pd.DataFrame(index=table.index)
-    for label in ["NUTS"] + [f.name for f in study.fits]:
-        compact[label] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(table[f"{label} mean"], table[f"{label} sd"])]
-    report.table(compact)
-    report.text(
-        f"Exact (quadrature): mu {exact.mu_mean:.2f} ± {exact.mu_sd:.2f}, tau {exact.tau_mean:.2f} ± {exact.tau_sd:.2f}. "
-        "NUTS: ArviZ's bundled non_centered_eight draws. Mean-field guides underestimate the spread of tau and, in "
-        "the centred form, cannot follow the funnel between tau and theta."
-    )
 
 
 def run(
@@ -488,9 +489,9 @@ def run(
     ``pyro-elbo-lab demo``: fits, report, plots, netCDF and ``report.md`` in ``output``.
 
     :param str output: directory for the files (created if missing).
-    :param bool quick: a smoke run (see :func:`run_fits`).
+    :param bool quick: a smoke run (see :func:`run_fits`): no conclusions are printed.
     :param int seed: random seed.
-    :param int steps: SVI steps per fit, overriding the default.
+    :param int steps: the step cap per fit, overriding the default.
     :param bool verbose: print the report as it is made.
     :param bool progress_bar: show progress bars (only when ``verbose``).
     :returns: the :class:`EightSchools` study that the report shows.
@@ -504,20 +505,29 @@ def run(
     """
     report = Report(verbose)
     report.heading("pyro-elbo-lab demo: eight schools", 1)
+    if quick:
+        report.text("SMOKE RUN (--quick): the fits are capped far below convergence; no conclusions are drawn.")
     report.text(
         "y = " + ", ".join(f"{v:g}" for v in EIGHT_SCHOOLS_Y) + "; sigma = " + ", ".join(f"{v:g}" for v in EIGHT_SCHOOLS_SIGMA)
     )
     report.text("mu ~ N(0, 5), tau ~ HalfCauchy(5), theta_j ~ N(mu, tau), y_j ~ N(theta_j, sigma_j); "
                 "centred and non-centred, each with a mean-field (AutoNormal) and a full-rank "
                 "(AutoMultivariateNormal) guide, fitted with SVIRunner and BetaELBO.")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     log = report.text if verbose else (lambda text: None)
     study = run_fits(quick, seed, steps, progress_bar=verbose and progress_bar, log=log)
+    from .eight_schools_report import report_fits, write_outputs
+
     report_fits(study, report)
     report.heading("Files")
     for path in write_outputs(study, output, report):
         report.text(f"- {path}")
-    report.text(f"(finished in {time.perf_counter() - start:.0f} s)")
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    study.extra["wall_seconds"], study.extra["cpu_seconds"] = wall, cpu
+    report.text(
+        f"(wall time {wall:.0f} s, CPU time {cpu:.0f} s, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs visible)"
+    )
     path = os.path.join(output, "report.md")
     report.write(path)
     if verbose:

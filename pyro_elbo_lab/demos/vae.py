@@ -38,8 +38,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import pyro
@@ -48,12 +49,13 @@ import torch
 from torch import nn
 
 from ..datasets import load_digits
-from ..inference_data import from_svi_result
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, posterior_collapse, rate_distortion
+from ..inference_data import from_svi_result
 from ..losses import BetaMeanFieldELBO
 from ..runner import SVIRunner
 from ..schedules import Cyclical, LinearWarmup
 from .common import Report, pyplot, seed_everything
+from .wording import SMOKE_RUN_NOTE, collapse_criteria, collapse_summary, vae_comparison
 
 __all__ = ["BetaConfig", "DigitsVAE", "VAEStudy", "beta_configs", "evaluate", "fit", "load_split", "run", "run_study"]
 
@@ -323,28 +325,46 @@ def run_study(
             "IWAE log p(x)": ev["iwae"],
             "± se": ev["iwae_stderr"],
             "active units": f"{ev['active_units']}/{vae.latent_dim}",
+            "collapsed": f"{int((ev['kl_per_dimension'] < ev['collapse'].threshold / 2).sum())}/{vae.latent_dim}",
+            "training": "converged" if _converged(result) else "NOT CONVERGED",
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "KL weighting"
-    return VAEStudy(table, configs, vaes, results, evaluations, x_test, num_steps, time.perf_counter() - start)
+    study = VAEStudy(table, configs, vaes, results, evaluations, x_test, num_steps, time.perf_counter() - start)
+    study.extra["quick"] = quick
+    study.extra["num_train"] = x_train.shape[0]
+    return study
+
+
+def _converged(result) -> bool:
+    """Whether the runner judged the (only) chain's objective stationary at its end."""
+    flags = getattr(result, "converged", None)
+    if flags is not None and not callable(flags):
+        return bool(flags[0]) if isinstance(flags, (list, tuple)) else bool(flags)
+    return result.stop_reasons[0] == "converged"
 
 
 def comparison(study: VAEStudy) -> str:
-    """What the numbers say, in words, from the numbers (not a canned conclusion)."""
+    """What the held-out numbers say, in words, from the numbers (:func:`~pyro_elbo_lab.demos.wording.vae_comparison`)."""
     ev = study.evaluations
-    names = {c.name: c.label for c in study.configs}
-    base, strong = ev["beta1"], ev["beta4"]
-    collapsed = {name: int((e["kl_per_dimension"] < 0.05).sum()) for name, e in ev.items()}
-    best = max(ev, key=lambda name: ev[name]["iwae"])
-    return (
-        f"β = 4 lowers the rate from {base['kl']:.1f} to {strong['kl']:.1f} nats at a cost of "
-        f"{base['reconstruction'] - strong['reconstruction']:.1f} nats of reconstruction. Dimensions with KL < 0.05 "
-        "nats (collapsed to the prior): "
-        + ", ".join(f"{names[n]}: {k}" for n, k in collapsed.items())
-        + f". Best held-out IWAE log-likelihood: {names[best]} ({ev[best]['iwae']:.2f} nats per image). "
-        "Warm-up and cyclical annealing start at β = 0, so the decoder learns to use z before the KL term pulls "
-        "q towards the prior."
+    names = [c.name for c in study.configs]
+    return vae_comparison(
+        labels={c.name: c.label for c in study.configs},
+        iwae_per_image={n: ev[n]["iwae_per_image"].tolist() for n in names},
+        converged={n: _converged(study.results[n]) for n in names},
+        rate={n: ev[n]["kl"] for n in names},
+        reconstruction={n: ev[n]["reconstruction"] for n in names},
     )
+
+
+def collapse_text(study: VAEStudy) -> list[str]:
+    """One line per weighting: active units and collapsed dimensions under one stated pair of criteria."""
+    lines = []
+    for c in study.configs:
+        report = study.evaluations[c.name]["collapse"]
+        lines.append(collapse_summary(c.label, report.kl_per_dimension.tolist(), report.activity.tolist(),
+                                      report.threshold, list(report.dimensions)))
+    return lines
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,70 +372,27 @@ def comparison(study: VAEStudy) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def _image_grid(plt, images, title: str, path: str, labels=None) -> None:
-    n = images.shape[0]
-    cols = min(n, 10)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.95 + 0.4))
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-            if labels is not None:
-                ax.set_title(labels[i], fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_outputs(study: VAEStudy, output: str, report: Report) -> list[str]:
     """PNG plots and one netCDF InferenceData per configuration; returns the paths."""
-    from .. import plots
+    from .figures import vae_decomposition, vae_images, vae_rate_distortion
 
     plt = pyplot()
     os.makedirs(output, exist_ok=True)
     paths = []
-
-    fig, axes = plt.subplots(1, len(study.configs), figsize=(4.2 * len(study.configs), 3.4), sharey=True)
-    for ax, config in zip(axes, study.configs):
-        plots.plot_decomposition(study.results[config.name], ax=ax, terms=("elbo", "reconstruction", "kl"),
-                                 smooth=max(1, study.num_steps // 50))
-        ax.set_title(config.label)
-    fig.tight_layout()
     path = os.path.join(output, "vae_decomposition.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    vae_decomposition(plt, study, path, converged={c.name: _converged(study.results[c.name]) for c in study.configs})
     paths.append(path)
-    report.image(path, "ELBO decomposition over training, per KL weighting")
-
-    rd = pd.concat([study.evaluations[c.name]["rate_distortion"].to_dataframe() for c in study.configs], ignore_index=True)
-    ax = plots.plot_rate_distortion(rd, annotate=False)
-    for config, rate, distortion in zip(study.configs, rd["rate"], rd["distortion"]):
-        ax.annotate(config.label, (rate, distortion), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    # zoom on the fits (the R + D = -ELBO line runs on to the axes)
-    spread = max(rd["distortion"].max() - rd["distortion"].min(), rd["rate"].max() - rd["rate"].min(), 1.0)
-    ax.set_xlim(0, rd["rate"].max() + spread)
-    ax.set_ylim(rd["distortion"].min() - 0.5 * spread, rd["distortion"].max() + 0.5 * spread)
+    report.image(path, "ELBO decomposition over training, nats per image, per KL weighting")
     path = os.path.join(output, "vae_rate_distortion.png")
-    ax.figure.savefig(path, dpi=100)
-    plt.close(ax.figure)
+    vae_rate_distortion(plt, study, path)
     paths.append(path)
-    report.image(path, "Rate-distortion points on held-out images")
-
+    report.image(path, "Rate-distortion points on held-out images, one per KL weighting")
     x = study.x_test[:10]
     for config in study.configs:
-        vae = study.vaes[config.name]
-        with torch.no_grad():
-            loc, _ = vae.encode(x)
-            recon = torch.sigmoid(vae.decode(loc))
-            samples = torch.sigmoid(vae.decode(torch.randn(10, vae.latent_dim, generator=torch.Generator().manual_seed(0))))
-        images = torch.cat([x / TOTAL_COUNT, recon, samples]).numpy()
         path = os.path.join(output, f"vae_{config.name}_images.png")
-        _image_grid(plt, images, f"{config.label}: held-out images, reconstructions, prior samples", path)
+        vae_images(plt, study.vaes[config.name], x, config.label, path)
         paths.append(path)
         report.image(path, f"{config.label}: rows are held-out images, their reconstructions, and samples from the prior")
-
         idata = from_svi_result(study.results[config.name], x, num_samples=100)
         path = os.path.join(output, f"vae_{config.name}.nc")
         idata.to_netcdf(path)
@@ -447,18 +424,23 @@ def run(
     """
     report = Report(verbose)
     report.heading("pyro-elbo-lab demo: a β-VAE on handwritten digits", 1)
+    if quick:
+        report.text("SMOKE RUN (--quick): a few steps per configuration, far from converged; no conclusions are drawn.")
     report.text(
         "1797 scikit-learn digits (8x8, pixel counts 0..16, Binomial likelihood), 300 held out; "
         "latent dimension 16; four KL weightings. All numbers in nats per held-out image."
     )
+    start, cpu = time.perf_counter(), time.process_time()
     log = report.text if verbose else (lambda text: None)
     study = run_study(quick, seed, steps, progress_bar=verbose and progress_bar, log=log)
     report.heading("Held-out results")
     report.table(study.table, "{:.2f}")
+    threshold = study.evaluations[study.configs[0].name]["collapse"].threshold
     report.text(
         "Reconstruction = E_q log p(x|z) (higher is better), KL = rate in nats, ELBO = reconstruction - KL, "
-        "IWAE = importance-weighted log p(x) per image (the tighter estimate of the model's fit; ± se over images), "
-        "active units = latent dimensions whose posterior mean varies over the data (Cov > 0.01)."
+        "IWAE = importance-weighted log p(x) per image (the tighter estimate of the model's fit; ± se over images). "
+        "training: whether the runner judged the objective's trace stationary over the last steps. "
+        + collapse_criteria(threshold)
     )
     report.heading("KL per latent dimension (nats per image)")
     kl_dims = pd.DataFrame(
@@ -466,13 +448,22 @@ def run(
         index=pd.Index([f"z[{i}]" for i in range(study.vaes[study.configs[0].name].latent_dim)], name="dimension"),
     ).T
     kl_dims.index.name = "KL weighting"
-    report.table(kl_dims, "{:.2f}")
-    report.text(comparison(study))
+    report.table(kl_dims, "{:.3f}")
+    report.heading("Active units and collapsed dimensions")
+    for line in collapse_text(study):
+        report.text("- " + line)
+    report.heading("Conclusions, from the numbers above")
+    report.text(SMOKE_RUN_NOTE if quick else comparison(study))
     report.heading("Files")
     paths = write_outputs(study, output, report)
     for path in paths:
         report.text(f"- {path}")
-    report.text(f"(trained in {study.seconds:.0f} s)")
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    study.extra["wall_seconds"], study.extra["cpu_seconds"] = wall, cpu
+    report.text(
+        f"(trained in {study.seconds:.0f} s; wall time {wall:.0f} s, CPU time {cpu:.0f} s, torch threads "
+        f"{torch.get_num_threads()}, {os.cpu_count()} CPUs visible)"
+    )
     path = os.path.join(output, "report.md")
     report.write(path)
     if verbose:
