@@ -225,19 +225,34 @@ def fmt(x, spec=".2f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _worst(elements: dict, actual: str, estimate: str, ratio: bool):
+    """(estimate, actual) at the element whose actual error is the largest."""
+    def size(e):
+        return abs(math.log(e[actual])) if ratio else abs(e[actual])
+
+    worst = max(elements.values(), key=size)
+    return worst[estimate], worst[actual]
+
+
 def markdown(rows: list, quick: bool) -> str:
     head = (
-        "| posterior | guide | steps | stopped | k̂ | verdict | est. max\\|mean err\\| | actual max\\|mean err\\| "
-        "| est. worst sd ratio | actual worst sd ratio | max\\|est−actual\\| mean err | max\\|est−actual\\| sd ratio "
+        "| posterior | guide | steps | stopped | k̂ | verdict | mean err: est. | actual "
+        "| sd ratio: est. | actual | max\\|est−actual\\| mean err | max\\|est−actual\\| sd ratio "
         "| PSIS max\\|mean err\\| | outcome |\n|" + "---|" * 14
     )
     lines = [head]
     for r in rows:
+        est_m, act_m = _worst(r["elements"], "actual_mean_error", "est_mean_error", False)
+        est_r, act_r = _worst(r["elements"], "actual_sd_ratio", "est_sd_ratio", True)
+        psis = fmt(r["psis_mean_error"])
+        if r["verdict"] == "IS unreliable":
+            psis = f"({psis})"
         lines.append(
-            f"| {r['posterior'].split('-')[0]} | {r['guide']} | {r['steps']} | {'stationary' if r['stationary'] else 'max steps'} "
-            f"| {fmt(r['pareto_k'])} | {r['verdict']} | {fmt(r['est_mean_error'])} | {fmt(r['actual_mean_error'])} "
-            f"| {fmt(r['est_sd_ratio'])} | {fmt(r['actual_sd_ratio'])} | {fmt(r['mean_error_gap'])} "
-            f"| {fmt(r['sd_ratio_gap'])} | {fmt(r['psis_mean_error'])} | {r['outcome']} |"
+            f"| {r['posterior'].split('-')[0]} | {r['guide']} | {r['steps']} | "
+            f"{'stationary' if r['stationary'] else 'max steps'} "
+            f"| {fmt(r['pareto_k'])} | {r['verdict']} | {fmt(est_m, '+.2f')} | {fmt(act_m, '+.2f')} "
+            f"| {fmt(est_r)} | {fmt(act_r)} | {fmt(r['mean_error_gap'])} "
+            f"| {fmt(r['sd_ratio_gap'])} | {psis} | {r['outcome']} |"
         )
     n_false = sum(r["outcome"] == "FALSE REASSURANCE" for r in rows)
     n_alarm = sum(r["outcome"] == "false alarm" for r in rows)
@@ -246,7 +261,9 @@ def markdown(rows: list, quick: bool) -> str:
     note = (
         f"\n\n{len(rows)} fits: {n_false} false reassurance, {n_alarm} false alarm; where k̂ ≤ threshold "
         f"({len(reliable)} fits) the estimated mean error was within 0.1 sd of the actual in {within}. "
-        f"Tolerances: |mean error| ≤ {MEAN_ERROR_TOL} sd, sd ratio within [{1 - SD_RATIO_TOL}, {1 + SD_RATIO_TOL}]."
+        f"Tolerances: |mean error| ≤ {MEAN_ERROR_TOL} sd, sd ratio within [{1 - SD_RATIO_TOL}, {1 + SD_RATIO_TOL}]. "
+        "Mean error and sd ratio: estimated (guide_moments) and actual (reference draws) at the element "
+        "whose actual error is the largest; PSIS column in parentheses where k̂ is above the threshold."
     )
     if quick:
         note += " QUICK RUN (smoke test): few steps, not converged; these numbers say nothing about calibration."
@@ -262,7 +279,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--num-samples", type=int, default=None, help="importance samples (default 4000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", type=Path, default=None, help="re-render the table of a saved calibration.json")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(markdown(json.loads(args.render.read_text()), quick=False))
+        return 0
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     names = args.posteriors or (["kidiq-kidscore_momiq"] if args.quick else list(posteriors.POSTERIORS))
