@@ -16,7 +16,9 @@ our own package are always checked.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,14 +57,21 @@ autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 autoclass_content = "both"
 # the ``lightning`` extra is optional: document it without installing it
-autodoc_mock_imports = [name for name in ("pytorch_lightning", "lightning") if importlib.util.find_spec(name) is None]
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+autodoc_mock_imports = [name for name in ("pytorch_lightning", "lightning") if not _installed(name)]
 
 # -- cross-references to other projects -------------------------------------------------
 # name: (website, module patterns whose references this inventory resolves)
 _PROJECTS = {
     "python": ("https://docs.python.org/3", ()),
     "torch": ("https://pytorch.org/docs/stable", (r"torch", r"nn")),
-    "pyro": ("https://docs.pyro.ai/en/stable", (r"pyro",)),
+    "pyro": ("https://docs.pyro.ai/en/stable", (r"pyro", r"poutine", r"dist")),
     "arviz": ("https://python.arviz.org/en/stable", (r"arviz", r"az", r"arviz_base", r"arviz_stats", r"arviz_plots")),
     "xarray": ("https://docs.xarray.dev/en/stable", (r"xarray", r"xr")),
     "numpy": ("https://numpy.org/doc/stable", (r"numpy", r"np")),
@@ -122,17 +131,29 @@ def _resolve_own_reference(app, env, node, contnode):
     target = node["reftarget"]
     candidates: list[str] = []
     cls, member = _class_in_context(node), target
-    if target.startswith("pyro_elbo_lab.") and target.count(".") == 2:
-        # the flat API: pyro_elbo_lab.BetaELBO.last_terms
-        owner, member = target.split(".")[1:]
-        cls = getattr(pyro_elbo_lab, owner, None) if owner in pyro_elbo_lab.__all__ else None
-        cls = cls if isinstance(cls, type) else None
+    parts = target.removeprefix("pyro_elbo_lab.").split(".")
+    if len(parts) == 2 and parts[0][:1].isupper():
+        # Owner.member: pyro_elbo_lab.BetaELBO.last_terms, CollapseReport.kl_method
+        owner = getattr(pyro_elbo_lab, parts[0], None) if parts[0] in pyro_elbo_lab.__all__ else None
+        if owner is None and node.get("py:module"):
+            owner = getattr(importlib.import_module(node["py:module"]), parts[0], None)
+        cls, member = (owner, parts[1]) if isinstance(owner, type) else (None, target)
     if cls is not None and "." not in member:
         for base in cls.__mro__:
             name = f"{base.__module__}.{base.__qualname__}.{member}"
             if name in objects:
                 candidates = [name]
                 break
+        else:
+            # a member without an entry of its own (an instance attribute listed as :ivar:,
+            # a dataclass field, a private hook) links to the documentation of its class
+            fields = getattr(cls, "__dataclass_fields__", {})
+            if member in fields or hasattr(cls, member) or _sets_attribute(cls, member):
+                for base in cls.__mro__:
+                    name = f"{base.__module__}.{base.__qualname__}"
+                    if name in objects or (name := _documented_as(objects, base)):
+                        return _resolve_as_class(app, env, node, contnode, domain, name)
+                return None
     if not candidates:
         if target.startswith("pyro_elbo_lab."):
             target = target[len("pyro_elbo_lab.") :]
@@ -150,6 +171,38 @@ def _resolve_own_reference(app, env, node, contnode):
     if len(candidates) != 1:
         return None
     return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], candidates[0], node, contnode)
+
+
+def _sets_attribute(cls, member: str) -> bool:
+    """Whether ``member`` is an instance attribute of ``cls``: an ``:ivar:`` of its docstring, or
+    assigned as ``self.member`` in the source of the class or one of its bases of ours."""
+    if f" {member}:" in (cls.__doc__ or ""):
+        return True
+    for base in cls.__mro__:
+        if not base.__module__.startswith("pyro_elbo_lab"):
+            continue
+        try:
+            source = inspect.getsource(base)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"self\.{re.escape(member)}\s*(:[^=]*)?=[^=]", source):
+            return True
+    return False
+
+
+def _documented_as(objects, cls) -> str:
+    """The name under which a class of ours is documented (its canonical name or a re-export)."""
+    if not cls.__module__.startswith("pyro_elbo_lab"):
+        return ""
+    found = [n for n, e in objects.items() if n.endswith("." + cls.__qualname__) and n.startswith("pyro_elbo_lab.")]
+    found = [n for n in found if not objects[n].aliased] or found
+    return found[0] if len(found) == 1 else ""
+
+
+def _resolve_as_class(app, env, node, contnode, domain, name):
+    node = node.deepcopy()
+    node["reftype"] = "class"
+    return domain.resolve_xref(env, node["refdoc"], app.builder, "class", name, node, contnode)
 
 
 def setup(app):
