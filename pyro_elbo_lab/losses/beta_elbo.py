@@ -1,15 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 from pyro.infer import Trace_ELBO
 
-from ..schedules import ScheduleLike
 from .objective import WeightedObjective
-from .weighting import check_particles
 
 __all__ = ["BetaELBO"]
 
@@ -97,20 +93,6 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     [4] `Black Box Variational Inference`, Rajesh Ranganath, Sean Gerrish, David M. Blei
         (2014)
     """
-
-    def __init__(
-        self,
-        beta: ScheduleLike = 1.0,
-        *,
-        sites: Iterable[str] | None = None,
-        free_bits: float | None = None,
-        capacity: ScheduleLike | None = None,
-        gamma: float = 1000.0,
-        **kwargs,
-    ):
-        self._init_objective(beta, sites, free_bits, capacity, gamma)
-        check_particles(kwargs)
-        super().__init__(**kwargs)
 
     def _latent_site_terms(self, name, model_site, guide_site):
         # per-particle sums only: the batch-shaped log_probs were already summed by Pyro

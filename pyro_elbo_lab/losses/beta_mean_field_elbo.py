@@ -1,15 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
-from typing import Iterable
-
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 
 from .. import sites
-from ..schedules import ScheduleLike
 from .objective import WeightedObjective
-from .weighting import check_particles
 
 __all__ = ["BetaMeanFieldELBO"]
 
@@ -49,20 +45,6 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
     [2] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (2014), whose
         second estimator uses the analytic KL.
     """
-
-    def __init__(
-        self,
-        beta: ScheduleLike = 1.0,
-        *,
-        sites: Iterable[str] | None = None,
-        free_bits: float | None = None,
-        capacity: ScheduleLike | None = None,
-        gamma: float = 1000.0,
-        **kwargs,
-    ):
-        self._init_objective(beta, sites, free_bits, capacity, gamma)
-        check_particles(kwargs)
-        super().__init__(**kwargs)
 
     analytic_kl = True
 

@@ -23,7 +23,7 @@ from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
 from .beta_state import BetaState
-from .weighting import check_auxiliary, check_selected_sites, check_weighting, schedule_value
+from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
 __all__ = ["WeightedObjective"]
 
@@ -54,6 +54,21 @@ class WeightedObjective(BetaState):
     analytic_kl: bool = False
 
     # -- construction -------------------------------------------------------------------
+
+    def __init__(
+        self,
+        beta: ScheduleLike = 1.0,
+        *,
+        sites: Iterable[str] | None = None,
+        free_bits: float | None = None,
+        capacity: ScheduleLike | None = None,
+        gamma: float = 1000.0,
+        **kwargs,
+    ):
+        # validate and store our hyper-parameters, then Pyro's (as pyro.infer.RenyiELBO)
+        self._init_objective(beta, sites, free_bits, capacity, gamma)
+        check_particles(kwargs)
+        super().__init__(**kwargs)
 
     def _init_objective(
         self,
