@@ -13,6 +13,7 @@ is set. A project whose inventory is not loaded has its references listed in
 ``nitpick_ignore_regex`` instead (rendered as plain text, not as a warning); references to
 our own package are always checked.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,7 +47,10 @@ exclude_patterns = ["_build", "_inventories", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 html_static_path = ["_static"]
 html_theme = "alabaster"
-html_theme_options = {"description": "β-ELBOs for Pyro, with their decompositions and VI diagnostics", "fixed_sidebar": True}
+html_theme_options = {
+    "description": "β-ELBOs for Pyro, with their decompositions and VI diagnostics",
+    "fixed_sidebar": True,
+}
 html_title = f"pyro-elbo-lab {release}"
 myst_heading_anchors = 3
 
@@ -56,6 +60,8 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 autoclass_content = "both"
+
+
 # the ``lightning`` extra is optional: document it without installing it
 def _installed(name: str) -> bool:
     try:
@@ -94,9 +100,15 @@ for _name, (_url, _modules) in _PROJECTS.items():
 intersphinx_timeout = 10
 nitpicky = True
 # The Python standard library: ignored only when its inventory is not loaded.
-_STDLIB = r"(abc|argparse|collections|contextlib|dataclasses|enum|fnmatch|functools|io|itertools|math|numbers|os|pathlib|signal|threading|time|types|typing|warnings)"
+_STDLIB = "|".join(
+    ("abc", "argparse", "collections", "contextlib", "dataclasses", "enum", "fnmatch", "functools", "io")
+    + ("itertools", "math", "numbers", "os", "pathlib", "signal", "threading", "time", "types", "typing", "warnings")
+)
 if "python" not in intersphinx_mapping:
-    nitpick_ignore_regex += [(r"py:.*", rf"{_STDLIB}(\..*)?"), (r"py:.*", r"(Path|PathLike|Callable|Iterable|Iterator|Mapping|Sequence|Any|ABC)")]
+    nitpick_ignore_regex += [
+        (r"py:.*", rf"({_STDLIB})(\..*)?"),
+        (r"py:.*", r"(Path|PathLike|Callable|Iterable|Iterator|Mapping|Sequence|Any|ABC)"),
+    ]
 # words our docstrings use as types that are not classes
 nitpick_ignore_regex += [(r"py:class", r"(callable|scalar|optional|array-like|tensor|Tensor)")]
 
