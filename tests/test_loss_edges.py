@@ -91,3 +91,19 @@ def test_beta_on_a_site_with_its_auxiliary_partner_is_the_hand_objective():
     kl_z = lp(guide_trace, "z_unconstrained") + lp(guide_trace, "z") - lp(model_trace, "z")
     kl_s = lp(guide_trace, "s_unconstrained") + lp(guide_trace, "s") - lp(model_trace, "s")
     assert value == pytest.approx(-(lp(model_trace, "x") - 4.0 * kl_z - kl_s), rel=1e-10)
+
+
+@LOSSES
+def test_differentiable_loss_warns_on_nan_like_trace_elbo(Loss):
+    def nan_model():
+        pyro.sample("x", dist.Normal(pyro.param("loc", torch.tensor(float("nan"))), 1.0), obs=torch.tensor(0.0))
+
+    def empty_guide():
+        pass
+
+    with pyro.validation_enabled(False):
+        with pytest.warns(UserWarning, match="Encountered NaN: loss"):
+            Trace_ELBO().differentiable_loss(nan_model, empty_guide)
+        with pytest.warns(UserWarning, match="Encountered NaN: loss"):
+            value = Loss().differentiable_loss(nan_model, empty_guide)
+    assert torch.isnan(value)

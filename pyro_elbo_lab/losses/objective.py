@@ -126,6 +126,7 @@ class WeightedObjective(BetaState):
         """
         loss, surrogate = self._run(model, guide, args, kwargs, mode="differentiable")
         self.step += 1
+        warn_if_nan(loss, "loss")  # as Pyro's Trace_ELBO.differentiable_loss
         if not torch.is_tensor(surrogate):
             return loss
         return loss + (surrogate - surrogate.detach())
