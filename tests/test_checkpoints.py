@@ -367,3 +367,27 @@ def test_history_is_written_by_appending(data, tmp_path):
     # JSON keeps every float exactly
     assert [r["loss"] for r in rows] == result.history["loss"].tolist()
     assert [r["kl"] for r in rows] == result.history["kl"].tolist()
+
+
+def test_resume_keeps_the_convergence_rule_state(data, tmp_path):
+    # the rule's window of parameter iterates and its count of stationary checks travel in the
+    # checkpoint: a run resumed mid-window stops at the same step with the same statistics
+    from pyro_elbo_lab.runner import Convergence
+
+    # a loose threshold so that it stops early: this test is about the state, not the threshold
+    convergence = Convergence(window=40, num_chains=2, rhat=4.0, params=True)
+    path = str(tmp_path / "fit.ckpt")
+    pyro.set_rng_seed(0)
+    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5,
+                     convergence=convergence).run(data, num_steps=3000)
+    assert full.stop_reason == "converged", full.convergence
+    stop = len(full.history)
+    pyro.clear_param_store()
+    SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5, convergence=convergence,
+              checkpoint=Checkpointing(path, every=stop - 7)).run(data, num_steps=stop - 7)
+    pyro.clear_param_store()
+    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5,
+                        convergence=convergence).run(data, num_steps=3000, resume_from=path)
+    assert resumed.stop_reason == "converged" and len(resumed.history) == stop
+    assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
+    assert resumed.convergence[0]["param_rhat"] == full.convergence[0]["param_rhat"]

@@ -277,70 +277,25 @@ def test_max_time(data):
 
 def test_convergence_stops_near_optimum(data):
     runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(), progress_bar=False,
-                       convergence=Convergence(tol=1e-3, window=50, patience=2))
+                       convergence=Convergence(window=200))
     result = runner.run(data, num_steps=20000)
-    assert result.stop_reason == "converged"
+    assert result.stop_reason == "converged" and result.converged == [True]
     assert len(result.history) < 20000 and len(result.history) % 50 == 0
     m, s = exact_posterior(data)
     # converged means near the optimum of the Normal family, which is the exact posterior
     # N(m, s^2). Adam at lr 0.05 keeps loc jittering about m by roughly lr (one step moves a
-    # parameter by about lr); half a posterior sd (0.11) is two such steps (measured
-    # |loc - m| <= 0.06 over seeds 0-4). The window means of the objective meet the tolerance.
+    # parameter by about lr); half a posterior sd (0.11) is two such steps.
     assert float(result.params["loc"]) == pytest.approx(m, abs=0.5 * s)
-
-
-class ScriptedLoss:
-    """An ELBO stand-in whose loss at step t is ``values[t]`` (no gradients): a loss
-    sequence whose convergence answer is known by hand."""
-
-    def __init__(self, values):
-        self.values = list(values)
-        self.calls = 0
-
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        pyro.param("p", torch.tensor(0.0))
-        self.calls += 1
-        return self.values[self.calls - 1]
-
-
-def _scripted_run(values, **convergence):
-    runner = SVIRunner(model, guide, adam(), ScriptedLoss(values), progress_bar=False,
-                       convergence=Convergence(**convergence))
-    return runner.run(torch.zeros(1), num_steps=len(values))
-
-
-def test_convergence_on_a_flat_sequence_stops_where_counted_by_hand():
-    # window 5, patience 2: the first check compares steps 0-4 with 5-9 (after step 9), flat;
-    # the second compares 5-9 with 10-14 (after step 14), flat again: 15 steps
-    result = _scripted_run([3.0] * 100, tol=1e-3, window=5, patience=2)
-    assert result.stop_reason == "converged" and len(result.history) == 15
-    # patience 3: one more window
-    result = _scripted_run([3.0] * 100, tol=1e-3, window=5, patience=3)
-    assert result.stop_reason == "converged" and len(result.history) == 20
-
-
-def test_convergence_does_not_stop_a_rising_objective():
-    # objective = step (loss = -step): every window mean is 5 above the one before,
-    # 5 >= 1e-3 * |mean| for all 100 steps, so no check is flat
-    result = _scripted_run([-float(t) for t in range(100)], tol=1e-3, window=5, patience=2)
-    assert result.stop_reason == "num_steps" and len(result.history) == 100
-
-
-def test_convergence_patience_counts_consecutive_flat_checks():
-    # steps 0-9 flat (first check flat), 10-14 jump up by 10 (second check not flat: the
-    # count restarts), then flat: checks after steps 19 and 24 are flat -> stop after 25 steps
-    values = [2.0] * 10 + [-8.0] * 90
-    result = _scripted_run(values, tol=1e-3, window=5, patience=2)
-    assert result.stop_reason == "converged" and len(result.history) == 25
 
 
 def test_convergence_waits_for_the_beta_schedule(data):
     # the objective falls while β warms up over 400 steps: that is not convergence
     runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(beta=LinearWarmup(400, start=0.0)),
-                       progress_bar=False, convergence=Convergence(tol=1e-3, window=50, patience=2))
+                       progress_bar=False, convergence=Convergence(window=100))
     result = runner.run(data, num_steps=5000)
     assert result.stop_reason == "converged"
-    assert len(result.history) >= 400 + 2 * 50 + 50
+    # the first window without a β change ends at step 499; patience 2 at every 25 steps
+    assert len(result.history) >= 400 + 100 + 25
 
 
 def test_callback_stop(data):
@@ -571,10 +526,10 @@ def test_bad_arguments(data):
         SVIRunner(model, guide, adam(), on_nonfinite="ignore")
     with pytest.raises(ValueError, match="convergence must be a Convergence"):
         SVIRunner(model, guide, adam(), convergence=1e-3)
-    with pytest.raises(ValueError, match=r"Convergence.tol must be a finite number >= 0, got Convergence.tol=-1"):
-        Convergence(tol=-1)
+    with pytest.raises(ValueError, match=r"Convergence.rhat must be a finite number > 1 \(e.g. 1.1\), got rhat=0.9"):
+        Convergence(rhat=0.9)
     with pytest.raises(ValueError, match=r"Convergence.window must be an integer >= 1"):
-        Convergence(tol=1e-3, window=0)
+        Convergence(window=0)
     with pytest.raises(ValueError, match=r"Evaluation.every must be an integer >= 1"):
         Evaluation(every=0)
     with pytest.raises(ValueError, match=r"Evaluation.args must be a tuple"):

@@ -141,6 +141,8 @@ class ChainLoop:
                         stop_reason = "exhausted"
                         break
                     row = self.step(step, args, model_kwargs)
+                    if self.rule is not None and hasattr(self.rule, "observe"):
+                        self.rule.observe(pyro.get_param_store().named_parameters())
                     if bar is not None:
                         bar.update(1)
                         self._postfix(bar, row)

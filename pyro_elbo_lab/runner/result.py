@@ -86,6 +86,11 @@ class SVIResult:
     :ivar tuple args: the run's positional data (``None`` after a run on minibatches,
         which has no data set of its own).
     :ivar dict model_kwargs: the run's keyword data.
+    :ivar list convergence: per chain, the evidence for :attr:`converged`: a dict with
+        ``converged``, ``rule`` (``"split-rhat"``), ``rhat`` (rank-normalised split
+        :math:`\\hat R` of the objective over the last ``window`` steps), ``slope_t``
+        (Student's t of its trend), ``stationary``, ``window``, ``step`` (of the check) and
+        ``reason`` in words.
     """
 
     history: Any
@@ -97,6 +102,17 @@ class SVIResult:
     guide: Callable | None = field(default=None, repr=False)
     args: tuple | None = field(default=(), repr=False)
     model_kwargs: dict = field(default_factory=dict, repr=False)
+    convergence: list = field(default_factory=list)
+
+    @property
+    def converged(self) -> list[bool]:
+        """
+        Per chain, whether the objective's trace was stationary
+        (:class:`~pyro_elbo_lab.runner.Convergence`): when the rule stopped the chain, or,
+        for a chain that ran to ``num_steps`` (or stopped otherwise), judged on its final
+        window. The statistics are in :attr:`convergence`.
+        """
+        return [bool(c and c.get("converged")) for c in self.convergence]
 
     @property
     def num_chains(self) -> int:

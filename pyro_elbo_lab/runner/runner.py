@@ -37,7 +37,7 @@ from .loop import ChainLoop, LoopOptions
 from .options import Checkpointing, Convergence, Evaluation, check_writable_file
 from .params import fresh_copy, is_module_param, load_store, reset_modules, store_state
 from .result import NonFiniteError, SVIResult
-from .stopping import WindowMeanRule, final_score
+from .stopping import final_score
 
 __all__ = ["SVIRunner"]
 
@@ -87,7 +87,8 @@ class SVIRunner:
         (drop the step's update, as NumPyro's ``stable_update``; it is recorded with
         ``skipped=True``). Non-finite *parameters* always raise.
     :param bool progress_bar: show a tqdm bar (only when stderr is a terminal).
-    :param Convergence convergence: stop on convergence (None: never).
+    :param Convergence convergence: stop when the objective's trace is stationary (None:
+        never; the result still reports whether the final window is stationary).
     :param Checkpointing checkpoint: write resumable checkpoints (None: never).
     :param Evaluation evaluation: estimate the evidence during the run (None: never).
     :param float max_time: wall-time limit per chain, in seconds.
@@ -257,7 +258,7 @@ class SVIRunner:
         if ckpt is not None:
             for i, entry in enumerate(ckpt.meta["chains_done"]):
                 done.append({"rows": ckpt.rows[i], "state": entry["state"], "terms": decode_terms(entry["terms"]),
-                             "stop_reason": entry["stop_reason"]})
+                             "stop_reason": entry["stop_reason"], "convergence": entry.get("convergence")})
         initial = initial_modules = None
         if self.num_chains > 1:
             # every chain starts from the store as it is now; parameters of modules that
@@ -291,7 +292,7 @@ class SVIRunner:
                 optim, loss = copy.deepcopy(pristine[2]), copy.deepcopy(pristine[3])
             else:
                 model, guide, optim, loss = self.model, self.guide, self.optim, self.loss
-            rule = WindowMeanRule(self.convergence) if self.convergence is not None else None
+            rule = self.convergence.make_rule() if self.convergence is not None else None
             save = None
             if writer is not None:
                 save = self._saver(writer, done, seed, initial, initial_modules, rule, fingerprint)
@@ -331,8 +332,11 @@ class SVIRunner:
                     UserWarning,
                     stacklevel=2,
                 )
+            # without a rule, the objective's final window is judged (no parameter iterates were kept)
+            judge = rule if rule is not None else Convergence(params=False).make_rule()
             done.append({"rows": loop.rows, "state": store_state(), "terms": getattr(loss, "last_terms", None),
-                         "stop_reason": stop_reason})
+                         "stop_reason": stop_reason,
+                         "convergence": judge.evidence(loop.rows, stop_reason == "converged")})
             if error is not None:
                 break
             if stop_reason == "interrupted":
@@ -377,7 +381,7 @@ class SVIRunner:
                 "data": fingerprint,
                 "chains_done": [
                     {"state": encode(o["state"], tensors, f"chain {i}'s parameters"), "terms": encode_terms(o["terms"]),
-                     "stop_reason": o["stop_reason"]}
+                     "stop_reason": o["stop_reason"], "convergence": o.get("convergence")}
                     for i, o in enumerate(done)
                 ],
                 "initial_state": encode(initial, tensors, "the initial parameters"),
@@ -469,7 +473,7 @@ class SVIRunner:
         history = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         if "step" in history.columns:
             history["step"] = history["step"].astype("int64")
-        window = self.convergence.window if self.convergence is not None else 100
+        window = self.convergence.window if self.convergence is not None else Convergence().window
         scores = [final_score(o["rows"], window) for o in done]
         best = max(range(len(done)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
         if len(done) > 1:
@@ -479,6 +483,7 @@ class SVIRunner:
             chain_states=[o["state"] for o in done],
             terms=[o["terms"] for o in done],
             stop_reasons=[o["stop_reason"] for o in done],
+            convergence=[o.get("convergence") for o in done],
             best_chain=best,
             model=self.model,
             guide=self.guide,
