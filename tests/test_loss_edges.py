@@ -107,3 +107,33 @@ def test_differentiable_loss_warns_on_nan_like_trace_elbo(Loss):
         with pytest.warns(UserWarning, match="Encountered NaN: loss"):
             value = Loss().differentiable_loss(nan_model, empty_guide)
     assert torch.isnan(value)
+
+
+def test_sites_glob_pattern_weights_the_matching_sites_by_hand():
+    # β on "z_*": z_a and z_b weighted, w not; Monte Carlo KL by hand from the same traces
+    def model2(data):
+        za = pyro.sample("z_a", dist.Normal(0.0, 1.0))
+        zb = pyro.sample("z_b", dist.Normal(0.0, 1.0))
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Normal(za + zb + w, 1.0), obs=data)
+
+    def guide2(data):
+        for name, loc in (("z_a", 0.3), ("z_b", -0.2), ("w", 0.1)):
+            pyro.sample(name, dist.Normal(loc, 0.7))
+
+    pyro.set_rng_seed(2)
+    value = BetaELBO(beta=3.0, sites="z_*").loss(model2, guide2, DATA)
+    pyro.set_rng_seed(2)
+    guide_trace = pyro.poutine.trace(guide2).get_trace(DATA)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model2, trace=guide_trace)).get_trace(DATA)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+
+    def kl(name):
+        return float(guide_trace.nodes[name]["log_prob_sum"] - model_trace.nodes[name]["log_prob_sum"])
+
+    expected = -(float(model_trace.nodes["x"]["log_prob_sum"]) - 3.0 * (kl("z_a") + kl("z_b")) - kl("w"))
+    assert value == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="selects none of the sites"):
+        BetaELBO(beta=3.0, sites="q_*").loss(model2, guide2, DATA)

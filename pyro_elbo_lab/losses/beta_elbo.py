@@ -54,8 +54,8 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     the whole (non-linear) free-bits or capacity term of each particle.
 
     :param beta: β >= 0, or a schedule ``step -> β`` (:mod:`pyro_elbo_lab.schedules`).
-    :param sites: names of the latent sites β (and free bits / capacity) apply to; all
-        latent sites when None.
+    :param sites: the latent sites β (and free bits / capacity) apply to: names, a glob
+        pattern (``"z_*"``) or a callable ``name -> bool``; all latent sites when None.
     :param float free_bits: λ, nats per latent dimension, >= 0; or None.
     :param capacity: C in nats per data element (>= 0) or a schedule; or None.
     :param float gamma: γ >= 0, the weight of the capacity term (default 1000 as in

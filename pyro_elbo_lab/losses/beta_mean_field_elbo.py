@@ -29,7 +29,8 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
     ``Independent`` over the same event dimensions.
 
     :param beta: β >= 0, or a schedule ``step -> β``.
-    :param sites: latent site names β (and free bits / capacity) apply to; all when None.
+    :param sites: the latent sites β (and free bits / capacity) apply to: names, a glob
+        pattern (``"z_*"``) or a callable ``name -> bool``; all latent sites when None.
     :param float free_bits: λ, nats per latent dimension, >= 0; or None.
     :param capacity: C in nats per data element (>= 0) or a schedule; or None.
     :param float gamma: γ >= 0, the weight of the capacity term (default 1000).

@@ -22,7 +22,7 @@ from pyro.util import warn_if_nan
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
-from .beta_state import BetaState
+from .beta_state import BetaState, site_selected
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
 __all__ = ["WeightedObjective"]
@@ -255,7 +255,7 @@ class WeightedObjective(BetaState):
         return term.sum()
 
     def _site_weight(self, name: str) -> bool:
-        return self.sites is None or name in self.sites
+        return site_selected(self.sites, name)
 
     def _check_sites(self, model_trace, guide_trace) -> None:
         """At the first call: ``sites`` names latent sites, and auxiliary guide sites allow the weighting."""

@@ -7,12 +7,12 @@ step. Used by :mod:`pyro_elbo_lab.losses.objective`.
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 from pyro.distributions import Delta
 
 from ..checks import check_int, nonnegative_number
 from ..schedules import Schedule, ScheduleLike, as_schedule
+from .beta_state import check_selection_matches, check_site_names, site_selected
 
 __all__ = ["check_auxiliary", "check_particles", "check_schedule", "check_selected_sites", "check_weighting", "schedule_value"]
 
@@ -53,7 +53,7 @@ def schedule_value(schedule, step: int, name: str) -> float:
 
 def check_weighting(
     beta: ScheduleLike,
-    sites: Iterable[str] | None,
+    sites,
     free_bits: float | None,
     capacity: ScheduleLike | None,
     gamma: float,
@@ -61,8 +61,9 @@ def check_weighting(
     """
     Validate the objective's hyper-parameters.
 
-    :returns: ``(beta schedule, sites as a frozenset or None, free_bits, gamma, capacity
-        schedule or None)``.
+    :returns: ``(beta schedule, sites (None, a frozenset of names or a predicate, as
+        :func:`~pyro_elbo_lab.losses.beta_state.check_site_names`), free_bits, gamma,
+        capacity schedule or None)``.
     :raises ValueError: naming the argument, the value found and what to pass instead.
     """
     if not callable(beta):
@@ -74,18 +75,7 @@ def check_weighting(
     else:
         check_schedule(beta, "beta")
     beta_schedule = as_schedule(beta, "beta")
-    if sites is not None:
-        if isinstance(sites, str):
-            sites = [sites]
-        try:
-            sites = frozenset(sites)
-        except TypeError:
-            raise ValueError(f"sites must be an iterable of latent site names, got sites={sites!r}") from None
-        if not sites:
-            raise ValueError("sites is empty: pass None to weight every latent site, or name at least one")
-        for name in sites:
-            if not isinstance(name, str):
-                raise ValueError(f"sites must be site names (str), got {name!r}")
+    sites = check_site_names(sites)
     if free_bits is not None:
         free_bits = nonnegative_number(
             free_bits, "free_bits", "λ in Kingma et al. 2016 is a number of nats per latent dimension"
@@ -115,7 +105,7 @@ def _sample_names(trace, observed: bool | None = None) -> list[str]:
     ]
 
 
-def check_selected_sites(model_trace, guide_trace, sites: frozenset | None) -> None:
+def check_selected_sites(model_trace, guide_trace, sites) -> None:
     """
     :raises ValueError: if ``sites`` names an observed site or a site that is neither a
         latent site of the model nor an auxiliary guide site.
@@ -125,6 +115,9 @@ def check_selected_sites(model_trace, guide_trace, sites: frozenset | None) -> N
     latent = _sample_names(model_trace, observed=False)
     observed = _sample_names(model_trace, observed=True)
     auxiliary = [n for n in _sample_names(guide_trace) if n not in model_trace.nodes]
+    if not isinstance(sites, frozenset):  # a glob pattern or a predicate
+        check_selection_matches(sites, latent + auxiliary)
+        return
     for name in sorted(sites):
         if name in observed:
             raise ValueError(
@@ -138,7 +131,7 @@ def check_selected_sites(model_trace, guide_trace, sites: frozenset | None) -> N
             )
 
 
-def check_auxiliary(model_trace, guide_trace, sites: frozenset | None, nonlinear: bool) -> None:
+def check_auxiliary(model_trace, guide_trace, sites, nonlinear: bool) -> None:
     """
     Refuse a weighting that auxiliary guide sites (those of ``AutoNormal``,
     ``AutoDiagonalNormal`` and every ``AutoContinuous`` guide) would make wrong.
@@ -157,7 +150,7 @@ def check_auxiliary(model_trace, guide_trace, sites: frozenset | None, nonlinear
         return
     latent = _sample_names(model_trace, observed=False)
     delta = [n for n in latent if isinstance(_strip(guide_trace.nodes[n]["fn"]), Delta)]
-    selected = set(latent + auxiliary) if sites is None else set(sites)
+    selected = {n for n in latent + auxiliary if site_selected(sites, n)}
     touched = sorted(selected & set(auxiliary + delta))
     if not touched:
         return
