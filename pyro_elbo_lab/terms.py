@@ -235,8 +235,10 @@ def merge_records(names, records, names_p, record_p):
     Union of record entries when sequential particles visit different sites (zeros
     elsewhere).
 
-    :param list names: the entries recorded so far; :param list records: their tensors.
-    :param list names_p: the new particle's entries; :param record_p: its tensor.
+    :param list names: the entries recorded so far.
+    :param list records: their tensors.
+    :param list names_p: the new particle's entries.
+    :param torch.Tensor record_p: its tensor.
     :returns: ``(union of names, records widened to it)``.
     """
     union = list(names) + [n for n in names_p if n not in names]
