@@ -17,11 +17,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import arviz_compat
-from .diagnostics.psis import PARETO_K_BAD, PARETO_K_GOOD, chain_log_weights, psis_diagnostics, verdict
+from .diagnostics.psis import (
+    IS_RELIABLE,
+    IS_UNCHECKED,
+    IS_UNRELIABLE,
+    IS_USABLE,
+    PARETO_K_GOOD,
+    chain_log_weights,
+    pareto_k_threshold,
+    psis_diagnostics,
+    verdict,
+)
 
 __all__ = ["plot_decomposition", "plot_kl_per_site", "plot_rate_distortion", "plot_pareto_k"]
 
-_VERDICT_COLORS = {"good": "C2", "ok": "C1", "bad": "C3", "unknown": "grey"}
+_VERDICT_COLORS = {IS_RELIABLE: "C2", IS_USABLE: "C1", IS_UNRELIABLE: "C3", IS_UNCHECKED: "grey"}
 
 _TERM_LABELS = {
     "elbo": "ELBO",
@@ -261,12 +271,13 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
 def plot_pareto_k(data, ax=None):
     """
     Pareto :math:`\\hat k` of the importance weights :math:`p(x, z_s) / q(z_s)`, with the
-    "good" and "bad" thresholds of Vehtari et al.
-    (:data:`~pyro_elbo_lab.diagnostics.psis.PARETO_K_GOOD`,
-    :data:`~pyro_elbo_lab.diagnostics.psis.PARETO_K_BAD`). Bars are coloured by the
-    verdict of :func:`pyro_elbo_lab.diagnostics.psis.verdict`: green "good" (including
-    k̂ = -inf, constant weights: the guide is the posterior, drawn as a zero-height bar),
-    orange "ok", red "bad", grey "unknown" (k̂ = NaN, too few draws; zero height).
+    thresholds of Vehtari et al. (:data:`~pyro_elbo_lab.diagnostics.psis.PARETO_K_GOOD`,
+    0.5, and :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of the number of
+    draws, 0.7 when it is not known or differs between fits). Bars are coloured by the
+    verdict of :func:`pyro_elbo_lab.diagnostics.psis.verdict` (about importance sampling,
+    not the guide's accuracy): green "IS reliable" (including k̂ = -inf, constant
+    weights: drawn as a zero-height bar), orange "IS usable", red "IS unreliable", grey
+    "IS unchecked" (k̂ = NaN, too few draws; zero height).
 
     :param data: one of
 
@@ -298,6 +309,7 @@ def plot_pareto_k(data, ax=None):
         chains = arviz_compat.group(data, "sample_stats")["chain"].values
         labels = [f"chain {int(c)}" for c in chains]
         ks = [float(psis_diagnostics(torch.as_tensor(chain_log_weights(data, i)))[1]) for i in range(len(labels))]
+        sizes = [arviz_compat.group(data, "sample_stats").sizes["draw"]] * len(ks)
     elif isinstance(data, pd.DataFrame) or hasattr(data, "history"):
         frame = _history(data)
         if "eval_pareto_k" not in frame.columns:
@@ -305,9 +317,11 @@ def plot_pareto_k(data, ax=None):
         over_training = True
     elif isinstance(data, dict):
         labels, ks = [str(k) for k in data], [float(getattr(v, "pareto_k", v)) for v in data.values()]
+        sizes = [getattr(v, "num_samples", None) for v in data.values()]
     elif isinstance(data, Sequence) or isinstance(data, np.ndarray):
         labels = [str(i) for i in range(len(data))]
         ks = [float(getattr(v, "pareto_k", v)) for v in data]
+        sizes = [getattr(v, "num_samples", None) for v in data]
     else:
         raise ValueError(f"cannot read Pareto k̂ from {type(data).__name__}; see the docstring for what is accepted")
 
@@ -318,15 +332,17 @@ def plot_pareto_k(data, ax=None):
         ax.set_xlabel("step")
         ax.set_title("Pareto k̂ of the importance weights over training")
     else:
-        colors = [_VERDICT_COLORS[verdict(k)] for k in ks]
+        colors = [_VERDICT_COLORS[verdict(k, n)] for k, n in zip(ks, sizes)]
         heights = [k if math.isfinite(k) else 0.0 for k in ks]  # -inf (exact) and NaN (unknown): no bar
         ax.bar(range(len(ks)), heights, color=colors, label="k̂")
         ax.set_xticks(range(len(ks)))
         ax.set_xticklabels(labels)
         ax.set_xlabel("chain / fit")
         ax.set_title("Pareto k̂ of the importance weights")
-    ax.axhline(PARETO_K_GOOD, color="C1", linestyle="--", label=f"{PARETO_K_GOOD} (good below)")
-    ax.axhline(PARETO_K_BAD, color="C3", linestyle="--", label=f"{PARETO_K_BAD} (unreliable above)")
+    same = None if over_training or len(set(sizes)) != 1 else sizes[0]
+    threshold = pareto_k_threshold(same)
+    ax.axhline(PARETO_K_GOOD, color="C1", linestyle="--", label=f"{PARETO_K_GOOD} (IS reliable below)")
+    ax.axhline(threshold, color="C3", linestyle="--", label=f"{threshold:.2f} (IS unreliable above)")
     ax.set_ylabel("k̂ (unitless)")
     ax.legend(loc="best", fontsize="small")
     return ax

@@ -67,7 +67,9 @@ def test_exact_posterior_guide_is_exact_for_any_num_samples(num_samples):
     assert result.log_evidence_stderr < 1e-9
     assert result.ess == pytest.approx(num_samples, rel=1e-9)
     assert result.pareto_k == -math.inf  # constant weights: nothing heavy-tailed
-    assert result.verdict == "good"
+    assert result.verdict == "IS reliable"  # was "good": the verdict speaks of IS only (issue 12)
+    assert result.stderr_reliable and result.as_dict()["log_evidence_stderr_reliable"] is True
+    assert "unreliable" not in str(result)
     assert result.log_weights.shape == (num_samples,)
     assert result.num_samples == num_samples
 
@@ -86,7 +88,9 @@ def test_misfit_guide_evidence_and_gap_match_closed_form(width, psis):
     assert result.elbo == pytest.approx(log_evidence - kl, abs=5 * result.elbo_stderr)
     se_gap = math.hypot(result.log_evidence_stderr, result.elbo_stderr)
     assert result.gap == pytest.approx(kl, abs=5 * se_gap)
-    assert result.verdict == "good"
+    # was "good": this guide is 0.3 sd off in the mean, yet IS from it is reliable (issue 12)
+    assert result.verdict == "IS reliable"
+    assert result.stderr_reliable
     assert 0 < result.ess < result.num_samples
     assert result.psis is psis
 
@@ -139,14 +143,20 @@ def test_pareto_k_of_gaussian_weights(post_var):
 def test_heavy_tails_warn_and_verdict_bad():
     # guide sd 1 against a posterior of sd 3: k = 1 - 1/9 ≈ 0.89
     _, m, s = nn_exact(X)
-    with pytest.warns(ImportanceSamplingWarning, match="log_evidence and gap are unreliable") as record:
+    with pytest.warns(ImportanceSamplingWarning, match="log_evidence, its standard error and gap are unreliable") as record:
         result = estimate_evidence(nn_model, gaussian_guide(m, s / 3), X, num_samples=20000)
     assert result.pareto_k > 0.7
-    assert result.verdict == "bad"
+    assert result.verdict == "IS unreliable"  # was "bad"
+    # the standard error is marked unreliable wherever it is shown
+    assert not result.stderr_reliable
+    assert result.as_dict()["log_evidence_stderr_reliable"] is False
+    assert f"± {result.log_evidence_stderr:.2g} (se unreliable: k̂ > 0.70)" in str(result)
     assert record[0].filename == __file__
 
 
-@pytest.mark.parametrize("k, verdict", [(0.3, "good"), (0.6, "ok"), (0.9, "bad")], ids=["good", "ok", "bad"])
+@pytest.mark.parametrize(
+    "k, verdict", [(0.3, "IS reliable"), (0.6, "IS usable"), (0.9, "IS unreliable")], ids=["good", "ok", "bad"]
+)
 def test_k_hat_band_is_reported_deterministically(monkeypatch, caplog, k, verdict):
     # log weights at the exact quantiles (i - ½)/S of a generalised Pareto distribution of shape k
     # and scale 1: no randomness, so k̂ lands in a known band whatever the seed. The estimator
@@ -165,8 +175,9 @@ def test_k_hat_band_is_reported_deterministically(monkeypatch, caplog, k, verdic
     assert result.verdict == verdict
     noted = [r for r in caplog.records if "Pareto k̂" in r.getMessage()]
     warned = [w for w in caught if issubclass(w.category, ImportanceSamplingWarning)]
-    assert len(noted) == (verdict == "ok")
-    assert len(warned) == (verdict == "bad")
+    assert len(noted) == (verdict == "IS usable")
+    assert len(warned) == (verdict == "IS unreliable")
+    assert result.stderr_reliable == (verdict != "IS unreliable")
     assert [w for w in caught if not issubclass(w.category, ImportanceSamplingWarning)] == []
     for w in warned:
         assert w.filename == __file__  # stacklevel points at the caller
@@ -177,7 +188,8 @@ def test_too_few_samples_for_k_hat_warns():
     with pytest.warns(ImportanceSamplingWarning, match="cannot be fitted from 10 importance samples"):
         result = estimate_evidence(nn_model, gaussian_guide(m, 2 * s), X, num_samples=10)
     assert math.isnan(result.pareto_k)
-    assert result.verdict == "unknown"
+    assert result.verdict == "IS unchecked"  # was "unknown"
+    assert not result.stderr_reliable and "(se unreliable: k̂ not fitted)" in str(result)
 
 
 def test_batches_cover_all_samples(monkeypatch):
@@ -367,7 +379,8 @@ def test_result_api():
     assert pyro_elbo_lab.EvidenceEstimate is EvidenceEstimate
     d = result.as_dict()
     assert set(d) == {
-        "log_evidence", "log_evidence_stderr", "elbo", "elbo_stderr", "gap", "pareto_k", "ess", "num_samples"
+        "log_evidence", "log_evidence_stderr", "log_evidence_stderr_reliable", "elbo", "elbo_stderr", "gap",
+        "pareto_k", "ess", "num_samples"
     }
     assert d["gap"] == pytest.approx(d["log_evidence"] - d["elbo"])
     assert all(isinstance(v, (int, float)) for v in d.values())
@@ -375,8 +388,17 @@ def test_result_api():
         result.log_evidence = 0.0  # frozen
     assert 0 < result.ess_fraction <= 1
     assert "pareto_k" in str(result) and "log_weights" not in repr(result)
-    for k, verdict in [(0.3, "good"), (0.5, "good"), (0.6, "ok"), (0.7, "ok"), (0.71, "bad")]:
+    # the words speak of importance sampling only (were "good"/"ok"/"bad"/"unknown"; issue 12)
+    for k, verdict in [(0.3, "IS reliable"), (0.5, "IS reliable"), (0.6, "IS usable"), (0.7, "IS usable"),
+                       (0.71, "IS unreliable"), (math.nan, "IS unchecked")]:
         assert psis_module.verdict(k) == verdict
+    # with the sample size, Vehtari et al.'s threshold min(1 - 1/log10 S, 0.7): 1 - 1/3 at S = 1000,
+    # 1/2 at S = 100 (no "usable" band left), 0.7 from S = 2155 (1 - 1/log10(2154) = 0.69999)
+    assert psis_module.pareto_k_threshold(1000) == pytest.approx(2 / 3, abs=1e-12)
+    assert psis_module.pareto_k_threshold(100) == pytest.approx(0.5, abs=1e-12)
+    assert psis_module.pareto_k_threshold(2154) < 0.7 == psis_module.pareto_k_threshold(2155)
+    assert psis_module.verdict(0.68, 1000) == "IS unreliable" and psis_module.verdict(0.66, 1000) == "IS usable"
+    assert psis_module.verdict(0.55, 100) == "IS unreliable" and psis_module.verdict(0.45, 100) == "IS reliable"
 
 
 def test_guide_shape_disagreeing_with_model_is_an_error():

@@ -41,7 +41,7 @@ def test_constant_rows_and_too_few_draws():
     smoothed, k = psis.psis_diagnostics(few)
     assert k[0] == -math.inf and math.isnan(float(k[1]))
     assert torch.equal(smoothed, few)
-    assert [psis.verdict(v) for v in (-math.inf, math.nan)] == ["good", "unknown"]
+    assert [psis.verdict(v) for v in (-math.inf, math.nan)] == ["IS reliable", "IS unchecked"]  # were good, unknown
     # the ArviZ call itself says what is wrong, on both generations
     with pytest.raises(ValueError, match=r"PSIS needs at least 25 draws along axis -1.*got 24"):
         arviz_compat.psislw(np.linspace(0.0, 1.0, 24))
@@ -64,8 +64,8 @@ def test_importance_stats_by_hand():
 
 def test_a_tail_of_ties_cannot_be_fitted_on_either_generation():
     # the 20% largest weights identical: no distinct tail values to fit a Pareto shape to
-    # (ArviZ 0.2x said +inf, 1.x NaN): NaN, "unknown", weights still normalised
+    # (ArviZ 0.2x said +inf, 1.x NaN): NaN, "IS unchecked", weights still normalised
     lw = np.concatenate([np.linspace(-2.0, 0.0, 800), np.full(200, 3.0)])
     normalised, k = arviz_compat.psislw(lw)
-    assert math.isnan(float(k)) and psis.verdict(k) == "unknown"
+    assert math.isnan(float(k)) and psis.verdict(k) == "IS unchecked"  # was "unknown"
     assert np.exp(normalised).sum() == pytest.approx(1.0, abs=1e-12)

@@ -21,7 +21,15 @@ from .aggregate import AggregatePosteriorReport, aggregate_posterior
 from .collapse import CollapseReport, posterior_collapse
 from .evidence import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence
 from .moments import GuideMoments, guide_moments
-from .psis import PARETO_K_BAD, PARETO_K_GOOD, importance_diagnostics, psis_diagnostics, psis_means, verdict
+from .psis import (
+    PARETO_K_BAD,
+    PARETO_K_GOOD,
+    importance_diagnostics,
+    pareto_k_threshold,
+    psis_diagnostics,
+    psis_means,
+    verdict,
+)
 from .rate_distortion import RateDistortion, rate_distortion, rate_distortion_sweep
 from .vsbc import VSBCReport, vsbc
 
@@ -39,6 +47,7 @@ __all__ = [
     "estimate_evidence",
     "guide_moments",
     "importance_diagnostics",
+    "pareto_k_threshold",
     "posterior_collapse",
     "psis_diagnostics",
     "psis_means",

@@ -17,26 +17,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import arviz_compat
 from ..checks import check_int, check_model_kwargs
-from .psis import PARETO_K_BAD, psis_diagnostics
+from .psis import PARETO_K_GOOD, chain_log_weights, pareto_k_threshold, psis_diagnostics
 from .local import batches, plan
 from .traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
 
-__all__ = ["GuideMoments", "guide_moments", "self_normalized_moments"]
+__all__ = [
+    "GuideMoments",
+    "guide_moments",
+    "moments_from_draws",
+    "moments_from_inference_data",
+    "self_normalized_moments",
+]
 
 #: Default tolerances of :meth:`GuideMoments.verdict`.
 MEAN_ERROR_TOL = 0.1
 SD_RATIO_TOL = 0.1
 
-
-def pareto_k_threshold(num_samples: int) -> float:
-    """
-    The sample-size dependent k̂ threshold of Vehtari et al. (2024):
-    :math:`\\min(1 - 1/\\log_{10} S, 0.7)`; above it PSIS estimates are unreliable.
-    """
-    if num_samples <= 10:
-        return 0.0
-    return min(1.0 - 1.0 / math.log10(num_samples), PARETO_K_BAD)
+#: The words of :meth:`GuideMoments.accuracy` (the guide's own moments, against the tolerances).
+ACCURATE, INACCURATE, UNCERTAIN, UNKNOWN = "accurate", "inaccurate", "uncertain", "unknown"
 
 
 def self_normalized_moments(values: torch.Tensor, log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ class GuideMoments:
     :ivar np.ndarray sd_ratio: ``guide_sd / psis_sd``; NaN where k̂ is above the threshold.
     :ivar np.ndarray sd_ratio_mcse: ``sd_ratio * psis_sd_mcse / psis_sd``.
     :ivar float pareto_k: k̂ of the joint importance weights (one for all elements).
-    :ivar float k_threshold: :func:`pareto_k_threshold` of ``num_samples``.
+    :ivar float k_threshold: :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``num_samples``.
     :ivar int num_samples: ``S``.
     :ivar str reason: why the errors are NaN, or ``""``.
     """
@@ -176,6 +176,23 @@ class GuideMoments:
                 out.append("uncertain")
         return out
 
+    def accuracy(self, mean_error_tol: float = MEAN_ERROR_TOL, sd_ratio_tol: float = SD_RATIO_TOL) -> str:
+        """
+        One word for the guide's moments as a whole: ``"inaccurate"`` if an element is
+        (:meth:`element_status`), else ``"uncertain"`` if an element is, ``"accurate"`` if
+        every element is, ``"unknown"`` when importance sampling is not reliable enough to
+        tell (k̂ above the threshold, or not fitted).
+
+        :param float mean_error_tol: largest acceptable ``|mean_error|``, in posterior sds.
+        :param float sd_ratio_tol: largest acceptable ``|sd_ratio - 1|``.
+        :rtype: str
+        """
+        status = self.element_status(mean_error_tol, sd_ratio_tol)
+        for word in (INACCURATE, UNCERTAIN, UNKNOWN):
+            if word in status:
+                return word
+        return ACCURATE if status else UNKNOWN
+
     def verdict(self, mean_error_tol: float = MEAN_ERROR_TOL, sd_ratio_tol: float = SD_RATIO_TOL) -> str:
         """
         What the numbers show, in three parts: whether importance sampling is reliable
@@ -187,6 +204,11 @@ class GuideMoments:
         :rtype: str
         """
         k, thr = self.pareto_k, self.k_threshold
+        if math.isnan(k):
+            return (
+                f"Importance sampling is unchecked (Pareto k̂ could not be fitted from {self.num_samples} draws), "
+                "so the guide's accuracy is unknown. Draw more samples."
+            )
         if not self.reliable:
             return (
                 f"Importance sampling is unreliable (Pareto k̂ = {k:.2f} > {thr:.2f}): the PSIS-corrected moments "
@@ -195,7 +217,10 @@ class GuideMoments:
             )
         status = self.element_status(mean_error_tol, sd_ratio_tol)
         tol = f"|mean error| ≤ {mean_error_tol:g} posterior sd and sd ratio within [{1 - sd_ratio_tol:g}, {1 + sd_ratio_tol:g}]"
-        head = f"Importance sampling is reliable (Pareto k̂ = {k:.2f} ≤ {thr:.2f}). "
+        if k <= PARETO_K_GOOD:
+            head = f"Importance sampling is reliable (Pareto k̂ = {k:.2f} ≤ {PARETO_K_GOOD}). "
+        else:
+            head = f"Importance sampling is usable (Pareto k̂ = {k:.2f} ≤ {thr:.2f}; the estimates converge slowly). "
         bad = [i for i, s in enumerate(status) if s == "inaccurate"]
         unsure = [i for i, s in enumerate(status) if s == "uncertain"]
 
@@ -214,6 +239,12 @@ class GuideMoments:
             return (
                 head + f"The guide's moments cannot be told accurate or not ({tol}) within 2 MCSE at "
                 f"{describe(unsure)}; draw more samples. Use the PSIS-corrected moments meanwhile."
+            )
+        unknown = [self.names[i] for i, s in enumerate(status) if s == "unknown"]
+        if unknown:
+            return (
+                head + f"The guide's moments cannot be assessed at {', '.join(unknown[:5])} (a PSIS sd of 0 or "
+                "not finite); so they are not called accurate. Use the PSIS-corrected moments."
             )
         return (
             head + f"The guide's moments are accurate: {tol} at every element, within 2 MCSE. "
@@ -312,16 +343,60 @@ def guide_moments(
                 if site["type"] == "sample" and not site["is_observed"]:
                     chunks.setdefault(name, []).append(_site_values(site, max_plate_nesting))
     lw = torch.cat(lw_chunks).to(torch.float64)
-    smoothed, k = psis_diagnostics(lw)
-    k = float(k)
-
     names, sites, columns = [], [], []
     for name, parts in chunks.items():
         v = torch.cat(parts, 0).to(torch.float64)
         names += _element_names(name, v.shape[1:])
         sites += [name] * (v[0].numel())
         columns.append(v.reshape(v.shape[0], -1))
-    values = torch.cat(columns, 1)
+    return moments_from_draws(torch.cat(columns, 1), lw, names=names, sites=sites)
+
+
+def moments_from_draws(values, log_weights, *, names: list | None = None, sites: list | None = None) -> GuideMoments:
+    """
+    The moments report of :func:`guide_moments` from draws already made: ``S`` draws of
+    ``D`` elements from the guide and their log importance weights
+    :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`. The weights are
+    Pareto-smoothed here (:func:`~pyro_elbo_lab.diagnostics.psis.psis_diagnostics`), the
+    moments and MCSEs are :func:`self_normalized_moments`, the errors are reported where
+    k̂ ≤ :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``S``.
+
+    :param values: shape ``(S, D)``, a tensor or NumPy array (float64 used).
+    :param log_weights: shape ``(S,)``, nats, finite.
+    :param list names: ``D`` element names (default ``"z[i]"``).
+    :param list sites: the site of each element (default the names).
+    :rtype: GuideMoments
+    :raises ValueError: if the shapes disagree or a log weight is not finite.
+
+    References
+
+    - *Yes, but Did It Work?: Evaluating Variational Inference*, Y. Yao, A. Vehtari,
+      D. Simpson, A. Gelman (2018)
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    lw = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+    if values.dim() != 2 or lw.dim() != 1 or values.shape[0] != lw.shape[0]:
+        raise ValueError(
+            f"values must have shape (S, D) and log_weights shape (S,), got {tuple(values.shape)} and "
+            f"{tuple(lw.shape)}; flatten each draw's elements into one row"
+        )
+    if not bool(torch.isfinite(lw).all()):
+        raise ValueError(
+            f"log_weights has {int((~torch.isfinite(lw)).sum())} non-finite entries of {lw.shape[0]}; "
+            "the guide proposes values where the model's density is zero or undefined"
+        )
+    num_samples = int(lw.shape[0])
+    names = [f"z[{i}]" for i in range(values.shape[1])] if names is None else list(names)
+    sites = list(names) if sites is None else list(sites)
+    if len(names) != values.shape[1] or len(sites) != values.shape[1]:
+        raise ValueError(
+            f"names and sites need one entry per column of values ({values.shape[1]}), got {len(names)} and "
+            f"{len(sites)}"
+        )
+    smoothed, k = psis_diagnostics(lw)
+    k = float(k)
     q = self_normalized_moments(values, torch.zeros_like(lw))
     p = self_normalized_moments(values, smoothed)
     q = {key: val.numpy() for key, val in q.items()}
@@ -363,3 +438,45 @@ def guide_moments(
         reason=reason,
         log_weights=lw,
     )
+
+
+def moments_from_inference_data(data) -> list:
+    """
+    :func:`moments_from_draws` of every chain of a converter result
+    (:func:`~pyro_elbo_lab.to_inference_data`, :func:`~pyro_elbo_lab.from_svi_result`),
+    from its ``posterior`` draws and ``sample_stats.log_importance_weight``: no model pass.
+    Elements are named as ArviZ's summary rows (``"theta[Choate]"``, ``"x[0, 1]"``) and
+    include ``pyro.deterministic`` sites.
+
+    :param data: an ``InferenceData`` (ArviZ 0.2x) or ``DataTree`` (1.x).
+    :returns: one :class:`GuideMoments` per chain (each chain is its own guide).
+    :rtype: list
+    :raises ValueError: if ``data`` lacks the ``posterior`` or ``sample_stats`` group.
+    """
+    post = arviz_compat.group(data, "posterior")
+    names, sites = [], []
+    for var, array in post.data_vars.items():
+        rest = [d for d in array.dims if d not in ("chain", "draw")]
+        if not rest:
+            names.append(str(var))
+        else:
+            labels = [[str(v) for v in array[d].values] if d in array.coords else [str(i) for i in range(array.sizes[d])] for d in rest]
+            names += [f"{var}[{', '.join(idx)}]" for idx in _product(labels)]
+        sites += [str(var)] * int(np.prod([array.sizes[d] for d in rest], dtype=int))
+    reports = []
+    for c in range(post.sizes["chain"]):
+        chain = post.isel(chain=c)
+        columns = [
+            np.asarray(a.transpose("draw", ...).values, dtype="float64").reshape(chain.sizes["draw"], -1)
+            for a in chain.data_vars.values()
+        ]
+        reports.append(moments_from_draws(np.concatenate(columns, 1), chain_log_weights(data, c), names=names, sites=sites))
+    return reports
+
+
+def _product(labels: list) -> list:
+    """Every combination of the labels of each dim, last dim fastest (C order)."""
+    out = [()]
+    for dim in labels:
+        out = [prefix + (label,) for prefix in out for label in dim]
+    return out

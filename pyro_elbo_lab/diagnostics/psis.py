@@ -19,19 +19,26 @@ import torch
 from .. import arviz_compat
 
 __all__ = [
+    "IS_RELIABLE",
+    "IS_UNCHECKED",
+    "IS_UNRELIABLE",
+    "IS_USABLE",
     "MIN_PSIS_SAMPLES",
     "PARETO_K_BAD",
     "PARETO_K_GOOD",
     "chain_log_weights",
     "importance_diagnostics",
     "importance_stats",
+    "pareto_k_threshold",
     "psis_diagnostics",
     "psis_means",
     "verdict",
+    "VERDICTS",
 ]
 
-#: k̂ thresholds of Vehtari et al. (2024): at most ``GOOD`` the estimate is reliable,
-#: above ``BAD`` it is not.
+#: k̂ thresholds of Vehtari et al. (2024): at most ``GOOD`` the importance-sampling
+#: estimates are reliable (finite variance of the weights), above ``BAD`` they are not
+#: at any sample size (:func:`pareto_k_threshold` is the sample-size dependent one).
 PARETO_K_GOOD = 0.5
 PARETO_K_BAD = 0.7
 
@@ -41,14 +48,55 @@ MIN_PSIS_SAMPLES = arviz_compat.MIN_PSIS_DRAWS
 #: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
 CONSTANT_TOL = 1e-9
 
+#: The words of :func:`verdict`. They speak of importance sampling (IS) only, never of
+#: the guide's accuracy: a guide can be far from the posterior with k̂ ≤ 0.5 (the
+#: weights then correct it). The guide's accuracy is
+#: :meth:`pyro_elbo_lab.diagnostics.moments.GuideMoments.verdict`'s.
+IS_RELIABLE = "IS reliable"
+IS_USABLE = "IS usable"
+IS_UNRELIABLE = "IS unreliable"
+IS_UNCHECKED = "IS unchecked"
+VERDICTS = (IS_RELIABLE, IS_USABLE, IS_UNRELIABLE, IS_UNCHECKED)
 
-def verdict(k: float) -> str:
+
+def pareto_k_threshold(num_samples: int | None) -> float:
     """
-    The verdict on a Pareto k̂: ``"good"`` (k̂ ≤ 0.5, including ``-inf`` for constant
-    weights), ``"ok"`` (0.5 < k̂ ≤ 0.7: usable, slower convergence), ``"bad"`` (k̂ > 0.7:
-    unreliable) or ``"unknown"`` (NaN: too few samples to fit k̂).
+    The sample-size dependent k̂ threshold of Vehtari et al. (2024),
+    :math:`\\min(1 - 1/\\log_{10} S, 0.7)`: above it PSIS estimates from ``S`` draws are
+    unreliable (0.5 at ``S = 100``, 0.667 at ``S = 1000``, 0.7 from ``S = 2155``).
+    ``None`` (sample size not known) gives the large-sample limit 0.7; ``S <= 10`` gives 0.
+
+    :param int num_samples: the number of importance samples ``S``, or ``None``.
+    :rtype: float
+
+    References
+
+    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
+      J. Gabry (2024)
+    """
+    if num_samples is None:
+        return PARETO_K_BAD
+    if num_samples <= 10:
+        return 0.0
+    return min(1.0 - 1.0 / math.log10(num_samples), PARETO_K_BAD)
+
+
+def verdict(k: float, num_samples: int | None = None) -> str:
+    """
+    What a Pareto k̂ says about importance sampling (IS) from the guide, and nothing about
+    the guide's own accuracy:
+
+    - ``"IS reliable"``: k̂ ≤ 0.5 (and ≤ the threshold; ``-inf`` for constant weights):
+      the weights have finite variance; the evidence, its standard error and
+      PSIS-corrected estimates can be trusted.
+    - ``"IS usable"``: 0.5 < k̂ ≤ :func:`pareto_k_threshold` of ``num_samples``: PSIS
+      estimates are usable but converge slowly.
+    - ``"IS unreliable"``: k̂ above the threshold: the evidence, its standard error and
+      PSIS-corrected estimates cannot be trusted.
+    - ``"IS unchecked"``: k̂ is NaN (too few draws to fit it).
 
     :param float k: the Pareto shape k̂.
+    :param int num_samples: the number of draws k̂ was fitted from (``None``: threshold 0.7).
     :rtype: str
 
     References
@@ -58,12 +106,13 @@ def verdict(k: float) -> str:
     """
     k = float(k)
     if math.isnan(k):
-        return "unknown"
+        return IS_UNCHECKED
+    threshold = pareto_k_threshold(num_samples)
+    if k > threshold:
+        return IS_UNRELIABLE
     if k <= PARETO_K_GOOD:
-        return "good"
-    if k <= PARETO_K_BAD:
-        return "ok"
-    return "bad"
+        return IS_RELIABLE
+    return IS_USABLE
 
 
 def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
