@@ -102,7 +102,7 @@ class SVIRunner:
     Example::
 
         runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.01}), BetaELBO(beta=4.0),
-                           convergence=Convergence(tol=1e-4),
+                           convergence=Convergence(window=200),
                            checkpoint=Checkpointing("fit.ckpt", every=500))
         result = runner.run(data, num_steps=20000)
         result.history.plot(x="step", y=["elbo", "kl"])
