@@ -31,10 +31,20 @@ from pyro.distributions.util import scale_and_mask
 from . import arviz_compat
 from .checks import check_int, check_model_kwargs
 
-__all__ = ["to_inference_data", "from_svi_result", "history_to_dataset", "HISTORY_GROUP"]
+__all__ = [
+    "HISTORY_GROUP",
+    "MOMENTS_GROUP",
+    "from_svi_result",
+    "history_to_dataset",
+    "moments_to_dataset",
+    "to_inference_data",
+]
 
 #: Name of the group holding the optimisation history.
 HISTORY_GROUP = "optimization_history"
+
+#: Name of the group holding the guide's moments against the PSIS-corrected ones.
+MOMENTS_GROUP = "guide_moments"
 
 _GROUPS_DOC = """
     Groups:
@@ -55,7 +65,13 @@ _GROUPS_DOC = """
       :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats with Pyro's data
       scaling.
     - ``optimization_history``: the history (see :func:`history_to_dataset`) with dims
-      ``(chain, step)``, per-site terms as ``<term>_per_site`` with a ``site`` dimension.
+      ``(chain, step)``, per-site terms as ``<term>_per_site`` with a ``site`` dimension;
+      from an ``SVIResult``, per chain ``converged``, ``convergence_reason`` and
+      ``stop_reason``.
+    - ``guide_moments``: per chain and posterior element, the guide's mean and sd beside
+      the PSIS-corrected ones with their MCSE, the estimated standardised mean error and
+      sd ratio where k̂ ≤ the threshold, and the verdicts (see :func:`moments_to_dataset`),
+      computed from the ``posterior`` draws and their log importance weights.
 """
 
 
@@ -199,9 +215,13 @@ def _build(draws, coords, dims, constant_data, posterior_predictive, history):
         groups["posterior_predictive"] = stack("posterior_predictive")
     tree = arviz_compat.from_dict(groups, coords=coords, dims=all_dims)
     _name_event_dims(tree, all_dims)
-    if history is not None:
-        import xarray as xr
+    import xarray as xr
 
+    from .diagnostics.moments import moments_from_inference_data
+
+    if groups["posterior"]:  # a model without latent sites has no moments
+        tree[MOMENTS_GROUP] = xr.DataTree(moments_to_dataset(moments_from_inference_data(tree)))
+    if history is not None:
         tree[HISTORY_GROUP] = xr.DataTree(history_to_dataset(history))
     return arviz_compat.finalize(tree)
 
@@ -236,7 +256,10 @@ def history_to_dataset(history):
     Totals (``loss``, ``elbo``, ``kl``, ...) become ``(chain, step)`` variables; per-site
     columns ``"<term>/<site>"`` become ``<term>_per_site`` with dims
     ``(chain, step, site)`` (NaN where a term does not apply to a site). Chains of
-    different lengths are padded with NaN; non-numeric columns become NaN.
+    different lengths are padded with NaN; non-numeric columns become NaN. From an
+    ``SVIResult`` with per-chain convergence evidence (``result.convergence``), two
+    ``(chain,)`` variables ``converged`` (1.0 / 0.0) and ``convergence_reason`` (string);
+    with ``result.stop_reasons``, ``stop_reason`` (string).
 
     :param history: an :class:`~pyro_elbo_lab.SVIResult` or its ``history`` DataFrame.
     :rtype: xarray.Dataset
@@ -264,6 +287,66 @@ def history_to_dataset(history):
         chain=dataset["chain"].astype("int64"), step=dataset["step"].astype("int64")
     )
     dataset.attrs.update(units="nats", description="SVI optimisation history")
+    chains = dataset.sizes["chain"]
+    convergence = list(getattr(history, "convergence", None) or [])
+    stop_reasons = list(getattr(history, "stop_reasons", None) or [])
+    if len(convergence) == chains:
+        dataset["converged"] = ("chain", np.array([1.0 if c and c.get("converged") else 0.0 for c in convergence]))
+        dataset["convergence_reason"] = ("chain", np.array([str((c or {}).get("reason", "")) for c in convergence]))
+    if len(stop_reasons) == chains:
+        dataset["stop_reason"] = ("chain", np.array([str(r) for r in stop_reasons]))
+    return dataset
+
+
+def moments_to_dataset(reports):
+    """
+    The ``guide_moments`` group: the :class:`~pyro_elbo_lab.GuideMoments` of each chain as
+    an :class:`xarray.Dataset` that round-trips through netCDF on both ArviZ generations.
+
+    Dims ``(chain, element)``; coordinate ``element`` (names as ArviZ's summary rows,
+    ``"theta[Choate]"``) with ``site`` beside it. Variables (units of each element;
+    ``mean_error`` in posterior sds): ``guide_mean``, ``guide_sd``, ``psis_mean``,
+    ``psis_sd`` and their ``*_mcse``; ``mean_error``, ``sd_ratio`` and their MCSE (NaN
+    where k̂ is above the threshold); ``status`` per element (accurate / inaccurate /
+    uncertain / unknown). Per chain: ``pareto_k``, ``k_threshold``,
+    ``importance_sampling`` (the :func:`~pyro_elbo_lab.diagnostics.psis.verdict` word)
+    and ``accuracy`` (:meth:`~pyro_elbo_lab.GuideMoments.accuracy`). Attributes: the
+    tolerances and the number of draws.
+
+    :param list reports: one :class:`~pyro_elbo_lab.GuideMoments` per chain, same elements.
+    :rtype: xarray.Dataset
+    """
+    import xarray as xr
+
+    from .diagnostics.moments import MEAN_ERROR_TOL, MOMENT_FIELDS, SD_RATIO_TOL
+    from .diagnostics.psis import verdict
+
+    first = reports[0]
+    dims = ("chain", "element")
+    data = {
+        name: (dims, np.stack([np.asarray(getattr(r, name), dtype="float64") for r in reports]))
+        for name in MOMENT_FIELDS
+    }
+    data["status"] = (dims, np.array([r.element_status() for r in reports], dtype=str).reshape(len(reports), -1))
+    data["pareto_k"] = ("chain", np.array([r.pareto_k for r in reports], dtype="float64"))
+    data["k_threshold"] = ("chain", np.array([r.k_threshold for r in reports], dtype="float64"))
+    data["importance_sampling"] = ("chain", np.array([verdict(r.pareto_k, r.num_samples) for r in reports]))
+    data["accuracy"] = ("chain", np.array([r.accuracy() for r in reports]))
+    dataset = xr.Dataset(
+        data,
+        coords={
+            "chain": np.arange(len(reports)),
+            "element": np.array(first.names, dtype=str),
+            "site": ("element", np.array(first.sites, dtype=str)),
+        },
+    )
+    dataset.attrs.update(
+        mean_error_tol=MEAN_ERROR_TOL,
+        sd_ratio_tol=SD_RATIO_TOL,
+        num_samples=int(first.num_samples),
+        description="the guide's moments against the PSIS-corrected posterior moments (Pareto-smoothed "
+        "self-normalised importance sampling); mean_error in posterior sds",
+    )
     return dataset
 
 

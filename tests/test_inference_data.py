@@ -62,7 +62,10 @@ def set_guide(loc, scale):
 def test_groups_and_exact_log_densities(data):
     set_guide(0.5, 0.3)
     idata = to_inference_data(model, guide, data, num_samples=500)
-    assert set(arviz_compat.groups(idata)) == {"posterior", "log_likelihood", "sample_stats", "observed_data"}
+    # guide_moments added (issue 12 §2): the per-element moments table travels with the draws
+    assert set(arviz_compat.groups(idata)) == {
+        "posterior", "log_likelihood", "sample_stats", "observed_data", "guide_moments"
+    }
     z = torch.as_tensor(idata.posterior["z"].values)
     assert z.shape == (1, 500)
     assert idata.log_likelihood["x"].dims == ("chain", "draw", "data")
@@ -223,7 +226,8 @@ def test_result_netcdf_round_trip_and_loo(data, tmp_path):
     assert set(arviz_compat.groups(back)) == set(arviz_compat.groups(idata))
     for group in arviz_compat.groups(back):
         for name in idata[group].data_vars:
-            assert np.array_equal(back[group][name].values, idata[group][name].values, equal_nan=True), (group, name)
+            values = idata[group][name].values
+            assert np.array_equal(back[group][name].values, values, equal_nan=values.dtype.kind == "f"), (group, name)
     assert back.optimization_history["step"].values.tolist() == list(range(30))
 
     loo = arviz_compat.loo(back, pointwise=True)
@@ -266,7 +270,8 @@ def test_summary_psis_corrects_a_shifted_guide(data):
     # the PSIS-corrected mean is within 5 standard errors s / sqrt(ESS) of the exact posterior mean
     assert row["psis_mean"] == pytest.approx(m, abs=5 * s / math.sqrt(vi["ess"]))
     assert vi["log_evidence"] == pytest.approx(log_evidence, abs=5 * vi["log_evidence_stderr"])
-    assert vi["verdict"] == "good" and vi["pareto_k"] < 0.5
+    # was "good": the guide is 0.15 off in the mean and 1.5x too wide; the verdict speaks of IS only
+    assert vi["verdict"] == "IS reliable" and vi["pareto_k"] < 0.5
     # gap = KL(q || p(z|x)) in closed form for two Gaussians. By the delta method the gap's
     # error is the mean over the draws of w / E[w] - log w, whose sd under q is 0.92 here
     # (computed from 4e6 draws; 1000 replicates at S draws gave 0.0147 = 0.92 / sqrt(S)):

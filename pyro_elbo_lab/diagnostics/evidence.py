@@ -135,7 +135,7 @@ class EvidenceEstimate:
     def __str__(self) -> str:
         se = f"{self.log_evidence_stderr:.2g}"
         if not self.stderr_reliable:
-            se += f" (se unreliable: k̂ {'not fitted' if math.isnan(self.pareto_k) else f'> {self.k_threshold:.2f}'})"
+            se += f" (se unreliable: k̂ {'not fitted' if math.isnan(self.pareto_k) else f'> {self.k_threshold:.3g}'})"
         return (
             f"EvidenceEstimate(log_evidence={self.log_evidence:.4f} ± {se}, "
             f"elbo={self.elbo:.4f} ± {self.elbo_stderr:.2g}, gap={self.gap:.4g}, "
@@ -394,7 +394,7 @@ def _report(result: EvidenceEstimate, k: torch.Tensor) -> None:
         if result.per_datapoint is not None:
             extra = f" ({int((k > threshold).sum())} of {k.numel()} elements have k̂ > {threshold:.2f})"
         warnings.warn(
-            f"Pareto k̂ = {result.pareto_k:.2f}{what} > {threshold:.2f} (the threshold for {result.num_samples} "
+            f"Pareto k̂ = {result.pareto_k:.3g}{what} > {threshold:.3g} (the threshold for {result.num_samples} "
             f"samples){extra}: the importance weights are too heavy-tailed, so log_evidence, its standard error "
             f"and gap are unreliable (the guide misses posterior mass; ESS {result.ess:.1f} of "
             f"{result.num_samples}). Improve the guide (wider or richer family) or treat log_evidence as a lower "

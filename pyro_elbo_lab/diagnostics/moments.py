@@ -35,6 +35,12 @@ __all__ = [
 MEAN_ERROR_TOL = 0.1
 SD_RATIO_TOL = 0.1
 
+#: The per-element numeric fields of :class:`GuideMoments`, in table order.
+MOMENT_FIELDS = (
+    "guide_mean guide_mean_mcse guide_sd guide_sd_mcse psis_mean psis_mean_mcse psis_sd psis_sd_mcse "
+    "mean_error mean_error_mcse sd_ratio sd_ratio_mcse"
+).split()
+
 #: The words of :meth:`GuideMoments.accuracy` (the guide's own moments, against the tolerances).
 ACCURATE, INACCURATE, UNCERTAIN, UNKNOWN = "accurate", "inaccurate", "uncertain", "unknown"
 
@@ -142,11 +148,7 @@ class GuideMoments:
         """
         import pandas as pd
 
-        cols = (
-            "guide_mean guide_mean_mcse guide_sd guide_sd_mcse psis_mean psis_mean_mcse psis_sd psis_sd_mcse "
-            "mean_error mean_error_mcse sd_ratio sd_ratio_mcse"
-        ).split()
-        df = pd.DataFrame({c: getattr(self, c) for c in cols}, index=pd.Index(self.names, name="name"))
+        df = pd.DataFrame({c: getattr(self, c) for c in MOMENT_FIELDS}, index=pd.Index(self.names, name="name"))
         df.insert(0, "site", self.sites)
         df["pareto_k"] = self.pareto_k
         return df
@@ -211,16 +213,16 @@ class GuideMoments:
             )
         if not self.reliable:
             return (
-                f"Importance sampling is unreliable (Pareto k̂ = {k:.2f} > {thr:.2f}): the PSIS-corrected moments "
+                f"Importance sampling is unreliable (Pareto k̂ = {k:.3g} > {thr:.3g}): the PSIS-corrected moments "
                 "and the guide's estimated errors cannot be trusted, so the guide's accuracy is unknown. "
                 "Use neither as the posterior: fit a richer guide or run MCMC."
             )
         status = self.element_status(mean_error_tol, sd_ratio_tol)
         tol = f"|mean error| ≤ {mean_error_tol:g} posterior sd and sd ratio within [{1 - sd_ratio_tol:g}, {1 + sd_ratio_tol:g}]"
         if k <= PARETO_K_GOOD:
-            head = f"Importance sampling is reliable (Pareto k̂ = {k:.2f} ≤ {PARETO_K_GOOD}). "
+            head = f"Importance sampling is reliable (Pareto k̂ = {k:.3g} ≤ {PARETO_K_GOOD}). "
         else:
-            head = f"Importance sampling is usable (Pareto k̂ = {k:.2f} ≤ {thr:.2f}; the estimates converge slowly). "
+            head = f"Importance sampling is usable (Pareto k̂ = {k:.3g} ≤ {thr:.3g}; the estimates converge slowly). "
         bad = [i for i, s in enumerate(status) if s == "inaccurate"]
         unsure = [i for i, s in enumerate(status) if s == "uncertain"]
 
@@ -237,14 +239,15 @@ class GuideMoments:
             )
         if unsure:
             return (
-                head + f"The guide's moments cannot be told accurate or not ({tol}) within 2 MCSE at "
-                f"{describe(unsure)}; draw more samples. Use the PSIS-corrected moments meanwhile."
+                head + f"Whether the guide's moments meet {tol} is undetermined at {describe(unsure)}: the "
+                "tolerance is within 2 MCSE of the estimate; draw more samples. Use the PSIS-corrected moments "
+                "meanwhile."
             )
         unknown = [self.names[i] for i, s in enumerate(status) if s == "unknown"]
         if unknown:
             return (
                 head + f"The guide's moments cannot be assessed at {', '.join(unknown[:5])} (a PSIS sd of 0 or "
-                "not finite); so they are not called accurate. Use the PSIS-corrected moments."
+                "not finite), so no claim is made about them. Use the PSIS-corrected moments."
             )
         return (
             head + f"The guide's moments are accurate: {tol} at every element, within 2 MCSE. "
@@ -411,7 +414,7 @@ def moments_from_draws(values, log_weights, *, names: list | None = None, sites:
     if math.isnan(k):
         reason = "k̂ could not be fitted"
     elif k > threshold:
-        reason = f"Pareto k̂ = {k:.2f} > {threshold:.2f}: the PSIS estimates are unreliable"
+        reason = f"Pareto k̂ = {k:.3g} > {threshold:.3g}: the PSIS estimates are unreliable"
     if reason:
         mean_error = np.full_like(mean_error, np.nan)
         mean_error_mcse = np.full_like(mean_error, np.nan)
