@@ -19,12 +19,19 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import pkgutil
 import re
 import sys
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from sphinx.util import logging  # noqa: E402
+from sphinx.util.docutils import SphinxDirective  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 import pyro_elbo_lab  # noqa: E402
 
@@ -36,6 +43,7 @@ version = ".".join(release.split(".")[:2])
 
 extensions = [
     "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
@@ -131,58 +139,117 @@ def _class_in_context(node):
 def _resolve_own_reference(app, env, node, contnode):
     """
     Resolve a reference to one of our objects written the way users import it
-    (``pyro_elbo_lab.BetaELBO``), or a member named without its class inside a class's
-    docstring (``last_terms``, found along the class's MRO), to the one place where it is
-    documented (``pyro_elbo_lab.losses.BetaELBO``). Only a unique match resolves;
-    anything else stays a warning.
+    (``pyro_elbo_lab.BetaELBO``, ``pyro_elbo_lab.losses.BetaELBO``), or a member named without
+    its class inside a class's docstring (``last_terms``, found along the class's MRO), to the
+    one place where it is documented (``pyro_elbo_lab.losses.beta_elbo.BetaELBO``). Only a
+    unique match resolves; anything else stays a warning.
     """
     if node.get("refdomain") != "py":
         return None
     domain = env.get_domain("py")
-    objects = domain.objects
+    for strategy in (_by_import, _by_class_member, _by_suffix):
+        name, as_class = strategy(domain, node)
+        if name:
+            if as_class:
+                node = node.deepcopy()
+                node["reftype"] = "class"
+            found = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], name, node, contnode)
+            if found is not None:
+                return found
+    if "pyro" not in intersphinx_mapping and _pyro_elbo_member(node["reftarget"]):
+        return contnode  # Pyro's ELBO API (loss_and_grads, ...) as plain text, like pyro.* names
+    return None
+
+
+def _canonical(domain, obj) -> str:
+    """The name under which one of our classes or functions is documented, or ""."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or not module.startswith("pyro_elbo_lab"):
+        return ""
+    name = f"{module}.{qualname}"
+    if name in domain.objects:
+        return name
+    found = [n for n, e in domain.objects.items() if n.endswith("." + qualname) and n.startswith("pyro_elbo_lab.")]
+    found = [n for n in found if not domain.objects[n].aliased] or found
+    return found[0] if len(found) == 1 else ""
+
+
+def _by_import(domain, node):
+    """``pyro_elbo_lab.X[.Y...]``: import it and find where the object is documented."""
     target = node["reftarget"]
-    candidates: list[str] = []
-    cls, member = _class_in_context(node), target
-    parts = target.removeprefix("pyro_elbo_lab.").split(".")
-    if len(parts) == 2 and parts[0][:1].isupper():
-        # Owner.member: pyro_elbo_lab.BetaELBO.last_terms, CollapseReport.kl_method
-        owner = getattr(pyro_elbo_lab, parts[0], None) if parts[0] in pyro_elbo_lab.__all__ else None
-        if owner is None and node.get("py:module"):
-            owner = getattr(importlib.import_module(node["py:module"]), parts[0], None)
-        cls, member = (owner, parts[1]) if isinstance(owner, type) else (None, target)
-    if cls is not None and "." not in member:
+    if not target.startswith("pyro_elbo_lab."):
+        return "", False
+    obj = parent = pyro_elbo_lab
+    parts = target.split(".")[1:]
+    for i, part in enumerate(parts):
+        try:
+            obj, parent = getattr(obj, part), obj
+        except AttributeError:
+            try:
+                obj = importlib.import_module(".".join(["pyro_elbo_lab", *parts[: i + 1]]))
+            except ImportError:
+                if isinstance(obj, type) and i == len(parts) - 1:  # an undocumented member
+                    return _member_of(domain, obj, part)
+                return "", False
+    if isinstance(obj, types.ModuleType):
+        return (obj.__name__ if obj.__name__ in domain.modules else ""), False
+    if isinstance(parent, type):  # a method, property or attribute of one of our classes
+        return _member_of(domain, parent, parts[-1])
+    if isinstance(obj, type) or callable(obj):
+        return _canonical(domain, obj), False
+    return "", False
+
+
+def _member_of(domain, cls, member):
+    """A member along the MRO of ``cls``; without an entry of its own (an instance attribute,
+    a dataclass field, a private hook), the documentation of its class."""
+    for base in cls.__mro__:
+        name = f"{base.__module__}.{base.__qualname__}.{member}"
+        if name in domain.objects:
+            return name, False
+    if member in getattr(cls, "__dataclass_fields__", {}) or hasattr(cls, member) or _sets_attribute(cls, member):
         for base in cls.__mro__:
-            name = f"{base.__module__}.{base.__qualname__}.{member}"
-            if name in objects:
-                candidates = [name]
-                break
-        else:
-            # a member without an entry of its own (an instance attribute listed as :ivar:,
-            # a dataclass field, a private hook) links to the documentation of its class
-            fields = getattr(cls, "__dataclass_fields__", {})
-            if member in fields or hasattr(cls, member) or _sets_attribute(cls, member):
-                for base in cls.__mro__:
-                    name = f"{base.__module__}.{base.__qualname__}"
-                    if name in objects or (name := _documented_as(objects, base)):
-                        return _resolve_as_class(app, env, node, contnode, domain, name)
-                return None
-    if not candidates:
-        if target.startswith("pyro_elbo_lab."):
-            target = target[len("pyro_elbo_lab.") :]
-        elif "." in target and not target.split(".")[0][:1].isupper():
-            return None  # another project's dotted name
-        suffix = "." + target
-        candidates = [n for n, e in objects.items() if n.startswith("pyro_elbo_lab.") and n.endswith(suffix)]
-        # one object documented once can appear under its canonical name too (an alias)
-        canonical = [n for n in candidates if not objects[n].aliased]
-        candidates = canonical or candidates
-        module = node.get("py:module") or ""
-        if len(candidates) > 1 and module:
-            # prefer the object of the module the reference is written in
-            candidates = [n for n in candidates if n.startswith(module + ".")] or candidates
-    if len(candidates) != 1:
-        return None
-    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], candidates[0], node, contnode)
+            name = _canonical(domain, base)
+            if name:
+                return name, True
+    return "", False
+
+
+def _by_class_member(domain, node):
+    """``member`` or ``Owner.member`` written inside one of our modules or classes."""
+    target = node["reftarget"]
+    parts = target.split(".")
+    if len(parts) == 1:
+        cls = _class_in_context(node)
+        return _member_of(domain, cls, target) if cls is not None else ("", False)
+    if len(parts) == 2 and parts[0][:1].isupper() and node.get("py:module"):
+        owner = getattr(importlib.import_module(node["py:module"]), parts[0], None)
+        if isinstance(owner, type):
+            return _member_of(domain, owner, parts[1])
+    return "", False
+
+
+def _by_suffix(domain, node):
+    """A short name (``estimate_evidence``) that ends exactly one documented name of ours."""
+    target = node["reftarget"]
+    if "." in target and not target.split(".")[0][:1].isupper():
+        return "", False  # another project's dotted name
+    objects = domain.objects
+    objtypes = set(domain.objtypes_for_role(node["reftype"]) or ())
+    candidates = [
+        n
+        for n, e in objects.items()
+        if n.startswith("pyro_elbo_lab.") and n.endswith("." + target) and (e.objtype in objtypes or not objtypes)
+    ]
+    if node["reftype"] == "obj":  # a function named like its module: the function
+        candidates = [n for n in candidates if objects[n].objtype != "module"] or candidates
+    # one object documented once can appear under its canonical name too (an alias)
+    candidates = [n for n in candidates if not objects[n].aliased] or candidates
+    module = node.get("py:module") or ""
+    if len(candidates) > 1 and module:
+        # prefer the object of the module the reference is written in
+        candidates = [n for n in candidates if n.startswith(module + ".")] or candidates
+    return (candidates[0], False) if len(candidates) == 1 else ("", False)
 
 
 def _sets_attribute(cls, member: str) -> bool:
@@ -202,20 +269,35 @@ def _sets_attribute(cls, member: str) -> bool:
     return False
 
 
-def _documented_as(objects, cls) -> str:
-    """The name under which a class of ours is documented (its canonical name or a re-export)."""
-    if not cls.__module__.startswith("pyro_elbo_lab"):
-        return ""
-    found = [n for n, e in objects.items() if n.endswith("." + cls.__qualname__) and n.startswith("pyro_elbo_lab.")]
-    found = [n for n in found if not objects[n].aliased] or found
-    return found[0] if len(found) == 1 else ""
+def _pyro_elbo_member(name: str) -> bool:
+    """A method of Pyro's ELBO named without its class (``loss_and_grads``)."""
+    from pyro.infer import Trace_ELBO
+
+    return "." not in name and not name.startswith("__") and hasattr(Trace_ELBO, name)
 
 
-def _resolve_as_class(app, env, node, contnode, domain, name):
-    node = node.deepcopy()
-    node["reftype"] = "class"
-    return domain.resolve_xref(env, node["refdoc"], app.builder, "class", name, node, contnode)
+class FlatAPI(SphinxDirective):
+    """``.. flat-api::``: a table of every name ``pyro_elbo_lab`` exports, with its summary line."""
+
+    def run(self):
+        names = [n for n in pyro_elbo_lab.__all__ if not isinstance(getattr(pyro_elbo_lab, n), types.ModuleType)]
+        lines = [".. autosummary::", "   :nosignatures:", ""] + [f"   pyro_elbo_lab.{n}" for n in names]
+        return self.parse_text_to_nodes("\n".join(lines))
+
+
+# modules that have no API page on purpose: the entry point, and the demos (documented in the gallery)
+UNDOCUMENTED_MODULES = re.compile(r"pyro_elbo_lab\.(__main__|demos(\..*)?)$")
+
+
+def _check_every_module_documented(app, env):
+    """A module added to the package without an ``automodule`` on an API page is a warning."""
+    documented = set(env.get_domain("py").modules)
+    for info in pkgutil.walk_packages(pyro_elbo_lab.__path__, "pyro_elbo_lab."):
+        if info.name not in documented and not UNDOCUMENTED_MODULES.match(info.name):
+            logger.warning(f"module {info.name} is not documented: add an automodule for it to a page of docs/api/")
 
 
 def setup(app):
     app.connect("missing-reference", _resolve_own_reference)
+    app.connect("env-check-consistency", _check_every_module_documented)
+    app.add_directive("flat-api", FlatAPI)
