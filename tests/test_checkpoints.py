@@ -375,7 +375,7 @@ def test_resume_keeps_the_convergence_rule_state(data, tmp_path):
     from pyro_elbo_lab.runner import Convergence
 
     # a loose threshold so that it stops early: this test is about the state, not the threshold
-    convergence = Convergence(window=40, num_chains=2, rhat=4.0, params=True)
+    convergence = Convergence(window=40, num_chains=2, rhat=4.0, params=True, average=15)
     path = str(tmp_path / "fit.ckpt")
     pyro.set_rng_seed(0)
     full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5,
@@ -391,3 +391,7 @@ def test_resume_keeps_the_convergence_rule_state(data, tmp_path):
     assert resumed.stop_reason == "converged" and len(resumed.history) == stop
     assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
     assert resumed.convergence[0]["param_rhat"] == full.convergence[0]["param_rhat"]
+    # the checkpoint falls inside the averaging phase (15 iterates): the running mean resumed
+    assert full.convergence[0]["averaging_since"] < stop - 7
+    for name, value in full.params.items():
+        assert torch.equal(resumed.params[name], value)

@@ -116,7 +116,8 @@ def test_result_without_a_rule_reports_the_final_window():
 
 
 @pytest.mark.parametrize("options", [dict(window=7), dict(num_chains=1), dict(rhat=1.0), dict(rhat=math.nan),
-                                     dict(every=0), dict(patience=0), dict(params="yes")])
+                                     dict(every=0), dict(patience=0), dict(params="yes"),
+                                     dict(average=-1)])
 def test_bad_options(options):
     with pytest.raises(ValueError, match="Convergence"):
         Convergence(**options)
@@ -152,13 +153,33 @@ def conjugate_fit(n, steps, convergence, seed=0):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_conjugate_fit_called_converged_is_at_the_optimum(seed):
-    # 20 observations, Adam lr 0.05: a fit the rule calls converged has its mean within 0.25
-    # posterior sd of the closed form and its sd within 25 % (measured over seeds 0-2: mean
-    # within 0.05 sd, sd ratio 1.02-1.11, stopping at steps 300-400)
+    # 20 observations, Adam lr 0.05: a fit the rule calls converged has its mean within 0.5
+    # posterior sd of the closed form and its sd within 25 % (measured over seeds 0-4: mean
+    # errors 0.03-0.05 sd and one 0.31 sd, sd ratio 1.01-1.11, stopping at steps 300-400)
     result, mean_error, sd_ratio = conjugate_fit(20, 3000, Convergence(), seed)
     assert result.stop_reason == "converged" and result.converged == [True]
-    assert abs(mean_error) < 0.25
+    assert abs(mean_error) < 0.5
     assert 0.8 < sd_ratio < 1.25
+
+
+def test_iterate_averaging_is_closer_to_the_optimum():
+    # Polyak-Ruppert averaging of 200 iterates after stationarity, against the last iterate,
+    # over seeds 0-4 (measured: mean errors <= 0.042 sd against up to 0.31, sd ratios
+    # 0.99-1.03 against 1.01-1.11)
+    last, averaged = [], []
+    for seed in range(5):
+        pyro.clear_param_store()
+        result, mean_error, sd_ratio = conjugate_fit(20, 3000, Convergence(), seed)
+        last.append((mean_error, sd_ratio - 1.0))
+        pyro.clear_param_store()
+        result, mean_error, sd_ratio = conjugate_fit(20, 3000, Convergence(average=200), seed)
+        assert result.stop_reason == "converged"
+        stop = result.convergence[0]["averaging_since"]
+        assert len(result.history) == stop + 200 and result.history["averaged_iterates"].iloc[-1] == 200
+        averaged.append((mean_error, sd_ratio - 1.0))
+        assert abs(mean_error) < 0.1 and abs(sd_ratio - 1.0) < 0.05
+    last, averaged = np.array(last), np.array(averaged)
+    assert (np.sqrt((averaged**2).mean(axis=0)) < np.sqrt((last**2).mean(axis=0))).all()
 
 
 def test_parameter_rhat_does_not_stop_a_fit_whose_scale_still_drifts():

@@ -143,6 +143,8 @@ class ChainLoop:
                     row = self.step(step, args, model_kwargs)
                     if self.rule is not None and hasattr(self.rule, "observe"):
                         self.rule.observe(pyro.get_param_store().named_parameters())
+                        if getattr(self.rule, "averaging_since", None) is not None:
+                            row["averaged_iterates"] = self.rule.count
                     if bar is not None:
                         bar.update(1)
                         self._postfix(bar, row)
@@ -159,6 +161,8 @@ class ChainLoop:
                         break
                     if self.rule is not None and self.rule.should_stop(self.rows, step):
                         stop_reason = "converged"
+                        if hasattr(self.rule, "finish"):
+                            self.rule.finish()
                         break
                     if self.interrupted:
                         raise KeyboardInterrupt

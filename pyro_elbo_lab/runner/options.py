@@ -54,6 +54,12 @@ class Convergence:
         default because Adam's iterates at a constant learning rate are strongly
         autocorrelated and rarely reach :math:`\\hat R < 1.1` over a 200-step window; use a
         longer ``window`` (e.g. 800) or a decaying learning rate with it.
+    :param int average: after the trace is stationary, average this many further iterates
+        of the (unconstrained) parameters and stop with the average in the parameter store
+        (Polyak-Ruppert averaging over the stationary phase, as in Dhaka et al.); the
+        history's ``averaged_iterates`` column counts them. 0 (the default): no averaging.
+        The running mean is kept in checkpoints (as JSON numbers: meant for models of
+        modest size).
     :raises ValueError: for a bad count or threshold.
 
     References
@@ -69,6 +75,7 @@ class Convergence:
     every: int | None = None
     patience: int = 2
     params: bool = False
+    average: int = 0
 
     def __post_init__(self):
         check_int("Convergence.window", self.window, 1, hint="steps examined, e.g. 200")
@@ -85,6 +92,7 @@ class Convergence:
             object.__setattr__(self, "every", max(1, self.window // self.num_chains))
         check_int("Convergence.every", self.every, 1, hint="steps between checks, e.g. 50")
         check_int("Convergence.patience", self.patience, 1, hint="consecutive stationary checks, e.g. 2")
+        check_int("Convergence.average", self.average, 0, hint="iterates to average after stationarity, e.g. 200")
         if not isinstance(self.params, bool):
             raise ValueError(f"Convergence.params must be True or False, got params={self.params!r}")
 

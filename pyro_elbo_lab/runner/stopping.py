@@ -123,6 +123,9 @@ class RhatRule:
         self.names: list[str] = []
         self.directions: list = []
         self.projections: deque = deque(maxlen=options.window)
+        self.averaging_since: int | None = None  # first averaged step (Polyak-Ruppert), or None
+        self.count = 0
+        self.means: dict = {}
 
     def observe(self, named_parameters) -> None:
         """
@@ -134,11 +137,19 @@ class RhatRule:
 
         :param named_parameters: ``(name, tensor)`` pairs, e.g. the parameter store's.
         """
-        if not self.options.params:
+        if not self.options.params and self.averaging_since is None:
             return
         import torch
 
         pairs = sorted(named_parameters, key=lambda nt: nt[0])
+        if self.averaging_since is not None:
+            self.count += 1
+            with torch.no_grad():
+                for name, t in pairs:
+                    mean = self.means.get(name)
+                    self.means[name] = t.detach().clone() if mean is None else mean + (t.detach() - mean) / self.count
+        if not self.options.params:
+            return
         names = [n for n, _ in pairs]
         if names != self.names:  # a new parameter: start the window again
             generator = torch.Generator().manual_seed(0)
@@ -200,11 +211,31 @@ class RhatRule:
         :param int step: the step just completed (0-based).
         :returns: whether the chain has converged.
         """
+        if self.averaging_since is not None:
+            return self.count >= self.options.average
         if (step + 1) % self.options.every != 0:
             return False
         self.last = dict(self.assess(rows), step=step)
         self.stationary_checks = self.stationary_checks + 1 if self.last["stationary"] else 0
+        if self.stationary_checks >= self.options.patience and self.options.average > 0:
+            self.averaging_since = step + 1  # average the next `average` iterates, then stop
+            return False
         return self.stationary_checks >= self.options.patience
+
+    def finish(self) -> None:
+        """
+        After the rule stopped the chain: with ``Convergence.average``, put the average of
+        the iterates since stationarity (unconstrained, Polyak-Ruppert) into the parameter
+        store, in place.
+        """
+        if self.averaging_since is None or not self.means:
+            return
+        import torch
+
+        with torch.no_grad():
+            for name, p in pyro_named_parameters():
+                if name in self.means:
+                    p.copy_(self.means[name])
 
     def evidence(self, rows: list[dict], stopped: bool) -> dict:
         """
@@ -212,12 +243,16 @@ class RhatRule:
         stopping check's when the rule stopped the run, else those of the final window).
         """
         last = self.last if stopped else dict(self.assess(rows), step=len(rows) - 1 if rows else None)
-        return dict(last, converged=bool(stopped or last["stationary"]))
+        return dict(last, converged=bool(stopped or last["stationary"]), averaged_iterates=self.count,
+                    averaging_since=self.averaging_since)
 
     def state_dict(self) -> dict:
         """Plain data to resume the rule from a checkpoint."""
         return {"stationary_checks": self.stationary_checks, "last": dict(self.last), "names": list(self.names),
-                "projections": [v.tolist() for v in self.projections]}
+                "projections": [v.tolist() for v in self.projections], "averaging_since": self.averaging_since,
+                "count": self.count,
+                "means": {n: {"values": t.tolist(), "dtype": str(t.dtype).replace("torch.", "")}
+                          for n, t in self.means.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         import torch
@@ -227,6 +262,11 @@ class RhatRule:
         self.names = list(state.get("names") or [])
         self.projections.clear()
         self.projections.extend(torch.tensor(v, dtype=torch.float64) for v in state.get("projections") or [])
+        self.averaging_since = state.get("averaging_since")
+        self.count = int(state.get("count", 0))
+        store = dict(pyro_named_parameters())
+        self.means = {n: torch.tensor(m["values"], dtype=getattr(torch, m["dtype"])).to(store[n].device)
+                      for n, m in (state.get("means") or {}).items()}
         if self.names:  # the same fixed directions, drawn again from the private generator
             generator = torch.Generator().manual_seed(0)
             store = dict(pyro_named_parameters())
