@@ -84,18 +84,20 @@ autodoc_mock_imports = [name for name in ("pytorch_lightning", "lightning") if n
 # name: (website, module patterns whose references this inventory resolves)
 _PROJECTS = {
     "python": ("https://docs.python.org/3", ()),
-    "torch": ("https://pytorch.org/docs/stable", (r"torch", r"nn")),
-    "pyro": ("https://docs.pyro.ai/en/stable", (r"pyro", r"poutine", r"dist")),
-    "arviz": ("https://python.arviz.org/en/stable", (r"arviz", r"az", r"arviz_base", r"arviz_stats", r"arviz_plots")),
-    "xarray": ("https://docs.xarray.dev/en/stable", (r"xarray", r"xr")),
-    "numpy": ("https://numpy.org/doc/stable", (r"numpy", r"np")),
-    "pandas": ("https://pandas.pydata.org/docs", (r"pandas", r"pd")),
-    "matplotlib": ("https://matplotlib.org/stable", (r"matplotlib", r"plt", r"mpl")),
-    "lightning": ("https://lightning.ai/docs/pytorch/stable", (r"pytorch_lightning", r"lightning", r"pl")),
+    "torch": ("https://pytorch.org/docs/stable", ("torch",)),
+    "pyro": ("https://docs.pyro.ai/en/stable", ("pyro",)),
+    "arviz": ("https://python.arviz.org/en/stable", ("arviz", "arviz_base", "arviz_stats", "arviz_plots")),
+    "xarray": ("https://docs.xarray.dev/en/stable", ("xarray",)),
+    "numpy": ("https://numpy.org/doc/stable", ("numpy",)),
+    "pandas": ("https://pandas.pydata.org/docs", ("pandas",)),
+    "matplotlib": ("https://matplotlib.org/stable", ("matplotlib",)),
+    "lightning": ("https://lightning.ai/docs/pytorch/stable", ("pytorch_lightning", "lightning")),
 }
+# import aliases that type hints in signatures carry (``pd.DataFrame``): no inventory has them
+_ALIASES = ("nn", "poutine", "dist", "az", "xr", "np", "pd", "plt", "mpl", "pl")
 _ONLINE = os.environ.get("ELBO_LAB_DOCS_ONLINE") == "1"
 intersphinx_mapping: dict[str, tuple[str, str | None]] = {}
-nitpick_ignore_regex: list[tuple[str, str]] = []
+nitpick_ignore_regex: list[tuple[str, str]] = [(r"py:.*", rf"({'|'.join(_ALIASES)})\..*")]
 for _name, (_url, _modules) in _PROJECTS.items():
     _local = HERE / "_inventories" / f"{_name}.inv"
     if _local.exists():
@@ -103,8 +105,7 @@ for _name, (_url, _modules) in _PROJECTS.items():
     elif _ONLINE:
         intersphinx_mapping[_name] = (_url, None)
     else:
-        for _module in _modules:
-            nitpick_ignore_regex.append((r"py:.*", rf"{_module}(\..*)?"))
+        nitpick_ignore_regex += [(r"py:.*", rf"{module}(\..*)?") for module in _modules]
 intersphinx_timeout = 10
 nitpicky = True
 # The Python standard library: ignored only when its inventory is not loaded.
