@@ -649,15 +649,21 @@ AUX_GUIDES = {"auxiliary", "auto_normal", "auto_diagonal_normal", "auto_multivar
 # 0.9 nats at their initial parameters) and their KL (about 3 and 2.3 nats, the auxiliary log q
 # included), so that flooring the wrong quantity changes the objective
 FREE_BITS = {"auto_normal": 2.0, "auto_diagonal_normal": 2.0}
-# Distribution.mask(...) masks elements exactly as poutine.mask does, so N_s counts only the
-# unmasked elements for both
-DIST_MASK_N = (
-    "N in free bits / capacity counts the elements masked by Distribution.mask(...) (site['mask'] "
-    "only is applied), unlike those masked by poutine.mask"
-)
+# with auxiliary guide sites β on a subset must name each latent site with the auxiliary sites
+# that carry its log q (the hand reference attributes that log q to the latent site)
+LOSS_SUBSET = {"auxiliary": ["mu", "u"], "auto_normal": ["sigma", "sigma_unconstrained"]}
+# combinations refused with a ValueError: (model, option kind) -> the site the message names
+REFUSED = {
+    ("auxiliary", "nonlinear"): "mu",  # sites=None selects u too, but the first touched name is 'mu'
+    ("auto_normal", "nonlinear"): "mu",
+    ("auto_diagonal_normal", "nonlinear"): "_AutoDiagonalNormal_latent",
+    ("auto_multivariate_normal", "nonlinear"): "_AutoMultivariateNormal_latent",
+    # AutoDiagonalNormal's joint latent carries the log q of mu and sigma: no subset is exact
+    ("auto_diagonal_normal", "subset"): "sigma",
+}
 ISSUE_11_3 = (
-    "issue 11 §3: free bits, capacity and β on sites= leave the auxiliary guide sites' log q "
-    "outside the selected sites' KL (the cross-entropy -log p(z) is floored / compared / weighted)"
+    "issue 11 §3: the per-site kl/<site> of a model site with an auxiliary guide site is -log p(z) "
+    "(+ Jacobian); its log q is reported under the auxiliary site"
 )
 
 # (id, loss options, hand options, schedule steps taken before the check, needs a subset,
@@ -701,11 +707,9 @@ def _hand_cases():
                     continue
                 if nonlinear and not subset and name == "score_function":
                     continue  # NotImplementedError, test_nonlinear_objective_on_score_function_site_raises
+                if (name, "nonlinear" if nonlinear else "subset" if subset else None) in REFUSED:
+                    continue  # test_refused_with_auxiliary_sites
                 marks = []
-                if name in AUX_GUIDES and (nonlinear or subset):
-                    marks.append(pytest.mark.xfail(strict=True, reason=ISSUE_11_3))
-                if name == "distribution_mask" and nonlinear:
-                    marks.append(pytest.mark.xfail(strict=True, reason=DIST_MASK_N))
                 if "free_bits" in options:
                     options = options | dict(free_bits=FREE_BITS.get(name, 0.5))
                     hand = hand | dict(free_bits=FREE_BITS.get(name, 0.5))
@@ -795,8 +799,9 @@ def test_objective_by_hand(Loss, make, particles, option):
     name = make.__name__
     model, guide, args, max_plate_nesting, layout = _setup(make, particles)
     sites = SUBSET[name] if subset else None
+    loss_sites = LOSS_SUBSET.get(name, sites) if subset else None
     extra = dict(max_plate_nesting=max_plate_nesting) if particles.get("vectorize_particles") else {}
-    loss_fn = Loss(**particles, **extra, **options, **(dict(sites=sites) if sites else {}))
+    loss_fn = Loss(**particles, **extra, **options, **(dict(sites=loss_sites) if loss_sites else {}))
     loss_fn.load_state_dict({"step": steps})  # where the schedules are (test_losses checks the counting)
     params = _params()
     for p in params.values():
@@ -834,11 +839,47 @@ def test_objective_by_hand(Loss, make, particles, option):
     _assert_close_grads(_grads(diff, params), expected_grads)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 §3: the per-site KL of a model site with an auxiliary guide site is -log p(z) (+ Jacobian), "
-    "its log q is reported under the auxiliary site",
-)
+def _refused_cases():
+    cases = []
+    for (name, kind), site in REFUSED.items():
+        make = next(m for m in MODELS if m.__name__ == name)
+        for option_id, options, _, _, subset, _ in OPTIONS:
+            nonlinear = "free_bits" in options or "capacity" in options
+            if (kind == "nonlinear") != nonlinear or (kind == "subset" and not subset):
+                continue
+            if subset and SUBSET[name] is None:
+                continue
+            for Loss in (BetaELBO, BetaMeanFieldELBO):
+                sites = SUBSET[name] if subset else None
+                named = sites[0] if sites else site  # the message names the first selected site concerned
+                cases.append(pytest.param(Loss, make, options, sites, named, id=f"{Loss.__name__}-{name}-{option_id}"))
+    # a subset that splits a latent site from the auxiliary site carrying (part of) its log q
+    for name, sites, site in [("auxiliary", ["mu"], "mu"), ("auto_normal", ["sigma"], "sigma"),
+                              ("auto_normal", ["sigma_unconstrained"], "sigma_unconstrained")]:
+        make = next(m for m in MODELS if m.__name__ == name)
+        for Loss in (BetaELBO, BetaMeanFieldELBO):
+            cases.append(pytest.param(Loss, make, dict(beta=4.0), sites, site, id=f"{Loss.__name__}-{name}-{sites}"))
+    return cases
+
+
+@pytest.mark.parametrize("Loss, make, options, sites, site", _refused_cases())
+def test_refused_with_auxiliary_sites(Loss, make, options, sites, site):
+    """
+    Free bits / capacity with auxiliary guide sites, and β on ``sites=`` that split a latent
+    site from the auxiliary site carrying its log q, are refused on every entry point with a
+    ValueError naming the site (the per-site term would be a cross-entropy, not a KL).
+    """
+    model, guide, args = make()
+    guide(*args)
+    loss_fn = Loss(**options, **(dict(sites=sites) if sites else {}))
+    match = f"'{site}'"
+    for call in (loss_fn.loss, loss_fn.loss_and_grads, loss_fn.differentiable_loss):
+        with pytest.raises(ValueError, match=match):
+            call(model, guide, *args)
+    assert loss_fn.step == 0
+
+
+@pytest.mark.xfail(strict=True, reason=ISSUE_11_3)
 @pytest.mark.parametrize("make", [auxiliary, auto_normal, auto_diagonal_normal], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
 def test_per_site_terms_by_hand_auxiliary_guides(Loss, make):

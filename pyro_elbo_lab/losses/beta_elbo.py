@@ -32,8 +32,11 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
 
     **β on a subset of sites.** ``sites=["z"]`` weights only the KL of the named latent
     sites (e.g. a VAE's local code, not its global weights); the others keep weight 1.
-    Auxiliary guide sites (those of :class:`~pyro.infer.autoguide.AutoContinuous`
-    guides) are weighted when ``sites`` is None or names them.
+    With auxiliary guide sites (autoguides, ``infer={"is_auxiliary": True}``) the log q
+    of a latent site lives (partly) at an auxiliary site, so ``sites`` must name each
+    selected latent site together with the auxiliary sites that carry its log q
+    (``sites=["z", "z_unconstrained"]`` for :class:`~pyro.infer.autoguide.AutoNormal`);
+    a split is refused (``ValueError`` naming the missing sites).
 
     **Free bits** (``free_bits=λ``, Kingma et al. 2016): for each selected site the KL term
     becomes :math:`\\beta \\sum_j N \\max(\\lambda, \\overline{\\mathrm{KL}}_j)`, with
@@ -48,7 +51,8 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     C in nats per element of the data plate (N as above).
 
     Free bits and capacity need reparameterised guide sites among the selected ones, and
-    guide sites that carry their own log q (not an autoguide's auxiliary sites).
+    guide sites that carry their own log q (no auxiliary guide site: refused with a
+    ``ValueError`` naming the site).
     A model without sample sites has loss 0 and all-zero terms, as in ``Trace_ELBO``.
     Score-function sites left out of ``sites`` are fine: their downstream cost contains
     the whole (non-linear) free-bits or capacity term of each particle.

@@ -134,14 +134,18 @@ def check_selected_sites(model_trace, guide_trace, sites) -> None:
 def check_auxiliary(model_trace, guide_trace, sites, nonlinear: bool) -> None:
     """
     Refuse a weighting that auxiliary guide sites (those of ``AutoNormal``,
-    ``AutoDiagonalNormal`` and every ``AutoContinuous`` guide) would make wrong.
+    ``AutoDiagonalNormal``, every ``AutoContinuous`` guide, and hand-written sites with
+    ``infer={"is_auxiliary": True}``) would make wrong.
 
     With an autoguide the model site's guide distribution is a ``Delta`` and its log q
     lives at an auxiliary site, so the term of the model site alone is the cross-entropy
-    :math:`-\\log p(z)`, not a KL. A linear weighting of every site (``sites=None``) is
-    still exact (the total is); β on a subset is exact only when the subset holds each
-    model site together with the auxiliary site that carries its log q (AutoNormal's
-    ``<site>_unconstrained``); free bits and capacity, non-linear in each KL, are not.
+    :math:`-\\log p(z)`, not a KL; with a hand-written auxiliary site ``u``, the log q of
+    the sites it stands for is split between them and ``u``. A linear weighting of every
+    site (``sites=None``) is still exact (the total is); β on a subset is exact only when
+    the subset holds each model site together with the auxiliary sites that carry its
+    log q (AutoNormal's ``<site>_unconstrained``; an AutoContinuous guide's joint latent
+    and all its model sites; every hand-written auxiliary site, since which sites it
+    stands for is not known); free bits and capacity, non-linear in each KL, are refused.
 
     :raises ValueError: naming the site, what is wrong and what to use instead.
     """
@@ -150,31 +154,42 @@ def check_auxiliary(model_trace, guide_trace, sites, nonlinear: bool) -> None:
         return
     latent = _sample_names(model_trace, observed=False)
     delta = [n for n in latent if isinstance(_strip(guide_trace.nodes[n]["fn"]), Delta)]
+    # auxiliary sites of a hand-written guide (infer={"is_auxiliary": True}): which model
+    # sites they stand for is not known, so each may carry the log q of any non-Delta site
+    paired = {f"{n}_unconstrained" for n in latent}
+    free = [n for n in auxiliary if n not in paired and not n.startswith("_Auto")]
     selected = {n for n in latent + auxiliary if site_selected(sites, n)}
-    touched = sorted(selected & set(auxiliary + delta))
+
+    def partners(name: str) -> list:
+        if name in auxiliary:
+            if name.endswith("_unconstrained") and name[: -len("_unconstrained")] in latent:
+                return [name[: -len("_unconstrained")]]
+            return delta if name not in free else []
+        if f"{name}_unconstrained" in auxiliary:
+            return [f"{name}_unconstrained"]
+        return [n for n in auxiliary if n not in paired] if name in delta else free
+
+    touched = sorted(n for n in selected if n in auxiliary or partners(n))
     if not touched:
         return
     if nonlinear:
         raise ValueError(
             f"free bits and capacity need the KL of each selected latent site, but site '{touched[0]}' is part of "
-            f"an autoguide's auxiliary sites {auxiliary} (AutoNormal, AutoDiagonalNormal, AutoContinuous): its term "
-            "would be the cross-entropy -log p(z), not a KL. Use beta weighting, restrict sites= to sites that the "
-            "guide samples directly, or write a guide with one site per latent (e.g. pyro.sample(name, "
+            f"a guide with auxiliary sites {auxiliary} (AutoNormal, AutoDiagonalNormal, AutoContinuous, or "
+            "infer={'is_auxiliary': True}): the log q of a latent site lives (partly) at an auxiliary site, so "
+            "its term would not be a KL. Use beta weighting, restrict sites= to sites that the guide samples "
+            "directly, or write a guide with one site per latent (e.g. pyro.sample(name, "
             "dist.Normal(loc, scale).to_event(1)))."
         )
     if sites is None:
         return
     for name in touched:
-        if name in auxiliary:
-            partners = [name[: -len("_unconstrained")]] if name.endswith("_unconstrained") else delta
-        else:
-            partners = [f"{name}_unconstrained"] if f"{name}_unconstrained" in auxiliary else auxiliary
-        missing = [n for n in partners if n in latent + auxiliary and n not in selected]
+        missing = [n for n in partners(name) if n not in selected]
         if missing:
             raise ValueError(
-                f"sites selects '{name}' but not {missing}: with an autoguide the log q of a latent site lives at an "
-                f"auxiliary site, so the KL of '{name}' is only weighted right together with {missing}. Add them to "
-                "sites=, or pass sites=None."
+                f"sites selects '{name}' but not {missing}: with auxiliary guide sites the log q of a latent site "
+                f"lives (partly) at an auxiliary site, so the KL of '{name}' is only weighted right together with "
+                f"{missing}. Add them to sites=, or pass sites=None."
             )
 
 
