@@ -78,10 +78,11 @@ class SVISummary:
             elif converged is None:
                 parts.append("Convergence not recorded (no SVIRunner convergence evidence in the data).")
             if not row["stderr_reliable"]:
+                k = row["pareto_k"]
+                why = "Pareto k̂ not fitted" if math.isnan(k) else f"Pareto k̂ = {k:.3g} > {row['k_threshold']:.3g}"
                 parts.append(
-                    f"log_evidence ± {row['log_evidence_stderr']:.2g}: the standard error is unreliable "
-                    f"(Pareto k̂ = {row['pareto_k']:.3g} > {row['k_threshold']:.3g}); treat log_evidence as a "
-                    "lower bound."
+                    f"log_evidence ± {row['log_evidence_stderr']:.2g}: the standard error is unreliable ({why}); "
+                    "treat log_evidence as a lower bound."
                 )
             if chain < len(self.guide_moments):
                 parts.append(self.guide_moments[chain].verdict())
