@@ -282,3 +282,25 @@ def test_vae_comparison_names_a_winner_only_beyond_two_paired_se():
     d, se = wording.paired_difference(clear["a"], clear["b"])
     diff = clear["a"] - clear["b"]
     assert d == pytest.approx(diff.mean()) and se == pytest.approx(diff.std(ddof=1) / np.sqrt(300))
+
+
+def test_a_rising_objective_is_not_converged():
+    # measured on the centred full-rank fit: the stationarity rule stopped it at step 2250 with the
+    # objective still rising (slope t = 8.07) and mu = 2.70 against the exact 4.40
+    from types import SimpleNamespace
+
+    from pyro_elbo_lab.demos.common import fit_converged
+
+    rising = SimpleNamespace(converged=[True], convergence=[{"slope_t": 8.07, "reason": "stationary"}],
+                             stop_reasons=["converged"])
+    ok, reason = fit_converged(rising)
+    assert not ok and reason == "objective still rising, slope t = 8.1 > 2.447"
+    assert wording.fit_status(ok, 2250, 6000, reason) == (
+        "not converged (stopped at step 2250: objective still rising, slope t = 8.1 > 2.447)")
+    flat = SimpleNamespace(converged=[True], convergence=[{"slope_t": 0.9, "reason": "stationary"}],
+                           stop_reasons=["converged"])
+    assert fit_converged(flat) == (True, "")
+    capped = SimpleNamespace(converged=[False], convergence=[{"slope_t": 0.1, "reason": "objective R-hat 1.3 >= 1.1"}],
+                             stop_reasons=["num_steps"])
+    assert fit_converged(capped) == (False, "objective R-hat 1.3 >= 1.1")
+    assert wording.fit_status(False, 6000, 6000, "objective R-hat 1.3 >= 1.1") == "not converged (cap of 6000 steps)"

@@ -13,7 +13,7 @@ import torch
 from ..cli import _positive_int  # the one check of --steps, shared with the command line
 from ..datasets import require
 
-__all__ = ["example_parser", "fmt", "pyplot", "seed_everything", "Report"]
+__all__ = ["example_parser", "fit_converged", "fmt", "pyplot", "seed_everything", "Report", "RISING_T"]
 
 
 def example_parser(description: str, default_steps: int | None = None) -> argparse.ArgumentParser:
@@ -29,6 +29,38 @@ def example_parser(description: str, default_steps: int | None = None) -> argpar
     hint = f" (default {default_steps}" + ", fewer with --quick)" if default_steps else ""
     parser.add_argument("--steps", type=_positive_int, default=None, help=f"optimisation steps{hint}")
     return parser
+
+
+#: The two-sided 97.5 % quantile of Student's t with 6 degrees of freedom: the slope test of
+#: the runner's stationarity rule with its default 4 chains (8 half-chain means) has 6.
+RISING_T = 2.447
+
+
+def fit_converged(result, chain: int = 0) -> tuple[bool, str]:
+    """
+    Whether ``chain`` of an :class:`~pyro_elbo_lab.SVIResult` converged, and why not.
+
+    Converged means: the runner's stationarity rule says so (``result.converged``, or the
+    stop reason ``"converged"``) *and* the objective is not still rising: a slope t of the
+    half-chain means above :data:`RISING_T` is a significant rise, which the runner's rule
+    (one-sided: it only refuses a falling objective) lets pass.
+
+    :returns: ``(converged, reason)``; ``reason`` is ``""`` when converged.
+    :rtype: tuple
+    """
+    flags = getattr(result, "converged", None)
+    if flags is not None and not callable(flags):
+        ok = bool(flags[chain]) if isinstance(flags, (list, tuple)) else bool(flags)
+    else:
+        ok = result.stop_reasons[chain] == "converged"
+    records = getattr(result, "convergence", None) or []
+    record = records[chain] if chain < len(records) and records[chain] else {}
+    slope_t = record.get("slope_t")
+    if ok and slope_t is not None and slope_t > RISING_T:
+        return False, f"objective still rising, slope t = {slope_t:.1f} > {RISING_T}"
+    if ok:
+        return True, ""
+    return False, str(record.get("reason", "")) or "the stationarity rule was not met"
 
 
 def seed_everything(seed: int) -> None:

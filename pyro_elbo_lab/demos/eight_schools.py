@@ -55,7 +55,7 @@ from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, guide_moments
 from ..losses import BetaELBO
 from ..runner import Convergence, SVIRunner
-from .common import Report, seed_everything
+from .common import Report, fit_converged, seed_everything
 from .eight_schools_exact import PRIOR_MU_SCALE, PRIOR_TAU_SCALE, ExactReference, exact_intervals, exact_reference
 from .wording import FitFacts, evidence_cell, fit_status
 
@@ -169,23 +169,12 @@ def _rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
 
 #: The stopping rule of every fit (:class:`~pyro_elbo_lab.Convergence` arguments);
 #: ``num_steps`` is only the cap.
-CONVERGENCE = {"window": 200, "rhat": 1.1}
+CONVERGENCE = {"window": 1000, "rhat": 1.1}
 #: ClippedAdam's constant learning rate.
 LEARNING_RATE = 0.02
 #: Step caps: a fit that reaches its cap is reported as not converged.
-STEP_CAP, QUICK_STEP_CAP = 12000, 400
+STEP_CAP, QUICK_STEP_CAP = 6000, 400
 FAMILY = {"mean-field": "mean-field Gaussian", "full-rank": "full-rank Gaussian"}
-
-
-def converged(result, chain: int = 0) -> bool:
-    """
-    Whether ``chain`` of an :class:`~pyro_elbo_lab.SVIResult` was stopped by its
-    convergence rule (``result.converged`` where the runner records it, else its stop reason).
-    """
-    flags = getattr(result, "converged", None)
-    if flags is not None and not callable(flags):
-        return bool(flags[chain]) if isinstance(flags, (list, tuple)) else bool(flags)
-    return result.stop_reasons[chain] == "converged"
 
 
 def _evidence(result, chain: int = 0) -> str:
@@ -213,8 +202,8 @@ class Fit:
 
     @property
     def converged(self) -> bool:
-        """Whether the convergence rule stopped the fit (not the step cap)."""
-        return converged(self.result)
+        """Whether the fit converged (:func:`~pyro_elbo_lab.demos.common.fit_converged`)."""
+        return fit_converged(self.result)[0]
 
     @property
     def steps(self) -> int:
@@ -224,7 +213,8 @@ class Fit:
     @property
     def status(self) -> str:
         """``"converged (step N)"`` or ``"not converged (cap of N steps)"``."""
-        return fit_status(self.converged, self.steps, self.cap)
+        converged, reason = fit_converged(self.result)
+        return fit_status(converged, self.steps, self.cap, reason)
 
 
 def fit(
@@ -236,6 +226,7 @@ def fit(
     progress_bar: bool = True,
     convergence: Convergence | None = None,
     learning_rate: float = LEARNING_RATE,
+    stop_early: bool = True,
 ) -> Fit:
     """
     Fit one guide with :class:`~pyro_elbo_lab.SVIRunner` and :class:`~pyro_elbo_lab.BetaELBO`
@@ -253,6 +244,8 @@ def fit(
     :param bool progress_bar: show a progress bar while fitting.
     :param Convergence convergence: the stopping rule; None for ``Convergence(**CONVERGENCE)``.
     :param float learning_rate: the constant step size of ClippedAdam.
+    :param bool stop_early: False: run all ``num_steps`` (the runner then judges
+        convergence on the final window only).
     :returns: a :class:`Fit`: the guide, the :class:`~pyro_elbo_lab.SVIResult`, the ELBO's
         decomposition at the fitted guide (1000 particles, nats), the evidence estimate
         with k̂, the guide's moments against the PSIS-corrected ones, InferenceData (1000
@@ -285,7 +278,10 @@ def fit(
     # fluctuate around the optimum, which a decaying step size would freeze before reaching it
     optim = pyro.optim.ClippedAdam({"lr": learning_rate})
     start = time.perf_counter()
-    convergence = Convergence(**CONVERGENCE) if convergence is None else convergence
+    if not stop_early:
+        convergence = None
+    elif convergence is None:
+        convergence = Convergence(**CONVERGENCE)
     runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed, convergence=convergence)
     result = runner.run(sigma, y, num_steps=num_steps)
     seconds = time.perf_counter() - start
@@ -468,6 +464,13 @@ def run_fits(
         for guide_name in GUIDES:
             f = fit(model_name, guide_name, num_steps, seed, num_samples, progress_bar)
             log(f"- {model_name} model, {guide_name} guide: {f.status}, {f.seconds:.0f} s")
+            if not f.converged and f.steps < num_steps:
+                # the rule stopped it while the objective was still rising: run on, to the cap at
+                # most, and judge the final window
+                longer = min(num_steps, 3 * f.steps)
+                f = fit(model_name, guide_name, longer, seed, num_samples, progress_bar, stop_early=False)
+                f.cap = num_steps
+                log(f"  refitted for {longer} steps without stopping early: {f.status}, {f.seconds:.0f} s")
             fits.append(f)
     return EightSchools(fits, exact_reference(), nuts_reference(), num_steps, quick=quick)
 

@@ -50,7 +50,7 @@ def eight_schools_decomposition(plt, study, path: str) -> None:
         ax.axhline(study.exact.log_evidence, color="black", linestyle=":", linewidth=1, label="exact log p(y)")
         stop = int(history["step"].iloc[-1])
         ax.axvline(stop, color=STOP_COLOUR[f.converged], linestyle="--", linewidth=1.4, label=f.status)
-        status = f.status if f.converged else f.status.upper()
+        status = f.status.replace("not converged", "NOT CONVERGED")
         ax.set_title(f"{f.name}: {status}", fontsize=10)
         ax.set_ylabel("nats")
         ax.set_xlabel("step" if i >= 2 else "")
@@ -116,7 +116,7 @@ def eight_schools_posterior(plt, study, path: str) -> None:
     ax_tau.set_title("τ: mean and 90% interval; exact mean (dotted) and 90% interval (grey)", fontsize=9)
 
     schools = list(EIGHT_SCHOOLS_NAMES)
-    offsets = np.linspace(-0.3, 0.3, len(methods))
+    offsets = np.linspace(0.3, -0.3, len(methods))  # the order of the μ and τ panels, top to bottom
     base = np.arange(len(schools))[::-1]
     for off, (label, post, colour, marker) in zip(offsets, methods):
         theta = post["theta"].values.reshape(-1, len(schools))

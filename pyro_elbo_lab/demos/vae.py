@@ -54,7 +54,7 @@ from ..inference_data import from_svi_result
 from ..losses import BetaMeanFieldELBO
 from ..runner import SVIRunner
 from ..schedules import Cyclical, LinearWarmup
-from .common import Report, pyplot, seed_everything
+from .common import Report, fit_converged, pyplot, seed_everything
 from .wording import SMOKE_RUN_NOTE, collapse_criteria, collapse_summary, vae_comparison
 
 __all__ = ["BetaConfig", "DigitsVAE", "VAEStudy", "beta_configs", "evaluate", "fit", "load_split", "run", "run_study"]
@@ -337,11 +337,8 @@ def run_study(
 
 
 def _converged(result) -> bool:
-    """Whether the runner judged the (only) chain's objective stationary at its end."""
-    flags = getattr(result, "converged", None)
-    if flags is not None and not callable(flags):
-        return bool(flags[0]) if isinstance(flags, (list, tuple)) else bool(flags)
-    return result.stop_reasons[0] == "converged"
+    """Whether the runner judged the (only) chain's objective stationary at its end, and not rising."""
+    return fit_converged(result)[0]
 
 
 def comparison(study: VAEStudy) -> str:

@@ -60,19 +60,23 @@ SMOKE_RUN_NOTE = (
 )
 
 
-def fit_status(converged: bool, steps: int, cap: int) -> str:
+def fit_status(converged: bool, steps: int, cap: int, reason: str = "") -> str:
     """
     How a fit stopped, for tables and reports.
 
-    :param bool converged: whether the convergence rule stopped the fit.
+    :param bool converged: whether the fit converged.
     :param int steps: steps run.
     :param int cap: the step cap.
-    :returns: ``"converged (step N)"`` or ``"not converged (cap of N steps)"``.
+    :param str reason: why it did not converge, when it stopped before the cap.
+    :returns: ``"converged (step N)"``, ``"not converged (cap of N steps)"`` or
+        ``"not converged (stopped at step N: reason)"``.
     :rtype: str
     """
     if converged:
         return f"converged (step {steps})"
-    return f"not converged (cap of {cap} steps)" if steps >= cap else f"not converged (stopped at step {steps})"
+    if steps >= cap:
+        return f"not converged (cap of {cap} steps)"
+    return f"not converged (stopped at step {steps}" + (f": {reason})" if reason else ")")
 
 
 def evidence_cell(log_evidence: float, stderr: float, pareto_k: float) -> str:
