@@ -372,10 +372,42 @@ def test_negative_beta_refused():
         BetaTraceEnumELBO(-1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="integrator: message in objective.py")
 def test_beta_elbo_names_enumerated_site_and_class():
     with pytest.raises(ValueError, match="site 'c' is enumerated in the model; use BetaTraceEnumELBO"):
         BetaELBO().loss(mixture_model, mixture_guide, DATA)
+
+
+@pytest.mark.parametrize("validation", [True, False], ids=["validation", "no-validation"])
+@pytest.mark.parametrize(
+    "particles", [dict(), dict(num_particles=2, vectorize_particles=True, max_plate_nesting=1)], ids=["1", "2-vectorized"]
+)
+@pytest.mark.parametrize("Loss", ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceGraphELBO", "IWAE"])
+def test_losses_that_cannot_sum_out_name_the_class_that_can(Loss, particles, validation):
+    """
+    A site enumerated in the model (config_enumerate) that the guide does not sample: every
+    loss that cannot sum it out raises on every entry point, naming the site and
+    BetaTraceEnumELBO (the Monte Carlo losses also without validation).
+    """
+    import pyro_elbo_lab
+
+    @config_enumerate
+    def model(data):  # the mixture with no infer annotation of its own
+        w = pyro.param("w", torch.tensor([0.4, 0.6]), constraint=dist.constraints.simplex)
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(data)):
+            c = pyro.sample("c", dist.Categorical(w))
+            pyro.sample("obs", dist.Normal(Vindex(loc)[..., c], 1.0), obs=data)
+
+    if not validation and Loss in ("BetaTraceGraphELBO", "IWAE"):
+        pytest.skip("checked under validation only (Pyro's own model/guide check runs only then)")
+    loss_fn = getattr(pyro_elbo_lab, Loss)(**particles)
+    pyro.enable_validation(validation)
+    try:
+        for call in (loss_fn.loss, loss_fn.loss_and_grads, loss_fn.differentiable_loss):
+            with pytest.raises(ValueError, match="site 'c' is enumerated in the model; use BetaTraceEnumELBO"):
+                call(model, mixture_guide, DATA)
+    finally:
+        pyro.enable_validation(True)
 
 
 def test_gmm_log_likelihood_sanity():
@@ -434,3 +466,33 @@ def test_zero_probability_guide_category_matches_trace_enum_elbo():
         torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(actual[4][name], expected[4][name], rtol=1e-9, atol=1e-10)
     assert math.isfinite(elbo.last_terms.per_site["c"]["entropy"])
+
+
+# -- post-fit diagnostics on models with enumerated sites (issue 13 §2): refused, naming the site --
+
+
+def _diagnostics():
+    import pyro_elbo_lab
+
+    names = ["estimate_evidence", "to_inference_data", "posterior_collapse", "aggregate_posterior",
+             "rate_distortion", "guide_moments"]
+    return [pytest.param(getattr(pyro_elbo_lab, n), id=n) for n in names]
+
+
+@pytest.mark.parametrize("diagnostic", _diagnostics())
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param((mixture_model, mixture_guide, DATA, "c"), id="mixture"),
+        pytest.param((lda_model, lda_guide, LDA_DATA, "word_topics"), id="lda"),
+    ],
+)
+def test_diagnostics_refuse_sites_enumerated_in_the_model(diagnostic, case):
+    """
+    A site enumerated in the model that the guide does not sample: every post-fit
+    diagnostic raises a ValueError naming the site and what works (was: "Shape mismatch
+    inside plate('documents')", "expand(...)" from inside the model).
+    """
+    model, guide, data, site = case
+    with pytest.raises(ValueError, match=f"site '{site}' is enumerated in the model: .*infer_discrete"):
+        diagnostic(model, guide, data)

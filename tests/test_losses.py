@@ -758,3 +758,143 @@ def test_lbfgs_closure_reaches_closed_form_optimum(beta):
     expected_loc = mu_beta - expected_scale * e_bar
     assert scale.item() == pytest.approx(expected_scale, rel=1e-6)
     assert loc.item() == pytest.approx(expected_loc, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# the step rule: one optimiser step is one schedule step (issue 11 §3)
+# ---------------------------------------------------------------------------------------
+
+
+def _warmup(k: int) -> float:
+    """LinearWarmup(10) at step k, in closed form: min(k / 10, 1)."""
+    return min(k / 10, 1.0)
+
+
+def _normal_guide(data):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    pyro.sample("z", dist.Normal(loc, scale))
+
+
+def _hand_negative_objective(beta: float, seed: int) -> float:
+    """-(log p(x|z) - β (log q(z) - log p(z))) at the guide's draw for ``seed``, from poutine.trace."""
+    pyro.set_rng_seed(seed)
+    guide_trace = poutine.trace(_normal_guide).get_trace(DATA)
+    model_trace = poutine.trace(poutine.replay(nn_model, trace=guide_trace)).get_trace(DATA)
+    log_lik = model_trace.nodes["x"]["fn"].log_prob(DATA).sum()
+    z = guide_trace.nodes["z"]["value"]
+    kl = guide_trace.nodes["z"]["fn"].log_prob(z) - model_trace.nodes["z"]["fn"].log_prob(z)
+    return -(log_lik - beta * kl).item()
+
+
+def _step_rule_losses():
+    from pyro_elbo_lab import BetaTraceEnumELBO, BetaTraceGraphELBO
+
+    return [
+        pytest.param(BetaELBO, id="BetaELBO"),
+        pytest.param(BetaMeanFieldELBO, id="BetaMeanFieldELBO"),
+        pytest.param(
+            BetaTraceEnumELBO,
+            id="BetaTraceEnumELBO",
+            marks=pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites"),
+        ),
+        pytest.param(BetaTraceGraphELBO, id="BetaTraceGraphELBO"),
+    ]
+
+
+@pytest.mark.parametrize("Loss", _step_rule_losses())
+def test_lbfgs_closure_one_schedule_step_per_optimizer_step(Loss):
+    """
+    An L-BFGS closure calling ``loss_and_grads`` three times, inside ``loss.optimizer_step()``:
+    every call of optimiser step k (closure calls of the line search and inner iterations
+    included) uses β = LinearWarmup(10)(k) = k / 10, and after k optimiser steps the loss's
+    step is k.
+    """
+    loss_fn = Loss(beta=LinearWarmup(10), max_plate_nesting=1)
+    _normal_guide(DATA)
+    store = pyro.get_param_store()
+    params = [store.get_param(name).unconstrained() for name in ("loc", "scale")]
+    optimizer = torch.optim.LBFGS(params, lr=0.1, max_iter=3, line_search_fn="strong_wolfe")
+    betas: list = []
+
+    def closure():
+        optimizer.zero_grad()
+        total = 0.0
+        for seed in range(3):
+            pyro.set_rng_seed(seed)
+            total += loss_fn.loss_and_grads(nn_model, _normal_guide, DATA) / 3
+            betas[-1].append(loss_fn.last_terms.beta)
+        for p in params:
+            p.grad /= 3
+        return torch.tensor(total)
+
+    for k in range(4):
+        betas.append([])
+        with loss_fn.optimizer_step():
+            optimizer.step(closure)
+        assert len(betas[-1]) >= 3
+        assert betas[-1] == [pytest.approx(_warmup(k), abs=1e-15)] * len(betas[-1]), k
+        assert loss_fn.step == k + 1
+    assert loss_fn.current_beta() == pytest.approx(_warmup(4), abs=1e-15)
+
+
+def test_lbfgs_closure_uses_the_scheduled_beta_in_the_objective():
+    """The value of a call inside optimiser step k is the hand objective at β = k / 10."""
+    loss_fn = BetaELBO(beta=LinearWarmup(10))
+    _normal_guide(DATA)
+    store = pyro.get_param_store()
+    params = [store.get_param(name).unconstrained() for name in ("loc", "scale")]
+    optimizer = torch.optim.LBFGS(params, lr=0.1, max_iter=1)
+    for k in range(3):
+        values = []
+
+        def closure():
+            optimizer.zero_grad()
+            for seed in range(3):
+                pyro.set_rng_seed(seed)
+                values.append((seed, loss_fn.loss_and_grads(nn_model, _normal_guide, DATA)))
+            return torch.tensor(values[-1][1])
+
+        with loss_fn.optimizer_step():
+            with torch.no_grad():
+                expected = {seed: _hand_negative_objective(_warmup(k), seed) for seed in range(3)}
+            optimizer.step(closure)
+        assert len(values) == 3
+        for seed, value in values:
+            assert value == pytest.approx(expected[seed], rel=1e-12)
+
+
+def test_svi_counts_one_step_per_svi_step():
+    """pyro.infer.SVI (one loss_and_grads per step) is unchanged: step j uses β = j / 10."""
+    loss_fn = BetaELBO(beta=LinearWarmup(10))
+    svi = SVI(nn_model, _normal_guide, Adam({"lr": 0.01}), loss_fn)
+    for j in range(5):
+        svi.step(DATA)
+        assert loss_fn.last_terms.beta == pytest.approx(_warmup(j), abs=1e-15)
+        assert loss_fn.step == j + 1
+
+
+def test_evaluation_calls_do_not_count():
+    """``loss`` and ``differentiable_loss`` under ``torch.no_grad`` (evaluation) leave the step where it is."""
+    loss_fn = BetaELBO(beta=LinearWarmup(10))
+    _normal_guide(DATA)
+    loss_fn.loss_and_grads(nn_model, _normal_guide, DATA)
+    loss_fn.loss(nn_model, _normal_guide, DATA)
+    with torch.no_grad():
+        loss_fn.differentiable_loss(nn_model, _normal_guide, DATA)
+    assert loss_fn.step == 1
+    assert loss_fn.last_terms.beta == pytest.approx(_warmup(1), abs=1e-15)
+    loss_fn.differentiable_loss(nn_model, _normal_guide, DATA)  # gradients enabled: a training call
+    assert loss_fn.step == 2
+
+
+def test_optimizer_step_does_not_count_a_failed_step_and_nests_once():
+    loss_fn = BetaELBO(beta=LinearWarmup(10))
+    with pytest.raises(RuntimeError, match="boom"):
+        with loss_fn.optimizer_step():
+            raise RuntimeError("boom")
+    assert loss_fn.step == 0
+    with loss_fn.optimizer_step():
+        with loss_fn.optimizer_step():
+            pass
+    assert loss_fn.step == 1

@@ -993,7 +993,7 @@ def test_nonlinear_objective_on_score_function_site_raises(options):
 
 def test_mean_field_rejects_score_function_site():
     model, guide, args = score_function()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="guide site 'b' .*use BetaELBO .* or BetaTraceGraphELBO"):
         BetaMeanFieldELBO().loss(model, guide, *args)
 
 

@@ -1,13 +1,30 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
+from pyro.distributions.util import is_identically_zero
 from pyro.infer import TraceMeanField_ELBO
-from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
+from pyro.infer.util import is_validation_enabled
 
 from .. import sites
 from .objective import WeightedObjective
 
 __all__ = ["BetaMeanFieldELBO"]
+
+
+def _check_reparameterised(name: str, guide_site) -> None:
+    """As Pyro's ``check_fully_reparametrized``, with a message that names the classes that can."""
+    _, score_function_term, entropy_term = guide_site["score_parts"]
+    if not (
+        guide_site["fn"].has_rsample
+        and not is_identically_zero(entropy_term)
+        and is_identically_zero(score_function_term)
+    ):
+        raise NotImplementedError(
+            f"BetaMeanFieldELBO needs reparameterised guide sites, but guide site '{name}' "
+            f"({type(guide_site['fn']).__name__}) has no rsample; use BetaELBO (score-function gradient) or "
+            "BetaTraceGraphELBO (Rao-Blackwellised score function with baselines), or BetaTraceEnumELBO to "
+            "enumerate a discrete site."
+        )
 
 
 class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
@@ -36,7 +53,8 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
     :param float gamma: γ >= 0, the weight of the capacity term (default 1000).
     :param kwargs: :class:`~pyro.infer.TraceMeanField_ELBO` arguments.
     :raises ValueError: as :class:`~pyro_elbo_lab.BetaELBO`.
-    :raises NotImplementedError: under validation, for non-reparameterised guide sites.
+    :raises NotImplementedError: under validation, for non-reparameterised guide sites (naming
+        the classes that handle them).
 
     References
 
@@ -51,7 +69,7 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
 
     def _latent_site_terms(self, name, model_site, guide_site):
         if is_validation_enabled():
-            check_fully_reparametrized(guide_site)
+            _check_reparameterised(name, guide_site)
         kl, analytic = sites.kl(model_site, guide_site)
         if not analytic:  # Monte Carlo from Pyro's memoised sums, as TraceMeanField_ELBO
             lp = self._log_prob_per_particle(model_site)
@@ -73,5 +91,5 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
         if is_validation_enabled():
             for name, site in guide_trace.nodes.items():
                 if site["type"] == "sample" and name not in model_trace.nodes:
-                    check_fully_reparametrized(site)
+                    _check_reparameterised(name, site)
         return super()._particle(model_trace, guide_trace, beta, capacity)

@@ -3,24 +3,37 @@
 The β schedule, step count, checkpoint state and last recorded terms shared by the losses
 that do not build on :class:`~pyro_elbo_lab.losses.objective.WeightedObjective`
 (:class:`~pyro_elbo_lab.BetaTraceEnumELBO`, :class:`~pyro_elbo_lab.BetaTraceGraphELBO`,
-:class:`~pyro_elbo_lab.IWAE`). Same semantics as :class:`~pyro_elbo_lab.BetaELBO`:
-``loss`` records terms without advancing the step, ``loss_and_grads`` and
-``differentiable_loss`` count one gradient step.
+:class:`~pyro_elbo_lab.IWAE`). and through
+:class:`~pyro_elbo_lab.losses.objective.WeightedObjective` also by
+:class:`~pyro_elbo_lab.BetaELBO`, :class:`~pyro_elbo_lab.BetaMeanFieldELBO` and the compiled
+losses: the one home of the schedule position (see :class:`BetaState` for the rule).
 
-Imports only :mod:`pyro_elbo_lab.checks`, :mod:`pyro_elbo_lab.schedules` and
+Imports only torch, :mod:`pyro_elbo_lab.checks`, :mod:`pyro_elbo_lab.schedules` and
 :mod:`pyro_elbo_lab.terms`.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
+
+import torch
+from pyro.poutine.messenger import Messenger
 
 from ..checks import nonnegative_number
 from ..schedules import ScheduleLike, as_schedule
 from ..terms import ELBOTerms, TermsRecord
 
-__all__ = ["BetaState", "GlobSites", "check_selection_matches", "check_site_names", "site_selected"]
+__all__ = [
+    "BetaState",
+    "GlobSites",
+    "check_enumerated_sites",
+    "check_selection_matches",
+    "check_site_names",
+    "enumerated_site_error",
+    "site_selected",
+]
 
 
 def check_site_names(sites: Iterable[str] | str | Callable[[str], bool] | None):
@@ -93,12 +106,89 @@ def check_selection_matches(sites, available: list) -> None:
         )
 
 
+def enumerated_site_error(name: str) -> ValueError:
+    """
+    The error for a latent site enumerated in the model (``infer={"enumerate": ...}``,
+    ``config_enumerate``) that the guide does not sample, raised by every loss that cannot
+    sum it out; it names the class that can, :class:`~pyro_elbo_lab.BetaTraceEnumELBO`.
+    """
+    return ValueError(
+        f"The model's latent site '{name}' is enumerated in the model; use BetaTraceEnumELBO, which sums it "
+        "out exactly (or add a guide site of that name to sample it)."
+    )
+
+
+def is_enumerated(msg) -> bool:
+    """Whether a model sample site is latent and marked for enumeration."""
+    return not msg["is_observed"] and (msg.get("infer") or {}).get("enumerate") in ("parallel", "sequential")
+
+
+class _GuideSiteNames(Messenger):
+    def __init__(self):
+        super().__init__()
+        self.names: set = set()
+
+    def _pyro_sample(self, msg) -> None:
+        self.names.add(msg["name"])
+
+
+class _EnumeratedSiteCheck(Messenger):
+    def __init__(self, guide_names: _GuideSiteNames):
+        super().__init__()
+        self.guide_names = guide_names
+
+    def _pyro_sample(self, msg) -> None:
+        # runs before poutine.replay substitutes the guide's value and infer dict
+        if is_enumerated(msg) and msg["name"] not in self.guide_names.names:
+            raise enumerated_site_error(msg["name"])
+
+
+def check_enumerated_sites(model, guide):
+    """
+    Wrap ``model`` and ``guide`` (for one ``_get_trace``, guide run first, as Pyro's
+    ``get_importance_trace``) so that a model site enumerated in the model with no guide
+    site raises :func:`enumerated_site_error` while the model runs, before Pyro's
+    "Found vars in model but not guide" warning. For the losses that cannot sum such a
+    site out (:class:`~pyro_elbo_lab.BetaTraceGraphELBO`, :class:`~pyro_elbo_lab.IWAE`);
+    they call it under validation only.
+
+    :returns: ``(model, guide)`` wrapped.
+    """
+    names = _GuideSiteNames()
+    return _EnumeratedSiteCheck(names)(model), names(guide)
+
+
 class BetaState:
     """
-    Mixin: a β schedule, the gradient-step count and the last :class:`~pyro_elbo_lab.terms.TermsRecord`.
+    Mixin: a β schedule, the schedule position :attr:`step` and the last
+    :class:`~pyro_elbo_lab.terms.TermsRecord`.
 
-    Subclasses call :meth:`_init_beta` before ``super().__init__`` and set
-    ``self._last_record`` on every loss evaluation.
+    **The step rule: one optimiser step is one schedule step.** β (and the capacity C)
+    are read at :attr:`step`, the number of optimiser steps taken so far.
+
+    * A call that computes gradients (``loss_and_grads``, or ``differentiable_loss``
+      with gradients enabled) counts one optimiser step, after it has run. That is right
+      for :class:`pyro.infer.SVI` (one ``loss_and_grads`` per ``svi.step()``) and for a
+      PyTorch loop that calls the loss once per ``optimizer.step()``.
+    * ``loss``, ``decompose`` and ``differentiable_loss`` under :func:`torch.no_grad`
+      (evaluation) never count.
+    * An optimiser that evaluates the loss several times per step (``torch.optim.LBFGS``'s
+      closure, its line search and inner iterations; gradient accumulation) wraps the
+      step in :meth:`optimizer_step`: every call inside the block uses the same β and C,
+      and the block counts one step when it exits (``with loss.optimizer_step():
+      optimizer.step(closure)``).
+    * A driver with its own step counter sets the position before each step with
+      ``load_state_dict({"step": n})`` (:class:`~pyro_elbo_lab.SVIRunner` counts through
+      ``loss_and_grads``; the Lightning module sets ``trainer.global_step``).
+
+    Why explicit and not detected: a parameter change between two calls does not mark
+    an optimiser step (L-BFGS moves the parameters at every line-search trial and inner
+    iteration of one ``optimizer.step``), and parameters outside Pyro's param store
+    would go unseen; the block is exact for any optimiser and costs nothing per call.
+
+    Subclasses call :meth:`_init_beta` (or :meth:`_init_step`) before
+    ``super().__init__``, set ``self._last_record`` on every loss evaluation, and call
+    :meth:`_advance_step` after every gradient call.
     """
 
     def _init_beta(self, beta: ScheduleLike) -> None:
@@ -107,8 +197,47 @@ class BetaState:
                 beta, "beta", "beta=1 gives the ELBO, beta>1 a β-VAE, beta<1 weakens the KL term; or pass a schedule"
             )
         self._beta = as_schedule(beta, "beta")
+        self._init_step()
+
+    def _init_step(self) -> None:
         self.step = 0
+        self._step_held = 0
         self._last_record: TermsRecord | None = None
+
+    def _advance_step(self) -> None:
+        """Count one optimiser step after a gradient call, unless inside :meth:`optimizer_step` or under no_grad."""
+        if not getattr(self, "_step_held", 0) and torch.is_grad_enabled():
+            self.step += 1
+
+    @contextlib.contextmanager
+    def optimizer_step(self) -> Iterator:
+        """
+        Context manager for one optimiser step that calls the loss several times (an
+        L-BFGS closure, gradient accumulation): every call inside uses the schedules at
+        the same :attr:`step`, and :attr:`step` advances by exactly one when the block
+        exits normally (not when it raises). Nested blocks count once (the outermost).
+
+        Example::
+
+            optimizer = torch.optim.LBFGS(params)
+
+            def closure():
+                optimizer.zero_grad()
+                return loss_fn.loss_and_grads(model, guide, data)
+
+            for _ in range(num_steps):
+                with loss_fn.optimizer_step():
+                    optimizer.step(closure)
+        """
+        self._step_held = getattr(self, "_step_held", 0) + 1
+        try:
+            yield self
+        except BaseException:
+            self._step_held -= 1
+            raise
+        self._step_held -= 1
+        if not self._step_held:
+            self.step += 1
 
     def current_beta(self, step: int | None = None) -> float:
         """

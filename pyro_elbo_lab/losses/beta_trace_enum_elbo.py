@@ -173,14 +173,15 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
-        ``-objective`` as a differentiable tensor; counts one gradient step.
+        ``-objective`` as a differentiable tensor; counts one optimiser step
+        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
 
         :raises ValueError: if the objective cannot be differentiated.
         """
         objective = self._run(model, guide, args, kwargs, backward=False)
         if not torch.is_tensor(objective) or not objective.requires_grad:
             raise ValueError(f"ELBO cannot be differentiated: {objective}")
-        self.step += 1
+        self._advance_step()
         loss = -objective
         warn_if_nan(loss, "loss")
         return loss
@@ -188,10 +189,11 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
         ``-objective`` in nats; accumulates its gradient into the parameters' ``.grad``
-        (what :class:`pyro.infer.SVI` calls); counts one gradient step.
+        (what :class:`pyro.infer.SVI` calls); counts one optimiser step
+        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         objective = self._run(model, guide, args, kwargs, backward=True)
-        self.step += 1
+        self._advance_step()
         loss = -float(objective)
         warn_if_nan(loss, "loss")
         return loss

@@ -14,13 +14,14 @@ from typing import Iterable
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceGraph_ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
 from ..sites import log_prob_per_particle, sum_per_particle
 from ..terms import TermsRecord
-from .beta_state import BetaState, check_selection_matches, check_site_names, site_selected
+from .beta_state import BetaState, check_enumerated_sites, check_selection_matches, check_site_names, site_selected
 
 __all__ = ["BetaTraceGraphELBO"]
 
@@ -134,23 +135,25 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
         ``-objective`` in nats; accumulates the gradient estimate (and the baselines'
-        gradients) into ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one step.
+        gradients) into ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one optimiser step
+        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         self._begin()
         loss = super().loss_and_grads(model, guide, *args, **kwargs)
         self._finish()
-        self.step += 1
+        self._advance_step()
         return loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
         ``-objective`` as a tensor whose gradient is the estimator of
-        :meth:`loss_and_grads` (surrogate, baseline loss included); counts one step.
+        :meth:`loss_and_grads` (surrogate, baseline loss included); counts one optimiser step
+        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         self._begin()
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
         self._finish()
-        self.step += 1
+        self._advance_step()
         loss = -torch.as_tensor(elbo).detach()
         if torch.is_tensor(surrogate_loss) and surrogate_loss.requires_grad:
             loss = loss + (surrogate_loss - surrogate_loss.detach())
@@ -183,6 +186,8 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         self._columns = []
 
     def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled():
+            model, guide = check_enumerated_sites(model, guide)
         beta = self._call_beta
         if beta == 1.0:  # nothing to weight: Pyro's traces as they are
             model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)

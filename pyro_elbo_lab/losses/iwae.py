@@ -20,7 +20,7 @@ from pyro.util import warn_if_nan
 from ..checks import check_int
 from ..sites import sum_per_particle
 from ..terms import TermsRecord
-from .beta_state import BetaState
+from .beta_state import BetaState, check_enumerated_sites
 
 __all__ = ["IWAE"]
 
@@ -138,12 +138,13 @@ class IWAE(BetaState, RenyiELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
         ``-bound`` in nats; accumulates the gradient estimate (``gradient=``) into the
-        parameters' ``.grad``; counts one gradient step.
+        parameters' ``.grad``; counts one optimiser step
+        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
         for param, grad in grads:
             param.grad = -grad if param.grad is None else param.grad - grad
-        self.step += 1
+        self._advance_step()
         loss = -bound
         warn_if_nan(loss, "loss")
         return loss
@@ -151,16 +152,22 @@ class IWAE(BetaState, RenyiELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
         ``-bound`` as a tensor whose first derivative with respect to the parameters is the
-        gradient estimate of :meth:`loss_and_grads` (not differentiable twice); counts one step.
+        gradient estimate of :meth:`loss_and_grads` (not differentiable twice); counts one optimiser step
+        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
         loss = torch.tensor(-bound)
         for param, grad in grads:
             loss = loss - ((param * grad).sum() - (param * grad).sum().detach())
-        self.step += 1
+        self._advance_step()
         return loss
 
     # -- the work ---------------------------------------------------------------------------
+
+    def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled():  # a site enumerated in the model: name BetaTraceEnumELBO
+            model, guide = check_enumerated_sites(model, guide)
+        return super()._get_trace(model, guide, args, kwargs)
 
     def _run(self, model, guide, args, kwargs, need_grads: bool):
         vectorized = self.vectorize_particles and self.num_particles > 1

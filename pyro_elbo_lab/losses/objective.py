@@ -16,16 +16,29 @@ from typing import Callable, Iterable
 
 import torch
 from pyro.distributions.util import is_identically_zero
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.util import warn_if_nan
 
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
-from .beta_state import BetaState, site_selected
+from .beta_state import BetaState, check_enumerated_sites, enumerated_site_error, is_enumerated, site_selected
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
-__all__ = ["WeightedObjective"]
+__all__ = ["WeightedObjective", "missing_guide_site"]
+
+
+def missing_guide_site(name: str, model_site) -> ValueError:
+    """
+    The error for a latent model site without a guide site; for a site enumerated in the
+    model it names the class that sums it out (:func:`~.beta_state.enumerated_site_error`).
+    """
+    if is_enumerated(model_site):
+        return enumerated_site_error(name)
+    return ValueError(
+        f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
+        "needs a matching guide site of the same name (or pass it as observed data)."
+    )
 
 
 def _is_sample(site) -> bool:
@@ -81,8 +94,7 @@ class WeightedObjective(BetaState):
         (self._beta, self.sites, self.free_bits, self.gamma, self.capacity) = check_weighting(
             beta, sites, free_bits, capacity, gamma
         )
-        self.step = 0
-        self._last_record: TermsRecord | None = None
+        self._init_step()
         self._sites_checked = False
         self._weight_cache: dict = {}
 
@@ -125,7 +137,7 @@ class WeightedObjective(BetaState):
         :rtype: torch.Tensor (scalar)
         """
         loss, surrogate = self._run(model, guide, args, kwargs, mode="differentiable")
-        self.step += 1
+        self._advance_step()
         warn_if_nan(loss, "loss")  # as Pyro's Trace_ELBO.differentiable_loss
         if not torch.is_tensor(surrogate):
             return loss
@@ -134,13 +146,15 @@ class WeightedObjective(BetaState):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """
         Computes ``-objective`` and accumulates its gradient estimate into the parameters'
-        ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one gradient step.
+        ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one optimiser step, except
+        inside :meth:`optimizer_step` (see
+        :class:`~pyro_elbo_lab.losses.beta_state.BetaState` for the rule).
 
         :returns: ``-objective`` in nats.
         :rtype: float
         """
         loss, _ = self._run(model, guide, args, kwargs, mode="backward")
-        self.step += 1
+        self._advance_step()
         loss = loss.item()
         warn_if_nan(loss, "loss")
         return loss
@@ -187,6 +201,11 @@ class WeightedObjective(BetaState):
         return value, loss
 
     # -- the work -----------------------------------------------------------------------------
+
+    def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled():  # a site enumerated in the model: name BetaTraceEnumELBO (before Pyro warns)
+            model, guide = check_enumerated_sites(model, guide)
+        return super()._get_trace(model, guide, args, kwargs)
 
     def _run(self, model, guide, args, kwargs, mode: str):
         beta = self.current_beta()
@@ -290,10 +309,7 @@ class WeightedObjective(BetaState):
                 continue
             guide_site = guide_trace.nodes.get(name)
             if guide_site is None:
-                raise ValueError(
-                    f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
-                    "needs a matching guide site of the same name (or pass it as observed data)."
-                )
+                raise missing_guide_site(name, model_site)
             latent.append((name, model_site, guide_site))
         for name, guide_site in guide_trace.nodes.items():
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
@@ -336,7 +352,7 @@ class WeightedObjective(BetaState):
                             "sites= to reparameterised sites."
                         )
                     nonlinear_sites.add(name)
-                    size = self._per_particle(sites.count(guide_site))
+                    size = self._per_particle(sites.count(guide_site, mask=sites.element_mask(model_site, guide_site)))
                     if self.free_bits is not None:
                         per_dim = self._per_particle(
                             sites.kl(model_site, guide_site, per_dim=True, analytic=self.analytic_kl)[0], event_dims=1
