@@ -14,6 +14,7 @@ import torch
 import pyro
 import pyro.poutine as poutine
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
@@ -26,10 +27,46 @@ __all__ = [
     "vectorized_traces",
     "log_joint_and_guide",
     "probe_traces",
+    "enumerated_site_error",
 ]
 
 #: Name of the plate that vectorises importance samples.
 SAMPLE_PLATE = "_elbo_lab_samples"
+
+
+def enumerated_site_error(name: str) -> ValueError:
+    """
+    The error of every post-fit diagnostic for a latent site enumerated in the model
+    (``infer={"enumerate": ...}``, ``config_enumerate``) that the guide does not sample.
+    """
+    return ValueError(
+        f"site '{name}' is enumerated in the model: the post-fit diagnostics (estimate_evidence, "
+        "posterior_collapse, aggregate_posterior, rate_distortion, to_inference_data, guide_moments) do not "
+        "marginalise enumerated sites yet. Use a guide that samples it (e.g. pyro.sample(name, "
+        "dist.Categorical(logits=...)) in the guide), or pyro.infer.infer_discrete for its posterior; "
+        "BetaTraceEnumELBO's last_terms report the fit's marginal terms."
+    )
+
+
+class _RefuseEnumerated(Messenger):
+    """Raise :func:`enumerated_site_error` at an enumerated model site the guide lacks, before the model goes on."""
+
+    def __init__(self, guide_trace):
+        super().__init__()
+        self.guide_names = {n for n, site in guide_trace.nodes.items() if site["type"] == "sample"}
+
+    def _pyro_sample(self, msg) -> None:
+        # the model's own infer dict: this handler runs before poutine.replay substitutes the guide's
+        enumerate = (msg.get("infer") or {}).get("enumerate")
+        if enumerate in ("parallel", "sequential") and not msg["is_observed"] and msg["name"] not in self.guide_names:
+            raise enumerated_site_error(msg["name"])
+
+
+def _replayed_model_trace(model, guide_trace, args, kwargs):
+    """The model replayed against ``guide_trace``, refusing sites enumerated in the model."""
+    return poutine.trace(poutine.replay(_RefuseEnumerated(guide_trace)(model), trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
 
 
 def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
@@ -42,7 +79,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     """
     with poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace = _replayed_model_trace(model, guide_trace, args, kwargs)
     dims = [
         frame.dim
         for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace))
@@ -66,7 +103,7 @@ def probe_traces(model, guide, args, kwargs) -> tuple[int, int]:
     """
     with poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace = _replayed_model_trace(model, guide_trace, args, kwargs)
     dims = [0]
     elements = 0
     for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)):
@@ -106,7 +143,9 @@ def vectorized_traces(
     :param int num_samples: S >= 1.
     :param int max_plate_nesting: the model's plate depth; guessed when None.
     :rtype: ImportanceTraces
-    :raises ValueError: if a latent site of the model has no guide site; under validation
+    :raises ValueError: if a latent site of the model has no guide site (for a site
+        enumerated in the model: :func:`enumerated_site_error`, raised while the model
+        runs, before shape errors of code written for enumeration); under validation
         (``pyro.enable_validation``), if model and guide shapes disagree at a site or a site
         does not fit its plates (Pyro's ``check_model_guide_match`` / ``check_site_shape``).
     """
@@ -117,7 +156,7 @@ def vectorized_traces(
     plate = pyro.plate(SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1))
     with poutine.block():
         guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace = _replayed_model_trace(plate(model), guide_trace, args, kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     for name, site in model_trace.nodes.items():
