@@ -31,7 +31,8 @@ class CompiledFunction:
         ``optimize`` flag, inductor's ``grad_index``).
     """
 
-    __slots__ = ("function", "names", "param_names", "param_signature", "info")
+    # __weakref__: the fused training step keys its own compiled functions on this object
+    __slots__ = ("function", "names", "param_names", "param_signature", "info", "__weakref__")
 
     def __init__(self, function: Callable, names: list, info: dict | None = None):
         self.function = function

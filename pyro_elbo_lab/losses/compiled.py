@@ -196,6 +196,36 @@ class CompiledObjective:
         self.compile_seconds += time.perf_counter() - start
         return outputs, compiled
 
+    def gradient_graph(self, model, guide, args: tuple, kwargs: dict) -> CompiledFunction | None:
+        """
+        The recorded gradient graph of :meth:`loss_and_grads` for these arguments, for the
+        fused training step (:class:`~pyro_elbo_lab.losses.fused.FusedSVI`), or ``None``
+        when there is none yet (no :meth:`loss_and_grads` call with such arguments) or the
+        compiler does not record one (TorchScript).
+
+        :returns: a :class:`~.compile_strategy.CompiledFunction` whose ``info["graph"]`` is
+            ``(beta, capacity, *params, *args) -> (loss, values, *grads)`` (parameters
+            unconstrained, in the order of ``param_names``; gradients of the parameters
+            at ``info["grad_index"]``).
+        """
+        compiled = self._compiled.get(self._cache_key(model, guide, args, kwargs, "backward"))
+        if compiled is None or compiled.info.get("graph") is None:
+            return None
+        return compiled
+
+    def record_step(self, compiled: CompiledFunction, values: torch.Tensor, beta: float, capacity: float | None) -> None:
+        """
+        Record the terms of a gradient step that ran outside :meth:`loss_and_grads` (the
+        fused training step) and count it, as :meth:`loss_and_grads` does.
+
+        :param compiled: what :meth:`gradient_graph` returned.
+        :param torch.Tensor values: the graph's recorded values (terms × particles).
+        :param float beta: β of the step (:meth:`current_beta` before it).
+        :param capacity: C(t) of the step, or ``None``.
+        """
+        self._last_record = TermsRecord(compiled.names, values, beta, capacity)
+        self._advance_step()
+
     def _run(self, model, guide, args, kwargs, mode: str):
         beta = self.current_beta()
         capacity = self.current_capacity()

@@ -68,7 +68,10 @@ class InductorStrategy(CompileStrategy):
             self._check_differentiated(graph, example[2 + num_params:])
         function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
         # compiled_modes: the grad modes (True / False) it has been called, and so compiled, under
-        return CompiledFunction(function, names, {"grad_index": found.get("index"), "compiled_modes": set()})
+        # graph: the recorded (uncompiled) graph, which the fused training step
+        # (:mod:`.fused`) compiles again together with the optimiser's update
+        info = {"grad_index": found.get("index"), "compiled_modes": set(), "graph": graph if gradients else None}
+        return CompiledFunction(function, names, info)
 
     def _check_differentiated(self, graph, args: tuple) -> None:
         # the gradient graph differentiates with respect to the Pyro parameters only: a
