@@ -112,6 +112,11 @@ def eight_schools_posterior(plt, study, path: str) -> None:
         ax.set_ylim(-0.7, len(methods) - 0.3)
         ax.set_xlabel(unit)
     ax_tau.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax_tau.xaxis.set_major_locator(FixedLocator([0.1, 0.3, 1, 3, 10, 30]))
+    ax_tau.xaxis.set_major_formatter(ScalarFormatter())
+    ax_tau.xaxis.set_minor_formatter(NullFormatter())
     ax_mu.set_title("μ: mean and 90% interval; exact mean (dotted) and 90% interval (grey)", fontsize=9)
     ax_tau.set_title("τ: mean and 90% interval; exact mean (dotted) and 90% interval (grey)", fontsize=9)
 

@@ -340,7 +340,7 @@ def vae_comparison(labels: dict, iwae_per_image: dict, converged: dict, rate: di
     else:
         out.append(
             f"Highest held-out IWAE log-likelihood: {labels[best]} ({mean[best]:.2f} nats per image), ahead of every "
-            f"other by more than 2 paired standard errors ({detail} nats per image)."
+            f"other converged weighting by more than 2 paired standard errors ({detail} nats per image)."
         )
     lo = min(done, key=rate.get)
     hi = max(done, key=rate.get)
