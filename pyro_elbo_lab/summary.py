@@ -62,21 +62,26 @@ class SVISummary:
         Per chain, in words: whether the fit converged, what k̂ says about importance
         sampling and the evidence's standard error, and whether the guide's moments are
         accurate and which estimates to use (:meth:`~pyro_elbo_lab.GuideMoments.verdict`).
+        A chain whose ``vi["converged"]`` is None, NaN or ``pd.NA`` reads "Convergence not
+        recorded"; one that is false (``False``, ``numpy.False_``, 0.0) reads "NOT CONVERGED".
 
         :rtype: list
         """
+        import pandas as pd
+
         out = []
         for chain, row in self.vi.iterrows():
             parts = []
+            # None, NaN or pd.NA (pandas fills a chain's missing entry with NaN): not recorded
             converged = row.get("converged")
-            if converged is False:
+            if pd.isna(converged):
+                parts.append("Convergence not recorded (no SVIRunner convergence evidence in the data).")
+            elif not bool(converged):
                 why = self.convergence_reasons[chain] if chain < len(self.convergence_reasons) else ""
                 parts.append(
                     f"NOT CONVERGED{f' ({why})' if why else ''}: these numbers describe an unfinished fit, not "
                     "the limit of the guide family."
                 )
-            elif converged is None:
-                parts.append("Convergence not recorded (no SVIRunner convergence evidence in the data).")
             if not row["stderr_reliable"]:
                 k = row["pareto_k"]
                 why = "Pareto k̂ not fitted" if math.isnan(k) else f"Pareto k̂ = {k:.3g} > {row['k_threshold']:.3g}"

@@ -6,6 +6,7 @@ is known, with guides set by construction to be exact, over-dispersed, under-dis
 mean-shifted (k̂ ≤ 0.5: importance sampling is reliable, yet the guide is off) and far too
 narrow (k̂ > 0.7). Issue 12: "good" was printed for guides whose moments were far off.
 """
+import dataclasses
 import math
 import re
 import types
@@ -155,6 +156,28 @@ def test_not_converged_is_printed_from_the_history():
     plain = summarize(to_inference_data(model, make_guide(0.0, 1.0), Y, num_samples=200, history=history))
     assert plain.vi.loc[0, "converged"] is None
     assert "Convergence not recorded" in str(plain) and "NOT CONVERGED" not in str(plain)
+
+
+def test_chain_without_convergence_data_beside_one_with_it():
+    # two fits' tables side by side, one from data without convergence evidence: pandas fills
+    # the missing entry with NaN (and a nullable column with pd.NA), which is "not recorded";
+    # a NumPy False is "not converged"
+    history = pd.DataFrame({"chain": [0, 0], "step": [0, 1], "loss": [9.0, 8.0], "elbo": [-9.0, -8.0]})
+    run = types.SimpleNamespace(history=history, convergence=[{"converged": False, "reason": "still rising"}])
+    recorded = summarize(to_inference_data(model, make_guide(0.0, 1.0), Y, num_samples=200, history=run))
+    plain = summarize(to_inference_data(model, make_guide(0.0, 1.0), Y, num_samples=200))
+    vi = pd.concat([recorded.vi, plain.vi.drop(columns="converged")], ignore_index=True)
+    assert vi["converged"].tolist()[0] is False and math.isnan(vi["converged"].tolist()[1])
+    both = dataclasses.replace(recorded, vi=vi, guide_moments=recorded.guide_moments + plain.guide_moments,
+                               convergence_reasons=["still rising", ""])
+    first, second = both.verdicts()
+    assert "NOT CONVERGED (still rising)" in first and "Convergence not recorded" not in first
+    assert "Convergence not recorded" in second and "NOT CONVERGED" not in second
+    nullable = dataclasses.replace(both, vi=vi.convert_dtypes())
+    assert nullable.vi["converged"].isna().tolist() == [False, True]
+    assert "Convergence not recorded" in nullable.verdicts()[1]
+    numpy_false = dataclasses.replace(recorded, vi=recorded.vi.assign(converged=[np.False_]))
+    assert "NOT CONVERGED" in numpy_false.verdicts()[0]
 
 
 def test_guide_moments_group_round_trips_through_netcdf(tmp_path):
