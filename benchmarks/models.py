@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The benchmark problems: a VAE on the digits data (64-256-8), a VAE on 784-dim synthetic
-binary data (784-400-20), and eight schools (non-centred, AutoNormal guide).
+binary data (784-400-20), eight schools (non-centred, AutoNormal guide), a Gaussian
+mixture with the component enumerated (:class:`Mixture`), and a model with one binary
+latent per data point and a score-function guide (:class:`BinaryLatent`).
 
 Each problem builds fresh modules from a seed, so every method starts from the same
 parameters and sees the same batches. The data come from :mod:`pyro_elbo_lab.datasets`.
@@ -19,7 +21,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_elbo_lab.datasets import eight_schools, load_digits
 
-__all__ = ["VAE", "digits_data", "synthetic_data", "EightSchools"]
+__all__ = ["VAE", "digits_data", "synthetic_data", "EightSchools", "Mixture", "BinaryLatent"]
 
 
 def digits_data() -> torch.Tensor:
@@ -127,3 +129,54 @@ class EightSchools:
             theta_tilde = pyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
             theta = mu + tau * theta_tilde
             pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+class Mixture:
+    """
+    A three-component Gaussian mixture on 1 000 synthetic points: the component of each point
+    is enumerated in the model (summed out, ``TraceEnum_ELBO`` / ``BetaTraceEnumELBO``), the
+    component means are sampled (Normal guide), the weights are a parameter.
+    """
+
+    K = 3
+
+    def __init__(self, n: int = 1000, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        c = torch.randint(0, self.K, (n,), generator=g)
+        self.data = torch.tensor([-3.0, 0.0, 4.0])[c] + torch.randn(n, generator=g)
+
+    def model(self, data):
+        w = pyro.param("w", torch.ones(self.K) / self.K, constraint=dist.constraints.simplex)
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0).expand([self.K]).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            c = pyro.sample("c", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(loc[..., c], 1.0), obs=data)
+
+    def guide(self, data):
+        m = pyro.param("m", torch.tensor([-1.0, 0.0, 1.0]))
+        s = pyro.param("s", torch.ones(self.K), constraint=dist.constraints.positive)
+        pyro.sample("loc", dist.Normal(m, s).to_event(1))
+
+
+class BinaryLatent:
+    """
+    One Bernoulli latent per data point (200 points), a Normal likelihood whose mean depends
+    on it, and a Bernoulli guide: the guide's gradient is a score-function estimate
+    (``TraceGraph_ELBO`` / ``BetaTraceGraphELBO``, with Pyro's decaying-average baseline).
+    """
+
+    def __init__(self, n: int = 200, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        z = (torch.rand(n, generator=g) < 0.4).to(torch.get_default_dtype())
+        self.data = 2.0 * z - 1.0 + torch.randn(n, generator=g)
+
+    def model(self, data):
+        locs = pyro.param("locs", torch.tensor([-0.5, 0.5]))
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.4))
+            pyro.sample("obs", dist.Normal(locs[z.long()], 1.0), obs=data)
+
+    def guide(self, data):
+        logits = pyro.param("logits", torch.zeros(data.shape[0]))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=logits), infer={"baseline": {"use_decaying_avg_baseline": True}})

@@ -42,14 +42,29 @@ from pyro.infer import (  # noqa: E402
     Importance,
     JitTrace_ELBO,
     JitTraceMeanField_ELBO,
+    RenyiELBO,
     Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
     TraceMeanField_ELBO,
 )
 
-from models import VAE, EightSchools, digits_data, synthetic_data  # noqa: E402
-from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, JitBetaELBO, JitBetaMeanFieldELBO, estimate_evidence  # noqa: E402
+from models import VAE, BinaryLatent, EightSchools, Mixture, digits_data, synthetic_data  # noqa: E402
+from pyro_elbo_lab import (  # noqa: E402
+    IWAE,
+    BetaELBO,
+    BetaMeanFieldELBO,
+    BetaTraceEnumELBO,
+    BetaTraceGraphELBO,
+    JitBetaELBO,
+    JitBetaMeanFieldELBO,
+    estimate_evidence,
+)
+from pyro_elbo_lab.losses.fused import FusedSVI  # noqa: E402
 
 LR = 1e-3
+#: the fused training step's row
+FUSED = "JitBetaELBO (inductor, fused step)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,6 +209,81 @@ def _history_method(name, make_problem, make_loss, args_fn):
     return Method(name, build)
 
 
+def _fused_method(name, make_problem, make_loss, args_fn):
+    """A compiled inductor loss driven by FusedSVI (gradients and the Adam update in one graph)."""
+    holder = {}
+
+    def build():
+        model, guide, batches = make_problem()
+        loss = make_loss()
+        svi = FusedSVI(model, guide, pyro.optim.Adam({"lr": LR}), loss)
+        holder["loss"], holder["svi"] = loss, svi
+        it = {"i": 0}
+
+        def step():
+            i = it["i"] = (it["i"] + 1) % len(batches)
+            return svi.step(*args_fn(batches[i]))
+
+        return step
+
+    def info():
+        loss, svi = holder["loss"], holder["svi"]
+        return {"compilations": loss.num_compilations + 1, "compile_s": loss.compile_seconds + svi.compile_seconds}
+
+    return Method(name, build, info)
+
+
+def _torch_vae_fused_method(make_vae, batches):
+    """
+    The physical limit: the VAE's negative ELBO in plain torch ops, its gradient
+    (``torch.func.grad_and_value``) and Adam's update written out, compiled as ONE
+    ``torch.compile`` graph that updates parameters and moments in place.
+    """
+    from torch.func import functional_call, grad_and_value
+
+    holder = {}
+
+    def build():
+        vae = make_vae()
+        net = torch.nn.Module()
+        net.encoder, net.decoder = vae.encoder, vae.decoder
+        net.forward = vae.negative_elbo
+        names = [n for n, _ in net.named_parameters()]
+        params = [p.detach() for _, p in net.named_parameters()]
+        exp_avg = [torch.zeros_like(p) for p in params]
+        exp_avg_sq = [torch.zeros_like(p) for p in params]
+        t = torch.zeros(1, dtype=torch.float64)
+        lr = torch.full((1,), LR, dtype=torch.float64)
+        value_and_grad = grad_and_value(lambda ps, x: functional_call(net, dict(zip(names, ps)), (x,)))
+
+        def fused(ps, m, v, t, lr, x):
+            grads, loss = value_and_grad(ps, x)
+            t.add_(1)
+            step_size = (lr / (1 - torch.pow(0.9, t))).to(ps[0].dtype)
+            bc2 = (1 - torch.pow(0.999, t)).sqrt().to(ps[0].dtype)
+            for p, g, a, b in zip(ps, grads, m, v):
+                a.lerp_(g, 0.1)
+                b.mul_(0.999).addcmul_(g, g, value=0.001)
+                p.sub_(step_size * (a / (b.sqrt() / bc2).add_(1e-8)))
+            return loss
+
+        compiled = torch.compile(fused, fullgraph=True, dynamic=False, options={"fallback_random": True})
+        it = {"i": 0, "first": True}
+
+        def step():
+            i = it["i"] = (it["i"] + 1) % len(batches)
+            t0 = time.perf_counter()
+            out = compiled(params, exp_avg, exp_avg_sq, t, lr, batches[i]).item()
+            if it["first"]:
+                holder["compile_s"] = time.perf_counter() - t0
+                it["first"] = False
+            return out
+
+        return step
+
+    return Method("PyTorch by hand, fused (grad + Adam, one graph)", build, lambda: {"compilations": 1, **holder})
+
+
 def _losses(particles: int = 1, vectorize: bool = False, max_plate_nesting: int = 1, jit_pyro: bool = True):
     kw = {"num_particles": particles, "vectorize_particles": vectorize}
     if vectorize:
@@ -282,7 +372,11 @@ def vae_case(title, x, hidden, z_dim, particles, cfg):
 
     cases = []
     methods = [_torch_vae_method(make_vae, batches)]
+    if cfg["fused"]:
+        methods.append(_torch_vae_fused_method(make_vae, batches))
     methods += [_svi_method(n, make_problem, f, args_fn) for n, f in _losses(jit_pyro=cfg["jit_pyro"])]
+    if cfg["fused"]:
+        methods.append(_fused_method(FUSED, make_problem, lambda: JitBetaELBO(compiler="inductor"), args_fn))
     if cfg["history"]:
         methods.append(_history_method("BetaELBO + history read", make_problem, BetaELBO, args_fn))
     cases.append((f"{title}, 1 particle", methods, "Trace_ELBO", cfg["vae"]))
@@ -301,12 +395,77 @@ def schools_case(particles, cfg):
         return b
 
     methods = [_svi_method(n, make_problem, f, args_fn) for n, f in _losses(jit_pyro=cfg["jit_pyro"])]
+    methods.append(_fused_method(FUSED, make_problem, lambda: JitBetaELBO(compiler="inductor"), args_fn))
     if cfg["history"]:
         methods.append(_history_method("BetaELBO + history read", make_problem, BetaELBO, args_fn))
     cases = [("Eight schools (AutoNormal), 1 particle", methods, "Trace_ELBO", cfg["schools"])]
     pm = _particle_methods(particles, make_problem, args_fn)
     cases.append((f"Eight schools (AutoNormal), {particles} particles", pm, "Trace_ELBO (sequential)", cfg["schools_particles"]))
+    # many vectorised particles: the recording losses' per-particle sums against Trace_ELBO's
+    kw = {"num_particles": 1000, "vectorize_particles": True, "max_plate_nesting": 1}
+    pm = [
+        _svi_method("Trace_ELBO (vectorised)", make_problem, lambda: Trace_ELBO(**kw), args_fn),
+        _svi_method("BetaELBO (vectorised)", make_problem, lambda: BetaELBO(**kw), args_fn),
+    ]
+    cases.append(("Eight schools (AutoNormal), 1000 particles", pm, "Trace_ELBO (vectorised)", cfg["schools_particles"]))
     return cases
+
+
+def new_losses_case(cfg):
+    """Issue 13's classes against their Pyro base classes, each on a model that needs them."""
+
+    def problem(cls):
+        def make_problem():
+            m = cls()
+            return m.model, m.guide, [m.data]
+
+        return make_problem
+
+    def schools():
+        s = EightSchools()
+        return s.model, s.guide, [(s.y, s.sigma)]
+
+    def one(b):
+        return (b,)
+
+    def both(b):
+        return b
+
+    mixture, binary = problem(Mixture), problem(BinaryLatent)
+    return [
+        (
+            "Gaussian mixture, component enumerated (1000 points)",
+            [
+                _svi_method("TraceEnum_ELBO", mixture, lambda: TraceEnum_ELBO(max_plate_nesting=1), one),
+                _svi_method("BetaTraceEnumELBO", mixture, lambda: BetaTraceEnumELBO(max_plate_nesting=1), one),
+            ],
+            "TraceEnum_ELBO",
+            cfg["new_losses"],
+        ),
+        (
+            "Binary latent per point, score-function guide (200 points)",
+            [
+                _svi_method("TraceGraph_ELBO", binary, TraceGraph_ELBO, one),
+                _svi_method("BetaTraceGraphELBO", binary, BetaTraceGraphELBO, one),
+            ],
+            "TraceGraph_ELBO",
+            cfg["new_losses"],
+        ),
+        (
+            "Eight schools (AutoNormal), importance-weighted bound, K = 16",
+            [
+                _svi_method(
+                    "RenyiELBO(alpha=0)",
+                    schools,
+                    lambda: RenyiELBO(alpha=0, num_particles=16, vectorize_particles=True, max_plate_nesting=1),
+                    both,
+                ),
+                _svi_method("IWAE (DReG)", schools, lambda: IWAE(16, max_plate_nesting=1), both),
+            ],
+            "RenyiELBO(alpha=0)",
+            cfg["new_losses"],
+        ),
+    ]
 
 
 def evidence_case(cfg):
@@ -342,6 +501,71 @@ def evidence_case(cfg):
     ]
     # methods share the fitted guide: measure() re-enters the same scope for each
     return [("Evidence, eight schools (one call = one estimate)", methods, "pyro.infer.Importance (1000)", cfg["evidence"])]
+
+
+# ---------------------------------------------------------------------------------------
+# compile time, cold and warm, in fresh processes
+
+
+def compile_probe(case: str) -> dict:
+    """
+    In this (fresh) process: compile the inductor graphs of ``case`` and return the
+    seconds per graph: the gradient graph of ``JitBetaELBO(compiler="inductor")`` through
+    SVI (its recording, by make_fx, and its compilation) and the fused step's graph.
+    """
+    if case == "schools":
+        s = EightSchools()
+        model, guide, args = s.model, s.guide, (s.y, s.sigma)
+    else:
+        x = digits_data()
+        vae = VAE(x.shape[1], 256, 8, num_data=x.shape[0], seed=0)
+        model, guide, args = vae.model, vae.guide, (_batches(x, 128)[0],)
+    out = {}
+    store = pyro.get_param_store()
+    with store.scope():
+        pyro.set_rng_seed(0)
+        loss = JitBetaELBO(compiler="inductor")
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), loss)
+        for _ in range(3):
+            svi.step(*args)
+        out["JitBetaELBO (inductor): gradient graph (record + compile)"] = loss.compile_seconds
+    with store.scope():
+        pyro.set_rng_seed(0)
+        loss = JitBetaELBO(compiler="inductor")
+        svi = FusedSVI(model, guide, pyro.optim.Adam({"lr": LR}), loss)
+        for _ in range(3):
+            svi.step(*args)
+        out["fused step: record"] = loss.compile_seconds
+        out["fused step: compile (gradients + Adam)"] = svi.compile_seconds
+    return out
+
+
+def compile_times(cases: list) -> list:
+    """Cold (empty TORCHINDUCTOR_CACHE_DIR) and warm (the same dir, a second process) compile seconds."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    for case in cases:
+        with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+            runs = {}
+            for kind in ("cold", "warm"):
+                t0 = time.perf_counter()
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--compile-probe", case, "--threads", str(torch.get_num_threads())],
+                    env=env, capture_output=True, text=True, check=False,
+                )
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    print(f"  compile probe {case} ({kind}) failed:\n{proc.stderr[-2000:]}")
+                    break
+                runs[kind] = (json.loads(proc.stdout.strip().splitlines()[-1]), wall)
+            if len(runs) == 2:
+                for graph in runs["cold"][0]:
+                    rows.append({"case": case, "graph": graph, "cold_s": runs["cold"][0][graph], "warm_s": runs["warm"][0][graph]})
+                rows.append({"case": case, "graph": "whole process (imports, 6 steps)", "cold_s": runs["cold"][1], "warm_s": runs["warm"][1]})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,8 +626,18 @@ def markdown(report: dict) -> str:
                 f"{r['ratio_q25']:.3f}–{r['ratio_q75']:.3f} | {comp} | {comp_s} |"
             )
         lines.append("")
+    if report.get("compile_times"):
+        lines += [
+            "## Compile time per graph (s), cold (empty TORCHINDUCTOR_CACHE_DIR) and warm (second process, same dir)",
+            "",
+            "| case | graph | cold s | warm s |",
+            "|---|---|---:|---:|",
+        ]
+        for r in report["compile_times"]:
+            lines.append(f"| {r['case']} | {r['graph']} | {r['cold_s']:.2f} | {r['warm_s']:.2f} |")
+        lines.append("")
     if report["targets"]:
-        lines += ["## Targets (issue 6)", "", "| target | measured | met |", "|---|---:|:---:|"]
+        lines += ["## Targets (issues 6, 13, 16)", "", "| target | measured | met |", "|---|---:|:---:|"]
         for t in report["targets"]:
             lines.append(f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'no'} |")
         lines.append("")
@@ -438,6 +672,26 @@ def targets(report: dict) -> list:
         r = ratio(title, name)
         if r is not None:
             out.append({"target": text, "measured": r, "met": bool(ok(r))})
+    checks16 = [
+        ("Digits", FUSED, "fused step / Trace_ELBO <= 0.25 (digits VAE, issue 16)", lambda r: r <= 0.25),
+        ("Eight schools", FUSED, "fused step / Trace_ELBO (eight schools; NumPyro measured 0.026)", lambda r: r <= 0.078),
+    ]
+    for title, name, text, ok in checks16:
+        r = ratio(title, name)
+        if r is not None:
+            out.append({"target": text, "measured": r, "met": bool(ok(r))})
+    for title, res in by_title.items():
+        if title.startswith("Eight schools (AutoNormal), ") and "BetaELBO (vectorised)" in res and "particles" in title:
+            r = res["BetaELBO (vectorised)"]["ratio_median"] / res["Trace_ELBO (vectorised)"]["ratio_median"]
+            n = title.split(", ")[-1]
+            out.append({"target": f"BetaELBO / Trace_ELBO <= 1.05, vectorised, {n} (issue 16)", "measured": r, "met": r <= 1.05})
+        if title.startswith("Eight schools (AutoNormal), 1 particle") and "BetaELBO" in res:
+            r = res["BetaELBO"]["ratio_median"]
+            out.append({"target": "BetaELBO / Trace_ELBO <= 1.05, 1 particle (issue 16)", "measured": r, "met": r <= 1.05})
+        for ours, base in (("BetaTraceEnumELBO", "TraceEnum_ELBO"), ("BetaTraceGraphELBO", "TraceGraph_ELBO"), ("IWAE (DReG)", "RenyiELBO(alpha=0)")):
+            if ours in res and base in res:
+                r = res[ours]["ratio_median"]
+                out.append({"target": f"{ours} / {base} <= 1.05 (issue 13)", "measured": r, "met": r <= 1.05})
     for title in by_title:
         if title.startswith("Evidence"):
             r = by_title[title]["estimate_evidence (1000)"]["ratio_median"]
@@ -455,7 +709,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--validation", choices=["on", "off"], default="off", help="pyro.enable_validation for every method")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--only", default="", help="comma-separated case prefixes to run (digits,synthetic,schools,evidence)")
+    parser.add_argument("--compile-probe", choices=["schools", "digits"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="", help="comma-separated case prefixes to run (digits,synthetic,schools,evidence,new,compile)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -466,6 +721,9 @@ def main(argv=None) -> int:
     # expected, and beside the point of a timing run
     warnings.filterwarnings("ignore", message=r"Pareto k̂")
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
+    if args.compile_probe:
+        print(json.dumps(compile_probe(args.compile_probe)))
+        return 0
 
     # (rounds, block, warmup) per case
     if args.quick:
@@ -473,12 +731,14 @@ def main(argv=None) -> int:
             "vae": (2, 2, 2), "vae_particles": (2, 1, 1), "vae784": (2, 1, 1), "vae784_particles": None,
             "schools": (2, 5, 3), "schools_particles": (2, 2, 2), "evidence": (2, 1, 1),
             "evidence_fit_steps": 50, "jit_pyro": True, "history": True,
+            "new_losses": (2, 2, 1), "fused": False, "compile_cases": [],
         }
     else:
         cfg = {
             "vae": (25, 20, 10), "vae_particles": (15, 4, 3), "vae784": (15, 4, 3), "vae784_particles": (7, 1, 1),
             "schools": (25, 40, 20), "schools_particles": (15, 10, 5), "evidence": (7, 5, 1),
             "evidence_fit_steps": 1000, "jit_pyro": True, "history": True,
+            "new_losses": (15, 5, 3), "fused": True, "compile_cases": ["schools", "digits"],
         }
     only = [s.strip() for s in args.only.split(",") if s.strip()]
 
@@ -489,7 +749,7 @@ def main(argv=None) -> int:
     if wanted("digits"):
         plan += vae_case("Digits VAE (64-256-8, batch 128)", digits_data(), 256, 8, 16, cfg)
     if wanted("synthetic"):
-        c = dict(cfg, vae=cfg["vae784"], vae_particles=cfg["vae784_particles"], history=False)
+        c = dict(cfg, vae=cfg["vae784"], vae_particles=cfg["vae784_particles"], history=False, fused=False)
         plan += vae_case(
             "Synthetic 784-dim VAE (784-400-20, batch 128)", synthetic_data(), 400, 20, 16 if c["vae_particles"] else 0, c
         )
@@ -497,6 +757,8 @@ def main(argv=None) -> int:
         plan += schools_case(64, cfg)
     if wanted("evidence"):
         plan += evidence_case(cfg)
+    if wanted("new"):
+        plan += new_losses_case(cfg)
 
     report = {
         "machine": machine(),
@@ -518,6 +780,10 @@ def main(argv=None) -> int:
                 f"  {name:34s} {r['median_ms']:9.3f} ms [{r['q25_ms']:.3f}, {r['q75_ms']:.3f}]"
                 f"  ratio {r['ratio_median']:.3f} [{r['ratio_q25']:.3f}, {r['ratio_q75']:.3f}]{comp}"
             )
+    if wanted("compile"):
+        report["compile_times"] = compile_times(cfg["compile_cases"])
+        for r in report["compile_times"]:
+            print(f"  compile {r['case']:8s} {r['graph']:58s} cold {r['cold_s']:7.2f} s  warm {r['warm_s']:7.2f} s")
     report["targets"] = targets(report)
     report["total_s"] = time.perf_counter() - t_start
     for t in report["targets"]:
