@@ -10,13 +10,12 @@ parameters and sees the same batches. The data come from :mod:`pyro_elbo_lab.dat
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_elbo_lab.datasets import eight_schools, load_digits

@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
+from models import VAE, BinaryLatent, EightSchools, Mixture, digits_data, synthetic_data  # noqa: E402
 from pyro.infer import (  # noqa: E402
     SVI,
     Importance,
@@ -49,7 +50,6 @@ from pyro.infer import (  # noqa: E402
     TraceMeanField_ELBO,
 )
 
-from models import VAE, BinaryLatent, EightSchools, Mixture, digits_data, synthetic_data  # noqa: E402
 from pyro_elbo_lab import (  # noqa: E402
     IWAE,
     BetaELBO,
@@ -407,7 +407,8 @@ def schools_case(particles, cfg):
         _svi_method("Trace_ELBO (vectorised)", make_problem, lambda: Trace_ELBO(**kw), args_fn),
         _svi_method("BetaELBO (vectorised)", make_problem, lambda: BetaELBO(**kw), args_fn),
     ]
-    cases.append(("Eight schools (AutoNormal), 1000 particles", pm, "Trace_ELBO (vectorised)", cfg["schools_particles"]))
+    title = "Eight schools (AutoNormal), 1000 particles"
+    cases.append((title, pm, "Trace_ELBO (vectorised)", cfg["schools_particles"]))
     return cases
 
 
@@ -563,8 +564,10 @@ def compile_times(cases: list) -> list:
                 runs[kind] = (json.loads(proc.stdout.strip().splitlines()[-1]), wall)
             if len(runs) == 2:
                 for graph in runs["cold"][0]:
-                    rows.append({"case": case, "graph": graph, "cold_s": runs["cold"][0][graph], "warm_s": runs["warm"][0][graph]})
-                rows.append({"case": case, "graph": "whole process (imports, 6 steps)", "cold_s": runs["cold"][1], "warm_s": runs["warm"][1]})
+                    cold, warm = runs["cold"][0][graph], runs["warm"][0][graph]
+                    rows.append({"case": case, "graph": graph, "cold_s": cold, "warm_s": warm})
+                cold, warm = runs["cold"][1], runs["warm"][1]
+                rows.append({"case": case, "graph": "whole process (imports, 6 steps)", "cold_s": cold, "warm_s": warm})
     return rows
 
 
@@ -674,7 +677,8 @@ def targets(report: dict) -> list:
             out.append({"target": text, "measured": r, "met": bool(ok(r))})
     checks16 = [
         ("Digits", FUSED, "fused step / Trace_ELBO <= 0.25 (digits VAE, issue 16)", lambda r: r <= 0.25),
-        ("Eight schools", FUSED, "fused step / Trace_ELBO (eight schools; NumPyro measured 0.026)", lambda r: r <= 0.078),
+        # within 3x NumPyro's CPU time per step, which issue 16 measured at 0.026 x Trace_ELBO
+        ("Eight schools", FUSED, "fused step / Trace_ELBO <= 3 x 0.026 (eight schools, issue 16)", lambda r: r <= 0.078),
     ]
     for title, name, text, ok in checks16:
         r = ratio(title, name)
@@ -684,11 +688,18 @@ def targets(report: dict) -> list:
         if title.startswith("Eight schools (AutoNormal), ") and "BetaELBO (vectorised)" in res and "particles" in title:
             r = res["BetaELBO (vectorised)"]["ratio_median"] / res["Trace_ELBO (vectorised)"]["ratio_median"]
             n = title.split(", ")[-1]
-            out.append({"target": f"BetaELBO / Trace_ELBO <= 1.05, vectorised, {n} (issue 16)", "measured": r, "met": r <= 1.05})
+            text = f"BetaELBO / Trace_ELBO <= 1.05, vectorised, {n} (issue 16)"
+            out.append({"target": text, "measured": r, "met": r <= 1.05})
         if title.startswith("Eight schools (AutoNormal), 1 particle") and "BetaELBO" in res:
             r = res["BetaELBO"]["ratio_median"]
-            out.append({"target": "BetaELBO / Trace_ELBO <= 1.05, 1 particle (issue 16)", "measured": r, "met": r <= 1.05})
-        for ours, base in (("BetaTraceEnumELBO", "TraceEnum_ELBO"), ("BetaTraceGraphELBO", "TraceGraph_ELBO"), ("IWAE (DReG)", "RenyiELBO(alpha=0)")):
+            text = "BetaELBO / Trace_ELBO <= 1.05, 1 particle (issue 16)"
+            out.append({"target": text, "measured": r, "met": r <= 1.05})
+        pairs = (
+            ("BetaTraceEnumELBO", "TraceEnum_ELBO"),
+            ("BetaTraceGraphELBO", "TraceGraph_ELBO"),
+            ("IWAE (DReG)", "RenyiELBO(alpha=0)"),
+        )
+        for ours, base in pairs:
             if ours in res and base in res:
                 r = res[ours]["ratio_median"]
                 out.append({"target": f"{ours} / {base} <= 1.05 (issue 13)", "measured": r, "met": r <= 1.05})
@@ -710,7 +721,9 @@ def main(argv=None) -> int:
     parser.add_argument("--validation", choices=["on", "off"], default="off", help="pyro.enable_validation for every method")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--compile-probe", choices=["schools", "digits"], help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="", help="comma-separated case prefixes to run (digits,synthetic,schools,evidence,new,compile)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated case prefixes to run (digits,synthetic,schools,evidence,new,compile)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

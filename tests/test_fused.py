@@ -104,8 +104,8 @@ def test_same_as_svi(optimizer):
 
 def test_lr_schedule_checkpoint_round_trip_and_closed_form_optimum():
     """
-    Adam under Pyro's ExponentialLR. Stop after 50 fused steps, checkpoint (param store and ``optim.get_state()``), resume
-    with a new optimiser and a new FusedSVI: the 100-step trajectory equals an
+    Adam under Pyro's ExponentialLR. Stop after 50 fused steps, checkpoint (param store
+    and ``optim.get_state()``), resume with a new optimiser and a new FusedSVI: the 100-step trajectory equals an
     uninterrupted ``SVI`` run; the fused graph is reused, not recompiled. Then run on to
     the optimum: the guide of a conjugate model converges to the exact posterior.
     """

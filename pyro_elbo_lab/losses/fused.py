@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -43,7 +43,7 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, TorchClippedAdam, torch.optim.SGD)
 # compiled fused steps, per recorded gradient graph (shared by every FusedSVI using the same
 # loss, model, guide and argument shapes: chains and restarts compile once) and per
 # optimiser configuration
-_FUSED: "weakref.WeakKeyDictionary[CompiledFunction, dict]" = weakref.WeakKeyDictionary()
+_FUSED: weakref.WeakKeyDictionary[CompiledFunction, dict] = weakref.WeakKeyDictionary()
 
 
 def _adam_config(group: dict) -> tuple:
@@ -76,7 +76,13 @@ def _sgd_config(group: dict) -> tuple:
             "FusedSVI fuses torch.optim.SGD without maximize, but the optimiser has maximize=True. "
             "Use pyro.infer.SVI for this optimiser."
         )
-    return ("sgd", float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]))
+    return (
+        "sgd",
+        float(group["momentum"]),
+        float(group["dampening"]),
+        float(group["weight_decay"]),
+        bool(group["nesterov"]),
+    )
 
 
 _CONFIGS: dict[type, Callable[[dict], tuple]] = {
@@ -128,11 +134,16 @@ def _update(config: tuple, param: torch.Tensor, grad: torch.Tensor, state: tuple
         param.sub_(rate.to(param.dtype) * grad)
 
 
-def _make_fused(graph: Callable, grad_index: list, configs: tuple, scalar_params: tuple, scalar_states: tuple) -> Callable:
+def _make_fused(
+    graph: Callable, grad_index: list, configs: tuple, scalar_params: tuple, scalar_states: tuple
+) -> Callable:
     def fused(hyper, rates, params, states, args):
         # 0-dim tensors come in as 1-element views (see FusedSVI._plan)
         params = [p.view(()) if s else p for p, s in zip(params, scalar_params)]
-        states = [tuple(t.view(()) if s else t for t, s in zip(state, scalars)) for state, scalars in zip(states, scalar_states)]
+        states = [
+            tuple(t.view(()) if s else t for t, s in zip(state, scalars))
+            for state, scalars in zip(states, scalar_states)
+        ]
         loss, values, *grads = graph(hyper[0], hyper[1], *params, *args)
         for k, (i, grad) in enumerate(zip(grad_index, grads)):
             _update(configs[k], params[i], grad, states[k], rates[k])
@@ -185,12 +196,15 @@ class FusedSVI(SVI):
                 "Pass such a loss, or use pyro.infer.SVI."
             )
         if not isinstance(optim, PyroOptim):
-            raise ValueError(f"FusedSVI needs a pyro.optim.PyroOptim, got optim={optim!r}. Wrap it, e.g. pyro.optim.Adam({{...}}).")
+            raise ValueError(
+                f"FusedSVI needs a pyro.optim.PyroOptim, got optim={optim!r}. Wrap it, e.g. pyro.optim.Adam({{...}})."
+            )
         constructor = optim.pt_optim_constructor
         if constructor not in _CONFIGS:
             supported = ", ".join(c.__name__ for c in FUSED_OPTIMIZERS)
             raise ValueError(
-                f"FusedSVI fuses the updates of {supported}, but optim wraps {getattr(constructor, '__name__', constructor)}. "
+                f"FusedSVI fuses the updates of {supported}, but optim wraps "
+                f"{getattr(constructor, '__name__', constructor)}. "
                 "Use one of those, or pyro.infer.SVI for this optimiser."
             )
         if optim.pt_clip_args:
@@ -226,7 +240,9 @@ class FusedSVI(SVI):
         if compile_now:
             with torch.no_grad(), warnings.catch_warnings():
                 # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
-                warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
+                warnings.filterwarnings(
+                    "ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning
+                )
                 value, values = fused(hyper, rates_t, params, states, args)
             self.compile_seconds += time.perf_counter() - start
         else:
@@ -255,7 +271,7 @@ class FusedSVI(SVI):
                 return None  # not seen by the optimiser yet: SVI's path creates it (and loads set_state)
             optimizers.append(obj.optimizer if is_scheduler(obj) else obj)
         configs, states, rates = [], [], []
-        for i, optimizer in enumerate(optimizers):
+        for optimizer in optimizers:
             group = optimizer.param_groups[0]
             kind = type(optimizer)
             if kind is TorchClippedAdam:
@@ -289,7 +305,8 @@ class FusedSVI(SVI):
         fused = cache.get(key)
         compile_now = fused is None
         if compile_now:
-            fused = cache[key] = _make_fused(compiled.info["graph"], list(compiled.info["grad_index"]), configs, scalar_params, key[1])
+            graph, grad_index = compiled.info["graph"], list(compiled.info["grad_index"])
+            fused = cache[key] = _make_fused(graph, grad_index, configs, scalar_params, scalar_states)
         # 0-dim inputs as 1-element views: dynamo (torch 2.13) traces 0-dim inputs as symbolic
         # floats, restarts its analysis to specialise them, and the restarted trace drops the
         # in-place updates of the inputs
