@@ -196,9 +196,9 @@ def test_batches_cover_all_samples(monkeypatch):
     sizes = []
     original = evidence_module.vectorized_traces
 
-    def spy(model, guide, args, kwargs, num_samples, max_plate_nesting=None):
+    def spy(model, guide, args, kwargs, num_samples, max_plate_nesting=None, **options):
         sizes.append(num_samples)
-        return original(model, guide, args, kwargs, num_samples, max_plate_nesting)
+        return original(model, guide, args, kwargs, num_samples, max_plate_nesting, **options)
 
     monkeypatch.setattr(evidence_module, "vectorized_traces", spy)
     log_evidence, m, s = nn_exact(X)

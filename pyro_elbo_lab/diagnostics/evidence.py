@@ -189,7 +189,8 @@ def _draw_log_weights(
     """Log weights, shape ``(S,)`` (or ``(S, N)`` per datapoint), drawn in vectorised batches."""
     chunks = []
     for i, n in enumerate(batches(num_samples, batch_size)):
-        traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
+        # sites enumerated in the model are summed out exactly for the joint evidence
+        traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting, marginalise=plate is None)
         if plate is None:
             log_p, log_q = log_joint_and_guide(traces)
             lw = log_p - log_q
@@ -329,7 +330,9 @@ def estimate_evidence(
         )
 
     with torch.no_grad():
-        max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
+        max_plate_nesting, batch_size = plan(
+            model, guide, args, kwargs, max_plate_nesting, batch_size, marginalise=per_datapoint is None
+        )
         lw = _draw_log_weights(model, guide, args, kwargs, num_samples, batch_size, max_plate_nesting, per_datapoint)
 
         if per_datapoint is None:

@@ -272,10 +272,15 @@ def batches(num_samples: int, batch_size: int) -> Iterator[int]:
         done += n
 
 
-def plan(model, guide, args, kwargs, max_plate_nesting: int | None, batch_size: int | None) -> tuple[int, int]:
-    """``(max_plate_nesting, batch_size)``, probing the model once when either is ``None``."""
+def plan(
+    model, guide, args, kwargs, max_plate_nesting: int | None, batch_size: int | None, *, marginalise: bool = False
+) -> tuple[int, int]:
+    """
+    ``(max_plate_nesting, batch_size)``, probing the model once when either is ``None``
+    (``marginalise``: as :func:`~pyro_elbo_lab.diagnostics.traces.probe_traces`).
+    """
     if max_plate_nesting is None or batch_size is None:
-        nesting, elements = probe_traces(model, guide, args, kwargs)
+        nesting, elements = probe_traces(model, guide, args, kwargs, marginalise=marginalise)
         if max_plate_nesting is None:
             max_plate_nesting = nesting
         if batch_size is None:

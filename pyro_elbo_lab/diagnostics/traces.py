@@ -8,6 +8,7 @@ loop over samples.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -91,10 +92,12 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     return -min(dims) if dims else 0
 
 
-def probe_traces(model, guide, args, kwargs) -> tuple[int, int]:
+def probe_traces(model, guide, args, kwargs, *, marginalise: bool = False) -> tuple[int, int]:
     """
     Run the guide and the replayed model once (no sample plate, parameters not recorded,
-    no gradients) to learn what a vectorised pass will need.
+    no gradients) to learn what a vectorised pass will need. Sites enumerated in the
+    model are refused (:func:`enumerated_site_error`) unless ``marginalise``, where they
+    are drawn once from the model (the model must run with a drawn value).
 
     :returns: ``(max_plate_nesting, elements_per_sample)``: the plate depth (as
         :func:`guess_max_plate_nesting`) and the number of value and log_prob entries
@@ -103,7 +106,10 @@ def probe_traces(model, guide, args, kwargs) -> tuple[int, int]:
     """
     with poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = _replayed_model_trace(model, guide_trace, args, kwargs)
+        if marginalise:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        else:
+            model_trace = _replayed_model_trace(model, guide_trace, args, kwargs)
     dims = [0]
     elements = 0
     for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)):
@@ -127,10 +133,19 @@ class ImportanceTraces(NamedTuple):
     guide_trace: poutine.Trace
     num_samples: int
     max_plate_nesting: int
+    #: whether sites enumerated in the model were enumerated (``marginalise=True``)
+    enumerated: bool = False
 
 
 def vectorized_traces(
-    model, guide, args, kwargs, num_samples: int, max_plate_nesting: int | None = None
+    model,
+    guide,
+    args,
+    kwargs,
+    num_samples: int,
+    max_plate_nesting: int | None = None,
+    *,
+    marginalise: bool = False,
 ) -> ImportanceTraces:
     """
     Draw ``num_samples`` joint samples from the guide in one vectorised pass and replay
@@ -142,6 +157,10 @@ def vectorized_traces(
     :param dict kwargs: model/guide keyword arguments.
     :param int num_samples: S >= 1.
     :param int max_plate_nesting: the model's plate depth; guessed when None.
+    :param bool marginalise: enumerate the sites enumerated in the model (``poutine.enum``
+        with the enumeration dims left of the sample plate), for :func:`log_joint_and_guide`,
+        which then sums them out exactly; without it such sites are refused. Only for
+        callers that read nothing but :func:`log_joint_and_guide`.
     :rtype: ImportanceTraces
     :raises ValueError: if a latent site of the model has no guide site (for a site
         enumerated in the model: :func:`enumerated_site_error`, raised while the model
@@ -156,11 +175,19 @@ def vectorized_traces(
     plate = pyro.plate(SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1))
     with poutine.block():
         guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
-        model_trace = _replayed_model_trace(plate(model), guide_trace, args, kwargs)
+        if marginalise:
+            enum_model = poutine.enum(plate(model), first_available_dim=-(max_plate_nesting + 2))
+            model_trace = poutine.trace(poutine.replay(enum_model, trace=guide_trace)).get_trace(*args, **kwargs)
+        else:
+            model_trace = _replayed_model_trace(plate(model), guide_trace, args, kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
+    enumerated = False
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes:
+            if marginalise and site["infer"].get("_enumerate_dim") is not None:
+                enumerated = True
+                continue
             raise ValueError(
                 f"The model's latent site '{name}' has no site in the guide, so the guide cannot propose it. "
                 f"Guide sites: {[n for n, s in guide_trace.nodes.items() if s['type'] == 'sample']}"
@@ -168,15 +195,16 @@ def vectorized_traces(
     if is_validation_enabled():
         # Pyro's own checks (as in get_importance_trace): shapes that disagree between model
         # and guide, or sites that do not fit their plates, would give silently wrong weights
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
+        if not enumerated:
+            check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     if is_validation_enabled():
-        for trace in (model_trace, guide_trace):
+        for trace in (model_trace, guide_trace) if not enumerated else (guide_trace,):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     check_site_shape(site, max_plate_nesting + 1)
-    return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting)
+    return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting, enumerated)
 
 
 def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,13 +215,61 @@ def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.T
         :func:`pyro_elbo_lab.sites.sum_per_particle`).
     """
     S, mpn = traces.num_samples, traces.max_plate_nesting
+    if traces.enumerated:
+        return _marginal_log_joint(traces), _total(traces.guide_trace, S, mpn)
+    return _total(traces.model_trace, S, mpn), _total(traces.guide_trace, S, mpn)
 
-    def total(trace):
-        terms = [
-            sites.sum_per_particle(sites.log_prob(site), S, mpn)
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-        ]
-        return sum(terms) if terms else torch.zeros(S)
 
-    return total(traces.model_trace), total(traces.guide_trace)
+def _total(trace, S: int, mpn: int) -> torch.Tensor:
+    terms = [sites.sum_per_particle(sites.log_prob(site), S, mpn) for site in trace.nodes.values() if site["type"] == "sample"]
+    return sum(terms) if terms else torch.zeros(S)
+
+
+def _marginal_log_joint(traces: ImportanceTraces) -> torch.Tensor:
+    """
+    ``log p(x, z_s)`` with the sites enumerated in the model summed out exactly, shape
+    ``(S,)``: the factors that depend on an enumeration dim are contracted with Pyro's
+    :func:`pyro.ops.contract.contract_to_tensor` (log-sum-exp over enumerated values,
+    sum over plates) down to the sample plate, as ``TraceEnum_ELBO`` does; the others are
+    summed as usual. Masks apply inside the sum over enumerated values.
+
+    :raises ValueError: if a factor that depends on an enumerated site has a scale
+        (subsampling or ``poutine.scale``): not supported.
+    """
+    from pyro.ops import packed
+    from pyro.ops.contract import contract_to_tensor
+    from pyro.ops.rings import LogRing
+
+    S, mpn = traces.num_samples, traces.max_plate_nesting
+    trace = traces.model_trace
+    trace.pack_tensors()
+    sample_symbol = trace.plate_to_symbol[SAMPLE_PLATE]
+    plate_symbols = set(trace.plate_to_symbol.values())
+    enum_dims: set = set()
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None:
+            enum_dims.update(d for d in site["packed"]["unscaled_log_prob"]._pyro_dims if d not in plate_symbols)
+    rest = []
+    tree: OrderedDict = OrderedDict()
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        log_prob = site["packed"]["unscaled_log_prob"]
+        if enum_dims.isdisjoint(log_prob._pyro_dims):
+            rest.append(sites.sum_per_particle(sites.log_prob(site), S, mpn))
+            continue
+        scale = site["scale"]
+        if torch.is_tensor(scale) or scale != 1.0:
+            raise ValueError(
+                f"site '{name}' depends on a site enumerated in the model and has scale {scale!r} (a subsampled "
+                "plate or poutine.scale): the evidence of an enumerated model is only computed without scaling; "
+                "pass the full data, or sample the enumerated site in the guide."
+            )
+        factor = packed.scale_and_mask(log_prob, mask=site["packed"]["mask"])
+        ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        tree.setdefault(ordinal, []).append(factor)
+    marginal = contract_to_tensor(tree, enum_dims, target_ordinal=frozenset({sample_symbol}), ring=LogRing())
+    if sample_symbol in marginal._pyro_dims:
+        marginal = marginal.reshape(-1)
+    marginal = marginal.expand(S) if marginal.numel() == 1 else marginal
+    return marginal + sum(rest) if rest else marginal
