@@ -56,7 +56,15 @@ from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, guide_mo
 from ..losses import BetaELBO
 from ..runner import Convergence, SVIRunner
 from .common import Report, fit_converged, seed_everything
-from .eight_schools_exact import PRIOR_MU_SCALE, PRIOR_TAU_SCALE, ExactReference, exact_intervals, exact_reference
+from .eight_schools_exact import (
+    PRIOR_MU_SCALE,
+    PRIOR_TAU_SCALE,
+    ExactReference,
+    exact_intervals,
+    exact_reference,
+    nuts_reference,
+    rename_schools,
+)
 from .wording import FitFacts, evidence_cell, fit_status
 
 __all__ = [
@@ -126,42 +134,6 @@ GUIDES: dict[str, Callable] = {
 }
 
 
-def nuts_reference() -> pd.DataFrame:
-    """
-    Posterior means and sds from the NUTS draws ArviZ ships (``non_centered_eight``, 4
-    chains × 500 draws; bundled, no download).
-
-    :returns: a DataFrame with columns ``mean`` and ``sd`` (SAT-V points) and rows ``mu``,
-        ``tau``, ``theta[0]`` .. ``theta[7]`` (schools in :data:`EIGHT_SCHOOLS_NAMES` order).
-
-    References
-
-    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
-        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
-        Vehtari, Donald B. Rubin (2013)
-    """
-    from .. import arviz_compat
-
-    idata = arviz_compat.load_arviz_data("non_centered_eight")
-    summary = arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)
-    return _rename_schools(summary[["mean", "sd"]])
-
-
-def _rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
-    """``theta[Choate]`` / ``theta[0]`` -> ``theta[0]``, so NUTS and VI tables line up."""
-    index = []
-    for name in frame.index:
-        if name.startswith("theta["):
-            key = name[len("theta["):-1]
-            if key in EIGHT_SCHOOLS_NAMES:
-                key = str(EIGHT_SCHOOLS_NAMES.index(key))
-            name = f"theta[{key}]"
-        index.append(name)
-    frame = frame.copy()
-    frame.index = index
-    return frame
-
-
 # ----------------------------------------------------------------------------------------
 # fitting and diagnostics
 # ----------------------------------------------------------------------------------------
@@ -169,7 +141,7 @@ def _rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
 
 #: The stopping rule of every fit (:class:`~pyro_elbo_lab.Convergence` arguments);
 #: ``num_steps`` is only the cap.
-CONVERGENCE = {"window": 1000, "rhat": 1.1}
+CONVERGENCE = {"window": 1000, "rhat": 1.1, "average": 1000}
 #: ClippedAdam's constant learning rate.
 LEARNING_RATE = 0.02
 #: Step caps: a fit that reaches its cap is reported as not converged.
@@ -295,7 +267,7 @@ def fit(
         pyro.set_rng_seed(seed + 1)
         moments = guide_moments(model, guide, sigma, y, **draws)
     idata = from_svi_result(result, sigma, y, num_samples=1000, coords={"school": list(EIGHT_SCHOOLS_NAMES)})
-    summary = _rename_schools(arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]])
+    summary = rename_schools(arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]])
     name = f"{model_name}, {guide_name}"
     return Fit(name, model_name, guide_name, guide, result, terms, evidence, idata, summary, seconds, moments, num_steps)
 

@@ -1,19 +1,28 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-The exact eight-schools posterior of μ and τ and the evidence p(y), by quadrature,
-independent of pyro-elbo-lab's estimators: μ and θ integrate out in closed form, τ
-numerically.
+The eight-schools references, independent of pyro-elbo-lab's estimators: the exact
+posterior of μ and τ and the evidence p(y) by quadrature (μ and θ integrate out in closed
+form, τ numerically), and the NUTS draws ArviZ ships.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
-from ..datasets import EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y
+from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y
 
-__all__ = ["PRIOR_MU_SCALE", "PRIOR_TAU_SCALE", "ExactReference", "exact_reference", "exact_intervals"]
+__all__ = [
+    "PRIOR_MU_SCALE",
+    "PRIOR_TAU_SCALE",
+    "ExactReference",
+    "exact_reference",
+    "exact_intervals",
+    "nuts_reference",
+    "rename_schools",
+]
 
 PRIOR_MU_SCALE = 5.0
 PRIOR_TAU_SCALE = 5.0
@@ -124,3 +133,39 @@ def exact_intervals(prob: float = 0.9, num_nodes: int = 800) -> dict[str, tuple[
         return 0.5 * (a + b)
 
     return {"mu": (inverse(lo_p), inverse(hi_p)), "tau": tau_ci}
+
+
+def nuts_reference() -> pd.DataFrame:
+    """
+    Posterior means and sds from the NUTS draws ArviZ ships (``non_centered_eight``, 4
+    chains × 500 draws; bundled, no download).
+
+    :returns: a DataFrame with columns ``mean`` and ``sd`` (SAT-V points) and rows ``mu``,
+        ``tau``, ``theta[0]`` .. ``theta[7]`` (schools in :data:`EIGHT_SCHOOLS_NAMES` order).
+
+    References
+
+    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
+        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
+        Vehtari, Donald B. Rubin (2013)
+    """
+    from .. import arviz_compat
+
+    idata = arviz_compat.load_arviz_data("non_centered_eight")
+    summary = arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)
+    return rename_schools(summary[["mean", "sd"]])
+
+
+def rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
+    """``theta[Choate]`` / ``theta[0]`` -> ``theta[0]``, so NUTS and VI tables line up."""
+    index = []
+    for name in frame.index:
+        if name.startswith("theta["):
+            key = name[len("theta["):-1]
+            if key in EIGHT_SCHOOLS_NAMES:
+                key = str(EIGHT_SCHOOLS_NAMES.index(key))
+            name = f"theta[{key}]"
+        index.append(name)
+    frame = frame.copy()
+    frame.index = index
+    return frame
