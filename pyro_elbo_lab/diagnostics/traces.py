@@ -41,9 +41,10 @@ def enumerated_site_error(name: str) -> ValueError:
     (``infer={"enumerate": ...}``, ``config_enumerate``) that the guide does not sample.
     """
     return ValueError(
-        f"site '{name}' is enumerated in the model: the post-fit diagnostics (estimate_evidence, "
-        "posterior_collapse, aggregate_posterior, rate_distortion, to_inference_data, guide_moments) do not "
-        "marginalise enumerated sites yet. Use a guide that samples it (e.g. pyro.sample(name, "
+        f"site '{name}' is enumerated in the model: posterior_collapse, aggregate_posterior, rate_distortion, "
+        "to_inference_data, guide_moments and estimate_evidence(per_datapoint=...) do not marginalise "
+        "enumerated sites yet (estimate_evidence without per_datapoint does). Use a guide that samples it "
+        "(e.g. pyro.sample(name, "
         "dist.Categorical(logits=...)) in the guide), or pyro.infer.infer_discrete for its posterior; "
         "BetaTraceEnumELBO's last_terms report the fit's marginal terms."
     )
