@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import sys
 
 import pytest
@@ -68,23 +69,32 @@ def _resume_setup(kind):
 
 @pytest.mark.parametrize("kind", ["adam", "autoguide-scheduler"])
 def test_resume_equals_uninterrupted(data, tmp_path, kind):
-    path = tmp_path / "ckpt.pt"
+    path, at_14 = str(tmp_path / "ckpt.pt"), str(tmp_path / "at-14.pt")
+
+    def keep_14(step, row):
+        if step == 14:  # the checkpoint of step 14 is written: keep a copy of it
+            shutil.copy(path, at_14)
+            shutil.copy(path + ".history.jsonl", at_14 + ".history.jsonl")
+
     m, g, optim, loss = _resume_setup(kind)
-    full = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11,
+    full = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11, callbacks=[keep_14],
                      checkpoint=Checkpointing(path, every=7)).run(data, num_steps=20)
-    # the checkpoint at step 14 is the latest; a fresh process continues from it
-    pyro.clear_param_store()
-    pyro.set_rng_seed(123)
-    m, g, optim, loss = _resume_setup(kind)
-    resumed = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11).run(data, num_steps=20, resume_from=path)
-    assert resumed.history["step"].tolist() == list(range(20))
-    # same parameters, optimiser and scheduler state, loss state and RNG state: the resumed
-    # steps do the same floating-point operations, so the histories are bit-equal
-    for column in ("loss", "elbo", "kl", "beta"):
-        assert resumed.history[column].tolist() == full.history[column].tolist()
-    for name, value in full.params.items():
-        assert torch.equal(resumed.params[name], value)
-    assert loss.step == 20
+    # a fresh process continues from step 14; one resumed from the finished run's last
+    # checkpoint (step 20) gets the finished run
+    for resume_from in (at_14, path):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(123)
+        m, g, optim, loss = _resume_setup(kind)
+        resumed = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11).run(
+            data, num_steps=20, resume_from=resume_from)
+        assert resumed.history["step"].tolist() == list(range(20))
+        # same parameters, optimiser and scheduler state, loss state and RNG state: the resumed
+        # steps do the same floating-point operations, so the histories are bit-equal
+        for column in ("loss", "elbo", "kl", "beta"):
+            assert resumed.history[column].tolist() == full.history[column].tolist()
+        for name, value in full.params.items():
+            assert torch.equal(resumed.params[name], value)
+        assert loss.step == 20
 
 
 def test_resume_after_interrupt_with_chains(data, tmp_path):
@@ -395,3 +405,35 @@ def test_resume_keeps_the_convergence_rule_state(data, tmp_path):
     assert full.convergence[0]["averaging_since"] < stop - 7
     for name, value in full.params.items():
         assert torch.equal(resumed.params[name], value)
+
+
+def test_resume_from_a_checkpoint_on_a_check_step_stops_where_the_run_did(data, tmp_path):
+    # checkpoints every 50 steps, the rule checks every 50 (window 200 / 4 chains): the
+    # checkpoint written on a check step holds the rule's state after that check, and the
+    # run's last checkpoint records the chain as done
+    from pyro_elbo_lab.runner import Convergence
+
+    def fit(path, num_steps=3000, resume=None, callbacks=()):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        return SVIRunner(model, guide, adam(), BetaMeanFieldELBO(), progress_bar=False, seed=0,
+                         convergence=Convergence(), checkpoint=Checkpointing(path, every=50),
+                         callbacks=callbacks).run(data, num_steps=num_steps, resume_from=resume)
+
+    full = fit(str(tmp_path / "a.ckpt"))
+    stop = len(full.history)
+    assert full.stop_reason == "converged" and stop % 50 == 0 and stop >= 250
+
+    def crash(step, row):
+        if step == stop - 50:  # the step after the checkpoint at stop - 50 (a check step)
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(str(tmp_path / "b.ckpt"), callbacks=[crash])
+    for path in ("b.ckpt", "a.ckpt"):  # the crashed run's checkpoint; the finished run's last one
+        resumed = fit(str(tmp_path / path), resume=str(tmp_path / path))
+        assert resumed.stop_reason == "converged" and len(resumed.history) == stop
+        assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
+        assert resumed.convergence[0]["step"] == full.convergence[0]["step"]
+        for name, value in full.params.items():
+            assert torch.equal(resumed.params[name], value)

@@ -90,6 +90,7 @@ class ChainLoop:
         self.t0 = time.perf_counter()
         self.has_state = hasattr(loss, "state_dict") and hasattr(loss, "load_state_dict")
         self._last_postfix = 0.0
+        self.interrupted = self.hard_interrupt = False
 
     def wall_time(self) -> float:
         """Seconds of this chain so far, resumed runs included."""
@@ -124,6 +125,7 @@ class ChainLoop:
         options = self.options
         deadline = None if options.max_time is None else self.t0 + options.max_time
         self.interrupted = False
+        self.hard_interrupt = False
         previous = self._defer_sigint()
         try:
             # opened once per run, not per step: entering catch_warnings resets Python's
@@ -154,8 +156,9 @@ class ChainLoop:
                     stop = False
                     for cb in options.callbacks:
                         stop = bool(cb(step, row)) or stop
-                    if self.save is not None and (step + 1) % options.checkpoint_every == 0:
-                        self.save(self, step + 1)
+                    # decide first, then checkpoint, so that a checkpoint holds the rule's state
+                    # after this step's check; a chain that ends here gets its checkpoint from
+                    # the runner, which records the chain as done
                     if stop:
                         stop_reason = "callback"
                         break
@@ -164,10 +167,14 @@ class ChainLoop:
                         if hasattr(self.rule, "finish"):
                             self.rule.finish()
                         break
+                    if self.save is not None and (step + 1) % options.checkpoint_every == 0 and step + 1 < num_steps:
+                        self.save(self, step + 1)
                     if self.interrupted:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
+            # a second Ctrl-C within a step: that step may be half done
             stop_reason = "interrupted"
+            self.hard_interrupt = True
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

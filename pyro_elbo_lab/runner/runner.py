@@ -259,6 +259,12 @@ class SVIRunner:
             for i, entry in enumerate(ckpt.meta["chains_done"]):
                 done.append({"rows": ckpt.rows[i], "state": entry["state"], "terms": decode_terms(entry["terms"]),
                              "stop_reason": entry["stop_reason"], "convergence": entry.get("convergence")})
+            # a checkpoint written when its chain ended records the chain as done; one that was
+            # cut short (Ctrl-C, the time limit, fewer num_steps than now) continues
+            if len(done) > ckpt.meta["chain"] and (
+                    done[-1]["stop_reason"] in ("interrupted", "max_time")
+                    or done[-1]["stop_reason"] == "num_steps" and num_steps > ckpt.meta["step"]):
+                done.pop()
         initial = initial_modules = None
         if self.num_chains > 1:
             # every chain starts from the store as it is now; parameters of modules that
@@ -339,9 +345,25 @@ class SVIRunner:
                          "convergence": judge.evidence(loop.rows, stop_reason == "converged")})
             if error is not None:
                 break
+            if save is not None and not loop.hard_interrupt:
+                # the chain's last checkpoint records it as done: a resume from it reproduces it
+                try:
+                    save(loop, len(loop.rows), finished=True)
+                except BaseException as e:
+                    try:
+                        e.partial_result = self._result(done, args, model_kwargs, batches)
+                    except Exception:  # noqa: BLE001  never mask the original error
+                        pass
+                    raise
             if stop_reason == "interrupted":
                 interrupted = True
                 break
+        if ckpt is not None and len(done) == len(ckpt.meta["chains_done"]) == self.num_chains == 1:
+            # the checkpoint's run had finished: its parameters are the result's, and the
+            # optimiser, loss and RNG are left as the finished run left them
+            self._resume(ChainLoop(0, self.model, self.guide, self.optim, self.loss, options),
+                         BatchSource(args, model_kwargs, batches), ckpt, done, None)
+            load_store(done[0]["state"])
 
         result = self._result(done, args, model_kwargs, batches)
         if error is not None:
@@ -361,7 +383,8 @@ class SVIRunner:
     def _saver(self, writer, done, seed, initial, initial_modules, rule, fingerprint):
         num_chains = self.num_chains
 
-        def save(loop: ChainLoop, steps_done: int) -> None:
+        def save(loop: ChainLoop, steps_done: int, finished: bool = False) -> None:
+            # finished: the chain has ended and is the last entry of `done`
             tensors: dict = {}
             store = pyro.get_param_store().get_state()
             meta = {
@@ -387,7 +410,7 @@ class SVIRunner:
                 "initial_state": encode(initial, tensors, "the initial parameters"),
                 "initial_modules": encode(initial_modules, tensors, "the initial module parameters"),
             }
-            writer.write(meta, tensors, [o["rows"] for o in done] + [loop.rows])
+            writer.write(meta, tensors, [o["rows"] for o in done] + ([] if finished else [loop.rows]))
 
         return save
 
@@ -440,14 +463,7 @@ class SVIRunner:
             raise ValueError(f"resume_from={path!r} does not match this run's parameters: {'; '.join(parts)}; "
                              "resume with the model and guide that wrote the checkpoint")
         for state in [meta["param_store"], meta["initial_state"]] + [o["state"] for o in done]:
-            if state is None:
-                continue
-            for name, c in list(state["constraints"].items()):
-                if isinstance(c, UnknownConstraint):
-                    if name not in live["constraints"]:
-                        raise ValueError(f"resume_from={path!r}: the constraint of parameter '{name}' "
-                                         f"({c.description}) cannot be restored; register it before resuming")
-                    state["constraints"][name] = live["constraints"][name]
+            self._fix_constraints(state, path)
         load_store(meta["param_store"])
         loop.optim.set_state(meta["optim"]["state"])
         if loop.has_state and meta["loss"]["state"] is not None:
@@ -458,6 +474,19 @@ class SVIRunner:
         loop.elapsed0 = meta["wall_time"]
         pyro.util.set_rng_state(meta["rng"])
         return step
+
+    @staticmethod
+    def _fix_constraints(state: dict | None, path: str) -> None:
+        """Replace the constraints a checkpoint could not name by the live store's."""
+        if state is None:
+            return
+        live = pyro.get_param_store().get_state()["constraints"]
+        for name, c in list(state["constraints"].items()):
+            if isinstance(c, UnknownConstraint):
+                if name not in live:
+                    raise ValueError(f"resume_from={path!r}: the constraint of parameter '{name}' "
+                                     f"({c.description}) cannot be restored; register it before resuming")
+                state["constraints"][name] = live[name]
 
     # -- result -----------------------------------------------------------------------------------
 
