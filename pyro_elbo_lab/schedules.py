@@ -93,6 +93,12 @@ class LinearWarmup(Schedule):
     :param float start: value before and at the start of the ramp (default 0).
     :param float end: value after the ramp (default 1).
     :param int delay: steps held at ``start`` before the ramp (default 0).
+    :raises ValueError: if ``num_steps`` is not a positive integer, ``delay`` not a
+        non-negative integer, or ``start`` / ``end`` not finite.
+
+    >>> warmup = LinearWarmup(100, delay=50)
+    >>> [warmup(step) for step in (0, 50, 100, 150, 1000)]
+    [0.0, 0.0, 0.5, 1.0, 1.0]
 
     References
 
@@ -128,6 +134,12 @@ class Cyclical(Schedule):
     :param float ratio: proportion R of each cycle spent increasing, in (0, 1] (default 0.5).
     :param float start: value at the start of each cycle (default 0).
     :param float end: value held at the end of each cycle (default 1).
+    :raises ValueError: if ``num_steps`` or ``num_cycles`` is not a positive integer,
+        ``ratio`` is outside (0, 1], or ``start`` / ``end`` not finite.
+
+    >>> cyclical = Cyclical(100, num_cycles=2)
+    >>> [cyclical(step) for step in (0, 10, 25, 49, 50, 60, 100)]
+    [0.0, 0.4, 1.0, 1.0, 0.0, 0.4, 1.0]
 
     References
 
@@ -172,6 +184,8 @@ class Sigmoid(Schedule):
     :param float start: initial value (default 0).
     :param float end: final value (default 1).
     :param float steepness: slope of the logistic in units of 1/num_steps (default 10), > 0.
+    :raises ValueError: if ``num_steps`` is not a positive integer, ``steepness`` <= 0, or a
+        value is not finite.
 
     References
 
@@ -208,6 +222,11 @@ class Tempering(Schedule):
     :param float start: initial β, >= ``end`` and > 0 (default 10).
     :param float end: final β (default 1).
     :param str kind: ``"geometric"`` or ``"linear"``.
+    :raises ValueError: if ``num_steps`` is not a positive integer, not ``start >= end > 0``,
+        or ``kind`` is unknown.
+
+    >>> [round(Tempering(2, start=4.0)(step), 6) for step in (0, 1, 2)]
+    [4.0, 2.0, 1.0]
 
     References
 
