@@ -437,3 +437,26 @@ def test_resume_from_a_checkpoint_on_a_check_step_stops_where_the_run_did(data, 
         assert resumed.convergence[0]["step"] == full.convergence[0]["step"]
         for name, value in full.params.items():
             assert torch.equal(resumed.params[name], value)
+
+
+def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
+    # after an exception the same runner resumes from its checkpoint at step 20: the optimiser
+    # state is the checkpoint's, not the live one of step 25
+    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(data, num_steps=40)
+    pyro.clear_param_store()
+    armed = [True]
+
+    def crash(step, row):
+        if armed[0] and step == 25:
+            raise RuntimeError("boom")
+
+    path = str(tmp_path / "fit.ckpt")
+    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0,
+                       checkpoint=Checkpointing(path, every=10), callbacks=[crash])
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(data, num_steps=40)
+    armed[0] = False
+    resumed = runner.run(data, num_steps=40, resume_from=path)
+    assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
+    for name, value in full.params.items():
+        assert torch.equal(resumed.params[name], value)

@@ -465,6 +465,13 @@ class SVIRunner:
         for state in [meta["param_store"], meta["initial_state"]] + [o["state"] for o in done]:
             self._fix_constraints(state, path)
         load_store(meta["param_store"])
+        # the checkpoint's optimiser state, also for parameters the optimiser already has
+        # (the same runner resumed in the same process): PyroOptim.set_state only queues
+        # state for parameters it has not seen, so its per-parameter optimisers are dropped
+        # and made again, from the checkpoint's state, at the next step
+        for name in ("optim_objs", "grad_clip", "_state_waiting_to_be_consumed"):
+            if isinstance(getattr(loop.optim, name, None), dict):
+                getattr(loop.optim, name).clear()
         loop.optim.set_state(meta["optim"]["state"])
         if loop.has_state and meta["loss"]["state"] is not None:
             loop.loss.load_state_dict(meta["loss"]["state"])
