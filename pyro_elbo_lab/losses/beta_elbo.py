@@ -84,8 +84,8 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
 
     References
 
-    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
-        Framework`, Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
+    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework`,
+        Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
         Glorot, Matthew Botvinick, Shakir Mohamed, Alexander Lerchner (2017)
 
     [2] `Improved Variational Inference with Inverse Autoregressive Flow`, Diederik P.
