@@ -107,8 +107,8 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
     [2] `DiCE: The Infinitely Differentiable Monte-Carlo Estimator`, Jakob Foerster, Greg
         Farquhar, Maruan Al-Shedivat, Tim Rocktäschel, Eric P. Xing, Shimon Whiteson (2018)
 
-    [3] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
-        Framework`, Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
+    [3] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework`,
+        Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
         Glorot, Matthew Botvinick, Shakir Mohamed, Alexander Lerchner (2017)
     """
 
