@@ -91,8 +91,8 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
     [2] `Neural Variational Inference and Learning in Belief Networks`, Andriy Mnih, Karol
         Gregor (2014)
 
-    [3] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
-        Framework`, Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
+    [3] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework`,
+        Irina Higgins, Loic Matthey, Arka Pal, Christopher Burgess, Xavier
         Glorot, Matthew Botvinick, Shakir Mohamed, Alexander Lerchner (2017)
     """
 
