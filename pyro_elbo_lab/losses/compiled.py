@@ -376,8 +376,8 @@ class JitBetaELBO(CompiledObjective, BetaELBO):
 
     References
 
-    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
-        Framework`, Irina Higgins et al. (2017)
+    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework`,
+        Irina Higgins et al. (2017)
 
     [2] `Pyro: Deep Universal Probabilistic Programming`, Eli Bingham, Jonathan P. Chen,
         Martin Jankowiak, Fritz Obermeyer, Neeraj Pradhan, Theofanis Karaletsos, Rohit
