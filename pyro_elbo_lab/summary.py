@@ -162,8 +162,8 @@ def summarize(idata, *, last: int = 50) -> SVISummary:
     [2] `Yes, but Did It Work?: Evaluating Variational Inference`, Yuling Yao, Aki
         Vehtari, Daniel Simpson, Andrew Gelman (2018)
 
-    [3] `Rank-normalization, folding, and localization: An improved R-hat for assessing
-        convergence of MCMC`, Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
+    [3] `Rank-normalization, folding, and localization: An improved R-hat for assessing convergence of MCMC`,
+        Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
         Paul-Christian Bürkner (2021)
     """
     check_int("last", last, 1, hint="last is a positive integer number of steps")
