@@ -190,3 +190,25 @@ def test_parameter_rhat_does_not_stop_a_fit_whose_scale_still_drifts():
     assert sd_ratio > 2.0  # the fit is not at the optimum
     assert result.stop_reason == "num_steps" and result.converged == [False]
     assert result.convergence[0]["param_rhat"] > 1.1
+
+
+def test_skipped_steps_do_not_block_convergence():
+    # on_nonfinite="skip": a skipped step has no beta in its row; with a constant beta the
+    # fit still converges, near the closed-form posterior (z | x ~ N(sum x / 21, 1 / 21))
+    from pyro_elbo_lab import BetaMeanFieldELBO
+
+    calls = [0]
+
+    def m(x):
+        calls[0] += 1
+        conjugate_model(x)
+        pyro.factor("f", torch.tensor(math.nan if calls[0] % 97 == 0 else 0.0))
+
+    data = 2.0 + torch.linspace(-1.0, 1.0, 20)
+    pyro.set_rng_seed(0)
+    result = SVIRunner(m, conjugate_guide, pyro.optim.Adam({"lr": 0.05}), BetaMeanFieldELBO(), progress_bar=False,
+                       on_nonfinite="skip", convergence=Convergence()).run(data, num_steps=2000)
+    assert result.history["skipped"].sum() >= 2
+    assert result.stop_reason == "converged" and result.convergence[0]["reason"] == "stationary"
+    m_exact, s_exact = float(data.sum() / 21), math.sqrt(1.0 / 21)
+    assert abs(float(result.params["loc"]) - m_exact) < 0.5 * s_exact

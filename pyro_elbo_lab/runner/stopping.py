@@ -173,8 +173,9 @@ class RhatRule:
         window = rows[-o.window:]
         if len(window) < o.window:
             return dict(out, reason=f"fewer than window={o.window} steps")
+        kept = [r for r in window if not r.get("skipped", False)]  # a skipped step has no beta / capacity
         for key in ("beta", "capacity"):
-            if len({r.get(key) for r in window}) > 1:
+            if len({r.get(key) for r in kept}) > 1:
                 return dict(out, reason=f"{key} changed within the window")
         values = np.array([-r["loss"] for r in window], dtype=float)
         values = values[np.isfinite(values)]
