@@ -212,3 +212,30 @@ def test_skipped_steps_do_not_block_convergence():
     assert result.stop_reason == "converged" and result.convergence[0]["reason"] == "stationary"
     m_exact, s_exact = float(data.sum() / 21), math.sqrt(1.0 / 21)
     assert abs(float(result.params["loc"]) - m_exact) < 0.5 * s_exact
+
+
+def test_averaging_cut_short_returns_the_average_it_reports():
+    # num_steps ends the run 100 iterates into an average of 200: the parameters are the mean
+    # of the unconstrained iterates since averaging began, recorded here by a callback
+    iterates = {}
+
+    def record(step, row):
+        store = dict(pyro.get_param_store().named_parameters())
+        iterates[step] = (float(store["loc"].detach()), float(store["scale"].detach()))
+
+    from pyro_elbo_lab import BetaMeanFieldELBO
+
+    pyro.set_rng_seed(0)
+    result = SVIRunner(conjugate_model, conjugate_guide, pyro.optim.Adam({"lr": 0.05}), BetaMeanFieldELBO(),
+                       progress_bar=False, seed=0,
+                       convergence=Convergence(average=200), callbacks=[record]).run(
+        2.0 + torch.linspace(-1.0, 1.0, 20), num_steps=400)
+    c = result.convergence[0]
+    assert result.stop_reason == "num_steps" and c["averaging_since"] is not None
+    kept = [iterates[s] for s in range(c["averaging_since"], 400)]
+    assert c["averaged_iterates"] == len(kept) < 200 and c["averaging_complete"] is False
+    loc = math.fsum(v[0] for v in kept) / len(kept)
+    log_scale = math.fsum(v[1] for v in kept) / len(kept)
+    assert float(result.params["loc"]) == pytest.approx(loc, rel=1e-12)
+    assert float(result.params["scale"]) == pytest.approx(math.exp(log_scale), rel=1e-12)
+    assert float(result.params["loc"]) != pytest.approx(kept[-1][0], rel=1e-9)  # not the last iterate

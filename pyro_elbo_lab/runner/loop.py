@@ -38,7 +38,7 @@ import pyro.util
 
 from .batches import BatchSource, Exhausted
 from .options import Evaluation
-from .params import nonfinite_params, record_modules
+from .params import nonfinite_params, record_modules, store_state
 from .result import NonFiniteError
 
 __all__ = ["ChainLoop", "LoopOptions", "NAN_WARNING"]
@@ -91,6 +91,7 @@ class ChainLoop:
         self.has_state = hasattr(loss, "state_dict") and hasattr(loss, "load_state_dict")
         self._last_postfix = 0.0
         self.interrupted = self.hard_interrupt = False
+        self.last_iterate: dict | None = None  # the store before averaged iterates replaced it
 
     def wall_time(self) -> float:
         """Seconds of this chain so far, resumed runs included."""
@@ -126,6 +127,7 @@ class ChainLoop:
         deadline = None if options.max_time is None else self.t0 + options.max_time
         self.interrupted = False
         self.hard_interrupt = False
+        self.last_iterate = None
         previous = self._defer_sigint()
         try:
             # opened once per run, not per step: entering catch_warnings resets Python's
@@ -164,13 +166,17 @@ class ChainLoop:
                         break
                     if self.rule is not None and self.rule.should_stop(self.rows, step):
                         stop_reason = "converged"
-                        if hasattr(self.rule, "finish"):
-                            self.rule.finish()
                         break
                     if self.save is not None and (step + 1) % options.checkpoint_every == 0 and step + 1 < num_steps:
                         self.save(self, step + 1)
                     if self.interrupted:
                         raise KeyboardInterrupt
+            # every end but an error or a hard interrupt: the averaged iterates, if any, become
+            # the parameters, so that what the result reports is what the store holds
+            if self.rule is not None and hasattr(self.rule, "finish"):
+                if getattr(self.rule, "averaging_since", None) is not None:
+                    self.last_iterate = store_state()  # a checkpoint continues from it, not from the average
+                self.rule.finish()
         except KeyboardInterrupt:
             # a second Ctrl-C within a step: that step may be half done
             stop_reason = "interrupted"

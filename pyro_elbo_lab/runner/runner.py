@@ -387,6 +387,11 @@ class SVIRunner:
             # finished: the chain has ended and is the last entry of `done`
             tensors: dict = {}
             store = pyro.get_param_store().get_state()
+            stopping = rule.state_dict() if rule is not None else None
+            if finished and loop.last_iterate is not None:
+                # averaged iterates were loaded at the end: a continuation goes on from the last iterate
+                store = loop.last_iterate
+                stopping = dict(stopping, applied=False) if stopping is not None else None
             meta = {
                 "step": steps_done,
                 "chain": loop.chain,
@@ -398,7 +403,7 @@ class SVIRunner:
                           "state": encode(loop.optim.get_state(), tensors, "the optimiser state")},
                 "loss": {"type": _type_name(loop.loss),
                          "state": encode(loop.loss.state_dict() if loop.has_state else None, tensors, "the loss state")},
-                "stopping": rule.state_dict() if rule is not None else None,
+                "stopping": stopping,
                 "rng": encode(pyro.util.get_rng_state(), tensors, "the RNG state"),
                 "wall_time": loop.wall_time(),
                 "data": fingerprint,

@@ -126,6 +126,7 @@ class RhatRule:
         self.averaging_since: int | None = None  # first averaged step (Polyak-Ruppert), or None
         self.count = 0
         self.means: dict = {}
+        self.applied = False  # whether finish() loaded the average into the store
 
     def observe(self, named_parameters) -> None:
         """
@@ -225,11 +226,14 @@ class RhatRule:
 
     def finish(self) -> None:
         """
-        After the rule stopped the chain: with ``Convergence.average``, put the average of
-        the iterates since stationarity (unconstrained, Polyak-Ruppert) into the parameter
-        store, in place.
+        When the chain ends (converged, or cut short by ``num_steps``, the time limit, a
+        callback or a Ctrl-C, but not by an error): with ``Convergence.average`` and
+        averaging under way, put the average of the iterates since stationarity
+        (unconstrained, Polyak-Ruppert) into the parameter store, in place. The result
+        reports how many iterates it averaged (``averaged_iterates``) and whether that is
+        all of ``Convergence.average`` (``averaging_complete``).
         """
-        if self.averaging_since is None or not self.means:
+        if self.averaging_since is None or not self.means or self.applied:
             return
         import torch
 
@@ -237,6 +241,7 @@ class RhatRule:
             for name, p in pyro_named_parameters():
                 if name in self.means:
                     p.copy_(self.means[name])
+        self.applied = True
 
     def evidence(self, rows: list[dict], stopped: bool) -> dict:
         """
@@ -244,14 +249,16 @@ class RhatRule:
         stopping check's when the rule stopped the run, else those of the final window).
         """
         last = self.last if stopped else dict(self.assess(rows), step=len(rows) - 1 if rows else None)
-        return dict(last, converged=bool(stopped or last["stationary"]), averaged_iterates=self.count,
-                    averaging_since=self.averaging_since)
+        # averaged_iterates: how many iterates the parameters are the average of (0: the last iterate)
+        return dict(last, converged=bool(stopped or last["stationary"]),
+                    averaged_iterates=self.count if self.applied else 0, averaging_since=self.averaging_since,
+                    averaging_complete=self.applied and self.count >= self.options.average)
 
     def state_dict(self) -> dict:
         """Plain data to resume the rule from a checkpoint."""
         return {"stationary_checks": self.stationary_checks, "last": dict(self.last), "names": list(self.names),
                 "projections": [v.tolist() for v in self.projections], "averaging_since": self.averaging_since,
-                "count": self.count,
+                "count": self.count, "applied": self.applied,
                 "means": {n: {"values": t.tolist(), "dtype": str(t.dtype).replace("torch.", "")}
                           for n, t in self.means.items()}}
 
@@ -265,6 +272,7 @@ class RhatRule:
         self.projections.extend(torch.tensor(v, dtype=torch.float64) for v in state.get("projections") or [])
         self.averaging_since = state.get("averaging_since")
         self.count = int(state.get("count", 0))
+        self.applied = bool(state.get("applied", False))
         store = dict(pyro_named_parameters())
         self.means = {n: torch.tensor(m["values"], dtype=getattr(torch, m["dtype"])).to(store[n].device)
                       for n, m in (state.get("means") or {}).items()}
