@@ -140,8 +140,8 @@ def beta_configs(num_steps: int) -> list[BetaConfig]:
 
     References
 
-    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
-        Framework`, Irina Higgins et al. (2017)
+    [1] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework`,
+        Irina Higgins et al. (2017)
 
     [2] `Cyclical Annealing Schedule: A Simple Approach to Mitigating KL Vanishing`, Hao
         Fu, Chunyuan Li, Xiaodong Liu, Jianfeng Gao, Asli Celikyilmaz, Lawrence Carin (2019)
