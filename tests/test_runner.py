@@ -414,9 +414,22 @@ def test_batches_list_callable_and_iterator(data):
     SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=4, batches=lambda step: (data[: step + 1],))
     assert seen == [1, 2, 3, 4]
     seen.clear()
-    result = SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=10, batches=iter(batches))
+    with pytest.warns(UserWarning, match="ran out after 3 of num_steps=10") as caught:
+        result = SVIRunner(m, guide, adam(), progress_bar=False).run(num_steps=10, batches=iter(batches))
     assert seen == [5, 7, 8] and result.stop_reason == "exhausted"
+    assert caught[0].filename == __file__  # points at the caller's line
     assert result.args is None  # a minibatch run has no data set of its own
+
+
+def test_a_one_shot_iterator_is_refused_with_several_chains(data):
+    # the chains would share it: the first gets its 3 batches, the others none
+    batches = [data[:5], data[5:12], data[12:]]
+    with pytest.raises(ValueError, match="batches=.*one-shot iterator and num_chains=3.*list, a callable"):
+        SVIRunner(model, guide, adam(), progress_bar=False, num_chains=3, seed=0).run(
+            num_steps=3, batches=iter(batches))
+    # a list is re-iterated by each chain: every chain runs its 3 steps
+    result = SVIRunner(model, guide, adam(), progress_bar=False, num_chains=3, seed=0).run(num_steps=3, batches=batches)
+    assert result.num_steps == [3, 3, 3]
 
 
 def test_dataloader_batches(data):

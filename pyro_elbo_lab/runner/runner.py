@@ -13,7 +13,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import torch
@@ -236,6 +236,12 @@ class SVIRunner:
         check_int("num_steps", num_steps, 0)
         model_kwargs = check_model_kwargs(model_kwargs)
         check_batches(batches)
+        if isinstance(batches, Iterator) and self.num_chains > 1:
+            raise ValueError(
+                f"batches={batches!r} is a one-shot iterator and num_chains={self.num_chains}: the chains would share "
+                "it (the first consumes the batches the others need). Pass batches as a list, a callable "
+                "batches(step) -> batch, or a re-iterable such as a torch DataLoader"
+            )
         if self.evaluation is not None and batches is not None and self.evaluation.args is None:
             raise ValueError(
                 f"evaluation=Evaluation(every={self.evaluation.every}) with batches needs Evaluation.args, the data "
@@ -328,6 +334,14 @@ class SVIRunner:
                 except Exception:  # noqa: BLE001  never mask the original error
                     pass
                 raise
+            if stop_reason == "exhausted" and len(loop.rows) < num_steps:
+                warnings.warn(
+                    f"the batches ran out after {len(loop.rows)} of num_steps={num_steps} steps of chain {chain} "
+                    "(stop_reason='exhausted'): pass more batches, a list or a DataLoader (re-iterated each epoch), "
+                    "or a callable batches(step) -> batch",
+                    UserWarning,
+                    stacklevel=2,
+                )
             if stop_reason not in ("nonfinite", "interrupted") and loop.rows and start < len(loop.rows) and all(
                     r.get("skipped", False) for r in loop.rows[start:]):
                 stop_reason = "all_skipped"
