@@ -209,6 +209,23 @@ def test_sigint_during_a_step_finishes_the_step(data):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigint_during_the_last_step_of_a_chain_stops_the_run(data):
+    # chain 0 ends at step 5 by its callback while a Ctrl-C is held: chain 1 does not start
+    calls = [0]
+
+    def m(x):
+        calls[0] += 1
+        if calls[0] == 6:  # inside step 5 of chain 0
+            signal.raise_signal(signal.SIGINT)
+        model(x)
+
+    with pytest.warns(UserWarning, match="interrupted .* 6 completed steps of chain 0 .*1 of 2 chains"):
+        result = runner(m, num_chains=2, seed=0, callbacks=[lambda step, row: step == 5]).run(data, num_steps=100)
+    assert result.stop_reasons == ["callback"] and calls[0] == 6
+    assert_consistent(result, 6)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # -- processes killed during checkpoint writes, or interrupted ---------------------------------
 
 DRIVER = textwrap.dedent(

@@ -167,10 +167,11 @@ class ChainLoop:
                     if self.rule is not None and self.rule.should_stop(self.rows, step):
                         stop_reason = "converged"
                         break
+                    if self.interrupted:
+                        stop_reason = "interrupted"
+                        break
                     if self.save is not None and (step + 1) % options.checkpoint_every == 0 and step + 1 < num_steps:
                         self.save(self, step + 1)
-                    if self.interrupted:
-                        raise KeyboardInterrupt
             # every end but an error or a hard interrupt: the averaged iterates, if any, become
             # the parameters, so that what the result reports is what the store holds
             if self.rule is not None and hasattr(self.rule, "finish"):

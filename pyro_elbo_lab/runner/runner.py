@@ -369,7 +369,7 @@ class SVIRunner:
                     except Exception:  # noqa: BLE001  never mask the original error
                         pass
                     raise
-            if stop_reason == "interrupted":
+            if stop_reason == "interrupted" or loop.interrupted:  # a Ctrl-C during a chain's last step too
                 interrupted = True
                 break
         if ckpt is not None and len(done) == len(ckpt.meta["chains_done"]) == self.num_chains == 1:
@@ -386,7 +386,8 @@ class SVIRunner:
         if interrupted:
             warnings.warn(
                 f"SVIRunner.run was interrupted (KeyboardInterrupt) after {result.num_steps[-1]} completed steps of "
-                f"chain {len(done) - 1}; returning the partial result (stop_reason='interrupted').",
+                f"chain {len(done) - 1} (stop_reason={done[-1]['stop_reason']!r}); returning the partial result"
+                + (f" with {len(done)} of {self.num_chains} chains." if len(done) < self.num_chains else "."),
                 UserWarning,
                 stacklevel=2,
             )
