@@ -460,3 +460,21 @@ def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
     assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
     for name, value in full.params.items():
         assert torch.equal(resumed.params[name], value)
+
+
+def test_a_renamed_checkpoint_resumes(data, tmp_path):
+    # a checkpoint moved with its history file (renamed alike) resumes from the new name
+    old, new = str(tmp_path / "old.ckpt"), str(tmp_path / "new.ckpt")
+    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0,
+                     checkpoint=Checkpointing(old, every=7)).run(data, num_steps=10)
+    os.rename(old, new)
+    os.rename(old + ".history.jsonl", new + ".history.jsonl")
+    pyro.clear_param_store()
+    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(
+        data, num_steps=20, resume_from=new)
+    assert resumed.history["loss"].tolist()[:10] == full.history["loss"].tolist()
+    assert len(resumed.history) == 20
+    os.remove(new + ".history.jsonl")
+    with pytest.raises(ValueError, match="new.ckpt.history.jsonl.* is missing"):
+        SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(
+            data, num_steps=20, resume_from=new)

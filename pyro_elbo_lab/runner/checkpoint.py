@@ -388,8 +388,9 @@ def read_checkpoint(path) -> Checkpoint:
             raise _refuse(path, f"format version {meta.get('version')!r}, this version reads {CHECKPOINT_VERSION}")
         meta = decode(meta, tensors)
         history = meta["history"]
-        rows = _read_history(path, os.path.join(os.path.dirname(path), history["file"]), int(history["bytes"]),
-                             [int(n) for n in history["rows"]])
+        # the history file is found from resume_from, not from the name it was written under, so a
+        # checkpoint renamed or copied together with its history file (renamed alike) resumes
+        rows = _read_history(path, history_path(path), int(history["bytes"]), [int(n) for n in history["rows"]])
         for key in ("step", "chain", "num_chains", "seed", "param_store", "optim", "loss", "rng", "stopping",
                     "wall_time", "chains_done", "params", "data"):
             meta[key]
@@ -403,8 +404,9 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def _read_history(path: str, hpath: str, nbytes: int, counts: list[int]) -> list[list[dict]]:
-    if os.path.basename(hpath) != os.path.basename(history_path(path)) or not os.path.isfile(hpath):
-        raise _refuse(path, f"its history file {hpath!r} is missing")
+    if not os.path.isfile(hpath):
+        raise _refuse(path, f"its history file {hpath!r} is missing (a renamed or copied checkpoint needs its "
+                            "history file next to it, renamed alike: <checkpoint>.history.jsonl)")
     if os.path.getsize(hpath) < nbytes:
         raise _refuse(path, f"its history file {hpath!r} is shorter than the {nbytes} bytes the checkpoint committed")
     with open(hpath, "rb") as f:
