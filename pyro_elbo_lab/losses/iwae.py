@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import RenyiELBO
@@ -280,21 +281,28 @@ def _stack_columns(columns: list):
     return order, torch.stack(out, -1)
 
 
-def _detached(obj):
-    """A shallow copy of a distribution (or transform) whose tensor attributes are detached."""
+def _detached(obj, keep_log_density: bool = True):
+    """
+    A shallow copy of a distribution (or transform) whose tensor attributes are detached, except,
+    with ``keep_log_density``, a ``Delta``'s ``log_density``: in autoguides (AutoNormal,
+    AutoContinuous) it is the Jacobian term -log|J(u)| of the sampled u, a function of the draw,
+    not of the parameters, whose path derivative DReG needs.
+    """
     if torch.is_tensor(obj):
         return obj.detach()
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_detached(x) for x in obj)
+        return type(obj)(_detached(x, keep_log_density) for x in obj)
     if isinstance(obj, (torch.distributions.Distribution, torch.distributions.Transform)):
         if isinstance(obj, torch.nn.Module):
             return obj  # parameters in modules: caught by the validation check
         new = copy.copy(obj)
         for key, value in vars(obj).items():
+            if keep_log_density and key == "log_density" and isinstance(obj, dist.Delta):
+                continue
             if torch.is_tensor(value) or isinstance(
                 value, (list, tuple, torch.distributions.Distribution, torch.distributions.Transform)
             ):
-                new.__dict__[key] = _detached(value)
+                new.__dict__[key] = _detached(value, keep_log_density)
         return new
     return obj
 
@@ -302,9 +310,11 @@ def _detached(obj):
 def _log_prob_stopped(name: str, site) -> torch.Tensor:
     """``log q(z)`` at the sampled ``z`` (gradient kept) with the distribution's parameters detached; scaled and masked."""
     fn = _detached(site["fn"])
-    if is_validation_enabled() and fn.log_prob(site["value"].detach()).requires_grad:
-        raise NotImplementedError(
-            f"gradient='dreg' cannot hold the parameters of guide site '{name}' ({type(site['fn']).__name__}) fixed: "
-            "they live in a torch.nn.Module (e.g. a normalising flow). Use gradient='standard'."
-        )
+    if is_validation_enabled():
+        held = _detached(site["fn"], keep_log_density=False)  # Delta's Jacobian too: nothing may need grad
+        if held.log_prob(site["value"].detach()).requires_grad:
+            raise NotImplementedError(
+                f"gradient='dreg' cannot hold the parameters of guide site '{name}' ({type(site['fn']).__name__}) "
+                "fixed: they live in a torch.nn.Module (e.g. a normalising flow). Use gradient='standard'."
+            )
     return scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])
