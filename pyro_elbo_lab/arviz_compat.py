@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ __all__ = [
 MIN_PSIS_DRAWS = 25
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def generation() -> int:
     """
     The installed ArviZ's major version: ``0`` (0.2x, ``InferenceData``) or ``1`` (1.x,

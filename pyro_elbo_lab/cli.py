@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .datasets import MissingExtraError, require
 

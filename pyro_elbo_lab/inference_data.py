@@ -19,13 +19,13 @@ calls ArviZ only through :mod:`pyro_elbo_lab.arviz_compat`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-import torch
-
 import pyro
 import pyro.poutine as poutine
+import torch
 from pyro.distributions.util import scale_and_mask
 
 from . import arviz_compat

@@ -12,7 +12,8 @@ plots on :func:`~pyro_elbo_lab.from_svi_result`'s output (``az.plot_trace``,
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def _history(data):
     """A history DataFrame from an SVIResult, a DataFrame or an InferenceData."""
     import pandas as pd
 
-    if hasattr(data, "history") and isinstance(getattr(data, "history"), pd.DataFrame):
+    if hasattr(data, "history") and isinstance(data.history, pd.DataFrame):
         return data.history
     if isinstance(data, pd.DataFrame):
         return data

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 __all__ = [
     "Schedule",

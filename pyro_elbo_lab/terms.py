@@ -14,8 +14,8 @@ and :math:`\\mathrm{KL}(q \\| p(z)) = -\\mathbb{E}_q[\\log p(z)] - \\mathbb{H}[q
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 

@@ -5,8 +5,8 @@ Posterior collapse of local latents: the KL per latent dimension and the active 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 

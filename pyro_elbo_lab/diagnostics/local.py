@@ -10,8 +10,8 @@ Not public API: used by :mod:`~pyro_elbo_lab.diagnostics.collapse`,
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from pyro.poutine.indep_messenger import CondIndepStackFrame

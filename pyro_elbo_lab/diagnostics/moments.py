@@ -19,8 +19,8 @@ import torch
 
 from .. import arviz_compat
 from ..checks import check_int, check_model_kwargs
-from .psis import PARETO_K_GOOD, chain_log_weights, pareto_k_threshold, psis_diagnostics
 from .local import batches, plan
+from .psis import PARETO_K_GOOD, chain_log_weights, pareto_k_threshold, psis_diagnostics
 from .traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
 
 __all__ = [

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import NamedTuple
 
-import torch
 import pyro
 import pyro.poutine as poutine
+import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites

@@ -14,8 +14,8 @@ not one fit, and is blind to errors in spread that are symmetric.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pyro.poutine as poutine

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from pyro.infer import Trace_ELBO
 
 from .objective import WeightedObjective

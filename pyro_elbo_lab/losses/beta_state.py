@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from pyro.poutine.messenger import Messenger

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import queue
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from opt_einsum import shared_intermediates

@@ -9,7 +9,7 @@ Imports :mod:`pyro_elbo_lab.sites` (per-particle sums), :mod:`pyro_elbo_lab.term
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from pyro.distributions.util import scale_and_mask

@@ -11,7 +11,8 @@ nothing of the compiler beyond this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 __all__ = ["CompileStrategy", "CompiledFunction", "StepOutputs", "freeze_kwargs", "tensor_signature"]
 

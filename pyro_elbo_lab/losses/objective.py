@@ -12,7 +12,7 @@ differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` pe
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from pyro.distributions.util import is_identically_zero

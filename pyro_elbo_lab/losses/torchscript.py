@@ -7,7 +7,7 @@ Imports :mod:`.compile_strategy` only.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,8 +9,8 @@ Imports nothing from the rest of the package.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 __all__ = ["BatchSource", "Exhausted", "check_batches"]
 

@@ -21,9 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
-
 import pyro.distributions.constraints as constraints
+import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",

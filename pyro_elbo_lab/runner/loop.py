@@ -27,14 +27,14 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
 import pyro.util
+import torch
 
 from .batches import BatchSource, Exhausted
 from .options import Evaluation

@@ -12,10 +12,9 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 
+import pyro
 import torch
 from torch.distributions import transform_to
-
-import pyro
 
 __all__ = [
     "store_state",

@@ -9,9 +9,10 @@ Imports only :mod:`pyro_elbo_lab.runner.params`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

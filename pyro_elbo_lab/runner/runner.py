@@ -13,13 +13,12 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable
-
-import torch
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pyro
 import pyro.util
+import torch
 
 from ..checks import check_int, check_model_kwargs
 from .batches import BatchSource, check_batches
