@@ -7,6 +7,7 @@ The public API is flat: ``from pyro_elbo_lab import BetaELBO, estimate_evidence`
 Submodules are imported on first use, so ``import pyro_elbo_lab`` stays cheap and
 optional dependencies (matplotlib, scikit-learn) are only needed by what uses them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,7 +57,17 @@ _EXPORTS = {
     # optional dependencies
     "MissingExtraError": "pyro_elbo_lab.datasets",
 }
-_SUBMODULES = ("schedules", "losses", "diagnostics", "runner", "inference_data", "summary", "arviz_compat", "plots", "terms")
+_SUBMODULES = (
+    "schedules",
+    "losses",
+    "diagnostics",
+    "runner",
+    "inference_data",
+    "summary",
+    "arviz_compat",
+    "plots",
+    "terms",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -18,6 +18,7 @@ the package reads results through :func:`groups` and :func:`group`, which accept
 
 ArviZ is imported inside the functions, so ``import pyro_elbo_lab`` does not pay for it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -328,7 +329,9 @@ def loo_approximate_posterior(data) -> tuple[float, np.ndarray, np.ndarray]:
     stats = group(data, "sample_stats")
     draws = stats.sizes["chain"] * stats.sizes["draw"]
     if draws < MIN_PSIS_DRAWS:
-        raise ValueError(f"PSIS-LOO needs at least {MIN_PSIS_DRAWS} draws to fit the Pareto tails, got {draws}; draw more")
+        raise ValueError(
+            f"PSIS-LOO needs at least {MIN_PSIS_DRAWS} draws to fit the Pareto tails, got {draws}; draw more"
+        )
     if generation() >= 1:
         import arviz as az
 
@@ -369,8 +372,14 @@ def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: f
     import xarray as xr
 
     if generation() == 0:
-        axes = az.plot_forest(list(datasets.values()), model_names=list(datasets), var_names=var_names,
-                              combined=True, hdi_prob=ci_prob, figsize=(8, 9))
+        axes = az.plot_forest(
+            list(datasets.values()),
+            model_names=list(datasets),
+            var_names=var_names,
+            combined=True,
+            hdi_prob=ci_prob,
+            figsize=(8, 9),
+        )
         return np.ravel(axes)[0].figure
     # arviz_plots stacks the fits along a "model" dim: fits with other chain or draw counts
     # would be NaN-padded (and drawn empty), so each gets the same number of pooled draws

@@ -5,6 +5,7 @@ argument, the value found and what to pass instead.
 
 Imports nothing from the rest of the package, so any module may use it.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ The ``pyro-elbo-lab`` command (also ``python -m pyro_elbo_lab``).
 runs a demo on real data, prints its report and writes InferenceData (netCDF), PNG plots
 and ``report.md`` to ``DIR`` (default ``./elbo-lab-output``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a demo on real data; prints a report and writes netCDF, PNG plots and report.md.",
         epilog="demos: " + "; ".join(f"{name}: {text}" for name, (_, text) in DEMOS.items()),
     )
-    demo.add_argument("name", nargs="?", default="eight_schools", type=_demo_name, metavar="NAME",
-                      help=f"which demo: {', '.join(DEMOS)} (default eight_schools)")
+    demo.add_argument(
+        "name",
+        nargs="?",
+        default="eight_schools",
+        type=_demo_name,
+        metavar="NAME",
+        help=f"which demo: {', '.join(DEMOS)} (default eight_schools)",
+    )
     demo.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (fewer steps and samples)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps per fit")
-    demo.add_argument("--output", default=DEFAULT_OUTPUT,
-                      help=f"directory for netCDF, PNG and report.md (default ./{DEFAULT_OUTPUT})")
+    demo.add_argument(
+        "--output", default=DEFAULT_OUTPUT, help=f"directory for netCDF, PNG and report.md (default ./{DEFAULT_OUTPUT})"
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -94,8 +102,10 @@ def _check_output(parser: argparse.ArgumentParser, given: str, output: str) -> N
     except OSError as e:
         parser.error(f"--output {given!r} is not a writable directory ({e.strerror or e}); pass a writable one")
     if os.path.islink(os.path.join(output, "report.md")):
-        parser.error(f"--output {given!r}: report.md there is a symbolic link; remove it (outputs are never written "
-                     "through links) or pass another directory")
+        parser.error(
+            f"--output {given!r}: report.md there is a symbolic link; remove it (outputs are never written "
+            "through links) or pass another directory"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ loaders raise a :class:`MissingExtraError` (an :class:`ImportError`) that says s
 
 Every loader returns ``torch`` tensors in the current default dtype.
 """
+
 from __future__ import annotations
 
 import importlib

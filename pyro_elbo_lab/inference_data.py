@@ -17,6 +17,7 @@ The result is built once as an :class:`xarray.DataTree`: ArviZ 1.x gets it as is
 0.2x as an ``InferenceData`` (:func:`pyro_elbo_lab.arviz_compat.finalize`). This module
 calls ArviZ only through :mod:`pyro_elbo_lab.arviz_compat`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -269,7 +270,9 @@ def history_to_dataset(history):
 
     frame = getattr(history, "history", history)
     if not isinstance(frame, pd.DataFrame) or "step" not in frame.columns:
-        raise ValueError(f"history must be an SVIResult or its history DataFrame (with a 'step' column), got {type(history)}")
+        raise ValueError(
+            f"history must be an SVIResult or its history DataFrame (with a 'step' column), got {type(history)}"
+        )
     frame = frame.assign(chain=frame["chain"] if "chain" in frame.columns else 0).set_index(["chain", "step"])
     frame = frame.apply(lambda column: pd.to_numeric(column, errors="coerce")).astype("float64")
     per_site = [c for c in frame.columns if "/" in c]
@@ -283,9 +286,7 @@ def history_to_dataset(history):
         long = sites.stack("site", future_stack=True).sort_index()
         dataset = dataset.merge(long.to_xarray())
         dataset["site"] = dataset["site"].astype(str)
-    dataset = dataset.assign_coords(
-        chain=dataset["chain"].astype("int64"), step=dataset["step"].astype("int64")
-    )
+    dataset = dataset.assign_coords(chain=dataset["chain"].astype("int64"), step=dataset["step"].astype("int64"))
     dataset.attrs.update(units="nats", description="SVI optimisation history")
     chains = dataset.sizes["chain"]
     convergence = list(getattr(history, "convergence", None) or [])
@@ -491,4 +492,3 @@ def _to_numpy(value) -> np.ndarray:
     if torch.is_tensor(value):
         return value.detach().cpu().numpy()
     return np.asarray(value)
-

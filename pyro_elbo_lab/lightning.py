@@ -40,6 +40,7 @@ References
 [2] `Stochastic Variational Inference`, Matthew D. Hoffman, David M. Blei, Chong Wang,
     John Paisley (2013): minibatch scaling of the local terms by N / b.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,7 +64,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     except ImportError:
         raise MissingExtraError(
             "pyro_elbo_lab.lightning needs PyTorch Lightning, which is not installed or could not be "
-            f"imported ({e}). Install it with: pip install \"pyro-elbo-lab[lightning]\""
+            f'imported ({e}). Install it with: pip install "pyro-elbo-lab[lightning]"'
         ) from e
 
 __all__ = ["ELBOLightningModule", "DiagnosticsCallback", "TRAIN_TERMS"]
@@ -172,7 +173,9 @@ class ELBOLightningModule(pl.LightningModule):
                 f"optimizer must be a callable parameters -> torch optimiser, got {optimizer!r}; "
                 "e.g. functools.partial(torch.optim.Adam, lr=1e-2) (Lightning steps torch optimisers, not pyro.optim)"
             )
-        check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, hint="the logging interval in optimiser steps")
+        check_int(
+            "log_every_n_steps", log_every_n_steps, 1, allow_none=True, hint="the logging interval in optimiser steps"
+        )
         self.model_kwargs = check_model_kwargs(model_kwargs)
         self.val_model_kwargs = (
             self.model_kwargs if val_model_kwargs is None else check_model_kwargs(val_model_kwargs, "val_model_kwargs")
@@ -410,7 +413,11 @@ class DiagnosticsCallback(pl.Callback):
         kwargs = _to_device(self.model_kwargs, pl_module.device)
         with torch.no_grad():
             evidence = estimate_evidence(
-                pl_module.model, pl_module.guide, *args, model_kwargs=kwargs, num_samples=self.num_samples,
+                pl_module.model,
+                pl_module.guide,
+                *args,
+                model_kwargs=kwargs,
+                num_samples=self.num_samples,
                 per_datapoint=self.per_datapoint,
             )
             metrics = {k: float(v) for k, v in evidence.as_dict().items() if k != "num_samples"}

@@ -9,6 +9,7 @@ title, axis labels with units (nats) and a legend. For the posterior itself use 
 plots on :func:`~pyro_elbo_lab.from_svi_result`'s output (``az.plot_trace``,
 ``az.plot_forest``; ``az.plot_posterior`` on ArviZ 0.2x).
 """
+
 from __future__ import annotations
 
 import math
@@ -153,8 +154,13 @@ def plot_decomposition(
         _, rows = chains[0]
         if "capacity" in frame.columns:
             # the capacity is in nats: on the main axis, whose limits then include it
-            ax.plot(rows["step"].to_numpy(), rows["capacity"].to_numpy(dtype=float), color="grey", linestyle=":",
-                    label="capacity C (nats)")
+            ax.plot(
+                rows["step"].to_numpy(),
+                rows["capacity"].to_numpy(dtype=float),
+                color="grey",
+                linestyle=":",
+                label="capacity C (nats)",
+            )
     handles, labels = ax.get_legend_handles_labels()
     if beta and "beta" in frame.columns:
         twin = ax.twinx()
@@ -191,11 +197,11 @@ def plot_kl_per_site(data, ax=None, *, smooth: int = 1, chain: int = 0):
             "the history has no per-site KL columns 'kl/<site>': fit with a loss that records ELBOTerms "
             "(BetaELBO, BetaMeanFieldELBO)"
         )
-    (_, rows), = _chains(frame, chain)
+    ((_, rows),) = _chains(frame, chain)
     ax = _axes(ax)
     steps = rows["step"].to_numpy()
     values = [_smooth(rows[c].to_numpy(dtype=float), smooth) for c in columns]
-    ax.stackplot(steps, *values, labels=[c[len("kl/"):] for c in columns], alpha=0.8)
+    ax.stackplot(steps, *values, labels=[c[len("kl/") :] for c in columns], alpha=0.8)
     if "kl" in rows.columns:
         ax.plot(steps, _smooth(rows["kl"].to_numpy(dtype=float), smooth), color="black", linewidth=1, label="total KL")
     ax.set_xlabel("step")
@@ -234,15 +240,25 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     frame = pd.DataFrame(data)
     missing = [c for c in ("rate", "distortion") if c not in frame.columns]
     if missing:
-        raise ValueError(f"rate–distortion data needs columns 'rate' and 'distortion'; missing {missing} "
-                         f"(columns: {list(frame.columns)})")
+        raise ValueError(
+            f"rate–distortion data needs columns 'rate' and 'distortion'; missing {missing} "
+            f"(columns: {list(frame.columns)})"
+        )
     numeric_beta = "beta" in frame.columns and pd.api.types.is_numeric_dtype(frame["beta"])
     if numeric_beta:
         frame = frame.sort_values("beta")
     ax = _axes(ax)
     if "rate_stderr" in frame.columns and "distortion_stderr" in frame.columns:
-        ax.errorbar(frame["rate"], frame["distortion"], xerr=frame["rate_stderr"], yerr=frame["distortion_stderr"],
-                    marker="o", color="C0", capsize=2, label="fits (± 1 standard error)")
+        ax.errorbar(
+            frame["rate"],
+            frame["distortion"],
+            xerr=frame["rate_stderr"],
+            yerr=frame["distortion_stderr"],
+            marker="o",
+            color="C0",
+            capsize=2,
+            label="fits (± 1 standard error)",
+        )
     else:
         ax.plot(frame["rate"], frame["distortion"], marker="o", color="C0", label="fits")
     best = frame.iloc[int(np.argmin((frame["rate"] + frame["distortion"]).to_numpy()))]
@@ -252,8 +268,9 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     if annotate and "beta" in frame.columns:
         for _, row in frame.iterrows():
             label = f"β={row['beta']:.3g}" if numeric_beta else str(row["beta"])
-            ax.annotate(label, (row["rate"], row["distortion"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize="small")
+            ax.annotate(
+                label, (row["rate"], row["distortion"]), textcoords="offset points", xytext=(4, 4), fontsize="small"
+            )
     # frame the fitted points, not the whole R + D line (which would squash them into a corner)
     for column, set_lim in (("rate", ax.set_xlim), ("distortion", ax.set_ylim)):
         values = frame[column].to_numpy(dtype=float)
@@ -314,7 +331,9 @@ def plot_pareto_k(data, ax=None):
     elif isinstance(data, pd.DataFrame) or hasattr(data, "history"):
         frame = _history(data)
         if "eval_pareto_k" not in frame.columns:
-            raise ValueError("the history has no 'eval_pareto_k' column: fit with SVIRunner(..., evaluation=Evaluation(every=N))")
+            raise ValueError(
+                "the history has no 'eval_pareto_k' column: fit with SVIRunner(..., evaluation=Evaluation(every=N))"
+            )
         over_training = True
     elif isinstance(data, dict):
         labels, ks = [str(k) for k in data], [float(getattr(v, "pareto_k", v)) for v in data.values()]
@@ -329,7 +348,9 @@ def plot_pareto_k(data, ax=None):
     if over_training:
         for c, rows in _chains(frame, None):
             rows = rows.dropna(subset=["eval_pareto_k"])
-            ax.plot(rows["step"], rows["eval_pareto_k"], marker="o", label="k̂" + (f" (chain {c})" if c is not None else ""))
+            ax.plot(
+                rows["step"], rows["eval_pareto_k"], marker="o", label="k̂" + (f" (chain {c})" if c is not None else "")
+            )
         ax.set_xlabel("step")
         ax.set_title("Pareto k̂ of the importance weights over training")
     else:

@@ -10,6 +10,7 @@ steps (:attr:`pyro_elbo_lab.BetaELBO.step`) and save that count in
 Any callable ``int -> float`` can be used where a schedule is accepted; the classes here
 validate their arguments and print readably.
 """
+
 from __future__ import annotations
 
 import math

@@ -49,6 +49,7 @@ References
 [2] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (2014): the
     analytic KL estimator.
 """
+
 from __future__ import annotations
 
 import math

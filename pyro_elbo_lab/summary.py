@@ -7,6 +7,7 @@ errors and the guide's estimated errors; and per chain the final ELBO terms, the
 importance-sampled evidence, the KL gap, Pareto k̂, whether the fit converged, and
 verdicts that claim only what these numbers show.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,17 @@ __all__ = ["SVISummary", "summarize"]
 _TERMS = ("elbo", "reconstruction", "kl", "entropy")
 
 #: The columns of :attr:`SVISummary.moments` shown by ``str(summary)``.
-_SHOWN = ("guide_mean", "guide_sd", "psis_mean", "psis_mean_mcse", "psis_sd", "psis_sd_mcse", "mean_error",
-          "sd_ratio", "status")
+_SHOWN = (
+    "guide_mean",
+    "guide_sd",
+    "psis_mean",
+    "psis_mean_mcse",
+    "psis_sd",
+    "psis_sd_mcse",
+    "mean_error",
+    "sd_ratio",
+    "status",
+)
 
 
 @dataclass
@@ -173,7 +183,9 @@ def summarize(idata, *, last: int = 50) -> SVISummary:
     num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
     posterior = arviz_compat.summary(idata, diagnostics=num_chains > 1)
     corrected = arviz_compat.label_values(psis_means(idata))
-    posterior.insert(posterior.columns.get_loc("mean") + 1, "psis_mean", [corrected.get(i, np.nan) for i in posterior.index])
+    posterior.insert(
+        posterior.columns.get_loc("mean") + 1, "psis_mean", [corrected.get(i, np.nan) for i in posterior.index]
+    )
     r_hat = float(posterior["r_hat"].max()) if "r_hat" in posterior.columns else math.nan
 
     reports = moments_from_inference_data(idata) if post.data_vars else []

@@ -11,6 +11,7 @@ The three decompositions of the evidence lower bound (all in nats):
 
 and :math:`\\mathrm{KL}(q \\| p(z)) = -\\mathbb{E}_q[\\log p(z)] - \\mathbb{H}[q]`.
 """
+
 from __future__ import annotations
 
 import math

@@ -13,6 +13,7 @@ from its numbers), :mod:`~pyro_elbo_lab.demos.figures` (the plots),
 :mod:`~pyro_elbo_lab.demos.eight_schools_exact` (quadrature and NUTS references),
 :mod:`~pyro_elbo_lab.demos.eight_schools_report` and :mod:`~pyro_elbo_lab.demos.common`.
 """
+
 from __future__ import annotations
 
 __all__ = ["common", "eight_schools", "eight_schools_exact", "eight_schools_report", "figures", "vae", "wording"]

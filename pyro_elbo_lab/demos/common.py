@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Helpers shared by the demos and the example scripts: arguments, seeding, reports."""
+
 from __future__ import annotations
 
 import argparse
@@ -110,6 +111,7 @@ class Report:
 
     def table(self, frame, float_format: str = "{:.4g}") -> None:
         """A :class:`pandas.DataFrame`, printed as text and kept as a Markdown table."""
+
         def cell(v) -> str:
             if isinstance(v, float):
                 return "" if math.isnan(v) else float_format.format(v)

@@ -35,6 +35,7 @@ References
     Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki Vehtari, Donald B.
     Rubin (2013)
 """
+
 from __future__ import annotations
 
 import os
@@ -79,7 +80,6 @@ __all__ = [
     "run",
     "run_fits",
 ]
-
 
 
 def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -257,7 +257,9 @@ def fit(
     runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed, convergence=convergence)
     result = runner.run(sigma, y, num_steps=num_steps)
     seconds = time.perf_counter() - start
-    terms = BetaELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1).decompose(model, guide, sigma, y)
+    terms = BetaELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1).decompose(
+        model, guide, sigma, y
+    )
     with warnings.catch_warnings():  # k̂ and its verdict are reported
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
         # the same draws for both (same seed, one batch), so both report the same k̂
@@ -267,9 +269,13 @@ def fit(
         pyro.set_rng_seed(seed + 1)
         moments = guide_moments(model, guide, sigma, y, **draws)
     idata = from_svi_result(result, sigma, y, num_samples=1000, coords={"school": list(EIGHT_SCHOOLS_NAMES)})
-    summary = rename_schools(arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]])
+    summary = rename_schools(
+        arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]]
+    )
     name = f"{model_name}, {guide_name}"
-    return Fit(name, model_name, guide_name, guide, result, terms, evidence, idata, summary, seconds, moments, num_steps)
+    return Fit(
+        name, model_name, guide_name, guide, result, terms, evidence, idata, summary, seconds, moments, num_steps
+    )
 
 
 @dataclass
@@ -286,8 +292,10 @@ class EightSchools:
     def status_table(self) -> pd.DataFrame:
         """How each fit stopped: steps, status, seconds."""
         frame = pd.DataFrame.from_dict(
-            {f.name: {"steps": f.steps, "status": f.status, "seconds": f.seconds, "evidence": _evidence(f.result)}
-             for f in self.fits},
+            {
+                f.name: {"steps": f.steps, "status": f.status, "seconds": f.seconds, "evidence": _evidence(f.result)}
+                for f in self.fits
+            },
             orient="index",
         )
         frame.index.name = "fit"
@@ -395,9 +403,17 @@ class EightSchools:
         else:
             est_err = est_ratio = float("nan")
         return FitFacts(
-            name=f.name, family=f"{FAMILY[f.guide_name]} ({f.model_name})", converged=f.converged, steps=f.steps,
-            cap=f.cap, pareto_k=m.pareto_k, k_threshold=m.k_threshold, est_mean_error=est_err,
-            est_sd_ratio=est_ratio, gap=self.exact.log_evidence - f.terms.elbo, ref_mean_error=err,
+            name=f.name,
+            family=f"{FAMILY[f.guide_name]} ({f.model_name})",
+            converged=f.converged,
+            steps=f.steps,
+            cap=f.cap,
+            pareto_k=m.pareto_k,
+            k_threshold=m.k_threshold,
+            est_mean_error=est_err,
+            est_sd_ratio=est_ratio,
+            gap=self.exact.log_evidence - f.terms.elbo,
+            ref_mean_error=err,
             ref_sd_ratio=ratio,
         )
 
@@ -483,11 +499,16 @@ def run(
     if quick:
         report.text("SMOKE RUN (--quick): the fits are capped far below convergence; no conclusions are drawn.")
     report.text(
-        "y = " + ", ".join(f"{v:g}" for v in EIGHT_SCHOOLS_Y) + "; sigma = " + ", ".join(f"{v:g}" for v in EIGHT_SCHOOLS_SIGMA)
+        "y = "
+        + ", ".join(f"{v:g}" for v in EIGHT_SCHOOLS_Y)
+        + "; sigma = "
+        + ", ".join(f"{v:g}" for v in EIGHT_SCHOOLS_SIGMA)
     )
-    report.text("mu ~ N(0, 5), tau ~ HalfCauchy(5), theta_j ~ N(mu, tau), y_j ~ N(theta_j, sigma_j); "
-                "centred and non-centred, each with a mean-field (AutoNormal) and a full-rank "
-                "(AutoMultivariateNormal) guide, fitted with SVIRunner and BetaELBO.")
+    report.text(
+        "mu ~ N(0, 5), tau ~ HalfCauchy(5), theta_j ~ N(mu, tau), y_j ~ N(theta_j, sigma_j); "
+        "centred and non-centred, each with a mean-field (AutoNormal) and a full-rank "
+        "(AutoMultivariateNormal) guide, fitted with SVIRunner and BetaELBO."
+    )
     start, cpu = time.perf_counter(), time.process_time()
     log = report.text if verbose else (lambda text: None)
     study = run_fits(quick, seed, steps, progress_bar=verbose and progress_bar, log=log)

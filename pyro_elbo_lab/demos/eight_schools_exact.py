@@ -4,6 +4,7 @@ The eight-schools references, independent of pyro-elbo-lab's estimators: the exa
 posterior of μ and τ and the evidence p(y) by quadrature (μ and θ integrate out in closed
 form, τ numerically), and the NUTS draws ArviZ ships.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def exact_reference(num_nodes: int = 800) -> ExactReference:
     mu_var = (post * (1 / prec + mean**2)).sum() - mu_mean**2
     tau_mean = (post * tau).sum()
     tau_var = (post * tau**2).sum() - tau_mean**2
-    return ExactReference(float(log_evidence), float(mu_mean), float(np.sqrt(mu_var)), float(tau_mean), float(np.sqrt(tau_var)))
+    return ExactReference(
+        float(log_evidence), float(mu_mean), float(np.sqrt(mu_var)), float(tau_mean), float(np.sqrt(tau_var))
+    )
 
 
 def _tau_nodes(num_nodes: int):
@@ -161,7 +164,7 @@ def rename_schools(frame: pd.DataFrame) -> pd.DataFrame:
     index = []
     for name in frame.index:
         if name.startswith("theta["):
-            key = name[len("theta["):-1]
+            key = name[len("theta[") : -1]
             if key in EIGHT_SCHOOLS_NAMES:
                 key = str(EIGHT_SCHOOLS_NAMES.index(key))
             name = f"theta[{key}]"

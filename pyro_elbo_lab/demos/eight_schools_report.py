@@ -4,6 +4,7 @@ The eight-schools demo's report and files: tables, conclusions computed from the
 (:mod:`~pyro_elbo_lab.demos.wording`), plots (:mod:`~pyro_elbo_lab.demos.figures`) and
 netCDF, from an :class:`~pyro_elbo_lab.demos.eight_schools.EightSchools` study.
 """
+
 from __future__ import annotations
 
 import os

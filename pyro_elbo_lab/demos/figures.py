@@ -4,6 +4,7 @@ The demos' figures, drawn for a statistician: axes labelled with units, legends 
 data, exact references marked, where each fit stopped marked, scales that suit the quantity
 (τ, a scale parameter, on a log axis).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def eight_schools_decomposition(plt, study, path: str) -> None:
     smooth = max(1, study.num_steps // 100)
     for i, (ax, f) in enumerate(zip(axes.flat, fits)):
         history = f.result.history
-        plots.plot_decomposition(f.result, ax=ax, terms=("elbo", "reconstruction", "kl", "entropy"), beta=False,
-                                 smooth=smooth)
+        plots.plot_decomposition(
+            f.result, ax=ax, terms=("elbo", "reconstruction", "kl", "entropy"), beta=False, smooth=smooth
+        )
         ax.get_legend().remove()
         ax.axhline(study.exact.log_evidence, color="black", linestyle=":", linewidth=1, label="exact log p(y)")
         stop = int(history["step"].iloc[-1])
@@ -66,8 +68,12 @@ def eight_schools_decomposition(plt, study, path: str) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     keep = [(h, lab) for h, lab in zip(handles, labels) if not lab.startswith(("converged", "not converged"))]
     keep.append((plt.Line2D([], [], color=STOP_COLOUR[True], linestyle="--"), "where the fit stopped: converged"))
-    keep.append((plt.Line2D([], [], color=STOP_COLOUR[False], linestyle="--"),
-                 "where the fit stopped: not converged (step cap)"))
+    keep.append(
+        (
+            plt.Line2D([], [], color=STOP_COLOUR[False], linestyle="--"),
+            "where the fit stopped: not converged (step cap)",
+        )
+    )
     fig.legend(*zip(*keep), loc="lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle(f"ELBO decomposition over training (nats; rolling mean of {smooth} steps)", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
@@ -128,16 +134,31 @@ def eight_schools_posterior(plt, study, path: str) -> None:
         for j in range(len(schools)):
             mean, lo, hi = interval(theta[:, j])
             ax_theta.plot([lo, hi], [base[j] + off] * 2, color=colour, linewidth=1.5)
-            ax_theta.plot(mean, base[j] + off, marker=marker, color=colour, markersize=4, linestyle="none",
-                          label=label if j == 0 else None)
-    ax_theta.plot(EIGHT_SCHOOLS_Y, base, marker="x", color="tab:brown", markersize=8, linestyle="none",
-                  label="observed effect y_j (± its standard error σ_j not shown)")
+            ax_theta.plot(
+                mean,
+                base[j] + off,
+                marker=marker,
+                color=colour,
+                markersize=4,
+                linestyle="none",
+                label=label if j == 0 else None,
+            )
+    ax_theta.plot(
+        EIGHT_SCHOOLS_Y,
+        base,
+        marker="x",
+        color="tab:brown",
+        markersize=8,
+        linestyle="none",
+        label="observed effect y_j (± its standard error σ_j not shown)",
+    )
     ax_theta.set_yticks(base, schools)
     ax_theta.set_xlabel("θ_j, school's true effect (SAT-V points)")
     ax_theta.set_title("θ_j: mean and 90% interval per school", fontsize=9)
     ax_theta.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.suptitle("Eight schools: posterior of each guide against NUTS and the exact (quadrature) posterior",
-                 fontsize=11)
+    fig.suptitle(
+        "Eight schools: posterior of each guide against NUTS and the exact (quadrature) posterior", fontsize=11
+    )
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -195,8 +216,12 @@ def vae_decomposition(plt, study, path: str, converged: dict | None = None) -> N
     fig, axes = plt.subplots(1, len(study.configs), figsize=(4.2 * len(study.configs), 3.9), sharey=True)
     smooth = max(1, study.num_steps // 50)
     for ax, config in zip(axes, study.configs):
-        plots.plot_decomposition(per_image(study.results[config.name], num_data), ax=ax,
-                                 terms=("elbo", "reconstruction", "kl"), smooth=smooth)
+        plots.plot_decomposition(
+            per_image(study.results[config.name], num_data),
+            ax=ax,
+            terms=("elbo", "reconstruction", "kl"),
+            smooth=smooth,
+        )
         converged = converged_by_name.get(config.name, True)
         ax.set_title(config.label + ("" if converged else "\n(NOT CONVERGED)"), fontsize=10)
         ax.set_ylabel("nats per training image")
@@ -212,8 +237,10 @@ def vae_decomposition(plt, study, path: str, converged: dict | None = None) -> N
         if ax.beta_axis is not None and ax is not axes[-1]:
             ax.beta_axis.set_ylabel("")
     rolling = f"; rolling mean of {smooth} steps" if smooth > 1 else ""
-    fig.suptitle(f"ELBO decomposition over training (training minibatches, nats per image{rolling}); β on the right "
-                 "axis", fontsize=10)
+    fig.suptitle(
+        f"ELBO decomposition over training (training minibatches, nats per image{rolling}); β on the right axis",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -228,15 +255,30 @@ def vae_rate_distortion(plt, study, path: str) -> None:
         rd = study.evaluations[config.name]["rate_distortion"]
         points.append((rd.rate, rd.distortion))
         # one separate point per method, ± 1 Monte Carlo standard error: methods are not joined by a line
-        ax.errorbar([rd.rate], [rd.distortion], xerr=[getattr(rd, "rate_stderr", 0.0) or 0.0],
-                    yerr=[getattr(rd, "distortion_stderr", 0.0) or 0.0], marker=markers[i % 4], color=f"C{i}",
-                    linestyle="none", capsize=3, markersize=7, label=config.label)
+        ax.errorbar(
+            [rd.rate],
+            [rd.distortion],
+            xerr=[getattr(rd, "rate_stderr", 0.0) or 0.0],
+            yerr=[getattr(rd, "distortion_stderr", 0.0) or 0.0],
+            marker=markers[i % 4],
+            color=f"C{i}",
+            linestyle="none",
+            capsize=3,
+            markersize=7,
+            label=config.label,
+        )
     rates, dists = zip(*points)
     best = min(r + d for r, d in points)
     span = max(max(rates) - min(rates), max(dists) - min(dists), 1.0)
     r = np.linspace(max(0.0, min(rates) - 0.3 * span), max(rates) + 0.3 * span, 50)
-    ax.plot(r, best - r, color="grey", linestyle="--", linewidth=1,
-            label=f"R + D = {best:.1f} nats (the best held-out -ELBO)")
+    ax.plot(
+        r,
+        best - r,
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"R + D = {best:.1f} nats (the best held-out -ELBO)",
+    )
     ax.set_xlim(r[0], r[-1])
     ax.set_ylim(min(dists) - 0.3 * span, max(dists) + 0.3 * span)
     ax.set_xlabel("rate R = KL(q(z|x) || p(z)) (nats per held-out image)")

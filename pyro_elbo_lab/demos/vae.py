@@ -33,6 +33,7 @@ References
 [4] `Fixing a Broken ELBO`, Alexander A. Alemi, Ben Poole, Ian Fischer, Joshua V. Dillon,
     Rif A. Saurous, Kevin Murphy (2018)
 """
+
 from __future__ import annotations
 
 import os
@@ -252,7 +253,12 @@ def evaluate(vae: DigitsVAE, x_test: torch.Tensor, num_samples: int = 500) -> di
     with warnings.catch_warnings():  # the per-image k̂ is reported, not warned about
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
         evidence = estimate_evidence(
-            vae.model, vae.guide, x_test, num_samples=num_samples, batch_size=100, per_datapoint="data",
+            vae.model,
+            vae.guide,
+            x_test,
+            num_samples=num_samples,
+            batch_size=100,
+            per_datapoint="data",
             max_plate_nesting=1,
         )
     per_image = evidence.log_evidence_per_datapoint
@@ -359,8 +365,15 @@ def collapse_text(study: VAEStudy) -> list[str]:
     lines = []
     for c in study.configs:
         report = study.evaluations[c.name]["collapse"]
-        lines.append(collapse_summary(c.label, report.kl_per_dimension.tolist(), report.activity.tolist(),
-                                      report.threshold, list(report.dimensions)))
+        lines.append(
+            collapse_summary(
+                c.label,
+                report.kl_per_dimension.tolist(),
+                report.activity.tolist(),
+                report.threshold,
+                list(report.dimensions),
+            )
+        )
     return lines
 
 
@@ -389,7 +402,9 @@ def write_outputs(study: VAEStudy, output: str, report: Report) -> list[str]:
         path = os.path.join(output, f"vae_{config.name}_images.png")
         vae_images(plt, study.vaes[config.name], x, config.label, path)
         paths.append(path)
-        report.image(path, f"{config.label}: rows are held-out images, their reconstructions, and samples from the prior")
+        report.image(
+            path, f"{config.label}: rows are held-out images, their reconstructions, and samples from the prior"
+        )
         idata = from_svi_result(study.results[config.name], x, num_samples=100)
         path = os.path.join(output, f"vae_{config.name}.nc")
         idata.to_netcdf(path)

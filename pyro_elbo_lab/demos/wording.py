@@ -25,6 +25,7 @@ References
 
 [3] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan Salakhutdinov (2016)
 """
+
 from __future__ import annotations
 
 import math
@@ -192,10 +193,14 @@ def fit_conclusion(facts: FitFacts) -> str:
     )
     if off or est_bad:
         detail = f" Against the reference: {', '.join(off)}." if off else ""
-        return text + detail + (
-            f" The {facts.family} guide's own moments are off by more than the tolerances "
-            f"(|mean error| ≤ {MEAN_ERROR_TOL} sd, sd ratio within 1 ± {SD_RATIO_TOL}): use the PSIS-corrected "
-            "moments, which k̂ says are reliable."
+        return (
+            text
+            + detail
+            + (
+                f" The {facts.family} guide's own moments are off by more than the tolerances "
+                f"(|mean error| ≤ {MEAN_ERROR_TOL} sd, sd ratio within 1 ± {SD_RATIO_TOL}): use the PSIS-corrected "
+                "moments, which k̂ says are reliable."
+            )
         )
     return text + (
         f" Its moments are accurate (|mean error| ≤ {MEAN_ERROR_TOL} sd, sd ratio within 1 ± {SD_RATIO_TOL})."
@@ -257,9 +262,7 @@ def collapse_summary(
     collapsed = [k < kl_tol for k in kl]
     both = [i for i in range(len(kl)) if active[i] and collapsed[i]]
     neither = [i for i in range(len(kl)) if not active[i] and not collapsed[i]]
-    text = (
-        f"{label}: {sum(active)}/{len(kl)} active units, {sum(collapsed)}/{len(kl)} collapsed dimensions"
-    )
+    text = f"{label}: {sum(active)}/{len(kl)} active units, {sum(collapsed)}/{len(kl)} collapsed dimensions"
     if neither:
         text += (
             f"; {len(neither)} neither active nor collapsed ("
@@ -321,7 +324,8 @@ def vae_comparison(labels: dict, iwae_per_image: dict, converged: dict, rate: di
     if unconverged:
         out.append(
             "Not converged (the objective was still changing at the last step; no conclusion drawn from them): "
-            + ", ".join(unconverged) + "."
+            + ", ".join(unconverged)
+            + "."
         )
     if len(done) < 2:
         out.append("Fewer than two converged weightings: no comparison is made.")

@@ -15,6 +15,7 @@ Post-fit VI diagnostics: is the guide any good, and why.
 - :func:`vsbc`: variational simulation-based calibration (symmetry of the true parameters'
   quantiles under guides refitted to prior-predictive data).
 """
+
 from __future__ import annotations
 
 from .aggregate import AggregatePosteriorReport, aggregate_posterior

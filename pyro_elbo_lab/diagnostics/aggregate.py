@@ -4,6 +4,7 @@ The aggregate posterior q̄(z) = (1/N) Σ_n q(z | x_n): ELBO surgery and the β-
 of the average KL into index-code mutual information, total correlation and
 dimension-wise KL.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,9 +90,15 @@ class AggregatePosteriorReport:
         return out
 
     def __str__(self) -> str:
-        parts = [f"kl={self.kl:.4g}", f"mutual_information={self.mutual_information:.4g} (<= log N = {self.mutual_information_bound:.4g})"]
+        parts = [
+            f"kl={self.kl:.4g}",
+            f"mutual_information={self.mutual_information:.4g} (<= log N = {self.mutual_information_bound:.4g})",
+        ]
         if self.total_correlation is not None:
-            parts += [f"total_correlation={self.total_correlation:.4g}", f"dimensionwise_kl={self.dimensionwise_kl:.4g}"]
+            parts += [
+                f"total_correlation={self.total_correlation:.4g}",
+                f"dimensionwise_kl={self.dimensionwise_kl:.4g}",
+            ]
         else:
             parts.append(f"marginal_kl={self.marginal_kl:.4g}")
         return f"AggregatePosteriorReport[{self.estimator}](" + ", ".join(parts) + ")"

@@ -2,6 +2,7 @@
 """
 Posterior collapse of local latents: the KL per latent dimension and the active units.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,11 @@ class CollapseReport:
         Flat ``{name: number}``: ``active_units``, ``num_dimensions``, ``kl``, and per
         dimension ``"kl/z[0]"`` and ``"activity/z[0]"``.
         """
-        out: dict[str, float] = {"active_units": self.active_units, "num_dimensions": self.num_dimensions, "kl": self.kl}
+        out: dict[str, float] = {
+            "active_units": self.active_units,
+            "num_dimensions": self.num_dimensions,
+            "kl": self.kl,
+        }
         for name, kl, act in zip(self.dimensions, self.kl_per_dimension.tolist(), self.activity.tolist()):
             out[f"kl/{name}"] = kl
             out[f"activity/{name}"] = act

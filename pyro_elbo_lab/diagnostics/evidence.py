@@ -6,6 +6,7 @@ One vectorised guide/model trace per batch of importance samples (the sample pla
 :mod:`pyro_elbo_lab.diagnostics.traces`), never a Python loop over samples; the Pareto
 k̂ and the importance statistics come from :mod:`pyro_elbo_lab.diagnostics.psis`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ from .traces import SAMPLE_PLATE, ImportanceTraces, log_joint_and_guide, vectori
 __all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence"]
 
 logger = logging.getLogger(__name__)
+
 
 class ImportanceSamplingWarning(UserWarning):
     """
@@ -213,7 +215,9 @@ def _check_finite(lw: torch.Tensor, traces: ImportanceTraces, num_samples: int) 
         return
     bad_samples = int((~finite.reshape(finite.shape[0], -1).all(-1)).sum())
     n = traces.num_samples
-    which = f"of {n} importance samples" if n == num_samples else f"in a batch of {n} importance samples (of {num_samples})"
+    which = (
+        f"of {n} importance samples" if n == num_samples else f"in a batch of {n} importance samples (of {num_samples})"
+    )
     culprits = []
     for role, trace in (("model", traces.model_trace), ("guide", traces.guide_trace)):
         for name, site in sample_sites(trace):

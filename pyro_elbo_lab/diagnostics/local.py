@@ -8,6 +8,7 @@ Not public API: used by :mod:`~pyro_elbo_lab.diagnostics.collapse`,
 :mod:`~pyro_elbo_lab.diagnostics.aggregate` and
 :mod:`~pyro_elbo_lab.diagnostics.rate_distortion`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator

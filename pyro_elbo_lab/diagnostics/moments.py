@@ -9,6 +9,7 @@ gives self-normalised estimates of the posterior's moments whenever the weights'
 :math:`\\hat k` is small enough; their difference from the guide's moments estimates the
 guide's error in units of the posterior sd.
 """
+
 from __future__ import annotations
 
 import math
@@ -521,7 +522,10 @@ def moments_from_inference_data(data) -> list:
         if not rest:
             names.append(str(var))
         else:
-            labels = [[str(v) for v in array[d].values] if d in array.coords else [str(i) for i in range(array.sizes[d])] for d in rest]
+            labels = [
+                [str(v) for v in array[d].values] if d in array.coords else [str(i) for i in range(array.sizes[d])]
+                for d in rest
+            ]
             names += [f"{var}[{', '.join(idx)}]" for idx in _product(labels)]
         sites += [str(var)] * int(np.prod([array.sizes[d] for d in rest], dtype=int))
     reports = []
@@ -531,7 +535,9 @@ def moments_from_inference_data(data) -> list:
             np.asarray(a.transpose("draw", ...).values, dtype="float64").reshape(chain.sizes["draw"], -1)
             for a in chain.data_vars.values()
         ]
-        reports.append(moments_from_draws(np.concatenate(columns, 1), chain_log_weights(data, c), names=names, sites=sites))
+        reports.append(
+            moments_from_draws(np.concatenate(columns, 1), chain_log_weights(data, c), names=names, sites=sites)
+        )
     return reports
 
 

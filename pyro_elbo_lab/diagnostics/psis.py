@@ -9,6 +9,7 @@ sample size, and PSIS-corrected posterior means.
 these. The PSIS fit itself is :func:`pyro_elbo_lab.arviz_compat.psislw` (ArviZ's, on
 either ArviZ generation).
 """
+
 from __future__ import annotations
 
 import math

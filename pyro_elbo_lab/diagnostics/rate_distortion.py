@@ -3,6 +3,7 @@
 Rate R = E_x KL(q(z|x) ‖ p(z)) and distortion D = -E_x E_q log p(x|z) of a fitted model,
 or over a sweep of β (Alemi et al. 2018).
 """
+
 from __future__ import annotations
 
 import math
@@ -301,7 +302,9 @@ def rate_distortion_sweep(
             raise ValueError(f"betas must be finite numbers >= 0, got {beta!r}")
         fitted = fit(beta)
         if not (isinstance(fitted, tuple) and len(fitted) == 2):
-            raise ValueError(f"fit(beta) must return a (model, guide) pair, got {type(fitted).__name__} for beta={beta}")
+            raise ValueError(
+                f"fit(beta) must return a (model, guide) pair, got {type(fitted).__name__} for beta={beta}"
+            )
         report = rate_distortion(
             fitted[0],
             fitted[1],

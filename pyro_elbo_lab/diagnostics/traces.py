@@ -6,6 +6,7 @@ Shared by the evidence estimator, the collapse diagnostics and the ArviZ convert
 that every post-fit quantity is computed from the same kind of draws, without a Python
 loop over samples.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -222,7 +223,11 @@ def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.T
 
 
 def _total(trace, S: int, mpn: int) -> torch.Tensor:
-    terms = [sites.sum_per_particle(sites.log_prob(site), S, mpn) for site in trace.nodes.values() if site["type"] == "sample"]
+    terms = [
+        sites.sum_per_particle(sites.log_prob(site), S, mpn)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]
     return sum(terms) if terms else torch.zeros(S)
 
 

@@ -12,6 +12,7 @@ that symmetry (the Kolmogorov–Smirnov distance between :math:`p_{\\cdot k}` an
 :math:`1 - p_{\\cdot k}`, here with a sign-flip p-value: :func:`symmetry_test`). VSBC checks the procedure (guide family + optimiser + stopping),
 not one fit, and is blind to errors in spread that are symmetric.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -221,7 +222,9 @@ def vsbc(
                 if site["type"] == "sample"
             }
     prior = {
-        name: v.reshape((num_replications,) + shapes[name]) if name in shapes and v.shape[1:].numel() == shapes[name].numel() else v
+        name: v.reshape((num_replications,) + shapes[name])
+        if name in shapes and v.shape[1:].numel() == shapes[name].numel()
+        else v
         for name, v in prior.items()
     }
     for site in data_sites:
@@ -247,7 +250,9 @@ def vsbc(
                         f"predictive ({sorted(prior)}); pass parameters= with sites in both"
                     )
             if not chosen:
-                raise ValueError(f"no parameter to test: the guide draws {sorted(draws)} share no latent site with the prior")
+                raise ValueError(
+                    f"no parameter to test: the guide draws {sorted(draws)} share no latent site with the prior"
+                )
         row = []
         for site in chosen:
             truth = prior[site][m]

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """ELBO objectives: β-weighted, free-bits and capacity, each recording its decomposition."""
+
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_trace_enum_elbo import BetaTraceEnumELBO

@@ -11,6 +11,7 @@ losses: the one home of the schedule position (see :class:`BetaState` for the ru
 Imports only torch, :mod:`pyro_elbo_lab.checks`, :mod:`pyro_elbo_lab.schedules` and
 :mod:`pyro_elbo_lab.terms`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -248,7 +249,9 @@ class BetaState:
         step = self.step if step is None else step
         value = float(self._beta(step))
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"the beta schedule {self._beta!r} returned {value!r} at step {step}; β must be finite and >= 0")
+            raise ValueError(
+                f"the beta schedule {self._beta!r} returned {value!r} at step {step}; β must be finite and >= 0"
+            )
         return value
 
     def current_capacity(self, step: int | None = None) -> None:

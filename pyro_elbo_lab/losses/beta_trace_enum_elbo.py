@@ -6,6 +6,7 @@
 Imports :mod:`pyro_elbo_lab.terms` and :mod:`.beta_state`; from Pyro it reuses the
 enumeration helpers of ``pyro.infer.traceenum_elbo`` (ordinals, the common-scale check).
 """
+
 from __future__ import annotations
 
 import math
@@ -312,7 +313,9 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
             with shared_intermediates() as cache:
                 ring = SampleRing(cache=cache, dim_to_size=dim_to_size)
                 contracted = contract_tensor_tree(log_factors, enum_dims, ring=ring)
-            group = [atom(t, packed.scale_and_mask(term, scale=scale)) for t, terms in contracted.items() for term in terms]
+            group = [
+                atom(t, packed.scale_and_mask(term, scale=scale)) for t, terms in contracted.items() for term in terms
+            ]
             key = "+".join(marginal_observed or enumerated)
             entries.append((("reconstruction", key), [(1.0, i) for i in group], 1.0))
 
@@ -450,4 +453,3 @@ def _record(order: list, columns: list, beta: float) -> TermsRecord:
     if values.dim() == 1:
         values = values.unsqueeze(-1)
     return TermsRecord(order, values, beta, None)
-

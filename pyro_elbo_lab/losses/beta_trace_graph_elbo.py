@@ -7,6 +7,7 @@ its decomposition.
 Imports :mod:`pyro_elbo_lab.sites` (per-particle sums), :mod:`pyro_elbo_lab.terms` and
 :mod:`.beta_state`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

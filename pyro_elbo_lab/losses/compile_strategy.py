@@ -8,6 +8,7 @@ compiler (:mod:`~pyro_elbo_lab.losses.torchscript`, :mod:`~pyro_elbo_lab.losses.
 Imports nothing of the package: the strategies know nothing of the objective, and the losses know
 nothing of the compiler beyond this interface.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

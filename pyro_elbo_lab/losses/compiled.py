@@ -28,6 +28,7 @@ differences that matter here:
   after tracing, so the sequence of losses is the same as that of the uncompiled class
   for the same seed.
 """
+
 from __future__ import annotations
 
 import time
@@ -167,7 +168,7 @@ class CompiledObjective:
 
         def traced(beta, capacity, *params_and_args):
             params = params_and_args[: len(param_names)]
-            inputs = params_and_args[len(param_names):]
+            inputs = params_and_args[len(param_names) :]
             constrained = {}
             for name, unconstrained in zip(param_names, params):
                 value = pyro.param(name)
@@ -213,7 +214,9 @@ class CompiledObjective:
             return None
         return compiled
 
-    def record_step(self, compiled: CompiledFunction, values: torch.Tensor, beta: float, capacity: float | None) -> None:
+    def record_step(
+        self, compiled: CompiledFunction, values: torch.Tensor, beta: float, capacity: float | None
+    ) -> None:
         """
         Record the terms of a gradient step that ran outside :meth:`loss_and_grads` (the
         fused training step) and count it, as :meth:`loss_and_grads` does.
@@ -246,12 +249,16 @@ class CompiledObjective:
             # an eager pass re-creates the parameters (with their init values and the random
             # draws of the uncompiled loss); the compiled function is reused from the next
             # call if they have the shapes and dtypes it was made for
-            (loss, surrogate, values), names, param_names, _ = self._eager(model, guide, args, kwargs, beta_t, capacity_in)
+            (loss, surrogate, values), names, param_names, _ = self._eager(
+                model, guide, args, kwargs, beta_t, capacity_in
+            )
         else:
             if compiled is not None and tensor_signature(params) != compiled.param_signature:
                 compiled = None  # a parameter was re-created with another shape, dtype or device
             if compiled is None:
-                (loss, surrogate, values), compiled = self._compile(key, model, guide, args, kwargs, beta_t, capacity_in, mode)
+                (loss, surrogate, values), compiled = self._compile(
+                    key, model, guide, args, kwargs, beta_t, capacity_in, mode
+                )
             else:
                 inputs = (beta_t, capacity_t) + params + tuple(args)
                 loss, surrogate, values, seconds = self._strategy.run(compiled, inputs, params, mode)

@@ -15,6 +15,7 @@ run can move between :class:`pyro.infer.SVI` and :class:`FusedSVI` at any step.
 
 Imports torch, pyro and :mod:`.compiled` only.
 """
+
 from __future__ import annotations
 
 import math

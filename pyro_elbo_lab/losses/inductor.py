@@ -5,6 +5,7 @@ The inductor compiler of the compiled losses: the step recorded as a graph of at
 forward pass *and* the gradients in one graph) and compiled to fused C++ by
 :func:`torch.compile`'s inductor backend. Imports :mod:`.compile_strategy` only.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,7 @@ class InductorStrategy(CompileStrategy):
 
             def function(*inputs):
                 loss, surrogate, values = traced(*inputs)
-                params = inputs[2: 2 + num_params]
+                params = inputs[2 : 2 + num_params]
                 grads = [None] * num_params
                 if num_params and surrogate.requires_grad:
                     grads = torch.autograd.grad(surrogate, params, allow_unused=True)
@@ -65,7 +66,7 @@ class InductorStrategy(CompileStrategy):
                 f"Use compiler='torchscript', which freezes such values, or {self.fallback}."
             ) from e
         if gradients:
-            self._check_differentiated(graph, example[2 + num_params:])
+            self._check_differentiated(graph, example[2 + num_params :])
         function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
         # compiled_modes: the grad modes (True / False) it has been called, and so compiled, under
         # graph: the recorded (uncompiled) graph, which the fused training step
@@ -124,7 +125,9 @@ class InductorStrategy(CompileStrategy):
         try:
             with warnings.catch_warnings():
                 # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
-                warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
+                warnings.filterwarnings(
+                    "ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning
+                )
                 out = compiled.function(*inputs)
         except Exception as e:
             if not type(e).__module__.startswith("torch._dynamo"):

@@ -6,6 +6,7 @@ gradient, recording the bound, the ELBO of the same particles and its decomposit
 Imports :mod:`pyro_elbo_lab.sites` (per-particle sums), :mod:`pyro_elbo_lab.terms` and
 :mod:`.beta_state`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -108,7 +109,9 @@ class IWAE(BetaState, RenyiELBO):
         except (TypeError, ValueError):
             raise ValueError(f"alpha must be a number != 1, got alpha={alpha!r}") from None
         if not math.isfinite(alpha) or alpha == 1.0:
-            raise ValueError(f"alpha must be a finite number != 1, got alpha={alpha!r}; alpha=1 is the ELBO: use BetaELBO")
+            raise ValueError(
+                f"alpha must be a finite number != 1, got alpha={alpha!r}; alpha=1 is the ELBO: use BetaELBO"
+            )
         if gradient not in _GRADIENTS:
             raise ValueError(f"gradient must be one of {_GRADIENTS}, got gradient={gradient!r}")
         self.gradient = gradient

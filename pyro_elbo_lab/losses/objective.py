@@ -10,6 +10,7 @@ differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` pe
 :attr:`WeightedObjective.analytic_kl` for free bits. Every per-site quantity comes from
 :mod:`pyro_elbo_lab.sites`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

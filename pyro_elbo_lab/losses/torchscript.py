@@ -4,6 +4,7 @@ The TorchScript compiler of the compiled losses: :func:`torch.jit.trace` of the 
 Pyro's :class:`~pyro.infer.JitTrace_ELBO`; gradients by autograd through the traced graph.
 Imports :mod:`.compile_strategy` only.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -38,7 +39,9 @@ class TorchScriptStrategy(CompileStrategy):
         with warnings.catch_warnings():
             # torch >= 2.9 marks torch.jit as deprecated; tracing is still the fastest stable
             # way to remove Pyro's per-step Python overhead at a compile cost of about a second
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning
+            )
             function = torch.jit.trace(traced, example, **options)
         optimize = sum(1 for _ in function.graph.nodes()) <= self.optimize_max_nodes
         return CompiledFunction(function, names, {"optimize": optimize})

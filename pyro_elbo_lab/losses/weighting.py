@@ -4,6 +4,7 @@ The hyper-parameters of the weighted objectives (β, the latent sites they weigh
 bits λ, capacity C and its weight γ): validation at construction and their values at a
 step. Used by :mod:`pyro_elbo_lab.losses.objective`.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,14 @@ from ..checks import check_int, nonnegative_number
 from ..schedules import Schedule, ScheduleLike, as_schedule
 from .beta_state import check_selection_matches, check_site_names, site_selected
 
-__all__ = ["check_auxiliary", "check_particles", "check_schedule", "check_selected_sites", "check_weighting", "schedule_value"]
+__all__ = [
+    "check_auxiliary",
+    "check_particles",
+    "check_schedule",
+    "check_selected_sites",
+    "check_weighting",
+    "schedule_value",
+]
 
 
 def check_schedule(schedule, name: str) -> None:

@@ -15,6 +15,7 @@ Modules: ``options`` (the option objects), ``params`` (parameter-store state),
 (reading and writing checkpoints), ``loop`` (one chain's step loop), ``result``
 (:class:`SVIResult`, :class:`NonFiniteError`), ``runner`` (:class:`SVIRunner`).
 """
+
 from __future__ import annotations
 
 from .options import Checkpointing, Convergence, Evaluation

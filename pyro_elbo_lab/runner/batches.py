@@ -7,6 +7,7 @@ takes the same batch as the uninterrupted run; an iterator is consumed in order.
 
 Imports nothing from the rest of the package.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

@@ -11,6 +11,7 @@ their temporary file on failure and never write through a symbolic link.
 
 Imports nothing from the rest of the package but :mod:`pyro_elbo_lab.terms`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -128,7 +129,9 @@ def encode(obj, tensors: dict, where: str = "state"):
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: encode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
-        return {"__items__": [[encode(k, tensors, where), encode(v, tensors, f"{where}[{k!r}]")] for k, v in obj.items()]}
+        return {
+            "__items__": [[encode(k, tensors, where), encode(v, tensors, f"{where}[{k!r}]")] for k, v in obj.items()]
+        }
     if isinstance(obj, constraints.Constraint):
         return _encode_constraint(obj, tensors)
     raise ValueError(
@@ -230,7 +233,9 @@ def atomic_save(obj, path: str) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except FileExistsError:
-        raise ValueError(f"the checkpoint's temporary file {tmp!r} appeared while writing; refusing to follow it") from None
+        raise ValueError(
+            f"the checkpoint's temporary file {tmp!r} appeared while writing; refusing to follow it"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -291,7 +296,7 @@ class CheckpointWriter:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except OSError as e:
                 os.ftruncate(fd, self.history_bytes)
@@ -321,7 +326,9 @@ class CheckpointWriter:
             "bytes": new_bytes,
             "rows": [len(rows) for rows in chain_rows],
         }
-        atomic_save({"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta, allow_nan=True), "tensors": tensors}, self.path)
+        atomic_save(
+            {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta, allow_nan=True), "tensors": tensors}, self.path
+        )
         self.history_bytes = new_bytes
         self.rows_written = [len(rows) for rows in chain_rows]
 
@@ -372,13 +379,18 @@ def read_checkpoint(path) -> Checkpoint:
         raw = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure to parse is the same answer
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _refuse(path, f"it cannot be read as one (truncated, corrupt or not written by SVIRunner: "
-                            f"{type(e).__name__}: {reason[:200]})") from None
+        raise _refuse(
+            path,
+            f"it cannot be read as one (truncated, corrupt or not written by SVIRunner: "
+            f"{type(e).__name__}: {reason[:200]})",
+        ) from None
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise _refuse(path, f"it has no format tag {CHECKPOINT_FORMAT!r} (a file written by something else)")
     tensors, meta = raw.get("tensors"), raw.get("meta")
-    if not isinstance(meta, str) or not isinstance(tensors, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    if (
+        not isinstance(meta, str)
+        or not isinstance(tensors, dict)
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())
     ):
         raise _refuse(path, "its contents are malformed")
     try:
@@ -390,8 +402,21 @@ def read_checkpoint(path) -> Checkpoint:
         # the history file is found from resume_from, not from the name it was written under, so a
         # checkpoint renamed or copied together with its history file (renamed alike) resumes
         rows = _read_history(path, history_path(path), int(history["bytes"]), [int(n) for n in history["rows"]])
-        for key in ("step", "chain", "num_chains", "seed", "param_store", "optim", "loss", "rng", "stopping",
-                    "wall_time", "chains_done", "params", "data"):
+        for key in (
+            "step",
+            "chain",
+            "num_chains",
+            "seed",
+            "param_store",
+            "optim",
+            "loss",
+            "rng",
+            "stopping",
+            "wall_time",
+            "chains_done",
+            "params",
+            "data",
+        ):
             meta[key]
     except ValueError as e:
         if str(e).startswith("resume_from="):
@@ -404,8 +429,11 @@ def read_checkpoint(path) -> Checkpoint:
 
 def _read_history(path: str, hpath: str, nbytes: int, counts: list[int]) -> list[list[dict]]:
     if not os.path.isfile(hpath):
-        raise _refuse(path, f"its history file {hpath!r} is missing (a renamed or copied checkpoint needs its "
-                            "history file next to it, renamed alike: <checkpoint>.history.jsonl)")
+        raise _refuse(
+            path,
+            f"its history file {hpath!r} is missing (a renamed or copied checkpoint needs its "
+            "history file next to it, renamed alike: <checkpoint>.history.jsonl)",
+        )
     if os.path.getsize(hpath) < nbytes:
         raise _refuse(path, f"its history file {hpath!r} is shorter than the {nbytes} bytes the checkpoint committed")
     with open(hpath, "rb") as f:
@@ -418,7 +446,6 @@ def _read_history(path: str, hpath: str, nbytes: int, counts: list[int]) -> list
         raise _refuse(path, f"its history file {hpath!r} has {len(rows)} rows, the checkpoint {sum(counts)}")
     out, i = [], 0
     for n in counts:
-        out.append(rows[i:i + n])
+        out.append(rows[i : i + n])
         i += n
     return out
-

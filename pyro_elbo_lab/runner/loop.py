@@ -18,6 +18,7 @@ another model/guide pass.
 Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostics` and
 :mod:`pyro_elbo_lab.terms` when it needs them.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,18 @@ class ChainLoop:
     :param save: ``save(loop, steps_done)`` writes a checkpoint, or None.
     """
 
-    def __init__(self, chain, model, guide, optim, loss, options: LoopOptions, rule=None, initial_modules=None,
-                 save: Callable | None = None):
+    def __init__(
+        self,
+        chain,
+        model,
+        guide,
+        optim,
+        loss,
+        options: LoopOptions,
+        rule=None,
+        initial_modules=None,
+        save: Callable | None = None,
+    ):
         self.chain = chain
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self.options = options
@@ -198,8 +209,10 @@ class ChainLoop:
 
         :returns: the handler to put back, or None when none was installed.
         """
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
             return None
 
         def handler(signum, frame):
@@ -240,8 +253,11 @@ class ChainLoop:
             error = None
             if not finite and (self.options.on_nonfinite == "raise" or nonfinite_params()):
                 # before the gradients are cleared; losses without per-site terms: one diagnostic pass
-                located = None if getattr(self.loss, "last_terms", None) is not None else invalid_sites(
-                    self.model, self.guide, args, model_kwargs)
+                located = (
+                    None
+                    if getattr(self.loss, "last_terms", None) is not None
+                    else invalid_sites(self.model, self.guide, args, model_kwargs)
+                )
                 error = self.nonfinite_error(step, loss, params, None, located)
             if error is not None:
                 raise error
@@ -310,7 +326,8 @@ class ChainLoop:
             lines.append("parameters with non-finite gradients: " + ", ".join(f"'{n}'" for n in bad_grads))
         if bad_params:
             lines.append(
-                "parameters with non-finite values: " + ", ".join(f"'{n}'" for n in bad_params)
+                "parameters with non-finite values: "
+                + ", ".join(f"'{n}'" for n in bad_params)
                 + " (produced by an earlier update: lower the learning rate or clip gradients)"
             )
         lines.append(
@@ -333,7 +350,11 @@ class ChainLoop:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", ImportanceSamplingWarning)
             est = estimate_evidence(
-                self.model, self.guide, *args, model_kwargs=model_kwargs, num_samples=evaluation.num_samples,
+                self.model,
+                self.guide,
+                *args,
+                model_kwargs=model_kwargs,
+                num_samples=evaluation.num_samples,
                 psis=True,
             )
         return {
@@ -364,7 +385,8 @@ class ChainLoop:
 
 _INVALID_VALUES = re.compile(
     r"Expected (parameter \w+|value argument) \(.*(to satisfy the constraint|to be within the support).*"
-    r"but found invalid values", re.S
+    r"but found invalid values",
+    re.S,
 )
 
 

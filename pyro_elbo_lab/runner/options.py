@@ -6,6 +6,7 @@ it is built.
 
 Imports only :mod:`pyro_elbo_lab.checks`.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,12 @@ class Convergence:
                 f"Convergence.window must be at least 4 * num_chains = {4 * self.num_chains} (each half chain needs "
                 f"2 values), got window={self.window!r}; e.g. Convergence(window=200)"
             )
-        if (isinstance(self.rhat, bool) or not isinstance(self.rhat, (int, float)) or not self.rhat > 1
-                or not math.isfinite(self.rhat)):
+        if (
+            isinstance(self.rhat, bool)
+            or not isinstance(self.rhat, (int, float))
+            or not self.rhat > 1
+            or not math.isfinite(self.rhat)
+        ):
             raise ValueError(f"Convergence.rhat must be a finite number > 1 (e.g. 1.1), got rhat={self.rhat!r}")
         if self.every is None:
             object.__setattr__(self, "every", max(1, self.window // self.num_chains))
@@ -141,10 +146,14 @@ def check_writable_file(path: str, name: str) -> None:
     """
     directory = os.path.dirname(path) or "."
     if os.path.islink(path):
-        raise ValueError(f"{name}={path!r} is a symbolic link; checkpoints are never written through links: "
-                         "give the real file's path")
+        raise ValueError(
+            f"{name}={path!r} is a symbolic link; checkpoints are never written through links: "
+            "give the real file's path"
+        )
     if os.path.isdir(path):
-        raise ValueError(f"{name}={path!r} is a directory; give a file path inside it, e.g. {os.path.join(path, 'ckpt.pt')!r}")
+        raise ValueError(
+            f"{name}={path!r} is a directory; give a file path inside it, e.g. {os.path.join(path, 'ckpt.pt')!r}"
+        )
     if not os.path.isdir(directory):
         raise ValueError(f"{name}={path!r}: the directory {directory!r} does not exist; create it first")
     try:  # a real write, not os.access: the owner's permission bits do not bind root, a read-only mount does

@@ -7,6 +7,7 @@ optimiser holds, and the start weights of modules registered with :func:`pyro.mo
 
 Imports nothing from the rest of the package.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,7 +56,11 @@ def load_store(state: dict) -> None:
     update_params, update_constraints = {}, {}
     for name, value in params.items():
         tensor = current.get(name)
-        if tensor is not None and (tensor.shape, tensor.dtype, tensor.device) == (value.shape, value.dtype, value.device):
+        if tensor is not None and (tensor.shape, tensor.dtype, tensor.device) == (
+            value.shape,
+            value.dtype,
+            value.device,
+        ):
             with torch.no_grad():
                 tensor.copy_(value)
             update_params[name] = tensor  # the same object: set_state only updates its constraint
@@ -93,16 +98,12 @@ def keep_store_tensors():
 
 def constrained_params(state: dict) -> dict[str, torch.Tensor]:
     """The constrained values of a :func:`store_state` snapshot, detached."""
-    return {
-        name: transform_to(state["constraints"][name])(value).detach() for name, value in state["params"].items()
-    }
+    return {name: transform_to(state["constraints"][name])(value).detach() for name, value in state["params"].items()}
 
 
 def nonfinite_params() -> list[str]:
     """Names of the store's parameters holding a NaN or infinite value, sorted."""
-    return sorted(
-        name for name, p in pyro.get_param_store().named_parameters() if not bool(torch.isfinite(p).all())
-    )
+    return sorted(name for name, p in pyro.get_param_store().named_parameters() if not bool(torch.isfinite(p).all()))
 
 
 def is_module_param(name: str) -> bool:

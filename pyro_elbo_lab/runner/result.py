@@ -7,6 +7,7 @@ What :meth:`~pyro_elbo_lab.runner.SVIRunner.run` returns (:class:`SVIResult`) an
 
 Imports only :mod:`pyro_elbo_lab.runner.params`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -7,6 +7,7 @@
 Imports its :mod:`pyro_elbo_lab.runner` siblings and :mod:`pyro_elbo_lab.losses` (the
 default loss).
 """
+
 from __future__ import annotations
 
 import copy
@@ -154,14 +155,21 @@ class SVIRunner:
             check_int("seed", seed, 0, hint="a seed in [0, 2**32 - num_chains)")
             if seed + num_chains > 2**32:
                 raise ValueError(f"seed + num_chains must be at most 2**32 (NumPy's seed range), got seed={seed!r}")
-        for name, value, cls in (("convergence", convergence, Convergence), ("checkpoint", checkpoint, Checkpointing),
-                                 ("evaluation", evaluation, Evaluation)):
+        for name, value, cls in (
+            ("convergence", convergence, Convergence),
+            ("checkpoint", checkpoint, Checkpointing),
+            ("evaluation", evaluation, Evaluation),
+        ):
             if value is not None and not isinstance(value, cls):
                 raise ValueError(f"{name} must be a {cls.__name__}(...) or None, got {name}={value!r}")
         if checkpoint is not None:
             check_writable_file(checkpoint.path, "Checkpointing.path")
-        if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, (int, float))
-                                     or not max_time > 0 or not math.isfinite(max_time)):
+        if max_time is not None and (
+            isinstance(max_time, bool)
+            or not isinstance(max_time, (int, float))
+            or not max_time > 0
+            or not math.isfinite(max_time)
+        ):
             raise ValueError(f"max_time must be a positive number of seconds or None, got max_time={max_time!r}")
         callbacks = list(callbacks)
         for cb in callbacks:
@@ -262,13 +270,22 @@ class SVIRunner:
         done: list[dict] = []
         if ckpt is not None:
             for i, entry in enumerate(ckpt.meta["chains_done"]):
-                done.append({"rows": ckpt.rows[i], "state": entry["state"], "terms": decode_terms(entry["terms"]),
-                             "stop_reason": entry["stop_reason"], "convergence": entry.get("convergence")})
+                done.append(
+                    {
+                        "rows": ckpt.rows[i],
+                        "state": entry["state"],
+                        "terms": decode_terms(entry["terms"]),
+                        "stop_reason": entry["stop_reason"],
+                        "convergence": entry.get("convergence"),
+                    }
+                )
             # a checkpoint written when its chain ended records the chain as done; one that was
             # cut short (Ctrl-C, the time limit, fewer num_steps than now) continues
             if len(done) > ckpt.meta["chain"] and (
-                    done[-1]["stop_reason"] in ("interrupted", "max_time")
-                    or done[-1]["stop_reason"] == "num_steps" and num_steps > ckpt.meta["step"]):
+                done[-1]["stop_reason"] in ("interrupted", "max_time")
+                or done[-1]["stop_reason"] == "num_steps"
+                and num_steps > ckpt.meta["step"]
+            ):
                 done.pop()
         initial = initial_modules = None
         if self.num_chains > 1:
@@ -287,13 +304,23 @@ class SVIRunner:
             if ckpt is not None:
                 writer.continue_from(ckpt)
         options = LoopOptions(
-            on_nonfinite=self.on_nonfinite, scheduler_every=self.scheduler_every, max_time=self.max_time,
-            evaluation=self.evaluation, callbacks=self.callbacks, progress_bar=self.progress_bar,
-            num_chains=self.num_chains, checkpoint_every=None if self.checkpoint is None else self.checkpoint.every,
+            on_nonfinite=self.on_nonfinite,
+            scheduler_every=self.scheduler_every,
+            max_time=self.max_time,
+            evaluation=self.evaluation,
+            callbacks=self.callbacks,
+            progress_bar=self.progress_bar,
+            num_chains=self.num_chains,
+            checkpoint_every=None if self.checkpoint is None else self.checkpoint.every,
         )
         pristine = None
         if self.num_chains > 1:
-            pristine = (fresh_copy(self.model), fresh_copy(self.guide), copy.deepcopy(self.optim), copy.deepcopy(self.loss))
+            pristine = (
+                fresh_copy(self.model),
+                fresh_copy(self.guide),
+                copy.deepcopy(self.optim),
+                copy.deepcopy(self.loss),
+            )
 
         interrupted = False
         error: NonFiniteError | None = None
@@ -326,8 +353,14 @@ class SVIRunner:
             except BaseException as e:
                 # any other failure (a callback, an evaluation, a checkpoint write, the model
                 # itself): the steps completed so far are kept, attached to the exception
-                done.append({"rows": loop.rows, "state": store_state(), "terms": getattr(loss, "last_terms", None),
-                             "stop_reason": "error"})
+                done.append(
+                    {
+                        "rows": loop.rows,
+                        "state": store_state(),
+                        "terms": getattr(loss, "last_terms", None),
+                        "stop_reason": "error",
+                    }
+                )
                 try:
                     e.partial_result = self._result(done, args, model_kwargs, batches)
                 except Exception:  # noqa: BLE001  never mask the original error
@@ -341,8 +374,12 @@ class SVIRunner:
                     UserWarning,
                     stacklevel=2,
                 )
-            if stop_reason not in ("nonfinite", "interrupted") and loop.rows and start < len(loop.rows) and all(
-                    r.get("skipped", False) for r in loop.rows[start:]):
+            if (
+                stop_reason not in ("nonfinite", "interrupted")
+                and loop.rows
+                and start < len(loop.rows)
+                and all(r.get("skipped", False) for r in loop.rows[start:])
+            ):
                 stop_reason = "all_skipped"
                 warnings.warn(
                     f"every step of chain {chain} ({len(loop.rows) - start} steps) was skipped for non-finite values "
@@ -353,9 +390,15 @@ class SVIRunner:
                 )
             # without a rule, the objective's final window is judged (no parameter iterates were kept)
             judge = rule if rule is not None else Convergence(params=False).make_rule()
-            done.append({"rows": loop.rows, "state": store_state(), "terms": getattr(loss, "last_terms", None),
-                         "stop_reason": stop_reason,
-                         "convergence": judge.evidence(loop.rows, stop_reason == "converged")})
+            done.append(
+                {
+                    "rows": loop.rows,
+                    "state": store_state(),
+                    "terms": getattr(loss, "last_terms", None),
+                    "stop_reason": stop_reason,
+                    "convergence": judge.evidence(loop.rows, stop_reason == "converged"),
+                }
+            )
             if error is not None:
                 break
             if save is not None and not loop.hard_interrupt:
@@ -374,8 +417,13 @@ class SVIRunner:
         if ckpt is not None and len(done) == len(ckpt.meta["chains_done"]) == self.num_chains == 1:
             # the checkpoint's run had finished: its parameters are the result's, and the
             # optimiser, loss and RNG are left as the finished run left them
-            self._resume(ChainLoop(0, self.model, self.guide, self.optim, self.loss, options),
-                         BatchSource(args, model_kwargs, batches), ckpt, done, None)
+            self._resume(
+                ChainLoop(0, self.model, self.guide, self.optim, self.loss, options),
+                BatchSource(args, model_kwargs, batches),
+                ckpt,
+                done,
+                None,
+            )
             load_store(done[0]["state"])
 
         result = self._result(done, args, model_kwargs, batches)
@@ -413,17 +461,25 @@ class SVIRunner:
                 "seed": seed,
                 "params": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in store["params"].items()},
                 "param_store": encode(store, tensors, "the parameter store"),
-                "optim": {"type": optim_type(loop.optim),
-                          "state": encode(loop.optim.get_state(), tensors, "the optimiser state")},
-                "loss": {"type": _type_name(loop.loss),
-                         "state": encode(loop.loss.state_dict() if loop.has_state else None, tensors, "the loss state")},
+                "optim": {
+                    "type": optim_type(loop.optim),
+                    "state": encode(loop.optim.get_state(), tensors, "the optimiser state"),
+                },
+                "loss": {
+                    "type": _type_name(loop.loss),
+                    "state": encode(loop.loss.state_dict() if loop.has_state else None, tensors, "the loss state"),
+                },
                 "stopping": stopping,
                 "rng": encode(pyro.util.get_rng_state(), tensors, "the RNG state"),
                 "wall_time": loop.wall_time(),
                 "data": fingerprint,
                 "chains_done": [
-                    {"state": encode(o["state"], tensors, f"chain {i}'s parameters"), "terms": encode_terms(o["terms"]),
-                     "stop_reason": o["stop_reason"], "convergence": o.get("convergence")}
+                    {
+                        "state": encode(o["state"], tensors, f"chain {i}'s parameters"),
+                        "terms": encode_terms(o["terms"]),
+                        "stop_reason": o["stop_reason"],
+                        "convergence": o.get("convergence"),
+                    }
                     for i, o in enumerate(done)
                 ],
                 "initial_state": encode(initial, tensors, "the initial parameters"),
@@ -440,17 +496,25 @@ class SVIRunner:
             return ValueError(f"resume_from={path!r} does not match this run: {what}")
 
         if meta["num_chains"] != self.num_chains:
-            raise refuse(f"the checkpoint has num_chains={meta['num_chains']}, this runner num_chains="
-                         f"{self.num_chains}; resume with the same number of chains")
+            raise refuse(
+                f"the checkpoint has num_chains={meta['num_chains']}, this runner num_chains="
+                f"{self.num_chains}; resume with the same number of chains"
+            )
         if num_steps < meta["step"]:
-            raise refuse(f"the checkpoint is at step {meta['step']} (chain {meta['chain']}), beyond num_steps="
-                         f"{num_steps}; pass num_steps >= {meta['step']}")
+            raise refuse(
+                f"the checkpoint is at step {meta['step']} (chain {meta['chain']}), beyond num_steps="
+                f"{num_steps}; pass num_steps >= {meta['step']}"
+            )
         if meta["optim"]["type"] != optim_type(self.optim):
-            raise refuse(f"the checkpoint was written with the optimiser {meta['optim']['type']}, this runner has "
-                         f"{optim_type(self.optim)}; resume with the same optimiser")
+            raise refuse(
+                f"the checkpoint was written with the optimiser {meta['optim']['type']}, this runner has "
+                f"{optim_type(self.optim)}; resume with the same optimiser"
+            )
         if meta["loss"]["type"] != _type_name(self.loss):
-            raise refuse(f"the checkpoint was written with the loss {meta['loss']['type']}, this runner has "
-                         f"{_type_name(self.loss)}; resume with the same loss class")
+            raise refuse(
+                f"the checkpoint was written with the loss {meta['loss']['type']}, this runner has "
+                f"{_type_name(self.loss)}; resume with the same loss class"
+            )
         if meta["data"] != fingerprint:
             warnings.warn(
                 f"resume_from={path!r}: the data arguments differ in shape or dtype from those the checkpoint was "
@@ -473,14 +537,19 @@ class SVIRunner:
         extra = sorted(n for n in saved if n not in live["params"])
         shapes = sorted(
             f"'{n}' {tuple(saved[n]['shape'])} then, {tuple(live['params'][n].shape)} now"
-            for n in saved if n in live["params"] and list(live["params"][n].shape) != saved[n]["shape"]
+            for n in saved
+            if n in live["params"] and list(live["params"][n].shape) != saved[n]["shape"]
         )
         if missing or extra or shapes:
-            parts = ([f"parameters not in the checkpoint: {missing}"] if missing else []) + (
-                [f"checkpoint parameters this model and guide do not have: {extra}"] if extra else []) + (
-                [f"other shapes: {'; '.join(shapes)}"] if shapes else [])
-            raise ValueError(f"resume_from={path!r} does not match this run's parameters: {'; '.join(parts)}; "
-                             "resume with the model and guide that wrote the checkpoint")
+            parts = (
+                ([f"parameters not in the checkpoint: {missing}"] if missing else [])
+                + ([f"checkpoint parameters this model and guide do not have: {extra}"] if extra else [])
+                + ([f"other shapes: {'; '.join(shapes)}"] if shapes else [])
+            )
+            raise ValueError(
+                f"resume_from={path!r} does not match this run's parameters: {'; '.join(parts)}; "
+                "resume with the model and guide that wrote the checkpoint"
+            )
         for state in [meta["param_store"], meta["initial_state"]] + [o["state"] for o in done]:
             self._fix_constraints(state, path)
         load_store(meta["param_store"])
@@ -510,8 +579,10 @@ class SVIRunner:
         for name, c in list(state["constraints"].items()):
             if isinstance(c, UnknownConstraint):
                 if name not in live:
-                    raise ValueError(f"resume_from={path!r}: the constraint of parameter '{name}' "
-                                     f"({c.description}) cannot be restored; register it before resuming")
+                    raise ValueError(
+                        f"resume_from={path!r}: the constraint of parameter '{name}' "
+                        f"({c.description}) cannot be restored; register it before resuming"
+                    )
                 state["constraints"][name] = live[name]
 
     # -- result -----------------------------------------------------------------------------------

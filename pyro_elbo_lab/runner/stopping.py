@@ -6,6 +6,7 @@ and the wall-time limit.
 
 Imports only :mod:`pyro_elbo_lab.runner.options`.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,7 @@ def split_rhat(x) -> float:
     """
     x = np.asarray(x, dtype=float)
     half = x.shape[1] // 2
-    split = np.concatenate([x[:, :half], x[:, x.shape[1] - half:]], axis=0)
+    split = np.concatenate([x[:, :half], x[:, x.shape[1] - half :]], axis=0)
     if np.all(split == split.flat[0]):
         return 1.0
     bulk = _rhat(_rank_normal(split))
@@ -158,7 +159,9 @@ class RhatRule:
             self.directions = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for _, t in pairs]
             self.projections.clear()
         with torch.no_grad():
-            values = torch.stack([(t.detach() * d).sum().to(torch.float64) for (_, t), d in zip(pairs, self.directions)])
+            values = torch.stack(
+                [(t.detach() * d).sum().to(torch.float64) for (_, t), d in zip(pairs, self.directions)]
+            )
         self.projections.append(values)
 
     def assess(self, rows: list[dict]) -> dict:
@@ -169,9 +172,15 @@ class RhatRule:
             (``rhat`` and ``slope_t`` None when there are too few finite values).
         """
         o = self.options
-        out = {"rule": self.name, "rhat": None, "param_rhat": None, "slope_t": None, "stationary": False,
-               "window": o.window}
-        window = rows[-o.window:]
+        out = {
+            "rule": self.name,
+            "rhat": None,
+            "param_rhat": None,
+            "slope_t": None,
+            "stationary": False,
+            "window": o.window,
+        }
+        window = rows[-o.window :]
         if len(window) < o.window:
             return dict(out, reason=f"fewer than window={o.window} steps")
         kept = [r for r in window if not r.get("skipped", False)]  # a skipped step has no beta / capacity
@@ -183,18 +192,19 @@ class RhatRule:
         n = len(values) // (2 * o.num_chains) * 2
         if n < 4:
             return dict(out, reason="too few finite values in the window")
-        values = values[len(values) - n * o.num_chains:].reshape(o.num_chains, n)
+        values = values[len(values) - n * o.num_chains :].reshape(o.num_chains, n)
         rhat = split_rhat(values)
         means = values.reshape(2 * o.num_chains, n // 2).mean(axis=1)
         t = _slope_t(means)
         param_rhat = None
         if o.params:
             if len(self.projections) < o.window:
-                return dict(out, rhat=rhat, slope_t=t, reason="fewer than window parameter values since a parameter "
-                            "was added")
+                return dict(
+                    out, rhat=rhat, slope_t=t, reason="fewer than window parameter values since a parameter was added"
+                )
             import torch
 
-            iterates = torch.stack(list(self.projections)[-n * o.num_chains:]).cpu().numpy()
+            iterates = torch.stack(list(self.projections)[-n * o.num_chains :]).cpu().numpy()
             param_rhat = max(split_rhat(iterates[:, k].reshape(o.num_chains, n)) for k in range(iterates.shape[1]))
         falling = t < -_T975[min(len(means) - 2, len(_T975)) - 1]
         if not rhat < o.rhat:
@@ -250,17 +260,28 @@ class RhatRule:
         """
         last = self.last if stopped else dict(self.assess(rows), step=len(rows) - 1 if rows else None)
         # averaged_iterates: how many iterates the parameters are the average of (0: the last iterate)
-        return dict(last, converged=bool(stopped or last["stationary"]),
-                    averaged_iterates=self.count if self.applied else 0, averaging_since=self.averaging_since,
-                    averaging_complete=self.applied and self.count >= self.options.average)
+        return dict(
+            last,
+            converged=bool(stopped or last["stationary"]),
+            averaged_iterates=self.count if self.applied else 0,
+            averaging_since=self.averaging_since,
+            averaging_complete=self.applied and self.count >= self.options.average,
+        )
 
     def state_dict(self) -> dict:
         """Plain data to resume the rule from a checkpoint."""
-        return {"stationary_checks": self.stationary_checks, "last": dict(self.last), "names": list(self.names),
-                "projections": [v.tolist() for v in self.projections], "averaging_since": self.averaging_since,
-                "count": self.count, "applied": self.applied,
-                "means": {n: {"values": t.tolist(), "dtype": str(t.dtype).replace("torch.", "")}
-                          for n, t in self.means.items()}}
+        return {
+            "stationary_checks": self.stationary_checks,
+            "last": dict(self.last),
+            "names": list(self.names),
+            "projections": [v.tolist() for v in self.projections],
+            "averaging_since": self.averaging_since,
+            "count": self.count,
+            "applied": self.applied,
+            "means": {
+                n: {"values": t.tolist(), "dtype": str(t.dtype).replace("torch.", "")} for n, t in self.means.items()
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         import torch
@@ -274,13 +295,17 @@ class RhatRule:
         self.count = int(state.get("count", 0))
         self.applied = bool(state.get("applied", False))
         store = dict(pyro_named_parameters())
-        self.means = {n: torch.tensor(m["values"], dtype=getattr(torch, m["dtype"])).to(store[n].device)
-                      for n, m in (state.get("means") or {}).items()}
+        self.means = {
+            n: torch.tensor(m["values"], dtype=getattr(torch, m["dtype"])).to(store[n].device)
+            for n, m in (state.get("means") or {}).items()
+        }
         if self.names:  # the same fixed directions, drawn again from the private generator
             generator = torch.Generator().manual_seed(0)
             store = dict(pyro_named_parameters())
-            self.directions = [torch.randn(store[n].shape, generator=generator, dtype=store[n].dtype).to(store[n].device)
-                               for n in self.names]
+            self.directions = [
+                torch.randn(store[n].shape, generator=generator, dtype=store[n].dtype).to(store[n].device)
+                for n in self.names
+            ]
 
 
 def pyro_named_parameters():
