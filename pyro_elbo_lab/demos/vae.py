@@ -348,7 +348,10 @@ def _converged(result) -> bool:
 
 
 def comparison(study: VAEStudy) -> str:
-    """What the held-out numbers say, in words, from the numbers (:func:`~pyro_elbo_lab.demos.wording.vae_comparison`)."""
+    """
+    What the held-out numbers say, in words, from the numbers
+    (:func:`~pyro_elbo_lab.demos.wording.vae_comparison`).
+    """
     ev = study.evaluations
     names = [c.name for c in study.configs]
     return vae_comparison(
