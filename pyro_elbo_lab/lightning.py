@@ -12,7 +12,8 @@ The recipe, in four rules:
 1. **One optimiser step is one schedule step.** Before every training step the loss's
    step is set to ``trainer.global_step``, so β (and the capacity) follow optimiser steps,
    not batches: with ``accumulate_grad_batches=k`` the k micro-batches of a step share one
-   β, and nothing a validation step does moves it. The position is saved in Lightning checkpoints, so a resumed Trainer continues β.
+   β, and nothing a validation step does moves it. The position is saved in Lightning
+   checkpoints, so a resumed Trainer continues β.
 2. **Parameters exist before the optimiser.** DDP and ``configure_optimizers`` see only
    the parameters that exist when the strategy is set up. Pyro creates guide parameters
    lazily (an :class:`~pyro.infer.autoguide.AutoNormal` on its first call), so the module
@@ -248,8 +249,8 @@ class ELBOLightningModule(pl.LightningModule):
                     f"param site {name!r} is not a parameter of the model's or the guide's nn.Module, so DDP "
                     "would not synchronise it and the optimiser would not train it; create it inside a PyroModule "
                     "(PyroParam or an autoguide, with pyro.settings.set(module_local_params=True) before the first "
-                    "call), or as an nn.Parameter of a module the model or guide is a method of (a stale entry of Pyro's "
-                    "global param store from an earlier run also lands here: call pyro.clear_param_store())"
+                    "call), or as an nn.Parameter of a module the model or guide is a method of (a stale entry of "
+                    "Pyro's global param store from an earlier run also lands here: call pyro.clear_param_store())"
                 )
         self.warmed_up = True
 
