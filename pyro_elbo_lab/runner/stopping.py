@@ -55,8 +55,8 @@ def split_rhat(x) -> float:
 
     References
 
-    [1] `Rank-normalization, folding, and localization: An improved R-hat for assessing
-        convergence of MCMC`, Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
+    [1] `Rank-normalization, folding, and localization: An improved R-hat for assessing convergence of MCMC`,
+        Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
         Paul-Christian Bürkner (2021)
     """
     x = np.asarray(x, dtype=float)
@@ -110,8 +110,8 @@ class RhatRule:
     [2] `Automatic Differentiation Variational Inference`, Alp Kucukelbir, Dustin Tran,
         Rajesh Ranganath, Andrew Gelman, David M. Blei (2017)
 
-    [3] `Rank-normalization, folding, and localization: An improved R-hat for assessing
-        convergence of MCMC`, Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
+    [3] `Rank-normalization, folding, and localization: An improved R-hat for assessing convergence of MCMC`,
+        Aki Vehtari, Andrew Gelman, Daniel Simpson, Bob Carpenter,
         Paul-Christian Bürkner (2021)
     """
 
