@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Union
 
 __all__ = [
     "Schedule",
@@ -254,7 +253,7 @@ class Tempering(Schedule):
         return self.start * (self.end / self.start) ** t
 
 
-ScheduleLike = Union[float, int, Callable[[int], float]]
+ScheduleLike = float | int | Callable[[int], float]
 
 
 def as_schedule(value: ScheduleLike, name: str = "value") -> Callable[[int], float]:
