@@ -112,8 +112,8 @@ class SVIRunner:
     [1] `Automatic Differentiation Variational Inference`, Alp Kucukelbir, Dustin Tran,
         Rajesh Ranganath, Andrew Gelman, David M. Blei (2017)
 
-    [2] `Composable Effects for Flexible and Accelerated Probabilistic Programming in
-        NumPyro`, Du Phan, Neeraj Pradhan, Martin Jankowiak (2019)
+    [2] `Composable Effects for Flexible and Accelerated Probabilistic Programming in NumPyro`,
+        Du Phan, Neeraj Pradhan, Martin Jankowiak (2019)
     """
 
     def __init__(
@@ -234,6 +234,7 @@ class SVIRunner:
         is complete, then the run returns the partial result with a warning; a second
         Ctrl-C interrupts at once. A chain whose every step was skipped
         (``on_nonfinite="skip"``) stops with ``stop_reason="all_skipped"`` and a warning.
+
         :raises ValueError: for a bad ``num_steps``, ``model_kwargs`` or ``batches``,
             an evaluation with ``batches`` but no ``Evaluation.args``, or a
             ``resume_from`` that is missing, unreadable, foreign, or does not match this
@@ -383,8 +384,8 @@ class SVIRunner:
                 stop_reason = "all_skipped"
                 warnings.warn(
                     f"every step of chain {chain} ({len(loop.rows) - start} steps) was skipped for non-finite values "
-                    "(on_nonfinite='skip'): nothing was fitted (stop_reason='all_skipped'); see the history's 'skipped' "
-                    "column and fix the model or the learning rate",
+                    "(on_nonfinite='skip'): nothing was fitted (stop_reason='all_skipped'); see the history's "
+                    "'skipped' column and fix the model or the learning rate",
                     UserWarning,
                     stacklevel=2,
                 )
