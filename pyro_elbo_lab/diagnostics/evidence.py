@@ -269,7 +269,8 @@ def estimate_evidence(
     is the delta method on the mean weight: :math:`\\mathrm{se}(\\log \\bar w) \\approx
     \\mathrm{sd}(w)/(\\sqrt{S}\\,\\bar w)`, valid when the weights have finite variance
     (k̂ < 0.5). The Pareto k̂ of the weights (Yao et al. 2018) is fitted with
-    :func:`~pyro_elbo_lab.diagnostics.psis.psis_diagnostics`; ESS is :math:`1/\\sum_s \\bar w_s^2` for the normalised weights.
+    :func:`~pyro_elbo_lab.diagnostics.psis.psis_diagnostics`; ESS is
+    :math:`1/\\sum_s \\bar w_s^2` for the normalised weights.
 
     Reporting: k̂ above :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``S``
     (:math:`\\min(1 - 1/\\log_{10} S, 0.7)`: 0.667 for ``S = 1000``) issues an
