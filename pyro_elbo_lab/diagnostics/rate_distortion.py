@@ -144,7 +144,8 @@ def rate_distortion(
 
     .. math::
 
-        R = \\frac1N \\sum_{\\text{latent } s} \\mathbb{E}_q\\,\\mathrm{KL}(q(z_s \\mid \\cdot) \\| p(z_s \\mid \\mathrm{pa}(z_s))),
+        R = \\frac1N \\sum_{\\text{latent } s} \\mathbb{E}_q\\,
+            \\mathrm{KL}(q(z_s \\mid \\cdot) \\| p(z_s \\mid \\mathrm{pa}(z_s))),
         \\qquad
         D = -\\frac1N \\sum_{\\text{observed } s} \\mathbb{E}_q \\log p(x_s \\mid z),
 
