@@ -21,7 +21,7 @@ from pyro.util import warn_if_nan
 
 from ..checks import check_int
 from ..sites import sum_per_particle
-from ..terms import TermsRecord
+from ..terms import TermsRecord, stack_columns
 from .beta_state import BetaState, check_enumerated_sites
 
 __all__ = ["IWAE"]
@@ -213,7 +213,7 @@ class IWAE(BetaState, RenyiELBO):
         bound_t = log_mean.sum() / one_minus
         bound = bound_t.item()
 
-        names, values = columns[0] if len(columns) == 1 else _stack_columns(columns)
+        names, values = columns[0] if len(columns) == 1 else stack_columns(columns)
         values = torch.cat([torch.full_like(values[:1], bound), values])
         self._last_record = TermsRecord(["objective"] + names, values, 1.0, None)
         self.last_bound = bound
@@ -271,19 +271,6 @@ def _grads(surrogate: torch.Tensor, params: dict, retain: bool) -> list:
     return [(t, g) for t, g in zip(tensors, grads) if g is not None]
 
 
-def _stack_columns(columns: list):
-    """Sequential particles: one column per particle (zeros where a particle lacks an entry)."""
-    order: list = []
-    for names, _ in columns:
-        order += [n for n in names if n not in order]
-    out = []
-    for names, column in columns:
-        index = dict(zip(names, column[:, 0]))
-        like = column[0, 0]
-        out.append(torch.stack([index[n] if n in index else torch.zeros_like(like) for n in order]))
-    return order, torch.stack(out, -1)
-
-
 def _detached(obj, keep_log_density: bool = True):
     """
     A shallow copy of a distribution (or transform) whose tensor attributes are detached, except,
@@ -311,7 +298,10 @@ def _detached(obj, keep_log_density: bool = True):
 
 
 def _log_prob_stopped(name: str, site) -> torch.Tensor:
-    """``log q(z)`` at the sampled ``z`` (gradient kept) with the distribution's parameters detached; scaled and masked."""
+    """
+    ``log q(z)`` at the sampled ``z`` (gradient kept) with the distribution's parameters
+    detached; scaled and masked.
+    """
     fn = _detached(site["fn"])
     if is_validation_enabled():
         held = _detached(site["fn"], keep_log_density=False)  # Delta's Jacobian too: nothing may need grad
