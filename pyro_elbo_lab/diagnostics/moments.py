@@ -275,7 +275,10 @@ class GuideMoments:
                 "Use neither as the posterior: fit a richer guide or run MCMC."
             )
         status = self.element_status(mean_error_tol, sd_ratio_tol)
-        tol = f"|mean error| ≤ {mean_error_tol:g} posterior sd and sd ratio within [{1 - sd_ratio_tol:g}, {1 + sd_ratio_tol:g}]"
+        tol = (
+            f"|mean error| ≤ {mean_error_tol:g} posterior sd and sd ratio within "
+            f"[{1 - sd_ratio_tol:g}, {1 + sd_ratio_tol:g}]"
+        )
         if k <= PARETO_K_GOOD:
             head = f"Importance sampling is reliable (Pareto k̂ = {k:.3g} ≤ {PARETO_K_GOOD}). "
         else:
