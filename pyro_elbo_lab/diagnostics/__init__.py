@@ -9,10 +9,11 @@ Post-fit VI diagnostics: is the guide any good, and why.
 - :func:`posterior_collapse`: KL per latent dimension and active units of local latents.
 - :func:`aggregate_posterior`: ELBO surgery and the β-TCVAE split of the average KL
   (index-code mutual information, total correlation, dimension-wise KL).
-- :func:`rate_distortion`, :func:`rate_distortion_sweep`: rate and distortion per datapoint.
+- :func:`~.rate_distortion.rate_distortion`, :func:`rate_distortion_sweep`: rate and distortion
+  per datapoint.
 - :func:`guide_moments`: the guide's mean and sd per latent element against the
   PSIS-corrected ones, its estimated standardised mean error and sd ratio, and a verdict.
-- :func:`vsbc`: variational simulation-based calibration (symmetry of the true parameters'
+- :func:`~.vsbc.vsbc`: variational simulation-based calibration (symmetry of the true parameters'
   quantiles under guides refitted to prior-predictive data).
 """
 
