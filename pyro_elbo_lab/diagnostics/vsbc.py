@@ -9,8 +9,9 @@ For replications :math:`m = 1..M`: draw :math:`\\theta^*_m \\sim p(\\theta)` and
 If :math:`q` were the exact posterior, :math:`p_{\\cdot k}` would be uniform; Yao et al. show
 that for any unbiased-on-average procedure its distribution is symmetric about 1/2, and test
 that symmetry (the Kolmogorov–Smirnov distance between :math:`p_{\\cdot k}` and
-:math:`1 - p_{\\cdot k}`, here with a sign-flip p-value: :func:`symmetry_test`). VSBC checks the procedure (guide family + optimiser + stopping),
-not one fit, and is blind to errors in spread that are symmetric.
+:math:`1 - p_{\\cdot k}`, here with a sign-flip p-value: :func:`symmetry_test`). VSBC checks
+the procedure (guide family + optimiser + stopping), not one fit, and is blind to errors in
+spread that are symmetric.
 """
 
 from __future__ import annotations
