@@ -337,9 +337,9 @@ def vae_comparison(labels: dict, iwae_per_image: dict, converged: dict, rate: di
     detail = ", ".join(f"{labels[n]} by {d:.2f} ± {se:.2f}" for n, (d, se) in diffs.items())
     if tied:
         out.append(
-            f"Highest held-out IWAE log-likelihood: {labels[best]} ({mean[best]:.2f} nats per image), but within 2 paired "
-            f"standard errors of {', '.join(labels[n] for n in tied)}: not distinguishable on these images "
-            f"(differences: {detail} nats per image)."
+            f"Highest held-out IWAE log-likelihood: {labels[best]} ({mean[best]:.2f} nats per image), "
+            f"but within 2 paired standard errors of {', '.join(labels[n] for n in tied)}: "
+            f"not distinguishable on these images (differences: {detail} nats per image)."
         )
     else:
         out.append(
