@@ -256,7 +256,8 @@ def collect_local_sites(
             raise ValueError(
                 f"per-dimension diagnostics need guide and prior distributions at site '{name}' that factorise over "
                 f"its dimensions (e.g. Normal(loc, scale).to_event(1)); found guide "
-                f"{type(site.guide_site['fn']).__name__} whose elements have event shape {tuple(unwrap(site.guide_site['fn']).event_shape)} and prior "
+                f"{type(site.guide_site['fn']).__name__} whose elements have event shape "
+                f"{tuple(unwrap(site.guide_site['fn']).event_shape)} and prior "
                 f"{type(site.model_site['fn']).__name__} whose elements have event shape "
                 f"{tuple(unwrap(site.model_site['fn']).event_shape)}; univariate elements are needed"
             )
