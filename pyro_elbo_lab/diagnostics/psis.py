@@ -100,6 +100,11 @@ def verdict(k: float, num_samples: int | None = None) -> str:
     :param int num_samples: the number of draws k̂ was fitted from (``None``: threshold 0.7).
     :rtype: str
 
+    >>> [verdict(k) for k in (0.3, 0.6, 0.9, float("nan"))]
+    ['IS reliable', 'IS usable', 'IS unreliable', 'IS unchecked']
+    >>> verdict(0.6, num_samples=100)  # threshold 1 - 1 / log10(100) = 0.5 for 100 draws
+    'IS unreliable'
+
     References
 
     - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
