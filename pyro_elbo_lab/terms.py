@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ELBOTerms", "TermsRecord", "merge_records", "TOTAL_FIELDS", "SITE_FIELDS_LATENT", "SITE_FIELDS_OBSERVED"]
+__all__ = [
+    "ELBOTerms",
+    "TermsRecord",
+    "merge_records",
+    "stack_columns",
+    "TOTAL_FIELDS",
+    "SITE_FIELDS_LATENT",
+    "SITE_FIELDS_OBSERVED",
+]
 
 #: Fields of :class:`ELBOTerms` that are totals over sites, in the order they are recorded.
 TOTAL_FIELDS = (
@@ -244,11 +252,34 @@ def merge_records(names, records, names_p, record_p):
     """
     union = list(names) + [n for n in names_p if n not in names]
     index = {n: i for i, n in enumerate(union)}
-
-    def widen(old_names, rec):
-        out = rec.new_zeros(len(union))
-        out[[index[n] for n in old_names]] = rec
-        return out
-
-    merged = [widen(names, r) for r in records] + [widen(names_p, record_p)]
+    merged = [_widen(index, names, r) for r in records] + [_widen(index, names_p, record_p)]
     return union, merged
+
+
+def stack_columns(columns):
+    """
+    Per-particle record columns side by side along the particle axis, zeros where a column
+    lacks an entry (sequential particles that visit different sites).
+
+    :param list columns: ``(names, values)`` pairs; ``values`` has shape ``(len(names),)``
+        (one particle) or ``(len(names), P_i)``.
+    :returns: ``(names, values)``: the union of the names in first-seen order and a tensor of
+        shape ``(len(names), sum_i P_i)``.
+    :rtype: tuple
+    """
+    union: list = []
+    index: dict = {}
+    for names, _ in columns:
+        for n in names:
+            if n not in index:
+                index[n] = len(union)
+                union.append(n)
+    parts = [_widen(index, names, v if v.dim() == 2 else v.unsqueeze(-1)) for names, v in columns]
+    return union, torch.cat(parts, -1)
+
+
+def _widen(index: dict, names, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (rows named ``names``) placed in the rows ``index`` gives them; zeros elsewhere."""
+    out = values.new_zeros((len(index),) + tuple(values.shape[1:]))
+    out[[index[n] for n in names]] = values
+    return out

@@ -148,3 +148,15 @@ def test_exact_posterior_elbo_is_log_evidence(problem):
     tol = _tol(log_z, terms.reconstruction, terms.kl)
     assert -loss == pytest.approx(log_z, abs=tol)
     assert terms.elbo == pytest.approx(log_z, abs=tol)
+
+
+def test_stack_columns_fills_missing_entries_with_zeros():
+    # Hand-built: particle 1 records (a, b), particles 2-3 (vectorised) record (b, c).
+    from pyro_elbo_lab.terms import stack_columns
+
+    first = (["a", "b"], torch.tensor([1.0, 2.0]))
+    rest = (["b", "c"], torch.tensor([[3.0, 4.0], [5.0, 6.0]]))
+    names, values = stack_columns([first, rest])
+    assert names == ["a", "b", "c"]
+    expected = torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 4.0], [0.0, 5.0, 6.0]])
+    assert torch.equal(values, expected)

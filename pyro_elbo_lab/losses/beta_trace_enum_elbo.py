@@ -30,7 +30,7 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
-from ..terms import TermsRecord
+from ..terms import TermsRecord, stack_columns
 from .beta_state import BetaState, check_selection_matches, check_site_names, site_selected
 
 __all__ = ["BetaTraceEnumELBO"]
@@ -445,11 +445,7 @@ def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) 
 
 def _record(order: list, columns: list, beta: float) -> TermsRecord:
     """A :class:`TermsRecord` from one ``{name: value}`` dict per particle (zeros where a particle lacks a name)."""
-    stacked = []
-    for column in columns:
-        like = column["objective"]
-        stacked.append(torch.stack([column[n] if n in column else torch.zeros_like(like) for n in order]))
-    values = stacked[0] if len(stacked) == 1 else torch.stack(stacked, -1)
-    if values.dim() == 1:
-        values = values.unsqueeze(-1)
+    names, values = stack_columns([(list(column), torch.stack(list(column.values()))) for column in columns])
+    rank = {n: i for i, n in enumerate(names)}
+    values = values[[rank[n] for n in order]]
     return TermsRecord(order, values, beta, None)

@@ -21,7 +21,7 @@ from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
 from ..sites import log_prob_per_particle, sum_per_particle
-from ..terms import TermsRecord
+from ..terms import TermsRecord, stack_columns
 from .beta_state import BetaState, check_enumerated_sites, check_selection_matches, check_site_names, site_selected
 
 __all__ = ["BetaTraceGraphELBO"]
@@ -169,21 +169,8 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
 
     def _finish(self) -> None:
         columns = self._columns
-        if len(columns) == 1:
-            names, values = columns[0]
-            self._last_record = TermsRecord(names, values, self._call_beta, None)
-            self._columns = []
-            return
-        order: list = []
-        for names, _ in columns:
-            order += [n for n in names if n not in order]
-        stacked = []
-        for names, values in columns:
-            index = dict(zip(names, values))
-            like = index["objective"]
-            stacked.append(torch.stack([index[n] if n in index else torch.zeros_like(like) for n in order]))
-        values = stacked[0] if len(stacked) == 1 else torch.cat(stacked, -1)
-        self._last_record = TermsRecord(order, values, self._call_beta, None)
+        names, values = columns[0] if len(columns) == 1 else stack_columns(columns)
+        self._last_record = TermsRecord(names, values, self._call_beta, None)
         self._columns = []
 
     def _get_trace(self, model, guide, args, kwargs):
