@@ -69,7 +69,9 @@ def _resume_setup(kind):
 
 @pytest.mark.parametrize("kind", ["adam", "autoguide-scheduler"])
 def test_resume_equals_uninterrupted(data, tmp_path, kind):
-    path, at_14 = str(tmp_path / "ckpt.pt"), str(tmp_path / "at-14.pt")
+    # the copy keeps the file name (a renamed checkpoint is another test's subject)
+    path, at_14 = str(tmp_path / "ckpt.pt"), str(tmp_path / "at-14" / "ckpt.pt")
+    os.mkdir(tmp_path / "at-14")
 
     def keep_14(step, row):
         if step == 14:  # the checkpoint of step 14 is written: keep a copy of it
