@@ -259,7 +259,8 @@ def history_to_dataset(history):
     ``(chain, step, site)`` (NaN where a term does not apply to a site). Chains of
     different lengths are padded with NaN; non-numeric columns become NaN. From an
     ``SVIResult`` with per-chain convergence evidence (``result.convergence``), two
-    ``(chain,)`` variables ``converged`` (1.0 / 0.0) and ``convergence_reason`` (string);
+    ``(chain,)`` variables ``converged`` (1.0 / 0.0; NaN, "not recorded", where a chain's
+    entry is None) and ``convergence_reason`` (string);
     with ``result.stop_reasons``, ``stop_reason`` (string).
 
     :param history: an :class:`~pyro_elbo_lab.SVIResult` or its ``history`` DataFrame.
@@ -292,7 +293,9 @@ def history_to_dataset(history):
     convergence = list(getattr(history, "convergence", None) or [])
     stop_reasons = list(getattr(history, "stop_reasons", None) or [])
     if len(convergence) == chains:
-        dataset["converged"] = ("chain", np.array([1.0 if c and c.get("converged") else 0.0 for c in convergence]))
+        # a chain with no convergence entry (None) is NaN, "not recorded", never 0.0 "not converged"
+        flags = [np.nan if (c or {}).get("converged") is None else float(bool(c["converged"])) for c in convergence]
+        dataset["converged"] = ("chain", np.array(flags, dtype=float))
         dataset["convergence_reason"] = ("chain", np.array([str((c or {}).get("reason", "")) for c in convergence]))
     if len(stop_reasons) == chains:
         dataset["stop_reason"] = ("chain", np.array([str(r) for r in stop_reasons]))

@@ -413,6 +413,19 @@ def test_summary_reads_the_history_group(data):
     assert np.isfinite(summary.vi.loc[0, "r_hat"])
 
 
+def test_a_chain_without_convergence_evidence_reads_not_recorded(data):
+    # chain 0 has no convergence entry (None), chain 1 stopped unconverged: NaN vs 0.0
+    result = hand_result(data, [(0.4, 0.2), (1.1, 0.5)], {})
+    result.convergence = [None, {"converged": False, "reason": "window too short"}]
+    idata = from_svi_result(result, num_samples=50)
+    converged = idata[HISTORY]["converged"].values
+    assert np.isnan(converged[0]) and converged[1] == 0.0
+    summary = summarize(idata, last=2)
+    words = summary.verdicts()
+    assert "Convergence not recorded" in words[0] and "NOT CONVERGED" not in words[0]
+    assert "NOT CONVERGED" in words[1]
+
+
 def test_loo_approximate_posterior_corrects_a_shifted_guide(data):
     # draws from a shifted, wider guide: PSIS-LOO with the posterior correction of
     # Magnusson et al. estimates the exact sum_i log p(x_i | x_-i) in closed form
