@@ -93,6 +93,19 @@ def test_a_rising_trace_is_not_converged():
     assert result.convergence[0]["rhat"] > 1.1
 
 
+def test_a_slowly_rising_trace_is_not_converged_even_when_rhat_passes():
+    # 1 nat over each 200-step window under noise sd 1: the four chain means differ by too
+    # little for R̂ (which stays below 1.1), but the eight half-chain means (sd 0.2) rise by
+    # 0.9 nats, a slope t far beyond Student's 97.5 % quantile (2.45 on 6 degrees of freedom)
+    values = -(0.005 * np.arange(1500) + NOISE[:1500])
+    result = scripted_run(values)
+    assert result.stop_reason == "num_steps"
+    assert result.converged == [False]
+    evidence = result.convergence[0]
+    assert evidence["rhat"] < 1.1
+    assert evidence["slope_t"] > 2.45 and evidence["reason"].startswith("objective rising")
+
+
 @pytest.mark.parametrize("rate", [0.3, 0.02], ids=["fast", "slow"])
 def test_a_worsening_trace_is_never_converged(rate):
     # the loss climbs (the case: 110 -> 400); neither R̂ nor the trend test passes it

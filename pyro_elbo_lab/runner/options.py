@@ -27,7 +27,7 @@ class Convergence:
     steps the last ``window`` values of the objective (:math:`-\\mathrm{loss}`, nats) are
     cut into ``num_chains`` chains; the trace is stationary when their rank-normalised split
     :math:`\\hat R` (and that of the parameters' iterates, ``params``) is below ``rhat``
-    and the objective is not falling
+    and the objective has no significant trend, up or down
     (:class:`~pyro_elbo_lab.runner.stopping.RhatRule` has the details). The run stops after
     ``patience`` consecutive stationary checks. The rule is scale-free: a constant added to
     the log joint does not change where it stops. Unlike a rule relative to

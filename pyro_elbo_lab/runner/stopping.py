@@ -78,18 +78,20 @@ class RhatRule:
     ``Convergence.params``) the same for the iterates of the variational
     parameters, through one fixed random projection per parameter tensor, as Dhaka et al.
     do for the iterates. The trace is stationary when every :math:`\\hat R <` ``rhat`` and
-    the objective is not falling: the least-squares
+    the objective has no trend: the least-squares
     slope of the objective over the ``2 * num_chains`` half-chain means (batch means, which
-    absorb the autocorrelation of the trace) is not significantly negative (Student's
-    :math:`t` below the two-sided 97.5 % quantile). The run stops after ``patience``
+    absorb the autocorrelation of the trace) is not significantly different from 0
+    (:math:`|t|` below Student's two-sided 97.5 % quantile). A still-rising objective is
+    an unfinished fit, and a falling one a diverging fit: neither is converged, even when
+    its rise within the window is too small for :math:`\\hat R` to see. The run stops after ``patience``
     consecutive stationary checks. A window in which β or the capacity changed is not
     stationary (the objective moves with its schedule).
 
     Both statistics are scale-free: adding a constant to the log joint, or scaling it,
     changes neither, so the stopping step does not depend on the size of the ELBO. A trace
     that still rises (or falls) by more than its Monte Carlo noise within the window has
-    chain means that differ, hence :math:`\\hat R > 1.1`; a falling trace is never
-    stationary.
+    chain means that differ, hence :math:`\\hat R > 1.1`; a smaller but significant trend is
+    caught by the slope test.
 
     Stan's ADVI (Kucukelbir et al. 2017) instead stops when the mean or median of recent
     relative changes :math:`|\\mathcal L_t - \\mathcal L_{t-1}| / |\\mathcal L_t|` of ELBO
@@ -206,13 +208,13 @@ class RhatRule:
 
             iterates = torch.stack(list(self.projections)[-n * o.num_chains :]).cpu().numpy()
             param_rhat = max(split_rhat(iterates[:, k].reshape(o.num_chains, n)) for k in range(iterates.shape[1]))
-        falling = t < -_T975[min(len(means) - 2, len(_T975)) - 1]
+        trend = abs(t) > _T975[min(len(means) - 2, len(_T975)) - 1]
         if not rhat < o.rhat:
             reason = f"objective R-hat {rhat:.3g} >= {o.rhat}"
         elif param_rhat is not None and not param_rhat < o.rhat:
             reason = f"parameter R-hat {param_rhat:.3g} >= {o.rhat}"
-        elif falling:
-            reason = f"objective falling (slope t = {t:.3g})"
+        elif trend:
+            reason = f"objective {'rising' if t > 0 else 'falling'} (slope t = {t:.3g})"
         else:
             reason = "stationary"
         return dict(out, rhat=rhat, param_rhat=param_rhat, slope_t=t, stationary=reason == "stationary", reason=reason)
