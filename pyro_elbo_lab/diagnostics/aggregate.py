@@ -8,8 +8,9 @@ dimension-wise KL.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -126,9 +127,9 @@ def _log_mixture(pairwise: torch.Tensor, rows: torch.Tensor, estimator: str, N: 
 
 
 def aggregate_posterior(
-    model,
-    guide,
-    *args,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
     model_kwargs: dict | None = None,
     plate: str | None = None,
     sites: Iterable[str] | str | None = None,
