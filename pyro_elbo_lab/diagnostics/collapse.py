@@ -6,8 +6,9 @@ Posterior collapse of local latents: the KL per latent dimension and the active 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -110,9 +111,9 @@ class CollapseReport:
 
 
 def posterior_collapse(
-    model,
-    guide,
-    *args,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
     model_kwargs: dict | None = None,
     plate: str | None = None,
     sites: Iterable[str] | str | None = None,
