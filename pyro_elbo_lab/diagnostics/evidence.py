@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -237,9 +239,9 @@ def _check_finite(lw: torch.Tensor, traces: ImportanceTraces, num_samples: int) 
 
 
 def estimate_evidence(
-    model,
-    guide,
-    *args,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
     model_kwargs: dict | None = None,
     num_samples: int = 1000,
     batch_size: int | None = None,
