@@ -13,7 +13,9 @@ guide's error in units of the posterior sd.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -343,9 +345,9 @@ def _element_names(name: str, shape: torch.Size) -> list:
 
 
 def guide_moments(
-    model,
-    guide,
-    *args,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
     model_kwargs: dict | None = None,
     num_samples: int = 4000,
     batch_size: int | None = None,
