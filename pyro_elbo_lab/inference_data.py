@@ -20,7 +20,7 @@ calls ArviZ only through :mod:`pyro_elbo_lab.arviz_compat`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -77,9 +77,9 @@ _GROUPS_DOC = """
 
 
 def to_inference_data(
-    model,
-    guide,
-    *args,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
     model_kwargs: dict | None = None,
     num_samples: int = 1000,
     coords: Mapping[str, Any] | None = None,
