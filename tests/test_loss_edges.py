@@ -10,7 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO
@@ -137,3 +137,58 @@ def test_sites_glob_pattern_weights_the_matching_sites_by_hand():
     assert value == pytest.approx(expected, rel=1e-10)
     with pytest.raises(ValueError, match="selects none of the sites"):
         BetaELBO(beta=3.0, sites="q_*").loss(model2, guide2, DATA)
+
+
+def _chain_model(data, auxiliary=False):
+    """A Markov chain whose number of latent sites z_1 … z_T follows the data's length T."""
+    z = torch.tensor(0.0)
+    for t, x in enumerate(data, 1):
+        z = pyro.sample(f"z_{t}", dist.Normal(z, 1.0))
+        pyro.sample(f"x_{t}", dist.Normal(z, 1.0), obs=x)
+
+
+def _chain_guide(data, auxiliary=False):
+    for t in range(1, len(data) + 1):
+        pyro.sample(f"z_{t}", dist.Normal(0.5, 1.0))
+    if auxiliary:
+        pyro.sample("u", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+
+
+def _enum_loss(**kw):
+    from pyro_elbo_lab import BetaTraceEnumELBO
+
+    return BetaTraceEnumELBO(max_plate_nesting=0, strict_enumeration_warning=False, **kw)
+
+
+def _graph_loss(**kw):
+    from pyro_elbo_lab import BetaTraceGraphELBO
+
+    return BetaTraceGraphELBO(**kw)
+
+
+@pytest.mark.parametrize("make", [BetaELBO, BetaMeanFieldELBO, _enum_loss, _graph_loss])
+def test_sites_are_checked_on_every_call_against_the_sites_present(make):
+    # sites names z_2: right for a length-2 sequence, wrong for a length-1 one that comes later
+    loss = make(beta=2.0, sites=["z_2"])
+    two, one = torch.tensor([0.3, -0.2]), torch.tensor([0.3])
+    loss.loss(_chain_model, _chain_guide, two)
+    loss.loss(_chain_model, _chain_guide, two)  # the same sites again: the cached check passes
+    with pytest.raises(ValueError, match="z_2"):
+        loss.loss(_chain_model, _chain_guide, one)
+    # β = 1 on a glob, sequences of every length: Pyro's own ELBO with the same draws
+    glob = make(beta=1.0, sites="z_*")
+    reference = TraceMeanField_ELBO() if make is BetaMeanFieldELBO else Trace_ELBO()
+    for data in (two, one, torch.tensor([0.3, -0.2, 0.9])):
+        pyro.set_rng_seed(3)
+        ours = glob.loss(_chain_model, _chain_guide, data)
+        pyro.set_rng_seed(3)
+        assert ours == pytest.approx(reference.loss(_chain_model, _chain_guide, data), rel=1e-9)
+
+
+def test_auxiliary_sites_are_checked_on_every_call():
+    # the first call has no auxiliary guide site; the second has one, which sites= must then name
+    loss = BetaELBO(beta=2.0, sites=["z_1"])
+    data = torch.tensor([0.3])
+    loss.loss(_chain_model, _chain_guide, data)
+    with pytest.raises(ValueError, match="auxiliary"):
+        loss.loss(_chain_model, _chain_guide, data, auxiliary=True)

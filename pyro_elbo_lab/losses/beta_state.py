@@ -200,10 +200,38 @@ class BetaState:
         self._beta = as_schedule(beta, "beta")
         self._init_step()
 
+    def _init_beta_only(self, beta: ScheduleLike, sites, free_bits, capacity, why: str) -> None:
+        """
+        β and ``sites`` of a loss that weights by β only (free bits and capacity refused).
+
+        :param str why: why this loss cannot take free bits or capacity, and what to use instead.
+        :raises NotImplementedError: for ``free_bits`` or ``capacity``.
+        """
+        if free_bits is not None or capacity is not None:
+            raise NotImplementedError(f"{type(self).__name__} supports β weighting only: {why}")
+        self._init_beta(beta)
+        self.sites = check_site_names(sites)
+
     def _init_step(self) -> None:
         self.step = 0
         self._step_held = 0
         self._last_record: TermsRecord | None = None
+        self._sites_seen: set = set()
+
+    def _check_sites_per_call(self, model_trace, guide_trace, check: Callable, *extra) -> None:
+        """
+        The one rule for ``sites=``: checked on every call against the sites present (a deep
+        Markov model's ``z_1 … z_T`` varies with the batch's length), cheaply: ``check(model_trace,
+        guide_trace, *extra)`` runs once per set of model and guide site names seen.
+        """
+        key = (tuple(model_trace.nodes), tuple(guide_trace.nodes))
+        seen = self.__dict__.setdefault("_sites_seen", set())
+        if key in seen:
+            return
+        check(model_trace, guide_trace, *extra)
+        if len(seen) >= 4096:  # bounded: a stream of ever-new site sets is checked every time
+            seen.clear()
+        seen.add(key)
 
     def _advance_step(self) -> None:
         """Count one optimiser step after a gradient call, unless inside :meth:`optimizer_step` or under no_grad."""

@@ -31,7 +31,7 @@ from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
 from ..terms import TermsRecord, stack_columns
-from .beta_state import BetaState, check_selection_matches, check_site_names, site_selected
+from .beta_state import BetaState, check_selection_matches, site_selected
 
 __all__ = ["BetaTraceEnumELBO"]
 
@@ -122,14 +122,14 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         capacity: ScheduleLike | None = None,
         **kwargs,
     ):
-        if free_bits is not None or capacity is not None:
-            raise NotImplementedError(
-                "BetaTraceEnumELBO supports β weighting only: free bits and capacity are non-linear in the KL, "
-                "which DiCE's exact expectations over enumerated sites do not carry through. "
-                "Use BetaELBO for free bits or capacity on a model without enumerated sites."
-            )
-        self._init_beta(beta)
-        self.sites = check_site_names(sites)
+        self._init_beta_only(
+            beta,
+            sites,
+            free_bits,
+            capacity,
+            "free bits and capacity are non-linear in the KL, which DiCE's exact expectations over enumerated "
+            "sites do not carry through. Use BetaELBO for free bits or capacity on a model without enumerated sites.",
+        )
         super().__init__(**kwargs)
 
     # -- traces ------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                 enumerated.append(name)
                 enum_dims.update(site["packed"]["log_prob"]._pyro_dims)
         enum_dims -= non_enum_dims
-        self._check_sites(model_trace, guide_trace, enumerated)
+        self._check_sites_per_call(model_trace, guide_trace, self._check_sites, enumerated)
 
         atoms: list = []  # (ordinal, cost)
 

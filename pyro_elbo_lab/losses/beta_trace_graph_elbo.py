@@ -22,7 +22,7 @@ from pyro.util import warn_if_nan
 from ..schedules import ScheduleLike
 from ..sites import log_prob_per_particle, sum_per_particle
 from ..terms import TermsRecord, stack_columns
-from .beta_state import BetaState, check_enumerated_sites, check_selection_matches, check_site_names, site_selected
+from .beta_state import BetaState, check_enumerated_sites, check_selection_matches, site_selected
 
 __all__ = ["BetaTraceGraphELBO"]
 
@@ -106,14 +106,14 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         capacity: ScheduleLike | None = None,
         **kwargs,
     ):
-        if free_bits is not None or capacity is not None:
-            raise NotImplementedError(
-                "BetaTraceGraphELBO supports β weighting only: free bits and capacity are non-linear in the KL "
-                "and would have to enter every score-function site's downstream cost whole. Use BetaELBO, which "
-                "does this for score-function sites left out of sites=."
-            )
-        self._init_beta(beta)
-        self.sites = check_site_names(sites)
+        self._init_beta_only(
+            beta,
+            sites,
+            free_bits,
+            capacity,
+            "free bits and capacity are non-linear in the KL and would have to enter every score-function site's "
+            "downstream cost whole. Use BetaELBO, which does this for score-function sites left out of sites=.",
+        )
         self._call_beta = 1.0
         self._columns: list = []
         super().__init__(**kwargs)
@@ -194,7 +194,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
 
     def _record(self, model_trace, guide_trace, model_unweighted: dict, guide_unweighted: dict) -> None:
         """Unweighted per-site terms of one trace pair, per particle: columns of shape ``(num_entries, P)``."""
-        self._check_sites(model_trace, guide_trace)
+        self._check_sites_per_call(model_trace, guide_trace, self._check_sites)
         vectorized = self.vectorize_particles and self.num_particles > 1
         num, nesting = (self.num_particles, self.max_plate_nesting - 1) if vectorized else (None, 0)
 

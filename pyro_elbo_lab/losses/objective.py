@@ -96,7 +96,6 @@ class WeightedObjective(BetaState):
             beta, sites, free_bits, capacity, gamma
         )
         self._init_step()
-        self._sites_checked = False
         self._weight_cache: dict = {}
 
     # -- hyper-parameters in force --------------------------------------------------------
@@ -278,12 +277,9 @@ class WeightedObjective(BetaState):
         return site_selected(self.sites, name)
 
     def _check_sites(self, model_trace, guide_trace) -> None:
-        """At the first call: ``sites`` names latent sites, and auxiliary guide sites allow the weighting."""
-        if self._sites_checked:
-            return
+        """``sites`` names latent sites, and auxiliary guide sites allow the weighting."""
         check_selected_sites(model_trace, guide_trace, self.sites)
         check_auxiliary(model_trace, guide_trace, self.sites, self.free_bits is not None or self.capacity is not None)
-        self._sites_checked = True
 
     def _particle(self, model_trace, guide_trace, beta: float, capacity: float | None):
         """
@@ -295,7 +291,7 @@ class WeightedObjective(BetaState):
         The per-site sums are stacked once and weighted with one vector operation, so the
         cost of the objective and of its recording barely grows with the number of sites.
         """
-        self._check_sites(model_trace, guide_trace)
+        self._check_sites_per_call(model_trace, guide_trace, self._check_sites)
         nonlinear = self.free_bits is not None or capacity is not None
 
         obs_names: list = []
