@@ -65,15 +65,19 @@ class RateDistortion:
         """:math:`-(D + \\beta R)`, the β-VAE objective per datapoint."""
         return -(self.distortion + beta * self.rate)
 
-    def as_dict(self) -> dict[str, float]:
-        """Flat ``{name: number}``, with per-site entries ``"rate/z"``, ``"distortion/x"``."""
-        out = {
+    def _totals(self) -> dict[str, float]:
+        """The totals, one home for :meth:`as_dict` and :meth:`to_dataframe`."""
+        return {
             "rate": self.rate,
             "distortion": self.distortion,
             "rate_stderr": self.rate_stderr,
             "distortion_stderr": self.distortion_stderr,
             "elbo": self.elbo,
         }
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``{name: number}``, with per-site entries ``"rate/z"``, ``"distortion/x"``."""
+        out = self._totals()
         if self.beta is not None:
             out["beta"] = self.beta
         out.update({f"rate/{k}": v for k, v in self.rate_per_site.items()})
@@ -88,13 +92,7 @@ class RateDistortion:
         """
         import pandas as pd
 
-        row = {
-            "rate": self.rate,
-            "distortion": self.distortion,
-            "rate_stderr": self.rate_stderr,
-            "distortion_stderr": self.distortion_stderr,
-            "elbo": self.elbo,
-        }
+        row = self._totals()
         if self.beta is not None:
             row = {"beta": self.beta, **row, "objective": self.objective(self.beta)}
             return pd.DataFrame([row]).set_index("beta", drop=False).rename_axis(None)

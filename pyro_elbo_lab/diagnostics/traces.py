@@ -80,18 +80,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     :returns: the number of batch dimensions to the right of the sample plate.
     :rtype: int
     """
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = _replayed_model_trace(model, guide_trace, args, kwargs)
-    dims = [
-        frame.dim
-        for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace))
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
+    return probe_traces(model, guide, args, kwargs)[0]
 
 
 def probe_traces(model, guide, args, kwargs, *, marginalise: bool = False) -> tuple[int, int]:
