@@ -12,7 +12,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_elbo_lab.diagnostics.moments import guide_moments, moments_from_draws, self_normalized_moments
+from pyro_elbo_lab.diagnostics.moments import guide_moments, moments_from_draws
+from pyro_elbo_lab.diagnostics.weighted_moments import self_normalized_moments
 
 PRIOR_SD = 2.0
 Y = torch.tensor([[0.3, -1.2, 2.0], [1.1, -0.4, 1.4], [0.8, -0.9, 2.6], [0.2, -1.5, 1.9]])  # (N=4, D=3)

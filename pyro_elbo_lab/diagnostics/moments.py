@@ -25,14 +25,13 @@ from ..checks import check_int, check_model_kwargs
 from .local import batches, plan
 from .psis import PARETO_K_GOOD, chain_log_weights, pareto_k_threshold, psis_diagnostics
 from .traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
+from .weighted_moments import guide_error_mcse, self_normalized_moments
 
 __all__ = [
     "GuideMoments",
-    "guide_error_mcse",
     "guide_moments",
     "moments_from_draws",
     "moments_from_inference_data",
-    "self_normalized_moments",
 ]
 
 #: Default tolerances of :meth:`GuideMoments.verdict`.
@@ -47,102 +46,6 @@ MOMENT_FIELDS = (
 
 #: The words of :meth:`GuideMoments.accuracy` (the guide's own moments, against the tolerances).
 ACCURATE, INACCURATE, UNCERTAIN, UNKNOWN = "accurate", "inaccurate", "uncertain", "unknown"
-
-
-def self_normalized_moments(values: torch.Tensor, log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """
-    Self-normalised importance-sampling mean and sd of each column of ``values`` with their
-    delta-method Monte Carlo standard errors.
-
-    With normalised weights :math:`\\tilde w_s` and :math:`\\hat\\mu = \\sum_s \\tilde w_s h_s`,
-
-    .. math::
-
-        \\mathrm{MCSE}(\\hat\\mu)^2 \\approx \\sum_s \\tilde w_s^2 (h_s - \\hat\\mu)^2,
-        \\qquad
-        \\mathrm{MCSE}(\\hat\\sigma^2)^2 \\approx \\sum_s \\tilde w_s^2
-            \\big((h_s - \\hat\\mu)^2 - \\hat\\sigma^2\\big)^2,
-        \\qquad \\mathrm{MCSE}(\\hat\\sigma) = \\mathrm{MCSE}(\\hat\\sigma^2) / (2\\hat\\sigma),
-
-    the variance of a self-normalised ratio estimate (Vehtari et al. 2024, section on the
-    Monte Carlo error of self-normalised importance sampling; :math:`r_\\text{eff} = 1` for
-    independent draws), applied to :math:`h` and to :math:`(h - \\hat\\mu)^2`. Equal weights
-    give the plain sample moments and their usual standard errors.
-
-    :param torch.Tensor values: shape ``(S, D)``.
-    :param torch.Tensor log_weights: shape ``(S,)``, in nats (unnormalised).
-    :returns: ``{"mean", "sd", "mean_mcse", "sd_mcse"}``, each of shape ``(D,)``.
-    :rtype: dict
-
-    References
-
-    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
-      J. Gabry (2024)
-    """
-    w = torch.softmax(log_weights, 0).unsqueeze(-1)  # (S, 1), sums to 1
-    mean = (w * values).sum(0)
-    dev2 = (values - mean) ** 2
-    var = (w * dev2).sum(0)
-    sd = var.sqrt()
-    w2 = w**2
-    mean_mcse = (w2 * dev2).sum(0).sqrt()
-    var_mcse = (w2 * (dev2 - var) ** 2).sum(0).sqrt()
-    sd_mcse = var_mcse / (2 * sd)
-    return {"mean": mean, "sd": sd, "mean_mcse": mean_mcse, "sd_mcse": sd_mcse}
-
-
-def guide_error_mcse(values: torch.Tensor, log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """
-    Delta-method MCSE of the guide's estimated standardised mean error
-    :math:`e = (\\hat\\mu_q - \\hat\\mu_p)/\\hat\\sigma_p` and sd ratio
-    :math:`r = \\hat\\sigma_q/\\hat\\sigma_p`, where the guide's moments
-    :math:`\\hat\\mu_q, \\hat\\sigma_q^2` are the sample moments of the same draws
-    :math:`h_s` that give the self-normalised :math:`\\hat\\mu_p, \\hat\\sigma_p^2` (normalised
-    weights :math:`\\tilde w_s`). The two sets of moments are positively correlated, so the
-    error's MCSE is that of a difference, not of :math:`\\hat\\mu_p` alone. Each estimate is
-    linearised in per-draw influence terms,
-
-    .. math::
-
-        a_s = \\frac{h_s - \\hat\\mu_q}{S}, \\quad
-        b_s = \\tilde w_s (h_s - \\hat\\mu_p), \\quad
-        c_s = \\frac{(h_s - \\hat\\mu_q)^2 - \\hat\\sigma_q^2}{S}, \\quad
-        d_s = \\tilde w_s \\big((h_s - \\hat\\mu_p)^2 - \\hat\\sigma_p^2\\big),
-
-        \\mathrm{MCSE}(e)^2 = \\sum_s \\Big(\\frac{a_s - b_s}{\\hat\\sigma_p}
-            - e\\,\\frac{d_s}{2\\hat\\sigma_p^2}\\Big)^2, \\qquad
-        \\mathrm{MCSE}(r)^2 = r^2 \\sum_s \\Big(\\frac{c_s}{2\\hat\\sigma_q^2}
-            - \\frac{d_s}{2\\hat\\sigma_p^2}\\Big)^2
-
-    (:math:`b, d`: the self-normalised ratio's linearisation, Vehtari et al. 2024; :math:`r`
-    through :math:`\\log r`; independent draws, the smoothing taken as fixed). The exact
-    guide (constant weights) has :math:`a = b`, :math:`c = d`: MCSE 0, as its errors are 0 in
-    every replication. Analytic guide moments would drop :math:`a` and :math:`c`.
-
-    :param torch.Tensor values: shape ``(S, D)``, draws from the guide.
-    :param torch.Tensor log_weights: shape ``(S,)``, (smoothed) log weights in nats.
-    :returns: ``{"mean_error_mcse", "sd_ratio_mcse"}``, each of shape ``(D,)``.
-    :rtype: dict
-
-    References
-
-    - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
-      J. Gabry (2024)
-    - *Asymptotic Statistics*, A. W. van der Vaart (1998), chapter 3 (the delta method)
-    """
-    w = torch.softmax(log_weights, 0).unsqueeze(-1)  # (S, 1)
-    S = values.shape[0]
-    dq, dp = values - values.mean(0), values - (w * values).sum(0)
-    vq, vp = (dq**2).mean(0), (w * dp**2).sum(0)
-    d = w * (dp**2 - vp)
-    e = (dp - dq).mean(0) / vp.sqrt()  # (mu_q - mu_p) / sd_p
-    mean_if = (dq / S - w * dp) / vp.sqrt() - e * d / (2 * vp)  # (S, D)
-    log_ratio_if = (dq**2 - vq) / (2 * S * vq) - d / (2 * vp)
-    ratio = (vq / vp).sqrt()
-    return {
-        "mean_error_mcse": (mean_if**2).sum(0).sqrt(),
-        "sd_ratio_mcse": ratio * (log_ratio_if**2).sum(0).sqrt(),
-    }
 
 
 @dataclass(frozen=True)
@@ -163,10 +66,12 @@ class GuideMoments:
     :ivar np.ndarray psis_mean_mcse, psis_sd_mcse: their delta-method MCSE.
     :ivar np.ndarray mean_error: ``(guide_mean - psis_mean) / psis_sd``, the guide's
         estimated standardised mean error; NaN where k̂ is above the threshold.
-    :ivar np.ndarray mean_error_mcse: its delta-method MCSE (:func:`guide_error_mcse`: the
+    :ivar np.ndarray mean_error_mcse: its delta-method MCSE
+        (:func:`~pyro_elbo_lab.diagnostics.weighted_moments.guide_error_mcse`: the
         guide's and the PSIS moments come from the same draws).
     :ivar np.ndarray sd_ratio: ``guide_sd / psis_sd``; NaN where k̂ is above the threshold.
-    :ivar np.ndarray sd_ratio_mcse: its delta-method MCSE (:func:`guide_error_mcse`).
+    :ivar np.ndarray sd_ratio_mcse: its delta-method MCSE
+        (:func:`~pyro_elbo_lab.diagnostics.weighted_moments.guide_error_mcse`).
     :ivar float pareto_k: k̂ of the joint importance weights (one for all elements).
     :ivar float k_threshold: :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``num_samples``.
     :ivar int num_samples: ``S``.
@@ -361,8 +266,9 @@ def guide_moments(
     :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)` (nats), smooths them with PSIS and
     estimates, for each element :math:`h` of each latent site (constrained space):
     :math:`\\hat\\mu_q, \\hat\\sigma_q` (equal weights) and :math:`\\hat\\mu_p,
-    \\hat\\sigma_p` (smoothed weights), with the MCSE of :func:`self_normalized_moments`
-    (the errors': :func:`guide_error_mcse`).
+    \\hat\\sigma_p` (smoothed weights), with the MCSE of
+    :func:`~pyro_elbo_lab.diagnostics.weighted_moments.self_normalized_moments`
+    (the errors': :func:`~pyro_elbo_lab.diagnostics.weighted_moments.guide_error_mcse`).
     Where :math:`\\hat k \\le \\min(1 - 1/\\log_{10}S, 0.7)` the guide's standardised
     mean error :math:`(\\hat\\mu_q - \\hat\\mu_p)/\\hat\\sigma_p` and sd ratio
     :math:`\\hat\\sigma_q/\\hat\\sigma_p` are reported; above it they are NaN (``reason`` says
@@ -424,8 +330,9 @@ def moments_from_draws(values, log_weights, *, names: list | None = None, sites:
     ``D`` elements from the guide and their log importance weights
     :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`. The weights are
     Pareto-smoothed here (:func:`~pyro_elbo_lab.diagnostics.psis.psis_diagnostics`), the
-    moments and MCSEs are :func:`self_normalized_moments` (the errors' MCSE
-    :func:`guide_error_mcse`), the errors are reported where
+    moments and MCSEs are
+    :func:`~pyro_elbo_lab.diagnostics.weighted_moments.self_normalized_moments` (the errors' MCSE
+    :func:`~pyro_elbo_lab.diagnostics.weighted_moments.guide_error_mcse`), the errors are reported where
     k̂ ≤ :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``S``.
 
     :param values: shape ``(S, D)``, a tensor or NumPy array (float64 used).
