@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .datasets import MissingExtraError, require
 
-__all__ = ["DEMOS", "main"]
+__all__ = ["DEMOS", "main", "positive_int"]
 
 #: demo name -> (module under pyro_elbo_lab.demos, one-line description)
 DEMOS = {
@@ -29,8 +29,15 @@ _ALIASES = {"eight-schools": "eight_schools", "8schools": "eight_schools", "digi
 DEFAULT_OUTPUT = "elbo-lab-output"
 
 
-def _positive_int(text: str) -> int:
-    """``--steps`` (here and in the example scripts): a positive integer, else exit status 2."""
+def positive_int(text: str) -> int:
+    """
+    The argparse ``type=`` of ``--steps`` (here and in the demo scripts).
+
+    :param str text: the command-line word.
+    :returns: it as a positive integer.
+    :rtype: int
+    :raises argparse.ArgumentTypeError: (exit status 2) if it is not a positive integer.
+    """
     try:
         value = int(text)
     except ValueError:
@@ -79,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (fewer steps and samples)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps per fit")
+    demo.add_argument("--steps", type=positive_int, default=None, help="optimisation steps per fit")
     demo.add_argument(
         "--output", default=DEFAULT_OUTPUT, help=f"directory for netCDF, PNG and report.md (default ./{DEFAULT_OUTPUT})"
     )

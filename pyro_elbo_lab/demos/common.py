@@ -11,7 +11,7 @@ import sys
 import pyro
 import torch
 
-from ..cli import _positive_int  # the one check of --steps, shared with the command line
+from ..cli import positive_int  # the one check of --steps, shared with the command line
 from ..datasets import require
 
 __all__ = ["example_parser", "fit_converged", "fmt", "pyplot", "seed_everything", "Report", "RISING_T"]
@@ -28,7 +28,7 @@ def example_parser(description: str, default_steps: int | None = None) -> argpar
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (fewer steps, samples)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     hint = f" (default {default_steps}" + ", fewer with --quick)" if default_steps else ""
-    parser.add_argument("--steps", type=_positive_int, default=None, help=f"optimisation steps{hint}")
+    parser.add_argument("--steps", type=positive_int, default=None, help=f"optimisation steps{hint}")
     return parser
 
 
