@@ -136,7 +136,8 @@ class Cyclical(Schedule):
     :param float start: value at the start of each cycle (default 0).
     :param float end: value held at the end of each cycle (default 1).
     :raises ValueError: if ``num_steps`` or ``num_cycles`` is not a positive integer,
-        ``ratio`` is outside (0, 1], or ``start`` / ``end`` not finite.
+        ``num_cycles > num_steps`` (a cycle shorter than one step), ``ratio`` is outside
+        (0, 1], or ``start`` / ``end`` not finite.
 
     >>> cyclical = Cyclical(100, num_cycles=2)
     >>> [cyclical(step) for step in (0, 10, 25, 49, 50, 60, 100)]
@@ -159,6 +160,12 @@ class Cyclical(Schedule):
     ):
         self.num_steps = _check_length("num_steps", num_steps)
         self.num_cycles = _check_length("num_cycles", num_cycles)
+        if self.num_cycles > self.num_steps:
+            raise ValueError(
+                f"num_cycles={self.num_cycles!r} is more than num_steps={self.num_steps!r}: "
+                f"each cycle would last {self.num_steps / self.num_cycles:g} steps (< 1), so the "
+                "value never leaves start; use num_cycles <= num_steps"
+            )
         ratio = _check_finite("ratio", ratio)
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")

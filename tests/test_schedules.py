@@ -68,6 +68,8 @@ def test_tempering():
         (lambda: Cyclical(0), "num_steps"),
         (lambda: Cyclical(10, num_cycles=0), "num_cycles"),
         (lambda: Cyclical(10, num_cycles=-2), "num_cycles"),
+        (lambda: Cyclical(10, num_cycles=20), r"num_cycles=20 .*num_steps=10"),
+        (lambda: Cyclical(10, num_cycles=11), r"num_cycles=11 .*num_steps=10"),
         (lambda: Cyclical(10, ratio=0.0), "ratio"),
         (lambda: Cyclical(10, ratio=1.5), "ratio"),
         (lambda: Sigmoid(0), "num_steps"),
@@ -106,3 +108,10 @@ def test_loss_follows_schedule(schedule):
         loss_fn.load_state_dict({"step": step})
         assert loss_fn.current_beta() == pytest.approx(schedule(step))
         assert loss_fn.current_beta(step + 1) == pytest.approx(schedule(step + 1))
+
+
+def test_cyclical_one_step_cycles_still_move():
+    # num_cycles == num_steps is the shortest accepted period (one step): with ratio 1 each
+    # cycle is a single step at ``start``; the last step reaches ``end`` (hand computation).
+    s = Cyclical(4, num_cycles=4, ratio=1.0, start=0.0, end=1.0)
+    assert [s(step) for step in range(5)] == [0.0, 0.0, 0.0, 0.0, 1.0]
