@@ -194,6 +194,13 @@ def _build(draws, coords, dims, constant_data, posterior_predictive, history):
         return {name: np.stack([d[group][name] for d in draws]) for name in first[group]}
 
     all_dims = dict(first["dims"])
+    known = set(first["dims"]) | set(constant_data or {})
+    unknown = sorted(set(dims or {}) - known, key=str)
+    if unknown:
+        raise ValueError(
+            f"dims names {unknown!r}, which are not sample sites of the model nor constant_data "
+            f"keys; the sites are {sorted(first['dims'])!r}: key dims by one of these names"
+        )
     for name, names in (dims or {}).items():
         all_dims[name] = list(names)
     for group in ("posterior", "log_likelihood", "posterior_predictive"):

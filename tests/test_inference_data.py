@@ -464,3 +464,29 @@ def test_only_arviz_compat_imports_arviz():
     code = "import sys, pyro_elbo_lab; pyro_elbo_lab.to_inference_data; pyro_elbo_lab.summarize; print('arviz' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dims_key_that_is_not_a_site_is_refused(data):
+    g = AutoNormal(model)
+    g(data)
+    with pytest.raises(ValueError, match=r"dims names \['nope'\].*sites are \['x', 'z'\]"):
+        to_inference_data(model, g, data, num_samples=5, dims={"nope": ["a"]})
+    # a constant_data key is a valid dims key
+    idata = to_inference_data(
+        model, g, data, num_samples=5, constant_data={"design": np.ones(N)}, dims={"design": ["point"]}
+    )
+    assert idata.constant_data["design"].dims == ("point",)
+
+
+def test_model_without_latent_sites():
+    # x_i ~ Normal(0.5, 1), nothing latent: an empty posterior and the exact log-likelihood
+    x = torch.tensor([0.0, 1.0, -2.0])
+
+    def no_latent(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.5, 1.0), obs=x)
+
+    idata = to_inference_data(no_latent, lambda x: None, x, num_samples=3)
+    assert "posterior" not in idata.groups() or len(idata.posterior.data_vars) == 0
+    expected = -0.5 * math.log(2 * math.pi) - 0.5 * (x.numpy() - 0.5) ** 2
+    assert np.allclose(idata.log_likelihood["x"].values, np.broadcast_to(expected, (1, 3, 3)), rtol=1e-12)
