@@ -52,6 +52,14 @@ def _axes(ax):
         import matplotlib.pyplot as plt
 
         _, ax = plt.subplots()
+        return ax
+    from matplotlib.axes import Axes
+
+    if not isinstance(ax, Axes):
+        raise ValueError(
+            f"ax must be a matplotlib Axes or None, got {type(ax).__name__} {ax!r}; "
+            "pass e.g. `fig, ax = plt.subplots()` then ax=ax, or leave ax=None for a new figure"
+        )
     return ax
 
 
@@ -101,11 +109,14 @@ def _check_window(smooth) -> int:
     return smooth
 
 
+_DEFAULT_TERMS = ("elbo", "reconstruction", "kl", "entropy")
+
+
 def plot_decomposition(
     data,
     ax=None,
     *,
-    terms: Sequence[str] = ("elbo", "reconstruction", "kl", "entropy"),
+    terms: Sequence[str] = _DEFAULT_TERMS,
     beta: bool = True,
     smooth: int = 1,
     chain: int | None = None,
@@ -124,10 +135,19 @@ def plot_decomposition(
     :param int chain: which chain (default all, one line style per chain).
     :returns: the primary axes; the β axis is ``ax.beta_axis`` (None without β).
     :rtype: matplotlib.axes.Axes
-    :raises ValueError: if none of ``terms`` is in the history.
+    :raises ValueError: if ``terms`` (given explicitly) names a column the history lacks,
+        none of the default terms is in the history, ``chain`` is not a chain of the
+        history, or ``ax`` is not a matplotlib Axes.
     """
     frame = _history(data)
     smooth = _check_window(smooth)
+    if isinstance(terms, str):
+        terms = [terms]
+    if terms is not _DEFAULT_TERMS:
+        missing = [t for t in terms if t not in frame.columns]
+        if missing:
+            available = [c for c in frame.columns if c not in ("step", "chain")]
+            raise ValueError(f"terms={list(terms)!r}: {missing!r} not in the history; available terms: {available!r}")
     present = [t for t in terms if t in frame.columns]
     if not present:
         if "loss" not in frame.columns:
@@ -317,8 +337,16 @@ def plot_pareto_k(data, ax=None):
     [2] `Pareto Smoothed Importance Sampling`, Aki Vehtari, Daniel Simpson, Andrew
         Gelman, Yuling Yao, Jonah Gabry (2024)
     """
+    import os
+
     import pandas as pd
 
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"plot_pareto_k takes data, not a file name ({data!r}): an InferenceData/DataTree from "
+            "to_inference_data, an SVIResult or history with eval_pareto_k, or EvidenceEstimate s / k̂ values; "
+            "load a saved file first with pyro_elbo_lab.arviz_compat.from_netcdf(path)"
+        )
     ax = _axes(ax)
     over_training = False
     if _is_result(data) and "sample_stats" in arviz_compat.groups(data):
@@ -371,6 +399,13 @@ def plot_pareto_k(data, ax=None):
 
 
 def _chains(frame, chain) -> list[tuple[Any, Any]]:
+    if chain is not None:
+        known = sorted(int(c) for c in frame["chain"].unique()) if "chain" in frame.columns else [0]
+        if isinstance(chain, bool) or not isinstance(chain, (int, np.integer)) or int(chain) not in known:
+            raise ValueError(
+                f"chain={chain!r}, but the history has {len(known)} chain(s), numbered {known}; "
+                "pass one of these or chain=None"
+            )
     if "chain" not in frame.columns:
         return [(None, frame)]
     if chain is not None:

@@ -205,3 +205,23 @@ def test_forest_plot_of_several_fits(fitted):
     assert len(spans) == 1
     lo, hi = spans[0]
     assert lo < np.quantile(draws, 0.5) < hi
+
+
+def test_plot_arguments_are_checked(fitted):
+    result, idata = fitted
+    one_chain = result.chain_history(0).drop(columns=["chain"], errors="ignore")
+    with pytest.raises(ValueError, match=r"terms=\['nope'\].*available terms: \[.*'elbo'"):
+        plots.plot_decomposition(result, terms=["nope"])
+    with pytest.raises(ValueError, match=r"chain=5.*2 chain\(s\), numbered \[0, 1\]"):
+        plots.plot_decomposition(result, chain=5)
+    with pytest.raises(ValueError, match=r"chain=5.*1 chain\(s\), numbered \[0\]"):
+        plots.plot_decomposition(one_chain, chain=5)
+    with pytest.raises(ValueError, match=r"chain=1.*1 chain\(s\)"):
+        plots.plot_kl_per_site(one_chain, chain=1)
+    with pytest.raises(ValueError, match=r"ax must be a matplotlib Axes.*str 'x'"):
+        plots.plot_decomposition(result, ax="x")
+    with pytest.raises(ValueError, match=r"file name \('file.nc'\).*arviz_compat.from_netcdf"):
+        plots.plot_pareto_k("file.nc")
+    # the checks accept what is valid: chain 0 of the one-chain history is its only line
+    ax = plots.plot_decomposition(one_chain, chain=0, terms=["elbo"], beta=False)
+    assert np.allclose(ax.get_lines()[0].get_ydata(), result.chain_history(0)["elbo"].to_numpy())
