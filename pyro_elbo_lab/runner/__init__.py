@@ -12,7 +12,8 @@ ArviZ with :func:`pyro_elbo_lab.inference_data.from_svi_result`.
 
 Modules: ``options`` (the option objects), ``params`` (parameter-store state),
 ``batches`` (per-step data), ``stopping`` (convergence rule, time limit), ``checkpoint``
-(reading and writing checkpoints), ``loop`` (one chain's step loop), ``result``
+(reading and writing checkpoints), ``loop`` (one chain's step loop), ``resume`` (resuming
+from a checkpoint: the checks, the state restored, the saver), ``result``
 (:class:`SVIResult`, :class:`NonFiniteError`), ``runner`` (:class:`SVIRunner`).
 """
 

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-:class:`SVIRunner`: the options of a run, its chains, resuming from a checkpoint, and the
+:class:`SVIRunner`: the options of a run, its chains, and the
 :class:`~pyro_elbo_lab.runner.SVIResult` it returns. The step loop itself is
-:class:`~pyro_elbo_lab.runner.loop.ChainLoop`.
+:class:`~pyro_elbo_lab.runner.loop.ChainLoop`; resuming from a checkpoint (the checks, the
+state restored, the checkpoints written) is :mod:`pyro_elbo_lab.runner.resume`.
 
 Imports its :mod:`pyro_elbo_lab.runner` siblings and :mod:`pyro_elbo_lab.losses` (the
 default loss).
@@ -18,42 +19,19 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyro
-import pyro.util
 import torch
 
 from ..checks import check_int, check_model_kwargs
 from .batches import BatchSource, check_batches
-from .checkpoint import (
-    Checkpoint,
-    CheckpointWriter,
-    UnknownConstraint,
-    data_fingerprint,
-    decode_terms,
-    encode,
-    encode_terms,
-    read_checkpoint,
-)
+from .checkpoint import CheckpointWriter, data_fingerprint, read_checkpoint
 from .loop import ChainLoop, LoopOptions
 from .options import Checkpointing, Convergence, Evaluation, check_writable_file
 from .params import fresh_copy, is_module_param, load_store, reset_modules, store_state
 from .result import NonFiniteError, SVIResult
+from .resume import chains_done, check_resume, make_saver, resume_chain
 from .stopping import final_score
 
 __all__ = ["SVIRunner"]
-
-
-def _type_name(x) -> str:
-    return f"{type(x).__module__}.{type(x).__qualname__}"
-
-
-def optim_type(optim) -> str:
-    """A description of a Pyro optimiser: its torch optimiser (and scheduler) classes."""
-    torch_optim = getattr(optim, "pt_optim_constructor", None)
-    scheduler = getattr(optim, "pt_scheduler_constructor", None)
-    if scheduler is not None:
-        torch_optim = getattr(optim, "kwargs", {}).get("optimizer", torch_optim)
-    name = getattr(torch_optim, "__name__", type(optim).__name__)
-    return f"{getattr(scheduler, '__name__', '')}({name})" if scheduler is not None else name
 
 
 class SVIRunner:
@@ -260,7 +238,7 @@ class SVIRunner:
         ckpt = None
         if resume_from is not None:
             ckpt = read_checkpoint(resume_from)
-            self._check_resume(ckpt, num_steps, fingerprint)
+            check_resume(ckpt, num_steps, fingerprint, num_chains=self.num_chains, optim=self.optim, loss=self.loss)
 
         seed = self.seed
         if ckpt is not None:
@@ -268,26 +246,8 @@ class SVIRunner:
         elif seed is None and self.num_chains > 1:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
 
-        done: list[dict] = []
-        if ckpt is not None:
-            for i, entry in enumerate(ckpt.meta["chains_done"]):
-                done.append(
-                    {
-                        "rows": ckpt.rows[i],
-                        "state": entry["state"],
-                        "terms": decode_terms(entry["terms"]),
-                        "stop_reason": entry["stop_reason"],
-                        "convergence": entry.get("convergence"),
-                    }
-                )
-            # a checkpoint written when its chain ended records the chain as done; one that was
-            # cut short (Ctrl-C, the time limit, fewer num_steps than now) continues
-            if len(done) > ckpt.meta["chain"] and (
-                done[-1]["stop_reason"] in ("interrupted", "max_time")
-                or done[-1]["stop_reason"] == "num_steps"
-                and num_steps > ckpt.meta["step"]
-            ):
-                done.pop()
+        # the chains the checkpoint records as done (a last one cut short continues)
+        done: list[dict] = chains_done(ckpt, num_steps) if ckpt is not None else []
         initial = initial_modules = None
         if self.num_chains > 1:
             # every chain starts from the store as it is now; parameters of modules that
@@ -334,7 +294,7 @@ class SVIRunner:
             rule = self.convergence.make_rule() if self.convergence is not None else None
             save = None
             if writer is not None:
-                save = self._saver(writer, done, seed, initial, initial_modules, rule, fingerprint)
+                save = make_saver(writer, self.num_chains, done, seed, initial, initial_modules, rule, fingerprint)
             loop = ChainLoop(chain, model, guide, optim, loss, options, rule, initial_modules, save)
             source = BatchSource(args, model_kwargs, batches)
             resume = ckpt if (ckpt is not None and ckpt.meta["chain"] == chain) else None
@@ -346,7 +306,7 @@ class SVIRunner:
                     pyro.set_rng_seed(seed + chain)
                 start = 0
             else:
-                start = self._resume(loop, source, resume, done, rule)
+                start = resume_chain(loop, source, resume, done, rule)
             try:
                 stop_reason = loop.run(source, num_steps, start)
             except NonFiniteError as e:
@@ -418,7 +378,7 @@ class SVIRunner:
         if ckpt is not None and len(done) == len(ckpt.meta["chains_done"]) == self.num_chains == 1:
             # the checkpoint's run had finished: its parameters are the result's, and the
             # optimiser, loss and RNG are left as the finished run left them
-            self._resume(
+            resume_chain(
                 ChainLoop(0, self.model, self.guide, self.optim, self.loss, options),
                 BatchSource(args, model_kwargs, batches),
                 ckpt,
@@ -440,151 +400,6 @@ class SVIRunner:
                 stacklevel=2,
             )
         return result
-
-    # -- checkpoints ----------------------------------------------------------------------------
-
-    def _saver(self, writer, done, seed, initial, initial_modules, rule, fingerprint):
-        num_chains = self.num_chains
-
-        def save(loop: ChainLoop, steps_done: int, finished: bool = False) -> None:
-            # finished: the chain has ended and is the last entry of `done`
-            tensors: dict = {}
-            store = pyro.get_param_store().get_state()
-            stopping = rule.state_dict() if rule is not None else None
-            if finished and loop.last_iterate is not None:
-                # averaged iterates were loaded at the end: a continuation goes on from the last iterate
-                store = loop.last_iterate
-                stopping = dict(stopping, applied=False) if stopping is not None else None
-            meta = {
-                "step": steps_done,
-                "chain": loop.chain,
-                "num_chains": num_chains,
-                "seed": seed,
-                "params": {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in store["params"].items()},
-                "param_store": encode(store, tensors, "the parameter store"),
-                "optim": {
-                    "type": optim_type(loop.optim),
-                    "state": encode(loop.optim.get_state(), tensors, "the optimiser state"),
-                },
-                "loss": {
-                    "type": _type_name(loop.loss),
-                    "state": encode(loop.loss.state_dict() if loop.has_state else None, tensors, "the loss state"),
-                },
-                "stopping": stopping,
-                "rng": encode(pyro.util.get_rng_state(), tensors, "the RNG state"),
-                "wall_time": loop.wall_time(),
-                "data": fingerprint,
-                "chains_done": [
-                    {
-                        "state": encode(o["state"], tensors, f"chain {i}'s parameters"),
-                        "terms": encode_terms(o["terms"]),
-                        "stop_reason": o["stop_reason"],
-                        "convergence": o.get("convergence"),
-                    }
-                    for i, o in enumerate(done)
-                ],
-                "initial_state": encode(initial, tensors, "the initial parameters"),
-                "initial_modules": encode(initial_modules, tensors, "the initial module parameters"),
-            }
-            writer.write(meta, tensors, [o["rows"] for o in done] + ([] if finished else [loop.rows]))
-
-        return save
-
-    def _check_resume(self, ckpt: Checkpoint, num_steps: int, fingerprint: list) -> None:
-        meta, path = ckpt.meta, ckpt.path
-
-        def refuse(what: str) -> ValueError:
-            return ValueError(f"resume_from={path!r} does not match this run: {what}")
-
-        if meta["num_chains"] != self.num_chains:
-            raise refuse(
-                f"the checkpoint has num_chains={meta['num_chains']}, this runner num_chains="
-                f"{self.num_chains}; resume with the same number of chains"
-            )
-        if num_steps < meta["step"]:
-            raise refuse(
-                f"the checkpoint is at step {meta['step']} (chain {meta['chain']}), beyond num_steps="
-                f"{num_steps}; pass num_steps >= {meta['step']}"
-            )
-        if meta["optim"]["type"] != optim_type(self.optim):
-            raise refuse(
-                f"the checkpoint was written with the optimiser {meta['optim']['type']}, this runner has "
-                f"{optim_type(self.optim)}; resume with the same optimiser"
-            )
-        if meta["loss"]["type"] != _type_name(self.loss):
-            raise refuse(
-                f"the checkpoint was written with the loss {meta['loss']['type']}, this runner has "
-                f"{_type_name(self.loss)}; resume with the same loss class"
-            )
-        if meta["data"] != fingerprint:
-            warnings.warn(
-                f"resume_from={path!r}: the data arguments differ in shape or dtype from those the checkpoint was "
-                f"written with ({meta['data']} then, {fingerprint} now); continuing on the new data",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    def _resume(self, loop: ChainLoop, source: BatchSource, ckpt: Checkpoint, done: list, rule) -> int:
-        # Lazy set-up that consumes random numbers in the uninterrupted run (autoguide
-        # prototypes, the loss's plate-nesting guess, pyro.module parameters) happens here,
-        # before the RNG state is restored, and before the checkpoint's parameters are
-        # loaded, so that those are copied into the tensors the model and guide use.
-        meta, path = ckpt.meta, ckpt.path
-        step = meta["step"]
-        registered = loop.warm_up(*source.peek(step))
-        live = pyro.get_param_store().get_state()
-        saved = meta["params"]
-        missing = sorted(set(registered) - set(saved))
-        extra = sorted(n for n in saved if n not in live["params"])
-        shapes = sorted(
-            f"'{n}' {tuple(saved[n]['shape'])} then, {tuple(live['params'][n].shape)} now"
-            for n in saved
-            if n in live["params"] and list(live["params"][n].shape) != saved[n]["shape"]
-        )
-        if missing or extra or shapes:
-            parts = (
-                ([f"parameters not in the checkpoint: {missing}"] if missing else [])
-                + ([f"checkpoint parameters this model and guide do not have: {extra}"] if extra else [])
-                + ([f"other shapes: {'; '.join(shapes)}"] if shapes else [])
-            )
-            raise ValueError(
-                f"resume_from={path!r} does not match this run's parameters: {'; '.join(parts)}; "
-                "resume with the model and guide that wrote the checkpoint"
-            )
-        for state in [meta["param_store"], meta["initial_state"]] + [o["state"] for o in done]:
-            self._fix_constraints(state, path)
-        load_store(meta["param_store"])
-        # the checkpoint's optimiser state, also for parameters the optimiser already has
-        # (the same runner resumed in the same process): PyroOptim.set_state only queues
-        # state for parameters it has not seen, so its per-parameter optimisers are dropped
-        # and made again, from the checkpoint's state, at the next step
-        for name in ("optim_objs", "grad_clip", "_state_waiting_to_be_consumed"):
-            if isinstance(getattr(loop.optim, name, None), dict):
-                getattr(loop.optim, name).clear()
-        loop.optim.set_state(meta["optim"]["state"])
-        if loop.has_state and meta["loss"]["state"] is not None:
-            loop.loss.load_state_dict(meta["loss"]["state"])
-        loop.rows = ckpt.rows[meta["chain"]]
-        if rule is not None and meta["stopping"] is not None:
-            rule.load_state_dict(meta["stopping"])
-        loop.elapsed0 = meta["wall_time"]
-        pyro.util.set_rng_state(meta["rng"])
-        return step
-
-    @staticmethod
-    def _fix_constraints(state: dict | None, path: str) -> None:
-        """Replace the constraints a checkpoint could not name by the live store's."""
-        if state is None:
-            return
-        live = pyro.get_param_store().get_state()["constraints"]
-        for name, c in list(state["constraints"].items()):
-            if isinstance(c, UnknownConstraint):
-                if name not in live:
-                    raise ValueError(
-                        f"resume_from={path!r}: the constraint of parameter '{name}' "
-                        f"({c.description}) cannot be restored; register it before resuming"
-                    )
-                state["constraints"][name] = live[name]
 
     # -- result -----------------------------------------------------------------------------------
 
