@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any, cast
 
 import pyro
 import pyro.util
@@ -63,7 +64,8 @@ def make_saver(
     def save(loop: ChainLoop, steps_done: int, finished: bool = False) -> None:
         # finished: the chain has ended and is the last entry of `done`
         tensors: dict = {}
-        store = pyro.get_param_store().get_state()
+        # a plain dict: the averaged iterates below replace Pyro's StateDict
+        store = cast("dict[str, Any]", pyro.get_param_store().get_state())
         stopping = rule.state_dict() if rule is not None else None
         if finished and loop.last_iterate is not None:
             # averaged iterates were loaded at the end: a continuation goes on from the last iterate
