@@ -8,13 +8,15 @@ Imports nothing from the rest of the package, so any module may use it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["check_int", "check_model_kwargs", "nonnegative_number"]
+__all__ = ["check_int", "check_model_kwargs", "empty_plate_errors", "nonnegative_number"]
 
 
 def check_int(name: str, value: Any, minimum: int, allow_none: bool = False, hint: str = "") -> None:
@@ -75,3 +77,31 @@ def check_model_kwargs(model_kwargs: Any, name: str = "model_kwargs") -> dict:
             "pass positional data as extra positional arguments"
         )
     return dict(model_kwargs)
+
+
+@contextlib.contextmanager
+def empty_plate_errors() -> Iterator[None]:
+    """
+    Turn Pyro's ``ZeroDivisionError: size cannot be zero`` (a ``pyro.plate`` of size 0,
+    i.e. empty data) raised while a model or guide runs into a ValueError naming the plate.
+    Entered once around each place the package runs a model (the diagnostics' trace
+    helpers and the losses' trace methods).
+
+    :raises ValueError: naming the plate whose size is 0.
+    """
+    try:
+        yield
+    except ZeroDivisionError as error:
+        if str(error) != "size cannot be zero":
+            raise
+        name = None
+        tb = error.__traceback__
+        while tb is not None:  # the plate's name from the frame of its __init__
+            local = tb.tb_frame.f_locals
+            if tb.tb_frame.f_code.co_name == "__init__" and local.get("size") == 0 and "name" in local:
+                name = local["name"]
+            tb = tb.tb_next
+        raise ValueError(
+            f"plate {name!r} has size 0: the data are empty; pass at least one data point "
+            "(skip the call for an empty batch)"
+        ) from error

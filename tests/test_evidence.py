@@ -350,7 +350,7 @@ def test_nan_log_weights_name_the_site():
         inf = torch.tensor(math.inf)
         loc, scale = torch.where(mu > 0, inf, mu), torch.where(mu > 0, inf, torch.tensor(SIGMA))
         with pyro.plate("data", len(x)):
-            pyro.sample("obs", dist.Normal(loc.unsqueeze(-1), scale.unsqueeze(-1)), obs=x)  # (x - inf)/inf = nan
+            pyro.sample("obs", dist.Normal(loc, scale), obs=x)  # (x - inf)/inf = nan
 
     # Pyro itself warns about the NaN under validation; we then raise, naming the site
     with pytest.warns(UserWarning, match="Encountered NaN"):
@@ -453,3 +453,63 @@ def test_model_keywords_named_like_options_reach_the_model():
     assert abs(plain.log_evidence - log_evidence) > 1.0
     with pytest.raises(ValueError, match=r"model_kwargs must be a dict.*got model_kwargs=\[1\]"):
         estimate_evidence(kw_model, guide, X, model_kwargs=[1])
+
+
+class _TupleBatchNormal(dist.Normal):
+    """A Normal whose batch_shape is a plain tuple (Pyro accepts it; torch.Size has .numel())."""
+
+    def __init__(self, loc, scale, validate_args=None):
+        super().__init__(loc, scale, validate_args=validate_args)
+        self._batch_shape = tuple(self._batch_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance=self._get_checked_instance(_TupleBatchNormal, _instance))
+        new._batch_shape = tuple(new._batch_shape)
+        return new
+
+
+def test_batch_shape_given_as_a_tuple():
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, TAU0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", _TupleBatchNormal(mu, SIGMA), obs=x)
+
+    log_evidence, m, s = nn_exact(X)
+    result = estimate_evidence(model, gaussian_guide(m, s), X, num_samples=10)
+    assert result.log_evidence == pytest.approx(log_evidence, abs=1e-9)
+
+
+def test_site_broadcast_wrongly_under_the_sample_plate_is_refused():
+    # written for a scalar mu: mu.unsqueeze(-1) is (S, 1, 1) under the sample plate, so the
+    # observed site broadcasts to (S, S, N) instead of (S, N); Pyro's check_site_shape ignores
+    # the extra leftmost dim, so the weights would silently mix draws
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, TAU0))
+        loc = mu.unsqueeze(-1) * torch.ones(len(x))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(loc, SIGMA), obs=x)
+
+    _, m, s = nn_exact(X)
+    guide = gaussian_guide(m, s)
+    for validate in (True, False):
+        pyro.enable_validation(validate)
+        try:
+            with pytest.raises(ValueError, match=r"site 'obs' has log_prob shape \(7, 7, 6\).*dim -2"):
+                estimate_evidence(model, guide, X, num_samples=7)
+            with pytest.raises(ValueError, match=r"site 'obs' has log_prob shape"):
+                pyro_elbo_lab.posterior_collapse(model, guide, X, num_samples=7)
+        finally:
+            pyro.enable_validation(True)
+
+
+def test_empty_data_names_the_plate():
+    guide = gaussian_guide(0.0, 1.0)
+    empty = torch.zeros(0)
+    for run in (
+        lambda: estimate_evidence(nn_model, guide, empty, num_samples=10),
+        lambda: estimate_evidence(nn_model, guide, empty, num_samples=10, max_plate_nesting=1),
+        lambda: pyro_elbo_lab.posterior_collapse(nn_model, guide, empty, num_samples=10),
+        lambda: pyro_elbo_lab.to_inference_data(nn_model, guide, empty, num_samples=10),
+    ):
+        with pytest.raises(ValueError, match=r"plate 'data' has size 0: the data are empty"):
+            run()

@@ -192,3 +192,26 @@ def test_auxiliary_sites_are_checked_on_every_call():
     loss.loss(_chain_model, _chain_guide, data)
     with pytest.raises(ValueError, match="auxiliary"):
         loss.loss(_chain_model, _chain_guide, data, auxiliary=True)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["sequential", "vectorized"])
+@pytest.mark.parametrize("name", ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceGraphELBO", "BetaTraceEnumELBO", "IWAE"])
+def test_empty_data_names_the_plate(name, vectorize):
+    import pyro_elbo_lab
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    options = {"num_particles": 2, "vectorize_particles": vectorize}
+    if name == "BetaTraceEnumELBO":
+        options["max_plate_nesting"] = 1
+    elbo = getattr(pyro_elbo_lab, name)(**options)
+    empty = torch.zeros(0)
+    for call in (elbo.loss, elbo.differentiable_loss, elbo.loss_and_grads):
+        with pytest.raises(ValueError, match=r"plate 'data' has size 0: the data are empty"):
+            call(model, guide, empty)

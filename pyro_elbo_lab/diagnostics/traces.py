@@ -9,6 +9,7 @@ loop over samples.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
 from .. import sites
+from ..checks import empty_plate_errors
 
 __all__ = [
     "SAMPLE_PLATE",
@@ -29,6 +31,7 @@ __all__ = [
     "vectorized_traces",
     "log_joint_and_guide",
     "probe_traces",
+    "check_sample_plate",
     "enumerated_site_error",
 ]
 
@@ -95,7 +98,7 @@ def probe_traces(model, guide, args, kwargs, *, marginalise: bool = False) -> tu
         one importance sample adds to the traces (for choosing batch sizes).
     :rtype: tuple
     """
-    with poutine.block(), torch.no_grad():
+    with poutine.block(), torch.no_grad(), empty_plate_errors():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if marginalise:
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -109,7 +112,8 @@ def probe_traces(model, guide, args, kwargs, *, marginalise: bool = False) -> tu
                 continue
             dims += [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]
             value = site["value"]
-            elements += (value.numel() if torch.is_tensor(value) else 1) + site["fn"].batch_shape.numel()
+            # math.prod: a distribution's batch_shape may be a plain tuple (Pyro accepts it)
+            elements += (value.numel() if torch.is_tensor(value) else 1) + math.prod(site["fn"].batch_shape)
     return max(dims), max(1, elements)
 
 
@@ -164,7 +168,7 @@ def vectorized_traces(
     # the plate goes inside the replay, as in Pyro's vectorised ELBO, so that it broadcasts the
     # model's distributions too (a replayed site is "done" and not broadcast from outside)
     plate = pyro.plate(SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1))
-    with poutine.block():
+    with poutine.block(), empty_plate_errors():
         guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
         if marginalise:
             enum_model = poutine.enum(plate(model), first_available_dim=-(max_plate_nesting + 2))
@@ -190,12 +194,40 @@ def vectorized_traces(
             check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
+    for trace in (model_trace, guide_trace) if not enumerated else (guide_trace,):
+        check_sample_plate(trace, num_samples, max_plate_nesting)
     if is_validation_enabled():
         for trace in (model_trace, guide_trace) if not enumerated else (guide_trace,):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     check_site_shape(site, max_plate_nesting + 1)
     return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting, enumerated)
+
+
+def check_sample_plate(trace, num_samples: int, max_plate_nesting: int) -> None:
+    """
+    Refuse a site whose ``log_prob`` has dims left of the sample plate (dim
+    ``-(max_plate_nesting + 1)``) or a size there other than ``num_samples`` or 1: a model
+    that broadcasts wrongly under the vectorised plate (e.g. a parameter reshaped for a
+    scalar latent, giving ``(S, S, N)`` instead of ``(S, N)``) would otherwise be summed
+    into wrong weights without an error. Shapes only (no data read); checked whether or not
+    validation is enabled, since Pyro's ``check_site_shape`` ignores the leftmost dims.
+
+    :raises ValueError: naming the site, its ``log_prob`` shape and the expected one.
+    """
+    depth = max_plate_nesting + 1
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not torch.is_tensor(site.get("log_prob")):
+            continue
+        shape = tuple(site["log_prob"].shape)
+        if len(shape) > depth or (len(shape) == depth and shape[0] not in (1, num_samples)):
+            raise ValueError(
+                f"site '{name}' has log_prob shape {shape}, but under the sample plate of {num_samples} draws "
+                f"(dim {-depth}, max_plate_nesting={max_plate_nesting}) it must have at most {depth} dims with "
+                f"{num_samples} at dim {-depth}: the site broadcasts against an earlier sample wrongly (e.g. a "
+                "parameter reshaped or unsqueezed for a scalar latent); write it so it broadcasts from the "
+                "right (use ...-indexing and plates), or pass the right max_plate_nesting"
+            )
 
 
 def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from pyro.poutine.messenger import Messenger
 
-from ..checks import nonnegative_number
+from ..checks import empty_plate_errors, nonnegative_number
 from ..schedules import ScheduleLike, as_schedule
 from ..terms import ELBOTerms, TermsRecord
 
@@ -191,6 +191,16 @@ class BetaState:
     ``super().__init__``, set ``self._last_record`` on every loss evaluation, and call
     :meth:`_advance_step` after every gradient call.
     """
+
+    # empty data (a plate of size 0) named once for every loss: each runs the model through
+    # Pyro's _guess_max_plate_nesting and _get_trace (vectorised particles included)
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs):
+        with empty_plate_errors():
+            return super()._guess_max_plate_nesting(model, guide, args, kwargs)  # type: ignore[misc]
+
+    def _get_trace(self, model, guide, args, kwargs):
+        with empty_plate_errors():
+            return super()._get_trace(model, guide, args, kwargs)  # type: ignore[misc]
 
     def _init_beta(self, beta: ScheduleLike) -> None:
         if not callable(beta):
