@@ -236,3 +236,10 @@ def test_masked_datapoints_are_left_out(data, where):
         assert rd.kl_method == {"z": "monte carlo"}
         assert rd.rate == pytest.approx(rate, abs=5 * rd.rate_stderr)
     assert rd.distortion == pytest.approx(distortion, abs=5 * rd.distortion_stderr)
+
+
+@pytest.mark.parametrize("beta", [-1, -0.5, float("nan"), float("inf"), "1"])
+def test_bad_beta_is_refused(data, beta):
+    m, s2 = optimal_encoder(1.0, data)
+    with pytest.raises(ValueError, match=r"beta must be a finite number >= 0, got beta="):
+        rate_distortion(vae_model, normal_guide(m, s2), data, beta=beta)
