@@ -24,6 +24,7 @@ _EXPORTS = {
     "BetaTraceEnumELBO": "pyro_elbo_lab.losses",
     "BetaTraceGraphELBO": "pyro_elbo_lab.losses",
     "IWAE": "pyro_elbo_lab.losses",
+    "FusedSVI": "pyro_elbo_lab.losses",
     "ELBOTerms": "pyro_elbo_lab.terms",
     # diagnostics
     "estimate_evidence": "pyro_elbo_lab.diagnostics",

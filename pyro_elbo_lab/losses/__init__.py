@@ -6,6 +6,7 @@ from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .beta_trace_graph_elbo import BetaTraceGraphELBO
 from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
+from .fused import FusedSVI
 from .iwae import IWAE
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "BetaMeanFieldELBO",
     "BetaTraceEnumELBO",
     "BetaTraceGraphELBO",
+    "FusedSVI",
     "IWAE",
     "JitBetaELBO",
     "JitBetaMeanFieldELBO",
