@@ -513,3 +513,23 @@ def test_empty_data_names_the_plate():
     ):
         with pytest.raises(ValueError, match=r"plate 'data' has size 0: the data are empty"):
             run()
+
+
+def test_discrete_guide_with_tied_weights_is_reliable_and_exact():
+    # issue 11 §4: a Bernoulli guide's log weights take two values; the tail is all ties, which
+    # gave k̂ = inf ("evidence unreliable") although the evidence was right. Exact evidence by
+    # summing over z: p(x) = 0.7 N(x; 0, 1) + 0.3 N(x; 3, 1).
+    x = torch.tensor(2.0)
+
+    def model(x):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(3.0 * z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Bernoulli(0.6))
+
+    normal = torch.distributions.Normal(torch.tensor([0.0, 3.0]), 1.0)
+    exact = torch.logsumexp(torch.log(torch.tensor([0.7, 0.3])) + normal.log_prob(x), 0).item()
+    result = estimate_evidence(model, guide, x, num_samples=4000)  # warnings are errors here
+    assert result.pareto_k == -math.inf and result.verdict == "IS reliable" and result.stderr_reliable
+    assert abs(result.log_evidence - exact) < 4 * result.log_evidence_stderr

@@ -69,3 +69,28 @@ def test_a_tail_of_ties_cannot_be_fitted_on_either_generation():
     normalised, k = arviz_compat.psislw(lw)
     assert math.isnan(float(k)) and psis.verdict(k) == "IS unchecked"  # was "unknown"
     assert np.exp(normalised).sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_tail_of_ties_is_a_bounded_tail():
+    # issue 11 §4: weights that take a few values (a discrete guide's) have a tail of ties; PSIS
+    # cannot fit a Pareto shape to it (arviz_compat.psislw says NaN, above), but the weights are
+    # bounded, so every moment is finite: k̂ = -inf and "IS reliable", nothing smoothed
+    lw = torch.as_tensor(np.concatenate([np.linspace(-2.0, 0.0, 800), np.full(200, 3.0)]))
+    smoothed, k = psis.psis_diagnostics(lw)
+    assert float(k) == -math.inf and psis.verdict(float(k)) == "IS reliable"
+    assert torch.allclose(smoothed, lw, rtol=0, atol=1e-9)
+
+
+def test_float32_rounding_of_an_exact_guide_is_constant():
+    # issue 11 §4: an exact guide's log weights are log p(x) for every draw; in float32 they differ
+    # by rounding (~1e-6 nats here), which must not be read as a tail (it gave k̂ = inf, then NaN)
+    exact = -31.311
+    lw = torch.full((4000,), exact, dtype=torch.float32)
+    lw = lw + torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2e-6
+    assert float(lw.max() - lw.min()) > psis.CONSTANT_TOL  # not constant in float64 terms
+    _, k = psis.psis_diagnostics(lw)
+    assert float(k) == -math.inf and psis.verdict(float(k)) == "IS reliable"
+    # the same spread in float64 is not rounding: it is fitted
+    lw64 = exact + torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2e-6
+    _, k64 = psis.psis_diagnostics(lw64)
+    assert math.isfinite(float(k64))

@@ -49,6 +49,12 @@ MIN_PSIS_SAMPLES = arviz_compat.MIN_PSIS_DRAWS
 #: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
 CONSTANT_TOL = 1e-9
 
+#: For log weights computed in a lower precision the constant tolerance grows with the
+#: rounding error of their dtype: this many machine epsilons times ``1 + max |log w|``
+#: (float32 at ``|log w| ≈ 30``: about 4e-3 nats, weights equal to 0.4 %; float64: below
+#: ``CONSTANT_TOL``).
+CONSTANT_ROUNDING = 1000
+
 #: The words of :func:`verdict`. They speak of importance sampling (IS) only, never of
 #: the guide's accuracy: a guide can be far from the posterior with k̂ ≤ 0.5 (the
 #: weights then correct it). The guide's accuracy is
@@ -133,7 +139,10 @@ def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     variance; :math:`\\hat k > 0.7`: estimates unreliable). The smoothed weights keep the
     scale of the raw ones (the body of the weights is unchanged), so
     :math:`\\log \\frac1S \\sum_s \\tilde w_s` estimates the evidence. Rows whose log weights
-    are constant to ``1e-9`` nats get k̂ = ``-inf`` (bounded weights, nothing to smooth);
+    are constant to ``1e-9`` nats (or to the rounding error of their dtype, see
+    ``CONSTANT_ROUNDING``) get k̂ = ``-inf`` (bounded weights, nothing to smooth), and
+    so do rows whose upper tail is all ties (weights that take a few values, as a discrete
+    guide's do: bounded, so every moment is finite);
     with fewer than :data:`MIN_PSIS_SAMPLES` (25) draws k̂ cannot be fitted: it is ``nan``
     and the weights are returned unsmoothed.
 
@@ -157,7 +166,9 @@ def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         )
     lw = log_weights.detach().to("cpu", torch.float64).numpy()
     S = lw.shape[-1]
-    constant = (lw.max(-1) - lw.min(-1)) <= CONSTANT_TOL
+    eps = torch.finfo(log_weights.dtype).eps if log_weights.dtype.is_floating_point else 0.0
+    tol = np.maximum(CONSTANT_TOL, CONSTANT_ROUNDING * eps * (1.0 + np.abs(lw).max(-1)))
+    constant = (lw.max(-1) - lw.min(-1)) <= tol
     if S < MIN_PSIS_SAMPLES:
         k = np.where(constant, -np.inf, np.nan)
         return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
@@ -166,7 +177,10 @@ def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     rows = ~constant
     if rows.any():
         varying = lw[rows]
-        normalised, k[rows] = arviz_compat.psislw(varying)
+        normalised, k_rows = arviz_compat.psislw(varying)
+        # a tail of ties (too few distinct values to fit, e.g. a discrete guide's weights take
+        # a few values) is a bounded tail: every moment of the weights is finite
+        k[rows] = np.where(np.isnan(k_rows), -np.inf, k_rows)
         # PSIS leaves the body of the weights as it is: the smallest weight gives back the scale
         low = varying.argmin(-1)[..., None]
         shift = np.take_along_axis(varying, low, -1) - np.take_along_axis(normalised, low, -1)
