@@ -117,7 +117,6 @@ class IWAE(BetaState, RenyiELBO):
         self.gradient = gradient
         self._init_beta(1.0)
         self.last_bound: float | None = None
-        self.last_elbo: float | None = None
         super().__init__(
             alpha=alpha,
             num_particles=num_particles,
@@ -127,6 +126,15 @@ class IWAE(BetaState, RenyiELBO):
         )
 
     # -- entry points -----------------------------------------------------------------------
+
+    @property
+    def last_elbo(self) -> float | None:
+        """
+        The ELBO of the last call's particles, in nats (``None`` before the first call),
+        read from :attr:`last_terms` on demand, so a training step that never reads it pays
+        for no device synchronisation or Python work beyond the bound's.
+        """
+        return None if self._last_record is None else self._last_record.terms().elbo
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """
@@ -217,7 +225,6 @@ class IWAE(BetaState, RenyiELBO):
         values = torch.cat([torch.full_like(values[:1], bound), values])
         self._last_record = TermsRecord(["objective"] + names, values, 1.0, None)
         self.last_bound = bound
-        self.last_elbo = self._last_record.terms().elbo
 
         grads = []
         if need_grads and torch.is_tensor(log_w) and log_w.requires_grad:
