@@ -423,14 +423,13 @@ def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) 
                 prob = probs[key]
                 prob._pyro_dims = queries[key]._pyro_dims
                 if is_identically_zero(cost):
-                    out[index] = torch.zeros(num_particles) if particle_symbol else torch.zeros(())
+                    out[index] = prob.new_zeros((num_particles,) if particle_symbol else ())
                     continue
                 cost, prob = packed.broadcast_all(cost, prob)
-                mask = prob > 0
-                if not bool(mask.all()):
-                    cost = cost.masked_fill(~mask, 0.0)
-                term = prob * cost
                 dims = cost._pyro_dims
+                # zero-probability terms drop out (as in TraceEnum_ELBO), without a device sync
+                cost = cost.masked_fill(prob <= 0, 0.0)
+                term = prob * cost
                 if particle_symbol is not None and particle_symbol in dims:
                     k = dims.index(particle_symbol)
                     rest = [d for d in range(term.dim()) if d != k]
