@@ -168,9 +168,10 @@ class IWAE(BetaState, RenyiELBO):
         (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
-        loss = torch.tensor(-bound)
+        loss = self._last_record.values.new_tensor(-bound)  # on the model's device
         for param, grad in grads:
             loss = loss - ((param * grad).sum() - (param * grad).sum().detach())
+        warn_if_nan(loss, "loss")
         self._advance_step()
         return loss
 
