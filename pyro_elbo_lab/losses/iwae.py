@@ -168,7 +168,9 @@ class IWAE(BetaState, RenyiELBO):
         (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
         """
         bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
-        loss = self._last_record.values.new_tensor(-bound)  # on the model's device
+        record = self._last_record
+        assert record is not None  # _run records the terms
+        loss = record.values.new_tensor(-bound)  # on the model's device
         for param, grad in grads:
             loss = loss - ((param * grad).sum() - (param * grad).sum().detach())
         warn_if_nan(loss, "loss")
