@@ -3,8 +3,9 @@
 :class:`BetaTraceEnumELBO`: the β-weighted ELBO with discrete sites summed out exactly
 (Pyro's :class:`~pyro.infer.TraceEnum_ELBO`), recording its decomposition.
 
-Imports :mod:`pyro_elbo_lab.terms` and :mod:`.beta_state`; from Pyro it reuses the
-enumeration helpers of ``pyro.infer.traceenum_elbo`` (ordinals, the common-scale check).
+Imports :mod:`pyro_elbo_lab.terms`, :mod:`pyro_elbo_lab.schedules`, :mod:`.beta_state`
+and :mod:`.pyro_enum` (the one home of what it takes from Pyro's enumeration machinery below
+the documented API).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import math
 import queue
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from opt_einsum import shared_intermediates
@@ -20,18 +22,18 @@ from pyro import poutine
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import TraceEnum_ELBO
 from pyro.infer.enum import iter_discrete_escape, iter_discrete_extend
-from pyro.infer.traceenum_elbo import _check_model_guide_enumeration_constraint, _find_ordinal, _get_common_scale
 from pyro.infer.util import Dice
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
-from pyro.ops.einsum.adjoint import require_backward
 from pyro.ops.rings import MarginalRing, SampleRing
+from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.util import warn_if_nan
 
-from ..schedules import ScheduleLike
-from ..terms import TermsRecord, stack_columns
+from ..schedules import Constant, ScheduleLike
+from ..terms import ELBOTerms, TermsRecord, stack_columns
 from .beta_state import BetaState, check_selection_matches, site_selected
+from .pyro_enum import check_enumeration_constraint, common_scale, dice_log_factors, find_ordinal, query_marginals
 
 __all__ = ["BetaTraceEnumELBO"]
 
@@ -117,11 +119,11 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         self,
         beta: ScheduleLike = 1.0,
         *,
-        sites: Iterable[str] | None = None,
+        sites: Iterable[str] | str | Callable[[str], bool] | None = None,
         free_bits: float | None = None,
         capacity: ScheduleLike | None = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         self._init_beta_only(
             beta,
             sites,
@@ -134,7 +136,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
 
     # -- traces ------------------------------------------------------------------------------
 
-    def _particle_traces(self, model, guide, args, kwargs):
+    def _particle_traces(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Iterator[tuple]:
         """``(particle index, model_trace, guide_trace)``, as ``TraceEnum_ELBO._get_traces``."""
         if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
             raise NotImplementedError("BetaTraceEnumELBO does not support GuideMessenger")
@@ -145,7 +147,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
             model = self._vectorized_num_particles(model)
         guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
         model = EnumMessenger()(model)
-        q = queue.LifoQueue()
+        q: queue.LifoQueue = queue.LifoQueue()
         guide = poutine.queue(guide, q, escape_fn=iter_discrete_escape, extend_fn=iter_discrete_extend)
         for particle in range(1 if self.vectorize_particles else self.num_particles):
             q.put(poutine.Trace())
@@ -153,13 +155,13 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                 model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
                 yield particle, model_trace, guide_trace
 
-    def _get_traces(self, model, guide, args, kwargs):
+    def _get_traces(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Iterator[tuple]:
         for _, model_trace, guide_trace in self._particle_traces(model, guide, args, kwargs):
             yield model_trace, guide_trace
 
-    # -- the three entry points ----------------------------------------------------------------
+    # -- the entry points -----------------------------------------------------------------------
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: ``-objective`` in nats (the negative ELBO for β = 1), averaged over particles.
         :rtype: float
@@ -167,73 +169,114 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         Records :attr:`last_terms`; does not advance the step count.
         """
         with torch.no_grad():
-            objective = self._run(model, guide, args, kwargs, backward=False)
-        loss = -float(objective)
-        warn_if_nan(loss, "loss")
-        return loss
+            loss, _ = self._run(model, guide, args, kwargs, "value")
+        value = loss.item()
+        warn_if_nan(value, "loss")
+        return value
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """
-        ``-objective`` as a differentiable tensor; counts one optimiser step
-        (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
+        ``-objective`` as a differentiable tensor (its gradient is the DiCE estimator's);
+        counts one optimiser step (not inside :meth:`optimizer_step`; the rule:
+        :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
 
+        :rtype: torch.Tensor (scalar)
         :raises ValueError: if the objective cannot be differentiated.
         """
-        objective = self._run(model, guide, args, kwargs, backward=False)
-        if not torch.is_tensor(objective) or not objective.requires_grad:
-            raise ValueError(f"ELBO cannot be differentiated: {objective}")
+        loss, surrogate = self._run(model, guide, args, kwargs, "differentiable")
+        if not torch.is_tensor(surrogate) or not surrogate.requires_grad:
+            raise ValueError(f"ELBO cannot be differentiated: {loss}")
         self._advance_step()
-        loss = -objective
         warn_if_nan(loss, "loss")
-        return loss
+        return loss + (surrogate - surrogate.detach())
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         ``-objective`` in nats; accumulates its gradient into the parameters' ``.grad``
         (what :class:`pyro.infer.SVI` calls); counts one optimiser step
         (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
-        """
-        objective = self._run(model, guide, args, kwargs, backward=True)
-        self._advance_step()
-        loss = -float(objective)
-        warn_if_nan(loss, "loss")
-        return loss
 
-    def _run(self, model, guide, args, kwargs, backward: bool):
+        :rtype: float
+        """
+        loss, _ = self._run(model, guide, args, kwargs, "backward")
+        self._advance_step()
+        value = loss.item()
+        warn_if_nan(value, "loss")
+        return value
+
+    def decompose(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> ELBOTerms:
+        """
+        The decomposition, evaluated without gradients, without advancing the step count
+        and without touching :attr:`last_terms`.
+
+        :returns: the terms, in nats.
+        :rtype: ELBOTerms
+        """
+        last = self._last_record
+        try:
+            with torch.no_grad():
+                self._run(model, guide, args, kwargs, "value")
+            assert self._last_record is not None
+            return self._last_record.terms()
+        finally:
+            self._last_record = last
+
+    def _run(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, mode: str) -> tuple:
+        """
+        ``(loss, surrogate)``: the loss detached (0-dim) and, in ``"differentiable"`` mode,
+        ``-objective`` as a differentiable tensor (else 0.0; in ``"backward"`` mode the
+        gradients are accumulated trace by trace, as ``TraceEnum_ELBO.loss_and_grads``).
+        Records :attr:`last_terms`.
+        """
         beta = self.current_beta()
-        objective = 0.0
+        loss, surrogate, names, values = self._evaluate(model, guide, args, kwargs, beta, mode == "backward")
+        self._last_record = TermsRecord(names, values, beta, None)
+        return loss, (surrogate if mode == "differentiable" else 0.0)
+
+    def _evaluate(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, beta: float | torch.Tensor, backward: bool
+    ) -> tuple:
+        """
+        The whole step: ``(loss, surrogate, names, values)``, the loss detached (0-dim),
+        ``-objective`` (differentiable unless ``backward``, when the gradient of each trace
+        is accumulated at once and the surrogate is 0), the record's names and its values
+        (terms × particles, detached). β may be a 0-dim tensor (the compiled loss).
+        """
+        objective: float | torch.Tensor = 0.0
+        loss: float | torch.Tensor = 0.0
         columns: dict = {}  # particle -> {name: value}
         order: list = []
+        seen: set = set()
         for particle, model_trace, guide_trace in self._particle_traces(model, guide, args, kwargs):
             objective_p, names, record = self._particle(model_trace, guide_trace, beta)
             total = objective_p.sum() / self.num_particles
             if backward:
-                trainable = any(
-                    site["type"] == "param" for trace in (model_trace, guide_trace) for site in trace.nodes.values()
-                )
-                if trainable and total.requires_grad:
+                if total.requires_grad and _has_params(model_trace, guide_trace):
+                    # retain_graph: sequentially enumerated traces share the graph upstream of
+                    # the enumerated site (as TraceEnum_ELBO.loss_and_grads)
                     (-total).backward(retain_graph=True)
-                objective = objective + total.detach()
-            else:
-                objective = objective + total
+                total = total.detach()
+            objective = objective + total
+            loss = loss - total.detach()
             column = columns.setdefault(particle, {})
             for name, value in zip(names, record):
                 column[name] = column[name] + value if name in column else value
-                if name not in order:
+                if name not in seen:
+                    seen.add(name)
                     order.append(name)
-        self._last_record = _record(order, list(columns.values()), beta)
-        return objective
+        assert torch.is_tensor(loss) and torch.is_tensor(objective)
+        return loss, -objective, order, _record_values(order, list(columns.values()))
 
     # -- one trace -----------------------------------------------------------------------------
 
-    def _particle(self, model_trace, guide_trace, beta: float):
+    def _particle(self, model_trace: Trace, guide_trace: Trace, beta: float | torch.Tensor) -> tuple:
         """
         The objective of one trace pair (differentiable; shape ``()`` or
         ``(num_particles,)`` when vectorised), the record names and the record values
         (detached, each of the objective's shape).
         """
         ordering = {
-            name: _find_ordinal(trace, site)
+            name: find_ordinal(trace, site)
             for trace in (model_trace, guide_trace)
             for name, site in trace.nodes.items()
             if site["type"] == "sample"
@@ -262,6 +305,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         entries: list = []
         log_factors: OrderedDict = OrderedDict()
         scales: list = []
+        scale_names: list = []
         marginal_observed: list = []
         kl_sites: list = []
         for name, site in model_trace.nodes.items():
@@ -271,6 +315,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
             if not in_guide and site["infer"].get("_enumerate_dim") is not None:
                 log_factors.setdefault(ordering[name], []).append(site["packed"]["unscaled_log_prob"])
                 scales.append(site["scale"])
+                scale_names.append(name)
                 continue
             lp = site["packed"]["log_prob"]
             if enum_dims.isdisjoint(lp._pyro_dims):
@@ -286,7 +331,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                     f"{enumerated}: its KL does not separate from the marginal likelihood, so β cannot weight it. "
                     "Enumerate it away, or leave it out of sites=."
                 )
-            if not site["is_observed"] and self.sites is None and beta != 1.0:
+            if not site["is_observed"] and self.sites is None and not self._beta_is_one(beta):
                 raise NotImplementedError(
                     f"β weights every guide site (sites=None), but the model log_prob of '{name}' depends on the "
                     f"model-enumerated site(s) {enumerated}: its KL does not separate from the marginal likelihood. "
@@ -298,14 +343,15 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                 site["packed"]["masked_log_prob"] = masked
             log_factors.setdefault(ordering[name], []).append(masked)
             scales.append(site["scale"])
+            scale_names.append(name)
             if site["is_observed"]:
                 marginal_observed.append(name)
             else:
                 kl_sites.append((name, None))
         if log_factors:
             if enumerated:
-                _check_model_guide_enumeration_constraint({ordering[n]: None for n in enumerated}, guide_trace)
-            scale = _get_common_scale(scales)
+                check_enumeration_constraint([ordering[n] for n in enumerated], guide_trace)
+            scale = common_scale(scales, scale_names)
             dim_to_size: dict = {}
             for terms in log_factors.values():
                 for term in terms:
@@ -351,7 +397,8 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         for name, parts, weight in entries:
             value = sum(sign * expected[i] for sign, i in parts) if parts else torch.zeros_like(expected[0])
             if weight is not None:
-                objective = objective + (value if weight == 1.0 else weight * value)
+                unweighted = isinstance(weight, float) and weight == 1.0
+                objective = objective + (value if unweighted else weight * value)
             names.append(name)
             values.append(value.detach())
         if not torch.is_tensor(objective):
@@ -362,7 +409,13 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
     def _weighted(self, name: str) -> bool:
         return site_selected(self.sites, name)
 
-    def _check_sites(self, model_trace, guide_trace, enumerated) -> None:
+    def _beta_is_one(self, beta: float | torch.Tensor) -> bool:
+        """Whether β is 1 (for a tensor β, an input of a compiled step: whether the schedule is constant 1)."""
+        if isinstance(beta, torch.Tensor):
+            return isinstance(self._beta, Constant) and self._beta.value == 1.0
+        return beta == 1.0
+
+    def _check_sites(self, model_trace: Trace, guide_trace: Trace, enumerated: list) -> None:
         if self.sites is None:
             return
         guide_sites = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
@@ -383,7 +436,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
             )
 
 
-def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) -> list:
+def _expectations(dice: Dice, atoms: list, particle_symbol: str | None, num_particles: int) -> list:
     """
     The DiCE expectation of each cost in ``atoms = [(ordinal, packed cost), ...]``:
     :meth:`pyro.infer.util.Dice.compute_expectation` term by term (its value and
@@ -397,7 +450,7 @@ def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) 
     with shared_intermediates() as cache:
         ring = MarginalRing(cache=cache)
         for ordinal, items in by_ordinal.items():
-            log_factors = dice._get_log_factors(ordinal)
+            log_factors = dice_log_factors(dice, ordinal)
             scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
             log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
             queries = {frozenset(cost._pyro_dims): None for _, cost in items}
@@ -413,11 +466,8 @@ def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) 
                     log_factors.append(query)
                     queries[key] = query
             sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
-            for query in queries.values():
-                require_backward(query)
-            root = ring.sumproduct(log_factors, sum_dims)
-            root._pyro_backward()
-            probs = {key: query._pyro_backward_result.exp() for key, query in queries.items()}
+            marginals = query_marginals(ring, log_factors, sum_dims, list(queries.values()))
+            probs = {key: marginal.exp() for key, marginal in zip(queries, marginals)}
             for index, cost in items:
                 key = frozenset(cost._pyro_dims)
                 prob = probs[key]
@@ -442,9 +492,21 @@ def _expectations(dice: Dice, atoms: list, particle_symbol, num_particles: int) 
     return out
 
 
-def _record(order: list, columns: list, beta: float) -> TermsRecord:
-    """A :class:`TermsRecord` from one ``{name: value}`` dict per particle (zeros where a particle lacks a name)."""
+def _has_params(model_trace: Trace, guide_trace: Trace) -> bool:
+    return any(site["type"] == "param" for trace in (model_trace, guide_trace) for site in trace.nodes.values())
+
+
+def _record_values(order: list, columns: list) -> torch.Tensor:
+    """
+    The record's values, shape ``(len(order), particles)``, from one ``{name: value}`` dict
+    per particle (zeros where a particle lacks a name).
+    """
+    if len(columns) == 1:
+        (column,) = columns
+        values = torch.stack([column[n] for n in order])
+        return values if values.dim() == 2 else values.unsqueeze(-1)
     names, values = stack_columns([(list(column), torch.stack(list(column.values()))) for column in columns])
-    rank = {n: i for i, n in enumerate(names)}
-    values = values[[rank[n] for n in order]]
-    return TermsRecord(order, values, beta, None)
+    if names != order:
+        rank = {n: i for i, n in enumerate(names)}
+        values = values[[rank[n] for n in order]]
+    return values
