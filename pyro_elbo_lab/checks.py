@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def nonnegative_number(value: Any, name: str, hint: str) -> float:
     :param str hint: what the number means, appended to the message.
     :raises ValueError: if ``value`` is not a finite number >= 0.
     """
-    if torch.is_tensor(value) and value.numel() == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         value_ = value.item()
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         value_ = float(value)
@@ -59,21 +59,24 @@ def nonnegative_number(value: Any, name: str, hint: str) -> float:
     return float(value_)
 
 
-def check_model_kwargs(model_kwargs: Any, name: str = "model_kwargs") -> dict:
+def check_model_kwargs(model_kwargs: Any, name: str = "model_kwargs") -> dict[str, Any]:
     """
-    The model's keyword arguments as a dict (``{}`` for ``None``).
+    The model's keyword arguments as a new dict (``{}`` for ``None``).
 
     Every public entry point that runs the model takes its positional data as ``*args``
-    and its keyword data as this one dict, so that no option of ours can swallow a model
-    keyword of the same name.
+    and its keyword data as this one dict (any mapping), so that no option of ours can
+    swallow a model keyword of the same name.
 
+    :param model_kwargs: what the caller passed: a mapping with string keys, or ``None``.
+    :param str name: the argument's name, for the message.
     :raises ValueError: if ``model_kwargs`` is not a mapping with string keys.
     """
     if model_kwargs is None:
         return {}
-    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+    if not isinstance(model_kwargs, Mapping) or not all(isinstance(k, str) for k in model_kwargs):
         raise ValueError(
-            f"{name} must be a dict of the model's keyword arguments (str keys) or None, got {name}={model_kwargs!r}; "
+            f"{name} must be a dict (or another mapping) of the model's keyword arguments (str keys) or None, "
+            f"got {name}={model_kwargs!r}; "
             "pass positional data as extra positional arguments"
         )
     return dict(model_kwargs)

@@ -8,13 +8,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 
 from ..checks import check_int, check_model_kwargs, nonnegative_number
 from .local import batches, collect_local_sites, dimension_names, find_data_plate, local_sites, plan
 from .traces import vectorized_traces
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["CollapseReport", "posterior_collapse"]
 
@@ -43,8 +47,8 @@ class CollapseReport:
     """
 
     plate: str
-    sites: tuple
-    dimensions: tuple
+    sites: tuple[str, ...]
+    dimensions: tuple[str, ...]
     kl_per_dimension: torch.Tensor = field(repr=False)
     kl_per_dimension_stderr: torch.Tensor = field(repr=False)
     activity: torch.Tensor = field(repr=False)
@@ -66,6 +70,7 @@ class CollapseReport:
 
     @property
     def num_dimensions(self) -> int:
+        """``D``, the number of latent dimensions."""
         return len(self.dimensions)
 
     @property
@@ -88,7 +93,7 @@ class CollapseReport:
             out[f"activity/{name}"] = act
         return out
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> pd.DataFrame:
         """One row per latent dimension: ``kl``, ``kl_stderr``, ``activity``, ``active``."""
         import pandas as pd
 
@@ -114,7 +119,7 @@ def posterior_collapse(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     *args: Any,
-    model_kwargs: dict | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     plate: str | None = None,
     sites: Iterable[str] | str | None = None,
     threshold: float = 0.01,
@@ -185,13 +190,14 @@ def posterior_collapse(
 
     with torch.no_grad():
         max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
-        frame = names = None
-        mean_sum = None
+        frame: CondIndepStackFrame | None = None
+        names: list[str] = []
+        mean_sum: torch.Tensor | None = None
         kl_rows: list[torch.Tensor] = []  # (n, D) per batch: per sample, averaged over the kept data
         kl_method: dict[str, str] = {}
         mean_method: dict[str, str] = {}
         sizes: list[int] = []
-        kept = None  # (N, D): which elements of the data plate count (masks), from the first draw
+        kept: torch.Tensor | None = None  # (N, D): which elements of the data plate count (masks), from the first draw
         for n in batches(num_samples, batch_size):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
             if frame is None:
@@ -222,6 +228,8 @@ def posterior_collapse(
             mean = torch.cat(means, -1)  # (n, N, D)
             mean_sum = mean.sum(0) if mean_sum is None else mean_sum + mean.sum(0)
 
+        # num_samples >= 1 was checked, so the loop ran
+        assert frame is not None and kept is not None and mean_sum is not None
         S = num_samples
         rows = torch.cat(kl_rows, 0)  # (S, D): small, kept so the spread is computed from deviations
         kl_mean = rows.mean(0)

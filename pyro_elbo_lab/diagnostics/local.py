@@ -11,11 +11,14 @@ Not public API: used by :mod:`~pyro_elbo_lab.diagnostics.collapse`,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
 from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
 
 from .. import sites
 from .traces import SAMPLE_PLATE, ImportanceTraces, probe_traces
@@ -30,7 +33,9 @@ __all__ = [
     "find_data_plate",
     "local_sites",
     "plan",
+    "plate_dim",
     "sample_sites",
+    "site_distribution",
     "unwrap",
 ]
 
@@ -40,7 +45,7 @@ ELEMENT_BUDGET = 2**24
 SAFETY_FACTOR = 4
 
 
-def sample_sites(trace) -> list[tuple[str, dict]]:
+def sample_sites(trace: Trace) -> list[tuple[str, Message]]:
     """``(name, site)`` for every sample site of ``trace``, in trace order."""
     return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"]
 
@@ -50,7 +55,36 @@ def dimension_names(site: str, size: int) -> list[str]:
     return [site] if size == 1 else [f"{site}[{i}]" for i in range(size)]
 
 
-def _frames(site) -> list[CondIndepStackFrame]:
+def plate_dim(frame: CondIndepStackFrame) -> int:
+    """
+    The (negative) batch dim of a vectorised plate.
+
+    :raises ValueError: for a sequential plate (``for i in pyro.plate(...)``), which has no dim.
+    """
+    if frame.dim is None:
+        raise ValueError(
+            f"plate '{frame.name}' is sequential (it has no dim); use the vectorised form "
+            f"`with pyro.plate('{frame.name}', N):` for the data plate"
+        )
+    return frame.dim
+
+
+def site_distribution(site: Mapping[str, Any]) -> torch.distributions.Distribution:
+    """
+    The distribution of a sample site (``site["fn"]``).
+
+    :raises ValueError: naming the site, if its ``fn`` is not a :class:`torch.distributions.Distribution`.
+    """
+    fn = site["fn"]
+    if not isinstance(fn, torch.distributions.Distribution):
+        raise ValueError(
+            f"site '{site['name']}' samples from {type(fn).__name__}, not a torch.distributions.Distribution; "
+            "the local-latent diagnostics need a Pyro distribution at each latent site"
+        )
+    return fn
+
+
+def _frames(site: Message) -> list[CondIndepStackFrame]:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
 
 
@@ -59,8 +93,20 @@ def unwrap(fn: torch.distributions.Distribution) -> torch.distributions.Distribu
     return sites.factorise(fn).element
 
 
+@overload
 def find_data_plate(
-    model_trace, plate: str | None, need_latent: bool = True, argument: str = "plate"
+    model_trace: Trace, plate: str | None, need_latent: Literal[True] = True, argument: str = "plate"
+) -> CondIndepStackFrame: ...
+
+
+@overload
+def find_data_plate(
+    model_trace: Trace, plate: str | None, need_latent: bool, argument: str = "plate"
+) -> CondIndepStackFrame | None: ...
+
+
+def find_data_plate(
+    model_trace: Trace, plate: str | None, need_latent: bool = True, argument: str = "plate"
 ) -> CondIndepStackFrame | None:
     """
     The data plate of a (vectorised) model trace: the named one, or the single outermost
@@ -102,7 +148,7 @@ def find_data_plate(
             "could not find a data plate holding both observed sites and latent sites (local latents, as in a VAE); "
             f"the model's plates are {sorted(all_frames)}. Pass plate='<data plate name>' and sites=[...]."
         )
-    outer = min(f.dim for f in candidates)
+    outer = min(plate_dim(f) for f in candidates)
     chosen = [f for f in candidates if f.dim == outer]
     if len(chosen) > 1:
         raise ValueError(
@@ -111,7 +157,7 @@ def find_data_plate(
     return chosen[0]
 
 
-def local_sites(model_trace, frame: CondIndepStackFrame, sites: Iterable[str] | str | None) -> list[str]:
+def local_sites(model_trace: Trace, frame: CondIndepStackFrame, sites: Iterable[str] | str | None) -> list[str]:
     """
     Latent sites of the model inside ``frame`` (all of them, or the named ones, checked).
     The traces come from :func:`~pyro_elbo_lab.diagnostics.traces.vectorized_traces`, which
@@ -156,33 +202,41 @@ class LocalSite:
     and masked: :meth:`mask` says which entries are kept.
 
     :ivar str name: site name.
-    :ivar dict model_site: the model trace's site.
-    :ivar dict guide_site: the guide trace's site.
+    :ivar Message model_site: the model trace's site.
+    :ivar Message guide_site: the guide trace's site.
     :ivar frame: the data plate.
     :ivar int max_plate_nesting: plate depth of the traces (the sample plate is one further left).
     """
 
     name: str
-    model_site: dict
-    guide_site: dict
+    model_site: Message
+    guide_site: Message
     frame: CondIndepStackFrame
     max_plate_nesting: int
 
     @property
     def elementwise(self) -> bool:
         """Whether guide and prior factorise into univariate distributions over the same dimensions."""
-        q, p = sites.factorise(self.guide_site["fn"]), sites.factorise(self.model_site["fn"])
+        q, p = sites.factorise(site_distribution(self.guide_site)), sites.factorise(site_distribution(self.model_site))
         return q.element.event_shape == torch.Size() == p.element.event_shape and q.reinterpreted == p.reinterpreted
 
     @property
-    def q(self):
+    def q(self) -> torch.distributions.Distribution:
         """The guide's element distribution (univariate), or its site distribution when not factorised."""
-        return sites.factorise(self.guide_site["fn"]).element if self.elementwise else self.guide_site["fn"]
+        fn = site_distribution(self.guide_site)
+        return sites.factorise(fn).element if self.elementwise else fn
+
+    def value(self) -> torch.Tensor:
+        """The guide's draws at the site (``batch_shape + event_shape``)."""
+        value = self.guide_site["value"]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"site '{self.name}' has value {value!r} in the guide trace; a tensor is needed")
+        return value
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
         """Lay a ``batch_shape + (J,)`` tensor (the layout of :mod:`pyro_elbo_lab.sites`) out as ``(S, N, D)``."""
-        x = x.expand(tuple(self.guide_site["fn"].batch_shape) + (x.shape[-1],))
-        pos = self.max_plate_nesting + 1 + self.frame.dim
+        x = x.expand(tuple(site_distribution(self.guide_site).batch_shape) + (x.shape[-1],))
+        pos = self.max_plate_nesting + 1 + plate_dim(self.frame)
         x = x.movedim(pos, 1)
         return x.reshape(x.shape[0], x.shape[1], -1)
 
@@ -217,9 +271,9 @@ class LocalSite:
         values broadcast along the data plate, so it assumes the site's guide factor
         depends on ``x_m`` (and on the draws of the same sample ``s`` of other sites) only.
         """
-        value = self.guide_site["value"]
+        value = self.value()
         q = self.q
-        pos = self.max_plate_nesting + 1 + self.frame.dim
+        pos = self.max_plate_nesting + 1 + plate_dim(self.frame)
         query = value.index_select(pos, rows).movedim(pos, 0).unsqueeze(pos + 1)
         lp = q.log_prob(query)  # (I, S, ..., N, ..., E_r)
         target = (len(rows),) + tuple(value.shape[: value.dim() - len(q.event_shape)])
@@ -228,14 +282,14 @@ class LocalSite:
 
     def mean(self) -> tuple[torch.Tensor, bool]:
         """E_q[z] per element, ``(S, N, D)``: the guide's mean where defined (``True``), else the sample."""
-        value = self.guide_site["value"]
+        value = self.value()
         try:
             mean = self.q.mean
             ok = bool(torch.isfinite(mean).all())
         except NotImplementedError:
             ok = False
         x = mean.expand(value.shape) if ok else value
-        r = sites.factorise(self.guide_site["fn"]).reinterpreted
+        r = sites.factorise(site_distribution(self.guide_site)).reinterpreted
         return self.canonical(x.reshape(x.shape[: x.dim() - r] + (-1,)) if r else x.unsqueeze(-1)), ok
 
 
@@ -257,9 +311,9 @@ def collect_local_sites(
                 f"per-dimension diagnostics need guide and prior distributions at site '{name}' that factorise over "
                 f"its dimensions (e.g. Normal(loc, scale).to_event(1)); found guide "
                 f"{type(site.guide_site['fn']).__name__} whose elements have event shape "
-                f"{tuple(unwrap(site.guide_site['fn']).event_shape)} and prior "
+                f"{tuple(unwrap(site_distribution(site.guide_site)).event_shape)} and prior "
                 f"{type(site.model_site['fn']).__name__} whose elements have event shape "
-                f"{tuple(unwrap(site.model_site['fn']).event_shape)}; univariate elements are needed"
+                f"{tuple(unwrap(site_distribution(site.model_site)).event_shape)}; univariate elements are needed"
             )
         out.append(site)
     return out
@@ -275,7 +329,14 @@ def batches(num_samples: int, batch_size: int) -> Iterator[int]:
 
 
 def plan(
-    model, guide, args, kwargs, max_plate_nesting: int | None, batch_size: int | None, *, marginalise: bool = False
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    max_plate_nesting: int | None,
+    batch_size: int | None,
+    *,
+    marginalise: bool = False,
 ) -> tuple[int, int]:
     """
     ``(max_plate_nesting, batch_size)``, probing the model once when either is ``None``

@@ -9,15 +9,20 @@ loop over samples.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections import OrderedDict
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
@@ -57,25 +62,30 @@ def enumerated_site_error(name: str) -> ValueError:
 class _RefuseEnumerated(Messenger):
     """Raise :func:`enumerated_site_error` at an enumerated model site the guide lacks, before the model goes on."""
 
-    def __init__(self, guide_trace):
+    def __init__(self, guide_trace: Trace) -> None:
         super().__init__()
         self.guide_names = {n for n, site in guide_trace.nodes.items() if site["type"] == "sample"}
 
-    def _pyro_sample(self, msg) -> None:
+    def _pyro_sample(self, msg: Message) -> None:
         # the model's own infer dict: this handler runs before poutine.replay substitutes the guide's
         enumerate = (msg.get("infer") or {}).get("enumerate")
-        if enumerate in ("parallel", "sequential") and not msg["is_observed"] and msg["name"] not in self.guide_names:
-            raise enumerated_site_error(msg["name"])
+        name = msg["name"]
+        if enumerate in ("parallel", "sequential") and not msg["is_observed"] and name not in self.guide_names:
+            raise enumerated_site_error(str(name))
 
 
-def _replayed_model_trace(model, guide_trace, args, kwargs):
+def _replayed_model_trace(
+    model: Callable[..., Any], guide_trace: Trace, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> Trace:
     """The model replayed against ``guide_trace``, refusing sites enumerated in the model."""
     return poutine.trace(poutine.replay(_RefuseEnumerated(guide_trace)(model), trace=guide_trace)).get_trace(
         *args, **kwargs
     )
 
 
-def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
+def guess_max_plate_nesting(
+    model: Callable[..., Any], guide: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> int:
     """
     How many plate dimensions the model and guide use, found by running them once
     without recording parameters (like :meth:`pyro.infer.ELBO._guess_max_plate_nesting`).
@@ -86,7 +96,14 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     return probe_traces(model, guide, args, kwargs)[0]
 
 
-def probe_traces(model, guide, args, kwargs, *, marginalise: bool = False) -> tuple[int, int]:
+def probe_traces(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    marginalise: bool = False,
+) -> tuple[int, int]:
     """
     Run the guide and the replayed model once (no sample plate, parameters not recorded,
     no gradients) to learn what a vectorised pass will need. Sites enumerated in the
@@ -110,10 +127,12 @@ def probe_traces(model, guide, args, kwargs, *, marginalise: bool = False) -> tu
         for site in trace.nodes.values():
             if site["type"] != "sample":
                 continue
-            dims += [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]
+            dims += [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None]
             value = site["value"]
+            fn = site["fn"]
             # math.prod: a distribution's batch_shape may be a plain tuple (Pyro accepts it)
-            elements += (value.numel() if torch.is_tensor(value) else 1) + math.prod(site["fn"].batch_shape)
+            batch_shape = fn.batch_shape if isinstance(fn, torch.distributions.Distribution) else ()
+            elements += (value.numel() if isinstance(value, torch.Tensor) else 1) + math.prod(batch_shape)
     return max(dims), max(1, elements)
 
 
@@ -133,10 +152,10 @@ class ImportanceTraces(NamedTuple):
 
 
 def vectorized_traces(
-    model,
-    guide,
-    args,
-    kwargs,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
     num_samples: int,
     max_plate_nesting: int | None = None,
     *,
@@ -180,7 +199,7 @@ def vectorized_traces(
     enumerated = False
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes:
-            if marginalise and site["infer"].get("_enumerate_dim") is not None:
+            if marginalise and (site["infer"] or {}).get("_enumerate_dim") is not None:
                 enumerated = True
                 continue
             raise ValueError(
@@ -204,7 +223,7 @@ def vectorized_traces(
     return ImportanceTraces(model_trace, guide_trace, num_samples, max_plate_nesting, enumerated)
 
 
-def check_sample_plate(trace, num_samples: int, max_plate_nesting: int) -> None:
+def check_sample_plate(trace: Trace, num_samples: int, max_plate_nesting: int) -> None:
     """
     Refuse a site whose ``log_prob`` has dims left of the sample plate (dim
     ``-(max_plate_nesting + 1)``) or a size there other than ``num_samples`` or 1: a model
@@ -217,9 +236,10 @@ def check_sample_plate(trace, num_samples: int, max_plate_nesting: int) -> None:
     """
     depth = max_plate_nesting + 1
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not torch.is_tensor(site.get("log_prob")):
+        log_prob = site.get("log_prob")
+        if site["type"] != "sample" or not isinstance(log_prob, torch.Tensor):
             continue
-        shape = tuple(site["log_prob"].shape)
+        shape = tuple(log_prob.shape)
         if len(shape) > depth or (len(shape) == depth and shape[0] not in (1, num_samples)):
             raise ValueError(
                 f"site '{name}' has log_prob shape {shape}, but under the sample plate of {num_samples} draws "
@@ -243,13 +263,18 @@ def log_joint_and_guide(traces: ImportanceTraces) -> tuple[torch.Tensor, torch.T
     return _total(traces.model_trace, S, mpn), _total(traces.guide_trace, S, mpn)
 
 
-def _total(trace, S: int, mpn: int) -> torch.Tensor:
+def _total(trace: Trace, S: int, mpn: int) -> torch.Tensor:
     terms = [
         sites.sum_per_particle(sites.log_prob(site), S, mpn)
         for site in trace.nodes.values()
         if site["type"] == "sample"
     ]
-    return sum(terms) if terms else torch.zeros(S)
+    return functools.reduce(operator.add, terms) if terms else torch.zeros(S)
+
+
+def _pyro_dims(packed_tensor: torch.Tensor) -> str:
+    """The dim symbols :func:`pyro.ops.packed.pack` attaches to a packed tensor."""
+    return packed_tensor._pyro_dims  # type: ignore[attr-defined]  # set at run time by Pyro's packing; not in torch's stubs
 
 
 def _marginal_log_joint(traces: ImportanceTraces) -> torch.Tensor:
@@ -272,17 +297,17 @@ def _marginal_log_joint(traces: ImportanceTraces) -> torch.Tensor:
     trace.pack_tensors()
     sample_symbol = trace.plate_to_symbol[SAMPLE_PLATE]
     plate_symbols = set(trace.plate_to_symbol.values())
-    enum_dims: set = set()
+    enum_dims: set[str] = set()
     for site in trace.nodes.values():
-        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None:
-            enum_dims.update(d for d in site["packed"]["unscaled_log_prob"]._pyro_dims if d not in plate_symbols)
+        if site["type"] == "sample" and (site["infer"] or {}).get("_enumerate_dim") is not None:
+            enum_dims.update(d for d in _pyro_dims(site["packed"]["unscaled_log_prob"]) if d not in plate_symbols)
     rest = []
-    tree: OrderedDict = OrderedDict()
+    tree: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
     for name, site in trace.nodes.items():
         if site["type"] != "sample":
             continue
         log_prob = site["packed"]["unscaled_log_prob"]
-        if enum_dims.isdisjoint(log_prob._pyro_dims):
+        if enum_dims.isdisjoint(_pyro_dims(log_prob)):
             rest.append(sites.sum_per_particle(sites.log_prob(site), S, mpn))
             continue
         scale = site["scale"]
@@ -296,7 +321,7 @@ def _marginal_log_joint(traces: ImportanceTraces) -> torch.Tensor:
         ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
         tree.setdefault(ordinal, []).append(factor)
     marginal = contract_to_tensor(tree, enum_dims, target_ordinal=frozenset({sample_symbol}), ring=LogRing())
-    if sample_symbol in marginal._pyro_dims:
+    if sample_symbol in _pyro_dims(marginal):
         marginal = marginal.reshape(-1)
     marginal = marginal.expand(S) if marginal.numel() == 1 else marginal
     return marginal + sum(rest) if rest else marginal
