@@ -8,7 +8,7 @@ dimension-wise KL.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,8 @@ class AggregatePosteriorReport:
 
     estimator: str
     plate: str
-    sites: tuple
-    dimensions: tuple
+    sites: tuple[str, ...]
+    dimensions: tuple[str, ...]
     num_datapoints: int
     minibatch_size: int
     num_samples: int
@@ -76,7 +76,7 @@ class AggregatePosteriorReport:
 
     def as_dict(self) -> dict[str, float]:
         """The scalar fields (``None`` ones left out) as a flat dict."""
-        out = {
+        out: dict[str, float] = {
             "kl": self.kl,
             "mutual_information": self.mutual_information,
             "marginal_kl": self.marginal_kl,
@@ -130,7 +130,7 @@ def aggregate_posterior(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     *args: Any,
-    model_kwargs: dict | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     plate: str | None = None,
     sites: Iterable[str] | str | None = None,
     estimator: str = "full",
@@ -238,28 +238,31 @@ def aggregate_posterior(
                 f"estimator='stratified' needs at least 2 elements of plate '{frame.name}' present, found {M} "
                 "(masked elements do not count)"
             )
-        kl_analytic = None
+        kl_analytic: float | None = None
         if all(analytic for _, analytic in kls):
             kl_analytic = float(torch.cat([kl[:, index] for kl, _ in kls], -1).sum(-1).mean())
 
         # log q̄(z_{s,i}) and log q̄_u(z_{s,i,u}), in chunks of query elements
         chunk = max(1, ELEMENT_BUDGET // max(1, S * M_present * D))
-        log_qbar, log_qbar_dims = [], []
+        log_qbar_chunks: list[torch.Tensor] = []  # (I, S) each
+        log_qbar_dims_chunks: list[torch.Tensor] = []  # (I, S, D) each
         for start in range(0, M, chunk):
             local = torch.arange(start, min(M, start + chunk), device=log_q.device)
             pairwise = torch.cat([v.pairwise_log_q(index[local]) for v in views], -1)[:, :, index]  # (I, S, M, D)
-            log_qbar.append(_log_mixture(pairwise.sum(-1), local, estimator, N, M))  # (I, S)
+            log_qbar_chunks.append(_log_mixture(pairwise.sum(-1), local, estimator, N, M))
             if factorised:
-                log_qbar_dims.append(_log_mixture(pairwise, local, estimator, N, M))  # (I, S, D)
-        log_qbar = torch.cat(log_qbar, 0).transpose(0, 1)  # (S, M)
+                log_qbar_dims_chunks.append(_log_mixture(pairwise, local, estimator, N, M))
+        log_qbar = torch.cat(log_qbar_chunks, 0).transpose(0, 1)  # (S, M)
 
         log_q_joint, log_p_joint = log_q.sum(-1), log_p.sum(-1)
         kl = float((log_q_joint - log_p_joint).mean())
         mutual_information = float((log_q_joint - log_qbar).mean())
         marginal_kl = float((log_qbar - log_p_joint).mean())
-        total_correlation = dimensionwise = per_dim = None
+        total_correlation: float | None = None
+        dimensionwise: float | None = None
+        per_dim: torch.Tensor | None = None
         if factorised:
-            log_qbar_dims = torch.cat(log_qbar_dims, 0).transpose(0, 1)  # (S, M, D)
+            log_qbar_dims = torch.cat(log_qbar_dims_chunks, 0).transpose(0, 1)  # (S, M, D)
             total_correlation = float((log_qbar - log_qbar_dims.sum(-1)).mean())
             per_dim = (log_qbar_dims - log_p).mean((0, 1))
             dimensionwise = float(per_dim.sum())

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.trace_struct import Trace
 
 from .. import sites
 from ..checks import check_int, check_model_kwargs, nonnegative_number
-from .local import batches, find_data_plate, plan
+from .local import batches, find_data_plate, plan, plate_dim
 from .traces import vectorized_traces
 
 if TYPE_CHECKING:
@@ -105,20 +107,21 @@ class RateDistortion:
         )
 
 
-def _kept_share(model_trace, frame) -> float:
+def _kept_share(model_trace: Trace, frame: CondIndepStackFrame) -> float:
     """
     The share of the data plate's present elements that are not masked at every observed
     site inside it (1.0 without masks): an element counts where any observed site keeps it.
     """
-    kept = None
+    kept: torch.Tensor | None = None
+    dim = plate_dim(frame)
     for site in model_trace.nodes.values():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
         if not any(f.name == frame.name for f in site["cond_indep_stack"]):
             continue
         mask = sites.element_mask(site)  # batch_shape: (..., N, ...), N at frame.dim
-        mask = mask.reshape((1,) * max(0, -frame.dim - mask.dim()) + mask.shape)
-        mask = mask.movedim(frame.dim, 0)
+        mask = mask.reshape((1,) * max(0, -dim - mask.dim()) + mask.shape)
+        mask = mask.movedim(dim, 0)
         mask = mask.reshape(mask.shape[0], -1).any(-1)
         kept = mask if kept is None else kept | mask
     if kept is None:
@@ -130,7 +133,7 @@ def rate_distortion(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     *args: Any,
-    model_kwargs: dict | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     plate: str | None = None,
     num_samples: int = 10,
     batch_size: int | None = None,
@@ -194,50 +197,53 @@ def rate_distortion(
         rate_sites: dict[str, torch.Tensor] = {}
         dist_sites: dict[str, torch.Tensor] = {}
         kl_method: dict[str, str] = {}
-        totals = []  # (n, 2) per batch: rate and distortion per sample
+        chunks: list[torch.Tensor] = []  # (n, 2) per batch: rate and distortion per sample
+        frame: CondIndepStackFrame | None = None
+        share = 1.0
         for i, n in enumerate(batches(num_samples, batch_size)):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
             mt, gt = traces.model_trace, traces.guide_trace
             if i == 0:  # None is a valid answer (no data plate), so resolve on the first batch
                 frame = find_data_plate(mt, plate, need_latent=False)
                 share = 1.0 if frame is None else _kept_share(mt, frame)
-                if share == 0.0:
+                if frame is not None and share == 0.0:
                     raise ValueError(
                         f"every element of plate '{frame.name}' is masked at the observed sites: there is no datapoint "
                         "to average over; unmask some (poutine.mask / Distribution.mask)"
                     )
-            rate = distortion = 0.0  # becomes an (n,) tensor on the model's device
+            # (n,) tensors on the model's device; None while no site has added to them
+            rate: torch.Tensor | None = None
+            distortion: torch.Tensor | None = None
             for name, site in mt.nodes.items():
                 if site["type"] != "sample":
                     continue
                 if site["is_observed"]:
                     term = -sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
                     dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
-                    distortion = distortion + term
+                    distortion = term if distortion is None else distortion + term
                 else:
                     kl, analytic = sites.kl(site, gt.nodes[name])
                     kl_method.setdefault(name, "analytic" if analytic else "monte carlo")
                     term = sites.sum_per_particle(kl, n, max_plate_nesting)
                     rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
-                    rate = rate + term
+                    rate = term if rate is None else rate + term
             for name, site in gt.nodes.items():
                 if site["type"] == "sample" and name not in mt.nodes:  # auxiliary guide site
                     kl_method.setdefault(name, "monte carlo")
                     term = sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
                     rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
-                    rate = rate + term
-            if not torch.is_tensor(rate):  # no latent site
-                rate = torch.zeros_like(distortion)
-            if not torch.is_tensor(distortion):  # no observed site
+                    rate = term if rate is None else rate + term
+            if rate is None:  # no latent site
+                rate = torch.zeros(n) if distortion is None else torch.zeros_like(distortion)
+            if distortion is None:  # no observed site
                 distortion = torch.zeros_like(rate)
-            totals.append(torch.stack([rate, distortion], -1))
-        totals = torch.cat(totals, 0)  # (S, 2)
+            chunks.append(torch.stack([rate, distortion], -1))
+        totals = torch.cat(chunks, 0)  # (S, 2)
 
     N = 1 if frame is None else (frame.full_size or frame.size) * share
     S = num_samples
-    mean = totals.mean(0) / N
-    stderr = totals.std(0) / (math.sqrt(S) * N) if S > 1 else torch.full((2,), math.nan)
-    mean, stderr = mean.tolist(), stderr.tolist()
+    mean: list[float] = (totals.mean(0) / N).tolist()
+    stderr: list[float] = (totals.std(0) / (math.sqrt(S) * N) if S > 1 else torch.full((2,), math.nan)).tolist()
     return RateDistortion(
         rate=mean[0],
         distortion=mean[1],
@@ -254,10 +260,10 @@ def rate_distortion(
 
 
 def rate_distortion_sweep(
-    fit: Callable,
+    fit: Callable[[float], tuple[Callable[..., Any], Callable[..., Any]]],
     betas: Iterable[float],
-    *args,
-    model_kwargs: dict | None = None,
+    *args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
     plate: str | None = None,
     num_samples: int = 10,
     batch_size: int | None = None,
