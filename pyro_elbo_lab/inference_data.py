@@ -3,7 +3,7 @@
 The converter: a variational fit as ArviZ data.
 
 ``az.from_pyro`` reads MCMC internals and does not apply to SVI. :func:`to_inference_data`
-draws from the guide in one vectorised pass (:func:`~pyro_elbo_lab.diagnostics.traces.vectorized_traces`)
+draws from the guide in vectorised batches (:func:`pyro_elbo_lab.draws.draw_guide`)
 and builds the groups ArviZ's diagnostics read: ``posterior`` (guide draws),
 ``log_likelihood`` (pointwise, so ``az.loo`` works), ``observed_data``,
 ``constant_data``, ``posterior_predictive`` on request, ``sample_stats`` with each draw's
@@ -24,13 +24,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import pyro
-import pyro.poutine as poutine
-import torch
-from pyro.distributions.util import scale_and_mask
 
 from . import arviz_compat
 from .checks import check_int, check_model_kwargs
+from .draws import GuideDraws, draw_guide, to_numpy
 
 __all__ = [
     "HISTORY_GROUP",
@@ -82,13 +79,14 @@ def to_inference_data(
     *args: Any,
     model_kwargs: dict | None = None,
     num_samples: int = 1000,
+    batch_size: int | None = None,
     coords: Mapping[str, Any] | None = None,
     dims: Mapping[str, list[str]] | None = None,
     constant_data: Mapping[str, Any] | None = None,
     posterior_predictive: bool = False,
     max_plate_nesting: int | None = None,
-    history=None,
-):
+    history: Any = None,
+) -> Any:
     """
     Draw from a fitted guide (the parameters in Pyro's parameter store) and return the
     fit as ArviZ data: an ``arviz.InferenceData`` on ArviZ 0.2x, an
@@ -100,6 +98,10 @@ def to_inference_data(
     :param dict model_kwargs: model/guide keyword arguments (any names, ``dims`` and
         ``num_samples`` included: they go to the model).
     :param int num_samples: draws per chain.
+    :param int batch_size: draws per vectorised trace (``>= 1``); ``None``: automatic, as
+        :func:`~pyro_elbo_lab.estimate_evidence` (one probing pass; batches of about
+        :math:`2^{{24}}` value and log_prob entries). Peak memory is one batch's traces plus
+        the output arrays; the draws are independent whatever the batch size.
     :param dict coords: coordinates per dimension name, overriding the defaults.
     :param dict dims: ``{{variable: [dim names]}}`` (dims after ``chain, draw``; for an
         observed site its plate dims, shared by ``log_likelihood``, ``observed_data`` and
@@ -111,7 +113,7 @@ def to_inference_data(
     :param history: an :class:`~pyro_elbo_lab.SVIResult` or a history DataFrame for the
         ``optimization_history`` group.
     :rtype: arviz.InferenceData or xarray.DataTree
-    :raises ValueError: for a bad ``num_samples`` or ``model_kwargs``, ``dims`` naming more
+    :raises ValueError: for a bad ``num_samples``, ``batch_size`` or ``model_kwargs``, ``dims`` naming more
         dimensions than a variable has, a model without sample sites, a site with batch
         dimensions left of its plates (pass ``max_plate_nesting``), or a ``history`` that
         is not an ``SVIResult`` or history DataFrame.
@@ -126,22 +128,35 @@ def to_inference_data(
     """
     kwargs = check_model_kwargs(model_kwargs)
     check_int("num_samples", num_samples, 1, hint="the number of draws from the guide")
-    draws = [_draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive)]
+    check_int("batch_size", batch_size, 1, allow_none=True, hint="the number of draws per vectorised trace")
+    draws = [
+        draw_guide(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            max_plate_nesting=max_plate_nesting,
+            posterior_predictive=posterior_predictive,
+        )
+    ]
     return _build(draws, coords, dims, constant_data, posterior_predictive, history)
 
 
 def from_svi_result(
-    result,
-    *args,
+    result: Any,
+    *args: Any,
     model_kwargs: dict | None = None,
     num_samples: int = 1000,
+    batch_size: int | None = None,
     coords: Mapping[str, Any] | None = None,
     dims: Mapping[str, list[str]] | None = None,
     constant_data: Mapping[str, Any] | None = None,
     posterior_predictive: bool = False,
     max_plate_nesting: int | None = None,
-    history=None,
-):
+    history: Any = None,
+) -> Any:
     """
     An :class:`~pyro_elbo_lab.SVIResult` as ArviZ data: each runner chain's guide, with
     that chain's final parameters (:meth:`~pyro_elbo_lab.SVIResult.use_params`), gives
@@ -173,11 +188,21 @@ def from_svi_result(
             )
         args = tuple(result.args)
     check_int("num_samples", num_samples, 1, hint="the number of draws per chain")
+    check_int("batch_size", batch_size, 1, allow_none=True, hint="the number of draws per vectorised trace")
     draws = []
     for chain in range(result.num_chains):  # each chain's own final parameters
         with result.use_params(chain):
             draws.append(
-                _draw(result.model, result.guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive)
+                draw_guide(
+                    result.model,
+                    result.guide,
+                    args,
+                    kwargs,
+                    num_samples=num_samples,
+                    batch_size=batch_size,
+                    max_plate_nesting=max_plate_nesting,
+                    posterior_predictive=posterior_predictive,
+                )
             )
     return _build(draws, coords, dims, constant_data, posterior_predictive, result if history is None else history)
 
@@ -186,25 +211,34 @@ if to_inference_data.__doc__:  # None under python -OO
     to_inference_data.__doc__ = to_inference_data.__doc__.format(groups=_GROUPS_DOC)
 
 
-def _build(draws, coords, dims, constant_data, posterior_predictive, history):
+def _build(
+    draws: list[GuideDraws],
+    coords: Mapping[str, Any] | None,
+    dims: Mapping[str, list[str]] | None,
+    constant_data: Mapping[str, Any] | None,
+    posterior_predictive: bool,
+    history: Any,
+) -> Any:
     """One DataTree from the draws of each chain, then the installed ArviZ's type."""
     first = draws[0]
 
-    def stack(group):
-        return {name: np.stack([d[group][name] for d in draws]) for name in first[group]}
+    def stack(group: str) -> dict[str, np.ndarray]:
+        if len(draws) == 1:  # a view with the chain dim in front, no copy
+            return {name: value[np.newaxis] for name, value in first.group(group).items()}
+        return {name: np.stack([d.group(group)[name] for d in draws]) for name in first.group(group)}
 
-    all_dims = dict(first["dims"])
-    known = set(first["dims"]) | set(constant_data or {})
+    all_dims = dict(first.dims)
+    known = set(first.dims) | set(constant_data or {})
     unknown = sorted(set(dims or {}) - known, key=str)
     if unknown:
         raise ValueError(
             f"dims names {unknown!r}, which are not sample sites of the model nor constant_data "
-            f"keys; the sites are {sorted(first['dims'])!r}: key dims by one of these names"
+            f"keys; the sites are {sorted(first.dims)!r}: key dims by one of these names"
         )
     for name, names in (dims or {}).items():
         all_dims[name] = list(names)
     for group in ("posterior", "log_likelihood", "posterior_predictive"):
-        for name, value in first[group].items():
+        for name, value in first.group(group).items():
             ndim = value.ndim - 1  # after the draw dim
             if name in all_dims and len(all_dims[name]) > ndim:
                 raise ValueError(
@@ -216,8 +250,8 @@ def _build(draws, coords, dims, constant_data, posterior_predictive, history):
         "posterior": stack("posterior"),
         "log_likelihood": stack("log_likelihood"),
         "sample_stats": stack("sample_stats"),
-        "observed_data": first["observed_data"],
-        "constant_data": {k: _to_numpy(v) for k, v in (constant_data or {}).items()},
+        "observed_data": first.observed_data,
+        "constant_data": {k: to_numpy(v) for k, v in (constant_data or {}).items()},
     }
     if posterior_predictive:
         groups["posterior_predictive"] = stack("posterior_predictive")
@@ -359,146 +393,3 @@ def moments_to_dataset(reports):
         "self-normalised importance sampling); mean_error in posterior sds",
     )
     return dataset
-
-
-# ------------------------------------------------------------------------------------------
-# draws
-
-
-def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, posterior_predictive) -> dict:
-    from .diagnostics.traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
-
-    S = num_samples
-    with torch.no_grad():
-        traces = vectorized_traces(model, guide, args, kwargs, S, max_plate_nesting)
-        mpn = traces.max_plate_nesting
-        log_p, log_q = log_joint_and_guide(traces)
-        predictive = None
-        if posterior_predictive:
-            plate = pyro.plate(SAMPLE_PLATE, S, dim=-(mpn + 1))
-            with poutine.block(), plate:
-                predictive = poutine.trace(
-                    poutine.uncondition(poutine.replay(model, trace=traces.guide_trace))
-                ).get_trace(*args, **kwargs)
-
-    out: dict[str, dict] = {
-        "posterior": {},
-        "log_likelihood": {},
-        "observed_data": {},
-        "posterior_predictive": {},
-        "sample_stats": {},
-        "dims": {},
-    }
-    dims = out["dims"]
-    for name, site in traces.model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        deterministic = site["infer"].get("_deterministic", False)
-        event_dim = site["fn"].event_dim
-        if deterministic:
-            # pyro.deterministic's Delta counts every dim of the value as an event dim;
-            # the value is batched over the sample plate like the latents it comes from
-            event_dim = max(0, torch.as_tensor(site["value"]).dim() - (mpn + 1))
-        if not site["is_observed"] or deterministic:
-            value, names = _shape_draws(name, site["value"], site, S, mpn, event_dim)
-            out["posterior"][name] = value
-            dims[name] = names
-            continue
-        # the site's mask applies (masked points contribute 0), its scale does not
-        ll = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
-        ll, ll_names = _shape_draws(name, ll, site, S, mpn, 0)
-        out["log_likelihood"][name] = ll
-        observed, _ = _shape_observed(name, site["value"], site, mpn, event_dim)
-        out["observed_data"][name] = observed
-        # the data, its replicas and the pointwise log-likelihood share the plate dims;
-        # the data's event dims come after them and get ArviZ's default names
-        dims[name] = ll_names
-        if predictive is not None:
-            replica = predictive.nodes[name]
-            value, _ = _shape_draws(name, replica["value"], replica, S, mpn, event_dim)
-            out["posterior_predictive"][name] = value
-    if not out["posterior"] and not out["log_likelihood"]:
-        raise ValueError("the model has no sample sites: there is nothing to draw")
-    log_p = log_p.detach().cpu().numpy().astype("float64")
-    log_q = log_q.detach().cpu().numpy().astype("float64")
-    out["sample_stats"] = {
-        "log_joint": log_p,
-        "lp": log_p,
-        "log_guide": log_q,
-        "log_importance_weight": log_p - log_q,
-    }
-    return out
-
-
-def _plate_names(name: str, site, mpn: int) -> dict[int, str]:
-    return {frame.dim: frame.name for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None}
-
-
-def _shape_draws(name, value, site, S, mpn, event_dim):
-    """``value`` with the sample plate at dim ``-(mpn + 1 + event_dim)`` → ``(S, *kept, *event)``."""
-    value = torch.as_tensor(value)
-    needed = mpn + 1 + event_dim
-    if value.dim() < needed:
-        value = value.reshape((1,) * (needed - value.dim()) + value.shape)
-    elif value.dim() > needed:
-        raise ValueError(
-            f"site '{name}' has shape {tuple(value.shape)}: batch dimensions left of the {mpn} plate dimension(s) "
-            "and the sample plate; pass the model's max_plate_nesting"
-        )
-    value = value.expand((S,) + value.shape[1:])
-    plates = _plate_names(name, site, mpn)
-    keep, names, k = [0], [], 0
-    for j in range(mpn):
-        dim = -(mpn - j)
-        size = value.shape[1 + j]
-        if dim in plates:
-            keep.append(1 + j)
-            names.append(plates[dim])
-        elif size > 1:
-            keep.append(1 + j)
-            names.append(f"{name}_dim_{k}")
-            k += 1
-    for i in range(event_dim):
-        keep.append(1 + mpn + i)
-        names.append(f"{name}_dim_{k}")
-        k += 1
-    squeeze = tuple(d for d in range(1, 1 + mpn) if d not in keep)
-    if squeeze:
-        value = value.squeeze(squeeze)
-    return _to_numpy(value), names
-
-
-def _shape_observed(name, value, site, mpn, event_dim):
-    """The observed value, its batch dims aligned with the plates → ``(*kept, *event)``."""
-    value = torch.as_tensor(value)
-    needed = mpn + event_dim
-    if value.dim() < needed:
-        value = value.reshape((1,) * (needed - value.dim()) + value.shape)
-    elif value.dim() > needed:
-        # data broadcast to the sample plate (identical along it): keep one copy
-        value = value[(0,) * (value.dim() - needed)]
-    plates = _plate_names(name, site, mpn)
-    keep, names, k = [], [], 0
-    for j in range(mpn):
-        dim = -(mpn - j)
-        if dim in plates:
-            keep.append(j)
-            names.append(plates[dim])
-        elif value.shape[j] > 1:
-            keep.append(j)
-            names.append(f"{name}_dim_{k}")
-            k += 1
-    for i in range(event_dim):
-        keep.append(mpn + i)
-        names.append(f"{name}_dim_{k}")
-        k += 1
-    squeeze = tuple(d for d in range(mpn) if d not in keep)
-    if squeeze:
-        value = value.squeeze(squeeze)
-    return _to_numpy(value), names
-
-
-def _to_numpy(value) -> np.ndarray:
-    if torch.is_tensor(value):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
