@@ -36,6 +36,7 @@ __all__ = [
     "plate_dim",
     "sample_sites",
     "site_distribution",
+    "site_value",
     "unwrap",
 ]
 
@@ -82,6 +83,18 @@ def site_distribution(site: Mapping[str, Any]) -> torch.distributions.Distributi
             "the local-latent diagnostics need a Pyro distribution at each latent site"
         )
     return fn
+
+
+def site_value(site: Mapping[str, Any]) -> torch.Tensor:
+    """
+    The value of a sample site (``site["value"]``).
+
+    :raises ValueError: naming the site, if its value is not a tensor.
+    """
+    value = site["value"]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"site '{site['name']}' has value {value!r} in its trace; a tensor is needed")
+    return value
 
 
 def _frames(site: Message) -> list[CondIndepStackFrame]:
@@ -228,10 +241,7 @@ class LocalSite:
 
     def value(self) -> torch.Tensor:
         """The guide's draws at the site (``batch_shape + event_shape``)."""
-        value = self.guide_site["value"]
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"site '{self.name}' has value {value!r} in the guide trace; a tensor is needed")
-        return value
+        return site_value(self.guide_site)
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
         """Lay a ``batch_shape + (J,)`` tensor (the layout of :mod:`pyro_elbo_lab.sites`) out as ``(S, N, D)``."""

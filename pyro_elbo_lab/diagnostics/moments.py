@@ -13,19 +13,22 @@ guide's error in units of the posterior sd.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .. import arviz_compat
 from ..checks import check_int, check_model_kwargs
-from .local import batches, plan
+from .local import batches, plan, site_distribution, site_value
 from .psis import PARETO_K_GOOD, chain_log_weights, pareto_k_threshold, psis_diagnostics
 from .traces import SAMPLE_PLATE, log_joint_and_guide, vectorized_traces
 from .weighted_moments import guide_error_mcse, self_normalized_moments
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "GuideMoments",
@@ -78,8 +81,8 @@ class GuideMoments:
     :ivar str reason: why the errors are NaN, or ``""``.
     """
 
-    names: list
-    sites: list
+    names: list[str]
+    sites: list[str]
     guide_mean: np.ndarray
     guide_sd: np.ndarray
     guide_mean_mcse: np.ndarray
@@ -96,14 +99,14 @@ class GuideMoments:
     k_threshold: float
     num_samples: int
     reason: str = ""
-    log_weights: torch.Tensor = field(default=None, repr=False)
+    log_weights: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def reliable(self) -> bool:
         """Whether importance sampling is reliable: ``pareto_k <= k_threshold``."""
         return bool(self.pareto_k <= self.k_threshold)
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> pd.DataFrame:
         """
         :returns: one row per latent element (index ``name``) with columns ``site``, the
             guide's and PSIS moments and MCSEs, ``mean_error``, ``sd_ratio``, their MCSEs
@@ -117,7 +120,7 @@ class GuideMoments:
         df["pareto_k"] = self.pareto_k
         return df
 
-    def element_status(self, mean_error_tol: float = MEAN_ERROR_TOL, sd_ratio_tol: float = SD_RATIO_TOL) -> list:
+    def element_status(self, mean_error_tol: float = MEAN_ERROR_TOL, sd_ratio_tol: float = SD_RATIO_TOL) -> list[str]:
         """
         Per element: ``"accurate"`` (the estimated errors, ±2 MCSE, are inside the
         tolerances), ``"inaccurate"`` (an estimated error is outside them by more than 2
@@ -193,7 +196,7 @@ class GuideMoments:
         bad = [i for i, s in enumerate(status) if s == "inaccurate"]
         unsure = [i for i, s in enumerate(status) if s == "uncertain"]
 
-        def describe(idx):
+        def describe(idx: list[int]) -> str:
             return ", ".join(
                 f"{self.names[i]} (mean error {self.mean_error[i]:+.2f} sd, sd ratio {self.sd_ratio[i]:.2f})"
                 for i in idx[:5]
@@ -225,15 +228,15 @@ class GuideMoments:
         return self.verdict()
 
 
-def _site_values(site, max_plate_nesting: int) -> torch.Tensor:
+def _site_values(site: Mapping[str, Any], max_plate_nesting: int) -> torch.Tensor:
     """A latent site's value as ``(S, *element shape)``, the sample plate moved to the front."""
-    value = site["value"]
-    batch_len = len(site["fn"].batch_shape)
+    value = site_value(site)
+    batch_len = len(site_distribution(site).batch_shape)
     axis = batch_len - (max_plate_nesting + 1)
     if axis < 0:
         raise ValueError(f"site '{site['name']}' is not inside the sample plate {SAMPLE_PLATE!r}")
     event_dim = value.dim() - batch_len
-    plates = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
+    plates = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None and f.name != SAMPLE_PLATE]
     keep = max(plates, default=0) + event_dim
     value = value.movedim(axis, 0)
     rest = value.shape[1:]
@@ -243,7 +246,7 @@ def _site_values(site, max_plate_nesting: int) -> torch.Tensor:
     return value
 
 
-def _element_names(name: str, shape: torch.Size) -> list:
+def _element_names(name: str, shape: torch.Size) -> list[str]:
     if len(shape) == 0:
         return [name]
     return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
@@ -253,7 +256,7 @@ def guide_moments(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     *args: Any,
-    model_kwargs: dict | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     num_samples: int = 4000,
     batch_size: int | None = None,
     max_plate_nesting: int | None = None,
@@ -297,8 +300,8 @@ def guide_moments(
     check_int("max_plate_nesting", max_plate_nesting, 0, allow_none=True)
     max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
 
-    chunks: dict[str, list] = {}
-    lw_chunks = []
+    chunks: dict[str, list[torch.Tensor]] = {}
+    lw_chunks: list[torch.Tensor] = []
     with torch.no_grad():
         for n in batches(num_samples, batch_size):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
@@ -315,7 +318,9 @@ def guide_moments(
                 if site["type"] == "sample" and not site["is_observed"]:
                     chunks.setdefault(name, []).append(_site_values(site, max_plate_nesting))
     lw = torch.cat(lw_chunks).to(torch.float64)
-    names, sites, columns = [], [], []
+    names: list[str] = []
+    sites: list[str] = []
+    columns: list[torch.Tensor] = []
     for name, parts in chunks.items():
         v = torch.cat(parts, 0).to(torch.float64)
         names += _element_names(name, v.shape[1:])
@@ -324,7 +329,13 @@ def guide_moments(
     return moments_from_draws(torch.cat(columns, 1), lw, names=names, sites=sites)
 
 
-def moments_from_draws(values, log_weights, *, names: list | None = None, sites: list | None = None) -> GuideMoments:
+def moments_from_draws(
+    values: torch.Tensor | np.ndarray,
+    log_weights: torch.Tensor | np.ndarray,
+    *,
+    names: Sequence[str] | None = None,
+    sites: Sequence[str] | None = None,
+) -> GuideMoments:
     """
     The moments report of :func:`guide_moments` from draws already made: ``S`` draws of
     ``D`` elements from the guide and their log importance weights
@@ -349,11 +360,11 @@ def moments_from_draws(values, log_weights, *, names: list | None = None, sites:
     - *Pareto Smoothed Importance Sampling*, A. Vehtari, D. Simpson, A. Gelman, Y. Yao,
       J. Gabry (2024)
     """
-    values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    draws = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
     lw = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
-    if values.dim() != 2 or lw.dim() != 1 or values.shape[0] != lw.shape[0]:
+    if draws.dim() != 2 or lw.dim() != 1 or draws.shape[0] != lw.shape[0]:
         raise ValueError(
-            f"values must have shape (S, D) and log_weights shape (S,), got {tuple(values.shape)} and "
+            f"values must have shape (S, D) and log_weights shape (S,), got {tuple(draws.shape)} and "
             f"{tuple(lw.shape)}; flatten each draw's elements into one row"
         )
     if not bool(torch.isfinite(lw).all()):
@@ -362,20 +373,18 @@ def moments_from_draws(values, log_weights, *, names: list | None = None, sites:
             "the guide proposes values where the model's density is zero or undefined"
         )
     num_samples = int(lw.shape[0])
-    names = [f"z[{i}]" for i in range(values.shape[1])] if names is None else list(names)
-    sites = list(names) if sites is None else list(sites)
-    if len(names) != values.shape[1] or len(sites) != values.shape[1]:
+    element_names = [f"z[{i}]" for i in range(draws.shape[1])] if names is None else list(names)
+    element_sites = list(element_names) if sites is None else list(sites)
+    if len(element_names) != draws.shape[1] or len(element_sites) != draws.shape[1]:
         raise ValueError(
-            f"names and sites need one entry per column of values ({values.shape[1]}), got {len(names)} and "
-            f"{len(sites)}"
+            f"names and sites need one entry per column of values ({draws.shape[1]}), got {len(element_names)} "
+            f"and {len(element_sites)}"
         )
-    smoothed, k = psis_diagnostics(lw)
-    k = float(k)
-    q = self_normalized_moments(values, torch.zeros_like(lw))
-    p = self_normalized_moments(values, smoothed)
-    errors = guide_error_mcse(values, smoothed)
-    q = {key: val.numpy() for key, val in q.items()}
-    p = {key: val.numpy() for key, val in p.items()}
+    smoothed, k_hat = psis_diagnostics(lw)
+    k = float(k_hat)
+    errors = guide_error_mcse(draws, smoothed)
+    q = {key: val.numpy() for key, val in self_normalized_moments(draws, torch.zeros_like(lw)).items()}
+    p = {key: val.numpy() for key, val in self_normalized_moments(draws, smoothed).items()}
     threshold = pareto_k_threshold(num_samples)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_error = (q["mean"] - p["mean"]) / p["sd"]
@@ -392,8 +401,8 @@ def moments_from_draws(values, log_weights, *, names: list | None = None, sites:
         sd_ratio = np.full_like(mean_error, np.nan)
         sd_ratio_mcse = np.full_like(mean_error, np.nan)
     return GuideMoments(
-        names=names,
-        sites=sites,
+        names=element_names,
+        sites=element_sites,
         guide_mean=q["mean"],
         guide_sd=q["sd"],
         guide_mean_mcse=q["mean_mcse"],
@@ -414,7 +423,7 @@ def moments_from_draws(values, log_weights, *, names: list | None = None, sites:
     )
 
 
-def moments_from_inference_data(data) -> list:
+def moments_from_inference_data(data: Any) -> list[GuideMoments]:
     """
     :func:`moments_from_draws` of every chain of a converter result
     (:func:`~pyro_elbo_lab.to_inference_data`, :func:`~pyro_elbo_lab.from_svi_result`),
@@ -424,11 +433,12 @@ def moments_from_inference_data(data) -> list:
 
     :param data: an ``InferenceData`` (ArviZ 0.2x) or ``DataTree`` (1.x).
     :returns: one :class:`GuideMoments` per chain (each chain is its own guide).
-    :rtype: list
+    :rtype: list[GuideMoments]
     :raises ValueError: if ``data`` lacks the ``posterior`` or ``sample_stats`` group.
     """
     post = arviz_compat.group(data, "posterior")
-    names, sites = [], []
+    names: list[str] = []
+    sites: list[str] = []
     for var, array in post.data_vars.items():
         rest = [d for d in array.dims if d not in ("chain", "draw")]
         if not rest:
@@ -453,9 +463,9 @@ def moments_from_inference_data(data) -> list:
     return reports
 
 
-def _product(labels: list) -> list:
+def _product(labels: list[list[str]]) -> list[tuple[str, ...]]:
     """Every combination of the labels of each dim, last dim fastest (C order)."""
-    out = [()]
+    out: list[tuple[str, ...]] = [()]
     for dim in labels:
         out = [prefix + (label,) for prefix in out for label in dim]
     return out
