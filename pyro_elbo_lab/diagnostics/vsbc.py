@@ -16,14 +16,19 @@ spread that are symmetric.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro.poutine as poutine
 import torch
 
 from ..checks import check_int, check_model_kwargs
+from .local import site_value
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["VSBCReport", "symmetry_test", "vsbc"]
 
@@ -45,7 +50,7 @@ class VSBCReport:
     :ivar int num_draws: guide draws per replication.
     """
 
-    names: list
+    names: list[str]
     quantiles: np.ndarray
     mean_quantile: np.ndarray
     ks_statistic: np.ndarray
@@ -59,7 +64,7 @@ class VSBCReport:
         """``p_value < level`` per element, shape ``(K,)``."""
         return self.p_value < self.level
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> pd.DataFrame:
         """
         :returns: one row per element (index ``name``): ``mean_quantile``,
             ``ks_statistic``, ``p_value``, ``asymmetric``.
@@ -116,7 +121,9 @@ def _ks_distance(d: np.ndarray) -> np.ndarray:
     return np.where(last_of_tie, np.abs(gap), 0).max(-1) / M
 
 
-def symmetry_test(quantiles: np.ndarray, num_resamples: int = 2000, seed: int | None = None):
+def symmetry_test(
+    quantiles: np.ndarray, num_resamples: int = 2000, seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """
     Test that the distribution of each column of ``quantiles`` is symmetric about 1/2.
 
@@ -149,17 +156,17 @@ def symmetry_test(quantiles: np.ndarray, num_resamples: int = 2000, seed: int | 
     return observed, p_value
 
 
-def _elements(name: str, x: torch.Tensor) -> list:
+def _elements(name: str, x: torch.Tensor) -> list[str]:
     if x.dim() == 0:
         return [name]
     return [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*x.shape)]
 
 
 def vsbc(
-    model,
-    fit: Callable,
-    *args,
-    model_kwargs: dict | None = None,
+    model: Callable[..., Any],
+    fit: Callable[[dict[str, torch.Tensor]], Callable[[int], Mapping[str, Any]] | dict[str, Any]],
+    *args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
     data_sites: Sequence[str],
     num_replications: int = 100,
     num_draws: int = 1000,
@@ -218,7 +225,7 @@ def vsbc(
         # Predictive pads global sites with singleton plate dims: back to each site's own shape
         with poutine.block():
             shapes = {
-                name: site["value"].shape
+                name: site_value(site).shape
                 for name, site in poutine.trace(model).get_trace(*args, **kwargs).nodes.items()
                 if site["type"] == "sample"
             }
@@ -234,9 +241,9 @@ def vsbc(
                 f"data site '{site}' was not sampled by the prior predictive (sites: {sorted(prior)}); "
                 "call the model so that its data sites are sampled (e.g. pass obs=None)"
             )
-    names: list = []
-    rows = []
-    chosen: list | None = None
+    names: list[str] = []
+    rows: list[torch.Tensor] = []
+    chosen: list[str] | None = None
     for m in range(num_replications):
         data = {site: prior[site][m] for site in data_sites}
         sampler = fit(data)
