@@ -21,6 +21,7 @@ _EXPORTS = {
     "BetaMeanFieldELBO": "pyro_elbo_lab.losses",
     "JitBetaELBO": "pyro_elbo_lab.losses",
     "JitBetaMeanFieldELBO": "pyro_elbo_lab.losses",
+    "JitBetaTraceEnumELBO": "pyro_elbo_lab.losses",
     "BetaTraceEnumELBO": "pyro_elbo_lab.losses",
     "BetaTraceGraphELBO": "pyro_elbo_lab.losses",
     "IWAE": "pyro_elbo_lab.losses",

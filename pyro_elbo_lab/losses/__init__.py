@@ -5,7 +5,7 @@ from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .beta_trace_graph_elbo import BetaTraceGraphELBO
-from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
+from .compiled import JitBetaELBO, JitBetaMeanFieldELBO, JitBetaTraceEnumELBO
 from .fused import FusedSVI
 from .iwae import IWAE
 
@@ -18,4 +18,5 @@ __all__ = [
     "IWAE",
     "JitBetaELBO",
     "JitBetaMeanFieldELBO",
+    "JitBetaTraceEnumELBO",
 ]

@@ -275,6 +275,9 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         ``(num_particles,)`` when vectorised), the record names and the record values
         (detached, each of the objective's shape).
         """
+        # the sites as plain dicts (their packed tensors carry Pyro's _pyro_dims)
+        model_nodes: dict[str, Any] = model_trace.nodes
+        guide_nodes: dict[str, Any] = guide_trace.nodes
         ordering = {
             name: find_ordinal(trace, site)
             for trace in (model_trace, guide_trace)
@@ -284,11 +287,11 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         enum_dims: set = set()
         non_enum_dims = set().union(*ordering.values())
         enumerated = []
-        for name, site in model_trace.nodes.items():
+        for name, site in model_nodes.items():
             if site["type"] != "sample":
                 continue
-            if name in guide_trace.nodes:
-                non_enum_dims.update(guide_trace.nodes[name]["packed"]["log_prob"]._pyro_dims)
+            if name in guide_nodes:
+                non_enum_dims.update(guide_nodes[name]["packed"]["log_prob"]._pyro_dims)
             elif site["infer"].get("_enumerate_dim") is not None:
                 enumerated.append(name)
                 enum_dims.update(site["packed"]["log_prob"]._pyro_dims)
@@ -308,10 +311,10 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         scale_names: list = []
         marginal_observed: list = []
         kl_sites: list = []
-        for name, site in model_trace.nodes.items():
+        for name, site in model_nodes.items():
             if site["type"] != "sample":
                 continue
-            in_guide = name in guide_trace.nodes
+            in_guide = name in guide_nodes
             if not in_guide and site["infer"].get("_enumerate_dim") is not None:
                 log_factors.setdefault(ordering[name], []).append(site["packed"]["unscaled_log_prob"])
                 scales.append(site["scale"])
@@ -337,10 +340,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                     f"model-enumerated site(s) {enumerated}: its KL does not separate from the marginal likelihood. "
                     "Pass sites= naming the other guide sites."
                 )
-            masked = site["packed"].get("masked_log_prob")
-            if masked is None:
-                masked = packed.scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
-                site["packed"]["masked_log_prob"] = masked
+            masked = packed.scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
             log_factors.setdefault(ordering[name], []).append(masked)
             scales.append(site["scale"])
             scale_names.append(name)
@@ -367,7 +367,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
 
         guide_atoms = {
             name: atom(ordering[name], site["packed"]["log_prob"])
-            for name, site in guide_trace.nodes.items()
+            for name, site in guide_nodes.items()
             if site["type"] == "sample"
         }
         model_lp = dict(kl_sites)
@@ -392,8 +392,9 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         particle_symbol = guide_trace.plate_to_symbol.get(_PARTICLE_PLATE) if particles > 1 else None
         expected = _expectations(Dice(guide_trace, ordering), atoms, particle_symbol, particles)
 
-        objective = 0.0
-        names, values = ["objective"], []
+        objective: float | torch.Tensor = 0.0
+        names: list = ["objective"]
+        values: list = []
         for name, parts, weight in entries:
             value = sum(sign * expected[i] for sign, i in parts) if parts else torch.zeros_like(expected[0])
             if weight is not None:
@@ -401,7 +402,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                 objective = objective + (value if unweighted else weight * value)
             names.append(name)
             values.append(value.detach())
-        if not torch.is_tensor(objective):
+        if not isinstance(objective, torch.Tensor):
             objective = torch.zeros_like(expected[0]) + objective
         values.insert(0, objective.detach())
         return objective, names, values
@@ -453,7 +454,8 @@ def _expectations(dice: Dice, atoms: list, particle_symbol: str | None, num_part
             log_factors = dice_log_factors(dice, ordinal)
             scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
             log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
-            queries = {frozenset(cost._pyro_dims): None for _, cost in items}
+            queries: dict[frozenset, Any] = {frozenset(cost._pyro_dims): None for _, cost in items}
+            log_factor: Any
             for log_factor in log_factors:
                 key = frozenset(log_factor._pyro_dims)
                 if queries.get(key, False) is None:
@@ -461,11 +463,11 @@ def _expectations(dice: Dice, atoms: list, particle_symbol: str | None, num_part
             for _, cost in items:
                 key = frozenset(cost._pyro_dims)
                 if queries[key] is None:
-                    query = torch.zeros_like(cost)
+                    query: Any = torch.zeros_like(cost)
                     query._pyro_dims = cost._pyro_dims
                     log_factors.append(query)
                     queries[key] = query
-            sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+            sum_dims = set().union(*(f._pyro_dims for f in log_factors)) - ordinal
             marginals = query_marginals(ring, log_factors, sum_dims, list(queries.values()))
             probs = {key: marginal.exp() for key, marginal in zip(queries, marginals)}
             for index, cost in items:

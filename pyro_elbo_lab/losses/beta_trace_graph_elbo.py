@@ -10,7 +10,8 @@ Imports :mod:`pyro_elbo_lab.sites` (per-particle sums), :mod:`pyro_elbo_lab.term
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -101,11 +102,11 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         self,
         beta: ScheduleLike = 1.0,
         *,
-        sites: Iterable[str] | None = None,
+        sites: Iterable[str] | str | Callable[[str], bool] | None = None,
         free_bits: float | None = None,
         capacity: ScheduleLike | None = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         self._init_beta_only(
             beta,
             sites,
@@ -120,7 +121,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
 
     # -- entry points -----------------------------------------------------------------------
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: ``-objective`` in nats (the negative ELBO for β = 1), averaged over particles.
         :rtype: float
@@ -133,11 +134,13 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         self._finish()
         return loss
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         ``-objective`` in nats; accumulates the gradient estimate (and the baselines'
         gradients) into ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one optimiser step
         (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
+
+        :rtype: float
         """
         self._begin()
         loss = super().loss_and_grads(model, guide, *args, **kwargs)
@@ -145,7 +148,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         self._advance_step()
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """
         ``-objective`` as a tensor whose gradient is the estimator of
         :meth:`loss_and_grads` (surrogate, baseline loss included); counts one optimiser step
@@ -237,8 +240,8 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         if recon:
             rows.append(torch.stack(recon))
         if lq:
-            lq, lp = torch.stack(lq), torch.stack(lp)
-            rows += [lq - lp, -lq]
+            lq_t, lp_t = torch.stack(lq), torch.stack(lp)
+            rows += [lq_t - lp_t, -lq_t]
         column = torch.cat(rows).detach()
         if column.dim() == 1:
             column = column.unsqueeze(-1)

@@ -12,8 +12,11 @@ nothing of the compiler beyond this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CompileStrategy", "CompiledFunction", "StepOutputs", "freeze_kwargs", "tensor_signature"]
 
@@ -36,7 +39,7 @@ class CompiledFunction:
     # __weakref__: the fused training step keys its own compiled functions on this object
     __slots__ = ("function", "names", "param_names", "param_signature", "info", "__weakref__")
 
-    def __init__(self, function: Callable, names: list, info: dict | None = None):
+    def __init__(self, function: Callable, names: list, info: dict | None = None) -> None:
         self.function = function
         self.names = names
         self.param_names: list = []
@@ -60,7 +63,7 @@ class CompileStrategy(ABC):
     #: the value of the losses' ``compiler=`` argument that selects this strategy
     name: ClassVar[str]
 
-    def __init__(self, owner: str, fallback: str, jit_options: dict | None = None):
+    def __init__(self, owner: str, fallback: str, jit_options: dict | None = None) -> None:
         self.owner = owner
         self.fallback = fallback
         self.jit_options = dict(jit_options or {})
@@ -106,13 +109,13 @@ class _ByIdentity:
 
     __slots__ = ("value",)
 
-    def __init__(self, value: Any):
+    def __init__(self, value: Any) -> None:
         self.value = value
 
     def __hash__(self) -> int:
         return id(self.value)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, _ByIdentity) and other.value is self.value
 
 
@@ -145,6 +148,6 @@ def freeze_kwargs(kwargs: dict) -> tuple:
     return tuple(sorted(((name, _freeze(value)) for name, value in kwargs.items()), key=lambda kv: kv[0]))
 
 
-def tensor_signature(tensors) -> tuple:
+def tensor_signature(tensors: Iterable[torch.Tensor]) -> tuple:
     """``(shape, dtype, device, requires_grad)`` of each tensor: what a compiled function specialises on."""
     return tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in tensors)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -42,24 +44,44 @@ from pyro.util import ignore_jit_warnings
 from ..terms import TermsRecord
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
+from .beta_state import BetaState
+from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .compile_strategy import CompiledFunction, CompileStrategy, freeze_kwargs, tensor_signature
 from .inductor import InductorStrategy
 from .torchscript import TorchScriptStrategy
 
-__all__ = ["COMPILERS", "JitBetaELBO", "JitBetaMeanFieldELBO"]
+__all__ = ["COMPILERS", "JitBetaELBO", "JitBetaMeanFieldELBO", "JitBetaTraceEnumELBO"]
 
 #: the compilers a compiled loss accepts (``compiler=``), each a strategy class
 STRATEGIES: dict[str, type[CompileStrategy]] = {s.name: s for s in (TorchScriptStrategy, InductorStrategy)}
 COMPILERS = tuple(STRATEGIES)
 
 
-class CompiledObjective:
+def _unconstrained(name: str) -> torch.Tensor:
     """
-    Mixin over :class:`~pyro_elbo_lab.losses.objective.WeightedObjective` that replaces
-    ``_run`` (the particle loop) by a compiled function, made and run by the
-    :class:`~.compile_strategy.CompileStrategy` named by ``compiler``. Not public: use
-    :class:`JitBetaELBO` or :class:`JitBetaMeanFieldELBO`.
+    The unconstrained leaf tensor of parameter ``name``, read through :func:`pyro.param` (so
+    that :class:`pyro.infer.SVI`, which records the ``param`` sites of a step, sees it).
     """
+    return pyro.param(name).unconstrained()  # type: ignore[attr-defined]  # Pyro attaches it to the value
+
+
+class CompiledObjective(BetaState):
+    """
+    Mixin over a loss with the ``_run(model, guide, args, kwargs, mode)`` contract of
+    :class:`~pyro_elbo_lab.losses.objective.WeightedObjective` (and of
+    :class:`~pyro_elbo_lab.BetaTraceEnumELBO`) that replaces ``_run`` (the particle loop) by a
+    compiled function, made and run by the :class:`~.compile_strategy.CompileStrategy` named
+    by ``compiler``; what is compiled is :meth:`_compiled_step`. Not public: use
+    :class:`JitBetaELBO`, :class:`JitBetaMeanFieldELBO` or :class:`JitBetaTraceEnumELBO`.
+    """
+
+    # provided by the Pyro ELBO the mixin is combined with
+    num_particles: int
+    jit_options: dict | None
+    ignore_jit_warnings: bool
+    retain_graph: bool | None
+    _get_traces: Callable[..., Iterator[tuple]]
+    _particle: Callable[..., tuple]
 
     #: number of traces made so far (for tests and benchmarks: it must not grow per step)
     num_compilations: int
@@ -71,7 +93,7 @@ class CompiledObjective:
     #: the uncompiled class this one compiles (named in errors)
     _uncompiled: type
 
-    def __init__(self, *args, compiler: str = "torchscript", **kwargs):
+    def __init__(self, *args: Any, compiler: str = "torchscript", **kwargs: Any) -> None:
         if compiler not in STRATEGIES:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}.")
         self.compiler = compiler
@@ -81,7 +103,7 @@ class CompiledObjective:
         self.num_compilations = 0
         self.compile_seconds = 0.0
 
-    def _cache_key(self, model, guide, args, kwargs, mode: str) -> tuple:
+    def _cache_key(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, mode: str) -> tuple:
         for i, arg in enumerate(args):
             if not torch.is_tensor(arg):
                 raise ValueError(
@@ -108,41 +130,61 @@ class CompiledObjective:
             freeze_kwargs(kwargs),
         ) + self._strategy.cache_key(args, mode)
 
-    def _traced_body(self, model, guide, kwargs, holder: dict):
+    def _traced_body(self, model: Callable, guide: Callable, kwargs: dict, holder: dict) -> Callable:
         """The Python function that is traced: ``(beta, capacity, *args) -> (loss, surrogate, record)``."""
 
-        def body(beta, capacity, *args):
-            loss = None
-            surrogate = None
-            records = []
-            names = None
-            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                objective_p, surrogate_p, names_p, record_p = self._particle(model_trace, guide_trace, beta, capacity)
-                loss_p = -objective_p.sum() / self.num_particles
-                loss = loss_p if loss is None else loss + loss_p
-                if torch.is_tensor(surrogate_p):
-                    surrogate_p = -surrogate_p.sum() / self.num_particles
-                    surrogate = surrogate_p if surrogate is None else surrogate + surrogate_p
-                if names is None:
-                    names = names_p
-                elif names_p != names:
-                    missing = [n for n in names if n not in names_p]
-                    extra = [n for n in names_p if n not in names]
-                    raise ValueError(
-                        f"{type(self).__name__} needs a model and guide with static structure, but sequential "
-                        f"particles visited different sites (missing: {missing}; new: {extra}). "
-                        f"Use {self._uncompiled.__name__}, whose particles may differ."
-                    )
-                records.append(record_p)
-            values = records[0] if len(records) == 1 else torch.stack(records, -1)
-            if values.dim() == 1:
-                values = values.unsqueeze(-1)
-            if surrogate is None:
-                surrogate = torch.zeros_like(loss)
+        def body(beta: torch.Tensor, capacity: torch.Tensor | None, *args: torch.Tensor) -> tuple:
+            loss, surrogate, names, values = self._compiled_step(model, guide, args, kwargs, beta, capacity)
             holder["names"] = names
             return loss, surrogate, values
 
         return body
+
+    def _compiled_step(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        beta: torch.Tensor,
+        capacity: torch.Tensor | None,
+    ) -> tuple:
+        """
+        What is compiled: the particle loop of the uncompiled class, as
+        ``(loss, surrogate, names, values)``: the loss (0-dim, ``-objective`` averaged over
+        particles), a tensor whose gradient is the loss's, the record's names and values
+        (terms × particles). This one runs :class:`~.objective.WeightedObjective`'s
+        ``_get_traces`` and ``_particle``.
+        """
+        loss: torch.Tensor | None = None
+        surrogate = None
+        records = []
+        names = None
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            objective_p, surrogate_p, names_p, record_p = self._particle(model_trace, guide_trace, beta, capacity)
+            loss_p = -objective_p.sum() / self.num_particles
+            loss = loss_p if loss is None else loss + loss_p
+            if torch.is_tensor(surrogate_p):
+                surrogate_p = -surrogate_p.sum() / self.num_particles
+                surrogate = surrogate_p if surrogate is None else surrogate + surrogate_p
+            if names is None:
+                names = names_p
+            elif names_p != names:
+                missing = [n for n in names if n not in names_p]
+                extra = [n for n in names_p if n not in names]
+                raise ValueError(
+                    f"{type(self).__name__} needs a model and guide with static structure, but sequential "
+                    f"particles visited different sites (missing: {missing}; new: {extra}). "
+                    f"Use {self._uncompiled.__name__}, whose particles may differ."
+                )
+            records.append(record_p)
+        assert loss is not None
+        values = records[0] if len(records) == 1 else torch.stack(records, -1)
+        if values.dim() == 1:
+            values = values.unsqueeze(-1)
+        if surrogate is None:
+            surrogate = torch.zeros_like(loss)
+        return loss, surrogate, names, values
 
     def _eager(self, model, guide, args, kwargs, beta_t, capacity_t):
         """
@@ -170,9 +212,9 @@ class CompiledObjective:
             params = params_and_args[: len(param_names)]
             inputs = params_and_args[len(param_names) :]
             constrained = {}
-            for name, unconstrained in zip(param_names, params):
+            for name, leaf in zip(param_names, params):
                 value = pyro.param(name)
-                assert value.unconstrained() is unconstrained
+                assert value.unconstrained() is leaf  # type: ignore[attr-defined]
                 constrained[name] = value
             return poutine.replay(body, params=constrained)(beta, capacity if has_capacity else None, *inputs)
 
@@ -182,7 +224,7 @@ class CompiledObjective:
             traced = ignore_jit_warnings()(traced)
         if capacity_t is None:
             capacity_t = torch.zeros_like(beta_t)
-        params = tuple(pyro.param(n).unconstrained() for n in param_names)
+        params = tuple(_unconstrained(n) for n in param_names)
         example = (beta_t, capacity_t) + params + tuple(args)
         devices = sorted({t.device.index or 0 for t in example if t.is_cuda})
         # restore every random state tracing consumed (CPU and the CUDA devices in use), so
@@ -197,7 +239,7 @@ class CompiledObjective:
         self.compile_seconds += time.perf_counter() - start
         return outputs, compiled
 
-    def gradient_graph(self, model, guide, args: tuple, kwargs: dict) -> CompiledFunction | None:
+    def gradient_graph(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> CompiledFunction | None:
         """
         The recorded gradient graph of :meth:`loss_and_grads` for these arguments, for the
         fused training step (:class:`~pyro_elbo_lab.losses.fused.FusedSVI`), or ``None``
@@ -229,20 +271,22 @@ class CompiledObjective:
         self._last_record = TermsRecord(compiled.names, values, beta, capacity)
         self._advance_step()
 
-    def _run(self, model, guide, args, kwargs, mode: str):
+    def _run(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, mode: str) -> tuple:
         beta = self.current_beta()
-        capacity = self.current_capacity()
+        # BetaState.current_capacity is annotated -> None; WeightedObjective's returns float | None
+        current_capacity: Callable[[], float | None] = self.current_capacity
+        capacity = current_capacity()
         key = self._cache_key(model, guide, args, kwargs, mode)
         dtype = torch.get_default_dtype()
         beta_t = torch.tensor(beta, dtype=dtype)
         capacity_t = torch.tensor(0.0 if capacity is None else capacity, dtype=dtype)
         capacity_in = None if capacity is None else capacity_t
         compiled: CompiledFunction | None = self._compiled.get(key)
-        params = None
+        params: tuple | None = None
         if compiled is not None:
             try:
                 # pyro.param here (not inside the compiled function) so that SVI sees the parameters
-                params = tuple(pyro.param(name).unconstrained() for name in compiled.param_names)
+                params = tuple(_unconstrained(name) for name in compiled.param_names)
             except KeyError:
                 pass  # the parameter store was cleared
         if compiled is not None and params is None:
@@ -253,13 +297,14 @@ class CompiledObjective:
                 model, guide, args, kwargs, beta_t, capacity_in
             )
         else:
-            if compiled is not None and tensor_signature(params) != compiled.param_signature:
+            if compiled is not None and tensor_signature(params or ()) != compiled.param_signature:
                 compiled = None  # a parameter was re-created with another shape, dtype or device
             if compiled is None:
                 (loss, surrogate, values), compiled = self._compile(
                     key, model, guide, args, kwargs, beta_t, capacity_in, mode
                 )
             else:
+                assert params is not None
                 inputs = (beta_t, capacity_t) + params + tuple(args)
                 loss, surrogate, values, seconds = self._strategy.run(compiled, inputs, params, mode)
                 self.compile_seconds += seconds
@@ -427,3 +472,64 @@ class JitBetaMeanFieldELBO(CompiledObjective, BetaMeanFieldELBO):
     )
 
     _uncompiled = BetaMeanFieldELBO
+
+
+class JitBetaTraceEnumELBO(CompiledObjective, BetaTraceEnumELBO):
+    __doc__ = (
+        """
+    :class:`~pyro_elbo_lab.BetaTraceEnumELBO`, compiled: discrete sites summed out exactly,
+    the same β-weighted objective, DiCE gradients and decomposition (:attr:`last_terms`,
+    filled from the compiled function's outputs), with the enumerated model/guide pass
+    compiled once and reused (``compiler="torchscript"`` or ``"inductor"``, as in
+    :class:`~pyro_elbo_lab.JitBetaELBO`). The baseline is :class:`pyro.infer.JitTraceEnum_ELBO`,
+    which compiles :meth:`differentiable_loss` and :meth:`loss_and_grads`; here :meth:`loss`
+    and :meth:`decompose` are compiled too (a forward-only graph). Sequentially enumerated
+    guide sites are unrolled into the graph, one branch per value.
+
+    .. math::
+
+        \\mathcal{L}_\\beta = \\mathbb{E}_{q}\\Big[\\log \\sum_{z_e} p(x, z_e \\mid z)\\Big]
+            - \\beta \\sum_{s \\in S} \\mathrm{KL}_s - \\sum_{s \\notin S} \\mathrm{KL}_s \\quad\\text{(nats)}
+"""
+        + _LIMITS
+        + """
+    β is an input of the compiled step, so the check that β may weight every guide site
+    (``sites=None`` with a guide site whose model ``log_prob`` depends on a model-enumerated
+    site) is made on the schedule: only a constant β = 1 passes it.
+
+    :param str compiler: ``"torchscript"`` (default) or ``"inductor"``; see
+        :class:`~pyro_elbo_lab.JitBetaELBO`.
+    :raises ValueError: as :class:`~pyro_elbo_lab.BetaTraceEnumELBO`; and as
+        :class:`~pyro_elbo_lab.JitBetaELBO`.
+    :raises NotImplementedError: as :class:`~pyro_elbo_lab.BetaTraceEnumELBO`.
+    :raises RuntimeError: with ``compiler="inductor"``, when inductor fails to compile.
+
+    Example::
+
+        elbo = JitBetaTraceEnumELBO(beta=0.5, sites=["doc_topics"], max_plate_nesting=2)
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+        svi.step(data)          # compiled on the first step, reused afterwards
+        print(elbo.last_terms)
+
+    References
+
+    [1] `Tensor Variable Elimination for Plated Factor Graphs`, Fritz Obermeyer et al. (2019)
+
+    [2] `Pyro: Deep Universal Probabilistic Programming`, Eli Bingham et al. (2019)
+    """
+    )
+
+    _uncompiled = BetaTraceEnumELBO
+
+    def _compiled_step(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        beta: torch.Tensor,
+        capacity: torch.Tensor | None,
+    ) -> tuple:
+        # the uncompiled class's whole step (sequentially enumerated traces summed per
+        # particle), differentiable: the compiled loss differentiates it once
+        return self._evaluate(model, guide, args, kwargs, beta, False)

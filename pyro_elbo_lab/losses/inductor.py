@@ -47,7 +47,7 @@ class InductorStrategy(CompileStrategy):
             def function(*inputs):
                 loss, surrogate, values = traced(*inputs)
                 params = inputs[2 : 2 + num_params]
-                grads = [None] * num_params
+                grads: tuple[torch.Tensor | None, ...] = (None,) * num_params
                 if num_params and surrogate.requires_grad:
                     grads = torch.autograd.grad(surrogate, params, allow_unused=True)
                 found["index"] = [i for i, g in enumerate(grads) if g is not None]
@@ -71,7 +71,7 @@ class InductorStrategy(CompileStrategy):
         # compiled_modes: the grad modes (True / False) it has been called, and so compiled, under
         # graph: the recorded (uncompiled) graph, which the fused training step
         # (:mod:`.fused`) compiles again together with the optimiser's update
-        info = {"grad_index": found.get("index"), "compiled_modes": set(), "graph": graph if gradients else None}
+        info: dict = {"grad_index": found.get("index"), "compiled_modes": set(), "graph": graph if gradients else None}
         return CompiledFunction(function, names, info)
 
     def _check_differentiated(self, graph, args: tuple) -> None:

@@ -26,6 +26,8 @@ from pyro import __version__ as _pyro_version
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import Dice
 from pyro.poutine import Trace
+from pyro.poutine.runtime import Message
+from pyro.util import ignore_jit_warnings
 
 #: the pyro-ppl versions this module is written against (and ``pyproject.toml`` requires)
 SUPPORTED_PYRO = ">=1.9,<1.10"
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 
-def find_ordinal(trace: Trace, site: dict) -> frozenset:
+def find_ordinal(trace: Trace, site: Message) -> frozenset:
     """
     The ordinal of a sample site: the symbols of the vectorised plates it sits in
     (``y`` may depend on ``x`` iff ``ordinal(x) <= ordinal(y)``).
@@ -66,6 +68,7 @@ def find_ordinal(trace: Trace, site: dict) -> frozenset:
     return frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
 
 
+@ignore_jit_warnings()  # a tensor scale is read as a float, as Pyro does: frozen in a compiled step
 def common_scale(scales: list, names: list[str]) -> float | torch.Tensor:
     """
     The ``poutine.scale`` shared by the factors of enumerated sites (compared by value,
@@ -104,7 +107,7 @@ def check_enumeration_constraint(model_enum_ordinals: list[frozenset], guide_tra
     """
     min_ordinal = frozenset.intersection(*model_enum_ordinals)
     for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None:
+        if site["type"] == "sample" and (site["infer"] or {}).get("_enumerate_dim") is not None:
             for f in site["cond_indep_stack"]:
                 if f.vectorized and guide_trace.plate_to_symbol[f.name] not in min_ordinal:
                     raise ValueError(
