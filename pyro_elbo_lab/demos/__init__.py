@@ -10,10 +10,20 @@ returns its results. ``--quick`` is a smoke run: it says so and draws no conclus
 
 Shared pieces: :mod:`~pyro_elbo_lab.demos.wording` (every sentence about a fit, computed
 from its numbers), :mod:`~pyro_elbo_lab.demos.figures` (the plots),
-:mod:`~pyro_elbo_lab.demos.eight_schools_exact` (quadrature and NUTS references),
+:mod:`~pyro_elbo_lab.demos.eight_schools_models` (the two parametrisations and the guide
+families), :mod:`~pyro_elbo_lab.demos.eight_schools_exact` (quadrature and NUTS references),
 :mod:`~pyro_elbo_lab.demos.eight_schools_report` and :mod:`~pyro_elbo_lab.demos.common`.
 """
 
 from __future__ import annotations
 
-__all__ = ["common", "eight_schools", "eight_schools_exact", "eight_schools_report", "figures", "vae", "wording"]
+__all__ = [
+    "common",
+    "eight_schools",
+    "eight_schools_exact",
+    "eight_schools_models",
+    "eight_schools_report",
+    "figures",
+    "vae",
+    "wording",
+]

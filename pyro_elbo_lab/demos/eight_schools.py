@@ -48,24 +48,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, guide_moments
 from ..losses import BetaELBO
-from ..runner import Convergence, SVIRunner
+from ..runner import Convergence, SVIResult, SVIRunner
 from .common import Report, fit_converged, seed_everything
-from .eight_schools_exact import (
-    PRIOR_MU_SCALE,
-    PRIOR_TAU_SCALE,
-    ExactReference,
-    exact_intervals,
-    exact_reference,
-    nuts_reference,
-    rename_schools,
-)
+from .eight_schools_exact import ExactReference, exact_intervals, exact_reference, nuts_reference, rename_schools
+from .eight_schools_models import FAMILY, GUIDES, MODELS, centered, non_centered
 from .wording import FitFacts, evidence_cell, fit_status
 
 __all__ = [
@@ -82,74 +73,20 @@ __all__ = [
 ]
 
 
-def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-    """
-    The centred model: θ drawn around μ with scale τ (a funnel in (τ, θ)).
-
-    :param torch.Tensor sigma: standard errors of the schools' estimates, shape ``(8,)``.
-    :param torch.Tensor y: estimated effects, shape ``(8,)``; ``None`` to sample them.
-
-    References
-
-    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
-        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
-        Vehtari, Donald B. Rubin (2013)
-    """
-    mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SCALE))
-    tau = pyro.sample("tau", dist.HalfCauchy(PRIOR_TAU_SCALE))
-    with pyro.plate("school", sigma.shape[-1], dim=-1):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
-
-
-def non_centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-    """
-    The non-centred model: standardised effects θ̃ (site ``theta_t``) and θ = μ + τ θ̃
-    (deterministic site ``theta``); no funnel.
-
-    :param torch.Tensor sigma: standard errors of the schools' estimates, shape ``(8,)``.
-    :param torch.Tensor y: estimated effects, shape ``(8,)``; ``None`` to sample them.
-
-    References
-
-    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
-        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
-        Vehtari, Donald B. Rubin (2013)
-
-    [2] `A General Framework for the Parametrization of Hierarchical Models`, Omiros
-        Papaspiliopoulos, Gareth O. Roberts, Martin Sköld (2007)
-    """
-    mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SCALE))
-    tau = pyro.sample("tau", dist.HalfCauchy(PRIOR_TAU_SCALE))
-    with pyro.plate("school", sigma.shape[-1], dim=-1):
-        theta_t = pyro.sample("theta_t", dist.Normal(0.0, 1.0))
-        theta = pyro.deterministic("theta", mu + tau * theta_t)
-        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
-
-
-MODELS: dict[str, Callable] = {"centred": centered, "non-centred": non_centered}
-GUIDES: dict[str, Callable] = {
-    "mean-field": lambda model: AutoNormal(model, init_scale=0.1),
-    "full-rank": lambda model: AutoMultivariateNormal(model, init_scale=0.1),
-}
-
-
 # ----------------------------------------------------------------------------------------
 # fitting and diagnostics
 # ----------------------------------------------------------------------------------------
 
 
-#: The stopping rule of every fit (:class:`~pyro_elbo_lab.Convergence` arguments);
-#: ``num_steps`` is only the cap.
-CONVERGENCE = {"window": 1000, "rhat": 1.1, "average": 1000}
+#: The stopping rule of every fit; ``num_steps`` is only the cap.
+CONVERGENCE = Convergence(window=1000, rhat=1.1, average=1000)
 #: ClippedAdam's constant learning rate.
 LEARNING_RATE = 0.02
 #: Step caps: a fit that reaches its cap is reported as not converged.
 STEP_CAP, QUICK_STEP_CAP = 6000, 400
-FAMILY = {"mean-field": "mean-field Gaussian", "full-rank": "full-rank Gaussian"}
 
 
-def _evidence(result, chain: int = 0) -> str:
+def _evidence(result: SVIResult, chain: int = 0) -> str:
     """The convergence rule's own account of a chain (its statistics in words), or ``""``."""
     records = getattr(result, "convergence", None) or []
     return str(records[chain].get("reason", "")) if chain < len(records) and records[chain] else ""
@@ -198,7 +135,6 @@ def fit(
     progress_bar: bool = True,
     convergence: Convergence | None = None,
     learning_rate: float = LEARNING_RATE,
-    stop_early: bool = True,
 ) -> Fit:
     """
     Fit one guide with :class:`~pyro_elbo_lab.SVIRunner` and :class:`~pyro_elbo_lab.BetaELBO`
@@ -214,10 +150,8 @@ def fit(
     :param int num_samples: importance samples (at least 100), the same draws for
         :func:`~pyro_elbo_lab.estimate_evidence` and :func:`~pyro_elbo_lab.guide_moments`.
     :param bool progress_bar: show a progress bar while fitting.
-    :param Convergence convergence: the stopping rule; None for ``Convergence(**CONVERGENCE)``.
+    :param Convergence convergence: the stopping rule; None for :data:`CONVERGENCE`.
     :param float learning_rate: the constant step size of ClippedAdam.
-    :param bool stop_early: False: run all ``num_steps`` (the runner then judges
-        convergence on the final window only).
     :returns: a :class:`Fit`: the guide, the :class:`~pyro_elbo_lab.SVIResult`, the ELBO's
         decomposition at the fitted guide (1000 particles, nats), the evidence estimate
         with k̂, the guide's moments against the PSIS-corrected ones, InferenceData (1000
@@ -250,11 +184,8 @@ def fit(
     # fluctuate around the optimum, which a decaying step size would freeze before reaching it
     optim = pyro.optim.ClippedAdam({"lr": learning_rate})
     start = time.perf_counter()
-    if not stop_early:
-        convergence = None
-    elif convergence is None:
-        convergence = Convergence(**CONVERGENCE)
-    runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed, convergence=convergence)
+    rule = CONVERGENCE if convergence is None else convergence
+    runner = SVIRunner(model, guide, optim, loss, progress_bar=progress_bar, seed=seed, convergence=rule)
     result = runner.run(sigma, y, num_steps=num_steps)
     seconds = time.perf_counter() - start
     terms = BetaELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1).decompose(
@@ -263,11 +194,13 @@ def fit(
     with warnings.catch_warnings():  # k̂ and its verdict are reported
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
         # the same draws for both (same seed, one batch), so both report the same k̂
-        draws = {"num_samples": max(num_samples, 100), "batch_size": max(num_samples, 100), "max_plate_nesting": 1}
+        n = max(num_samples, 100)
         pyro.set_rng_seed(seed + 1)
-        evidence = estimate_evidence(model, guide, sigma, y, psis=True, **draws)
+        evidence = estimate_evidence(
+            model, guide, sigma, y, psis=True, num_samples=n, batch_size=n, max_plate_nesting=1
+        )
         pyro.set_rng_seed(seed + 1)
-        moments = guide_moments(model, guide, sigma, y, **draws)
+        moments = guide_moments(model, guide, sigma, y, num_samples=n, batch_size=n, max_plate_nesting=1)
     idata = from_svi_result(result, sigma, y, num_samples=1000, coords={"school": list(EIGHT_SCHOOLS_NAMES)})
     summary = rename_schools(
         arviz_compat.summary(idata, var_names=["mu", "tau", "theta"], diagnostics=False)[["mean", "sd"]]
@@ -452,13 +385,6 @@ def run_fits(
         for guide_name in GUIDES:
             f = fit(model_name, guide_name, num_steps, seed, num_samples, progress_bar)
             log(f"- {model_name} model, {guide_name} guide: {f.status}, {f.seconds:.0f} s")
-            if not f.converged and f.steps < num_steps:
-                # the rule stopped it while the objective was still rising: run on, to the cap at
-                # most, and judge the final window
-                longer = min(num_steps, 3 * f.steps)
-                f = fit(model_name, guide_name, longer, seed, num_samples, progress_bar, stop_early=False)
-                f.cap = num_steps
-                log(f"  refitted for {longer} steps without stopping early: {f.status}, {f.seconds:.0f} s")
             fits.append(f)
     return EightSchools(fits, exact_reference(), nuts_reference(), num_steps, quick=quick)
 

@@ -76,7 +76,7 @@ def exact_reference(num_nodes: int = 800) -> ExactReference:
     )
 
 
-def _tau_nodes(num_nodes: int):
+def _tau_nodes(num_nodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """
     Gauss–Legendre nodes in :math:`u = \\arctan(\\tau / 5)` and what each carries:
     ``(tau, post, mean, prec, log_evidence)``: τ at the nodes, their posterior weights
@@ -122,7 +122,7 @@ def exact_intervals(prob: float = 0.9, num_nodes: int = 800) -> dict[str, tuple[
     lo_p, hi_p = (1 - prob) / 2, (1 + prob) / 2
     order = np.argsort(tau)
     cdf = np.cumsum(post[order])
-    tau_ci = tuple(float(np.interp(p, cdf, tau[order])) for p in (lo_p, hi_p))
+    tau_ci = (float(np.interp(lo_p, cdf, tau[order])), float(np.interp(hi_p, cdf, tau[order])))
     sd, m, w = torch.as_tensor(1 / np.sqrt(prec)), torch.as_tensor(mean), torch.as_tensor(post)
 
     def inverse(p: float) -> float:

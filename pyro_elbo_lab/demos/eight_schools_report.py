@@ -11,8 +11,7 @@ import os
 
 import pandas as pd
 
-from ..runner import Convergence
-from .common import RISING_T, Report, pyplot
+from .common import Report, pyplot
 from .eight_schools import CONVERGENCE, EightSchools
 from .wording import SMOKE_RUN_NOTE, fit_conclusion
 
@@ -46,11 +45,11 @@ def report_fits(study: EightSchools, report: Report) -> None:
     report.heading("How each fit stopped")
     report.table(study.status_table(), "{:.0f}")
     report.text(
-        f"Each fit runs until the runner's convergence rule ({Convergence(**CONVERGENCE)}) stops it, with a cap of "
-        f"{study.num_steps} steps. A fit counts as converged when the rule finds its objective stationary and not "
-        f"still rising (slope t of the half-chain means at most {RISING_T}); one stopped while still rising is "
-        "refitted for three times as many steps (at most the cap) and judged on its final window. A fit that is "
-        "not converged is labelled NOT CONVERGED and no conclusion about its guide is drawn from it."
+        f"Each fit runs until the runner's convergence rule ({CONVERGENCE}) stops it, with a cap of "
+        f"{study.num_steps} steps. A fit counts as converged when the rule finds its objective stationary: R-hat "
+        "of the objective's trace below the threshold and no significant rise or fall (a two-sided slope test "
+        "on the half-chain means). A fit that is not converged is labelled NOT CONVERGED and no conclusion "
+        "about its guide is drawn from it."
     )
     report.heading("The ELBO's decomposition at the fitted guides (nats, 1000 particles)")
     report.table(study.decomposition_table(), "{:.3f}")

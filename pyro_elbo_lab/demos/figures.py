@@ -7,7 +7,18 @@ data, exact references marked, where each fit stopped marked, scales that suit t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from ..runner import SVIResult
+    from .eight_schools import EightSchools
+    from .vae import DigitsVAE, VAEStudy
 
 __all__ = [
     "eight_schools_decomposition",
@@ -24,14 +35,14 @@ INTERVAL = 0.9
 STOP_COLOUR = {True: "black", False: "magenta"}
 
 
-def interval(draws, prob: float = INTERVAL) -> tuple[float, float, float]:
+def interval(draws: Any, prob: float = INTERVAL) -> tuple[float, float, float]:
     """``(mean, lower, upper)`` of draws: the mean and the central ``prob`` interval."""
     x = np.asarray(draws, dtype=float).ravel()
     lo, hi = np.quantile(x, [(1 - prob) / 2, (1 + prob) / 2])
     return float(x.mean()), float(lo), float(hi)
 
 
-def eight_schools_decomposition(plt, study, path: str) -> None:
+def eight_schools_decomposition(plt: Any, study: EightSchools, path: str) -> None:
     """
     One panel per fit: ELBO, reconstruction, KL and entropy over training (nats, rolling
     mean), the exact log p(y), and a vertical line where the fit stopped (converged, or the
@@ -81,7 +92,7 @@ def eight_schools_decomposition(plt, study, path: str) -> None:
     plt.close(fig)
 
 
-def eight_schools_posterior(plt, study, path: str) -> None:
+def eight_schools_posterior(plt: Any, study: EightSchools, path: str) -> None:
     """
     Posterior means and central 90% intervals of μ, τ (log axis) and each school's θ, for
     NUTS and every fit, with the exact (quadrature) posterior mean and 90% interval of μ and
@@ -175,7 +186,7 @@ ROW_LABELS = (
 )
 
 
-def image_grid(plt, rows, row_labels, title: str, path: str) -> None:
+def image_grid(plt: Any, rows: Sequence[np.ndarray], row_labels: Sequence[str], title: str, path: str) -> None:
     """Rows of 8×8 images (pixel probabilities in [0, 1]), each row labelled on its left."""
     num_rows, cols = len(rows), max(r.shape[0] for r in rows)
     fig, axes = plt.subplots(num_rows, cols, figsize=(1.9 + cols * 0.8, num_rows * 0.95 + 0.5), squeeze=False)
@@ -195,7 +206,7 @@ def image_grid(plt, rows, row_labels, title: str, path: str) -> None:
     plt.close(fig)
 
 
-def per_image(result, num_data: int):
+def per_image(result: SVIResult, num_data: int) -> pd.DataFrame:
     """The history with the ELBO and its terms divided by the training-set size: nats per image."""
     history = result.history.copy()
     for column in ("loss", "elbo", "reconstruction", "kl", "entropy", "cross_entropy", "expected_log_joint"):
@@ -204,7 +215,7 @@ def per_image(result, num_data: int):
     return history
 
 
-def vae_decomposition(plt, study, path: str, converged: dict | None = None) -> None:
+def vae_decomposition(plt: Any, study: VAEStudy, path: str, converged: dict | None = None) -> None:
     """
     One panel per KL weighting: ELBO, reconstruction and KL over training in nats per
     training image (the runner's history is for the whole training set), β on a second axis.
@@ -246,7 +257,7 @@ def vae_decomposition(plt, study, path: str, converged: dict | None = None) -> N
     plt.close(fig)
 
 
-def vae_rate_distortion(plt, study, path: str) -> None:
+def vae_rate_distortion(plt: Any, study: VAEStudy, path: str) -> None:
     """One point per KL weighting (not joined), ± 1 Monte Carlo se, and the best R + D line."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     markers = ["o", "s", "^", "D"]
@@ -289,7 +300,7 @@ def vae_rate_distortion(plt, study, path: str) -> None:
     plt.close(fig)
 
 
-def vae_images(plt, vae, x, label: str, path: str) -> None:
+def vae_images(plt: Any, vae: DigitsVAE, x: torch.Tensor, label: str, path: str) -> None:
     """Held-out images, their reconstructions and prior samples, each row labelled."""
     import torch
 

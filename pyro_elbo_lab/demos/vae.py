@@ -53,7 +53,7 @@ from ..datasets import load_digits
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, posterior_collapse, rate_distortion
 from ..inference_data import from_svi_result
 from ..losses import BetaMeanFieldELBO
-from ..runner import SVIRunner
+from ..runner import SVIResult, SVIRunner
 from ..schedules import Cyclical, LinearWarmup
 from .common import Report, fit_converged, pyplot, seed_everything
 from .wording import SMOKE_RUN_NOTE, collapse_criteria, collapse_summary, vae_comparison
@@ -91,7 +91,7 @@ class DigitsVAE(nn.Module):
         """Pixel logits, shape ``(..., 64)``."""
         return self.decoder(z)
 
-    def _plate(self, x: torch.Tensor, num_data: int | None):
+    def _plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
         # a minibatch of a data set of num_data images: Pyro scales its log_prob by num_data / len(x)
         if num_data is None:
             return pyro.plate("data", x.shape[0], dim=-1)
@@ -166,9 +166,11 @@ def load_split(seed: int = 0, num_test: int = NUM_TEST) -> tuple[torch.Tensor, t
         held-out images, shape ``(num_test,)``.
     :raises MissingExtraError: without scikit-learn (install ``pyro-elbo-lab[examples]``).
     """
-    digits = load_digits()
-    perm = torch.randperm(digits.data.shape[0], generator=torch.Generator().manual_seed(seed))
-    x, labels = digits.data[perm], digits.target[perm]
+    x, labels, _, _ = load_digits()
+    if labels is None:  # load_digits always gives the digits; Dataset.target is optional in general
+        raise ValueError("load_split: the digits data set came without its labels (Dataset.target is None)")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    x, labels = x[perm], labels[perm]
     return x[num_test:], x[:num_test], labels[:num_test]
 
 
@@ -178,7 +180,7 @@ def minibatches(x: torch.Tensor, batch_size: int, seed: int = 0) -> Callable[[in
     epoch, reproducible from ``seed``), for :meth:`~pyro_elbo_lab.SVIRunner.run`.
     """
     per_epoch = max(1, x.shape[0] // batch_size)
-    current = {"epoch": None, "perm": None}  # one permutation per epoch, made when it starts
+    current: dict[str, Any] = {"epoch": None, "perm": None}  # one permutation per epoch, made when it starts
 
     def batches(step: int) -> tuple:
         epoch, i = divmod(step, per_epoch)
@@ -198,7 +200,7 @@ def fit(
     progress_bar: bool = True,
     latent_dim: int = 16,
     batch_size: int = 100,
-):
+) -> tuple[DigitsVAE, SVIResult]:
     """
     Train one VAE with :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL) on
     minibatches of the training set, with :class:`~pyro_elbo_lab.SVIRunner` and Adam
@@ -219,7 +221,14 @@ def fit(
     pyro.set_rng_seed(seed)
     vae = DigitsVAE(latent_dim=latent_dim, name=config.name)
     loss = BetaMeanFieldELBO(beta=config.beta, max_plate_nesting=1)
-    runner = SVIRunner(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), loss, progress_bar=progress_bar, seed=seed)
+    runner = SVIRunner(
+        vae.model,
+        vae.guide,
+        pyro.optim.PyroOptim(torch.optim.Adam, {"lr": 3e-3}),
+        loss,
+        progress_bar=progress_bar,
+        seed=seed,
+    )
     result = runner.run(
         num_steps=num_steps, batches=minibatches(x_train, batch_size, seed), model_kwargs={"num_data": x_train.shape[0]}
     )
@@ -262,6 +271,8 @@ def evaluate(vae: DigitsVAE, x_test: torch.Tensor, num_samples: int = 500) -> di
             max_plate_nesting=1,
         )
     per_image = evidence.log_evidence_per_datapoint
+    if per_image is None:  # set whenever per_datapoint is given
+        raise ValueError("evaluate: estimate_evidence(per_datapoint='data') returned no per-image log evidence")
     return {
         "reconstruction": -rd.distortion,
         "kl": rd.rate,
@@ -342,7 +353,7 @@ def run_study(
     return study
 
 
-def _converged(result) -> bool:
+def _converged(result: SVIResult) -> bool:
     """Whether the runner judged the (only) chain's objective stationary at its end, and not rising."""
     return fit_converged(result)[0]
 

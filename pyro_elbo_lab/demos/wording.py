@@ -331,7 +331,7 @@ def vae_comparison(labels: dict, iwae_per_image: dict, converged: dict, rate: di
         out.append("Fewer than two converged weightings: no comparison is made.")
         return " ".join(out)
     mean = {n: math.fsum(map(float, iwae_per_image[n])) / len(iwae_per_image[n]) for n in done}
-    best = max(done, key=mean.get)
+    best = max(done, key=lambda n: mean[n])
     diffs = {n: paired_difference(iwae_per_image[best], iwae_per_image[n]) for n in done if n != best}
     tied = [n for n, (d, se) in diffs.items() if not d > 2 * se]
     detail = ", ".join(f"{labels[n]} by {d:.2f} ± {se:.2f}" for n, (d, se) in diffs.items())
@@ -346,8 +346,8 @@ def vae_comparison(labels: dict, iwae_per_image: dict, converged: dict, rate: di
             f"Highest held-out IWAE log-likelihood: {labels[best]} ({mean[best]:.2f} nats per image), ahead of every "
             f"other converged weighting by more than 2 paired standard errors ({detail} nats per image)."
         )
-    lo = min(done, key=rate.get)
-    hi = max(done, key=rate.get)
+    lo = min(done, key=lambda n: rate[n])
+    hi = max(done, key=lambda n: rate[n])
     if lo != hi:
         out.append(
             f"Rate (KL) runs from {rate[lo]:.1f} nats ({labels[lo]}) to {rate[hi]:.1f} ({labels[hi]}); the "
