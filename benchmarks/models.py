@@ -8,6 +8,7 @@ latent per data point and a score-function guide (:class:`BinaryLatent`).
 Each problem builds fresh modules from a seed, so every method starts from the same
 parameters and sees the same batches. The data come from :mod:`pyro_elbo_lab.datasets`.
 """
+
 from __future__ import annotations
 
 import pyro
@@ -20,7 +21,16 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_elbo_lab.datasets import eight_schools, load_digits
 
-__all__ = ["VAE", "digits_data", "synthetic_data", "EightSchools", "Mixture", "BinaryLatent"]
+__all__ = [
+    "VAE",
+    "digits_data",
+    "synthetic_data",
+    "minibatches",
+    "EightSchools",
+    "Mixture",
+    "BinaryLatent",
+    "problem_arrays",
+]
 
 
 def digits_data() -> torch.Tensor:
@@ -35,6 +45,14 @@ def synthetic_data(n: int = 2048, dim: int = 784, seed: int = 0) -> torch.Tensor
     loadings = 2.0 * torch.randn(10, dim, generator=g)
     probs = torch.sigmoid(factors @ loadings - 1.0)
     return torch.bernoulli(probs, generator=g).to(torch.get_default_dtype())
+
+
+def minibatches(x: torch.Tensor, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """``x``'s rows in a random order from ``seed``, split in full batches of ``batch_size`` (the rest dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    n = x.shape[0] // batch_size * batch_size
+    return list(x[perm[:n]].split(batch_size))
 
 
 class Encoder(nn.Module):
@@ -179,3 +197,26 @@ class BinaryLatent:
         logits = pyro.param("logits", torch.zeros(data.shape[0]))
         with pyro.plate("data", data.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=logits), infer={"baseline": {"use_decaying_avg_baseline": True}})
+
+
+def problem_arrays(case: str) -> dict:
+    """
+    The data of a benchmark problem as numpy arrays, for another framework's process
+    (``numpy.savez``; ``benchmarks/numpyro_step.py`` reads them): ``"schools"``: ``y`` and
+    ``sigma``; ``"digits"``: ``batches`` (the 14 minibatches of 128 digits that ``run.py``
+    uses, in its order), ``num_data``, and the initial weights of ``VAE(64, 256, 8, seed=0)``
+    as ``param:<module>.<layer>.<weight|bias>`` (torch's ``(out, in)`` layout), so both
+    frameworks start from the same parameters.
+    """
+    if case == "schools":
+        s = EightSchools()
+        return {"y": s.y.numpy(), "sigma": s.sigma.numpy()}
+    if case == "digits":
+        x = digits_data()
+        vae = VAE(x.shape[1], 256, 8, num_data=x.shape[0], seed=0)
+        out = {"batches": torch.stack(minibatches(x, 128)).numpy(), "num_data": x.shape[0]}
+        for prefix, module in (("encoder", vae.encoder), ("decoder", vae.decoder)):
+            for name, p in module.named_parameters():
+                out[f"param:{prefix}.{name}"] = p.detach().numpy()
+        return out
+    raise ValueError(f"problem_arrays: case must be 'schools' or 'digits', got {case!r}")
