@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """diagnostics.psis and arviz_compat.psislw on either ArviZ generation: what PSIS keeps, the
 25-draw floor, constant rows, the importance statistics against numpy by hand."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def test_psis_keeps_the_body_and_the_scale():
     M = math.ceil(min(S / 5, 3 * math.sqrt(S)))
     for row in range(2):
         order = torch.argsort(lw[row])
-        body, tail = order[: S - M - 1], order[S - M:]
+        body, tail = order[: S - M - 1], order[S - M :]
         assert torch.allclose(smoothed[row, body], lw[row, body], rtol=0, atol=1e-9)
         # the smoothed tail stays between the body and the largest raw weight (truncation)
         assert (smoothed[row, tail] >= lw[row, order[S - M - 1]] - 1e-9).all()
@@ -94,3 +95,40 @@ def test_float32_rounding_of_an_exact_guide_is_constant():
     lw64 = exact + torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2e-6
     _, k64 = psis.psis_diagnostics(lw64)
     assert math.isfinite(float(k64))
+
+
+def test_each_reason_k_is_not_fitted():
+    # rows whose truth is known: a constant row, a flat tail (20% of the weights tied at the top), one
+    # weight e^50 times all others (a tail of two values, not flat: k̂ cannot be fitted and must not be
+    # called bounded: it was -inf, "IS reliable", with ESS 1), a nan, a +inf, every weight zero, and a
+    # row with some zero weights (-inf), which is fitted like the same row without them
+    rng = np.random.default_rng(5)
+    body = rng.normal(size=1000)
+    rows = {
+        psis.K_CONSTANT: np.full(1000, -4.0),
+        psis.K_FLAT_TAIL: np.concatenate([np.linspace(-2.0, 0.0, 800), np.full(200, 3.0)]),
+        psis.K_TIED_TAIL: np.concatenate([np.zeros(999), [50.0]]),
+        psis.K_NON_FINITE: np.concatenate([body[:-1], [np.nan]]),
+        "+inf": np.concatenate([body[:-1], [np.inf]]),
+        psis.K_NO_WEIGHT: np.full(1000, -np.inf),
+        "": np.concatenate([np.full(10, -np.inf), body[10:]]),
+    }
+    lw = torch.as_tensor(np.stack(list(rows.values())))
+    fit = psis.psis_fit(lw)
+    expected = [r if r != "+inf" else psis.K_NON_FINITE for r in rows]
+    assert list(fit.reasons) == expected
+    k = fit.k.numpy()
+    assert k[0] == -np.inf and k[1] == -np.inf
+    assert np.isnan(k[2:6]).all() and [psis.verdict(v) for v in k[2:6]] == ["IS unchecked"] * 4
+    # unfitted rows come back raw
+    assert torch.equal(fit.smoothed[:6].nan_to_num(), lw[:6].nan_to_num())
+    # the row with zero weights: its k̂ is that of its finite weights alone (zeros are not in the tail)
+    _, k_finite = arviz_compat.psislw(body[10:])
+    assert k[6] == pytest.approx(float(k_finite), abs=1e-9)
+    assert torch.isneginf(fit.smoothed[6, :10]).all()
+    # too few draws: said per row; a constant row stays constant
+    few = psis.psis_fit(lw[:3, :24])  # rows 0 and 2 are constant in their first 24 draws
+    assert list(few.reasons) == [psis.K_CONSTANT, psis.K_TOO_FEW_DRAWS, psis.K_CONSTANT]
+    assert "25" in psis.explain_k(psis.K_TOO_FEW_DRAWS)
+    with pytest.raises(ValueError, match=r"reason must be one of .*got reason='nope'"):
+        psis.explain_k("nope")

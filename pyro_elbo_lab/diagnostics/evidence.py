@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pyro.distributions.util import scale_and_mask
 
 from ..checks import check_int, check_model_kwargs
 from .local import batches, find_data_plate, plan, sample_sites
-from .psis import MIN_PSIS_SAMPLES, PARETO_K_GOOD, importance_stats, pareto_k_threshold, psis_diagnostics, verdict
+from .psis import PARETO_K_GOOD, explain_k, importance_stats, pareto_k_threshold, psis_fit, verdict
 from .traces import SAMPLE_PLATE, ImportanceTraces, log_joint_and_guide, vectorized_traces
 
 __all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence"]
@@ -54,8 +56,10 @@ class EvidenceEstimate:
     :ivar float gap: ``log_evidence - elbo``, an estimate of
         :math:`\\mathrm{KL}(q(z) \\| p(z \\mid x))`; biased low for finite ``S``.
     :ivar float pareto_k: Pareto k̂ of the weights (Yao et al. 2018); ``-inf`` when the
-        weights are constant (the guide is the posterior), ``nan`` when ``S`` is too small
-        to fit it. Per-datapoint mode: the largest k̂ over the data.
+        weights are constant (the guide is the posterior) or bounded (a flat tail), ``nan``
+        when it cannot be fitted: ``S < 25``, or a tail of too few distinct values that is not
+        flat (:func:`~pyro_elbo_lab.diagnostics.psis.psis_fit`; the warning says which).
+        Per-datapoint mode: the largest k̂ over the data (``nan`` if any element's is).
     :ivar float ess: effective sample size :math:`1/\\sum_s \\bar w_s^2` of the
         normalised weights (per-datapoint mode: the smallest over the data).
     :ivar int num_samples: ``S``.
@@ -277,10 +281,12 @@ def estimate_evidence(
     Reporting: k̂ above :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``S``
     (:math:`\\min(1 - 1/\\log_{10} S, 0.7)`: 0.667 for ``S = 1000``) issues an
     :class:`ImportanceSamplingWarning` (evidence, its standard error and gap unreliable;
-    :attr:`EvidenceEstimate.stderr_reliable` is False), as does ``S < 25`` (k̂ cannot be
-    fitted); 0.5 < k̂ ≤ the threshold is noted with a
-    ``logging`` INFO message on the logger ``pyro_elbo_lab.diagnostics.evidence`` (the
-    estimate is usable but converges slowly) and in :attr:`EvidenceEstimate.verdict`.
+    :attr:`EvidenceEstimate.stderr_reliable` is False), as does a k̂ that cannot be fitted
+    (the warning gives the reason of each case: fewer than 25 samples, or an upper tail of
+    too few distinct values that is not flat, where a rare large weight dominates);
+    0.5 < k̂ ≤ the threshold is noted with a ``logging`` INFO message on the logger
+    ``pyro_elbo_lab.diagnostics.evidence`` (the estimate is usable but converges slowly) and
+    in :attr:`EvidenceEstimate.verdict`.
 
     Per-datapoint mode (``per_datapoint="<plate name>"``), for models whose latents are all
     local to that data plate (a VAE): the log weights are kept per element,
@@ -366,7 +372,7 @@ def estimate_evidence(
         else:
             joint = lw.sum(-1)
             rows = lw.transpose(0, 1)  # (N, S)
-        smoothed, k = psis_diagnostics(rows)
+        smoothed, k, reasons = psis_fit(rows)
         log_mean, stderr, ess = importance_stats(smoothed if psis else rows)
         elbo = joint.mean()
         elbo_se = joint.std() / math.sqrt(num_samples)
@@ -402,40 +408,54 @@ def estimate_evidence(
         psis=psis,
         **extra,
     )
-    _report(result, k)
+    _report(result, k, reasons)
     return result
 
 
-def _report(result: EvidenceEstimate, k: torch.Tensor) -> None:
-    """Our warning for k̂ above the threshold or too few samples, a logging note for 0.5 < k̂ ≤ threshold."""
+def _report(result: EvidenceEstimate, k: torch.Tensor, reasons: np.ndarray) -> None:
+    """
+    Our warning for k̂ not fitted (with the true reason of each row, :func:`psis_fit`) or above
+    the threshold, a logging note for 0.5 < k̂ ≤ threshold.
+    """
     what = "" if result.per_datapoint is None else f" (largest over plate '{result.per_datapoint}')"
-    if math.isnan(result.pareto_k):
+    S, threshold = result.num_samples, result.k_threshold
+    unfitted = torch.isnan(k)
+    if bool(unfitted.any()):
+        counts = Counter(str(r) for r in np.asarray(reasons).reshape(-1)[unfitted.reshape(-1).numpy()])
+        if result.per_datapoint is None:
+            where = ""
+            why = explain_k(next(iter(counts)))
+        else:
+            where = f" for {int(unfitted.sum())} of {k.numel()} elements of plate '{result.per_datapoint}'"
+            why = "; ".join(f"{n} element(s): {explain_k(r)}" for r, n in sorted(counts.items()))
         warnings.warn(
-            f"Pareto k̂ cannot be fitted from {result.num_samples} importance samples (need >= {MIN_PSIS_SAMPLES}); "
-            "the evidence and gap estimates come without a reliability check. Increase num_samples.",
+            f"Pareto k̂ cannot be fitted{where} from {S} importance samples: {why} (ESS {result.ess:.1f} of "
+            f"{S}{'' if result.per_datapoint is None else ', the smallest'}). The evidence and gap estimates come "
+            "without a reliability check.",
             ImportanceSamplingWarning,
             stacklevel=3,
         )
-    elif result.pareto_k > result.k_threshold:
-        threshold = result.k_threshold
+    fitted = k[~unfitted]
+    worst = float(fitted.max()) if fitted.numel() else math.nan
+    if worst > threshold:
         extra = ""
         if result.per_datapoint is not None:
             extra = f" ({int((k > threshold).sum())} of {k.numel()} elements have k̂ > {threshold:.2f})"
         warnings.warn(
-            f"Pareto k̂ = {result.pareto_k:.3g}{what} > {threshold:.3g} (the threshold for {result.num_samples} "
+            f"Pareto k̂ = {worst:.3g}{what} > {threshold:.3g} (the threshold for {S} "
             f"samples){extra}: the importance weights are too heavy-tailed, so log_evidence, its standard error "
             f"and gap are unreliable (the guide misses posterior mass; ESS {result.ess:.1f} of "
-            f"{result.num_samples}). Improve the guide (wider or richer family) or treat log_evidence as a lower "
+            f"{S}). Improve the guide (wider or richer family) or treat log_evidence as a lower "
             "bound only.",
             ImportanceSamplingWarning,
             stacklevel=3,
         )
-    elif result.pareto_k > PARETO_K_GOOD:
+    elif worst > PARETO_K_GOOD:
         logger.info(
             "Pareto k̂ = %.2f%s is between %.1f and %.2f: the evidence estimate is usable but converges slowly; "
             "more samples or a better guide help.",
-            result.pareto_k,
+            worst,
             what,
             PARETO_K_GOOD,
-            result.k_threshold,
+            threshold,
         )

@@ -13,6 +13,7 @@ either ArviZ generation).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,11 +28,21 @@ __all__ = [
     "MIN_PSIS_SAMPLES",
     "PARETO_K_BAD",
     "PARETO_K_GOOD",
+    "K_CONSTANT",
+    "K_FLAT_TAIL",
+    "K_NO_WEIGHT",
+    "K_NON_FINITE",
+    "K_TIED_TAIL",
+    "K_TOO_FEW_DRAWS",
+    "K_REASONS",
+    "PSISFit",
     "chain_log_weights",
+    "explain_k",
     "importance_diagnostics",
     "importance_stats",
     "pareto_k_threshold",
     "psis_diagnostics",
+    "psis_fit",
     "psis_means",
     "verdict",
     "VERDICTS",
@@ -64,6 +75,46 @@ IS_USABLE = "IS usable"
 IS_UNRELIABLE = "IS unreliable"
 IS_UNCHECKED = "IS unchecked"
 VERDICTS = (IS_RELIABLE, IS_USABLE, IS_UNRELIABLE, IS_UNCHECKED)
+
+#: Why a row's k̂ is not a fitted value (:attr:`PSISFit.reasons`; ``""``: fitted). ``-inf``
+#: (bounded weights, "IS reliable"): :data:`K_CONSTANT`, :data:`K_FLAT_TAIL`. ``nan`` ("IS
+#: unchecked"): the others.
+K_CONSTANT = "constant weights"
+K_FLAT_TAIL = "flat tail"
+K_TOO_FEW_DRAWS = "too few draws"
+K_TIED_TAIL = "tail of few distinct values"
+K_NON_FINITE = "non-finite log weights"
+K_NO_WEIGHT = "every weight zero"
+
+#: What each reason means, in words (:func:`explain_k`).
+K_REASONS = {
+    K_CONSTANT: "the log weights are constant (the guide is proportional to the posterior): no tail, k̂ = -inf",
+    K_FLAT_TAIL: (
+        "the largest weights are all equal (weights taking a few values, as a discrete guide's): a bounded "
+        "tail, k̂ = -inf"
+    ),
+    K_TOO_FEW_DRAWS: f"fewer than {MIN_PSIS_SAMPLES} draws: too few to fit a Pareto tail; draw more samples",
+    K_TIED_TAIL: (
+        "the upper tail holds too few distinct values to fit a Pareto shape and is not flat: one or a few "
+        "weights dominate (weights taking a few values, one of them rare under the guide); look at the ESS, "
+        "draw more samples or widen the guide"
+    ),
+    K_NON_FINITE: "a log weight is nan or +inf: the model or guide density is undefined at a draw",
+    K_NO_WEIGHT: "every log weight is -inf: the model gives zero density to every draw of the guide",
+}
+
+
+def explain_k(reason: str) -> str:
+    """
+    The sentence for one of the ``K_*`` reasons of :func:`psis_fit`.
+
+    :param str reason: a key of :data:`K_REASONS`.
+    :rtype: str
+    :raises ValueError: for another string.
+    """
+    if reason not in K_REASONS:
+        raise ValueError(f"reason must be one of {sorted(K_REASONS)}, got reason={reason!r}")
+    return K_REASONS[reason]
 
 
 def pareto_k_threshold(num_samples: int | None) -> float:
@@ -127,31 +178,62 @@ def verdict(k: float, num_samples: int | None = None) -> str:
     return IS_USABLE
 
 
+class PSISFit(NamedTuple):
+    """
+    The result of :func:`psis_fit`.
+
+    :ivar torch.Tensor smoothed: unnormalised smoothed log weights in nats, shape
+        ``(..., S)``, on the device of the input (raw where k̂ is not fitted).
+    :ivar torch.Tensor k: k̂ per row, shape ``(...)``, on the CPU: fitted, ``-inf`` (bounded
+        weights) or ``nan`` (not fitted).
+    :ivar numpy.ndarray reasons: per row, ``""`` where k̂ was fitted, else the ``K_*``
+        reason (strings, shape ``(...)``).
+    """
+
+    smoothed: torch.Tensor
+    k: torch.Tensor
+    reasons: np.ndarray
+
+
 def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    ``(smoothed, k)`` of :func:`psis_fit`.
+
+    :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``.
+    :rtype: tuple
+    :raises ValueError: as :func:`psis_fit`.
+    """
+    fit = psis_fit(log_weights)
+    return fit.smoothed, fit.k
+
+
+def psis_fit(log_weights: torch.Tensor) -> PSISFit:
     """
     Pareto-smoothed log weights and the Pareto shape k̂ of their upper tail, along the last
     dim, with :func:`pyro_elbo_lab.arviz_compat.psislw` (relative efficiency 1:
-    independent draws).
+    independent draws), and why k̂ is not a fitted value where it is not.
 
-    PSIS replaces the largest :math:`M = \\min(S/5, 3\\sqrt S)` weights by the expected
-    order statistics of a generalised Pareto distribution fitted to them; its shape
+    PSIS replaces the largest :math:`M = \\lceil\\min(S/5, 3\\sqrt S)\\rceil` weights by the
+    expected order statistics of a generalised Pareto distribution fitted to them; its shape
     :math:`\\hat k` says how many moments the weights have (:math:`\\hat k < 0.5`: finite
     variance; :math:`\\hat k > 0.7`: estimates unreliable). The smoothed weights keep the
     scale of the raw ones (the body of the weights is unchanged), so
-    :math:`\\log \\frac1S \\sum_s \\tilde w_s` estimates the evidence. Rows whose log weights
-    are constant to ``1e-9`` nats (or to the rounding error of their dtype, see
-    ``CONSTANT_ROUNDING``) get k̂ = ``-inf`` (bounded weights, nothing to smooth), and
-    so do rows whose upper tail is all ties (weights that take a few values, as a discrete
-    guide's do: bounded, so every moment is finite);
-    with fewer than :data:`MIN_PSIS_SAMPLES` (25) draws k̂ cannot be fitted: it is ``nan``
-    and the weights are returned unsmoothed.
+    :math:`\\log \\frac1S \\sum_s \\tilde w_s` estimates the evidence. Rows that are not fitted
+    (raw weights returned), with their reason:
 
-    :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``,
-        finite.
-    :returns: ``(smoothed, k)``: unnormalised smoothed log weights in nats, shape
-        ``(..., S)``, on the device of ``log_weights``, and k̂ (dimensionless), shape
-        ``(...)``, on the CPU.
-    :rtype: tuple
+    - k̂ = ``-inf`` (bounded weights, nothing to smooth): :data:`K_CONSTANT`, log weights
+      constant to ``1e-9`` nats (or to the rounding error of their dtype, see
+      ``CONSTANT_ROUNDING``); :data:`K_FLAT_TAIL`, a tail PSIS cannot fit whose :math:`M`
+      largest weights are all equal (weights that take a few values, as a discrete guide's:
+      bounded, so every moment is finite).
+    - k̂ = ``nan``: :data:`K_TOO_FEW_DRAWS`, fewer than :data:`MIN_PSIS_SAMPLES` (25) draws;
+      :data:`K_TIED_TAIL`, a tail of too few distinct values to fit that is not flat (a rare
+      large weight dominates: the estimate is not checked, and usually poor);
+      :data:`K_NON_FINITE`, a ``nan`` or ``+inf`` log weight; :data:`K_NO_WEIGHT`, every
+      log weight ``-inf``. Single ``-inf`` log weights (zero weights) are allowed.
+
+    :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``.
+    :rtype: PSISFit
     :raises ValueError: if ``log_weights`` is not a tensor with at least one dimension.
 
     References
@@ -166,28 +248,47 @@ def psis_diagnostics(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         )
     lw = log_weights.detach().to("cpu", torch.float64).numpy()
     S = lw.shape[-1]
+    batch = lw.shape[:-1]
+    reasons = np.full(batch, "", dtype=object)
+    k = np.full(batch, np.nan)
+    non_finite = np.isnan(lw).any(-1) | np.isposinf(lw).any(-1)
+    no_weight = ~non_finite & np.isneginf(lw).all(-1)
+    valid = ~(non_finite | no_weight)
+    reasons[non_finite] = K_NON_FINITE
+    reasons[no_weight] = K_NO_WEIGHT
     eps = torch.finfo(log_weights.dtype).eps if log_weights.dtype.is_floating_point else 0.0
-    tol = np.maximum(CONSTANT_TOL, CONSTANT_ROUNDING * eps * (1.0 + np.abs(lw).max(-1)))
-    constant = (lw.max(-1) - lw.min(-1)) <= tol
+    with np.errstate(invalid="ignore"):
+        top = np.where(valid, lw.max(-1), 0.0)
+        tol = np.maximum(CONSTANT_TOL, CONSTANT_ROUNDING * eps * (1.0 + np.abs(top)))
+        constant = valid & ((lw.max(-1) - lw.min(-1)) <= tol)
+    k[constant] = -np.inf
+    reasons[constant] = K_CONSTANT
+    rows = valid & ~constant
     if S < MIN_PSIS_SAMPLES:
-        k = np.where(constant, -np.inf, np.nan)
-        return log_weights, torch.as_tensor(k, dtype=log_weights.dtype)
-    # constant rows are left out of the fit (ArviZ 1.x refuses a constant tail)
-    smoothed, k = lw.copy(), np.full(lw.shape[:-1], -np.inf)
-    rows = ~constant
+        reasons[rows] = K_TOO_FEW_DRAWS
+        return PSISFit(log_weights, torch.as_tensor(k, dtype=log_weights.dtype), reasons.astype(str))
+    smoothed = lw.copy()
     if rows.any():
         varying = lw[rows]
         normalised, k_rows = arviz_compat.psislw(varying)
-        # a tail of ties (too few distinct values to fit, e.g. a discrete guide's weights take
-        # a few values) is a bounded tail: every moment of the weights is finite
-        k[rows] = np.where(np.isnan(k_rows), -np.inf, k_rows)
         # PSIS leaves the body of the weights as it is: the smallest weight gives back the scale
-        low = varying.argmin(-1)[..., None]
+        # (a zero weight, -inf, stays zero: the shift comes from the smallest finite one)
+        body = np.where(np.isfinite(varying), varying, np.inf)
+        low = body.argmin(-1)[..., None]
         shift = np.take_along_axis(varying, low, -1) - np.take_along_axis(normalised, low, -1)
-        smoothed[rows] = normalised + shift
-    return (
+        fitted = ~np.isnan(k_rows)
+        smoothed_rows = np.where(fitted[..., None], normalised + shift, varying)
+        # a tail PSIS cannot fit (ties: too few distinct values in it) is bounded when flat
+        M = math.ceil(min(S / 5, 3 * math.sqrt(S)))
+        tail = np.sort(varying, -1)[..., -M:]
+        flat = (tail[..., -1] - tail[..., 0]) <= tol[rows]
+        k_rows = np.where(fitted, k_rows, np.where(flat, -np.inf, np.nan))
+        row_reasons = np.where(fitted, "", np.where(flat, K_FLAT_TAIL, K_TIED_TAIL))
+        k[rows], reasons[rows], smoothed[rows] = k_rows, row_reasons, smoothed_rows
+    return PSISFit(
         torch.as_tensor(smoothed, dtype=log_weights.dtype, device=log_weights.device),
         torch.as_tensor(k, dtype=log_weights.dtype),
+        reasons.astype(str),
     )
 
 
