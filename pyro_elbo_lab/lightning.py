@@ -46,29 +46,36 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.elbo import ELBOModule
 from torch import nn
 
 from .checks import check_int, check_model_kwargs
 from .datasets import MissingExtraError
+from .terms import ELBOTerms
 
-try:
+if TYPE_CHECKING:
+    # the types of pytorch_lightning; lightning.pytorch (the unified package) has the same API
     import pytorch_lightning as pl
-except ImportError as e:  # pragma: no cover - depends on the environment
+    from pytorch_lightning.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
+else:
     try:
-        import lightning.pytorch as pl
-    except ImportError:
-        raise MissingExtraError(
-            "pyro_elbo_lab.lightning needs PyTorch Lightning, which is not installed or could not be "
-            f'imported ({e}). Install it with: pip install "pyro-elbo-lab[lightning]"'
-        ) from e
+        import pytorch_lightning as pl
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        try:
+            import lightning.pytorch as pl
+        except ImportError:
+            raise MissingExtraError(
+                "pyro_elbo_lab.lightning needs PyTorch Lightning, which is not installed or could not be "
+                f'imported ({e}). Install it with: pip install "pyro-elbo-lab[lightning]"'
+            ) from e
 
-__all__ = ["ELBOLightningModule", "DiagnosticsCallback", "TRAIN_TERMS"]
+__all__ = ["ELBOLightningModule", "DiagnosticsCallback", "ELBOLoss", "TRAIN_TERMS"]
 
 #: The totals logged on every logging step (prefixed ``train/``), besides ``capacity``
 #: for a capacity objective and ``kl/<site>`` with ``log_sites=True``.
@@ -77,7 +84,45 @@ _CHECKPOINT_KEY = "pyro_elbo_lab"
 _LOSS_API = ("state_dict", "load_state_dict", "current_beta", "last_terms", "decompose")
 
 
-def _owner_module(fn) -> nn.Module | None:
+class ELBOLoss(Protocol):
+    """
+    What :class:`ELBOLightningModule` needs of its loss: any of pyro_elbo_lab's losses
+    (:class:`~pyro_elbo_lab.BetaELBO`, :class:`~pyro_elbo_lab.BetaMeanFieldELBO`, ...).
+    """
+
+    @property
+    def last_terms(self) -> ELBOTerms | None:
+        """The terms of the last loss evaluation."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss's own state (the schedule position)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        ...
+
+    def current_beta(self, step: int | None = None) -> float:
+        """β at ``step``."""
+        ...
+
+    def decompose(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> ELBOTerms:
+        """The unweighted terms of one evaluation, without moving the schedule."""
+        ...
+
+    def __call__(self, model: nn.Module, guide: nn.Module) -> ELBOModule:
+        """Pyro's ``ELBOModule``: ``forward(*args, **kwargs)`` is the differentiable loss."""
+        ...
+
+
+def _trainer_log_every(trainer: pl.Trainer) -> int:
+    """The Trainer's ``log_every_n_steps``."""
+    # set on the Trainer by Lightning's logger connector at run time, not declared in its class
+    return int(trainer.log_every_n_steps)  # type: ignore[attr-defined]
+
+
+def _owner_module(fn: object) -> nn.Module | None:
     """``fn`` itself if it is a module, the module of a bound method, else ``None``."""
     if isinstance(fn, nn.Module):
         return fn
@@ -86,7 +131,7 @@ def _owner_module(fn) -> nn.Module | None:
     return None
 
 
-def _to_device(value, device: torch.device):
+def _to_device(value: Any, device: torch.device) -> Any:
     if torch.is_tensor(value):
         return value.to(device)
     if isinstance(value, (list, tuple)):
@@ -144,17 +189,17 @@ class ELBOLightningModule(pl.LightningModule):
 
     def __init__(
         self,
-        model,
-        guide,
-        loss,
+        model: Callable[..., Any],
+        guide: Callable[..., Any],
+        loss: ELBOLoss,
         *,
-        optimizer: Callable | None = None,
-        model_kwargs: dict | None = None,
-        val_model_kwargs: dict | None = None,
+        optimizer: Callable[[list[nn.Parameter]], OptimizerLRScheduler] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        val_model_kwargs: Mapping[str, Any] | None = None,
         log_every_n_steps: int | None = None,
         log_sites: bool = False,
         warmup_batch: Any = None,
-    ):
+    ) -> None:
         super().__init__()
         missing = [name for name in _LOSS_API if not hasattr(loss, name)]
         if missing:
@@ -181,7 +226,9 @@ class ELBOLightningModule(pl.LightningModule):
         self.val_model_kwargs = (
             self.model_kwargs if val_model_kwargs is None else check_model_kwargs(val_model_kwargs, "val_model_kwargs")
         )
-        self.optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=1e-3)
+        self.optimizer: Callable[[list[nn.Parameter]], OptimizerLRScheduler] = (
+            optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=1e-3)
+        )
         self.log_every_n_steps = log_every_n_steps
         self.log_sites = bool(log_sites)
         self.warmup_batch = warmup_batch
@@ -189,27 +236,31 @@ class ELBOLightningModule(pl.LightningModule):
         # rule 3: PyroModule parameters (autoguides too) are parameters of their module
         pyro.settings.set(module_local_params=True)
         self.loss = loss
-        self.loss_module = loss(model, guide)  # Pyro's ELBOModule: forward = loss.differentiable_loss
-        owners = []
+        # Pyro's ELBOModule: forward = loss.differentiable_loss. Pyro annotates model and guide as
+        # nn.Module, but ELBOModule only calls them; a bound method's module is registered below
+        self.loss_module = loss(model, guide)  # type: ignore[arg-type]
+        owners: list[nn.Module] = []
         for fn in (model, guide):
             owner = _owner_module(fn)
-            if owner is not fn and all(owner is not o for o in owners):
+            if owner is not None and owner is not fn and all(owner is not o for o in owners):
                 owners.append(owner)  # the module behind a bound method such as vae.model
         self.owners = nn.ModuleList(owners)
 
     @property
-    def model(self):
+    def model(self) -> Callable[..., Any]:
         """The Pyro model."""
         return self.loss_module.model
 
     @property
-    def guide(self):
+    def guide(self) -> Callable[..., Any]:
         """The guide."""
         return self.loss_module.guide
 
     # -- data ---------------------------------------------------------------------------------
 
-    def model_inputs(self, batch, model_kwargs: dict | None = None) -> tuple[tuple, dict]:
+    def model_inputs(
+        self, batch: Any, model_kwargs: Mapping[str, Any] | None = None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """
         ``(args, kwargs)`` for model and guide from a batch: a tuple or list is the
         positional data, a tensor one argument, a dict keyword data added to
@@ -225,7 +276,7 @@ class ELBOLightningModule(pl.LightningModule):
 
     # -- rule 2: parameters before the optimiser -----------------------------------------------
 
-    def warm_up(self, batch) -> None:
+    def warm_up(self, batch: Any) -> None:
         """
         Run the loss once on ``batch`` so that every lazily created parameter exists, then
         check that each one is a parameter of this module. Does not move the schedule.
@@ -270,14 +321,15 @@ class ELBOLightningModule(pl.LightningModule):
             batch = next(iter(loader))
         self.warm_up(batch)
         every = self.log_every_n_steps
-        if every is not None and self.trainer.log_every_n_steps and every % self.trainer.log_every_n_steps:
+        trainer_every = _trainer_log_every(self.trainer)
+        if every is not None and trainer_every and every % trainer_every:
             raise ValueError(
                 f"log_every_n_steps={every} is not a multiple of the Trainer's log_every_n_steps="
-                f"{self.trainer.log_every_n_steps}, so Lightning would drop some of the logged terms; "
+                f"{trainer_every}, so Lightning would drop some of the logged terms; "
                 "use a multiple, or leave it None to follow the Trainer"
             )
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         """Lightning hook: ``optimizer(parameters)`` over the parameters the warm-up created."""
         if not self.warmed_up:
             raise ValueError(
@@ -291,7 +343,7 @@ class ELBOLightningModule(pl.LightningModule):
     def _sync_step(self) -> None:
         self.loss.load_state_dict({"step": int(self.trainer.global_step)})
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """
         The loss (``-objective``, nats) of one batch at β = β(``trainer.global_step``); logs
         the terms on logging steps.
@@ -299,21 +351,26 @@ class ELBOLightningModule(pl.LightningModule):
         self._sync_step()
         args, kwargs = self.model_inputs(batch)
         loss = self.loss_module(*args, **kwargs)
-        every = self.log_every_n_steps or self.trainer.log_every_n_steps
+        every = self.log_every_n_steps or _trainer_log_every(self.trainer)
         if every and (self.trainer.global_step + 1) % every == 0:
-            terms = self.loss.last_terms.as_dict(per_site=self.log_sites)  # the one device sync
+            last = self.loss.last_terms
+            if last is None:
+                raise RuntimeError(f"the loss {self.loss!r} recorded no terms in its training step")
+            terms = last.as_dict(per_site=self.log_sites)  # the one device sync
             self.log_dict(self._select(terms, "train"), on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int) -> None:
         # after the optimiser step (or between micro-batches): loss.step == trainer.global_step
         self._sync_step()
 
-    def on_validation_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         # a validation step that calls the loss itself counted a step: undo it
         self._sync_step()
 
-    def evaluate(self, batch, prefix: str = "val") -> dict:
+    def evaluate(self, batch: Any, prefix: str = "val") -> dict[str, float]:
         """
         Log the unweighted terms of a held-out batch as ``<prefix>/...`` epoch means
         (``sync_dist=True``), with ``val_model_kwargs``; β and :attr:`last_terms` do not move
@@ -334,7 +391,7 @@ class ELBOLightningModule(pl.LightningModule):
         self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         return values
 
-    def _select(self, terms: dict, prefix: str) -> dict:
+    def _select(self, terms: Mapping[str, float], prefix: str) -> dict[str, float]:
         names = TRAIN_TERMS + (("capacity",) if "capacity" in terms else ())
         out = {f"{prefix}/{name}": terms[name] for name in names}
         if self.log_sites:
@@ -343,13 +400,13 @@ class ELBOLightningModule(pl.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning hook: stores ``loss.state_dict()`` (the schedule position)."""
         if self._trainer is not None:
             self._sync_step()
         checkpoint[_CHECKPOINT_KEY] = {"loss": self.loss.state_dict()}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning hook: restores the schedule position, so β continues where it stopped."""
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
@@ -378,13 +435,13 @@ class DiagnosticsCallback(pl.Callback):
 
     def __init__(
         self,
-        *args,
-        model_kwargs: dict | None = None,
+        *args: Any,
+        model_kwargs: Mapping[str, Any] | None = None,
         num_samples: int = 1000,
         per_datapoint: str | None = None,
         every_n_epochs: int | None = None,
         collapse: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         check_int("num_samples", num_samples, 1, hint="importance samples of the evidence estimate")
         check_int("every_n_epochs", every_n_epochs, 1, allow_none=True, hint="or None to run only at the end")
@@ -394,18 +451,27 @@ class DiagnosticsCallback(pl.Callback):
         self.per_datapoint = per_datapoint
         self.every_n_epochs = every_n_epochs
         self.collapse = bool(collapse)
-        self.results: list[tuple[int, dict]] = []
+        self.results: list[tuple[int, dict[str, float]]] = []
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.run(trainer, pl_module)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.results or self.results[-1][0] != trainer.global_step:
             self.run(trainer, pl_module)
 
-    def run(self, trainer, pl_module: ELBOLightningModule) -> dict | None:
-        """Run the diagnostics now (rank 0 only) and log them; returns ``{name: value}``."""
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """
+        Run the diagnostics now (rank 0 only) and log them; returns ``{name: value}``.
+
+        :raises ValueError: if ``pl_module`` is not an :class:`ELBOLightningModule`.
+        """
+        if not isinstance(pl_module, ELBOLightningModule):
+            raise ValueError(
+                "DiagnosticsCallback diagnoses an ELBOLightningModule's model and guide, got "
+                f"{type(pl_module).__name__}; attach it to a Trainer that fits an ELBOLightningModule"
+            )
         if not trainer.is_global_zero:
             return None
         from .diagnostics import estimate_evidence, posterior_collapse
