@@ -115,6 +115,10 @@ def test_joint_flat_tail_and_constant_weights_are_reliable():
 
     exact = float(exact_log_evidence(x.reshape(1))[0])
     for q in (0.5, 0.3):  # the posterior (constant weights), then a flat tail (the larger weight: z = 1, 30%)
-        result = estimate_evidence(one_model, guide_with(q), x, num_samples=1000)
+
+        def one_guide(x, q=q):
+            pyro.sample("z", dist.Bernoulli(q))
+
+        result = estimate_evidence(one_model, one_guide, x, num_samples=1000)
         assert result.pareto_k == -math.inf and result.verdict == "IS reliable"
         assert abs(result.log_evidence - exact) <= max(1e-12, 4 * result.log_evidence_stderr)
