@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import RenyiELBO
 from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
+from pyro.poutine import Trace
 from pyro.util import warn_if_nan
 
 from ..checks import check_int
-from ..sites import sum_per_particle
+from ..sites import log_prob_per_particle
 from ..terms import TermsRecord, stack_columns
 from .beta_state import BetaState, check_enumerated_sites
 
@@ -136,7 +139,7 @@ class IWAE(BetaState, RenyiELBO):
         """
         return None if self._last_record is None else self._last_record.terms().elbo
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
         """
         :returns: ``-bound`` in nats; records :attr:`last_terms`; no step is counted.
         :rtype: float
@@ -147,62 +150,89 @@ class IWAE(BetaState, RenyiELBO):
         warn_if_nan(loss, "loss")
         return loss
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
         """
         ``-bound`` in nats; accumulates the gradient estimate (``gradient=``) into the
         parameters' ``.grad``; counts one optimiser step
         (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
+
+        :rtype: float
         """
-        bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
-        for param, grad in grads:
-            param.grad = -grad if param.grad is None else param.grad - grad
+        bound, surrogates = self._run(model, guide, args, kwargs, need_grads=True)
+        for i, (surrogate, params) in enumerate(surrogates):
+            # accumulated into .grad by autograd itself, as Pyro's losses do
+            torch.autograd.backward(-surrogate, inputs=params, retain_graph=i + 1 < len(surrogates))
         self._advance_step()
         loss = -bound
         warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """
         ``-bound`` as a tensor whose first derivative with respect to the parameters is the
         gradient estimate of :meth:`loss_and_grads` (not differentiable twice); counts one optimiser step
         (not inside :meth:`optimizer_step`; the rule: :class:`~pyro_elbo_lab.losses.beta_state.BetaState`).
+
+        :rtype: torch.Tensor (scalar)
         """
-        bound, grads = self._run(model, guide, args, kwargs, need_grads=True)
+        bound, surrogates = self._run(model, guide, args, kwargs, need_grads=True)
         record = self._last_record
         assert record is not None  # _run records the terms
         loss = record.values.new_tensor(-bound)  # on the model's device
-        for param, grad in grads:
-            loss = loss - ((param * grad).sum() - (param * grad).sum().detach())
+        for i, (surrogate, params) in enumerate(surrogates):
+            grads = torch.autograd.grad(surrogate, params, retain_graph=i + 1 < len(surrogates), allow_unused=True)
+            for param, grad in zip(params, grads):
+                if grad is not None:
+                    loss = loss - ((param * grad).sum() - (param * grad).sum().detach())
         warn_if_nan(loss, "loss")
         self._advance_step()
         return loss
 
     # -- the work ---------------------------------------------------------------------------
 
-    def _get_trace(self, model, guide, args, kwargs):
+    def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict) -> tuple:
         if is_validation_enabled():  # a site enumerated in the model: name BetaTraceEnumELBO
             model, guide = check_enumerated_sites(model, guide)
         return super()._get_trace(model, guide, args, kwargs)
 
-    def _run(self, model, guide, args, kwargs, need_grads: bool):
+    def _run(
+        self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict, need_grads: bool
+    ) -> tuple[float, list[tuple[torch.Tensor, list[torch.Tensor]]]]:
+        """
+        One evaluation from one (vectorised) pass of guide and model: the bound (float, nats)
+        and the surrogates to differentiate, each with the parameters it is for (the guide's
+        for DReG, the model's for the standard gradient).
+        """
         vectorized = self.vectorize_particles and self.num_particles > 1
-        log_w, log_w_stop, columns = [], [], []
-        model_params, guide_params = {}, {}
+        dreg = need_grads and self.gradient == "dreg"
+        log_ws: list = []
+        log_ws_stop: list = []
+        columns = []
+        model_params: dict[str, torch.Tensor] = {}
+        guide_params: dict[str, torch.Tensor] = {}
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-            lw = lw_stop = 0.0
-            for site in model_trace.nodes.values():
+            # each site's log-density summed over the plates the particles' weights couple
+            # (RenyiELBO's sums), reused by the record
+            model_sums: dict[str, torch.Tensor] = {}
+            guide_sums: dict[str, torch.Tensor] = {}
+            lw: Any = 0.0
+            for name, site in model_trace.nodes.items():
                 if site["type"] == "sample":
-                    lw = lw + torch_sum(site["log_prob"], sum_dims)
+                    lp = model_sums[name] = torch_sum(site["log_prob"], sum_dims)
+                    lw = lw + lp
                 elif site["type"] == "param":
-                    model_params[site["name"]] = site["value"].unconstrained()
+                    model_params[name] = site["value"].unconstrained()
             lw_stop = lw
             for name, site in guide_trace.nodes.items():
                 if site["type"] == "param":
-                    guide_params[site["name"]] = site["value"].unconstrained()
+                    guide_params[name] = site["value"].unconstrained()
                 if site["type"] != "sample":
                     continue
-                lw = lw - torch_sum(site["log_prob"], sum_dims)
+                lq = guide_sums[name] = torch_sum(site["log_prob"], sum_dims)
+                lw = lw - lq
                 if need_grads:
                     if not site["fn"].has_rsample:
                         raise NotImplementedError(
@@ -210,18 +240,20 @@ class IWAE(BetaState, RenyiELBO):
                             f"({type(site['fn']).__name__}) is not. Use pyro.infer.RenyiELBO (score function) "
                             "or a reparameterisable (e.g. relaxed) distribution."
                         )
-                    if self.gradient == "dreg":
-                        lw_stop = lw_stop - torch_sum(_log_prob_stopped(name, site), sum_dims)
-            log_w.append(lw)
-            log_w_stop.append(lw_stop)
-            columns.append(self._record(model_trace, guide_trace, vectorized))
+                    if dreg:
+                        lw_stop = lw_stop - _stopped_sum(name, site, lq, sum_dims)
+            log_ws.append(lw)
+            log_ws_stop.append(lw_stop)
+            with torch.no_grad():
+                columns.append(self._record(model_trace, guide_trace, model_sums, guide_sums, vectorized))
         if vectorized:
-            log_w, log_w_stop = log_w[0], log_w_stop[0]
+            log_w, log_w_stop = log_ws[0], log_ws_stop[0]
         else:
-            log_w, log_w_stop = torch.stack(log_w), torch.stack(log_w_stop)
+            log_w, log_w_stop = torch.stack(log_ws), torch.stack(log_ws_stop)
         one_minus = 1.0 - self.alpha
-        log_mean = torch.logsumexp(one_minus * log_w, dim=0) - math.log(self.num_particles)
-        bound_t = log_mean.sum() / one_minus
+        scaled = log_w if one_minus == 1.0 else one_minus * log_w  # IWAE (α = 0): no multiplication
+        log_mean = torch.logsumexp(scaled, dim=0) - math.log(self.num_particles)
+        bound_t = log_mean.sum() if one_minus == 1.0 else log_mean.sum() / one_minus
         bound = bound_t.item()
 
         names, values = columns[0] if len(columns) == 1 else stack_columns(columns)
@@ -229,59 +261,72 @@ class IWAE(BetaState, RenyiELBO):
         self._last_record = TermsRecord(["objective"] + names, values, 1.0, None)
         self.last_bound = bound
 
-        grads = []
+        surrogates: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         if need_grads and torch.is_tensor(log_w) and log_w.requires_grad:
-            weights = torch.softmax(one_minus * log_w.detach(), dim=0)  # normalised over particles
-            standard = (weights * log_w).sum()
+            weights = torch.softmax(scaled.detach(), dim=0)  # normalised over particles
             if self.gradient == "standard":
                 params = {**model_params, **guide_params}
-                grads += _grads(standard, params, retain=False)
             else:
-                coefficient = self.alpha * weights + one_minus * weights**2
-                dreg = (coefficient * log_w_stop).sum()
-                only_model = {k: v for k, v in model_params.items() if k not in guide_params}
-                grads += _grads(standard, only_model, retain=True)
-                grads += _grads(dreg, guide_params, retain=False)
-        return bound, grads
+                params = {k: v for k, v in model_params.items() if k not in guide_params}
+            if params:
+                surrogates.append(((weights * log_w).sum(), list(params.values())))
+            if self.gradient == "dreg" and guide_params:
+                coefficient = weights**2 if self.alpha == 0.0 else self.alpha * weights + one_minus * weights**2
+                surrogates.append(((coefficient * log_w_stop).sum(), list(guide_params.values())))
+        return bound, surrogates
 
-    def _record(self, model_trace, guide_trace, vectorized: bool):
-        """Per-particle reconstruction, KL and entropy: names and values of shape ``(entries, particles)``."""
+    def _record(
+        self,
+        model_trace: Trace,
+        guide_trace: Trace,
+        model_sums: dict[str, torch.Tensor],
+        guide_sums: dict[str, torch.Tensor],
+        vectorized: bool,
+    ) -> tuple[list, torch.Tensor]:
+        """
+        Per-particle reconstruction, KL and entropy: names and values of shape ``(entries,
+        particles)``. ``model_sums`` and ``guide_sums`` are the sites' sums over the coupled
+        plates; where one is already one value per particle (no plate common to all sites)
+        it is the per-particle sum and nothing is recomputed.
+        """
         num, nesting = (self.num_particles, self.max_plate_nesting - 1) if vectorized else (None, 0)
+        shape = (self.num_particles,) if vectorized else ()
 
-        def total(site):
-            return sum_per_particle(site["log_prob"], num, nesting).detach()
+        def total(site: dict, summed: torch.Tensor) -> torch.Tensor:
+            if summed.shape == shape and (not vectorized or site["log_prob"].dim() == self.max_plate_nesting):
+                return summed
+            return log_prob_per_particle(site, num, nesting)
 
-        names, values, kl, entropy = [], [], [], []
+        names: list = []
+        observed = []
         for name, site in model_trace.nodes.items():
             if site["type"] == "sample" and site["is_observed"]:
                 names.append(("reconstruction", name))
-                values.append(total(site))
+                observed.append(total(site, model_sums[name]))
+        latent, log_q, log_p = [], [], []
+        zero = None
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            lq = total(site)
+            latent.append(name)
+            log_q.append(total(site, guide_sums[name]))
             model_site = model_trace.nodes.get(name)
-            lp = total(model_site) if model_site is not None and model_site["type"] == "sample" else 0.0
-            kl.append((("kl", name), lq - lp))
-            entropy.append((("entropy", name), -lq))
-        for name, value in kl + entropy:
-            names.append(name)
-            values.append(value)
-        like = next(v for v in values if torch.is_tensor(v))
-        column = torch.stack([torch.zeros_like(like) + v for v in values])
+            if model_site is not None and model_site["type"] == "sample":
+                log_p.append(total(model_site, model_sums[name]))
+            else:  # an auxiliary guide site: its KL is its log q
+                if zero is None:
+                    zero = torch.zeros_like(log_q[-1])
+                log_p.append(zero)
+        rows = [torch.stack(observed)] if observed else []
+        if latent:
+            q = torch.stack(log_q)
+            rows += [q - torch.stack(log_p), -q]
+            names += [("kl", n) for n in latent] + [("entropy", n) for n in latent]
+        column = torch.cat(rows) if len(rows) > 1 else rows[0]
         return names, column if column.dim() == 2 else column.unsqueeze(-1)
 
 
-def _grads(surrogate: torch.Tensor, params: dict, retain: bool) -> list:
-    if not params:
-        return []
-    names = sorted(params)
-    tensors = [params[n] for n in names]
-    grads = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
-    return [(t, g) for t, g in zip(tensors, grads) if g is not None]
-
-
-def _detached(obj, keep_log_density: bool = True):
+def _detached(obj: Any, keep_log_density: bool = True) -> Any:
     """
     A shallow copy of a distribution (or transform) whose tensor attributes are detached, except,
     with ``keep_log_density``, a ``Delta``'s ``log_density``: in autoguides (AutoNormal,
@@ -307,7 +352,19 @@ def _detached(obj, keep_log_density: bool = True):
     return obj
 
 
-def _log_prob_stopped(name: str, site) -> torch.Tensor:
+def _stopped_sum(name: str, site: dict, log_prob_sum: torch.Tensor, sum_dims: list[int]) -> torch.Tensor:
+    """
+    :func:`_log_prob_stopped` summed over ``sum_dims``. A ``Delta`` site (an autoguide's
+    transformed value) reuses ``log_prob_sum``, its own sum: its log-density at its own
+    value is ``log_density`` plus a constant with no gradient, so holding ``v`` fixed
+    changes neither value nor gradient, and it costs no second evaluation.
+    """
+    if type(site["fn"]) is dist.Delta:
+        return log_prob_sum
+    return torch_sum(_log_prob_stopped(name, site), sum_dims)
+
+
+def _log_prob_stopped(name: str, site: dict) -> torch.Tensor:
     """
     ``log q(z)`` at the sampled ``z`` (gradient kept) with the distribution's parameters
     detached; scaled and masked.
