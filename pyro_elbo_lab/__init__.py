@@ -11,6 +11,7 @@ optional dependencies (matplotlib, scikit-learn) are only needed by what uses th
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
@@ -73,8 +74,56 @@ _SUBMODULES = (
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
+if TYPE_CHECKING:  # what the lazy exports resolve to, for type checkers and IDEs (tests/test_typing.py)
+    from . import arviz_compat as arviz_compat
+    from . import diagnostics as diagnostics
+    from . import inference_data as inference_data
+    from . import losses as losses
+    from . import plots as plots
+    from . import runner as runner
+    from . import schedules as schedules
+    from . import summary as summary
+    from . import terms as terms
+    from .datasets import MissingExtraError as MissingExtraError
+    from .diagnostics import AggregatePosteriorReport as AggregatePosteriorReport
+    from .diagnostics import CollapseReport as CollapseReport
+    from .diagnostics import EvidenceEstimate as EvidenceEstimate
+    from .diagnostics import GuideMoments as GuideMoments
+    from .diagnostics import ImportanceSamplingWarning as ImportanceSamplingWarning
+    from .diagnostics import RateDistortion as RateDistortion
+    from .diagnostics import VSBCReport as VSBCReport
+    from .diagnostics import aggregate_posterior as aggregate_posterior
+    from .diagnostics import estimate_evidence as estimate_evidence
+    from .diagnostics import guide_moments as guide_moments
+    from .diagnostics import posterior_collapse as posterior_collapse
+    from .diagnostics import rate_distortion_sweep as rate_distortion_sweep
+    from .diagnostics.rate_distortion import rate_distortion as rate_distortion
+    from .diagnostics.vsbc import vsbc as vsbc
+    from .inference_data import from_svi_result as from_svi_result
+    from .inference_data import to_inference_data as to_inference_data
+    from .lightning import DiagnosticsCallback as DiagnosticsCallback
+    from .lightning import ELBOLightningModule as ELBOLightningModule
+    from .losses import IWAE as IWAE
+    from .losses import BetaELBO as BetaELBO
+    from .losses import BetaMeanFieldELBO as BetaMeanFieldELBO
+    from .losses import BetaTraceEnumELBO as BetaTraceEnumELBO
+    from .losses import BetaTraceGraphELBO as BetaTraceGraphELBO
+    from .losses import FusedSVI as FusedSVI
+    from .losses import JitBetaELBO as JitBetaELBO
+    from .losses import JitBetaMeanFieldELBO as JitBetaMeanFieldELBO
+    from .losses import JitBetaTraceEnumELBO as JitBetaTraceEnumELBO
+    from .runner import Checkpointing as Checkpointing
+    from .runner import Convergence as Convergence
+    from .runner import Evaluation as Evaluation
+    from .runner import NonFiniteError as NonFiniteError
+    from .runner import SVIResult as SVIResult
+    from .runner import SVIRunner as SVIRunner
+    from .summary import SVISummary as SVISummary
+    from .summary import summarize as summarize
+    from .terms import ELBOTerms as ELBOTerms
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
     elif name in _SUBMODULES:
@@ -85,5 +134,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))

@@ -13,6 +13,7 @@ Every loader returns ``torch`` tensors in the current default dtype.
 from __future__ import annotations
 
 import importlib
+import types
 from typing import NamedTuple
 
 import torch
@@ -78,7 +79,7 @@ class MissingExtraError(ImportError):
     """
 
 
-def require(module: str, purpose: str):
+def require(module: str, purpose: str) -> types.ModuleType:
     """
     Import an optional dependency, or fail with a message that names the extra to install.
 

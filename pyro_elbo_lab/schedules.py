@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "Schedule",
@@ -45,7 +46,7 @@ def _check_nonnegative(name: str, value: float) -> float:
     return value
 
 
-def _check_length(name: str, value) -> int:
+def _check_length(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer number of steps, got {value!r}")
     return value
@@ -57,14 +58,14 @@ class Schedule:
     def __call__(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _fields(self) -> dict:
+    def _fields(self) -> dict[str, Any]:
         return dict(vars(self))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._fields().items())
         return f"{type(self).__name__}({args})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self._fields() == other._fields()
 
     def __hash__(self) -> int:

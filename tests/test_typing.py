@@ -13,6 +13,7 @@ positional data is annotated ``Any``, which is fine, but it must be annotated.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -84,7 +85,7 @@ def _methods(cls: type) -> Iterator[tuple[str, Callable[..., Any], bool]]:
                 yield where, attr.__func__, False
             elif isinstance(attr, classmethod):
                 yield where, attr.__func__, True
-            elif inspect.isfunction(attr):
+            elif inspect.isfunction(attr) and _ours(attr):  # not typing.Protocol's generated __init__
                 yield where, attr, True
 
 
@@ -142,3 +143,22 @@ def test_public_api_is_annotated() -> None:
         if missing:
             problems.append(f"{where}: {', '.join(missing)}")
     assert not problems, f"{len(problems)} public callables lack annotations:\n" + "\n".join(problems)
+
+
+def test_lazy_exports_are_visible_to_type_checkers() -> None:
+    # The package resolves its exports in ``__getattr__`` (typed ``Any``), so a type checker
+    # sees them only through the ``if TYPE_CHECKING:`` imports: each export must be there, and
+    # must be the very object ``__getattr__`` returns at run time.
+    tree = ast.parse(inspect.getsource(pyro_elbo_lab))
+    blocks = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    assert len(blocks) == 1
+    static = {}
+    for node in blocks[0].body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.unparse(node)
+        module = importlib.import_module(".".join(filter(None, [PACKAGE, node.module])))
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{ast.unparse(node)}: re-export as `{alias.name} as {alias.name}`"
+            static[alias.name] = getattr(module, alias.name)
+    assert set(static) == set(pyro_elbo_lab.__all__), sorted(set(static) ^ set(pyro_elbo_lab.__all__))
+    wrong = [name for name, obj in static.items() if getattr(pyro_elbo_lab, name) is not obj]
+    assert not wrong, wrong
