@@ -79,7 +79,7 @@ class Constant(Schedule):
     :param float value: the value returned at every step.
     """
 
-    def __init__(self, value: float):
+    def __init__(self, value: float) -> None:
         self.value = _check_finite("value", value)
 
     def __call__(self, step: int) -> float:
@@ -111,7 +111,7 @@ class LinearWarmup(Schedule):
         Maaløe, Søren Kaae Sønderby, Ole Winther (2016)
     """
 
-    def __init__(self, num_steps: int, start: float = 0.0, end: float = 1.0, delay: int = 0):
+    def __init__(self, num_steps: int, start: float = 0.0, end: float = 1.0, delay: int = 0) -> None:
         self.num_steps = _check_length("num_steps", num_steps)
         self.start = _check_finite("start", start)
         self.end = _check_finite("end", end)
@@ -158,7 +158,7 @@ class Cyclical(Schedule):
         ratio: float = 0.5,
         start: float = 0.0,
         end: float = 1.0,
-    ):
+    ) -> None:
         self.num_steps = _check_length("num_steps", num_steps)
         self.num_cycles = _check_length("num_cycles", num_cycles)
         if self.num_cycles > self.num_steps:
@@ -202,7 +202,7 @@ class Sigmoid(Schedule):
         the KL weight with a sigmoid.
     """
 
-    def __init__(self, num_steps: int, start: float = 0.0, end: float = 1.0, steepness: float = 10.0):
+    def __init__(self, num_steps: int, start: float = 0.0, end: float = 1.0, steepness: float = 10.0) -> None:
         self.num_steps = _check_length("num_steps", num_steps)
         self.start = _check_finite("start", start)
         self.end = _check_finite("end", end)
@@ -242,7 +242,7 @@ class Tempering(Schedule):
     [1] `Deterministic Annealing EM Algorithm`, Naonori Ueda, Ryohei Nakano (1998)
     """
 
-    def __init__(self, num_steps: int, start: float = 10.0, end: float = 1.0, kind: str = "geometric"):
+    def __init__(self, num_steps: int, start: float = 10.0, end: float = 1.0, kind: str = "geometric") -> None:
         self.num_steps = _check_length("num_steps", num_steps)
         self.start = _check_finite("start", start)
         self.end = _check_finite("end", end)
@@ -279,6 +279,6 @@ def as_schedule(value: ScheduleLike, name: str = "value") -> Callable[[int], flo
     return Constant(_check_finite(name, value))
 
 
-def _is_scalar_tensor(value) -> bool:
+def _is_scalar_tensor(value: object) -> bool:
     numel = getattr(value, "numel", None)
     return type(value).__module__.startswith("torch") and callable(numel) and numel() == 1
