@@ -72,8 +72,18 @@ class ELBOTerms:
         complete-data log-likelihood maximised by the M-step of EM.
     :ivar float beta: the β in force for this evaluation.
     :ivar int num_particles: how many particles the averages are over.
-    :ivar dict per_site: ``{site name: {term: value}}``; latent and auxiliary sites carry
-        ``kl``, ``entropy`` and ``cross_entropy``, observed sites ``reconstruction``.
+    :ivar dict per_site: ``{site name: {term: value}}``; latent sites carry ``kl``,
+        ``entropy`` and ``cross_entropy``, observed sites ``reconstruction``. With auxiliary
+        guide sites (autoguides), the log q of an auxiliary site is part of the KL and
+        entropy of the model site(s) it stands for (``AutoNormal``'s
+        ``<site>_unconstrained``; the slice of ``AutoDiagonalNormal``'s latent), so
+        ``kl/<site>`` is that site's KL. A joint that cannot be split per site
+        (``AutoMultivariateNormal``, low-rank, flows) is one entry named after its auxiliary
+        site, listed in :attr:`groups`; its model sites have no entry of their own. An
+        auxiliary site whose model sites are not known (hand-written, without
+        ``infer={"auxiliary_for": ...}``) is an entry of its own (``kl`` = its log q).
+    :ivar dict groups: ``{entry: (model sites, ...)}`` for the per-site entries that hold
+        the joint KL of several model sites (empty without such a guide).
     :ivar dict stderr: standard error over particles of each total field
         (``std / sqrt(num_particles)``); empty when ``num_particles == 1``.
     :ivar capacity: the capacity :math:`C(t)` in force (nats per element of the data
@@ -100,6 +110,7 @@ class ELBOTerms:
     per_site: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     stderr: Mapping[str, float] = field(default_factory=dict)
     capacity: float | None = None
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -161,7 +172,8 @@ class TermsRecord:
 
     :param list names: entry names: ``"objective"`` first, then ``(term, site)`` pairs with
         term ``"reconstruction"`` (observed sites), ``"kl"`` or ``"entropy"`` (latent and
-        auxiliary sites).
+        auxiliary sites); a group entry (one KL for several model sites) is
+        ``(term, name, (model sites, ...))``.
     :param torch.Tensor values: shape ``(num_entries, num_particles)``.
     """
 
@@ -173,13 +185,14 @@ class TermsRecord:
         self.num_particles = values.shape[-1]
         self.beta = beta
         self.capacity = capacity
-        self._terms = None
+        self._terms: ELBOTerms | None = None
 
     def terms(self) -> ELBOTerms:
         """The recorded terms as an :class:`ELBOTerms` (floats; one device sync on first call)."""
-        if self._terms is None:
-            self._terms = self._materialise()
-        return self._terms
+        terms = self._terms
+        if terms is None:
+            terms = self._terms = self._materialise()
+        return terms
 
     def _materialise(self) -> ELBOTerms:
         values = self.values
@@ -189,9 +202,9 @@ class TermsRecord:
         if self.num_particles == 1:
             # one sync, then plain float arithmetic: cheaper than a dozen tiny tensor ops
             return self._build(entries, values.reshape(-1).tolist(), {})
-        rows = {"reconstruction": [], "kl": [], "entropy": []}
-        for i, (term, _) in enumerate(entries, start=1):
-            rows[term].append(i)
+        rows: dict[str, list[int]] = {"reconstruction": [], "kl": [], "entropy": []}
+        for i, entry in enumerate(entries, start=1):
+            rows[entry[0]].append(i)
 
         def total(term):
             index = rows[term]
@@ -216,7 +229,11 @@ class TermsRecord:
         """ELBOTerms from the particle means ``[objective, *per-entry values]``."""
         recon = kl = entropy = 0.0
         per_site: dict[str, dict[str, float]] = {}
-        for (term, site), value in zip(entries, means[1:]):
+        groups: dict[str, tuple[str, ...]] = {}
+        for entry, value in zip(entries, means[1:]):
+            term, site = entry[0], entry[1]
+            if len(entry) > 2:
+                groups[site] = tuple(entry[2])
             per_site.setdefault(site, {})[term] = value
             if term == "reconstruction":
                 recon += value
@@ -235,6 +252,7 @@ class TermsRecord:
             per_site=per_site,
             stderr=stderr,
             capacity=self.capacity,
+            groups=groups,
             **dict(zip(TOTAL_FIELDS, totals_mean)),
         )
 

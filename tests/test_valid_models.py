@@ -13,6 +13,7 @@ amortised ``nn.Module`` guide):
   ``poutine.trace`` log-probabilities of the traces drawn at the same seed (no library code);
 - invalid input raises a ``ValueError`` that names the argument or site.
 """
+
 from __future__ import annotations
 
 import math
@@ -190,8 +191,7 @@ def several_observed():
     return model, guide, (data, counts)
 
 
-def auxiliary():
-    """A guide with an auxiliary site (``infer={"is_auxiliary": True}``) absent from the model."""
+def _auxiliary(infer):
     data = _data()
 
     def model(data):
@@ -201,10 +201,20 @@ def auxiliary():
 
     def guide(data):
         m = pyro.param("m", torch.tensor(0.1))
-        u = pyro.sample("u", dist.Normal(m, 1.0), infer={"is_auxiliary": True})
+        u = pyro.sample("u", dist.Normal(m, 1.0), infer=infer)
         pyro.sample("mu", dist.Normal(u, 0.5))
 
     return model, guide, (data,)
+
+
+def auxiliary():
+    """A guide with an auxiliary site absent from the model, marked as standing for ``mu``."""
+    return _auxiliary({"is_auxiliary": True, "auxiliary_for": "mu"})
+
+
+def auxiliary_unmarked():
+    """The same guide without ``auxiliary_for``: which model site ``u`` stands for is not known."""
+    return _auxiliary({"is_auxiliary": True})
 
 
 def _constrained_model(data):
@@ -308,6 +318,7 @@ MODELS = [
     distribution_mask,
     several_observed,
     auxiliary,
+    auxiliary_unmarked,
     auto_normal,
     auto_diagonal_normal,
     auto_multivariate_normal,
@@ -364,8 +375,10 @@ def assert_error(loss_fn, model, guide, args, match):
 # N_s: the scaled count of the site's unmasked batch elements; j: the event dimensions of an
 # Independent site, one per batch element otherwise. The log q of an auxiliary guide site
 # belongs to the model site(s) it stands for (AutoNormal's "<s>_unconstrained"; the slice of
-# AutoDiagonalNormal's latent; hand-written: the case says); AutoMultivariateNormal's joint
-# log q cannot be split per site, so it only enters with S = all sites.
+# AutoDiagonalNormal's latent; hand-written: the case says, or the site is an entry of its own
+# when it does not say); AutoMultivariateNormal's joint log q cannot be split per site, so it
+# only enters with S = all sites and is one per-site entry (named after the joint latent site)
+# for all the model sites it covers.
 # Gradients: pathwise through the replayed traces; for a non-reparameterised guide site the
 # score-function term log q(b) · (objective of the particle), Pyro's estimator for a global
 # site.
@@ -536,15 +549,17 @@ def hand_objective(
             if not reparam:
                 kl_ij = kl_ij.detach()
             per_dim[name] = reduce(_scale_mask(kl_ij, g, 1), 1)
-    joint = None
+    joint = joint_name = None
     for name, g in guide_trace.nodes.items():
         if g["type"] != "sample" or name in model_trace.nodes:
             continue
         for target, log_q in _aux_log_q(guide, name, g, case_aux, layout).items():
             log_q_sum = reduce(log_q, 1).sum(-1)
             if target == JOINT:
-                joint = log_q_sum
+                joint, joint_name = log_q_sum, name
                 continue
+            if target not in kl:  # an auxiliary site of its own
+                kl[target] = entropy[target] = cross[target] = torch.zeros_like(log_q_sum)
             kl[target] = kl[target] + log_q_sum
             entropy[target] = entropy[target] - log_q_sum
             if target in per_dim:
@@ -572,6 +587,15 @@ def hand_objective(
     surrogate = objective + sum((log_q * objective.detach() for log_q in score), zero)
     total_kl = sum(kl.values(), zero) + (0.0 if joint is None else joint)
     total_entropy = sum(entropy.values(), zero) - (0.0 if joint is None else joint)
+    per_site_latent = {s: dict(kl=kl[s].detach(), entropy=entropy[s].detach(), cross_entropy=cross[s]) for s in latent}
+    if joint is not None:  # one entry for the joint: every latent site of these models
+        per_site_latent = {
+            joint_name: dict(
+                kl=(joint + sum(kl.values(), zero)).detach(),
+                entropy=(sum(entropy.values(), zero) - joint).detach(),
+                cross_entropy=sum(cross.values(), zero),
+            )
+        }
     return dict(
         objective=objective.detach(),
         surrogate=surrogate,
@@ -581,8 +605,9 @@ def hand_objective(
         entropy=total_entropy.detach(),
         per_site={
             **{s: dict(reconstruction=v.detach()) for s, v in recon.items()},
-            **{s: dict(kl=kl[s].detach(), entropy=entropy[s].detach(), cross_entropy=cross[s]) for s in latent},
+            **per_site_latent,
         },
+        groups={} if joint is None else {joint_name: tuple(kl)},
     )
 
 
@@ -633,6 +658,7 @@ SUBSET = {
     "distribution_mask": ["z"],
     "several_observed": ["sigma"],
     "auxiliary": ["mu"],
+    "auxiliary_unmarked": ["mu", "u"],  # u may carry mu's log q: selected together
     "auto_normal": ["sigma"],
     "auto_diagonal_normal": ["sigma"],
     "auto_multivariate_normal": None,  # one joint log q: no KL per site
@@ -641,30 +667,22 @@ SUBSET = {
     "observed_only": None,
     "score_function": ["z"],
 }
-# which model site a hand-written auxiliary guide site stands for
-CASE_AUX = {"auxiliary": {"u": "mu"}}
-# guides with auxiliary sites: their per-site KL needs the auxiliary log q moved onto model sites
-AUX_GUIDES = {"auxiliary", "auto_normal", "auto_diagonal_normal", "auto_multivariate_normal"}
+# which model site a hand-written auxiliary guide site stands for (itself: an entry of its own)
+CASE_AUX = {"auxiliary": {"u": "mu"}, "auxiliary_unmarked": {"u": "u"}}
 # λ for free bits: between the cross-entropy -log p(z) of the autoguides' sites (about 1.6 and
 # 0.9 nats at their initial parameters) and their KL (about 3 and 2.3 nats, the auxiliary log q
 # included), so that flooring the wrong quantity changes the objective
 FREE_BITS = {"auto_normal": 2.0, "auto_diagonal_normal": 2.0}
-# with auxiliary guide sites β on a subset must name each latent site with the auxiliary sites
-# that carry its log q (the hand reference attributes that log q to the latent site)
-LOSS_SUBSET = {"auxiliary": ["mu", "u"], "auto_normal": ["sigma", "sigma_unconstrained"]}
+# the name of an auxiliary site attributed to a model site selects that site's entry
+LOSS_SUBSET = {"auto_normal": ["sigma_unconstrained"]}
 # combinations refused with a ValueError: (model, option kind) -> the site the message names
 REFUSED = {
-    ("auxiliary", "nonlinear"): "mu",  # sites=None selects u too, but the first touched name is 'mu'
-    ("auto_normal", "nonlinear"): "mu",
-    ("auto_diagonal_normal", "nonlinear"): "_AutoDiagonalNormal_latent",
-    ("auto_multivariate_normal", "nonlinear"): "_AutoMultivariateNormal_latent",
-    # AutoDiagonalNormal's joint latent carries the log q of mu and sigma: no subset is exact
-    ("auto_diagonal_normal", "subset"): "sigma",
+    # u does not say which site it stands for: no term is known to be a KL
+    ("auxiliary_unmarked", "free_bits"): "mu",
+    ("auxiliary_unmarked", "capacity"): "mu",
+    # one joint log q for mu and sigma: no KL per latent dimension
+    ("auto_multivariate_normal", "free_bits"): "_AutoMultivariateNormal_latent",
 }
-ISSUE_11_3 = (
-    "issue 11 §3: the per-site kl/<site> of a model site with an auxiliary guide site is -log p(z) "
-    "(+ Jacobian); its log q is reported under the auxiliary site"
-)
 
 # (id, loss options, hand options, schedule steps taken before the check, needs a subset,
 #  needs a KL per site)
@@ -707,7 +725,8 @@ def _hand_cases():
                     continue
                 if nonlinear and not subset and name == "score_function":
                     continue  # NotImplementedError, test_nonlinear_objective_on_score_function_site_raises
-                if (name, "nonlinear" if nonlinear else "subset" if subset else None) in REFUSED:
+                kind = "free_bits" if "free_bits" in options else "capacity" if "capacity" in options else None
+                if (name, kind) in REFUSED:
                     continue  # test_refused_with_auxiliary_sites
                 marks = []
                 if "free_bits" in options:
@@ -758,7 +777,8 @@ def _hand(model, guide, args, particles, max_plate_nesting, layout, seed, **opti
     traces = _draw(model, guide, args, num_particles, vectorize, max_plate_nesting)
     reduce = _Reducer(num_particles, vectorize, max_plate_nesting)
     parts = [hand_objective(m, g, reduce, guide=guide, layout=layout, **options) for m, g in traces]
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "per_site"}
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("per_site", "groups")}
+    out["groups"] = parts[0]["groups"]
     out["per_site"] = {
         site: {term: torch.cat([p["per_site"][site][term] for p in parts]) for term in terms}
         for site, terms in parts[0]["per_site"].items()
@@ -783,6 +803,7 @@ def _assert_terms_match(terms, hand, per_site):
             assert terms.stderr[name] == pytest.approx(stderr, rel=1e-6, abs=ATOL), f"stderr {name}"
     if per_site:
         assert terms.per_site.keys() == hand["per_site"].keys()
+        assert terms.groups == hand["groups"]
         for site, values in hand["per_site"].items():
             for term, value in values.items():
                 expected = value.mean().item()
@@ -825,7 +846,7 @@ def test_objective_by_hand(Loss, make, particles, option):
 
     pyro.set_rng_seed(11)
     assert loss_fn.loss(model, guide, *args) == pytest.approx(expected, rel=RTOL, abs=ATOL)
-    _assert_terms_match(loss_fn.last_terms, hand, per_site=name not in AUX_GUIDES)
+    _assert_terms_match(loss_fn.last_terms, hand, per_site=True)
 
     value, grads = _loss_and_grads(loss_fn, model, guide, args, seed=11)
     assert value == pytest.approx(expected, rel=RTOL, abs=ATOL)
@@ -844,8 +865,7 @@ def _refused_cases():
     for (name, kind), site in REFUSED.items():
         make = next(m for m in MODELS if m.__name__ == name)
         for option_id, options, _, _, subset, _ in OPTIONS:
-            nonlinear = "free_bits" in options or "capacity" in options
-            if (kind == "nonlinear") != nonlinear or (kind == "subset" and not subset):
+            if kind not in options:
                 continue
             if subset and SUBSET[name] is None:
                 continue
@@ -853,9 +873,9 @@ def _refused_cases():
                 sites = SUBSET[name] if subset else None
                 named = sites[0] if sites else site  # the message names the first selected site concerned
                 cases.append(pytest.param(Loss, make, options, sites, named, id=f"{Loss.__name__}-{name}-{option_id}"))
-    # a subset that splits a latent site from the auxiliary site carrying (part of) its log q
-    for name, sites, site in [("auxiliary", ["mu"], "mu"), ("auto_normal", ["sigma"], "sigma"),
-                              ("auto_normal", ["sigma_unconstrained"], "sigma_unconstrained")]:
+    # a subset that splits a latent site from an auxiliary site that may carry its log q, or
+    # splits the model sites of one joint log q
+    for name, sites, site in [("auxiliary_unmarked", ["mu"], "mu"), ("auto_multivariate_normal", ["mu"], "mu")]:
         make = next(m for m in MODELS if m.__name__ == name)
         for Loss in (BetaELBO, BetaMeanFieldELBO):
             cases.append(pytest.param(Loss, make, dict(beta=4.0), sites, site, id=f"{Loss.__name__}-{name}-{sites}"))
@@ -879,20 +899,37 @@ def test_refused_with_auxiliary_sites(Loss, make, options, sites, site):
     assert loss_fn.step == 0
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE_11_3)
-@pytest.mark.parametrize("make", [auxiliary, auto_normal, auto_diagonal_normal], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "make",
+    [auxiliary, auxiliary_unmarked, auto_normal, auto_diagonal_normal, auto_multivariate_normal],
+    ids=lambda f: f.__name__,
+)
 @pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
 def test_per_site_terms_by_hand_auxiliary_guides(Loss, make):
     """The per-site KL and entropy of a model site include the log q of the auxiliary sites standing for it."""
     particles = dict(num_particles=1)
     model, guide, args, max_plate_nesting, layout = _setup(make, particles)
     hand = _hand(
-        model, guide, args, particles, max_plate_nesting, layout, seed=11, analytic=Loss is BetaMeanFieldELBO,
-        sites=None, case_aux=CASE_AUX.get(make.__name__), beta=1.0, free_bits=None, capacity=None, gamma=1.0,
+        model,
+        guide,
+        args,
+        particles,
+        max_plate_nesting,
+        layout,
+        seed=11,
+        analytic=Loss is BetaMeanFieldELBO,
+        sites=None,
+        case_aux=CASE_AUX.get(make.__name__),
+        beta=1.0,
+        free_bits=None,
+        capacity=None,
+        gamma=1.0,
     )
     loss_fn = Loss()
     pyro.set_rng_seed(11)
     loss_fn.loss(model, guide, *args)
+    assert loss_fn.last_terms.per_site.keys() == hand["per_site"].keys()
+    assert loss_fn.last_terms.groups == hand["groups"]
     for site, values in hand["per_site"].items():
         for term, value in values.items():
             actual = loss_fn.last_terms.per_site[site][term]

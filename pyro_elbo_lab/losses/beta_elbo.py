@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.poutine.runtime import Message
 
 from .objective import WeightedObjective
 
@@ -31,11 +32,20 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
 
     **β on a subset of sites.** ``sites=["z"]`` weights only the KL of the named latent
     sites (e.g. a VAE's local code, not its global weights); the others keep weight 1.
-    With auxiliary guide sites (autoguides, ``infer={"is_auxiliary": True}``) the log q
-    of a latent site lives (partly) at an auxiliary site, so ``sites`` must name each
-    selected latent site together with the auxiliary sites that carry its log q
-    (``sites=["z", "z_unconstrained"]`` for :class:`~pyro.infer.autoguide.AutoNormal`);
-    a split is refused (``ValueError`` naming the missing sites).
+
+    **Guides with auxiliary sites.** The log q of an auxiliary guide site is part of the KL
+    of the model site(s) it stands for (:mod:`~pyro_elbo_lab.losses.attribution`):
+    :class:`~pyro.infer.autoguide.AutoNormal`'s ``<z>_unconstrained`` belongs to ``z``,
+    each slice of :class:`~pyro.infer.autoguide.AutoDiagonalNormal`'s latent to its site,
+    and a hand-written site marked ``infer={"is_auxiliary": True, "auxiliary_for": "z"}``
+    to ``z``. So ``last_terms.per_site["z"]["kl"]`` is z's KL, and β, free bits and
+    capacity apply to it (``sites=["z"]``; naming ``"z_unconstrained"`` selects ``z`` too).
+    A joint that cannot be split (:class:`~pyro.infer.autoguide.AutoMultivariateNormal`,
+    low-rank, flows) has one KL for its sites: one per-site entry named after its latent
+    site (``last_terms.groups`` lists the sites), weighted whole (``sites`` selects all of
+    them or none), with capacity but not free bits. A hand-written auxiliary site without
+    ``auxiliary_for`` is an entry of its own; β on a subset must then include it, and free
+    bits and capacity are refused.
 
     **Free bits** (``free_bits=λ``, Kingma et al. 2016): for each selected site the KL term
     becomes :math:`\\beta \\sum_j N \\max(\\lambda, \\overline{\\mathrm{KL}}_j)`, with
@@ -50,8 +60,8 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     C in nats per element of the data plate (N as above).
 
     Free bits and capacity need reparameterised guide sites among the selected ones, and
-    guide sites that carry their own log q (no auxiliary guide site: refused with a
-    ``ValueError`` naming the site).
+    a KL per selected site (see above: refused with a ``ValueError`` naming the site where
+    none exists).
     A model without sample sites has loss 0 and all-zero terms, as in ``Trace_ELBO``.
     Score-function sites left out of ``sites`` are fine: their downstream cost contains
     the whole (non-linear) free-bits or capacity term of each particle.
@@ -68,10 +78,10 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
     :raises ValueError: for negative or NaN β, λ < 0, γ < 0, negative capacity, both free
         bits and capacity, capacity with β != 1, ``num_particles`` not an integer >= 1; at
         the first call, for ``sites`` that are not latent sites of the model, for free bits
-        or capacity on sites of an autoguide with auxiliary sites (``AutoNormal``,
-        ``AutoDiagonalNormal``, ``AutoContinuous``: their per-site term is a cross-entropy,
-        not a KL), and for β on ``sites`` that split a latent site from the auxiliary site
-        that carries its log q.
+        on a joint auxiliary site (``AutoMultivariateNormal``, low-rank, flows) or on a
+        site of several latent dimensions with an auxiliary site, for free bits or capacity
+        with an auxiliary site that does not say which model site it stands for, and for β
+        on ``sites`` that split the sites of one joint or leave out such an auxiliary site.
     :raises NotImplementedError: for free bits or capacity on a non-reparameterised site.
 
     Example::
@@ -97,17 +107,21 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
         (2014)
     """
 
-    def _latent_site_terms(self, name, model_site, guide_site):
+    def _latent_site_terms(
+        self, name: str, model_site: Message, guide_site: Message
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # per-particle sums only: the batch-shaped log_probs were already summed by Pyro
         lp = self._log_prob_per_particle(model_site)
         lq = self._log_prob_per_particle(guide_site).detach()
         kl_surrogate = self._entropy_term_per_particle(guide_site) - lp
         return kl_surrogate, lq - lp.detach(), -lq
 
-    def _latent_terms(self, latent):
+    def _latent_terms(self, latent: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Monte Carlo terms from Pyro's memoised per-site sums, stacked once:
         # KL = log q - log p, H = -log q; surrogate = entropy_term - log p
-        log_p, log_q, entropy_term = [], [], []
+        log_p: list[torch.Tensor] = []
+        log_q: list[torch.Tensor] = []
+        entropy_term: list[torch.Tensor] = []
         zero = None  # log p of auxiliary guide sites (no model site), one tensor for all
         for _, model_site, guide_site in latent:
             log_q.append(self._log_prob_per_particle(guide_site))
@@ -118,6 +132,6 @@ class BetaELBO(WeightedObjective, Trace_ELBO):
                 log_p.append(zero)
             else:
                 log_p.append(self._log_prob_per_particle(model_site))
-        log_p, log_q = torch.stack(log_p), torch.stack(log_q).detach()
-        kl_surrogate = torch.stack(entropy_term) - log_p
-        return kl_surrogate, log_q - log_p.detach(), -log_q
+        lp, lq = torch.stack(log_p), torch.stack(log_q).detach()
+        kl_surrogate = torch.stack(entropy_term) - lp
+        return kl_surrogate, lq - lp.detach(), -lq

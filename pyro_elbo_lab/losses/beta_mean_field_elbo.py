@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine import Trace
+from pyro.poutine.runtime import Message
 
 from .. import sites
 from .objective import WeightedObjective
@@ -11,7 +16,7 @@ from .objective import WeightedObjective
 __all__ = ["BetaMeanFieldELBO"]
 
 
-def _check_reparameterised(name: str, guide_site) -> None:
+def _check_reparameterised(name: str, guide_site: Any) -> None:
     """As Pyro's ``check_fully_reparametrized``, with a message that names the classes that can."""
     _, score_function_term, entropy_term = guide_site["score_parts"]
     if not (
@@ -81,7 +86,9 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
 
     analytic_kl = True
 
-    def _latent_site_terms(self, name, model_site, guide_site):
+    def _latent_site_terms(
+        self, name: str, model_site: Message, guide_site: Message
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if is_validation_enabled():
             _check_reparameterised(name, guide_site)
         kl, analytic = sites.kl(model_site, guide_site)
@@ -101,7 +108,9 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
             entropy = (-self._log_prob_per_particle(model_site) - kl).detach()
         return kl, kl.detach(), entropy
 
-    def _particle(self, model_trace, guide_trace, beta, capacity):
+    def _particle(
+        self, model_trace: Trace, guide_trace: Trace, beta: float, capacity: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor | float, list, torch.Tensor]:
         if is_validation_enabled():
             for name, site in guide_trace.nodes.items():
                 if site["type"] == "sample" and name not in model_trace.nodes:

@@ -29,6 +29,7 @@ from ..terms import ELBOTerms, TermsRecord
 __all__ = [
     "BetaState",
     "GlobSites",
+    "SiteSelection",
     "check_enumerated_sites",
     "check_selection_matches",
     "check_site_names",
@@ -37,7 +38,11 @@ __all__ = [
 ]
 
 
-def check_site_names(sites: Iterable[str] | str | Callable[[str], bool] | None):
+#: ``sites=`` once validated by :func:`check_site_names`: every site (``None``), a set of names or a predicate.
+SiteSelection = frozenset | Callable[[str], bool] | None
+
+
+def check_site_names(sites: Iterable[str] | str | Callable[[str], bool] | None) -> SiteSelection:
     """
     Validate ``sites=``: ``None`` (every site), site names (a str or an iterable of str), a
     glob pattern (a str with ``*``, ``?`` or ``[``, matched with :func:`fnmatch.fnmatchcase`)
@@ -292,7 +297,7 @@ class BetaState:
             )
         return value
 
-    def current_capacity(self, step: int | None = None) -> None:
+    def current_capacity(self, step: int | None = None) -> float | None:
         """Always ``None``: these losses have no capacity term."""
         return None
 

@@ -14,15 +14,18 @@ differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` pe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
+from pyro.poutine import Trace
 from pyro.util import warn_if_nan
 
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
+from .attribution import Attribution, Entry, attribute
 from .beta_state import BetaState, check_enumerated_sites, enumerated_site_error, is_enumerated, site_selected
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
@@ -46,6 +49,11 @@ def _is_sample(site) -> bool:
     return site["type"] == "sample"
 
 
+def _entry_label(entry: Entry) -> tuple:
+    """The record name of an entry after its term: ``(site,)``, or ``(name, covered sites)`` for a group."""
+    return (entry.name, entry.sites) if entry.kind == "group" else (entry.name,)
+
+
 class WeightedObjective(BetaState):
     """
     Mixin that turns a Pyro trace ELBO into the objective
@@ -66,6 +74,11 @@ class WeightedObjective(BetaState):
 
     #: whether the KL per latent dimension (free bits) is analytic where registered
     analytic_kl: bool = False
+    # set by Pyro's ELBO.__init__ (the class this mixin is combined with)
+    num_particles: int
+    vectorize_particles: bool
+    max_plate_nesting: int
+    retain_graph: bool | None
 
     # -- construction -------------------------------------------------------------------
 
@@ -77,8 +90,8 @@ class WeightedObjective(BetaState):
         free_bits: float | None = None,
         capacity: ScheduleLike | None = None,
         gamma: float = 1000.0,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         # validate and store our hyper-parameters, then Pyro's (as pyro.infer.RenyiELBO)
         self._init_objective(beta, sites, free_bits, capacity, gamma)
         check_particles(kwargs)
@@ -113,7 +126,7 @@ class WeightedObjective(BetaState):
 
     # -- the three entry points ---------------------------------------------------------------
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         :returns: an estimate of the negative objective, ``-objective`` in nats (the
             negative ELBO for β = 1), averaged over ``num_particles``.
@@ -123,11 +136,11 @@ class WeightedObjective(BetaState):
         """
         with torch.no_grad():
             loss, _ = self._run(model, guide, args, kwargs, mode="value")
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
+        value = float(loss.item())
+        warn_if_nan(value, "loss")  # type: ignore[call-overload]  # Pyro's stub: numbers.Number, not float
+        return value
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """
         The loss as a tensor whose value is ``-objective`` and whose gradient is the
         gradient estimator of ``-objective`` (pathwise for reparameterised sites, score
@@ -143,7 +156,7 @@ class WeightedObjective(BetaState):
             return loss
         return loss + (surrogate - surrogate.detach())
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """
         Computes ``-objective`` and accumulates its gradient estimate into the parameters'
         ``.grad`` (what :class:`pyro.infer.SVI` calls); counts one optimiser step, except
@@ -155,11 +168,11 @@ class WeightedObjective(BetaState):
         """
         loss, _ = self._run(model, guide, args, kwargs, mode="backward")
         self._advance_step()
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
+        value = float(loss.item())
+        warn_if_nan(value, "loss")  # type: ignore[call-overload]  # Pyro's stub: numbers.Number, not float
+        return value
 
-    def decompose(self, model, guide, *args, **kwargs) -> ELBOTerms:
+    def decompose(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> ELBOTerms:
         """
         Evaluates the decomposition without gradients, without advancing the step count
         and without touching :attr:`last_terms`.
@@ -171,11 +184,15 @@ class WeightedObjective(BetaState):
         try:
             with torch.no_grad():
                 self._run(model, guide, args, kwargs, mode="value")
-            return self._last_record.terms()
+            record = self._last_record
+            assert record is not None  # _run always records
+            return record.terms()
         finally:
             self._last_record = last
 
-    def _differentiable_loss_particle(self, model_trace, guide_trace):
+    def _differentiable_loss_particle(
+        self, model_trace: Trace, guide_trace: Trace
+    ) -> tuple[float | torch.Tensor, torch.Tensor]:
         """
         Pyro's extension hook (:class:`pyro.infer.Trace_ELBO`,
         :class:`pyro.infer.TraceMeanField_ELBO`): the weighted objective of one particle
@@ -192,11 +209,11 @@ class WeightedObjective(BetaState):
         objective, surrogate, _, _ = self._particle(
             model_trace, guide_trace, self.current_beta(), self.current_capacity()
         )
-        objective = objective.sum()
-        if torch.is_tensor(surrogate) and surrogate.requires_grad:
-            surrogate = surrogate.sum()
-            objective = objective + (surrogate - surrogate.detach())
-        loss = -objective
+        total = objective.sum()
+        if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
+            total_surrogate = surrogate.sum()
+            total = total + (total_surrogate - total_surrogate.detach())
+        loss = -total
         value = loss.detach() if torch._C._get_tracing_state() else loss.item()
         return value, loss
 
@@ -207,13 +224,15 @@ class WeightedObjective(BetaState):
             model, guide = check_enumerated_sites(model, guide)
         return super()._get_trace(model, guide, args, kwargs)
 
-    def _run(self, model, guide, args, kwargs, mode: str):
+    def _run(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
         beta = self.current_beta()
         capacity = self.current_capacity()
-        loss = None
-        surrogate = 0.0
-        records = []
-        names = None
+        loss: torch.Tensor | None = None
+        surrogate: torch.Tensor | float = 0.0
+        records: list = []
+        names: list | None = None
         scale = -1.0 / self.num_particles
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             objective_p, surrogate_p, names_p, record_p = self._particle(model_trace, guide_trace, beta, capacity)
@@ -242,6 +261,7 @@ class WeightedObjective(BetaState):
         values = records[0] if len(records) == 1 else torch.stack(records, -1)
         if values.dim() == 1:
             values = values.unsqueeze(-1)
+        assert loss is not None and names is not None  # at least one particle
         self._last_record = TermsRecord(names, values, beta, capacity)
         return loss, surrogate
 
@@ -273,15 +293,50 @@ class WeightedObjective(BetaState):
             return self._per_particle(term)
         return term.sum()
 
-    def _site_weight(self, name: str) -> bool:
-        return site_selected(self.sites, name)
+    def _entry_weight(self, entry: Entry) -> bool:
+        """Whether ``sites`` selects an entry: by its name, one of its model sites or auxiliary sites."""
+        if self.sites is None:
+            return True
+        return any(site_selected(self.sites, n) for n in entry.names)
 
-    def _check_sites(self, model_trace, guide_trace) -> None:
+    def _get_traces(self, model, guide, args, kwargs):
+        # the guide object, for the layout of its auxiliary sites (attribution.attribute)
+        self._traced_guide = guide
+        return super()._get_traces(model, guide, args, kwargs)  # type: ignore[misc]
+
+    def _attribution(self, model_trace: Trace, guide_trace: Trace, latent: list) -> Attribution:
+        """Which model sites the auxiliary guide sites stand for, computed once per guide and set of sites."""
+        guide = self.__dict__.get("_traced_guide")
+        guide_key: object = guide
+        try:
+            hash(guide)
+        except TypeError:
+            guide_key = id(guide)
+        key = (guide_key, tuple(model_trace.nodes), tuple(guide_trace.nodes))
+        cache = self.__dict__.setdefault("_attributions", {})
+        plan = cache.get(key)
+        if plan is None:
+            plan = attribute(guide, model_trace, guide_trace, latent)
+            if len(cache) >= 256:  # bounded, as _check_sites_per_call
+                cache.clear()
+            cache[key] = plan
+        return plan
+
+    def _check_sites(self, model_trace: Trace, guide_trace: Trace, latent: list) -> None:
         """``sites`` names latent sites, and auxiliary guide sites allow the weighting."""
         check_selected_sites(model_trace, guide_trace, self.sites)
-        check_auxiliary(model_trace, guide_trace, self.sites, self.free_bits is not None or self.capacity is not None)
+        check_auxiliary(
+            model_trace,
+            guide_trace,
+            self._attribution(model_trace, guide_trace, latent),
+            self.sites,
+            free_bits=self.free_bits is not None,
+            capacity=self.capacity is not None,
+        )
 
-    def _particle(self, model_trace, guide_trace, beta: float, capacity: float | None):
+    def _particle(
+        self, model_trace: Trace, guide_trace: Trace, beta: float, capacity: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor | float, list, torch.Tensor]:
         """
         One particle (or the whole vectorised particle plate): returns the objective per
         particle (detached), the surrogate objective per particle (differentiable), the
@@ -291,7 +346,6 @@ class WeightedObjective(BetaState):
         The per-site sums are stacked once and weighted with one vector operation, so the
         cost of the objective and of its recording barely grows with the number of sites.
         """
-        self._check_sites_per_call(model_trace, guide_trace, self._check_sites)
         nonlinear = self.free_bits is not None or capacity is not None
 
         obs_names: list = []
@@ -311,13 +365,15 @@ class WeightedObjective(BetaState):
         for name, guide_site in guide_trace.nodes.items():
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 latent.append((name, None, guide_site))  # auxiliary guide site
+        self._check_sites_per_call(model_trace, guide_trace, self._check_sites, latent)
         if not obs_lp and not latent:  # an empty model: loss 0, as Pyro's Trace_ELBO
             zero = torch.zeros(()) if self._particle_plate() is None else torch.zeros(self.num_particles)
             return zero, 0.0, ["objective"], zero.unsqueeze(0)
 
-        names = ["objective"] + [("reconstruction", n) for n in obs_names]
-        pieces = []
-        surrogate = objective = 0.0
+        names: list = ["objective"] + [("reconstruction", n) for n in obs_names]
+        pieces: list = []
+        surrogate: torch.Tensor | float = 0.0
+        objective: torch.Tensor | float = 0.0
         if obs_lp:
             recon_sites = torch.stack(obs_lp)
             recon = recon_sites.sum(0)
@@ -327,33 +383,53 @@ class WeightedObjective(BetaState):
 
         score_sites: list = []
         nonlinear_sites: set = set()
-        nonlinear_cost = 0.0
+        selected_sites: set = set()
+        nonlinear_cost: torch.Tensor | float = 0.0
         if latent:
             kl_surrogate, kl, entropy = self._latent_terms(latent)
-            names += [("kl", n) for n, _, _ in latent] + [("entropy", n) for n, _, _ in latent]
+            plan = self._attribution(model_trace, guide_trace, latent)
+            entries = plan.entries
+            aux_surrogate = None
+            if not plan.trivial:
+                # the auxiliary sites' log q moved onto the model sites they stand for
+                moved, aux_surrogate = plan.apply(latent, torch.stack([kl_surrogate, kl, entropy]), self._per_particle)
+                kl_surrogate, kl, entropy = moved[0], moved[1].detach(), moved[2].detach()
+            names += [("kl",) + _entry_label(e) for e in entries] + [("entropy",) + _entry_label(e) for e in entries]
             pieces += [kl, entropy]
-            # linear sites are weighted by beta (selected) or 1; non-linear ones are handled below
-            selected_kl = selected_size = None
+            # linear entries are weighted by beta (selected) or 1; non-linear ones are handled below
+            selected_kl: torch.Tensor | None = None
+            selected_size: torch.Tensor | None = None
             linear = []
             weighted = []
-            for index, (name, model_site, guide_site) in enumerate(latent):
-                sf = guide_site["score_parts"].score_function
-                reparam = is_identically_zero(sf)
-                is_weighted = self._site_weight(name)
-                if is_weighted and nonlinear and model_site is not None:
-                    if not reparam:
-                        raise NotImplementedError(
-                            "free bits and capacity are non-linear in the KL and need reparameterised guide sites; "
-                            f"guide site '{name}' ({type(guide_site['fn']).__name__}) is not reparameterisable. "
-                            "Use beta weighting, a reparameterisable (e.g. relaxed) distribution, or restrict "
-                            "sites= to reparameterised sites."
-                        )
-                    nonlinear_sites.add(name)
-                    size = self._per_particle(sites.count(guide_site, mask=sites.element_mask(model_site, guide_site)))
-                    if self.free_bits is not None:
+            for index, entry in enumerate(entries):
+                members = [latent[r] for r in entry.rows]
+                is_weighted = self._entry_weight(entry)
+                if is_weighted:
+                    selected_sites.update(entry.sites)
+                if is_weighted and nonlinear and entry.kind != "auxiliary":
+                    size = None
+                    for name, model_site, guide_site in members:
+                        if not is_identically_zero(guide_site["score_parts"].score_function):
+                            raise NotImplementedError(
+                                "free bits and capacity are non-linear in the KL and need reparameterised guide "
+                                f"sites; guide site '{name}' ({type(guide_site['fn']).__name__}) is not "
+                                "reparameterisable. Use beta weighting, a reparameterisable (e.g. relaxed) "
+                                "distribution, or restrict sites= to reparameterised sites."
+                            )
+                        if model_site is not None:
+                            n = self._per_particle(
+                                sites.count(guide_site, mask=sites.element_mask(model_site, guide_site))
+                            )
+                            size = n if size is None else torch.maximum(size, n)
+                    nonlinear_sites.update(entry.sites)
+                    assert size is not None  # a site or group entry has a model site
+                    if self.free_bits is not None:  # one model site (weighting.check_auxiliary)
+                        _, model_site, guide_site = members[0]
                         per_dim = self._per_particle(
                             sites.kl(model_site, guide_site, per_dim=True, analytic=self.analytic_kl)[0], event_dims=1
                         )
+                        if aux_surrogate is not None and entry.auxiliary:  # one latent dimension
+                            per_dim = per_dim + aux_surrogate[index].unsqueeze(-1)
                         fb = torch.maximum(per_dim, (self.free_bits * size).unsqueeze(-1)).sum(-1)
                         nonlinear_cost = nonlinear_cost - beta * fb.detach()
                         surrogate = surrogate - beta * fb
@@ -364,14 +440,16 @@ class WeightedObjective(BetaState):
                     continue
                 linear.append(index)
                 weighted.append(is_weighted)
-                if not reparam:
-                    score_sites.append((guide_site, sf))
-            if selected_kl is not None:
+                for _, _, guide_site in members:
+                    sf = guide_site["score_parts"].score_function
+                    if not is_identically_zero(sf):
+                        score_sites.append((guide_site, sf))
+            if selected_kl is not None and selected_size is not None and capacity is not None:
                 cap = torch.abs(selected_kl - capacity * selected_size)
                 nonlinear_cost = -self.gamma * cap.detach()
                 surrogate = surrogate - self.gamma * cap
             if linear:
-                if len(linear) < len(latent):
+                if len(linear) < len(entries):
                     kl_surrogate, kl = kl_surrogate[linear], kl[linear]
                 # pathwise gradient; for non-reparameterised sites kl_surrogate = -log p(z),
                 # which carries the model-parameter gradient, and the guide gradient comes
@@ -393,10 +471,7 @@ class WeightedObjective(BetaState):
             # free-bits / capacity term is a non-linear function of all selected sites in all
             # plates, so it enters the downstream cost of every score-function site whole
             # (per particle), and the selected sites are left out of the plate-wise cost.
-            if nonlinear_sites:
-                log_r = self._log_r(model_trace, guide_trace, beta, exclude=nonlinear_sites)
-            else:
-                log_r = self._log_r(model_trace, guide_trace, beta)
+            log_r = self._log_r(model_trace, guide_trace, beta, selected_sites, exclude=nonlinear_sites)
             extra = self._broadcast_per_particle(nonlinear_cost) if torch.is_tensor(nonlinear_cost) else None
             for guide_site, sf in score_sites:
                 downstream = log_r.sum_to(guide_site["cond_indep_stack"])
@@ -404,7 +479,7 @@ class WeightedObjective(BetaState):
                     downstream = downstream + extra
                 surrogate = surrogate + self._per_particle(downstream * sf)
 
-        if not torch.is_tensor(objective):
+        if not isinstance(objective, torch.Tensor):
             objective = torch.zeros_like(pieces[0][0]) + objective
         # Only the objective and the per-site terms are recorded; the totals, cross-entropies
         # and standard errors are derived when ``last_terms`` is first read (TermsRecord).
@@ -445,10 +520,13 @@ class WeightedObjective(BetaState):
             return x
         return x.reshape(x.shape + (1,) * (self.max_plate_nesting - 1))
 
-    def _log_r(self, model_trace, guide_trace, beta: float, exclude=()) -> MultiFrameTensor:
+    def _log_r(
+        self, model_trace: Trace, guide_trace: Trace, beta: float, selected: set, exclude: set
+    ) -> MultiFrameTensor:
         """
-        Downstream cost per plate frame for the score-function term (β-weighted), leaving
-        out the latent sites in ``exclude`` (those under a free-bits / capacity term).
+        Downstream cost per plate frame for the score-function term (β-weighted on the model
+        sites in ``selected``), leaving out the latent sites in ``exclude`` (those under a
+        free-bits / capacity term).
         """
         log_r = MultiFrameTensor()
         stacks = get_plate_stacks(model_trace)
@@ -458,7 +536,7 @@ class WeightedObjective(BetaState):
             term = site["log_prob"]
             if not site["is_observed"]:
                 term = term - guide_trace.nodes[name]["log_prob"]
-                if self._site_weight(name) and (torch.is_tensor(beta) or beta != 1.0):
+                if name in selected and (torch.is_tensor(beta) or beta != 1.0):
                     term = beta * term
             log_r.add((stacks[name], term.detach()))
         return log_r

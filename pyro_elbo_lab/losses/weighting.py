@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 
-from pyro.distributions import Delta
+from pyro.poutine import Trace
 
 from ..checks import check_int, nonnegative_number
 from ..schedules import Schedule, ScheduleLike, as_schedule
-from .beta_state import check_selection_matches, check_site_names, site_selected
+from ..sites import element_mask
+from .attribution import Attribution, Entry
+from .beta_state import SiteSelection, check_selection_matches, check_site_names, site_selected
 
 __all__ = [
     "check_auxiliary",
@@ -139,72 +141,88 @@ def check_selected_sites(model_trace, guide_trace, sites) -> None:
             )
 
 
-def check_auxiliary(model_trace, guide_trace, sites, nonlinear: bool) -> None:
+def check_auxiliary(
+    model_trace: Trace,
+    guide_trace: Trace,
+    attribution: Attribution,
+    sites: SiteSelection,
+    *,
+    free_bits: bool,
+    capacity: bool,
+) -> None:
     """
-    Refuse a weighting that auxiliary guide sites (those of ``AutoNormal``,
-    ``AutoDiagonalNormal``, every ``AutoContinuous`` guide, and hand-written sites with
-    ``infer={"is_auxiliary": True}``) would make wrong.
+    Refuse a weighting that auxiliary guide sites would make wrong, given which model sites
+    they stand for (:func:`~pyro_elbo_lab.losses.attribution.attribute`).
 
-    With an autoguide the model site's guide distribution is a ``Delta`` and its log q
-    lives at an auxiliary site, so the term of the model site alone is the cross-entropy
-    :math:`-\\log p(z)`, not a KL; with a hand-written auxiliary site ``u``, the log q of
-    the sites it stands for is split between them and ``u``. A linear weighting of every
-    site (``sites=None``) is still exact (the total is); β on a subset is exact only when
-    the subset holds each model site together with the auxiliary sites that carry its
-    log q (AutoNormal's ``<site>_unconstrained``; an AutoContinuous guide's joint latent
-    and all its model sites; every hand-written auxiliary site, since which sites it
-    stands for is not known); free bits and capacity, non-linear in each KL, are refused.
+    - An auxiliary site attributed to one model site (``AutoNormal``'s
+      ``<site>_unconstrained``, a slice of ``AutoDiagonalNormal``'s latent, a hand-written
+      site with ``infer["auxiliary_for"]``) is part of that site's KL: β, free bits and
+      capacity apply to the site's whole KL. Free bits then need the site to be one latent
+      dimension (its auxiliary log q is one number per element).
+    - A joint auxiliary site that cannot be split (``AutoMultivariateNormal``, low-rank,
+      flows; ``auxiliary_for`` naming several sites) has one KL for its model sites: β and
+      capacity weight them together (``sites`` selects all of them or none), free bits are
+      refused (no KL per latent dimension exists).
+    - An auxiliary site whose model sites are not known (a hand-written site without
+      ``auxiliary_for``) may carry the log q of any latent site: free bits and capacity on
+      latent sites are refused, and β on a subset must include it.
 
     :raises ValueError: naming the site, what is wrong and what to use instead.
     """
-    auxiliary = [n for n in _sample_names(guide_trace) if n not in model_trace.nodes]
-    if not auxiliary:
-        return
-    latent = _sample_names(model_trace, observed=False)
-    delta = [n for n in latent if isinstance(_strip(guide_trace.nodes[n]["fn"]), Delta)]
-    # auxiliary sites of a hand-written guide (infer={"is_auxiliary": True}): which model
-    # sites they stand for is not known, so each may carry the log q of any non-Delta site
-    paired = {f"{n}_unconstrained" for n in latent}
-    free = [n for n in auxiliary if n not in paired and not n.startswith("_Auto")]
-    selected = {n for n in latent + auxiliary if site_selected(sites, n)}
+    entries = attribution.entries
+    unknown = [e.name for e in entries if e.kind == "auxiliary"]
 
-    def partners(name: str) -> list:
-        if name in auxiliary:
-            if name.endswith("_unconstrained") and name[: -len("_unconstrained")] in latent:
-                return [name[: -len("_unconstrained")]]
-            return delta if name not in free else []
-        if f"{name}_unconstrained" in auxiliary:
-            return [f"{name}_unconstrained"]
-        return [n for n in auxiliary if n not in paired] if name in delta else free
+    def chosen(entry: Entry) -> list[str]:
+        return [n for n in entry.names if site_selected(sites, n)]
 
-    touched = sorted(n for n in selected if n in auxiliary or partners(n))
-    if not touched:
-        return
-    if nonlinear:
-        raise ValueError(
-            f"free bits and capacity need the KL of each selected latent site, but site '{touched[0]}' is part of "
-            f"a guide with auxiliary sites {auxiliary} (AutoNormal, AutoDiagonalNormal, AutoContinuous, or "
-            "infer={'is_auxiliary': True}): the log q of a latent site lives (partly) at an auxiliary site, so "
-            "its term would not be a KL. Use beta weighting, restrict sites= to sites that the guide samples "
-            "directly, or write a guide with one site per latent (e.g. pyro.sample(name, "
-            "dist.Normal(loc, scale).to_event(1)))."
-        )
-    if sites is None:
-        return
-    for name in touched:
-        missing = [n for n in partners(name) if n not in selected]
-        if missing:
+    nonlinear = free_bits or capacity
+    for entry in entries:
+        picked = chosen(entry)
+        if not picked:
+            continue
+        if entry.kind == "group" and sites is not None and entry.name not in picked:
+            missing = [n for n in entry.sites if n not in picked]
+            if missing:
+                raise ValueError(
+                    f"sites selects '{picked[0]}' but not {missing}: the guide's auxiliary site '{entry.name}' has one "
+                    f"joint log q for {list(entry.sites)} (a non-factorised joint such as AutoMultivariateNormal's), "
+                    f"so their KL is one number and is weighted whole. Add {missing} to sites=, name '{entry.name}', "
+                    "or pass sites=None."
+                )
+        if nonlinear and unknown and entry.kind != "group":
             raise ValueError(
-                f"sites selects '{name}' but not {missing}: with auxiliary guide sites the log q of a latent site "
-                f"lives (partly) at an auxiliary site, so the KL of '{name}' is only weighted right together with "
-                f"{missing}. Add them to sites=, or pass sites=None."
+                f"free bits and capacity need the KL of each selected latent site, but site '{picked[0]}' is part of "
+                f"a guide with auxiliary sites {unknown} whose model sites are not known: the log q of a latent site "
+                "may live (partly) at an auxiliary site, so its term would not be a KL. Mark each auxiliary site "
+                "with the model site(s) it stands for, infer={'is_auxiliary': True, 'auxiliary_for': 'z'}; or use "
+                "beta weighting, or restrict sites= to sites that the guide samples directly."
             )
-
-
-def _strip(fn):
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
+        if free_bits and entry.kind == "group":
+            raise ValueError(
+                f"free bits need the KL of each latent dimension, but the guide's auxiliary site '{entry.name}' has "
+                f"one joint log q for {list(entry.sites)} (a non-factorised joint: AutoMultivariateNormal, "
+                "AutoLowRankMultivariateNormal, a normalising flow, or auxiliary_for naming several sites), so no KL "
+                "per site or dimension exists. Use capacity or beta weighting, leave these sites out of sites=, or "
+                "use a factorised guide (AutoNormal, AutoDiagonalNormal)."
+            )
+        if free_bits and entry.kind == "site" and entry.auxiliary:
+            dims = element_mask(model_trace.nodes[entry.name], guide_trace.nodes[entry.name], per_dim=True).shape[-1]
+            if dims != 1:
+                raise ValueError(
+                    f"free bits floor the KL per latent dimension, but site '{entry.name}' has {dims} latent "
+                    f"dimensions and the log q of its auxiliary site(s) {list(entry.auxiliary)} is one number per "
+                    "element, which no dimension owns. Use capacity or beta weighting for this site, or leave it "
+                    "out of sites=."
+                )
+        if sites is not None and unknown and entry.kind == "site":
+            missing = [n for n in unknown if not site_selected(sites, n)]
+            if missing:
+                raise ValueError(
+                    f"sites selects '{picked[0]}' but not {missing}: the guide's auxiliary site(s) {missing} do not "
+                    "say which model sites they stand for, so they may carry (part of) the log q of "
+                    f"'{entry.name}', whose KL is only weighted right together with them. Add them to sites=, mark "
+                    "them with infer={'is_auxiliary': True, 'auxiliary_for': <model site>}, or pass sites=None."
+                )
 
 
 def check_particles(elbo_kwargs: dict) -> None:

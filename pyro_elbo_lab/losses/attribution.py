@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Which model sites the auxiliary guide sites stand for, so that the per-site KL and entropy
+of a guide with auxiliary sites are reported, weighted and floored at the model sites.
+
+An *auxiliary* guide site is a sample site of the guide that the model does not have. Its
+log q belongs to the model sites it was drawn for:
+
+- :class:`~pyro.infer.autoguide.AutoNormal` draws ``<name>_unconstrained`` for each
+  constrained site ``<name>`` (known from the guide's ``_event_dims``) and then a ``Delta``
+  at ``<name>`` whose log density is the log-Jacobian: the auxiliary log q moves whole onto
+  ``<name>`` (kind ``"site"``);
+- an :class:`~pyro.infer.autoguide.AutoContinuous` guide draws one joint latent for all its
+  model sites (its ``_unconstrained_shapes``, in the order of ``_unpack_latent``). When the
+  joint distribution factorises over the latent dimensions
+  (:class:`~pyro.infer.autoguide.AutoDiagonalNormal`), its per-dimension log q is split by
+  the latent layout and each slice moves onto its model site (*split*); otherwise
+  (:class:`~pyro.infer.autoguide.AutoMultivariateNormal`, low-rank, flows, Laplace) no
+  per-site KL exists, and the joint KL is one *group* entry named after the auxiliary site
+  that covers those model sites (kind ``"group"``);
+- a hand-written auxiliary site says what it stands for with
+  ``infer={"is_auxiliary": True, "auxiliary_for": "mu"}`` (one model site: its log q moves
+  onto it) or ``"auxiliary_for": ("a", "b")`` (a group of model sites); without the key its
+  log q stays an entry of its own (kind ``"auxiliary"``) and free bits or capacity on the
+  sites it may stand for are refused (:func:`~.weighting.check_auxiliary`).
+  :class:`~pyro.infer.autoguide.AutoGuideList` parts are read one by one.
+
+:func:`attribute` computes the :class:`Attribution` once per guide and set of sites (the
+losses cache it); :meth:`Attribution.apply` then moves the stacked per-site rows onto the
+entries with one matrix product (plus one per-dimension ``log_prob`` of a split auxiliary
+site): no second model or guide pass and no device sync.
+
+Imports :mod:`pyro_elbo_lab.sites` only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
+from pyro.poutine import Trace
+
+from .. import sites
+
+__all__ = ["AUXILIARY_FOR", "Attribution", "Entry", "attribute"]
+
+#: The ``infer`` key of a hand-written auxiliary guide site naming the model site(s) it stands for.
+AUXILIARY_FOR = "auxiliary_for"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """
+    One row of the per-site record of the latent part of the ELBO.
+
+    :ivar str name: the name the row is recorded under: a model site (kind ``"site"``) or an
+        auxiliary guide site (kinds ``"group"`` and ``"auxiliary"``).
+    :ivar str kind: ``"site"``: a model site with the log q of the auxiliary sites that stand
+        for it; ``"group"``: several model sites whose joint log q cannot be split (one KL for
+        all of them); ``"auxiliary"``: an auxiliary site whose model sites are not known.
+    :ivar tuple rows: indices (into the latent list the loss stacks) of the rows summed whole.
+    :ivar tuple sites: the model sites the entry covers.
+    :ivar tuple auxiliary: the auxiliary sites whose log q (whole or a slice) it carries.
+    """
+
+    name: str
+    kind: str
+    rows: tuple[int, ...]
+    sites: tuple[str, ...]
+    auxiliary: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name that selects this entry in ``sites=``."""
+        return (self.name,) + tuple(n for n in self.sites + self.auxiliary if n != self.name)
+
+
+@dataclass(frozen=True)
+class _Split:
+    row: int  # the auxiliary site's index in the latent list
+    entries: tuple[int, ...]  # the entry of each latent dimension
+
+
+class Attribution:
+    """
+    The entries of the per-site record and how the stacked rows of the latent list
+    ``[(name, model_site or None, guide_site), ...]`` (model sites first, then auxiliary
+    guide sites, as :class:`~.objective.WeightedObjective` stacks them) move onto them.
+
+    :ivar list entries: the :class:`Entry` rows, in model order (a group at its first site),
+        then the unattributed auxiliary sites.
+    :ivar bool trivial: no auxiliary site: one entry per latent row, in the same order.
+    """
+
+    def __init__(self, entries: list[Entry], splits: list[_Split], num_rows: int, aux_rows: frozenset[int]):
+        self.entries = entries
+        self._splits = splits
+        self._num_rows = num_rows
+        self._aux_rows = aux_rows
+        self.trivial = not aux_rows
+        self._matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
+        self.groups = {e.name: e.sites for e in entries if e.kind == "group"}
+
+    def entry_of(self, name: str) -> Entry | None:
+        """The entry a model or auxiliary site belongs to (``None`` if none)."""
+        for entry in self.entries:
+            if name == entry.name or name in entry.sites or name in entry.auxiliary:
+                return entry
+        return None
+
+    def _matrix(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        key = (like.dtype, like.device)
+        found = self._matrices.get(key)
+        if found is None:
+            site_part = torch.zeros(len(self.entries), self._num_rows, dtype=like.dtype, device=like.device)
+            aux_part = torch.zeros_like(site_part)
+            for e, entry in enumerate(self.entries):
+                for r in entry.rows:
+                    (aux_part if r in self._aux_rows else site_part)[e, r] = 1.0
+            splits: list[torch.Tensor] = []
+            for split in self._splits:
+                m = torch.zeros(len(split.entries), len(self.entries), dtype=like.dtype, device=like.device)
+                m[torch.arange(len(split.entries)), torch.tensor(split.entries)] = 1.0
+                splits.append(m)
+            found = self._matrices[key] = (site_part, aux_part, splits)
+        return found
+
+    def apply(
+        self, latent: list, rows: torch.Tensor, per_particle: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Move the stacked rows onto the entries.
+
+        :param list latent: ``[(name, model_site or None, guide_site), ...]``.
+        :param torch.Tensor rows: ``(3, num_rows)`` or ``(3, num_rows, P)``: the
+            differentiable KL surrogate, the KL and the entropy per latent row (nats).
+        :param per_particle: ``(tensor, event_dims) -> per-particle sums`` of the loss.
+        :returns: ``(entries, auxiliary)``: the rows of the entries, ``(3, E)`` or
+            ``(3, E, P)``, and the differentiable auxiliary log q in each entry, ``(E,)`` or
+            ``(E, P)`` (what free bits adds to an entry's single latent dimension).
+        :rtype: tuple
+        """
+        site_part, aux_part, split_matrices = self._matrix(rows)
+        spec = "er,tr->te" if rows.dim() == 2 else "er,trp->tep"
+        aux = torch.einsum(spec, aux_part, rows)
+        for split, matrix in zip(self._splits, split_matrices):
+            guide_site = latent[split.row][2]
+            per_dim = per_particle(sites.log_prob(guide_site, per_dim=True), 1)  # (D,) or (P, D)
+            moved = (per_dim @ matrix).movedim(-1, 0)  # (E,) or (E, P)
+            aux = aux + torch.stack([moved, moved.detach(), -moved.detach()])
+        return torch.einsum(spec, site_part, rows) + aux, aux[0]
+
+
+def _separable(guide_site: Any) -> bool:
+    """Whether a joint latent's log q is a sum over its last dimension (a factorised distribution)."""
+    f = sites.factorise(guide_site["fn"])
+    return f.reinterpreted == 1 and f.element.event_shape == () and guide_site["value"].dim() >= 1
+
+
+def _autoguide_parts(guide) -> list:
+    if isinstance(guide, AutoGuideList):
+        return [p for part in guide for p in _autoguide_parts(part)]
+    return [guide] if isinstance(guide, (AutoNormal, AutoContinuous)) else []
+
+
+def _hint(name: str, site: Any, latent_names: Sequence[str]) -> tuple[str, ...] | None:
+    value = (site.get("infer") or {}).get(AUXILIARY_FOR)
+    if value is None:
+        return None
+    targets: tuple = (value,)
+    if not isinstance(value, str):
+        try:
+            targets = tuple(value)
+        except TypeError:
+            pass
+    bad = [t for t in targets if not isinstance(t, str) or t not in latent_names]
+    if bad or not targets:
+        raise ValueError(
+            f"auxiliary guide site '{name}' has infer['{AUXILIARY_FOR}']={value!r}, but {bad or value!r} "
+            f"{'is' if len(bad) <= 1 else 'are'} not latent sites of the model. Name the model site(s) whose "
+            f"log q it carries, e.g. infer={{'is_auxiliary': True, '{AUXILIARY_FOR}': 'mu'}}; latent sites: "
+            f"{list(latent_names)}"
+        )
+    return targets
+
+
+def attribute(guide, model_trace: Trace, guide_trace: Trace, latent: list) -> Attribution:
+    """
+    Which model sites each auxiliary guide site of ``latent`` stands for.
+
+    :param guide: the guide callable (an autoguide is read for its layout), or ``None``
+        (only ``infer["auxiliary_for"]`` hints are used).
+    :param model_trace: the model's trace.
+    :param guide_trace: the guide's trace.
+    :param list latent: ``[(name, model_site or None, guide_site), ...]``, model sites first.
+    :returns: the entries of the per-site record and how rows move onto them.
+    :rtype: Attribution
+    :raises ValueError: for an ``auxiliary_for`` naming no latent site of the model, or a
+        model site claimed by two groups.
+    """
+    index = {name: i for i, (name, _, _) in enumerate(latent)}
+    model_names = [name for name, model_site, _ in latent if model_site is not None]
+    aux_names = [name for name, model_site, _ in latent if model_site is None]
+    whole: dict[str, list[str]] = {n: [] for n in model_names}  # model site -> auxiliary sites moved whole
+    split: dict[str, list[tuple[str, int]]] = {}  # auxiliary site -> [(model site, size), ...]
+    groups: dict[str, tuple[str, ...]] = {}  # auxiliary site -> model sites
+    known: set = set()
+    for aux in aux_names:
+        targets = _hint(aux, guide_trace.nodes[aux], model_names)
+        if targets is None:
+            continue
+        known.add(aux)
+        if len(targets) == 1:
+            whole[targets[0]].append(aux)
+        else:
+            groups[aux] = targets
+    for part in _autoguide_parts(guide):
+        if isinstance(part, AutoNormal):
+            for name in getattr(part, "_event_dims", {}):
+                aux = f"{name}_unconstrained"  # the name AutoNormal.forward samples
+                if aux in index and aux not in known and name in whole:
+                    whole[name].append(aux)
+                    known.add(aux)
+            continue
+        shapes = getattr(part, "_unconstrained_shapes", None)
+        aux = f"_{part._pyro_name}_latent"  # the name AutoContinuous.sample_latent samples
+        if shapes is None or aux not in index or aux in known:
+            continue
+        layout = [(name, math.prod(shape)) for name, shape in shapes.items()]
+        covered = tuple(name for name, _ in layout)
+        if not all(name in whole for name in covered):
+            continue  # the prototype and this trace differ: leave the site unattributed
+        known.add(aux)
+        site = guide_trace.nodes[aux]
+        value = cast(torch.Tensor, site["value"])
+        if _separable(site) and value.shape[-1] == sum(size for _, size in layout):
+            split[aux] = layout
+        else:
+            groups[aux] = covered
+    owner: dict[str, str] = {}
+    for aux, covered in groups.items():
+        for name in covered:
+            if name in owner:
+                raise ValueError(
+                    f"model site '{name}' is covered by two joint auxiliary guide sites, '{owner[name]}' and "
+                    f"'{aux}'; each model site may belong to one group (infer['{AUXILIARY_FOR}'])."
+                )
+            owner[name] = aux
+    entries: list[Entry] = []
+    position: dict[str, int] = {}
+    for name in model_names:
+        if name in owner:
+            aux = owner[name]
+            if aux not in position:
+                covered = groups[aux]
+                rows = (index[aux],) + tuple(index[n] for n in covered)
+                rows += tuple(index[a] for n in covered for a in whole[n])
+                auxiliary = (aux,) + tuple(a for n in covered for a in whole[n])
+                position[aux] = len(entries)
+                entries.append(Entry(aux, "group", rows, covered, auxiliary))
+            position[name] = position[aux]
+            continue
+        position[name] = len(entries)
+        rows = (index[name],) + tuple(index[a] for a in whole[name])
+        entries.append(Entry(name, "site", rows, (name,), tuple(whole[name])))
+    splits = []
+    for aux, layout in split.items():
+        columns: list[int] = []
+        for name, size in layout:
+            columns += [position[name]] * size
+        splits.append(_Split(index[aux], tuple(columns)))
+        for name, _ in layout:  # record the auxiliary site on every entry it is split onto
+            e = position[name]
+            entry = entries[e]
+            if aux not in entry.auxiliary:
+                entries[e] = Entry(entry.name, entry.kind, entry.rows, entry.sites, entry.auxiliary + (aux,))
+    for aux in aux_names:
+        if aux not in known:
+            entries.append(Entry(aux, "auxiliary", (index[aux],), (), (aux,)))
+    return Attribution(entries, splits, len(latent), frozenset(index[a] for a in aux_names))
