@@ -25,7 +25,7 @@ import pytest
 import torch
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoGuideList, AutoMultivariateNormal, AutoNormal
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
@@ -934,6 +934,72 @@ def test_per_site_terms_by_hand_auxiliary_guides(Loss, make):
         for term, value in values.items():
             actual = loss_fn.last_terms.per_site[site][term]
             assert actual == pytest.approx(value.item(), rel=RTOL, abs=ATOL), (site, term)
+
+
+@pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
+def test_per_site_terms_by_hand_autoguide_list(Loss):
+    """An AutoGuideList's parts are attributed one by one: AutoNormal's and AutoDiagonalNormal's auxiliary log q."""
+    data = _data()
+    guide = AutoGuideList(_constrained_model)
+    guide.append(AutoDiagonalNormal(poutine.block(_constrained_model, expose=["mu"])))
+    guide.append(AutoNormal(poutine.block(_constrained_model, expose=["sigma"])))
+    pyro.set_rng_seed(3)
+    guide(data)
+    loss_fn = Loss()
+    pyro.set_rng_seed(11)
+    loss_fn.loss(_constrained_model, guide, data)
+    pyro.set_rng_seed(11)
+    ((model_trace, guide_trace),) = _draw(_constrained_model, guide, (data,), 1, False, 0)
+
+    def lp(trace, name):
+        return trace.nodes[name]["log_prob_sum"].item()
+
+    (latent,) = [n for n, site in guide_trace.nodes.items() if site["type"] == "sample" and n.endswith("_latent")]
+    # AutoDiagonalNormal's mu is real: its Delta has log density 0; the mean-field KL of a
+    # Delta is -log p(v) (Pyro's registered KL), which leaves out the Delta's log density
+    delta = {"sigma": 0.0 if Loss is BetaMeanFieldELBO else lp(guide_trace, "sigma"), "mu": lp(guide_trace, "mu")}
+    expected = {
+        "sigma": lp(guide_trace, "sigma_unconstrained") + delta["sigma"] - lp(model_trace, "sigma"),
+        "mu": lp(guide_trace, latent) + delta["mu"] - lp(model_trace, "mu"),
+    }
+    terms = loss_fn.last_terms
+    assert terms.per_site.keys() == {"x", "mu", "sigma"} and terms.groups == {}
+    for site, kl in expected.items():
+        assert terms.per_site[site]["kl"] == pytest.approx(kl, rel=RTOL, abs=ATOL), site
+        assert terms.per_site[site]["cross_entropy"] == pytest.approx(-lp(model_trace, site), rel=RTOL, abs=ATOL)
+
+
+@pytest.mark.parametrize("hint", ["nope", ("mu", "x"), 3, ()], ids=["unknown", "observed", "not-a-name", "empty"])
+def test_auxiliary_for_must_name_latent_sites(hint):
+    model, _, args = auxiliary()
+
+    def guide(data):
+        u = pyro.sample("u", dist.Normal(0.1, 1.0), infer={"is_auxiliary": True, "auxiliary_for": hint})
+        pyro.sample("mu", dist.Normal(u, 0.5))
+
+    with pytest.raises(
+        ValueError, match=r"auxiliary guide site 'u' has infer\['auxiliary_for'\]=.*latent sites: \['mu'\]"
+    ):
+        BetaELBO().loss(model, guide, *args)
+
+
+@pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
+def test_free_bits_refuse_a_site_of_several_dimensions_with_an_auxiliary_site(Loss):
+    """The auxiliary log q is one number per element: no latent dimension of z owns it."""
+    data = _data()
+
+    def model(data):
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Normal(z.sum(), 1.0), obs=data)
+
+    def guide(data):
+        u = pyro.sample("u", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True, "auxiliary_for": "z"})
+        pyro.sample("z", dist.Normal(u * torch.ones(3), 0.5).to_event(1))
+
+    with pytest.raises(ValueError, match="site 'z' has 3 latent dimensions and the log q of its auxiliary site"):
+        Loss(free_bits=0.5).loss(model, guide, data)
+    Loss(capacity=1.0).loss(model, guide, data)  # capacity needs the site's KL only
 
 
 def test_max_plate_nesting_explicit_with_vectorized_particles():
