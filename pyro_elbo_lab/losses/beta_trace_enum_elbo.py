@@ -242,30 +242,31 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         is accumulated at once and the surrogate is 0), the record's names and its values
         (terms × particles, detached). β may be a 0-dim tensor (the compiled loss).
         """
-        objective: float | torch.Tensor = 0.0
-        loss: float | torch.Tensor = 0.0
+        objective: torch.Tensor | None = None
         columns: dict = {}  # particle -> {name: value}
         order: list = []
         seen: set = set()
+        num_particles = self.num_particles
         for particle, model_trace, guide_trace in self._particle_traces(model, guide, args, kwargs):
             objective_p, names, record = self._particle(model_trace, guide_trace, beta)
-            total = objective_p.sum() / self.num_particles
+            total = objective_p if objective_p.dim() == 0 and num_particles == 1 else objective_p.sum() / num_particles
             if backward:
                 if total.requires_grad and _has_params(model_trace, guide_trace):
                     # retain_graph: sequentially enumerated traces share the graph upstream of
                     # the enumerated site (as TraceEnum_ELBO.loss_and_grads)
                     (-total).backward(retain_graph=True)
                 total = total.detach()
-            objective = objective + total
-            loss = loss - total.detach()
+            objective = total if objective is None else objective + total
             column = columns.setdefault(particle, {})
             for name, value in zip(names, record):
                 column[name] = column[name] + value if name in column else value
                 if name not in seen:
                     seen.add(name)
                     order.append(name)
-        assert torch.is_tensor(loss) and torch.is_tensor(objective)
-        return loss, -objective, order, _record_values(order, list(columns.values()))
+        assert objective is not None
+        loss = -objective.detach()
+        surrogate = -objective if objective.requires_grad else loss
+        return loss, surrogate, order, _record_values(order, list(columns.values()))
 
     # -- one trace -----------------------------------------------------------------------------
 
@@ -392,18 +393,25 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
         particle_symbol = guide_trace.plate_to_symbol.get(_PARTICLE_PLATE) if particles > 1 else None
         expected = _expectations(Dice(guide_trace, ordering), atoms, particle_symbol, particles)
 
-        objective: float | torch.Tensor = 0.0
+        objective: torch.Tensor | None = None
         names: list = ["objective"]
         values: list = []
         for name, parts, weight in entries:
-            value = sum(sign * expected[i] for sign, i in parts) if parts else torch.zeros_like(expected[0])
-            if weight is not None:
-                unweighted = isinstance(weight, float) and weight == 1.0
-                objective = objective + (value if unweighted else weight * value)
+            value = _signed_sum(parts, expected) if parts else torch.zeros_like(expected[0])
+            if weight is None:  # recorded only
+                pass
+            elif not isinstance(weight, float):  # a tensor β (compiled step)
+                objective = weight * value if objective is None else objective + weight * value
+            elif weight == 1.0:
+                objective = value if objective is None else objective + value
+            elif weight == -1.0:
+                objective = -value if objective is None else objective - value
+            else:
+                objective = weight * value if objective is None else objective + weight * value
             names.append(name)
             values.append(value.detach())
-        if not isinstance(objective, torch.Tensor):
-            objective = torch.zeros_like(expected[0]) + objective
+        if objective is None:
+            objective = torch.zeros_like(expected[0])
         values.insert(0, objective.detach())
         return objective, names, values
 
@@ -482,16 +490,25 @@ def _expectations(dice: Dice, atoms: list, particle_symbol: str | None, num_part
                 # zero-probability terms drop out (as in TraceEnum_ELBO), without a device sync
                 cost = cost.masked_fill(prob <= 0, 0.0)
                 term = prob * cost
-                if particle_symbol is not None and particle_symbol in dims:
+                if particle_symbol is None:
+                    value = term if term.dim() == 0 else term.sum()
+                elif particle_symbol in dims:
                     k = dims.index(particle_symbol)
                     rest = [d for d in range(term.dim()) if d != k]
                     value = term.sum(rest) if rest else term
-                elif particle_symbol is not None:
-                    value = (term.sum() / num_particles).expand(num_particles)
-                else:
-                    value = term.sum()
+                else:  # a cost outside the particle plate, shared out among the particles
+                    value = ((term if term.dim() == 0 else term.sum()) / num_particles).expand(num_particles)
                 out[index] = scale * value if scale != 1.0 else value
     return out
+
+
+def _signed_sum(parts: list, expected: list) -> torch.Tensor:
+    """``sum(sign * expected[i] for sign, i in parts)`` for signs ±1, without multiplications."""
+    (sign, i), *rest = parts
+    value = expected[i] if sign == 1.0 else -expected[i]
+    for sign, i in rest:
+        value = value + expected[i] if sign == 1.0 else value - expected[i]
+    return value
 
 
 def _has_params(model_trace: Trace, guide_trace: Trace) -> bool:
