@@ -4,6 +4,7 @@ estimate_evidence against closed forms: Normal–Normal evidence and posterior, 
 between Gaussians, the Pareto k of Gaussian importance weights, per-datapoint evidence of a
 local-latent model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ import pyro_elbo_lab
 from pyro_elbo_lab.diagnostics import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence
 from pyro_elbo_lab.diagnostics import evidence as evidence_module
 from pyro_elbo_lab.diagnostics import local as local_module
+from pyro_elbo_lab.diagnostics import log_weights as log_weights_module
 from pyro_elbo_lab.diagnostics import psis as psis_module
 from pyro_elbo_lab.diagnostics.traces import SAMPLE_PLATE
 
@@ -143,7 +145,9 @@ def test_pareto_k_of_gaussian_weights(post_var):
 def test_heavy_tails_warn_and_verdict_bad():
     # guide sd 1 against a posterior of sd 3: k = 1 - 1/9 ≈ 0.89
     _, m, s = nn_exact(X)
-    with pytest.warns(ImportanceSamplingWarning, match="log_evidence, its standard error and gap are unreliable") as record:
+    with pytest.warns(
+        ImportanceSamplingWarning, match="log_evidence, its standard error and gap are unreliable"
+    ) as record:
         result = estimate_evidence(nn_model, gaussian_guide(m, s / 3), X, num_samples=20000)
     assert result.pareto_k > 0.7
     assert result.verdict == "IS unreliable"  # was "bad"
@@ -164,7 +168,7 @@ def test_k_hat_band_is_reported_deterministically(monkeypatch, caplog, k, verdic
     S = 4000
     u = (torch.arange(S) + 0.5) / S
     log_weights = torch.log(((1 - u) ** (-k) - 1) / k)
-    monkeypatch.setattr(evidence_module, "_draw_log_weights", lambda *args: log_weights)
+    monkeypatch.setattr(evidence_module, "draw_log_weights", lambda *args: log_weights)
     with caplog.at_level(logging.INFO, logger="pyro_elbo_lab.diagnostics.evidence"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -194,13 +198,13 @@ def test_too_few_samples_for_k_hat_warns():
 
 def test_batches_cover_all_samples(monkeypatch):
     sizes = []
-    original = evidence_module.vectorized_traces
+    original = log_weights_module.vectorized_traces
 
     def spy(model, guide, args, kwargs, num_samples, max_plate_nesting=None, **options):
         sizes.append(num_samples)
         return original(model, guide, args, kwargs, num_samples, max_plate_nesting, **options)
 
-    monkeypatch.setattr(evidence_module, "vectorized_traces", spy)
+    monkeypatch.setattr(log_weights_module, "vectorized_traces", spy)
     log_evidence, m, s = nn_exact(X)
     result = estimate_evidence(nn_model, gaussian_guide(m, 1.5 * s), X, num_samples=3000, batch_size=700)
     assert sizes == [700, 700, 700, 700, 200]
@@ -226,7 +230,9 @@ def test_subsampled_plate_is_scaled_to_full_data():
             pyro.sample("obs", dist.Normal(mu, SIGMA), obs=x[idx])
 
     for v in (-0.7, 0.4, 1.9):
-        result = estimate_evidence(model, lambda x, v=v: pyro.sample("mu", dist.Delta(torch.tensor(v))), X, num_samples=4)
+        result = estimate_evidence(
+            model, lambda x, v=v: pyro.sample("mu", dist.Delta(torch.tensor(v))), X, num_samples=4
+        )
         expected = dist.Normal(0.0, TAU0).log_prob(torch.tensor(v)) + 2 * dist.Normal(v, SIGMA).log_prob(X[idx]).sum()
         assert result.elbo == pytest.approx(float(expected), abs=1e-10)
         assert result.log_evidence == pytest.approx(float(expected), abs=1e-10)
@@ -294,7 +300,9 @@ def test_per_datapoint_rejects_global_latents():
     assert SAMPLE_PLATE not in str(info.value)  # our internal plate is not the user's business
     # a plate the model does not have: the argument is named, with the model's real plates
     # (not a site blamed, nor the internal sample plate listed)
-    with pytest.raises(ValueError, match=r"per_datapoint='nope' is not a vectorised plate of the model; its plates are \['data'\]") as info:
+    with pytest.raises(
+        ValueError, match=r"per_datapoint='nope' is not a vectorised plate of the model; its plates are \['data'\]"
+    ) as info:
         estimate_evidence(local_model, local_guide_factory(1, 1), XS, num_samples=10, per_datapoint="nope")
     assert SAMPLE_PLATE not in str(info.value)
 
@@ -379,8 +387,15 @@ def test_result_api():
     assert pyro_elbo_lab.EvidenceEstimate is EvidenceEstimate
     d = result.as_dict()
     assert set(d) == {
-        "log_evidence", "log_evidence_stderr", "log_evidence_stderr_reliable", "elbo", "elbo_stderr", "gap",
-        "pareto_k", "ess", "num_samples"
+        "log_evidence",
+        "log_evidence_stderr",
+        "log_evidence_stderr_reliable",
+        "elbo",
+        "elbo_stderr",
+        "gap",
+        "pareto_k",
+        "ess",
+        "num_samples",
     }
     assert d["gap"] == pytest.approx(d["log_evidence"] - d["elbo"])
     assert all(isinstance(v, (int, float)) for v in d.values())
@@ -389,8 +404,14 @@ def test_result_api():
     assert 0 < result.ess_fraction <= 1
     assert "pareto_k" in str(result) and "log_weights" not in repr(result)
     # the words speak of importance sampling only (were "good"/"ok"/"bad"/"unknown"; issue 12)
-    for k, verdict in [(0.3, "IS reliable"), (0.5, "IS reliable"), (0.6, "IS usable"), (0.7, "IS usable"),
-                       (0.71, "IS unreliable"), (math.nan, "IS unchecked")]:
+    for k, verdict in [
+        (0.3, "IS reliable"),
+        (0.5, "IS reliable"),
+        (0.6, "IS usable"),
+        (0.7, "IS usable"),
+        (0.71, "IS unreliable"),
+        (math.nan, "IS unchecked"),
+    ]:
         assert psis_module.verdict(k) == verdict
     # with the sample size, Vehtari et al.'s threshold min(1 - 1/log10 S, 0.7): 1 - 1/3 at S = 1000,
     # 1/2 at S = 100 (no "usable" band left), 0.7 from S = 2155 (1 - 1/log10(2154) = 0.69999)

@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pyro.distributions.util import scale_and_mask
 
 from ..checks import check_int, check_model_kwargs
-from .local import batches, find_data_plate, plan, sample_sites
+from .local import plan
+from .log_weights import draw_log_weights, sequential_log_weights
 from .psis import PARETO_K_GOOD, explain_k, importance_stats, pareto_k_threshold, psis_fit, verdict
-from .traces import SAMPLE_PLATE, ImportanceTraces, log_joint_and_guide, vectorized_traces
 
 __all__ = ["EvidenceEstimate", "ImportanceSamplingWarning", "estimate_evidence"]
 
@@ -151,94 +150,6 @@ class EvidenceEstimate:
         )
 
 
-# -- drawing log weights in batches --------------------------------------------------------------
-
-
-def _per_datapoint_log_weights(traces: ImportanceTraces, plate: str) -> torch.Tensor:
-    """
-    Unscaled (masked) ``log p(x_n, z_n) - log q(z_n)`` per sample and element: ``(S, N)``.
-    ``plate`` is a vectorised plate of the model (checked by the caller).
-    """
-    S = traces.num_samples
-    nd = traces.max_plate_nesting + 1
-    out = None
-    for sign, trace, role in ((1.0, traces.model_trace, "model"), (-1.0, traces.guide_trace, "guide")):
-        for name, site in sample_sites(trace):
-            frames = [f for f in site["cond_indep_stack"] if f.name == plate]
-            if not frames:
-                plates = [f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != SAMPLE_PLATE]
-                raise ValueError(
-                    f"per_datapoint='{plate}' needs every sample site inside plate '{plate}' (latents local to "
-                    f"the data), but {role} site '{name}' is outside it (its plates: {plates}). With global "
-                    "latents p(x) does not factorise over the data; use per_datapoint=None."
-                )
-            frame = frames[0]
-            if not frame.vectorized:
-                raise ValueError(
-                    f"per_datapoint='{plate}' needs a vectorised plate, but '{plate}' is used as a sequential "
-                    f"plate (iterated) at site '{name}'; use `with pyro.plate('{plate}', N):` instead"
-                )
-            lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
-            if not torch.is_tensor(lp) or lp.dim() < nd:
-                lp = torch.as_tensor(lp)
-                lp = lp.reshape((1,) * (nd - lp.dim()) + lp.shape)
-            keep = {0, nd + frame.dim}  # the sample plate and the data plate
-            dims = tuple(d for d in range(nd) if d not in keep)
-            if dims:
-                lp = lp.sum(dims)
-            lp = lp.expand(S, frame.size)
-            out = sign * lp if out is None else out + sign * lp
-    return out
-
-
-def _draw_log_weights(
-    model, guide, args, kwargs, num_samples: int, batch_size: int, max_plate_nesting: int, plate: str | None
-) -> torch.Tensor:
-    """Log weights, shape ``(S,)`` (or ``(S, N)`` per datapoint), drawn in vectorised batches."""
-    chunks = []
-    for i, n in enumerate(batches(num_samples, batch_size)):
-        # sites enumerated in the model are summed out exactly for the joint evidence
-        traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting, marginalise=plate is None)
-        if plate is None:
-            log_p, log_q = log_joint_and_guide(traces)
-            lw = log_p - log_q
-        else:
-            if i == 0:  # a plate the model does not have is the argument's fault, not a site's
-                find_data_plate(traces.model_trace, plate, need_latent=False, argument="per_datapoint")
-            lw = _per_datapoint_log_weights(traces, plate)
-        _check_finite(lw, traces, num_samples)
-        chunks.append(lw)
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0)
-
-
-def _check_finite(lw: torch.Tensor, traces: ImportanceTraces, num_samples: int) -> None:
-    """
-    :raises ValueError: if a log weight of this batch is not finite, naming the sites with
-        non-finite log_probs.
-    """
-    finite = torch.isfinite(lw)
-    if bool(finite.all()):
-        return
-    bad_samples = int((~finite.reshape(finite.shape[0], -1).all(-1)).sum())
-    n = traces.num_samples
-    which = (
-        f"of {n} importance samples" if n == num_samples else f"in a batch of {n} importance samples (of {num_samples})"
-    )
-    culprits = []
-    for role, trace in (("model", traces.model_trace), ("guide", traces.guide_trace)):
-        for name, site in sample_sites(trace):
-            lp = site["log_prob"]
-            if torch.is_tensor(lp) and not bool(torch.isfinite(lp).all()):
-                kind = "nan" if bool(torch.isnan(lp).any()) else "infinite"
-                culprits.append(f"{role} site '{name}' ({kind} log_prob)")
-    where = ", ".join(culprits) if culprits else "the sum of finite site log_probs (overflow)"
-    raise ValueError(
-        f"{bad_samples} {which} have a non-finite log weight log p(x,z) - log q(z), from {where}. "
-        "The guide proposes values where the model's density is zero or undefined (check supports and "
-        "constraints), or the model produces nan; importance sampling needs q(z) > 0 only where p(x, z) > 0."
-    )
-
-
 # -- the estimator ----------------------------------------------------------------------------------
 
 
@@ -252,6 +163,7 @@ def estimate_evidence(
     per_datapoint: str | None = None,
     psis: bool = False,
     max_plate_nesting: int | None = None,
+    vectorize: bool = True,
 ) -> EvidenceEstimate:
     """
     Importance-sampled log evidence, ELBO, KL gap and Pareto k̂ of a guide.
@@ -313,13 +225,20 @@ def estimate_evidence(
     :param bool psis: report ``log_evidence``, its standard error and ``ess`` from the
         Pareto-smoothed weights (Vehtari et al. 2024); ``elbo`` stays the raw mean.
     :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
+    :param bool vectorize: draw the samples in vectorised batches (default); ``False``: one
+        model/guide trace per sample, each weight Pyro's ``TraceEnum_ELBO`` of one particle
+        (sites enumerated in the model summed out exactly), for models whose code does not
+        broadcast under the sample plate (indexing with an enumerated value without
+        ``Vindex``, as Pyro's ``examples/lda.py``). A Python loop over samples: slower;
+        ``batch_size`` and ``per_datapoint`` do not apply.
     :returns: the estimates, in nats.
     :rtype: EvidenceEstimate
     :raises ValueError: if ``num_samples < 2``, ``batch_size < 1``, ``model_kwargs`` is not
         a dict, a latent site of the
         model has no guide site, a log weight is not finite (naming the sites), or in
         per-datapoint mode ``per_datapoint`` is not a vectorised plate of the model or a
-        site lies outside it.
+        site lies outside it; if the model enumerates a site and its code does not broadcast
+        under the sample plate (naming the site; the fix: ``Vindex`` or ``vectorize=False``).
 
     With the exact posterior as the guide every weight is :math:`p(y)`, so the estimate is
     exact from any number of draws and the gap is 0 (a conjugate Normal model,
@@ -360,11 +279,22 @@ def estimate_evidence(
             f"per_datapoint must be the name of a data plate (str) or None, got per_datapoint={per_datapoint!r}"
         )
 
+    if not isinstance(vectorize, bool):
+        raise ValueError(f"vectorize must be True or False, got vectorize={vectorize!r}")
+    if not vectorize and per_datapoint is not None:
+        raise ValueError(
+            f"per_datapoint={per_datapoint!r} needs vectorize=True (per-element weights come from the vectorised "
+            "traces); use per_datapoint=None with vectorize=False"
+        )
+
     with torch.no_grad():
         max_plate_nesting, batch_size = plan(
             model, guide, args, kwargs, max_plate_nesting, batch_size, marginalise=per_datapoint is None
         )
-        lw = _draw_log_weights(model, guide, args, kwargs, num_samples, batch_size, max_plate_nesting, per_datapoint)
+        if vectorize:
+            lw = draw_log_weights(model, guide, args, kwargs, num_samples, batch_size, max_plate_nesting, per_datapoint)
+        else:
+            lw = sequential_log_weights(model, guide, args, kwargs, num_samples, max_plate_nesting)
 
         if per_datapoint is None:
             joint = lw
