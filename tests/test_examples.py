@@ -4,6 +4,7 @@ The examples double as tests: each script's ``main`` is run in quick mode and th
 demonstrates are asserted against closed forms computed here or in the script with
 numpy/torch linear algebra (never with pyro-elbo-lab itself).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -144,7 +145,9 @@ def test_regression_report_words_follow_the_numbers(regression):
     post_sd = np.sqrt(np.diag(np.linalg.inv(post.precision)))
     mf_var = 1.0 / np.diag(post.precision)
     mf, fr = result["guides"]["mean_field"], result["guides"]["full_rank"]
-    assert "The full-rank guide gets below any mean-field guide" in br.closing_words(post, post_sd, mf_var, mf_gap, mf, fr)
+    assert "The full-rank guide gets below any mean-field guide" in br.closing_words(
+        post, post_sd, mf_var, mf_gap, mf, fr
+    )
     stuck = dict(fr, exact=dict(fr["exact"], kl_posterior=mf_gap + 10.0))
     text = br.closing_words(post, post_sd, mf_var, mf_gap, mf, stuck)
     assert "not yet below the best mean-field gap" in text and "gets below" not in text
@@ -306,10 +309,14 @@ def test_cavi_fixed_point_matches_closed_form(cavi):
     q = result["cavi_q"]
     N = x.shape[0]
     # the stationary equations: mu_N, a_N in closed form; lambda_N and b_N consistent with each other
-    assert q["mu_loc"] == pytest.approx((module.LAMBDA0 * module.MU0 + x.sum().item()) / (module.LAMBDA0 + N), abs=1e-12)
+    assert q["mu_loc"] == pytest.approx(
+        (module.LAMBDA0 * module.MU0 + x.sum().item()) / (module.LAMBDA0 + N), abs=1e-12
+    )
     lam = q["mu_scale"] ** -2
     assert lam == pytest.approx((module.LAMBDA0 + N) * q["tau_concentration"] / q["tau_rate"], rel=1e-9)
-    e_sq = ((x - q["mu_loc"]) ** 2).sum().item() + N / lam + module.LAMBDA0 * ((q["mu_loc"] - module.MU0) ** 2 + 1 / lam)
+    e_sq = (
+        ((x - q["mu_loc"]) ** 2).sum().item() + N / lam + module.LAMBDA0 * ((q["mu_loc"] - module.MU0) ** 2 + 1 / lam)
+    )
     assert q["tau_rate"] == pytest.approx(module.B0 + 0.5 * e_sq, rel=1e-9)
     # coordinate ascent never lowers the ELBO
     assert np.all(np.diff(result["cavi_trace"]) >= -1e-12)
@@ -409,8 +416,17 @@ def test_eight_schools_exact_evidence_by_adaptive_quadrature():
 
 @pytest.fixture(scope="module")
 def eight_schools():
+    # a smoke run: 300 steps, below the convergence rule's 1000-step window
     module = load_example("eight_schools")
     return module, module.main(quick=True, steps=300, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def eight_schools_converged():
+    # the full run: each fit until the convergence rule stops it (measured: steps 4750, 5250, 2500, 2500;
+    # about 2 minutes of CPU)
+    module = load_example("eight_schools")
+    return module.main(verbose=False)
 
 
 def test_eight_schools_nuts_reference_agrees_with_exact(eight_schools):
@@ -422,7 +438,7 @@ def test_eight_schools_nuts_reference_agrees_with_exact(eight_schools):
 
 
 def test_eight_schools_bounds(eight_schools):
-    # every guide: ELBO <= log p(y) and the importance-sampled estimate <= log p(y) in
+    # every guide, fitted or not: ELBO <= log p(y) and the importance-sampled estimate <= log p(y) in
     # expectation (both up to 5 standard errors of their Monte Carlo estimates)
     _, result = eight_schools
     exact = result["exact"].log_evidence
@@ -431,25 +447,37 @@ def test_eight_schools_bounds(eight_schools):
         assert f["evidence"].log_evidence <= exact + 5 * f["evidence"].log_evidence_stderr, name
 
 
-def test_eight_schools_where_vi_is_trustworthy(eight_schools):
+def test_eight_schools_smoke_run_is_not_converged_and_draws_no_conclusion(eight_schools):
+    # 300 steps cannot fill the rule's 1000-step window, so no fit can have converged
     _, result = eight_schools
+    for name, f in result["fits"].items():
+        assert not f["converged"] and f["status"] == "not converged (cap of 300 steps)", name
+        assert f["conclusion"] == "", name
+        assert result["table"].loc[name, "fit"] == "not converged (cap of 300 steps)"
+
+
+def test_eight_schools_where_vi_is_trustworthy(eight_schools_converged):
+    result = eight_schools_converged
     exact = result["exact"].log_evidence
     fits = result["fits"]
+    # conclusions are drawn from converged fits only
+    assert all(f["converged"] for f in fits.values()), {n: f["status"] for n, f in fits.items()}
     gap = {name: exact - f["terms"].elbo for name, f in fits.items()}
-    # the non-centred full-rank guide nearly closes the gap (measured 0.30 nats) and its
-    # evidence estimate is usable; the centred mean-field guide is stuck in the funnel's
-    # neck (measured gap 5.1 nats, k̂ > 0.7)
+    # the non-centred full-rank guide nearly closes the gap (measured 0.27 nats) and its evidence
+    # estimate is usable; the centred mean-field guide cannot follow the funnel (measured gap 1.98 nats
+    # at convergence, k̂ 0.99; the 5.1 nats once measured here came from an unconverged 300-step fit)
     assert gap["non-centred, full-rank"] < 1.0
-    assert gap["centred, mean-field"] > 2.0
+    assert gap["centred, mean-field"] > 1.5
     assert fits["centred, mean-field"]["evidence"].pareto_k > 0.7
     assert fits["centred, mean-field"]["evidence"].verdict == "IS unreliable"  # was "bad"
-    # measured k̂ = 0.60 ("ok"): the guide covers the posterior, so the estimate must be close
+    assert "importance sampling is unreliable" in fits["centred, mean-field"]["conclusion"]
+    # measured k̂ = 0.54: the guide covers the posterior, so the estimate must be close
     nc = fits["non-centred, full-rank"]["evidence"]
     assert nc.verdict in ("IS reliable", "IS usable"), nc.pareto_k  # were "good", "ok"
     # 6 rather than 5 standard errors: for 0.5 < k̂ <= 0.7 the raw weights have no finite
     # variance (a Pareto tail has moments of order < 1/k only), so the se is itself a rough
     # estimate, and the log of a mean is biased low by ~se^2 / 2 (Vehtari et al. 2024);
-    # measured deviation 1.2 se
+    # measured deviation 2.3 se
     assert within_se(nc.log_evidence, exact, nc.log_evidence_stderr, k=6.0)
 
 
@@ -495,7 +523,9 @@ def elbo_by_hand(vae, x: torch.Tensor, num_draws: int = 64, seed: int = 1):
     """
     with torch.no_grad():
         loc, scale = vae.encode(x)
-        kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0))
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
+        )
         g = torch.Generator().manual_seed(seed)
         z = loc + scale * torch.randn((num_draws,) + tuple(loc.shape), generator=g)
         log_lik = torch.distributions.Binomial(16, logits=vae.decode(z)).log_prob(x).sum(-1)
@@ -554,7 +584,10 @@ def test_vae_binomial_likelihood_is_exact():
     logits = vae.decode(z)
     p = torch.sigmoid(logits)
     direct = (
-        torch.lgamma(torch.tensor(17.0)) - torch.lgamma(x + 1) - torch.lgamma(17 - x)
-        + x * torch.log(p) + (16 - x) * torch.log1p(-p)
+        torch.lgamma(torch.tensor(17.0))
+        - torch.lgamma(x + 1)
+        - torch.lgamma(17 - x)
+        + x * torch.log(p)
+        + (16 - x) * torch.log1p(-p)
     ).sum()
     assert trace.nodes["x"]["fn"].log_prob(x).sum().item() == pytest.approx(direct.item(), rel=1e-10)
