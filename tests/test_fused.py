@@ -6,6 +6,7 @@ for the same seed: losses, parameters, recorded terms and optimiser state over 1
 a checkpoint round trip, a learning-rate schedule, and the closed-form optimum of a
 conjugate model. Each case compiles one fused graph (tens of seconds on a shared CPU).
 """
+
 from __future__ import annotations
 
 import pyro
@@ -127,12 +128,12 @@ def test_lr_schedule_checkpoint_round_trip_and_closed_form_optimum():
     optim.set_state(checkpoint[1])
     loss.load_state_dict(checkpoint[2])
     second = FusedSVI(model, guide, optim, loss)
-    # the first step after the restore runs unfused (it gives the restored parameters
-    # their optimisers and loads their state), the others reuse the compiled fused graph
+    # every step after the restore is fused (the restored parameters get their optimisers
+    # and the set_state state without an unfused step) and reuses the compiled fused graph
     for _ in range(50):
         f_losses.append(second.step(X))
         optim.step()
-    assert second.num_unfused_steps == 1 and second.num_fused_steps == 49
+    assert second.num_unfused_steps == 0 and second.num_fused_steps == 50
     assert second.compile_seconds == 0.0 and first.compile_seconds > 0
     assert f_losses == pytest.approx(losses, rel=1e-10, abs=1e-10)
     for name, value in params.items():
@@ -162,3 +163,59 @@ def test_refuses_what_it_cannot_fuse():
         FusedSVI(model, guide, pyro.optim.RMSprop({"lr": 0.1}), JitBetaELBO(compiler="inductor"))
     with pytest.raises(ValueError, match="clip_args"):
         FusedSVI(model, guide, pyro.optim.Adam({"lr": 0.1}, {"clip_norm": 1.0}), JitBetaELBO(compiler="inductor"))
+
+
+def test_a_nonfinite_step_is_not_applied_clipped_adam():
+    """
+    ClippedAdam (its decayed learning rate and step count live in Python): the data hold
+    +inf at step 3, so that step's loss and gradients are infinite. FusedSVI applies
+    nothing for it (parameters, moments, lr and step count bit for bit as before) and
+    continues as Pyro's SVI run in which that step is left out by hand (its loss still
+    evaluated, for the same random draws).
+    """
+    bad, steps = 3, 12
+
+    def data(step):
+        x = X.clone()
+        if step == bad:
+            x[1] = float("inf")
+        return x
+
+    def optim():
+        return pyro.optim.ClippedAdam({"lr": 0.05, "clip_norm": 0.5, "lrd": 0.99})
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    ref_loss, ref_optim = BetaELBO(), optim()
+    svi = SVI(model, guide, ref_optim, ref_loss)
+    losses = [ref_loss.loss(model, guide, data(s)) if s == bad else svi.step(data(s)) for s in range(steps)]
+    expected = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    expected_state = ref_optim.get_state()
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    fused_optim = optim()
+    fused = FusedSVI(model, guide, fused_optim, JitBetaELBO(compiler="inductor"))
+    f_losses = []
+    for s in range(steps):
+        if s == bad:
+            before = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+            state_before = fused_optim.get_state()
+            state_before = {
+                n: (st["param_groups"][0]["lr"], st["state"][0]["step"], st["state"][0]["exp_avg"].clone())
+                for n, st in state_before.items()
+            }
+            f_losses.append(fused.step(data(s)))  # inf: no warning (Pyro's warn_if_nan warns for NaN only)
+            for n, v in pyro.get_param_store().items():
+                assert torch.equal(v.detach(), before[n]), n
+            for n, st in fused_optim.get_state().items():
+                lr, step, exp_avg = state_before[n]
+                assert st["param_groups"][0]["lr"] == lr and st["state"][0]["step"] == step == bad, n
+                assert torch.equal(st["state"][0]["exp_avg"], exp_avg), n
+        else:
+            f_losses.append(fused.step(data(s)))
+    assert fused.num_fused_steps == steps - 1
+    assert f_losses == pytest.approx(losses, rel=1e-12)
+    for name, value in expected.items():
+        assert torch.allclose(pyro.param(name).detach(), value, rtol=1e-10, atol=1e-12), name
+    assert_states_close(fused_optim.get_state(), expected_state)

@@ -23,19 +23,21 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import torch
 from pyro.infer import SVI
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam as TorchClippedAdam
-from pyro.optim.optim import is_scheduler
+from pyro.optim.optim import _load_state_dict, is_scheduler
 from pyro.util import warn_if_nan
 
 from .compile_strategy import CompiledFunction, tensor_signature
 from .compiled import CompiledObjective
 
-__all__ = ["FUSED_OPTIMIZERS", "FusedSVI"]
+__all__ = ["FUSED_OPTIMIZERS", "FusedSVI", "FusedStep", "unfusable_reason"]
 
 #: the torch optimisers (as wrapped by ``pyro.optim.Adam``, ``ClippedAdam``, ``SGD`` and
 #: their learning-rate schedulers) whose update is fused into the step
@@ -93,50 +95,98 @@ _CONFIGS: dict[type, Callable[[dict], tuple]] = {
 }
 
 
-def _update(config: tuple, param: torch.Tensor, grad: torch.Tensor, state: tuple, rate: torch.Tensor) -> None:
+def unfusable_reason(optim: object, loss: object) -> str | None:
+    """
+    Why ``optim`` and ``loss`` cannot be fused into one training step, or ``None`` when
+    they can (the checks of :class:`FusedSVI` at construction; optimiser settings such as
+    Adam's ``amsgrad`` are checked at the first fused step).
+
+    :returns: a sentence that names the argument, what was found and the fix, or ``None``.
+    :rtype: str or None
+    """
+    if not isinstance(loss, CompiledObjective) or loss.compiler != "inductor":
+        return (
+            "fuses the gradient graph of JitBetaELBO(compiler='inductor') or "
+            f"JitBetaMeanFieldELBO(compiler='inductor'), got loss={loss!r}. Pass such a loss."
+        )
+    if not isinstance(optim, PyroOptim):
+        return f"needs a pyro.optim.PyroOptim, got optim={optim!r}. Wrap it, e.g. pyro.optim.Adam({{...}})."
+    constructor = optim.pt_optim_constructor
+    if constructor not in _CONFIGS:
+        supported = ", ".join(c.__name__ for c in FUSED_OPTIMIZERS)
+        return (
+            f"fuses the updates of {supported} (and Pyro's learning-rate schedulers around them), but optim "
+            f"wraps {getattr(constructor, '__name__', constructor)}. Use one of those."
+        )
+    if optim.pt_clip_args:
+        return (
+            f"does not fuse gradient clipping by clip_args, got clip_args={optim.pt_clip_args!r}. "
+            "Use pyro.optim.ClippedAdam (per-element clip_norm, fused)."
+        )
+    return None
+
+
+def _keep(ok: torch.Tensor, target: torch.Tensor, new: torch.Tensor) -> None:
+    """``target`` becomes ``new`` where the step is finite and stays bit for bit what it was otherwise."""
+    target.copy_(torch.where(ok, new, target))
+
+
+def _update(
+    config: tuple, param: torch.Tensor, grad: torch.Tensor, state: tuple, rate: torch.Tensor, ok: torch.Tensor
+) -> None:
     """
     One parameter's update, in place, in the op order of the torch optimiser (so the result
-    equals it to rounding). ``rate`` is the learning rate (Adam, SGD) or ClippedAdam's
-    step size (learning rate × bias corrections, computed in Python as ClippedAdam does).
+    equals it to rounding), applied only where ``ok`` (a 0-dim bool tensor: the loss and
+    every gradient of the step are finite) holds: otherwise the parameter and its state
+    keep their exact values, without a host synchronisation inside the graph. ``rate`` is
+    the learning rate (Adam, SGD) or ClippedAdam's step size (learning rate × bias
+    corrections, computed in Python as ClippedAdam does).
     """
     kind = config[0]
     if kind == "adam":  # torch.optim.adam._single_tensor_adam
         _, beta1, beta2, eps, weight_decay = config
         exp_avg, exp_avg_sq, step = state
-        step.add_(1)
+        new_step = step + 1
         if weight_decay != 0:
             grad = grad.add(param, alpha=weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        steps = step.to(torch.float64)
+        new_avg = exp_avg.lerp(grad, 1 - beta1)
+        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        steps = new_step.to(torch.float64)
         step_size = rate / (1 - torch.pow(beta1, steps))
         bias_correction2_sqrt = (1 - torch.pow(beta2, steps)).sqrt()
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(param.dtype)).add_(eps)
-        param.sub_(step_size.to(param.dtype) * (exp_avg / denom))
+        denom = (new_avg_sq.sqrt() / bias_correction2_sqrt.to(param.dtype)).add_(eps)
+        new_param = param - step_size.to(param.dtype) * (new_avg / denom)
+        _keep(ok, step, new_step)
+        _keep(ok, exp_avg, new_avg)
+        _keep(ok, exp_avg_sq, new_avg_sq)
     elif kind == "clipped_adam":  # pyro.optim.clipped_adam.ClippedAdam.step
         _, beta1, beta2, eps, weight_decay, clip_norm, centered = config
         exp_avg, exp_avg_sq = state
         grad = grad.clamp(-clip_norm, clip_norm)
         if weight_decay != 0:
             grad = grad.add(param, alpha=weight_decay)
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        grad_var = grad - exp_avg if centered else grad
-        exp_avg_sq.mul_(beta2).addcmul_(grad_var, grad_var, value=1 - beta2)
-        denom = exp_avg_sq.sqrt().add_(eps)
-        param.sub_(rate.to(param.dtype) * (exp_avg / denom))
+        new_avg = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
+        grad_var = grad - new_avg if centered else grad
+        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad_var, grad_var, value=1 - beta2)
+        denom = new_avg_sq.sqrt().add_(eps)
+        new_param = param - rate.to(param.dtype) * (new_avg / denom)
+        _keep(ok, exp_avg, new_avg)
+        _keep(ok, exp_avg_sq, new_avg_sq)
     else:  # torch.optim.sgd._single_tensor_sgd
         _, momentum, dampening, weight_decay, nesterov = config
         if weight_decay != 0:
             grad = grad.add(param, alpha=weight_decay)
         if momentum != 0:
             (buf,) = state
-            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.sub_(rate.to(param.dtype) * grad)
+            new_buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
+            _keep(ok, buf, new_buf)
+        new_param = param - rate.to(param.dtype) * grad
+    _keep(ok, param, new_param)
 
 
 def _make_fused(
-    graph: Callable, grad_index: list, configs: tuple, scalar_params: tuple, scalar_states: tuple
+    graph: Callable, grad_index: list[int], configs: tuple, scalar_params: tuple, scalar_states: tuple
 ) -> Callable:
     def fused(hyper, rates, params, states, args):
         # 0-dim tensors come in as 1-element views (see FusedSVI._plan)
@@ -146,11 +196,50 @@ def _make_fused(
             for state, scalars in zip(states, scalar_states)
         ]
         loss, values, *grads = graph(hyper[0], hyper[1], *params, *args)
+        # the guard: [loss finite, gradient 0 finite, ...]; the update applies only if all are
+        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads])
+        ok = finite.all()
         for k, (i, grad) in enumerate(zip(grad_index, grads)):
-            _update(configs[k], params[i], grad, states[k], rates[k])
-        return loss, values
+            _update(configs[k], params[i], grad, states[k], rates[k], ok)
+        # (loss, ok) in one tensor: the caller reads both with one synchronisation
+        status = torch.stack([loss.detach(), ok.to(loss.dtype)])
+        return status, values, finite
 
     return torch.compile(fused, fullgraph=True, dynamic=False, options={"fallback_random": True})
+
+
+@dataclass(frozen=True)
+class FusedStep:
+    """
+    What one fused step did (:meth:`FusedSVI.fused_step`).
+
+    :ivar float loss: the loss before the step (``-objective``, nats).
+    :ivar bool finite: whether the loss and every gradient were finite, i.e. whether the
+        update was applied (a non-finite step leaves the parameters and the optimiser's
+        state exactly as they were).
+    :ivar tuple params: the unconstrained parameters of the step (those of the gradient graph).
+    :ivar list nonfinite_grads: names of the parameters whose gradient was not finite
+        (empty for a finite step).
+    """
+
+    loss: float
+    finite: bool
+    params: tuple[torch.Tensor, ...]
+    nonfinite_grads: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    compiled: CompiledFunction
+    fused: Callable
+    params: tuple[torch.Tensor, ...]
+    states: tuple[tuple[torch.Tensor, ...], ...]
+    rates: list[float]
+    compile_now: bool
+    # ClippedAdam's Python-side state, as it was before this step (restored on a skipped step)
+    host_state: list[tuple[dict, str, Any]]
+    # the parameters themselves (``params`` holds 1-element views of the 0-dim ones)
+    originals: tuple[torch.Tensor, ...]
 
 
 class FusedSVI(SVI):
@@ -162,9 +251,10 @@ class FusedSVI(SVI):
     ``SVI(model, guide, optim, loss)`` for the same seed, to float rounding.
 
     The first step with new arguments (shapes, dtypes, keyword values), new parameters, or
-    parameters the optimiser has not seen (a fresh optimiser, one after ``set_state``) runs
-    as :class:`pyro.infer.SVI` does; it records the gradient graph and creates the torch
-    optimisers. The next step compiles the fused graph (seconds, once per loss, model,
+    parameters the optimiser has no state for (a fresh optimiser) runs as
+    :class:`pyro.infer.SVI` does; it records the gradient graph and creates the torch
+    optimisers. After ``optim.set_state`` (a checkpoint), the optimisers are made from the
+    restored state without that unfused step. The next step compiles the fused graph (seconds, once per loss, model,
     guide, argument shapes and optimiser settings; several ``FusedSVI`` objects sharing a
     loss, e.g. chains, share it) and later steps run it.
 
@@ -179,6 +269,15 @@ class FusedSVI(SVI):
     at construction): other optimisers, ``clip_args``; use :class:`pyro.infer.SVI`.
     Parameters' ``.grad`` are not written by fused steps (SVI zeroes them after each step).
 
+    **Non-finite steps.** The graph computes a flag, the loss and every gradient finite,
+    and applies the update and the optimiser-state changes (Adam's step count included)
+    only where it holds (``torch.where`` inside the graph: no host synchronisation within
+    the step): a step with a NaN or infinite loss or gradient leaves the parameters and
+    the state bit for bit as they were (as NumPyro's ``stable_update``), where
+    :class:`pyro.infer.SVI` would write NaN into them. :meth:`fused_step` reports the
+    flag; :class:`~pyro_elbo_lab.runner.SVIRunner` ``(fused=True)`` uses it for
+    ``on_nonfinite``.
+
     :param model: the model.
     :param guide: the guide.
     :param pyro.optim.PyroOptim optim: a supported Pyro optimiser.
@@ -189,30 +288,10 @@ class FusedSVI(SVI):
     :attr:`num_fused_steps` and :attr:`num_unfused_steps`.
     """
 
-    def __init__(self, model, guide, optim: PyroOptim, loss: CompiledObjective, **kwargs):
-        if not isinstance(loss, CompiledObjective) or loss.compiler != "inductor":
-            raise ValueError(
-                "FusedSVI fuses the gradient graph of JitBetaELBO(compiler='inductor') or "
-                f"JitBetaMeanFieldELBO(compiler='inductor'), got loss={loss!r}. "
-                "Pass such a loss, or use pyro.infer.SVI."
-            )
-        if not isinstance(optim, PyroOptim):
-            raise ValueError(
-                f"FusedSVI needs a pyro.optim.PyroOptim, got optim={optim!r}. Wrap it, e.g. pyro.optim.Adam({{...}})."
-            )
-        constructor = optim.pt_optim_constructor
-        if constructor not in _CONFIGS:
-            supported = ", ".join(c.__name__ for c in FUSED_OPTIMIZERS)
-            raise ValueError(
-                f"FusedSVI fuses the updates of {supported}, but optim wraps "
-                f"{getattr(constructor, '__name__', constructor)}. "
-                "Use one of those, or pyro.infer.SVI for this optimiser."
-            )
-        if optim.pt_clip_args:
-            raise ValueError(
-                f"FusedSVI does not fuse gradient clipping by clip_args, got clip_args={optim.pt_clip_args!r}. "
-                "Use pyro.optim.ClippedAdam (per-element clip_norm, fused), or pyro.infer.SVI."
-            )
+    def __init__(self, model: Callable, guide: Callable, optim: PyroOptim, loss: CompiledObjective, **kwargs: Any):
+        reason = unfusable_reason(optim, loss)
+        if reason is not None:
+            raise ValueError(f"FusedSVI {reason} Use pyro.infer.SVI otherwise.")
         super().__init__(model, guide, optim, loss, **kwargs)
         #: the loss object (SVI keeps only its bound methods, as ``self.loss`` and ``self.loss_and_grads``)
         self.elbo = loss
@@ -220,69 +299,132 @@ class FusedSVI(SVI):
         self.num_fused_steps = 0
         self.num_unfused_steps = 0
 
-    def step(self, *args, **kwargs) -> float:
+    def step(self, *args: Any, **kwargs: Any) -> float:
         """
-        Take one gradient step.
+        Take one gradient step. A step whose loss or gradients are not finite is not
+        applied (the parameters and the optimiser's state keep their exact values; Pyro's
+        NaN warning is issued); :class:`pyro.infer.SVI` would apply it.
 
         :returns: the loss (``-objective`` in nats) before the step.
         :rtype: float
         """
+        outcome = self.fused_step(*args, **kwargs)
+        if outcome is None:
+            self.num_unfused_steps += 1
+            return float(super().step(*args, **kwargs))
+        if not math.isfinite(outcome.loss):
+            warn_if_nan(torch.tensor(outcome.loss), "loss")
+        return outcome.loss
+
+    def fused_step(self, *args: Any, **kwargs: Any) -> FusedStep | None:
+        """
+        One fused step, if this step can be fused; nothing is done and ``None`` returned
+        when it cannot (the first step with new arguments or parameters, or parameters the
+        optimiser has not seen: the caller runs the step unfused, e.g. by
+        :meth:`pyro.infer.SVI.step`, which records the gradient graph and creates the
+        optimisers). The step's update, optimiser state changes included, are applied
+        only if the loss and every gradient are finite (decided inside the graph); the
+        loss's terms are recorded and its step counter advanced either way, as
+        :meth:`loss_and_grads` does. Reads the device once (the loss and the flag together).
+
+        :returns: what the step did.
+        :rtype: FusedStep or None
+        """
         plan = self._plan(args, kwargs)
         if plan is None:
-            self.num_unfused_steps += 1
-            return super().step(*args, **kwargs)
-        compiled, fused, params, states, rates, compile_now = plan
+            return None
         loss = self.elbo
         beta = loss.current_beta()
         capacity = loss.current_capacity()
         hyper = torch.tensor([beta, 0.0 if capacity is None else capacity], dtype=torch.get_default_dtype())
-        rates_t = torch.tensor(rates, dtype=torch.float64)
+        rates_t = torch.tensor(plan.rates, dtype=torch.float64)
         start = time.perf_counter()
-        if compile_now:
-            with torch.no_grad(), warnings.catch_warnings():
-                # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
-                warnings.filterwarnings(
-                    "ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning
-                )
-                value, values = fused(hyper, rates_t, params, states, args)
+        with torch.no_grad(), warnings.catch_warnings():
+            # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
+            status, values, finite = plan.fused(hyper, rates_t, plan.params, plan.states, args)
+        if plan.compile_now:
             self.compile_seconds += time.perf_counter() - start
-        else:
-            with torch.no_grad():
-                value, values = fused(hyper, rates_t, params, states, args)
-        loss.record_step(compiled, values, beta, capacity)
+        loss.record_step(plan.compiled, values, beta, capacity)
+        value, ok = status.tolist()
         self.num_fused_steps += 1
-        value = value.item()
-        warn_if_nan(value, "loss")
-        return value
+        params = plan.originals
+        if ok:
+            return FusedStep(float(value), True, params)
+        for target, key, old in plan.host_state:
+            target[key] = old  # the update was not applied: neither are ClippedAdam's decay and count
+        names = plan.compiled.param_names
+        grad_index = plan.compiled.info["grad_index"]
+        bad = [names[grad_index[k]] for k, f in enumerate(finite[1:].tolist()) if not f]
+        return FusedStep(float(value), False, params, bad)
 
-    def _plan(self, args: tuple, kwargs: dict):
+    def _restore_optimizers(self, params: tuple[torch.Tensor, ...]) -> bool:
+        """
+        Whether the optimiser has a torch optimiser for every parameter. Those it lacks
+        but has state for (``optim.set_state`` of a checkpoint, not yet consumed) are made
+        and loaded here as :meth:`pyro.optim.PyroOptim.__call__` would, without a step, so
+        that a resumed run is fused from its first step rather than running (and
+        compiling) the gradient graph alone once.
+        """
+        optim = self.optim
+        missing = [p for p in params if p not in optim.optim_objs]
+        if not missing:
+            return True
+        store = pyro.get_param_store()
+        waiting = optim._state_waiting_to_be_consumed
+        if not all(store.param_name(p) in waiting for p in missing):
+            return False
+        for p in missing:
+            optim.optim_objs[p] = optimizer = optim._get_optim(p)
+            optim.grad_clip[p] = optim._get_grad_clip(p)
+            _load_state_dict(optimizer, waiting.pop(store.param_name(p)))
+        return True
+
+    def _plan(self, args: tuple, kwargs: dict) -> _Plan | None:
         """Everything a fused step needs, or ``None`` when this step must run unfused."""
         compiled = self.elbo.gradient_graph(self.model, self.guide, args, kwargs)
         if compiled is None:
             return None
         named = dict(pyro.get_param_store().named_parameters())
-        params = tuple(named.get(name) for name in compiled.param_names)
-        if any(p is None for p in params) or tensor_signature(params) != compiled.param_signature:
+        found = tuple(named.get(name) for name in compiled.param_names)
+        if any(p is None for p in found):
             return None  # cleared or re-created parameters: the loss re-creates / recompiles
+        params = tuple(p for p in found if p is not None)
+        if tensor_signature(params) != compiled.param_signature:
+            return None
         optim_objs = self.optim.optim_objs
+        if not self._restore_optimizers(params):
+            return None  # not seen by the optimiser yet: SVI's path creates them
         optimizers = []
         for p in params:
-            obj = optim_objs.get(p)
-            if obj is None:
-                return None  # not seen by the optimiser yet: SVI's path creates it (and loads set_state)
+            obj = optim_objs[p]
             optimizers.append(obj.optimizer if is_scheduler(obj) else obj)
-        configs, states, rates = [], [], []
-        for optimizer in optimizers:
-            group = optimizer.param_groups[0]
-            kind = type(optimizer)
-            if kind is TorchClippedAdam:
-                group["lr"] *= group["lrd"]  # every step, as ClippedAdam.step, with or without a gradient
-        for i in compiled.info["grad_index"]:
-            optimizer, param = optimizers[i], params[i]
-            group = optimizer.param_groups[0]
+        grad_index = compiled.info["grad_index"]
+        for i in grad_index:
+            optimizer = optimizers[i]
             kind = type(optimizer)
             if kind not in _CONFIGS:
                 raise ValueError(f"FusedSVI cannot fuse {kind.__name__}; use pyro.infer.SVI.")
+            state = optimizer.state[params[i]]
+            needed = "momentum_buffer" if kind is torch.optim.SGD and optimizer.param_groups[0]["momentum"] else None
+            needed = "exp_avg" if kind is not torch.optim.SGD else needed
+            if needed is not None and state.get(needed) is None:
+                # state the optimiser creates at its first step for this parameter (a
+                # fresh optimiser, or a checkpoint taken before the parameter was updated)
+                return None
+        configs: list[tuple] = []
+        states: list[tuple[torch.Tensor, ...]] = []
+        rates: list[float] = []
+        host_state: list[tuple[dict, str, Any]] = []
+        for optimizer in optimizers:
+            group = optimizer.param_groups[0]
+            if type(optimizer) is TorchClippedAdam:
+                host_state.append((group, "lr", group["lr"]))
+                group["lr"] *= group["lrd"]  # every step, as ClippedAdam.step, with or without a gradient
+        for i in grad_index:
+            optimizer, param = optimizers[i], params[i]
+            group = optimizer.param_groups[0]
+            kind = type(optimizer)
             configs.append(_CONFIGS[kind](group))
             state = optimizer.state[param]
             if kind is torch.optim.Adam:
@@ -290,6 +432,7 @@ class FusedSVI(SVI):
                 rates.append(float(group["lr"]))
             elif kind is TorchClippedAdam:
                 states.append((state["exp_avg"], state["exp_avg_sq"]))
+                host_state.append((state, "step", state["step"]))
                 state["step"] += 1
                 beta1, beta2 = group["betas"]
                 step = state["step"]
@@ -298,22 +441,21 @@ class FusedSVI(SVI):
                 buf = state.get("momentum_buffer")
                 states.append(() if group["momentum"] == 0 else (buf,))
                 rates.append(float(group["lr"]))
-        configs = tuple(configs)
         scalar_params = tuple(p.dim() == 0 for p in params)
         scalar_states = tuple(tuple(t.dim() == 0 for t in state) for state in states)
-        key = (configs, scalar_states)
+        key = (tuple(configs), scalar_states)
         cache = _FUSED.setdefault(compiled, {})
         fused = cache.get(key)
         compile_now = fused is None
-        if compile_now:
-            graph, grad_index = compiled.info["graph"], list(compiled.info["grad_index"])
-            fused = cache[key] = _make_fused(graph, grad_index, configs, scalar_params, scalar_states)
+        if fused is None:
+            graph = compiled.info["graph"]
+            fused = cache[key] = _make_fused(graph, list(grad_index), tuple(configs), scalar_params, scalar_states)
         # 0-dim inputs as 1-element views: dynamo (torch 2.13) traces 0-dim inputs as symbolic
         # floats, restarts its analysis to specialise them, and the restarted trace drops the
         # in-place updates of the inputs
         # (made under no_grad: a view of a parameter would otherwise be a non-leaf that
         # requires grad, whose .grad dynamo reads, with a warning)
         with torch.no_grad():
-            params = tuple(p.view(1) if s else p for p, s in zip(params, scalar_params))
-            states = tuple(tuple(t.view(1) if t.dim() == 0 else t for t in state) for state in states)
-        return compiled, fused, params, states, rates, compile_now
+            views = tuple(p.view(1) if s else p for p, s in zip(params, scalar_params))
+            state_views = tuple(tuple(t.view(1) if t.dim() == 0 else t for t in state) for state in states)
+        return _Plan(compiled, fused, views, state_views, rates, compile_now, host_state, params)
