@@ -3,9 +3,11 @@
 rate_distortion against the linear-Gaussian VAE, whose β-optimal encoder, rate and
 distortion are closed form, and the Normal–Normal model with a global latent.
 """
+
 from __future__ import annotations
 
 import math
+import types
 
 import pyro
 import pyro.distributions as dist
@@ -65,6 +67,24 @@ def test_linear_gaussian_vae(data, beta):
     assert rd.objective(beta) == pytest.approx(-(distortion + beta * rate), abs=5 * rd.distortion_stderr)
 
 
+def test_keyword_data_in_any_mapping(data):
+    # model_kwargs may be any mapping (a read-only view here), not only a dict; the keyword data
+    # reach model and guide: the rate is the closed-form KL of the optimal encoder at β = 1
+    m, s2 = optimal_encoder(1.0, data)
+    guide = normal_guide(m, s2)
+
+    def model(*, x):
+        vae_model(x)
+
+    def guide_kw(*, x):
+        guide(x)
+
+    rd = rate_distortion(model, guide_kw, model_kwargs=types.MappingProxyType({"x": data}), num_samples=10)
+    rate, _ = exact_rate_distortion(data, m, s2)
+    assert rd.rate == pytest.approx(rate, abs=1e-12)
+    assert rd.num_datapoints == N
+
+
 def test_sweep_traces_the_rate_distortion_curve(data):
     fitted = []
 
@@ -77,7 +97,8 @@ def test_sweep_traces_the_rate_distortion_curve(data):
     frame = rate_distortion_sweep(fit, betas, data, num_samples=400)
     assert fitted == betas
     assert list(frame.index) == betas
-    assert list(frame.columns) == ["beta", "rate", "distortion", "rate_stderr", "distortion_stderr", "elbo", "objective"]
+    columns = ["beta", "rate", "distortion", "rate_stderr", "distortion_stderr", "elbo", "objective"]
+    assert list(frame.columns) == columns
     for beta, row in frame.iterrows():
         rate, distortion = exact_rate_distortion(data, *optimal_encoder(beta, data))
         assert row["rate"] == pytest.approx(rate, abs=1e-12)
