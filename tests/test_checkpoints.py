@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Checkpoints: exact resumes, refusals that name the mismatch, files that cannot run code,
 symbolic links, atomic and incremental writes."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,10 @@ import pickle
 import shutil
 import sys
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, SVIRunner
@@ -46,8 +46,16 @@ def adam(lr=0.05):
 
 def write_checkpoint(path, data, num_steps=10, every=5, **options):
     """A run of `num_steps` that leaves its checkpoint at `path`."""
-    SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0,
-              checkpoint=Checkpointing(path, every=every), **options).run(data, num_steps=num_steps)
+    SVIRunner(
+        model,
+        guide,
+        adam(),
+        BetaELBO(),
+        progress_bar=False,
+        seed=0,
+        checkpoint=Checkpointing(path, every=every),
+        **options,
+    ).run(data, num_steps=num_steps)
     pyro.clear_param_store()
 
 
@@ -79,8 +87,9 @@ def test_resume_equals_uninterrupted(data, tmp_path, kind):
             shutil.copy(path + ".history.jsonl", at_14 + ".history.jsonl")
 
     m, g, optim, loss = _resume_setup(kind)
-    full = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11, callbacks=[keep_14],
-                     checkpoint=Checkpointing(path, every=7)).run(data, num_steps=20)
+    full = SVIRunner(
+        m, g, optim, loss, progress_bar=False, seed=11, callbacks=[keep_14], checkpoint=Checkpointing(path, every=7)
+    ).run(data, num_steps=20)
     # a fresh process continues from step 14; one resumed from the finished run's last
     # checkpoint (step 20) gets the finished run
     for resume_from in (at_14, path):
@@ -88,7 +97,8 @@ def test_resume_equals_uninterrupted(data, tmp_path, kind):
         pyro.set_rng_seed(123)
         m, g, optim, loss = _resume_setup(kind)
         resumed = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11).run(
-            data, num_steps=20, resume_from=resume_from)
+            data, num_steps=20, resume_from=resume_from
+        )
         assert resumed.history["step"].tolist() == list(range(20))
         # same parameters, optimiser and scheduler state, loss state and RNG state: the resumed
         # steps do the same floating-point operations, so the histories are bit-equal
@@ -105,8 +115,17 @@ def test_resume_after_interrupt_with_chains(data, tmp_path):
     path = tmp_path / "ckpt.pt"
 
     def make(callbacks=()):
-        return SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, num_chains=2, seed=3,
-                         checkpoint=Checkpointing(path, every=5), callbacks=callbacks)
+        return SVIRunner(
+            model,
+            AutoNormal(model),
+            adam(),
+            BetaELBO(),
+            progress_bar=False,
+            num_chains=2,
+            seed=3,
+            checkpoint=Checkpointing(path, every=5),
+            callbacks=callbacks,
+        )
 
     full = make().run(data, num_steps=10)
     pyro.clear_param_store()
@@ -140,12 +159,14 @@ def test_resume_with_a_list_of_batches_equals_uninterrupted(data, tmp_path):
         seen.append(x.shape[0])
         model(x)
 
-    full = SVIRunner(m, guide, adam(), BetaELBO(), progress_bar=False, seed=2,
-                     checkpoint=Checkpointing(path, every=4)).run(num_steps=6, batches=batches)
+    full = SVIRunner(
+        m, guide, adam(), BetaELBO(), progress_bar=False, seed=2, checkpoint=Checkpointing(path, every=4)
+    ).run(num_steps=6, batches=batches)
     assert seen == [5, 7, 8, 5, 7, 8]
     pyro.clear_param_store()
     resumed = SVIRunner(m, guide, adam(), BetaELBO(), progress_bar=False, seed=2).run(
-        num_steps=6, batches=batches, resume_from=path)
+        num_steps=6, batches=batches, resume_from=path
+    )
     assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
     for name, value in full.params.items():
         assert torch.equal(resumed.params[name], value)
@@ -155,18 +176,40 @@ def test_a_resumed_run_appends_to_the_same_checkpoint(data, tmp_path):
     # 20 steps in two runs of 10, both checkpointing to the same file, give the rows and
     # parameters of one run of 20; the history file holds each row once
     full_path, path = tmp_path / "full.pt", tmp_path / "ckpt.pt"
-    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=4,
-                     checkpoint=Checkpointing(full_path, every=5)).run(data, num_steps=20)
+    full = SVIRunner(
+        model, guide, adam(), BetaELBO(), progress_bar=False, seed=4, checkpoint=Checkpointing(full_path, every=5)
+    ).run(data, num_steps=20)
     pyro.clear_param_store()
-    SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=4,
-              checkpoint=Checkpointing(path, every=5)).run(data, num_steps=10)
+    SVIRunner(
+        model, guide, adam(), BetaELBO(), progress_bar=False, seed=4, checkpoint=Checkpointing(path, every=5)
+    ).run(data, num_steps=10)
     pyro.clear_param_store()
-    second = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=4,
-                       checkpoint=Checkpointing(path, every=5)).run(data, num_steps=20, resume_from=path)
+    second = SVIRunner(
+        model, guide, adam(), BetaELBO(), progress_bar=False, seed=4, checkpoint=Checkpointing(path, every=5)
+    ).run(data, num_steps=20, resume_from=path)
     assert second.history["loss"].tolist() == full.history["loss"].tolist()
     rows = history_rows(path)
     assert [r["step"] for r in rows] == list(range(20))
     assert [r["loss"] for r in rows] == full.history["loss"].tolist()
+
+
+def test_continuing_a_finished_checkpoint_leaves_the_state_of_the_longer_run(data, tmp_path):
+    # a checkpoint of a run that finished at step 10, continued to 20: afterwards the
+    # optimiser (Adam's own step count), the loss's step and the RNG are those at step 20
+    # of an uninterrupted run (they were rolled back to the checkpoint's step 10)
+    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0)
+    runner.run(data, num_steps=20)
+    full_rng = torch.get_rng_state()
+    full_steps = {n: float(s["state"][0]["step"]) for n, s in runner.optim.get_state().items()}
+    pyro.clear_param_store()
+    path = tmp_path / "ckpt.pt"
+    write_checkpoint(path, data, num_steps=10)
+    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0)
+    runner.run(data, num_steps=20, resume_from=path)
+    assert runner.loss.step == 20
+    assert {n: float(s["state"][0]["step"]) for n, s in runner.optim.get_state().items()} == full_steps
+    assert full_steps == {"loc": 20.0, "scale": 20.0}
+    assert torch.equal(torch.get_rng_state(), full_rng)
 
 
 def test_rows_of_a_write_that_never_committed_are_ignored_and_dropped(data, tmp_path):
@@ -177,8 +220,9 @@ def test_rows_of_a_write_that_never_committed_are_ignored_and_dropped(data, tmp_
     write_checkpoint(path, data, num_steps=10)
     with open(str(path) + ".history.jsonl", "a") as f:
         f.write('{"step": 999, "loss": 1.0}\n{"step": 1000, "lo')
-    result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0,
-                       checkpoint=Checkpointing(path, every=5)).run(data, num_steps=15, resume_from=path)
+    result = SVIRunner(
+        model, guide, adam(), BetaELBO(), progress_bar=False, seed=0, checkpoint=Checkpointing(path, every=5)
+    ).run(data, num_steps=15, resume_from=path)
     assert result.history["step"].tolist() == list(range(15))
     assert [r["step"] for r in history_rows(path)] == list(range(15))
 
@@ -200,8 +244,11 @@ def other_shape_guide(x):
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"guide": other_names_guide}, r"parameters not in the checkpoint: \['mean'\].*checkpoint parameters this "
-                                       r"model and guide do not have: \['loc', 'scale'\]"),
+        (
+            {"guide": other_names_guide},
+            r"parameters not in the checkpoint: \['mean'\].*checkpoint parameters this "
+            r"model and guide do not have: \['loc', 'scale'\]",
+        ),
         ({"guide": other_shape_guide}, r"other shapes: 'loc' \(\) then, \(2,\) now"),
         ({"optim": lambda: pyro.optim.SGD({"lr": 0.01})}, r"optimiser Adam, this runner has SGD"),
         ({"loss": BetaMeanFieldELBO}, r"loss pyro_elbo_lab.*BetaELBO, this runner has .*BetaMeanFieldELBO"),
@@ -213,8 +260,14 @@ def other_shape_guide(x):
 def test_resume_refuses_a_mismatch(data, tmp_path, change, match):
     path = tmp_path / "ckpt.pt"
     write_checkpoint(path, data, num_steps=10)
-    runner = SVIRunner(model, change.get("guide", guide), change.get("optim", adam)(), change.get("loss", BetaELBO)(),
-                       progress_bar=False, num_chains=change.get("num_chains", 1))
+    runner = SVIRunner(
+        model,
+        change.get("guide", guide),
+        change.get("optim", adam)(),
+        change.get("loss", BetaELBO)(),
+        progress_bar=False,
+        num_chains=change.get("num_chains", 1),
+    )
     with pytest.raises(ValueError, match=rf"resume_from='{path}'(.|\n)*{match}"):
         runner.run(data, num_steps=change.get("num_steps", 20), resume_from=path)
 
@@ -269,7 +322,7 @@ def _bad_files(tmp_path, data):
 def test_bad_files_are_refused_and_run_nothing(data, tmp_path):
     files, marker = _bad_files(tmp_path, data)
     runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False)
-    for name, (path, match) in files.items():
+    for path, match in files.values():
         with pytest.raises(ValueError, match=rf"resume_from='{path}' is not a usable checkpoint(.|\n)*{match}"):
             runner.run(data, num_steps=20, resume_from=path)
     with pytest.raises(ValueError, match="no such checkpoint file"):
@@ -369,8 +422,15 @@ def test_history_is_written_by_appending(data, tmp_path):
             with open(history, "rb") as f:
                 snapshots[step] = f.read()
 
-    result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, callbacks=[snapshot],
-                       checkpoint=Checkpointing(path, every=10)).run(data, num_steps=30)
+    result = SVIRunner(
+        model,
+        guide,
+        adam(),
+        BetaELBO(),
+        progress_bar=False,
+        callbacks=[snapshot],
+        checkpoint=Checkpointing(path, every=10),
+    ).run(data, num_steps=30)
     with open(history, "rb") as f:
         final = f.read()
     assert snapshots[10].count(b"\n") == 10 and snapshots[20].count(b"\n") == 20
@@ -390,16 +450,26 @@ def test_resume_keeps_the_convergence_rule_state(data, tmp_path):
     convergence = Convergence(window=40, num_chains=2, rhat=4.0, params=True, average=15)
     path = str(tmp_path / "fit.ckpt")
     pyro.set_rng_seed(0)
-    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5,
-                     convergence=convergence).run(data, num_steps=3000)
+    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5, convergence=convergence).run(
+        data, num_steps=3000
+    )
     assert full.stop_reason == "converged", full.convergence
     stop = len(full.history)
     pyro.clear_param_store()
-    SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5, convergence=convergence,
-              checkpoint=Checkpointing(path, every=stop - 7)).run(data, num_steps=stop - 7)
+    SVIRunner(
+        model,
+        guide,
+        adam(),
+        BetaELBO(),
+        progress_bar=False,
+        seed=5,
+        convergence=convergence,
+        checkpoint=Checkpointing(path, every=stop - 7),
+    ).run(data, num_steps=stop - 7)
     pyro.clear_param_store()
-    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5,
-                        convergence=convergence).run(data, num_steps=3000, resume_from=path)
+    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5, convergence=convergence).run(
+        data, num_steps=3000, resume_from=path
+    )
     assert resumed.stop_reason == "converged" and len(resumed.history) == stop
     assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
     assert resumed.convergence[0]["param_rhat"] == full.convergence[0]["param_rhat"]
@@ -418,9 +488,17 @@ def test_resume_from_a_checkpoint_on_a_check_step_stops_where_the_run_did(data, 
     def fit(path, num_steps=3000, resume=None, callbacks=()):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        return SVIRunner(model, guide, adam(), BetaMeanFieldELBO(), progress_bar=False, seed=0,
-                         convergence=Convergence(), checkpoint=Checkpointing(path, every=50),
-                         callbacks=callbacks).run(data, num_steps=num_steps, resume_from=resume)
+        return SVIRunner(
+            model,
+            guide,
+            adam(),
+            BetaMeanFieldELBO(),
+            progress_bar=False,
+            seed=0,
+            convergence=Convergence(),
+            checkpoint=Checkpointing(path, every=50),
+            callbacks=callbacks,
+        ).run(data, num_steps=num_steps, resume_from=resume)
 
     full = fit(str(tmp_path / "a.ckpt"))
     stop = len(full.history)
@@ -453,8 +531,16 @@ def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
             raise RuntimeError("boom")
 
     path = str(tmp_path / "fit.ckpt")
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0,
-                       checkpoint=Checkpointing(path, every=10), callbacks=[crash])
+    runner = SVIRunner(
+        model,
+        guide,
+        adam(),
+        BetaELBO(),
+        progress_bar=False,
+        seed=0,
+        checkpoint=Checkpointing(path, every=10),
+        callbacks=[crash],
+    )
     with pytest.raises(RuntimeError, match="boom"):
         runner.run(data, num_steps=40)
     armed[0] = False
@@ -467,16 +553,17 @@ def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
 def test_a_renamed_checkpoint_resumes(data, tmp_path):
     # a checkpoint moved with its history file (renamed alike) resumes from the new name
     old, new = str(tmp_path / "old.ckpt"), str(tmp_path / "new.ckpt")
-    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0,
-                     checkpoint=Checkpointing(old, every=7)).run(data, num_steps=10)
+    full = SVIRunner(
+        model, guide, adam(), BetaELBO(), progress_bar=False, seed=0, checkpoint=Checkpointing(old, every=7)
+    ).run(data, num_steps=10)
     os.rename(old, new)
     os.rename(old + ".history.jsonl", new + ".history.jsonl")
     pyro.clear_param_store()
     resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(
-        data, num_steps=20, resume_from=new)
+        data, num_steps=20, resume_from=new
+    )
     assert resumed.history["loss"].tolist()[:10] == full.history["loss"].tolist()
     assert len(resumed.history) == 20
     os.remove(new + ".history.jsonl")
     with pytest.raises(ValueError, match="new.ckpt.history.jsonl.* is missing"):
-        SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(
-            data, num_steps=20, resume_from=new)
+        SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(data, num_steps=20, resume_from=new)

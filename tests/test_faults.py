@@ -10,6 +10,7 @@ deterministic, so the parameter after ``k`` steps and the loss at every step hav
 form, :math:`\\mathrm{loc}_k = \\bar x\\,(1 - (1 - n\\,\\mathrm{lr})^k)`, against which the
 history and parameters a run keeps are checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_elbo_lab.runner import Checkpointing, Evaluation, NonFiniteError, SVIRunner
@@ -291,8 +291,13 @@ def run_driver(tmp_path, mode: str, count: int) -> list[dict]:
     folder = tmp_path / mode
     folder.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(script), mode, str(count), str(folder), "0"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script), mode, str(count), str(folder), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()], folder
 

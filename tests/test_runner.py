@@ -1,15 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """SVIRunner: history, non-finite handling, interrupts, checkpoints, chains, minibatches."""
+
 from __future__ import annotations
 
 import math
 import warnings
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
@@ -228,8 +228,15 @@ def test_nonfinite_parameter_caught_by_validation(data):
 
 def test_skip_nonfinite_steps(data):
     locs = []
-    runner = SVIRunner(injecting_model(2, "x"), guide, adam(), BetaELBO(), progress_bar=False, on_nonfinite="skip",
-                       callbacks=[lambda step, row: locs.append(pyro.param("loc").detach().item())])
+    runner = SVIRunner(
+        injecting_model(2, "x"),
+        guide,
+        adam(),
+        BetaELBO(),
+        progress_bar=False,
+        on_nonfinite="skip",
+        callbacks=[lambda step, row: locs.append(pyro.param("loc").detach().item())],
+    )
     result = runner.run(data, num_steps=5)
     assert result.history["skipped"].tolist() == [False, False, True, False, False]
     assert math.isinf(result.history["loss"][2])
@@ -276,8 +283,9 @@ def test_max_time(data):
 
 
 def test_convergence_stops_near_optimum(data):
-    runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(), progress_bar=False,
-                       convergence=Convergence(window=200))
+    runner = SVIRunner(
+        model, guide, adam(0.05), BetaMeanFieldELBO(), progress_bar=False, convergence=Convergence(window=200)
+    )
     result = runner.run(data, num_steps=20000)
     assert result.stop_reason == "converged" and result.converged == [True]
     assert len(result.history) < 20000 and len(result.history) % 50 == 0
@@ -290,8 +298,14 @@ def test_convergence_stops_near_optimum(data):
 
 def test_convergence_waits_for_the_beta_schedule(data):
     # the objective falls while β warms up over 400 steps: that is not convergence
-    runner = SVIRunner(model, guide, adam(0.05), BetaMeanFieldELBO(beta=LinearWarmup(400, start=0.0)),
-                       progress_bar=False, convergence=Convergence(window=100))
+    runner = SVIRunner(
+        model,
+        guide,
+        adam(0.05),
+        BetaMeanFieldELBO(beta=LinearWarmup(400, start=0.0)),
+        progress_bar=False,
+        convergence=Convergence(window=100),
+    )
     result = runner.run(data, num_steps=5000)
     assert result.stop_reason == "converged"
     # the first window without a β change ends at step 499; patience 2 at every 25 steps
@@ -299,8 +313,9 @@ def test_convergence_waits_for_the_beta_schedule(data):
 
 
 def test_callback_stop(data):
-    result = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False,
-                       callbacks=[lambda step, row: step == 2]).run(data, num_steps=10)
+    result = SVIRunner(
+        model, guide, adam(), BetaELBO(), progress_bar=False, callbacks=[lambda step, row: step == 2]
+    ).run(data, num_steps=10)
     assert result.stop_reason == "callback" and len(result.history) == 3
 
 
@@ -313,8 +328,9 @@ def test_empty_list_of_batches_is_rejected():
 
 
 def test_chains_are_independent_seeded_fits(data):
-    result = SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, num_chains=2,
-                       seed=5).run(data, num_steps=10)
+    result = SVIRunner(model, AutoNormal(model), adam(), BetaELBO(), progress_bar=False, num_chains=2, seed=5).run(
+        data, num_steps=10
+    )
     assert result.num_chains == 2 and result.num_steps == [10, 10]
     assert result.history["chain"].tolist() == [0] * 10 + [1] * 10
     h0, h1 = result.chain_history(0), result.chain_history(1)
@@ -342,8 +358,9 @@ def test_chains_with_pyro_module_in_a_plain_function(data):
         scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
         pyro.sample("z", dist.Normal(loc, scale))
 
-    result = SVIRunner(model, net_guide, adam(), BetaELBO(), progress_bar=False, num_chains=2,
-                       seed=5).run(data, num_steps=10)
+    result = SVIRunner(model, net_guide, adam(), BetaELBO(), progress_bar=False, num_chains=2, seed=5).run(
+        data, num_steps=10
+    )
     # chain c's draws come from chain c's parameters: log q(z_s) at the stored draws equals
     # the closed-form Normal log density with that chain's loc = w + b and scale (float64
     # rounding only: w * 1 + b in the module against w + b here, so 1e-12 relative)
@@ -387,8 +404,9 @@ def test_chains_flag_multimodality():
         scale = pyro.param("scale", torch.tensor(0.1), constraint=dist.constraints.positive)
         pyro.sample("z", dist.Normal(loc, scale))
 
-    result = SVIRunner(bimodal, init_guide, adam(0.05), BetaELBO(), progress_bar=False, num_chains=4,
-                       seed=2).run(x, num_steps=300)
+    result = SVIRunner(bimodal, init_guide, adam(0.05), BetaELBO(), progress_bar=False, num_chains=4, seed=2).run(
+        x, num_steps=300
+    )
     locs = [float(state["params"]["loc"]) for state in result.chain_states]
     assert min(locs) == pytest.approx(-2.0, abs=0.1) and max(locs) == pytest.approx(2.0, abs=0.1)
     summary = summarize(from_svi_result(result, num_samples=200))
@@ -426,7 +444,8 @@ def test_a_one_shot_iterator_is_refused_with_several_chains(data):
     batches = [data[:5], data[5:12], data[12:]]
     with pytest.raises(ValueError, match="batches=.*one-shot iterator and num_chains=3.*list, a callable"):
         SVIRunner(model, guide, adam(), progress_bar=False, num_chains=3, seed=0).run(
-            num_steps=3, batches=iter(batches))
+            num_steps=3, batches=iter(batches)
+        )
     # a list is re-iterated by each chain: every chain runs its 3 steps
     result = SVIRunner(model, guide, adam(), progress_bar=False, num_chains=3, seed=0).run(num_steps=3, batches=batches)
     assert result.num_steps == [3, 3, 3]
@@ -449,8 +468,14 @@ def test_evaluation_rows(data):
     # exact log evidence: x ~ N(0, I + 11^T)
     cov = torch.eye(N) + torch.ones(N, N)
     exact = float(dist.MultivariateNormal(torch.zeros(N), cov).log_prob(data))
-    runner = SVIRunner(model, guide, adam(0.1), BetaMeanFieldELBO(), progress_bar=False,
-                       evaluation=Evaluation(every=100, num_samples=2000))
+    runner = SVIRunner(
+        model,
+        guide,
+        adam(0.1),
+        BetaMeanFieldELBO(),
+        progress_bar=False,
+        evaluation=Evaluation(every=100, num_samples=2000),
+    )
     h = runner.run(data, num_steps=200).history
     rows = h[h["eval_log_evidence"].notna()]
     assert rows["step"].tolist() == [99, 199]
@@ -478,7 +503,7 @@ def test_a_model_warning_shows_once_per_run(data):
     # regression: the runner entered warnings.catch_warnings() on every step, which resets
     # Python's warning registry, so a "default" (once per location) warning fired each step
     def chatty(x):
-        warnings.warn("model says hi", UserWarning)
+        warnings.warn("model says hi", UserWarning, stacklevel=1)
         model(x)
 
     with warnings.catch_warnings(record=True) as caught:

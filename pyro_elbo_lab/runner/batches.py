@@ -20,7 +20,7 @@ class Exhausted(Exception):
     """The iterator of batches ran out."""
 
 
-def check_batches(batches) -> None:
+def check_batches(batches: object) -> None:
     """
     :raises ValueError: if ``batches`` is neither iterable nor callable, or an empty sequence.
     """
@@ -53,19 +53,21 @@ class BatchSource:
         self.model_kwargs = dict(model_kwargs)
         self.batches = batches
         self._it = batches if isinstance(batches, Iterator) else None
-        self._pending = None  # (batch,) peeked at and not consumed yet
+        self._pending: tuple[Any] | None = None  # (batch,) peeked at and not consumed yet
 
-    def _merge(self, batch) -> tuple[tuple, dict]:
+    def _merge(self, batch: Any) -> tuple[tuple, dict]:
         if isinstance(batch, Mapping):
             return self.args, {**self.model_kwargs, **batch}
         if isinstance(batch, (tuple, list)):
             return self.args + tuple(batch), dict(self.model_kwargs)
         return self.args + (batch,), dict(self.model_kwargs)
 
-    def _fetch(self):
+    def _fetch(self) -> Any:
         batches = self.batches
         for _ in range(2):
             if self._it is None:
+                if not isinstance(batches, Iterable):
+                    raise ValueError(f"batches={batches!r} is not iterable: pass a list, a DataLoader or a callable")
                 self._it = iter(batches)
             try:
                 return next(self._it)

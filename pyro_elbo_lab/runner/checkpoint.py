@@ -19,11 +19,14 @@ import errno
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro.distributions.constraints as constraints
 import torch
+
+if TYPE_CHECKING:
+    from ..terms import ELBOTerms
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -62,7 +65,7 @@ _PARAMETRIZED = {  # constraint class name -> public factory
 
 
 def _constraint_singletons() -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for name in dir(constraints):
         value = getattr(constraints, name)
         if isinstance(value, constraints.Constraint):
@@ -102,7 +105,7 @@ def _decode_constraint(obj, tensors):
     return value
 
 
-def encode(obj, tensors: dict, where: str = "state"):
+def encode(obj: Any, tensors: dict, where: str = "state") -> Any:
     """
     ``obj`` as JSON-able data; its tensors are moved into ``tensors`` (``{key: tensor}``)
     and replaced by ``{"__tensor__": key}``. Tuples, dicts with non-string keys, NumPy
@@ -140,7 +143,7 @@ def encode(obj, tensors: dict, where: str = "state"):
     )
 
 
-def decode(obj, tensors: Mapping):
+def decode(obj: Any, tensors: Mapping) -> Any:
     """The inverse of :func:`encode`."""
     if isinstance(obj, list):
         return [decode(v, tensors) for v in obj]
@@ -159,7 +162,7 @@ def decode(obj, tensors: Mapping):
     return {k: decode(v, tensors) for k, v in obj.items()}
 
 
-def encode_terms(terms) -> dict | None:
+def encode_terms(terms: object) -> dict | None:
     """An :class:`~pyro_elbo_lab.ELBOTerms` as JSON data (None for anything else)."""
     from ..terms import ELBOTerms
 
@@ -174,7 +177,7 @@ def encode_terms(terms) -> dict | None:
     return out
 
 
-def decode_terms(data):
+def decode_terms(data: dict | None) -> ELBOTerms | None:
     from ..terms import ELBOTerms
 
     if data is None:
@@ -217,7 +220,7 @@ def _disk_error(e: OSError, path: str) -> OSError:
     )
 
 
-def atomic_save(obj, path: str) -> None:
+def atomic_save(obj: Any, path: str) -> None:
     """
     ``torch.save(obj)`` to ``path`` atomically: written to ``path + ".tmp"`` (created
     exclusively, never through a link), flushed to disk, then renamed over ``path``.
@@ -312,7 +315,7 @@ class CheckpointWriter:
         :param dict tensors: the tensors ``meta`` refers to.
         :param list chain_rows: per chain so far, its history rows (dicts of numbers).
         """
-        lines = []
+        lines: list[str] = []
         for chain, rows in enumerate(chain_rows):
             done = self.rows_written[chain] if chain < len(self.rows_written) else 0
             lines.extend(json.dumps(row, allow_nan=True, default=_row_value) + "\n" for row in rows[done:])
@@ -361,7 +364,7 @@ def _refuse(path: str, what: str) -> ValueError:
     )
 
 
-def read_checkpoint(path) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     Read a checkpoint without executing anything it contains.
 

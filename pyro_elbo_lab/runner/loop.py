@@ -15,8 +15,15 @@ parameters. Only on such a step are the culprit ELBO terms, sites and parameters
 up, from :attr:`~pyro_elbo_lab.BetaELBO.last_terms` and the parameter store, without
 another model/guide pass.
 
-Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostics` and
-:mod:`pyro_elbo_lab.terms` when it needs them.
+**The fused step** (``SVIRunner(fused=True)``): the gradients and the optimiser's update
+run as one compiled graph (:class:`~pyro_elbo_lab.losses.fused.FusedSVI`), which computes
+the finite flag (loss and every gradient) itself and applies the update only where it
+holds; the loop reads the flag with the loss (one synchronisation) and skips or raises as
+for an unfused step, with the same history row. Steps the graph cannot take (the first,
+the first after a resume) run unfused.
+
+Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostics`,
+:mod:`pyro_elbo_lab.terms` and :mod:`pyro_elbo_lab.losses.fused` when it needs them.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.poutine as poutine
@@ -41,6 +48,10 @@ from .batches import BatchSource, Exhausted
 from .options import Evaluation
 from .params import nonfinite_params, record_modules, store_state
 from .result import NonFiniteError
+
+if TYPE_CHECKING:
+    from ..losses.fused import FusedSVI
+    from .stopping import RhatRule
 
 __all__ = ["ChainLoop", "LoopOptions", "NAN_WARNING"]
 
@@ -60,6 +71,7 @@ class LoopOptions:
     progress_bar: bool = False
     num_chains: int = 1
     checkpoint_every: int | None = None
+    fused: bool = False
 
 
 class ChainLoop:
@@ -80,15 +92,15 @@ class ChainLoop:
 
     def __init__(
         self,
-        chain,
-        model,
-        guide,
-        optim,
-        loss,
+        chain: int,
+        model: Callable,
+        guide: Callable,
+        optim: pyro.optim.PyroOptim,
+        loss: Any,
         options: LoopOptions,
-        rule=None,
-        initial_modules=None,
-        save: Callable | None = None,
+        rule: RhatRule | None = None,
+        initial_modules: dict | None = None,
+        save: Callable[..., None] | None = None,
     ):
         self.chain = chain
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
@@ -103,12 +115,18 @@ class ChainLoop:
         self._last_postfix = 0.0
         self.interrupted = self.hard_interrupt = False
         self.last_iterate: dict | None = None  # the store before averaged iterates replaced it
+        # the fused step (gradients and update in one compiled graph), or None: every step unfused
+        self.fused: FusedSVI | None = None
+        if options.fused:
+            from ..losses.fused import FusedSVI
+
+            self.fused = FusedSVI(model, guide, optim, loss)
 
     def wall_time(self) -> float:
         """Seconds of this chain so far, resumed runs included."""
         return self.elapsed0 + time.perf_counter() - self.t0
 
-    def warm_up(self, args, model_kwargs) -> set[str]:
+    def warm_up(self, args: tuple, model_kwargs: dict) -> set[str]:
         """
         Before a resume: one pass of the loss without gradients, so that lazy set-up that
         consumes random numbers (autoguide prototypes, the loss's plate-nesting guess,
@@ -181,7 +199,8 @@ class ChainLoop:
                     if self.interrupted:
                         stop_reason = "interrupted"
                         break
-                    if self.save is not None and (step + 1) % options.checkpoint_every == 0 and step + 1 < num_steps:
+                    every = options.checkpoint_every
+                    if self.save is not None and every is not None and (step + 1) % every == 0 and step + 1 < num_steps:
                         self.save(self, step + 1)
             # every end but an error or a hard interrupt: the averaged iterates, if any, become
             # the parameters, so that what the result reports is what the store holds
@@ -222,8 +241,12 @@ class ChainLoop:
 
         return signal.signal(signal.SIGINT, handler)
 
-    def step(self, step: int, args, model_kwargs) -> dict:
+    def step(self, step: int, args: tuple, model_kwargs: dict) -> dict:
         """One update and its history row (appended to :attr:`rows`)."""
+        if self.fused is not None:
+            fused_row = self.fused_step(step, args, model_kwargs)
+            if fused_row is not None:
+                return fused_row
         loss_state = self.loss.state_dict() if self.has_state else None
         params: set = set()
         try:
@@ -240,12 +263,14 @@ class ChainLoop:
                             p.grad = None
                         if loss_state is not None:
                             self.loss.load_state_dict(loss_state)
-                        row = {"step": step, "loss": math.nan, "wall_time": self.wall_time(), "skipped": True}
-                        self.rows.append(row)
-                        return row
+                        skipped = {"step": step, "loss": math.nan, "wall_time": self.wall_time(), "skipped": True}
+                        self.rows.append(skipped)
+                        return skipped
                     raise self.nonfinite_error(step, math.nan, set(), e, sites) from e
                 raise
-            params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            params = {
+                site["value"].unconstrained() for site in capture.trace.nodes.values() if site["value"] is not None
+            }
             if self.initial_modules is not None:
                 record_modules(capture.trace, self.initial_modules)
             loss = float(loss[0] if isinstance(loss, tuple) else loss)
@@ -270,7 +295,7 @@ class ChainLoop:
             if self.options.on_nonfinite == "skip":
                 row["skipped"] = not finite
             if finite:
-                self.optim(params)
+                self.optim(list(params))
             self.rows.append(row)
         except BaseException:
             # leave no half-done step behind: gradients cleared, the loss's step count back
@@ -280,19 +305,74 @@ class ChainLoop:
                 self.loss.load_state_dict(loss_state)
             raise
         pyro.infer.util.zero_grads(params)
-        if (
-            finite
-            and isinstance(self.optim, pyro.optim.PyroLRScheduler)
-            and (step + 1) % self.options.scheduler_every == 0
-        ):
+        if finite:
+            self._scheduler_step(step, loss)
+        return row
+
+    def fused_step(self, step: int, args: tuple, model_kwargs: dict) -> dict | None:
+        """
+        One step of the fused graph (:meth:`~pyro_elbo_lab.losses.fused.FusedSVI.fused_step`)
+        and its history row, or ``None`` (nothing done) when this step cannot be fused and
+        must run unfused. The graph applies the update only if the loss and every gradient
+        are finite; the flag is read with the loss, and the rest (skip or raise, the row,
+        the learning-rate scheduler) is as for an unfused step.
+        """
+        assert self.fused is not None
+        loss_state = self.loss.state_dict() if self.has_state else None
+        try:
+            outcome = self.fused.fused_step(*args, **model_kwargs)
+            if outcome is None:
+                return None
+            finite = outcome.finite
+            if not finite and (self.options.on_nonfinite == "raise" or nonfinite_params()):
+                raise self.nonfinite_error(step, outcome.loss, outcome.params, None, grads=outcome.nonfinite_grads)
+            row: dict[str, Any] = {"step": step, "loss": outcome.loss}
+            terms = getattr(self.loss, "last_terms", None)
+            if terms is not None:
+                row.update(terms.as_dict(per_site=True))
+            row["wall_time"] = self.wall_time()
+            if self.options.on_nonfinite == "skip":
+                row["skipped"] = not finite
+            self.rows.append(row)
+        except BaseException:
+            # the loss's step count back, as for an unfused step (the graph applied no update)
+            if loss_state is not None:
+                self.loss.load_state_dict(loss_state)
+            raise
+        if finite:
+            self._scheduler_step(step, outcome.loss)
+        return row
+
+    def _scheduler_step(self, step: int, loss: float) -> None:
+        """After an applied update: step a learning-rate scheduler every ``scheduler_every`` steps."""
+        if isinstance(self.optim, pyro.optim.PyroLRScheduler) and (step + 1) % self.options.scheduler_every == 0:
             plateau = any(
                 isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in self.optim.optim_objs.values()
             )
             self.optim.step(loss) if plateau else self.optim.step()
-        return row
 
-    def nonfinite_error(self, step, loss, params, cause, sites=None) -> NonFiniteError:
-        """The :class:`NonFiniteError` of ``step``, naming the culprit terms, sites and parameters."""
+    def nonfinite_error(
+        self,
+        step: int,
+        loss: float,
+        params: Iterable[torch.Tensor],
+        cause: BaseException | None,
+        sites: dict[str, list[str]] | None = None,
+        *,
+        grads: list[str] | None = None,
+    ) -> NonFiniteError:
+        """
+        The :class:`NonFiniteError` of ``step``, naming the culprit terms, sites and parameters.
+
+        :param int step: the step.
+        :param float loss: its loss value.
+        :param params: the step's unconstrained parameters (their ``.grad`` is checked).
+        :param cause: the exception the model or guide raised, or None.
+        :param dict sites: ``{site: [what is not finite]}`` found otherwise, or None.
+        :param list grads: names of the parameters with non-finite gradients, when the
+            gradients are not in ``.grad`` (the fused step); None: read ``.grad``.
+        :rtype: NonFiniteError
+        """
         store = pyro.get_param_store()
         terms = getattr(self.loss, "last_terms", None) if cause is None else None
         bad_terms: list[str] = []
@@ -305,9 +385,12 @@ class ChainLoop:
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
                     bad_sites[site] = bad
-        bad_grads = sorted(
-            store.param_name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        )
+        if grads is None:
+            found = (
+                store.param_name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            )
+            grads = [name for name in found if name is not None]
+        bad_grads = sorted(grads)
         bad_params = nonfinite_params()
         lines = [f"non-finite values at step {step} (chain {self.chain}); the update of this step was not applied."]
         lines.append(f"The model or guide raised: {cause}" if cause is not None else f"loss = {loss}")
@@ -399,7 +482,7 @@ def is_invalid_value_error(error: BaseException) -> bool:
     return isinstance(error, ValueError) and bool(_INVALID_VALUES.search(str(error)))
 
 
-def invalid_sites(model, guide, args, model_kwargs) -> dict[str, list[str]]:
+def invalid_sites(model: Callable, guide: Callable, args: tuple, model_kwargs: dict) -> dict[str, list[str]]:
     """
     Sample sites whose ``log_prob`` is not finite, or whose distribution could not be
     built, found by one pass of the guide and the model with validation off and without

@@ -13,9 +13,12 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import check_int, check_model_kwargs
+
+if TYPE_CHECKING:
+    from .stopping import RhatRule
 
 __all__ = ["Convergence", "Checkpointing", "Evaluation"]
 
@@ -101,7 +104,7 @@ class Convergence:
         if not isinstance(self.params, bool):
             raise ValueError(f"Convergence.params must be True or False, got params={self.params!r}")
 
-    def make_rule(self):
+    def make_rule(self) -> RhatRule:
         """The rule object the runner asks after each step (:class:`~pyro_elbo_lab.runner.stopping.RhatRule`)."""
         from .stopping import RhatRule
 

@@ -11,11 +11,15 @@ Imports nothing from the rest of the package.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import pyro
 import torch
 from torch.distributions import transform_to
+
+T = TypeVar("T")
 
 __all__ = [
     "store_state",
@@ -74,7 +78,7 @@ def load_store(state: dict) -> None:
 
 
 @contextmanager
-def keep_store_tensors():
+def keep_store_tensors() -> Iterator[None]:
     """
     Within the block the store may be loaded with other values; afterwards the store holds
     the same tensor objects, with the same values and constraints, as before it.
@@ -111,14 +115,15 @@ def is_module_param(name: str) -> bool:
     return pyro.params.user_param_name(name) != name
 
 
-def record_modules(param_trace, initial_modules: dict) -> None:
+def record_modules(param_trace: pyro.poutine.Trace, initial_modules: dict) -> None:
     """
     Record the values of :func:`pyro.module` parameters seen for the first time in
     ``param_trace`` (a param-only trace of a step, taken before the update).
     """
     for name, site in param_trace.nodes.items():
-        if name not in initial_modules and is_module_param(name):
-            initial_modules[name] = site["value"].unconstrained().detach().clone()
+        value = site["value"]
+        if name not in initial_modules and is_module_param(name) and value is not None:
+            initial_modules[name] = value.unconstrained().detach().clone()
 
 
 def reset_modules(initial_modules: dict) -> None:
@@ -139,7 +144,7 @@ def reset_modules(initial_modules: dict) -> None:
         del store[name]
 
 
-def fresh_copy(x):
+def fresh_copy(x: T) -> T:
     """
     A deep copy of a :class:`torch.nn.Module` (other callables as they are).
 

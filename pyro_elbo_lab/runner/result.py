@@ -10,16 +10,19 @@ Imports only :mod:`pyro_elbo_lab.runner.params`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 from .params import constrained_params, keep_store_tensors, load_store
 
-__all__ = ["SVIResult", "NonFiniteError"]
+__all__ = ["SVIResult", "NonFiniteError", "attach_partial_result", "partial_result"]
 
 
 class NonFiniteError(ValueError):
@@ -145,7 +148,7 @@ class SVIResult:
             )
         return chain
 
-    def chain_history(self, chain: int):
+    def chain_history(self, chain: int) -> pd.DataFrame:
         """
         The history rows of one chain.
 
@@ -157,7 +160,7 @@ class SVIResult:
         return self.history[self.history["chain"] == chain].reset_index(drop=True)
 
     @contextmanager
-    def use_params(self, chain: int | None = None):
+    def use_params(self, chain: int | None = None) -> Iterator[None]:
         """
         Load a chain's parameters into Pyro's parameter store for the duration of the
         ``with`` block; the store is restored afterwards.
@@ -174,3 +177,33 @@ class SVIResult:
         with keep_store_tensors():
             load_store(self.chain_states[chain])
             yield
+
+
+def attach_partial_result(error: BaseException, result: SVIResult) -> None:
+    """
+    Attach the partial result of a run to an exception escaping
+    :meth:`~pyro_elbo_lab.runner.SVIRunner.run`, as ``error.partial_result`` (and
+    ``error.result`` for a :class:`NonFiniteError`). The exception keeps its type (a
+    ``KeyboardInterrupt`` stays one), so the result is an attribute of the instance.
+
+    :param BaseException error: the exception.
+    :param SVIResult result: the history up to the last completed step and the last
+        finite parameters.
+    """
+    if isinstance(error, NonFiniteError):
+        error.result = error.partial_result = result
+    else:
+        # an exception of any class, the caller's included: the one documented attribute name
+        vars(error)["partial_result"] = result
+
+
+def partial_result(error: BaseException) -> SVIResult | None:
+    """
+    The partial result an exception from :meth:`~pyro_elbo_lab.runner.SVIRunner.run`
+    carries (``error.partial_result``), or ``None`` when it carries none.
+
+    :param BaseException error: the exception caught.
+    :rtype: SVIResult or None
+    """
+    result = getattr(error, "partial_result", None)
+    return result if isinstance(result, SVIResult) else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pyro
 import pyro.util
@@ -25,15 +25,18 @@ from .checkpoint import Checkpoint, CheckpointWriter, UnknownConstraint, decode_
 from .loop import ChainLoop
 from .params import load_store
 
+if TYPE_CHECKING:
+    from .stopping import RhatRule
+
 __all__ = ["type_name", "optim_type", "check_resume", "chains_done", "resume_chain", "fix_constraints", "make_saver"]
 
 
-def type_name(x) -> str:
+def type_name(x: object) -> str:
     """The qualified class name of ``x`` (``module.Class``), as checkpoints record the loss."""
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
-def optim_type(optim) -> str:
+def optim_type(optim: object) -> str:
     """A description of a Pyro optimiser: its torch optimiser (and scheduler) classes."""
     torch_optim = getattr(optim, "pt_optim_constructor", None)
     scheduler = getattr(optim, "pt_scheduler_constructor", None)
@@ -44,8 +47,15 @@ def optim_type(optim) -> str:
 
 
 def make_saver(
-    writer: CheckpointWriter, num_chains: int, done: list, seed, initial, initial_modules, rule, fingerprint
-) -> Callable:
+    writer: CheckpointWriter,
+    num_chains: int,
+    done: list[dict],
+    seed: int | None,
+    initial: dict | None,
+    initial_modules: dict | None,
+    rule: RhatRule | None,
+    fingerprint: list,
+) -> Callable[..., None]:
     """
     The function that writes the run's checkpoints: ``save(loop, steps_done, finished=False)``.
 
@@ -107,7 +117,9 @@ def make_saver(
     return save
 
 
-def check_resume(ckpt: Checkpoint, num_steps: int, fingerprint: list, *, num_chains: int, optim, loss) -> None:
+def check_resume(
+    ckpt: Checkpoint, num_steps: int, fingerprint: list, *, num_chains: int, optim: object, loss: object
+) -> None:
     """
     Check that a checkpoint can resume this run.
 
@@ -187,7 +199,7 @@ def chains_done(ckpt: Checkpoint, num_steps: int) -> list[dict]:
     return done
 
 
-def resume_chain(loop: ChainLoop, source: BatchSource, ckpt: Checkpoint, done: list, rule) -> int:
+def resume_chain(loop: ChainLoop, source: BatchSource, ckpt: Checkpoint, done: list, rule: RhatRule | None) -> int:
     """
     Restore a chain from a checkpoint: parameters, optimiser and loss state, history,
     stopping rule, wall time and RNG.

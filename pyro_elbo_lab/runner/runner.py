@@ -20,6 +20,7 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.infer import ELBO
 
 from ..checks import check_int, check_model_kwargs
 from .batches import BatchSource, check_batches
@@ -27,7 +28,7 @@ from .checkpoint import CheckpointWriter, data_fingerprint, read_checkpoint
 from .loop import ChainLoop, LoopOptions
 from .options import Checkpointing, Convergence, Evaluation, check_writable_file
 from .params import fresh_copy, is_module_param, load_store, reset_modules, store_state
-from .result import NonFiniteError, SVIResult
+from .result import NonFiniteError, SVIResult, attach_partial_result
 from .resume import chains_done, check_resume, make_saver, resume_chain
 from .stopping import final_score
 
@@ -74,6 +75,19 @@ class SVIRunner:
         step with the history row (a dict); returning True stops the run.
     :param int scheduler_every: for learning-rate schedulers, call ``optim.step()``
         every this many steps (``ReduceLROnPlateau`` receives the loss).
+    :param bool fused: run each step as one compiled graph, the gradients *and* the
+        optimiser's update (:class:`~pyro_elbo_lab.losses.fused.FusedSVI`): needs
+        ``JitBetaELBO(compiler="inductor")`` or ``JitBetaMeanFieldELBO(compiler="inductor")``
+        and ``pyro.optim.Adam`` (without ``amsgrad``), ``ClippedAdam`` or ``SGD`` (or a
+        learning-rate scheduler around one), without ``clip_args``; anything else is
+        refused with a ``ValueError`` at construction. The same losses, parameters,
+        optimiser state and history as ``fused=False`` to float rounding; the graph
+        checks the loss and gradients for NaN/Inf itself and applies no update for a
+        non-finite step, so ``on_nonfinite``, checkpoints and resumes (the optimiser
+        state is the torch optimisers' own), schedules, convergence and chains work
+        unchanged. The first step (and the first after a resume) runs unfused; the fused
+        graph compiles at the second (seconds, once per process, model, argument shapes
+        and optimiser settings; inductor's on-disk cache makes later processes faster).
     :raises ValueError: for invalid options (a checkpoint path that cannot be written
         included).
 
@@ -98,8 +112,8 @@ class SVIRunner:
         self,
         model: Callable,
         guide: Callable,
-        optim,
-        loss=None,
+        optim: pyro.optim.PyroOptim,
+        loss: ELBO | None = None,
         *,
         num_chains: int = 1,
         seed: int | None = None,
@@ -111,6 +125,7 @@ class SVIRunner:
         max_time: float | None = None,
         callbacks: Iterable[Callable] = (),
         scheduler_every: int = 1,
+        fused: bool = False,
     ):
         if loss is None:
             from ..losses import BetaELBO
@@ -127,6 +142,17 @@ class SVIRunner:
             raise ValueError(f"loss must be a Pyro ELBO with loss_and_grads (e.g. BetaELBO()), got {loss!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got on_nonfinite={on_nonfinite!r}")
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got fused={fused!r}")
+        if fused:
+            from ..losses.fused import unfusable_reason
+
+            reason = unfusable_reason(optim, loss)
+            if reason is not None:
+                raise ValueError(
+                    f"SVIRunner(fused=True) runs the gradients and the optimiser's update as one compiled graph; "
+                    f"the fused step {reason} Or pass fused=False (the default) to run every step unfused."
+                )
         check_int("num_chains", num_chains, 1)
         check_int("scheduler_every", scheduler_every, 1)
         if seed is not None:
@@ -168,10 +194,11 @@ class SVIRunner:
         self.max_time = max_time
         self.callbacks = callbacks
         self.scheduler_every = scheduler_every
+        self.fused = fused
 
     def run(
         self,
-        *args,
+        *args: Any,
         num_steps: int,
         model_kwargs: dict | None = None,
         batches: Iterable | Callable[[int], Any] | None = None,
@@ -248,6 +275,8 @@ class SVIRunner:
 
         # the chains the checkpoint records as done (a last one cut short continues)
         done: list[dict] = chains_done(ckpt, num_steps) if ckpt is not None else []
+        # the checkpoint's run had finished (nothing to continue): read before the chains run
+        finished_run = ckpt is not None and len(done) == len(ckpt.meta["chains_done"]) == self.num_chains == 1
         initial = initial_modules = None
         if self.num_chains > 1:
             # every chain starts from the store as it is now; parameters of modules that
@@ -273,8 +302,9 @@ class SVIRunner:
             progress_bar=self.progress_bar,
             num_chains=self.num_chains,
             checkpoint_every=None if self.checkpoint is None else self.checkpoint.every,
+            fused=self.fused,
         )
-        pristine = None
+        pristine: tuple[Any, Any, Any, Any] | None = None
         if self.num_chains > 1:
             pristine = (
                 fresh_copy(self.model),
@@ -286,7 +316,7 @@ class SVIRunner:
         interrupted = False
         error: NonFiniteError | None = None
         for chain in range(len(done), self.num_chains):
-            if self.num_chains > 1:
+            if pristine is not None:
                 model, guide = fresh_copy(pristine[0]), fresh_copy(pristine[1])
                 optim, loss = copy.deepcopy(pristine[2]), copy.deepcopy(pristine[3])
             else:
@@ -299,8 +329,9 @@ class SVIRunner:
             source = BatchSource(args, model_kwargs, batches)
             resume = ckpt if (ckpt is not None and ckpt.meta["chain"] == chain) else None
             if resume is None:
-                if initial is not None:
+                if initial_modules is not None:
                     reset_modules(initial_modules)
+                if initial is not None:
                     load_store(initial)
                 if seed is not None:
                     pyro.set_rng_seed(seed + chain)
@@ -323,7 +354,7 @@ class SVIRunner:
                     }
                 )
                 try:
-                    e.partial_result = self._result(done, args, model_kwargs, batches)
+                    attach_partial_result(e, self._result(done, args, model_kwargs, batches))
                 except Exception:  # noqa: BLE001  never mask the original error
                     pass
                 raise
@@ -368,14 +399,14 @@ class SVIRunner:
                     save(loop, len(loop.rows), finished=True)
                 except BaseException as e:
                     try:
-                        e.partial_result = self._result(done, args, model_kwargs, batches)
+                        attach_partial_result(e, self._result(done, args, model_kwargs, batches))
                     except Exception:  # noqa: BLE001  never mask the original error
                         pass
                     raise
             if stop_reason == "interrupted" or loop.interrupted:  # a Ctrl-C during a chain's last step too
                 interrupted = True
                 break
-        if ckpt is not None and len(done) == len(ckpt.meta["chains_done"]) == self.num_chains == 1:
+        if ckpt is not None and finished_run:
             # the checkpoint's run had finished: its parameters are the result's, and the
             # optimiser, loss and RNG are left as the finished run left them
             resume_chain(
@@ -389,7 +420,7 @@ class SVIRunner:
 
         result = self._result(done, args, model_kwargs, batches)
         if error is not None:
-            error.result = error.partial_result = result
+            attach_partial_result(error, result)
             raise error
         if interrupted:
             warnings.warn(

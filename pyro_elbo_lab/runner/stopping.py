@@ -12,10 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .options import Convergence
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RhatRule", "split_rhat", "TimeLimit", "final_score"]
 
@@ -42,7 +47,7 @@ def _rank_normal(x: np.ndarray) -> np.ndarray:
     return ndtri((ranks - 0.375) / (x.size + 0.25))
 
 
-def split_rhat(x) -> float:
+def split_rhat(x: np.ndarray | list[float]) -> float:
     """
     Rank-normalised split :math:`\\hat R` (Vehtari et al. 2021) of ``x`` with shape
     ``(chains, draws)``: each chain is split in two, the draws are rank-normalised (bulk)
@@ -131,7 +136,7 @@ class RhatRule:
         self.means: dict = {}
         self.applied = False  # whether finish() loaded the average into the store
 
-    def observe(self, named_parameters) -> None:
+    def observe(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """
         After each step: record one random projection of each parameter tensor
         (unconstrained values, a fixed direction per tensor drawn from a private generator,
@@ -227,7 +232,9 @@ class RhatRule:
         """
         if self.averaging_since is not None:
             return self.count >= self.options.average
-        if (step + 1) % self.options.every != 0:
+        every = self.options.every
+        assert every is not None  # Convergence.__post_init__ sets it
+        if (step + 1) % every != 0:
             return False
         self.last = dict(self.assess(rows), step=step)
         self.stationary_checks = self.stationary_checks + 1 if self.last["stationary"] else 0
@@ -310,7 +317,7 @@ class RhatRule:
             ]
 
 
-def pyro_named_parameters():
+def pyro_named_parameters() -> Iterable[tuple[str, torch.Tensor]]:
     """The parameter store's ``(name, unconstrained tensor)`` pairs."""
     import pyro
 
