@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import pyro
@@ -83,7 +84,8 @@ def pyplot() -> Any:
 
 class Report:
     """
-    Text printed as it is made and kept as Markdown for ``report.md``.
+    Text printed as it is made and kept as Markdown for ``report.md``; its clock (wall and
+    CPU time) starts when it is made.
 
     :param bool verbose: print to stdout as well.
     """
@@ -91,6 +93,7 @@ class Report:
     def __init__(self, verbose: bool = True):
         self.verbose = verbose
         self.lines: list[str] = []
+        self.started = (time.perf_counter(), time.process_time())
 
     def heading(self, text: str, level: int = 2) -> None:
         self._emit("", "")
@@ -126,6 +129,34 @@ class Report:
 
     def image(self, path: str, caption: str) -> None:
         self.lines.append(f"\n![{caption}]({os.path.basename(path)})\n")
+
+    def finish(self, output: str, paths: list[str], extra: dict[str, Any], note: str = "") -> str:
+        """
+        The report's end: a "Files" list of ``paths``, the wall and CPU time since the report
+        was made (also stored in ``extra`` as ``wall_seconds`` and ``cpu_seconds``), and
+        ``report.md`` written in ``output``.
+
+        :param str output: the folder of the files.
+        :param list paths: the files written.
+        :param dict extra: where the times are stored (a study's ``extra``).
+        :param str note: printed before the times, e.g. ``"trained in 12 s; "``.
+        :returns: the path of ``report.md``.
+        :rtype: str
+        """
+        self.heading("Files")
+        for path in paths:
+            self.text(f"- {path}")
+        wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
+        extra["wall_seconds"], extra["cpu_seconds"] = wall, cpu
+        self.text(
+            f"({note}wall time {wall:.0f} s, CPU time {cpu:.0f} s, torch threads {torch.get_num_threads()}, "
+            f"{os.cpu_count()} CPUs visible)"
+        )
+        path = os.path.join(output, "report.md")
+        self.write(path)
+        if self.verbose:
+            print(f"report: {path}")
+        return path
 
     def markdown(self) -> str:
         return "\n".join(self.lines).strip() + "\n"

@@ -38,7 +38,6 @@ References
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -48,7 +47,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyro
-import torch
 
 from ..datasets import EIGHT_SCHOOLS_NAMES, EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y, eight_schools
 from ..diagnostics import ImportanceSamplingWarning, estimate_evidence, guide_moments
@@ -211,6 +209,13 @@ def fit(
     )
 
 
+def _by_fit(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """A table with one row per fit, ``{fit name: {column: value}}``, indexed by ``fit``."""
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "fit"
+    return frame
+
+
 @dataclass
 class EightSchools:
     """Everything :func:`run_fits` found."""
@@ -224,15 +229,12 @@ class EightSchools:
 
     def status_table(self) -> pd.DataFrame:
         """How each fit stopped: steps, status, seconds."""
-        frame = pd.DataFrame.from_dict(
+        return _by_fit(
             {
                 f.name: {"steps": f.steps, "status": f.status, "seconds": f.seconds, "evidence": _evidence(f.result)}
                 for f in self.fits
-            },
-            orient="index",
+            }
         )
-        frame.index.name = "fit"
-        return frame
 
     def diagnostics_table(self) -> pd.DataFrame:
         rows = {}
@@ -248,9 +250,7 @@ class EightSchools:
                 "importance sampling": "reliable" if ev.pareto_k <= 0.7 else "unreliable",
                 "fit": "converged" if f.converged else "NOT CONVERGED",
             }
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        frame.index.name = "fit"
-        return frame
+        return _by_fit(rows)
 
     def decomposition_table(self) -> pd.DataFrame:
         rows = {}
@@ -265,9 +265,7 @@ class EightSchools:
                 "se(ELBO)": t.stderr.get("elbo", float("nan")),
                 "status": f.status,
             }
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        frame.index.name = "fit"
-        return frame
+        return _by_fit(rows)
 
     def posterior_table(self) -> pd.DataFrame:
         frame = pd.DataFrame({"NUTS mean": self.nuts["mean"], "NUTS sd": self.nuts["sd"]})
@@ -322,9 +320,7 @@ class EightSchools:
                 "θ worst mean err. (NUTS)": f"{err['theta']:+.2f}",
                 "θ worst sd ratio (NUTS)": f"{ratio['theta']:.2f}",
             }
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        frame.index.name = "fit"
-        return frame
+        return _by_fit(rows)
 
     def facts(self, f: Fit) -> FitFacts:
         """The numbers :func:`~pyro_elbo_lab.demos.wording.fit_conclusion` reads, for one fit."""
@@ -435,23 +431,10 @@ def run(
         "centred and non-centred, each with a mean-field (AutoNormal) and a full-rank "
         "(AutoMultivariateNormal) guide, fitted with SVIRunner and BetaELBO."
     )
-    start, cpu = time.perf_counter(), time.process_time()
     log = report.text if verbose else (lambda text: None)
     study = run_fits(quick, seed, steps, progress_bar=verbose and progress_bar, log=log)
     from .eight_schools_report import report_fits, write_outputs
 
     report_fits(study, report)
-    report.heading("Files")
-    for path in write_outputs(study, output, report):
-        report.text(f"- {path}")
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    study.extra["wall_seconds"], study.extra["cpu_seconds"] = wall, cpu
-    report.text(
-        f"(wall time {wall:.0f} s, CPU time {cpu:.0f} s, torch threads {torch.get_num_threads()}, "
-        f"{os.cpu_count()} CPUs visible)"
-    )
-    path = os.path.join(output, "report.md")
-    report.write(path)
-    if verbose:
-        print(f"report: {path}")
+    report.finish(output, write_outputs(study, output, report), study.extra)
     return study

@@ -456,7 +456,6 @@ def run(
         "1797 scikit-learn digits (8x8, pixel counts 0..16, Binomial likelihood), 300 held out; "
         "latent dimension 16; four KL weightings. All numbers in nats per held-out image."
     )
-    start, cpu = time.perf_counter(), time.process_time()
     log = report.text if verbose else (lambda text: None)
     study = run_study(quick, seed, steps, progress_bar=verbose and progress_bar, log=log)
     report.heading("Held-out results")
@@ -480,18 +479,5 @@ def run(
         report.text("- " + line)
     report.heading("Conclusions, from the numbers above")
     report.text(SMOKE_RUN_NOTE if quick else comparison(study))
-    report.heading("Files")
-    paths = write_outputs(study, output, report)
-    for path in paths:
-        report.text(f"- {path}")
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    study.extra["wall_seconds"], study.extra["cpu_seconds"] = wall, cpu
-    report.text(
-        f"(trained in {study.seconds:.0f} s; wall time {wall:.0f} s, CPU time {cpu:.0f} s, torch threads "
-        f"{torch.get_num_threads()}, {os.cpu_count()} CPUs visible)"
-    )
-    path = os.path.join(output, "report.md")
-    report.write(path)
-    if verbose:
-        print(f"report: {path}")
+    report.finish(output, write_outputs(study, output, report), study.extra, note=f"trained in {study.seconds:.0f} s; ")
     return study
