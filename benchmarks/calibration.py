@@ -38,6 +38,7 @@ eight schools in 3000 steps: the iterates' autocorrelation outlasts 25-step batc
 Writes ``calibration.md`` and ``calibration.json`` to ``--output`` (default
 ``benchmarks/results/``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
+import posteriors  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 from pyro.distributions.transforms import transform_to  # noqa: E402
@@ -62,7 +64,6 @@ from pyro.infer.autoguide import (  # noqa: E402
     init_to_median,
 )
 
-import posteriors  # noqa: E402
 from pyro_elbo_lab import BetaELBO  # noqa: E402
 from pyro_elbo_lab.diagnostics.moments import MEAN_ERROR_TOL, SD_RATIO_TOL, guide_moments  # noqa: E402
 
@@ -167,7 +168,9 @@ def evaluate(post, guide_name: str, max_steps: int, num_samples: int, seed: int)
     psis_err = (report.psis_mean - ref_mean) / ref_sd
     psis_ratio = report.psis_sd / ref_sd
     verdict = status_word(report)
-    actually_ok = bool(np.all(np.abs(actual_err) <= MEAN_ERROR_TOL) and np.all(np.abs(actual_ratio - 1) <= SD_RATIO_TOL))
+    actually_ok = bool(
+        np.all(np.abs(actual_err) <= MEAN_ERROR_TOL) and np.all(np.abs(actual_ratio - 1) <= SD_RATIO_TOL)
+    )
     if verdict == "accurate":
         outcome = "ok" if actually_ok else "FALSE REASSURANCE"
     elif verdict == "inaccurate":
@@ -227,6 +230,7 @@ def fmt(x, spec=".2f") -> str:
 
 def _worst(elements: dict, actual: str, estimate: str, ratio: bool):
     """(estimate, actual) at the element whose actual error is the largest."""
+
     def size(e):
         return abs(math.log(e[actual])) if ratio else abs(e[actual])
 

@@ -24,6 +24,7 @@ References
 - *posteriordb: Testing, Benchmarking and Developing Bayesian Inference Algorithms*,
   M. Magnusson, J. Torgander, P.-C. Bürkner, L. Zhang, B. Carpenter, A. Vehtari (2024)
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,9 @@ import math
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyro
@@ -73,8 +74,8 @@ class OrderedNormal(dist.TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         return OrderedNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.size)
 
-    def sample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
             z = torch.randn(shape, dtype=self.loc.dtype) * self.scale.unsqueeze(-1) + self.loc.unsqueeze(-1)
             return z.sort(-1).values
@@ -161,9 +162,11 @@ def _kidiq_args(d):
 
 
 def _mesquite_args(d):
-    cols = [np.ones(d["N"])] + [
-        np.log(d[c]) for c in ("diam1", "diam2", "canopy_height", "total_height", "density")
-    ] + [np.asarray(d["group"], dtype=float)]
+    cols = (
+        [np.ones(d["N"])]
+        + [np.log(d[c]) for c in ("diam1", "diam2", "canopy_height", "total_height", "density")]
+        + [np.asarray(d["group"], dtype=float)]
+    )
     return (_t(np.stack(cols, -1)), _t(np.log(d["weight"])))
 
 
@@ -216,7 +219,10 @@ class Posterior:
 #: name -> (model, data -> args, reference draws post-processing, latent sites)
 POSTERIORS = {
     "eight_schools-eight_schools_noncentered": (
-        eight_schools_noncentered, _eight_schools_args, _eight_schools_draws, ("theta_trans", "mu", "tau")
+        eight_schools_noncentered,
+        _eight_schools_args,
+        _eight_schools_draws,
+        ("theta_trans", "mu", "tau"),
     ),
     "kidiq-kidscore_momiq": (kidscore_momiq, _kidiq_args, None, ("beta", "sigma")),
     "mesquite-logmesquite": (logmesquite, _mesquite_args, None, ("beta", "sigma")),
