@@ -54,10 +54,10 @@ def adam_state(optim) -> dict:
     }
 
 
-def pyro_reference(num_steps: int, skip: set) -> tuple[list, dict, dict]:
-    """Pyro's SVI with Trace_ELBO, seed 0; the steps in `skip` compute the loss (same draws) but apply nothing."""
+def pyro_reference(num_steps: int, skip: set, seed: int = 0) -> tuple[list, dict, dict]:
+    """Pyro's SVI with Trace_ELBO; the steps in `skip` compute the loss (same draws) but apply nothing."""
     pyro.clear_param_store()
-    pyro.set_rng_seed(0)
+    pyro.set_rng_seed(seed)
     optim = pyro.optim.Adam({"lr": 0.05})
     elbo = Trace_ELBO()
     svi = SVI(model, guide, optim, elbo)
@@ -187,6 +187,31 @@ def test_100_steps_with_a_schedule_and_a_resume_equal_the_unfused_runner(tmp_pat
         assert actual[name]["scheduler"]["last_epoch"] == state["scheduler"]["last_epoch"] == 100
         for key, value in state["optimizer"]["state"][0].items():
             assert torch.allclose(actual[name]["optimizer"]["state"][0][key], value, rtol=1e-9, atol=1e-12), key
+
+
+def test_chains_are_pyro_fits_seeded_seed_plus_chain():
+    steps = 15
+    references = [pyro_reference(steps, skip={BAD}, seed=5 + chain) for chain in range(2)]
+    pyro.clear_param_store()
+    runner = SVIRunner(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        JitBetaELBO(compiler="inductor"),
+        num_chains=2,
+        seed=5,
+        on_nonfinite="skip",
+        fused=True,
+        progress_bar=False,
+    )
+    result = runner.run(num_steps=steps, batches=batches)
+    for chain, (losses, params, _) in enumerate(references):
+        history = result.chain_history(chain)
+        assert history["skipped"].tolist() == [step == BAD for step in range(steps)]
+        assert history["loss"].tolist() == pytest.approx(losses, rel=1e-12, abs=1e-12)
+        with result.use_params(chain):
+            for name, value in params.items():
+                assert torch.allclose(pyro.param(name).detach(), value, rtol=1e-10, atol=1e-12), (chain, name)
 
 
 def test_refused_without_a_fusable_loss_or_optimiser():
