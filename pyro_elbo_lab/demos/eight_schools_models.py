@@ -34,11 +34,7 @@ def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
     :param torch.Tensor sigma: standard errors of the schools' estimates, shape ``(8,)``.
     :param torch.Tensor y: estimated effects, shape ``(8,)``; ``None`` to sample them.
 
-    References
-
-    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
-        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
-        Vehtari, Donald B. Rubin (2013)
+    References: [1] of the module (BDA §5.5).
     """
     mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SCALE))
     tau = pyro.sample("tau", dist.HalfCauchy(PRIOR_TAU_SCALE))
@@ -55,14 +51,7 @@ def non_centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
     :param torch.Tensor sigma: standard errors of the schools' estimates, shape ``(8,)``.
     :param torch.Tensor y: estimated effects, shape ``(8,)``; ``None`` to sample them.
 
-    References
-
-    [1] `Bayesian Data Analysis` (3rd edition), §5.5 "Parallel experiments in eight
-        schools", Andrew Gelman, John B. Carlin, Hal S. Stern, David B. Dunson, Aki
-        Vehtari, Donald B. Rubin (2013)
-
-    [2] `A General Framework for the Parametrization of Hierarchical Models`, Omiros
-        Papaspiliopoulos, Gareth O. Roberts, Martin Sköld (2007)
+    References: [1] and [2] of the module (BDA §5.5; Papaspiliopoulos et al. 2007).
     """
     mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_MU_SCALE))
     tau = pyro.sample("tau", dist.HalfCauchy(PRIOR_TAU_SCALE))
