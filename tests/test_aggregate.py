@@ -3,6 +3,7 @@
 aggregate_posterior: ELBO surgery and the β-TCVAE split against a linear-Gaussian encoder
 whose aggregate posterior is (to O(1/N)) a known Gaussian, and exact limits.
 """
+
 from __future__ import annotations
 
 import math

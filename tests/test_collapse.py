@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """posterior_collapse against closed-form KLs and posterior-mean variances of linear encoders."""
+
 from __future__ import annotations
 
 import math
@@ -142,7 +143,9 @@ def test_float32_monte_carlo_kl_stderr_over_several_batches_matches_closed_form(
     # per element, with z = m + s t: log q - log p = log T_ν(t) + m s t + s² t²/2 + const, and
     # log T_ν(t) = -(ν+1)/2 · log(1 + t²/ν) with 1/(1 + t²/ν) ~ Beta(ν/2, 1/2), so
     # Var = ((ν+1)/2)² (ψ₁(ν/2) - ψ₁((ν+1)/2)) + m² s² ν/(ν-2) + O(s²) (1e-4 here, neglected)
-    var_log_t = ((nu + 1) / 2) ** 2 * float(torch.polygamma(1, torch.tensor(nu / 2)) - torch.polygamma(1, torch.tensor((nu + 1) / 2)))
+    var_log_t = ((nu + 1) / 2) ** 2 * float(
+        torch.polygamma(1, torch.tensor(nu / 2)) - torch.polygamma(1, torch.tensor((nu + 1) / 2))
+    )
     var = var_log_t + loc**2 * scale**2 * nu / (nu - 2)  # (N, D)
     exact_se = var.sum(0).sqrt() / N / math.sqrt(S)  # sd of the data average, over sqrt(S) samples
     se = report.kl_per_dimension_stderr.double()

@@ -10,6 +10,7 @@ forms, computed here by hand, which the logged values are checked against.
 Run as a script (``python tests/test_lightning.py OUT``) it is the DDP worker: Lightning's
 subprocess launcher starts it again as rank 1.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
@@ -30,6 +32,9 @@ pl = pytest.importorskip("pytorch_lightning")
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO  # noqa: E402
 from pyro_elbo_lab.lightning import DiagnosticsCallback, ELBOLightningModule  # noqa: E402
 from pyro_elbo_lab.schedules import LinearWarmup  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 N, D, L, SIGMA = 40, 3, 2, 0.5
 WARMUP = 10  # steps of the β ramp 0 -> 1
@@ -89,7 +94,12 @@ def closed_form(state: dict, x: torch.Tensor) -> dict:
     kl = (-s.log() + 0.5 * (s**2 + mu**2) - 0.5).sum(-1)
     cov = W @ W.T + SIGMA**2 * torch.eye(D)
     log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
-    return {"reconstruction": rec.sum().item(), "kl": kl.sum().item(), "elbo": (rec - kl).sum().item(), "log_px": log_px.sum().item()}
+    return {
+        "reconstruction": rec.sum().item(),
+        "kl": kl.sum().item(),
+        "elbo": (rec - kl).sum().item(),
+        "log_px": log_px.sum().item(),
+    }
 
 
 def reconstruction_mc_sd(state: dict, x: torch.Tensor, particles: int) -> float:
@@ -116,7 +126,9 @@ class Snapshots(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.reseed:  # the same Monte Carlo draws at a step, resumed or not
             pyro.set_rng_seed(1000 + trainer.global_step)
-        self.params.setdefault(trainer.global_step, {k: v.detach().clone() for k, v in pl_module.owners[0].state_dict().items()})
+        self.params.setdefault(
+            trainer.global_step, {k: v.detach().clone() for k, v in pl_module.owners[0].state_dict().items()}
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.betas.append(pl_module.loss.last_terms.beta)
@@ -128,9 +140,7 @@ def make_module(seed: int = 0, cls=ELBOLightningModule, **options):
         beta=LinearWarmup(num_steps=WARMUP), num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1
     )
     options.setdefault("model_kwargs", {"num_data": N})
-    return cls(
-        vae.model, vae.guide, loss, optimizer=functools.partial(torch.optim.Adam, lr=0.05), **options
-    )
+    return cls(vae.model, vae.guide, loss, optimizer=functools.partial(torch.optim.Adam, lr=0.05), **options)
 
 
 def trainer(out, max_steps: int, callbacks=(), **options):
@@ -165,7 +175,7 @@ class Batches:
 batches = Batches
 
 
-def read_metrics(out) -> "pd.DataFrame":
+def read_metrics(out) -> pd.DataFrame:
     import pandas as pd
 
     return pd.read_csv(os.path.join(str(out), "metrics.csv"))
@@ -298,12 +308,16 @@ def test_accumulate_grad_batches_advances_beta_once_per_optimiser_step(tmp_path)
 def test_diagnostics_callback_logs_evidence_between_elbo_and_log_px(tmp_path):
     x = make_data()
     module = make_module()
-    callback = DiagnosticsCallback(x, model_kwargs={"num_data": N}, num_samples=500, per_datapoint="data", collapse=True)
+    callback = DiagnosticsCallback(
+        x, model_kwargs={"num_data": N}, num_samples=500, per_datapoint="data", collapse=True
+    )
     trainer(tmp_path, 30, [callback]).fit(module, batches(x, N))
     exact = closed_form({k: v.detach() for k, v in module.owners[0].state_dict().items()}, x)
     ((step, metrics),) = callback.results
     assert step == 30
-    assert metrics["diagnostics/elbo"] == pytest.approx(exact["elbo"], abs=5 * metrics["diagnostics/elbo_stderr"] + 1e-6)
+    assert metrics["diagnostics/elbo"] == pytest.approx(
+        exact["elbo"], abs=5 * metrics["diagnostics/elbo_stderr"] + 1e-6
+    )
     tol = 5 * metrics["diagnostics/log_evidence_stderr"] + 1e-6
     assert exact["elbo"] - tol <= metrics["diagnostics/log_evidence"] <= exact["log_px"] + tol
     # collapse: the KL per datapoint (analytic for this guide) against the closed form

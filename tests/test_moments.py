@@ -4,6 +4,7 @@ guide_moments on conjugate models whose posterior is known in closed form: the e
 over- and under-dispersed guides and a shifted one, whose true standardised mean error and
 sd ratio are set by construction.
 """
+
 import math
 
 import numpy as np
@@ -106,6 +107,7 @@ def test_constrained_site_gamma_poisson():
     report = guide_moments(pmodel, pguide, counts, num_samples=8000)
     assert report.names == ["rate"]
     assert abs(report.psis_mean[0] - mean.item()) < 4 * report.psis_mean_mcse[0]
+    assert abs(report.psis_sd[0] - sd.item()) < 4 * report.psis_sd_mcse[0]
     assert abs(report.sd_ratio[0] - 1.2) < 4 * report.sd_ratio_mcse[0] + 0.01
     assert abs(report.mean_error[0]) < 4 * report.mean_error_mcse[0] + 0.01
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Schedules: exact values at chosen steps, argument validation, and use inside the losses."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ VSBC on a conjugate Normal model where every "fit" is closed form: the exact pos
 (quantiles uniform, so symmetric), an over-dispersed but centred guide (symmetric, not
 uniform: VSBC is blind to spread), and guides biased by construction (asymmetric).
 """
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -95,7 +96,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_replications"):
         vsbc(model, make_fit(), N, data_sites=["y"], num_replications=2)
     with pytest.raises(ValueError, match="shape"):
-        vsbc(model, lambda d: (lambda n: {"theta": torch.zeros(n, 3)}), N, data_sites=["y"], num_replications=10)
+        vsbc(model, lambda d: lambda n: {"theta": torch.zeros(n, 3)}, N, data_sites=["y"], num_replications=10)
     with pytest.raises(ValueError, match="model_kwargs"):
         vsbc(model, make_fit(), N, model_kwargs=(1,), data_sites=["y"], num_replications=10)
 
