@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """BetaTraceEnumELBO against Pyro's TraceEnum_ELBO, hand enumeration and closed forms."""
+
 import math
 
 import pyro
@@ -151,7 +152,9 @@ def lda_model(data, batch_size=None):
 
 def lda_guide(data, batch_size=None):
     weights = pyro.param("topic_weights_q", torch.ones(NUM_TOPICS), constraint=dist.constraints.positive)
-    words = pyro.param("topic_words_q", torch.ones(NUM_TOPICS, NUM_WORDS), constraint=dist.constraints.greater_than(0.5))
+    words = pyro.param(
+        "topic_words_q", torch.ones(NUM_TOPICS, NUM_WORDS), constraint=dist.constraints.greater_than(0.5)
+    )
     doc = pyro.param("doc_topics_q", torch.ones(NUM_DOCS, NUM_TOPICS) / NUM_TOPICS, constraint=dist.constraints.simplex)
     with pyro.plate("topics", NUM_TOPICS):
         pyro.sample("topic_weights", dist.Gamma(weights, 1.0))
@@ -379,7 +382,9 @@ def test_beta_elbo_names_enumerated_site_and_class():
 
 @pytest.mark.parametrize("validation", [True, False], ids=["validation", "no-validation"])
 @pytest.mark.parametrize(
-    "particles", [dict(), dict(num_particles=2, vectorize_particles=True, max_plate_nesting=1)], ids=["1", "2-vectorized"]
+    "particles",
+    [dict(), dict(num_particles=2, vectorize_particles=True, max_plate_nesting=1)],
+    ids=["1", "2-vectorized"],
 )
 @pytest.mark.parametrize("Loss", ["BetaELBO", "BetaMeanFieldELBO", "BetaTraceGraphELBO", "IWAE"])
 def test_losses_that_cannot_sum_out_name_the_class_that_can(Loss, particles, validation):
@@ -489,8 +494,9 @@ def _diagnostics():
 def test_diagnostics_refuse_sites_enumerated_in_the_model(diagnostic, case):
     """
     A site enumerated in the model that the guide does not sample: every post-fit
-    diagnostic but estimate_evidence (which sums it out) raises a ValueError naming the site and what works (was: "Shape mismatch
-    inside plate('documents')", "expand(...)" from inside the model).
+    diagnostic but estimate_evidence (which sums it out) raises a ValueError naming the site
+    and what works (was: "Shape mismatch inside plate('documents')", "expand(...)" from
+    inside the model).
     """
     model, guide, data, site = case
     with pytest.raises(ValueError, match=f"site '{site}' is enumerated in the model: .*infer_discrete"):
@@ -551,3 +557,134 @@ def test_estimate_evidence_refuses_scaled_factors_of_enumerated_sites():
 
     with pytest.raises(ValueError, match="site 'c' depends on a site enumerated in the model and has scale"):
         estimate_evidence(model, mixture_guide, DATA, num_samples=10)
+
+
+# -- Pyro's own example scripts, sized down, with the loss class swapped ------------------------
+
+
+def _example_run(make_elbo, make_problem, num_steps=4):
+    """SVI losses and final parameters of ``num_steps`` steps from a fixed seed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model, guide, args, kwargs, optim = make_problem()
+    svi = pyro.infer.SVI(model, guide, optim, make_elbo())
+    losses = [svi.step(*args, **kwargs) for _ in range(num_steps)]
+    return losses, {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+def _assert_same_run(actual, expected):
+    assert actual[0] == pytest.approx(expected[0], rel=1e-10)
+    assert actual[1].keys() == expected[1].keys()
+    for name, value in expected[1].items():
+        torch.testing.assert_close(actual[1][name], value, rtol=1e-9, atol=1e-12)
+
+
+def lda_example():
+    """Pyro's examples/lda.py as written (amortised MLP guide, subsampled documents), 3 topics, 12 docs."""
+    import argparse
+    import functools
+
+    from torch import nn
+
+    args = argparse.Namespace(num_topics=3, num_words=10, num_docs=12, num_words_per_doc=5, layer_sizes="6")
+
+    def model(data=None, args=None, batch_size=None):
+        with pyro.plate("topics", args.num_topics):
+            topic_weights = pyro.sample("topic_weights", dist.Gamma(1.0 / args.num_topics, 1.0))
+            topic_words = pyro.sample("topic_words", dist.Dirichlet(torch.ones(args.num_words) / args.num_words))
+        with pyro.plate("documents", args.num_docs) as ind:
+            if data is not None:
+                data = data[:, ind]
+            doc_topics = pyro.sample("doc_topics", dist.Dirichlet(topic_weights))
+            with pyro.plate("words", args.num_words_per_doc):
+                word_topics = pyro.sample("word_topics", dist.Categorical(doc_topics), infer={"enumerate": "parallel"})
+                data = pyro.sample("doc_words", dist.Categorical(topic_words[word_topics]), obs=data)
+        return topic_weights, topic_words, data
+
+    def parametrized_guide(predictor, data, args, batch_size=None):
+        topic_weights_posterior = pyro.param(
+            "topic_weights_posterior", lambda: torch.ones(args.num_topics), constraint=dist.constraints.positive
+        )
+        topic_words_posterior = pyro.param(
+            "topic_words_posterior",
+            lambda: torch.ones(args.num_topics, args.num_words),
+            constraint=dist.constraints.greater_than(0.5),
+        )
+        with pyro.plate("topics", args.num_topics):
+            pyro.sample("topic_weights", dist.Gamma(topic_weights_posterior, 1.0))
+            pyro.sample("topic_words", dist.Dirichlet(topic_words_posterior))
+        pyro.module("predictor", predictor)
+        with pyro.plate("documents", args.num_docs, batch_size) as ind:
+            data = data[:, ind]
+            counts = torch.zeros(args.num_words, ind.size(0)).scatter_add(0, data, torch.ones(data.shape))
+            doc_topics = predictor(counts.transpose(0, 1))
+            pyro.sample("doc_topics", dist.Delta(doc_topics, event_dim=1))
+
+    _, _, data = model(args=args)
+    sizes = [args.num_words] + [int(s) for s in args.layer_sizes.split("-")] + [args.num_topics]
+    layers: list = []
+    for in_size, out_size in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(in_size, out_size), nn.Sigmoid()]
+    predictor = nn.Sequential(*layers, nn.Softmax(dim=-1))
+    guide = functools.partial(parametrized_guide, predictor)
+    optim = pyro.optim.ClippedAdam({"lr": 0.01})
+    return model, guide, (data,), {"args": args, "batch_size": 5}, optim
+
+
+def toy_mixture_example():
+    """Pyro's examples/toy_mixture_model_discrete_enumeration.py as written (config_enumerate, Vindex), 40 points."""
+    from torch.distributions.bernoulli import Bernoulli
+
+    num_obs = 40
+    prior = {
+        "A": torch.tensor([1.0, 10.0]),
+        "B": torch.tensor([[10.0, 1.0], [1.0, 10.0]]),
+        "C": torch.tensor([[10.0, 1.0], [1.0, 10.0]]),
+    }
+    p_b, p_c = torch.tensor([0.9, 0.1]), torch.tensor([0.8, 0.05])
+    data = {"A": Bernoulli(torch.full((num_obs,), 0.3)).sample()}
+    data["B"] = Bernoulli(torch.gather(p_b, 0, data["A"].long())).sample()
+    data["C"] = Bernoulli(torch.gather(p_c, 0, data["B"].long())).sample()
+
+    @config_enumerate
+    def model(prior, obs, num_obs):
+        p_A = pyro.sample("p_A", dist.Beta(1, 1))
+        p_B = pyro.sample("p_B", dist.Beta(torch.ones(2), torch.ones(2)).to_event(1))
+        p_C = pyro.sample("p_C", dist.Beta(torch.ones(2), torch.ones(2)).to_event(1))
+        with pyro.plate("data_plate", num_obs):
+            A = pyro.sample("A", dist.Bernoulli(p_A.expand(num_obs)), obs=obs["A"])
+            B = pyro.sample("B", dist.Bernoulli(Vindex(p_B)[A.long()]), infer={"enumerate": "parallel"})
+            pyro.sample("C", dist.Bernoulli(Vindex(p_C)[B.long()]), obs=obs["C"])
+
+    def guide(prior, obs, num_obs):
+        a = pyro.param("a", prior["A"], constraint=dist.constraints.positive)
+        pyro.sample("p_A", dist.Beta(a[0], a[1]))
+        b = pyro.param("b", prior["B"], constraint=dist.constraints.positive)
+        pyro.sample("p_B", dist.Beta(b[:, 0], b[:, 1]).to_event(1))
+        c = pyro.param("c", prior["C"], constraint=dist.constraints.positive)
+        pyro.sample("p_C", dist.Beta(c[:, 0], c[:, 1]).to_event(1))
+
+    return model, guide, (prior, data, num_obs), {}, pyro.optim.Adam({"lr": 0.01})
+
+
+def test_pyro_lda_example_runs_with_the_loss_class_swapped():
+    """examples/lda.py: SVI with BetaTraceEnumELBO follows TraceEnum_ELBO step for step (β = 1), terms recorded."""
+    expected = _example_run(lambda: TraceEnum_ELBO(max_plate_nesting=2), lda_example)
+    _assert_same_run(_example_run(lambda: BetaTraceEnumELBO(max_plate_nesting=2), lda_example), expected)
+    # the script's --jit branch with JitTraceEnum_ELBO swapped for ours: the same numbers for the same seed
+    from pyro_elbo_lab import JitBetaTraceEnumELBO
+
+    # ignore_jit_warnings: torch's Gamma.log_prob calls torch.as_tensor (a TracerWarning, an error under pytest)
+    elbo = JitBetaTraceEnumELBO(max_plate_nesting=2, ignore_jit_warnings=True)
+    _assert_same_run(_example_run(lambda: elbo, lda_example), expected)
+    assert elbo.num_compilations == 1
+    assert set(elbo.last_terms.per_site) == {"doc_words", "topic_weights", "topic_words", "doc_topics"}
+
+
+def test_pyro_toy_mixture_example_runs_with_the_loss_class_swapped():
+    """examples/toy_mixture_model_discrete_enumeration.py: BetaTraceEnumELBO follows TraceEnum_ELBO (β = 1)."""
+    expected = _example_run(lambda: TraceEnum_ELBO(max_plate_nesting=1), toy_mixture_example)
+    elbo = BetaTraceEnumELBO(max_plate_nesting=1)
+    _assert_same_run(_example_run(lambda: elbo, toy_mixture_example), expected)
+    # B summed out (no entry); C's entry is the marginal likelihood of the group that depends on B
+    assert set(elbo.last_terms.per_site) == {"A", "C", "p_A", "p_B", "p_C"}
