@@ -22,11 +22,18 @@ ArviZ is imported inside the functions, so ``import pyro_elbo_lab`` does not pay
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+    import pandas as pd
+    import xarray as xr
 
 __all__ = [
     "MIN_PSIS_DRAWS",
@@ -55,6 +62,13 @@ __all__ = [
 MIN_PSIS_DRAWS = 25
 
 
+def _arviz() -> Any:
+    """The installed :mod:`arviz`, typed loosely: the two generations' APIs differ."""
+    import arviz
+
+    return arviz
+
+
 @functools.cache
 def generation() -> int:
     """
@@ -71,7 +85,7 @@ def generation() -> int:
 # -- PSIS -------------------------------------------------------------------------------------
 
 
-def psislw(log_weights, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def psislw(log_weights: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """
     Pareto-smoothed importance sampling of log weights along ``axis`` (independent draws,
     relative efficiency 1).
@@ -107,7 +121,7 @@ def psislw(log_weights, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if generation() == 0:
-            import arviz as az
+            az = _arviz()
 
             smoothed, k = az.psislw(lw, reff=1.0)
         else:
@@ -149,7 +163,7 @@ def from_dict(
     *,
     coords: Mapping[str, Any] | None = None,
     dims: Mapping[str, list[str]] | None = None,
-):
+) -> xr.DataTree:
     """
     An :class:`xarray.DataTree` from ``{group: {variable: array}}``, with ArviZ's
     conventions: sample dims ``(chain, draw)`` first in every group except
@@ -167,7 +181,7 @@ def from_dict(
     coords = dict(coords or {})
     dims = {name: list(names) for name, names in (dims or {}).items()}
     if generation() == 0:
-        import arviz as az
+        az = _arviz()
 
         return az.from_dict(**data, coords=coords, dims=dims).to_datatree()
     import arviz_base
@@ -175,32 +189,32 @@ def from_dict(
     return arviz_base.from_dict(data, coords=coords, dims=dims)
 
 
-def finalize(tree):
+def finalize(tree: xr.DataTree) -> Any:
     """
     The result type of the installed ArviZ: the :class:`xarray.DataTree` itself on 1.x, an
     ``arviz.InferenceData`` (``az.from_datatree``) on 0.2x.
     """
     if generation() == 0:
-        import arviz as az
+        az = _arviz()
 
         return az.from_datatree(tree)
     return tree
 
 
-def is_inference_data(data) -> bool:
+def is_inference_data(data: Any) -> bool:
     """Whether ``data`` is a result of the converter (``InferenceData`` or ``DataTree``)."""
     import xarray as xr
 
     if isinstance(data, xr.DataTree):
         return True
     if generation() == 0:
-        import arviz as az
+        az = _arviz()
 
         return isinstance(data, az.InferenceData)
     return False
 
 
-def groups(data) -> list[str]:
+def groups(data: Any) -> list[str]:
     """The group names of an ``InferenceData`` or a ``DataTree``."""
     import xarray as xr
 
@@ -209,7 +223,7 @@ def groups(data) -> list[str]:
     return list(data.groups())
 
 
-def group(data, name: str):
+def group(data: Any, name: str) -> xr.Dataset:
     """
     One group as an :class:`xarray.Dataset`, from an ``InferenceData`` or a ``DataTree``.
 
@@ -223,28 +237,25 @@ def group(data, name: str):
     return value.to_dataset() if isinstance(value, xr.DataTree) else value
 
 
-def label_values(dataset) -> dict[str, float]:
+def label_values(dataset: xr.Dataset) -> dict[str, float]:
     """
     ``{label: value}`` for every scalar of a dataset without sample dims, labelled as
     ``summary``'s rows are (``"theta[a]"``).
     """
-    if generation() == 0:
-        from arviz.labels import BaseLabeller
-        from arviz.sel_utils import xarray_var_iter
-    else:
-        from arviz_base.labels import BaseLabeller
-        from arviz_base.sel_utils import xarray_var_iter
-    labeller = BaseLabeller()
+    package = "arviz" if generation() == 0 else "arviz_base"
+    labels: Any = importlib.import_module(f"{package}.labels")
+    var_iter = importlib.import_module(f"{package}.sel_utils").xarray_var_iter
+    labeller = labels.BaseLabeller()
     return {
         labeller.make_label_flat(var, sel, isel): float(values)
-        for var, sel, isel, values in xarray_var_iter(dataset, combined=True)
+        for var, sel, isel, values in var_iter(dataset, combined=True)
     }
 
 
 # -- statistics ------------------------------------------------------------------------------
 
 
-def summary(data, *, var_names: list[str] | None = None, diagnostics: bool = True):
+def summary(data: Any, *, var_names: list[str] | None = None, diagnostics: bool = True) -> pd.DataFrame:
     """
     ``az.summary`` of the posterior: a :class:`pandas.DataFrame` with ``mean``, ``sd``, an
     interval and, with ``diagnostics``, ``ess_bulk``, ``ess_tail``, ``r_hat``. The
@@ -257,26 +268,26 @@ def summary(data, *, var_names: list[str] | None = None, diagnostics: bool = Tru
         mean anything).
     :rtype: pandas.DataFrame
     """
-    import arviz as az
+    az = _arviz()
 
     return az.summary(data, var_names=var_names, kind="all" if diagnostics else "stats")
 
 
-def rhat(data):
+def rhat(data: Any) -> xr.Dataset:
     """``az.rhat`` (rank-normalised split :math:`\\hat R`) of the posterior, per variable."""
-    import arviz as az
+    az = _arviz()
 
     return az.rhat(data)
 
 
-def ess(data):
+def ess(data: Any) -> xr.Dataset:
     """``az.ess`` (bulk effective sample size) of the posterior, per variable."""
-    import arviz as az
+    az = _arviz()
 
     return az.ess(data)
 
 
-def loo(data, *, pointwise: bool = True):
+def loo(data: Any, *, pointwise: bool = True) -> Any:
     """
     ``az.loo``: PSIS-LOO of the pointwise ``log_likelihood``, which assumes the draws come
     from the posterior. For a variational fit use :func:`loo_approximate_posterior`.
@@ -284,17 +295,17 @@ def loo(data, *, pointwise: bool = True):
     :returns: ArviZ's ``ELPDData`` (its total through :func:`loo_elpd` on both
         generations; ``pareto_k`` per point).
     """
-    import arviz as az
+    az = _arviz()
 
     return az.loo(data, pointwise=pointwise)
 
 
-def loo_elpd(result) -> float:
+def loo_elpd(result: Any) -> float:
     """The ``elpd`` of an ``ELPDData`` of either generation (``elpd_loo`` on 0.2x)."""
-    return float(getattr(result, "elpd_loo", None) if generation() == 0 else result.elpd)
+    return float(result.elpd_loo if generation() == 0 else result.elpd)
 
 
-def loo_approximate_posterior(data) -> tuple[float, np.ndarray, np.ndarray]:
+def loo_approximate_posterior(data: Any) -> tuple[float, np.ndarray, np.ndarray]:
     """
     PSIS-LOO for draws from an approximate posterior :math:`q` (Magnusson et al. 2019):
     the LOO log weights of draw :math:`s` for point :math:`i` are
@@ -333,8 +344,7 @@ def loo_approximate_posterior(data) -> tuple[float, np.ndarray, np.ndarray]:
             f"PSIS-LOO needs at least {MIN_PSIS_DRAWS} draws to fit the Pareto tails, got {draws}; draw more"
         )
     if generation() >= 1:
-        import arviz as az
-
+        az = _arviz()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # k̂ is returned for the caller to judge
             result = az.loo_approximate_posterior(
@@ -353,14 +363,14 @@ def loo_approximate_posterior(data) -> tuple[float, np.ndarray, np.ndarray]:
 # -- example data and plots ------------------------------------------------------------------
 
 
-def load_arviz_data(name: str):
+def load_arviz_data(name: str) -> Any:
     """One of ArviZ's bundled example data sets (``"non_centered_eight"``: NUTS on eight schools)."""
-    import arviz as az
+    az = _arviz()
 
     return az.load_arviz_data(name)
 
 
-def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: float = 0.9):
+def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: float = 0.9) -> matplotlib.figure.Figure:
     """
     ArviZ's forest plot of several fits side by side, one row per variable, with
     ``ci_prob`` intervals.
@@ -368,7 +378,7 @@ def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: f
     :param dict datasets: ``{fit name: converter result or ArviZ data}``.
     :returns: the matplotlib figure.
     """
-    import arviz as az
+    az = _arviz()
     import xarray as xr
 
     if generation() == 0:
@@ -399,18 +409,18 @@ def plot_forest(datasets: Mapping[str, Any], *, var_names: list[str], ci_prob: f
 # -- files -----------------------------------------------------------------------------------
 
 
-def to_netcdf(data, path: str) -> None:
+def to_netcdf(data: Any, path: str | os.PathLike[str]) -> None:
     """Write a converter result to a netCDF file (every group; 1.x needs ``h5netcdf``)."""
     data.to_netcdf(str(path))
 
 
-def from_netcdf(path: str):
+def from_netcdf(path: str | os.PathLike[str]) -> Any:
     """
     Read a file written by :func:`to_netcdf`: ``az.from_netcdf`` on 0.2x,
     :func:`xarray.open_datatree` on 1.x (loaded into memory, file closed).
     """
     if generation() == 0:
-        import arviz as az
+        az = _arviz()
 
         return az.from_netcdf(str(path))
     import xarray as xr

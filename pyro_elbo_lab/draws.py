@@ -132,8 +132,9 @@ def _batch_draws(traces: ImportanceTraces, predictive: poutine.Trace | None) -> 
     for name, site in traces.model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        deterministic = site["infer"].get("_deterministic", False)
-        event_dim = site["fn"].event_dim
+        deterministic = (site["infer"] or {}).get("_deterministic", False)
+        fn: Any = site["fn"]
+        event_dim: int = fn.event_dim
         if deterministic:
             # pyro.deterministic's Delta counts every dim of the value as an event dim;
             # the value is batched over the sample plate like the latents it comes from
@@ -193,11 +194,11 @@ def _store(out: GuideDraws, batch: GuideDraws, start: int, n: int) -> None:
             )
 
 
-def _plate_names(site: dict) -> dict[int, str]:
+def _plate_names(site: Any) -> dict[int, str]:
     return {frame.dim: frame.name for frame in site["cond_indep_stack"] if frame.vectorized and frame.dim is not None}
 
 
-def _shape_draws(name: str, value: Any, site: dict, S: int, mpn: int, event_dim: int) -> tuple[np.ndarray, list[str]]:
+def _shape_draws(name: str, value: Any, site: Any, S: int, mpn: int, event_dim: int) -> tuple[np.ndarray, list[str]]:
     """``value`` with the sample plate at dim ``-(mpn + 1 + event_dim)`` → ``(S, *kept, *event)``."""
     value = torch.as_tensor(value)
     needed = mpn + 1 + event_dim
@@ -231,7 +232,7 @@ def _shape_draws(name: str, value: Any, site: dict, S: int, mpn: int, event_dim:
     return to_numpy(value), names
 
 
-def _shape_observed(value: Any, site: dict, mpn: int, event_dim: int) -> np.ndarray:
+def _shape_observed(value: Any, site: Any, mpn: int, event_dim: int) -> np.ndarray:
     """The observed value, its batch dims aligned with the plates → ``(*kept, *event)``."""
     value = torch.as_tensor(value)
     needed = mpn + event_dim

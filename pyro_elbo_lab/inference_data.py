@@ -20,14 +20,19 @@ calls ArviZ only through :mod:`pyro_elbo_lab.arviz_compat`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import arviz_compat
 from .checks import check_int, check_model_kwargs
 from .draws import GuideDraws, draw_guide, to_numpy
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from .diagnostics.moments import GuideMoments
 
 __all__ = [
     "HISTORY_GROUP",
@@ -268,7 +273,7 @@ def _build(
     return arviz_compat.finalize(tree)
 
 
-def _name_event_dims(tree, dims) -> None:
+def _name_event_dims(tree: xr.DataTree, dims: Mapping[str, list[str]]) -> None:
     """
     The observed data's event dims (left unnamed: ``log_likelihood`` shares the plate
     dims but has no event dims) as ``<site>_dim_<position>`` on both ArviZ generations
@@ -281,9 +286,11 @@ def _name_event_dims(tree, dims) -> None:
             continue
         dataset = tree[group].to_dataset()
         renames = {}
-        for name, variable in dataset.data_vars.items():
+        for key, variable in dataset.data_vars.items():
+            name = str(key)
             named = len(dims.get(name, ()))
-            for position, dim in enumerate(variable.dims[skip:]):
+            for position, dim_key in enumerate(variable.dims[skip:]):
+                dim = str(dim_key)
                 wanted = f"{name}_dim_{position}"
                 if position >= named and dim != wanted and dim.startswith(f"{name}_dim_"):
                     renames[dim] = wanted
@@ -291,7 +298,7 @@ def _name_event_dims(tree, dims) -> None:
             tree[group] = xr.DataTree(dataset.rename(renames))
 
 
-def history_to_dataset(history):
+def history_to_dataset(history: Any) -> xr.Dataset:
     """
     The optimisation history as an :class:`xarray.Dataset` with dims ``(chain, step)``.
 
@@ -343,7 +350,7 @@ def history_to_dataset(history):
     return dataset
 
 
-def moments_to_dataset(reports):
+def moments_to_dataset(reports: Sequence[GuideMoments]) -> xr.Dataset:
     """
     The ``guide_moments`` group: the :class:`~pyro_elbo_lab.GuideMoments` of each chain as
     an :class:`xarray.Dataset` that round-trips through netCDF on both ArviZ generations.
@@ -368,7 +375,7 @@ def moments_to_dataset(reports):
 
     first = reports[0]
     dims = ("chain", "element")
-    data = {
+    data: dict[str, tuple[Any, np.ndarray]] = {
         name: (dims, np.stack([np.asarray(getattr(r, name), dtype="float64") for r in reports]))
         for name in MOMENT_FIELDS
     }

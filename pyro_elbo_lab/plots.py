@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,7 +47,12 @@ _TERM_LABELS = {
 }
 
 
-def _axes(ax):
+if TYPE_CHECKING:
+    import matplotlib.axes
+    import pandas as pd
+
+
+def _axes(ax: Any) -> matplotlib.axes.Axes:
     if ax is None:
         import matplotlib.pyplot as plt
 
@@ -63,7 +68,7 @@ def _axes(ax):
     return ax
 
 
-def _history(data):
+def _history(data: Any) -> pd.DataFrame:
     """A history DataFrame from an SVIResult, a DataFrame or an InferenceData."""
     import pandas as pd
 
@@ -74,7 +79,8 @@ def _history(data):
     if _is_result(data) and "optimization_history" in arviz_compat.groups(data):
         ds = arviz_compat.group(data, "optimization_history")
         frame = ds[[v for v in ds.data_vars if "site" not in ds[v].dims]].to_dataframe().reset_index()
-        for var in ds.data_vars:
+        for key in ds.data_vars:
+            var = str(key)
             if "site" in ds[var].dims:
                 term = var[: -len("_per_site")] if var.endswith("_per_site") else var
                 for site in ds["site"].values:
@@ -86,7 +92,7 @@ def _history(data):
     )
 
 
-def _is_result(data) -> bool:
+def _is_result(data: Any) -> bool:
     """Whether ``data`` is the converter's output (checked without importing ArviZ for a table)."""
     import pandas as pd
 
@@ -103,7 +109,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
 
 
-def _check_window(smooth) -> int:
+def _check_window(smooth: Any) -> int:
     if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
         raise ValueError(f"smooth must be a positive integer window of steps, got {smooth!r}")
     return smooth
@@ -113,14 +119,14 @@ _DEFAULT_TERMS = ("elbo", "reconstruction", "kl", "entropy")
 
 
 def plot_decomposition(
-    data,
-    ax=None,
+    data: Any,
+    ax: matplotlib.axes.Axes | None = None,
     *,
     terms: Sequence[str] = _DEFAULT_TERMS,
     beta: bool = True,
     smooth: int = 1,
     chain: int | None = None,
-):
+) -> matplotlib.axes.Axes:
     """
     The ELBO and its decomposition over training, in nats, with β on a second axis.
 
@@ -169,7 +175,7 @@ def plot_decomposition(
     ax.set_xlabel("step")
     ax.set_ylabel("nats")
     ax.set_title("ELBO decomposition over training" + (f" (rolling mean of {smooth} steps)" if smooth > 1 else ""))
-    ax.beta_axis = None
+    ax.beta_axis = None  # type: ignore[attr-defined]  # documented attribute on the returned Axes
     if beta and "beta" in frame.columns:
         _, rows = chains[0]
         if "capacity" in frame.columns:
@@ -190,12 +196,14 @@ def plot_decomposition(
         twin.set_ylabel("β (unitless)")
         h2, l2 = twin.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-        ax.beta_axis = twin
+        ax.beta_axis = twin  # type: ignore[attr-defined]
     ax.legend(handles, labels, loc="best", fontsize="small")
     return ax
 
 
-def plot_kl_per_site(data, ax=None, *, smooth: int = 1, chain: int = 0):
+def plot_kl_per_site(
+    data: Any, ax: matplotlib.axes.Axes | None = None, *, smooth: int = 1, chain: int = 0
+) -> matplotlib.axes.Axes:
     """
     The KL of each latent site over training, stacked, in nats: which sites carry the
     information (and which collapsed).
@@ -231,7 +239,9 @@ def plot_kl_per_site(data, ax=None, *, smooth: int = 1, chain: int = 0):
     return ax
 
 
-def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
+def plot_rate_distortion(
+    data: Any, ax: matplotlib.axes.Axes | None = None, *, annotate: bool = True
+) -> matplotlib.axes.Axes:
     """
     The rate–distortion curve: rate :math:`R = \\mathrm{KL}(q(z \\mid x) \\| p(z))`
     against distortion :math:`D = -\\mathbb{E}_q[\\log p(x \\mid z)]`, in nats, one point
@@ -306,7 +316,7 @@ def plot_rate_distortion(data, ax=None, *, annotate: bool = True):
     return ax
 
 
-def plot_pareto_k(data, ax=None):
+def plot_pareto_k(data: Any, ax: matplotlib.axes.Axes | None = None) -> matplotlib.axes.Axes:
     """
     Pareto :math:`\\hat k` of the importance weights :math:`p(x, z_s) / q(z_s)`, with the
     thresholds of Vehtari et al. (:data:`~pyro_elbo_lab.diagnostics.psis.PARETO_K_GOOD`,
@@ -355,7 +365,7 @@ def plot_pareto_k(data, ax=None):
         chains = arviz_compat.group(data, "sample_stats")["chain"].values
         labels = [f"chain {int(c)}" for c in chains]
         ks = [float(psis_diagnostics(torch.as_tensor(chain_log_weights(data, i)))[1]) for i in range(len(labels))]
-        sizes = [arviz_compat.group(data, "sample_stats").sizes["draw"]] * len(ks)
+        sizes: list[int | None] = [arviz_compat.group(data, "sample_stats").sizes["draw"]] * len(ks)
     elif isinstance(data, pd.DataFrame) or hasattr(data, "history"):
         frame = _history(data)
         if "eval_pareto_k" not in frame.columns:
@@ -364,11 +374,11 @@ def plot_pareto_k(data, ax=None):
             )
         over_training = True
     elif isinstance(data, dict):
-        labels, ks = [str(k) for k in data], [float(getattr(v, "pareto_k", v)) for v in data.values()]
+        labels, ks = [str(k) for k in data], [_k_of(v) for v in data.values()]
         sizes = [getattr(v, "num_samples", None) for v in data.values()]
     elif isinstance(data, Sequence) or isinstance(data, np.ndarray):
         labels = [str(i) for i in range(len(data))]
-        ks = [float(getattr(v, "pareto_k", v)) for v in data]
+        ks = [_k_of(v) for v in data]
         sizes = [getattr(v, "num_samples", None) for v in data]
     else:
         raise ValueError(f"cannot read Pareto k̂ from {type(data).__name__}; see the docstring for what is accepted")
@@ -398,7 +408,13 @@ def plot_pareto_k(data, ax=None):
     return ax
 
 
-def _chains(frame, chain) -> list[tuple[Any, Any]]:
+def _k_of(value: Any) -> float:
+    """k̂ of an :class:`~pyro_elbo_lab.EvidenceEstimate` (its ``pareto_k``) or of a number."""
+    k: Any = getattr(value, "pareto_k", value)
+    return float(k)
+
+
+def _chains(frame: pd.DataFrame, chain: int | None) -> list[tuple[Any, Any]]:
     if chain is not None:
         known = sorted(int(c) for c in frame["chain"].unique()) if "chain" in frame.columns else [0]
         if isinstance(chain, bool) or not isinstance(chain, (int, np.integer)) or int(chain) not in known:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from .checks import check_int
 from .diagnostics.moments import moments_from_inference_data
 from .diagnostics.psis import chain_log_weights, importance_diagnostics, pareto_k_threshold, psis_means, verdict
 from .inference_data import HISTORY_GROUP
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["SVISummary", "summarize"]
 
@@ -130,7 +133,7 @@ class SVISummary:
         return html + "<h4>Posterior (guide draws)</h4>" + self.posterior.to_html()
 
 
-def summarize(idata, *, last: int = 50) -> SVISummary:
+def summarize(idata: Any, *, last: int = 50) -> SVISummary:
     """
     A report of a variational fit from the output of
     :func:`~pyro_elbo_lab.to_inference_data` or :func:`~pyro_elbo_lab.from_svi_result`,
@@ -230,7 +233,7 @@ def summarize(idata, *, last: int = 50) -> SVISummary:
     )
 
 
-def _final_terms(chain_history, last: int) -> dict[str, float]:
+def _final_terms(chain_history: pd.DataFrame, last: int) -> dict[str, float]:
     """The ELBO terms (or the loss) averaged over the last ``last`` recorded steps of one chain."""
     out = {}
     for column in _TERMS:

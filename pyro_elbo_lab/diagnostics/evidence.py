@@ -304,7 +304,7 @@ def estimate_evidence(
             rows = lw.transpose(0, 1)  # (N, S)
         smoothed, k, reasons = psis_fit(rows)
         log_mean, stderr, ess = importance_stats(smoothed if psis else rows)
-        elbo = joint.mean()
+        elbo_mean = joint.mean()
         elbo_se = joint.std() / math.sqrt(num_samples)
 
     if per_datapoint is None:
@@ -312,7 +312,7 @@ def estimate_evidence(
         log_evidence_se = float(stderr[0])
         pareto_k = float(k[0])
         ess_value = float(ess[0])
-        extra = {}
+        extra: dict[str, Any] = {}
     else:
         log_evidence = float(log_mean.sum())
         log_evidence_se = float(stderr.pow(2).sum().sqrt())
@@ -324,7 +324,7 @@ def estimate_evidence(
             log_evidence_per_datapoint_stderr=stderr,
             pareto_k_per_datapoint=k,
         )
-    elbo = float(elbo)
+    elbo = float(elbo_mean)
     result = EvidenceEstimate(
         log_evidence=log_evidence,
         log_evidence_stderr=log_evidence_se,

@@ -57,12 +57,14 @@ def per_datapoint_log_weights(traces: ImportanceTraces, plate: str) -> torch.Ten
             if not torch.is_tensor(lp) or lp.dim() < nd:
                 lp = torch.as_tensor(lp)
                 lp = lp.reshape((1,) * (nd - lp.dim()) + lp.shape)
-            keep = {0, nd + frame.dim}  # the sample plate and the data plate
+            keep = {0, nd + int(frame.dim or 0)}  # the sample plate and the data plate (vectorised: dim set)
             dims = tuple(d for d in range(nd) if d not in keep)
             if dims:
                 lp = lp.sum(dims)
             lp = lp.expand(S, frame.size)
             out = sign * lp if out is None else out + sign * lp
+    if out is None:  # the model has a sample site (find_data_plate found the plate at one)
+        raise ValueError(f"per_datapoint='{plate}': the model and guide have no sample site")
     return out
 
 
@@ -138,6 +140,10 @@ def draw_log_weights(
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0)
 
 
+def _not_enumerated(msg: Any) -> Any:
+    return {"enumerate": None}
+
+
 def sequential_log_weights(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -154,7 +160,7 @@ def sequential_log_weights(
     """
     elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting, num_particles=1)
     # a guide site configured for enumeration is drawn: its weight is a sample's, not an expectation
-    drawn_guide = poutine.infer_config(guide, lambda msg: {"enumerate": None})
+    drawn_guide = poutine.infer_config(guide, _not_enumerated)
     lw = torch.empty(num_samples)
     with poutine.block():
         for s in range(num_samples):

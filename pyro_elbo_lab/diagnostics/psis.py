@@ -13,12 +13,15 @@ either ArviZ generation).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .. import arviz_compat
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 __all__ = [
     "IS_RELIABLE",
@@ -327,7 +330,7 @@ def importance_stats(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return log_mean, stderr, ess
 
 
-def importance_diagnostics(log_weights) -> dict[str, float]:
+def importance_diagnostics(log_weights: np.ndarray | torch.Tensor) -> dict[str, float]:
     """
     Importance-sampling diagnostics from one set of log weights
     :math:`\\log w_s = \\log p(x, z_s) - \\log q(z_s)`, in nats: the estimates of
@@ -363,7 +366,7 @@ def importance_diagnostics(log_weights) -> dict[str, float]:
     }
 
 
-def chain_log_weights(data, chain: int) -> np.ndarray:
+def chain_log_weights(data: Any, chain: int) -> np.ndarray:
     """
     One chain's ``sample_stats.log_importance_weight`` of a converter result, shape
     ``(draw,)``, nats.
@@ -377,7 +380,7 @@ def chain_log_weights(data, chain: int) -> np.ndarray:
     return np.asarray(stats["log_importance_weight"].isel(chain=chain).values, dtype="float64")
 
 
-def psis_means(data):
+def psis_means(data: Any) -> xr.Dataset:
     """
     PSIS-corrected posterior means: per chain the self-normalised importance-sampling
     estimate :math:`\\sum_s \\bar{\\tilde w}_s z_s` with the Pareto-smoothed, normalised
@@ -401,7 +404,6 @@ def psis_means(data):
     chains = []
     for c in range(post.sizes["chain"]):
         smoothed, _ = psis_diagnostics(torch.as_tensor(chain_log_weights(data, c)))
-        w = torch.softmax(smoothed, -1).numpy()
-        w = xr.DataArray(w, dims=["draw"], coords={"draw": post["draw"].values})
+        w = xr.DataArray(torch.softmax(smoothed, -1).numpy(), dims=["draw"], coords={"draw": post["draw"].values})
         chains.append((post.isel(chain=c) * w).sum("draw"))
     return sum(chains[1:], chains[0]) / len(chains)
