@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """to_inference_data / from_svi_result: groups, dims, exact log densities, netCDF round trip, LOO,
 summary, model keywords, and ArviZ imported by arviz_compat alone."""
+
 from __future__ import annotations
 
 import ast
@@ -13,12 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import pytest
+import torch
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_elbo_lab
@@ -64,7 +64,11 @@ def test_groups_and_exact_log_densities(data):
     idata = to_inference_data(model, guide, data, num_samples=500)
     # guide_moments added (issue 12 §2): the per-element moments table travels with the draws
     assert set(arviz_compat.groups(idata)) == {
-        "posterior", "log_likelihood", "sample_stats", "observed_data", "guide_moments"
+        "posterior",
+        "log_likelihood",
+        "sample_stats",
+        "observed_data",
+        "guide_moments",
     }
     z = torch.as_tensor(idata.posterior["z"].values)
     assert z.shape == (1, 500)
@@ -144,8 +148,14 @@ def test_dims_from_plates_and_overrides():
     g = AutoNormal(hier)
     g(y)
     idata = to_inference_data(
-        hier, g, y, num_samples=50, coords={"groups": ["a", "b", "c"]}, dims={"w": ["component"]},
-        constant_data={"design": np.ones(3)}, posterior_predictive=True,
+        hier,
+        g,
+        y,
+        num_samples=50,
+        coords={"groups": ["a", "b", "c"]},
+        dims={"w": ["component"]},
+        constant_data={"design": np.ones(3)},
+        posterior_predictive=True,
     )
     post = idata.posterior
     assert post["mu"].dims == ("chain", "draw")
@@ -201,8 +211,9 @@ def test_posterior_predictive_moments(data):
 
 
 def test_result_netcdf_round_trip_and_loo(data, tmp_path):
-    result = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.05}), BetaELBO(), progress_bar=False,
-                       num_chains=2, seed=0).run(data, num_steps=30)
+    result = SVIRunner(
+        model, guide, pyro.optim.Adam({"lr": 0.05}), BetaELBO(), progress_bar=False, num_chains=2, seed=0
+    ).run(data, num_steps=30)
     idata = from_svi_result(result, num_samples=200)
     assert idata.posterior.sizes == {"chain": 2, "draw": 200}
     hist = idata.optimization_history
@@ -258,7 +269,9 @@ def test_loo_matches_exact_leave_one_out(data):
 def test_summary_psis_corrects_a_shifted_guide(data):
     m, s, log_evidence = exact(data)
     set_guide(m + 0.15, 1.5 * s)
-    result = SVIRunner(model, guide, pyro.optim.Adam({"lr": 1e-12}), BetaELBO(), progress_bar=False).run(data, num_steps=3)
+    result = SVIRunner(model, guide, pyro.optim.Adam({"lr": 1e-12}), BetaELBO(), progress_bar=False).run(
+        data, num_steps=3
+    )
     # 16 S draws: the gap's Monte Carlo error below needs them (see there)
     S_big = 16 * S
     summary = summarize(from_svi_result(result, num_samples=S_big))
@@ -356,11 +369,16 @@ def hand_result(data, params, model_kwargs):
     pyro.clear_param_store()
     set_guide(0.0, 1.0)  # what the store holds now: neither chain
     steps = 4
-    history = pd.DataFrame({
-        "chain": np.repeat([0, 1], steps), "step": np.tile(np.arange(steps), 2),
-        "loss": np.arange(2.0 * steps)[::-1] + 10, "elbo": -(np.arange(2.0 * steps)[::-1] + 10),
-        "kl/z": np.linspace(0.1, 0.8, 2 * steps), "reconstruction/x": np.linspace(-9, -2, 2 * steps),
-    })
+    history = pd.DataFrame(
+        {
+            "chain": np.repeat([0, 1], steps),
+            "step": np.tile(np.arange(steps), 2),
+            "loss": np.arange(2.0 * steps)[::-1] + 10,
+            "elbo": -(np.arange(2.0 * steps)[::-1] + 10),
+            "kl/z": np.linspace(0.1, 0.8, 2 * steps),
+            "reconstruction/x": np.linspace(-9, -2, 2 * steps),
+        }
+    )
     return HandResult(kw_model, kw_guide, (data,), model_kwargs, states, history)
 
 
@@ -375,8 +393,12 @@ def test_from_svi_result_two_chains_by_hand(data):
         z = torch.as_tensor(idata.posterior["z"].sel(chain=c).values)
         # each chain's draws come from its own N(loc, scale²): closed-form log q at the draws,
         # and the mean within 5 standard errors scale / sqrt(S)
-        assert np.allclose(idata.sample_stats["log_guide"].sel(chain=c).values,
-                           dist.Normal(loc, scale).log_prob(z).numpy(), rtol=1e-12, atol=1e-12)
+        assert np.allclose(
+            idata.sample_stats["log_guide"].sel(chain=c).values,
+            dist.Normal(loc, scale).log_prob(z).numpy(),
+            rtol=1e-12,
+            atol=1e-12,
+        )
         assert float(z.mean()) == pytest.approx(loc, abs=5 * scale / math.sqrt(S))
         # the run's model_kwargs are used: x ~ N(z + 0.5, 2²)
         ll = dist.Normal(z.unsqueeze(-1) + 0.5, 2.0).log_prob(data)

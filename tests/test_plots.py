@@ -1,16 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """Plots run headless (Agg), return axes with a title, labelled axes (units) and a legend."""
+
 from __future__ import annotations
 
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 
 from pyro_elbo_lab import BetaELBO, SVIRunner, arviz_compat, from_svi_result, plots, summarize, to_inference_data
 from pyro_elbo_lab.runner import Evaluation
@@ -45,8 +45,16 @@ def fitted():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     x = torch.linspace(0.0, 2.0, N)
-    runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.05}), BetaELBO(beta=LinearWarmup(20, start=0.1)),
-                       progress_bar=False, num_chains=2, seed=0, evaluation=Evaluation(every=20, num_samples=200))
+    runner = SVIRunner(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        BetaELBO(beta=LinearWarmup(20, start=0.1)),
+        progress_bar=False,
+        num_chains=2,
+        seed=0,
+        evaluation=Evaluation(every=20, num_samples=200),
+    )
     result = runner.run(x, num_steps=40)
     idata = from_svi_result(result, num_samples=100)
     return result, idata
@@ -106,8 +114,10 @@ def test_plot_rate_distortion():
 def test_plot_rate_distortion_from_diagnostics():
     from pyro_elbo_lab import RateDistortion
 
-    points = [RateDistortion(rate=r, distortion=d, rate_stderr=0.1, distortion_stderr=0.2, beta=b)
-              for b, r, d in [(2.0, 1.0, 6.0), (0.5, 4.0, 3.0)]]
+    points = [
+        RateDistortion(rate=r, distortion=d, rate_stderr=0.1, distortion_stderr=0.2, beta=b)
+        for b, r, d in [(2.0, 1.0, 6.0), (0.5, 4.0, 3.0)]
+    ]
     ax = plots.plot_rate_distortion(points)
     assert_labelled(ax)
     assert any("standard error" in t.get_text() for t in ax.get_legend().get_texts())
@@ -149,8 +159,14 @@ def test_plot_pareto_k_colours_follow_the_verdict():
 def test_plot_decomposition_draws_the_capacity_in_nats():
     # regression: the capacity (nats) was drawn on the β axis, whose limits come from β
     # alone, so a capacity of 25 nats was off the plot
-    frame = pd.DataFrame({"step": range(5), "elbo": [-30.0, -20.0, -15.0, -12.0, -11.0], "beta": [0.5] * 5,
-                          "capacity": [0.0, 5.0, 10.0, 20.0, 25.0]})
+    frame = pd.DataFrame(
+        {
+            "step": range(5),
+            "elbo": [-30.0, -20.0, -15.0, -12.0, -11.0],
+            "beta": [0.5] * 5,
+            "capacity": [0.0, 5.0, 10.0, 20.0, 25.0],
+        }
+    )
     ax = plots.plot_decomposition(frame)
     capacity = [line for line in ax.get_lines() if line.get_label() == "capacity C (nats)"]
     assert len(capacity) == 1 and capacity[0].get_ydata().tolist() == [0.0, 5.0, 10.0, 20.0, 25.0]
@@ -183,8 +199,9 @@ def test_rate_distortion_labels_and_limits_frame_the_points():
     """β given as labels (schedules) annotates with the label; the axes frame the fits."""
     import pandas as pd
 
-    frame = pd.DataFrame({"rate": [1.0, 5.0, 9.0], "distortion": [50.0, 40.0, 38.0],
-                          "beta": ["β = 4", "warm-up", "β = 1"]})
+    frame = pd.DataFrame(
+        {"rate": [1.0, 5.0, 9.0], "distortion": [50.0, 40.0, 38.0], "beta": ["β = 4", "warm-up", "β = 1"]}
+    )
     ax = plots.plot_rate_distortion(frame)
     assert sorted(t.get_text() for t in ax.texts) == ["warm-up", "β = 1", "β = 4"]
     # 15% padding of the points' range: rate 1..9 -> (-0.2, 10.2), distortion 38..50 -> (36.2, 51.8)
