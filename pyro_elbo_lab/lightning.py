@@ -62,7 +62,6 @@ from .terms import ELBOTerms
 if TYPE_CHECKING:
     # the types of pytorch_lightning; lightning.pytorch (the unified package) has the same API
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 else:
     try:
         import pytorch_lightning as pl
@@ -193,7 +192,7 @@ class ELBOLightningModule(pl.LightningModule):
         guide: Callable[..., Any],
         loss: ELBOLoss,
         *,
-        optimizer: Callable[[list[nn.Parameter]], OptimizerLRScheduler] | None = None,
+        optimizer: Callable[[list[nn.Parameter]], pl.utilities.types.OptimizerLRScheduler] | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         val_model_kwargs: Mapping[str, Any] | None = None,
         log_every_n_steps: int | None = None,
@@ -226,7 +225,7 @@ class ELBOLightningModule(pl.LightningModule):
         self.val_model_kwargs = (
             self.model_kwargs if val_model_kwargs is None else check_model_kwargs(val_model_kwargs, "val_model_kwargs")
         )
-        self.optimizer: Callable[[list[nn.Parameter]], OptimizerLRScheduler] = (
+        self.optimizer: Callable[[list[nn.Parameter]], pl.utilities.types.OptimizerLRScheduler] = (
             optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=1e-3)
         )
         self.log_every_n_steps = log_every_n_steps
@@ -329,7 +328,7 @@ class ELBOLightningModule(pl.LightningModule):
                 "use a multiple, or leave it None to follow the Trainer"
             )
 
-    def configure_optimizers(self) -> OptimizerLRScheduler:
+    def configure_optimizers(self) -> pl.utilities.types.OptimizerLRScheduler:
         """Lightning hook: ``optimizer(parameters)`` over the parameters the warm-up created."""
         if not self.warmed_up:
             raise ValueError(
@@ -360,12 +359,12 @@ class ELBOLightningModule(pl.LightningModule):
             self.log_dict(self._select(terms, "train"), on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
-    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: pl.utilities.types.STEP_OUTPUT, batch: Any, batch_idx: int) -> None:
         # after the optimiser step (or between micro-batches): loss.step == trainer.global_step
         self._sync_step()
 
     def on_validation_batch_end(
-        self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, outputs: pl.utilities.types.STEP_OUTPUT, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         # a validation step that calls the loss itself counted a step: undo it
         self._sync_step()

@@ -215,8 +215,8 @@ class LocalSite:
     and masked: :meth:`mask` says which entries are kept.
 
     :ivar str name: site name.
-    :ivar Message model_site: the model trace's site.
-    :ivar Message guide_site: the guide trace's site.
+    :ivar pyro.poutine.runtime.Message model_site: the model trace's site.
+    :ivar pyro.poutine.runtime.Message guide_site: the guide trace's site.
     :ivar frame: the data plate.
     :ivar int max_plate_nesting: plate depth of the traces (the sample plate is one further left).
     """
