@@ -483,7 +483,10 @@ def test_only_arviz_compat_imports_arviz():
                 importers.add(str(path.relative_to(package)))
     assert importers == {"arviz_compat.py"}
     # and not at package import: the first function that needs ArviZ pays for it
-    code = "import sys, pyro_elbo_lab; pyro_elbo_lab.to_inference_data; pyro_elbo_lab.summarize; print('arviz' in sys.modules)"
+    code = (
+        "import sys, pyro_elbo_lab; pyro_elbo_lab.to_inference_data; pyro_elbo_lab.summarize; "
+        "print('arviz' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
