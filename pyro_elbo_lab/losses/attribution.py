@@ -41,8 +41,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 from pyro.poutine import Trace
+from torch.distributions import Independent
 
 from .. import sites
 
@@ -102,7 +104,7 @@ class Attribution:
         self._num_rows = num_rows
         self._aux_rows = aux_rows
         self.trivial = not aux_rows
-        self._matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
+        self._matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.groups = {e.name: e.sites for e in entries if e.kind == "group"}
 
     def entry_of(self, name: str) -> Entry | None:
@@ -112,26 +114,41 @@ class Attribution:
                 return entry
         return None
 
-    def _matrix(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def _matrices_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        ``(moves, auxiliary moves, signs)``, cached per dtype and device: ``moves`` is
+        ``(E, num_rows + D_1 + ...)``, 1 where a row (or a latent dimension of a split
+        auxiliary site, in the columns after the rows) belongs to an entry; ``auxiliary
+        moves`` keeps the auxiliary columns only.
+        """
         key = (like.dtype, like.device)
         found = self._matrices.get(key)
         if found is None:
-            site_part = torch.zeros(len(self.entries), self._num_rows, dtype=like.dtype, device=like.device)
-            aux_part = torch.zeros_like(site_part)
+            width = self._num_rows + sum(len(split.entries) for split in self._splits)
+            moves = torch.zeros(len(self.entries), width, dtype=like.dtype, device=like.device)
+            aux_moves = torch.zeros_like(moves)
             for e, entry in enumerate(self.entries):
                 for r in entry.rows:
-                    (aux_part if r in self._aux_rows else site_part)[e, r] = 1.0
-            splits: list[torch.Tensor] = []
+                    moves[e, r] = 1.0
+                    if r in self._aux_rows:
+                        aux_moves[e, r] = 1.0
+            column = self._num_rows
             for split in self._splits:
-                m = torch.zeros(len(split.entries), len(self.entries), dtype=like.dtype, device=like.device)
-                m[torch.arange(len(split.entries)), torch.tensor(split.entries)] = 1.0
-                splits.append(m)
-            found = self._matrices[key] = (site_part, aux_part, splits)
+                for e in split.entries:
+                    moves[e, column] = aux_moves[e, column] = 1.0
+                    column += 1
+            # a split's log q enters the KL surrogate, the KL (+) and the entropy (-)
+            signs = torch.tensor([1.0, 1.0, -1.0], dtype=like.dtype, device=like.device)
+            found = self._matrices[key] = (moves, aux_moves, signs)
         return found
 
     def apply(
-        self, latent: list, rows: torch.Tensor, per_particle: Callable[[torch.Tensor, int], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        latent: list,
+        rows: torch.Tensor,
+        per_particle: Callable[[torch.Tensor, int], torch.Tensor],
+        auxiliary: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Move the stacked rows onto the entries.
 
@@ -139,20 +156,42 @@ class Attribution:
         :param torch.Tensor rows: ``(3, num_rows)`` or ``(3, num_rows, P)``: the
             differentiable KL surrogate, the KL and the entropy per latent row (nats).
         :param per_particle: ``(tensor, event_dims) -> per-particle sums`` of the loss.
+        :param bool auxiliary: also return the auxiliary part of each entry's surrogate.
         :returns: ``(entries, auxiliary)``: the rows of the entries, ``(3, E)`` or
-            ``(3, E, P)``, and the differentiable auxiliary log q in each entry, ``(E,)`` or
-            ``(E, P)`` (what free bits adds to an entry's single latent dimension).
+            ``(3, E, P)``, and (with ``auxiliary=True``, else ``None``) the differentiable
+            auxiliary log q in each entry, ``(E,)`` or ``(E, P)`` (what free bits add to an
+            entry's single latent dimension).
         :rtype: tuple
         """
-        site_part, aux_part, split_matrices = self._matrix(rows)
-        spec = "er,tr->te" if rows.dim() == 2 else "er,trp->tep"
-        aux = torch.einsum(spec, aux_part, rows)
-        for split, matrix in zip(self._splits, split_matrices):
-            guide_site = latent[split.row][2]
-            per_dim = per_particle(sites.log_prob(guide_site, per_dim=True), 1)  # (D,) or (P, D)
-            moved = (per_dim @ matrix).movedim(-1, 0)  # (E,) or (E, P)
-            aux = aux + torch.stack([moved, moved.detach(), -moved.detach()])
-        return torch.einsum(spec, site_part, rows) + aux, aux[0]
+        moves, aux_moves, signs = self._matrices_for(rows)
+        if self._splits:
+            signs = signs.reshape((3, 1) + (1,) * (rows.dim() - 2))
+            parts = [rows]
+            for split in self._splits:
+                per_dim = per_particle(_log_prob_per_dim(latent[split.row][2]), 1)  # (D,) or (P, D)
+                parts.append(signs * per_dim.movedim(-1, 0))  # (3, D) or (3, D, P)
+            rows = torch.cat(parts, 1)
+        per_entry = rows @ moves.T if rows.dim() == 2 else moves @ rows
+        aux = aux_moves @ rows[0] if auxiliary else None
+        return per_entry, aux
+
+
+def _log_prob_per_dim(guide_site: Any) -> torch.Tensor:
+    """A factorised joint latent's log q per dimension, ``batch_shape + (D,)``, scaled and masked like the site."""
+    fn, scale = guide_site["fn"], guide_site["scale"]
+    plain = not torch.is_tensor(scale) and scale == 1.0 and guide_site.get("mask") is None
+    if plain and isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1:
+        element = fn.base_dist
+        if not isinstance(element, (ExpandedDistribution, MaskedDistribution)):
+            # the usual case (AutoDiagonalNormal); the value is the guide's own draw from this
+            # distribution, so Pyro's validation of it is skipped
+            validate = element._validate_args
+            element._validate_args = False
+            try:
+                return element.log_prob(guide_site["value"])
+            finally:
+                element._validate_args = validate
+    return sites.log_prob(guide_site, per_dim=True)
 
 
 def _separable(guide_site: Any) -> bool:

@@ -392,7 +392,12 @@ class WeightedObjective(BetaState):
             aux_surrogate = None
             if not plan.trivial:
                 # the auxiliary sites' log q moved onto the model sites they stand for
-                moved, aux_surrogate = plan.apply(latent, torch.stack([kl_surrogate, kl, entropy]), self._per_particle)
+                moved, aux_surrogate = plan.apply(
+                    latent,
+                    torch.stack([kl_surrogate, kl, entropy]),
+                    self._per_particle,
+                    auxiliary=self.free_bits is not None,
+                )
                 kl_surrogate, kl, entropy = moved[0], moved[1].detach(), moved[2].detach()
             names += [("kl",) + _entry_label(e) for e in entries] + [("entropy",) + _entry_label(e) for e in entries]
             pieces += [kl, entropy]
