@@ -688,3 +688,15 @@ def test_pyro_toy_mixture_example_runs_with_the_loss_class_swapped():
     _assert_same_run(_example_run(lambda: elbo, toy_mixture_example), expected)
     # B summed out (no entry); C's entry is the marginal likelihood of the group that depends on B
     assert set(elbo.last_terms.per_site) == {"A", "C", "p_A", "p_B", "p_C"}
+
+
+def test_supported_pyro_range_is_pyprojects_and_holds_the_installed_pyro():
+    """The range losses/pyro_enum.py names in its ImportError is the one pyproject.toml pins, and this Pyro is in it."""
+    from pathlib import Path
+
+    specifiers = pytest.importorskip("packaging.specifiers")
+    from pyro_elbo_lab.losses.pyro_enum import SUPPORTED_PYRO
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'"pyro-ppl{SUPPORTED_PYRO}"' in pyproject
+    assert specifiers.SpecifierSet(SUPPORTED_PYRO).contains(pyro.__version__)

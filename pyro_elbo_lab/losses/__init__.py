@@ -5,7 +5,8 @@ from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .beta_trace_graph_elbo import BetaTraceGraphELBO
-from .compiled import JitBetaELBO, JitBetaMeanFieldELBO, JitBetaTraceEnumELBO
+from .compiled import JitBetaELBO, JitBetaMeanFieldELBO
+from .compiled_enum import JitBetaTraceEnumELBO
 from .fused import FusedSVI
 from .iwae import IWAE
 

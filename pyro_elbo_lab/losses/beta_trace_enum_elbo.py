@@ -10,7 +10,6 @@ the documented API).
 
 from __future__ import annotations
 
-import math
 import queue
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -19,13 +18,12 @@ from typing import Any
 import torch
 from opt_einsum import shared_intermediates
 from pyro import poutine
-from pyro.distributions.util import is_identically_zero
 from pyro.infer import TraceEnum_ELBO
 from pyro.infer.enum import iter_discrete_escape, iter_discrete_extend
 from pyro.infer.util import Dice
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
-from pyro.ops.rings import MarginalRing, SampleRing
+from pyro.ops.rings import SampleRing
 from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.util import warn_if_nan
@@ -33,7 +31,7 @@ from pyro.util import warn_if_nan
 from ..schedules import Constant, ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, stack_columns
 from .beta_state import BetaState, check_selection_matches, site_selected
-from .pyro_enum import check_enumeration_constraint, common_scale, dice_log_factors, find_ordinal, query_marginals
+from .pyro_enum import check_enumeration_constraint, common_scale, dice_expectations, find_ordinal
 
 __all__ = ["BetaTraceEnumELBO"]
 
@@ -391,7 +389,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
 
         particles = self.num_particles if self.vectorize_particles else 1
         particle_symbol = guide_trace.plate_to_symbol.get(_PARTICLE_PLATE) if particles > 1 else None
-        expected = _expectations(Dice(guide_trace, ordering), atoms, particle_symbol, particles)
+        expected = dice_expectations(Dice(guide_trace, ordering), atoms, particle_symbol, particles)
 
         objective: torch.Tensor | None = None
         names: list = ["objective"]
@@ -443,63 +441,6 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                 f"sites names '{name}', which is not a site of the guide. β weights the KL of guide sites: "
                 f"{guide_sites}. Fix the name, or pass sites=None to weight every guide site."
             )
-
-
-def _expectations(dice: Dice, atoms: list, particle_symbol: str | None, num_particles: int) -> list:
-    """
-    The DiCE expectation of each cost in ``atoms = [(ordinal, packed cost), ...]``:
-    :meth:`pyro.infer.util.Dice.compute_expectation` term by term (its value and
-    gradient), kept per particle (shape ``(num_particles,)``) when ``particle_symbol``
-    names the vectorised particle plate.
-    """
-    out: list = [None] * len(atoms)
-    by_ordinal: dict = {}
-    for index, (ordinal, cost) in enumerate(atoms):
-        by_ordinal.setdefault(ordinal, []).append((index, cost))
-    with shared_intermediates() as cache:
-        ring = MarginalRing(cache=cache)
-        for ordinal, items in by_ordinal.items():
-            log_factors = dice_log_factors(dice, ordinal)
-            scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
-            log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
-            queries: dict[frozenset, Any] = {frozenset(cost._pyro_dims): None for _, cost in items}
-            log_factor: Any
-            for log_factor in log_factors:
-                key = frozenset(log_factor._pyro_dims)
-                if queries.get(key, False) is None:
-                    queries[key] = log_factor
-            for _, cost in items:
-                key = frozenset(cost._pyro_dims)
-                if queries[key] is None:
-                    query: Any = torch.zeros_like(cost)
-                    query._pyro_dims = cost._pyro_dims
-                    log_factors.append(query)
-                    queries[key] = query
-            sum_dims = set().union(*(f._pyro_dims for f in log_factors)) - ordinal
-            marginals = query_marginals(ring, log_factors, sum_dims, list(queries.values()))
-            probs = {key: marginal.exp() for key, marginal in zip(queries, marginals)}
-            for index, cost in items:
-                key = frozenset(cost._pyro_dims)
-                prob = probs[key]
-                prob._pyro_dims = queries[key]._pyro_dims
-                if is_identically_zero(cost):
-                    out[index] = prob.new_zeros((num_particles,) if particle_symbol else ())
-                    continue
-                cost, prob = packed.broadcast_all(cost, prob)
-                dims = cost._pyro_dims
-                # zero-probability terms drop out (as in TraceEnum_ELBO), without a device sync
-                cost = cost.masked_fill(prob <= 0, 0.0)
-                term = prob * cost
-                if particle_symbol is None:
-                    value = term if term.dim() == 0 else term.sum()
-                elif particle_symbol in dims:
-                    k = dims.index(particle_symbol)
-                    rest = [d for d in range(term.dim()) if d != k]
-                    value = term.sum(rest) if rest else term
-                else:  # a cost outside the particle plate, shared out among the particles
-                    value = ((term if term.dim() == 0 else term.sum()) / num_particles).expand(num_particles)
-                out[index] = scale * value if scale != 1.0 else value
-    return out
 
 
 def _signed_sum(parts: list, expected: list) -> torch.Tensor:

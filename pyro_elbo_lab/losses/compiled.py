@@ -45,12 +45,11 @@ from ..terms import TermsRecord
 from .beta_elbo import BetaELBO
 from .beta_mean_field_elbo import BetaMeanFieldELBO
 from .beta_state import BetaState
-from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .compile_strategy import CompiledFunction, CompileStrategy, freeze_kwargs, tensor_signature
 from .inductor import InductorStrategy
 from .torchscript import TorchScriptStrategy
 
-__all__ = ["COMPILERS", "JitBetaELBO", "JitBetaMeanFieldELBO", "JitBetaTraceEnumELBO"]
+__all__ = ["COMPILERS", "JitBetaELBO", "JitBetaMeanFieldELBO"]
 
 #: the compilers a compiled loss accepts (``compiler=``), each a strategy class
 STRATEGIES: dict[str, type[CompileStrategy]] = {s.name: s for s in (TorchScriptStrategy, InductorStrategy)}
@@ -71,8 +70,9 @@ class CompiledObjective(BetaState):
     :class:`~pyro_elbo_lab.losses.objective.WeightedObjective` (and of
     :class:`~pyro_elbo_lab.BetaTraceEnumELBO`) that replaces ``_run`` (the particle loop) by a
     compiled function, made and run by the :class:`~.compile_strategy.CompileStrategy` named
-    by ``compiler``; what is compiled is :meth:`_compiled_step`. Not public: use
-    :class:`JitBetaELBO`, :class:`JitBetaMeanFieldELBO` or :class:`JitBetaTraceEnumELBO`.
+    by ``compiler``; what is compiled is :meth:`_compiled_step`. For loss authors; users take
+    :class:`JitBetaELBO`, :class:`JitBetaMeanFieldELBO` or
+    :class:`~pyro_elbo_lab.losses.compiled_enum.JitBetaTraceEnumELBO`.
     """
 
     # provided by the Pyro ELBO the mixin is combined with
@@ -319,7 +319,8 @@ class CompiledObjective(BetaState):
         return loss.detach(), surrogate
 
 
-_LIMITS = """
+#: the limits of compilation, shared by the compiled losses' docstrings
+COMPILE_LIMITS = """
     **Limits of compilation** (those of :class:`pyro.infer.JitTrace_ELBO`, plus what
     recompiles):
 
@@ -389,7 +390,7 @@ class JitBetaELBO(CompiledObjective, BetaELBO):
     __doc__ = (
         """
     :class:`~pyro_elbo_lab.BetaELBO`, compiled: the same objective, gradient estimator and
-    decomposition (:attr:`last_terms` is filled from the compiled function's outputs), with
+    decomposition (``last_terms`` is filled from the compiled function's outputs), with
     the model/guide pass compiled once and reused, which removes Pyro's per-step Python
     overhead. Takes the arguments of :class:`~pyro_elbo_lab.BetaELBO`, and
     ``ignore_jit_warnings`` and ``jit_options`` as :class:`pyro.infer.JitTrace_ELBO`
@@ -407,7 +408,7 @@ class JitBetaELBO(CompiledObjective, BetaELBO):
         \\mathcal{L}_\\beta = \\mathbb{E}_{q(z)}[\\log p(x \\mid z)]
             - \\beta \\, \\mathbb{E}_{q(z)}[\\log q(z) - \\log p(z)]   \\quad\\text{(nats)}
 """
-        + _LIMITS
+        + COMPILE_LIMITS
         + """
     :raises ValueError: as :class:`~pyro_elbo_lab.BetaELBO`; for an unknown ``compiler``;
         for a positional argument that is not a tensor or a tensor keyword argument; with
@@ -455,7 +456,7 @@ class JitBetaMeanFieldELBO(CompiledObjective, BetaMeanFieldELBO):
         \\mathcal{L}_\\beta = \\mathbb{E}_{q(z)}[\\log p(x \\mid z)]
             - \\beta \\sum_s \\mathrm{KL}(q(z_s) \\,\\|\\, p(z_s))   \\quad\\text{(nats)}
 """
-        + _LIMITS
+        + COMPILE_LIMITS
         + """
     :param str compiler: ``"torchscript"`` (default) or ``"inductor"``; see
         :class:`~pyro_elbo_lab.JitBetaELBO`.
@@ -472,64 +473,3 @@ class JitBetaMeanFieldELBO(CompiledObjective, BetaMeanFieldELBO):
     )
 
     _uncompiled = BetaMeanFieldELBO
-
-
-class JitBetaTraceEnumELBO(CompiledObjective, BetaTraceEnumELBO):
-    __doc__ = (
-        """
-    :class:`~pyro_elbo_lab.BetaTraceEnumELBO`, compiled: discrete sites summed out exactly,
-    the same β-weighted objective, DiCE gradients and decomposition (:attr:`last_terms`,
-    filled from the compiled function's outputs), with the enumerated model/guide pass
-    compiled once and reused (``compiler="torchscript"`` or ``"inductor"``, as in
-    :class:`~pyro_elbo_lab.JitBetaELBO`). The baseline is :class:`pyro.infer.JitTraceEnum_ELBO`,
-    which compiles :meth:`differentiable_loss` and :meth:`loss_and_grads`; here :meth:`loss`
-    and :meth:`decompose` are compiled too (a forward-only graph). Sequentially enumerated
-    guide sites are unrolled into the graph, one branch per value.
-
-    .. math::
-
-        \\mathcal{L}_\\beta = \\mathbb{E}_{q}\\Big[\\log \\sum_{z_e} p(x, z_e \\mid z)\\Big]
-            - \\beta \\sum_{s \\in S} \\mathrm{KL}_s - \\sum_{s \\notin S} \\mathrm{KL}_s \\quad\\text{(nats)}
-"""
-        + _LIMITS
-        + """
-    β is an input of the compiled step, so the check that β may weight every guide site
-    (``sites=None`` with a guide site whose model ``log_prob`` depends on a model-enumerated
-    site) is made on the schedule: only a constant β = 1 passes it.
-
-    :param str compiler: ``"torchscript"`` (default) or ``"inductor"``; see
-        :class:`~pyro_elbo_lab.JitBetaELBO`.
-    :raises ValueError: as :class:`~pyro_elbo_lab.BetaTraceEnumELBO`; and as
-        :class:`~pyro_elbo_lab.JitBetaELBO`.
-    :raises NotImplementedError: as :class:`~pyro_elbo_lab.BetaTraceEnumELBO`.
-    :raises RuntimeError: with ``compiler="inductor"``, when inductor fails to compile.
-
-    Example::
-
-        elbo = JitBetaTraceEnumELBO(beta=0.5, sites=["doc_topics"], max_plate_nesting=2)
-        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
-        svi.step(data)          # compiled on the first step, reused afterwards
-        print(elbo.last_terms)
-
-    References
-
-    [1] `Tensor Variable Elimination for Plated Factor Graphs`, Fritz Obermeyer et al. (2019)
-
-    [2] `Pyro: Deep Universal Probabilistic Programming`, Eli Bingham et al. (2019)
-    """
-    )
-
-    _uncompiled = BetaTraceEnumELBO
-
-    def _compiled_step(
-        self,
-        model: Callable,
-        guide: Callable,
-        args: tuple,
-        kwargs: dict,
-        beta: torch.Tensor,
-        capacity: torch.Tensor | None,
-    ) -> tuple:
-        # the uncompiled class's whole step (sequentially enumerated traces summed per
-        # particle), differentiable: the compiled loss differentiates it once
-        return self._evaluate(model, guide, args, kwargs, beta, False)

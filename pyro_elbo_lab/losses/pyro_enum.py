@@ -8,11 +8,12 @@ machinery below its documented API.
   ``site["infer"]``), so that no private name of Pyro is imported:
   :func:`find_ordinal`, :func:`common_scale`, :func:`check_enumeration_constraint`, and
   :func:`dice_log_factors` (from the attributes ``log_denom`` and ``log_probs`` of
-  :class:`pyro.infer.util.Dice`).
+  :class:`pyro.infer.util.Dice`); :func:`dice_expectations` is
+  :meth:`pyro.infer.util.Dice.compute_expectation` cost by cost and per particle.
 * Still Pyro's own: the adjoint protocol of ``pyro.ops.einsum.adjoint``
   (``require_backward``, then ``_pyro_backward()`` and ``_pyro_backward_result`` on the
   tensors), which :func:`query_marginals` uses to read every marginal of a sum-product in
-  one backward pass, as :meth:`Dice.compute_expectation` does. It is checked when this
+  one backward pass, as :meth:`pyro.infer.util.Dice.compute_expectation` does. It is checked when this
   module is imported: a Pyro outside :data:`SUPPORTED_PYRO` that lacks it raises an
   ``ImportError`` naming the supported range.
 
@@ -21,10 +22,16 @@ Imports nothing of the package.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+from opt_einsum import shared_intermediates
 from pyro import __version__ as _pyro_version
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import Dice
+from pyro.ops import packed
+from pyro.ops.rings import MarginalRing
 from pyro.poutine import Trace
 from pyro.poutine.runtime import Message
 from pyro.util import ignore_jit_warnings
@@ -50,6 +57,7 @@ __all__ = [
     "SUPPORTED_PYRO",
     "check_enumeration_constraint",
     "common_scale",
+    "dice_expectations",
     "dice_log_factors",
     "find_ordinal",
     "query_marginals",
@@ -158,3 +166,68 @@ def query_marginals(ring, log_factors: list, sum_dims: set, queries: list) -> li
     root = ring.sumproduct(log_factors, sum_dims)
     root._pyro_backward()
     return [query._pyro_backward_result for query in queries]
+
+
+def dice_expectations(dice: Dice, atoms: list, particle_symbol: str | None, num_particles: int) -> list:
+    """
+    The DiCE expectation of each cost in ``atoms = [(ordinal, packed cost), ...]``:
+    :meth:`pyro.infer.util.Dice.compute_expectation` term by term (its value and
+    gradient), kept per particle (shape ``(num_particles,)``) when ``particle_symbol``
+    names the vectorised particle plate. Zero-probability terms drop out, as in
+    ``TraceEnum_ELBO``, without a device sync.
+
+    :param dice: the guide trace's :class:`~pyro.infer.util.Dice`.
+    :param list atoms: ``(ordinal, cost)`` pairs, each cost a packed tensor (or 0).
+    :param particle_symbol: the packed dim of the vectorised particle plate, or ``None``.
+    :param int num_particles: the number of vectorised particles (1 when sequential).
+    :returns: one tensor per atom, shape ``()`` or ``(num_particles,)``, in nats.
+    :rtype: list
+    """
+    out: list = [None] * len(atoms)
+    by_ordinal: dict = {}
+    for index, (ordinal, cost) in enumerate(atoms):
+        by_ordinal.setdefault(ordinal, []).append((index, cost))
+    with shared_intermediates() as cache:
+        ring = MarginalRing(cache=cache)
+        for ordinal, items in by_ordinal.items():
+            log_factors = dice_log_factors(dice, ordinal)
+            scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
+            log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
+            queries: dict[frozenset, Any] = {frozenset(cost._pyro_dims): None for _, cost in items}
+            log_factor: Any
+            for log_factor in log_factors:
+                key = frozenset(log_factor._pyro_dims)
+                if queries.get(key, False) is None:
+                    queries[key] = log_factor
+            for _, cost in items:
+                key = frozenset(cost._pyro_dims)
+                if queries[key] is None:
+                    query: Any = torch.zeros_like(cost)
+                    query._pyro_dims = cost._pyro_dims
+                    log_factors.append(query)
+                    queries[key] = query
+            sum_dims = set().union(*(f._pyro_dims for f in log_factors)) - ordinal
+            marginals = query_marginals(ring, log_factors, sum_dims, list(queries.values()))
+            probs = {key: marginal.exp() for key, marginal in zip(queries, marginals)}
+            for index, cost in items:
+                key = frozenset(cost._pyro_dims)
+                prob = probs[key]
+                prob._pyro_dims = queries[key]._pyro_dims
+                if is_identically_zero(cost):
+                    out[index] = prob.new_zeros((num_particles,) if particle_symbol else ())
+                    continue
+                cost, prob = packed.broadcast_all(cost, prob)
+                dims = cost._pyro_dims
+                # zero-probability terms drop out (as in TraceEnum_ELBO), without a device sync
+                cost = cost.masked_fill(prob <= 0, 0.0)
+                term = prob * cost
+                if particle_symbol is None:
+                    value = term if term.dim() == 0 else term.sum()
+                elif particle_symbol in dims:
+                    k = dims.index(particle_symbol)
+                    rest = [d for d in range(term.dim()) if d != k]
+                    value = term.sum(rest) if rest else term
+                else:  # a cost outside the particle plate, shared out among the particles
+                    value = ((term if term.dim() == 0 else term.sum()) / num_particles).expand(num_particles)
+                out[index] = scale * value if scale != 1.0 else value
+    return out
