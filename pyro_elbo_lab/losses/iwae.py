@@ -16,11 +16,12 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer import RenyiELBO
 from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
 from pyro.poutine import Trace
 from pyro.util import warn_if_nan
+from torch.distributions import Independent
 
 from ..checks import check_int
 from ..sites import log_prob_per_particle
@@ -30,6 +31,7 @@ from .beta_state import BetaState, check_enumerated_sites
 __all__ = ["IWAE"]
 
 _GRADIENTS = ("dreg", "standard")
+_NORMALS = (dist.Normal, torch.distributions.Normal)
 
 
 class IWAE(BetaState, RenyiELBO):
@@ -326,41 +328,61 @@ class IWAE(BetaState, RenyiELBO):
         return names, column if column.dim() == 2 else column.unsqueeze(-1)
 
 
-def _detached(obj: Any, keep_log_density: bool = True) -> Any:
+def _detached(obj: Any, keep_log_density: bool = True, memo: dict[int, Any] | None = None) -> Any:
     """
     A shallow copy of a distribution (or transform) whose tensor attributes are detached, except,
     with ``keep_log_density``, a ``Delta``'s ``log_density``: in autoguides (AutoNormal,
     AutoContinuous) it is the Jacobian term -log|J(u)| of the sampled u, a function of the draw,
-    not of the parameters, whose path derivative DReG needs.
+    not of the parameters, whose path derivative DReG needs. ``memo`` (id -> copy) keeps
+    reference cycles (a transform and its ``_InverseTransform``) finite and shared.
     """
+    if memo is None:
+        memo = {}
     if torch.is_tensor(obj):
         return obj.detach()
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_detached(x, keep_log_density) for x in obj)
+        return type(obj)(_detached(x, keep_log_density, memo) for x in obj)
     if isinstance(obj, (torch.distributions.Distribution, torch.distributions.Transform)):
         if isinstance(obj, torch.nn.Module):
             return obj  # parameters in modules: caught by the validation check
-        new = copy.copy(obj)
+        if id(obj) in memo:
+            return memo[id(obj)]
+        new = memo[id(obj)] = copy.copy(obj)
         for key, value in vars(obj).items():
             if keep_log_density and key == "log_density" and isinstance(obj, dist.Delta):
                 continue
             if torch.is_tensor(value) or isinstance(
                 value, (list, tuple, torch.distributions.Distribution, torch.distributions.Transform)
             ):
-                new.__dict__[key] = _detached(value, keep_log_density)
+                new.__dict__[key] = _detached(value, keep_log_density, memo)
         return new
     return obj
 
 
 def _stopped_sum(name: str, site: dict, log_prob_sum: torch.Tensor, sum_dims: list[int]) -> torch.Tensor:
     """
-    :func:`_log_prob_stopped` summed over ``sum_dims``. A ``Delta`` site (an autoguide's
-    transformed value) reuses ``log_prob_sum``, its own sum: its log-density at its own
-    value is ``log_density`` plus a constant with no gradient, so holding ``v`` fixed
-    changes neither value nor gradient, and it costs no second evaluation.
+    :func:`_log_prob_stopped` summed over ``sum_dims``, up to a constant: only its gradient
+    in the draw is used (the DReG surrogate's value is never read). Two cases cost less:
+
+    - a ``Delta`` site (an autoguide's transformed value) reuses ``log_prob_sum``, its own
+      sum: its log-density at its own value is ``log_density`` plus a constant with no
+      gradient, so holding ``v`` fixed changes neither value nor gradient;
+    - a ``Normal`` site (or ``Independent`` of one: the autoguides' draws) is
+      :math:`-\\tfrac12 ((z - \\bar\\mu) / \\bar\\sigma)^2`, four tensor operations instead
+      of a copied distribution's ``log_prob`` (nine): the dropped
+      :math:`-\\log\\bar\\sigma - \\tfrac12\\log 2\\pi` has no gradient.
     """
-    if type(site["fn"]) is dist.Delta:
+    fn = site["fn"]
+    if type(fn) is dist.Delta:
         return log_prob_sum
+    reinterpreted = 0
+    while isinstance(fn, Independent):
+        reinterpreted += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    if type(fn) in _NORMALS:
+        eps = (site["value"] - fn.loc.detach()) / fn.scale.detach()
+        half_square = sum_rightmost(-0.5 * eps * eps, reinterpreted)
+        return torch_sum(scale_and_mask(half_square, site["scale"], site["mask"]), sum_dims)
     return torch_sum(_log_prob_stopped(name, site), sum_dims)
 
 
