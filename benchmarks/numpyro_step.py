@@ -187,10 +187,10 @@ def main(argv=None) -> int:
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
     }
     if args.steps:
-        last = run(args.steps - 1)
+        last = run(args.steps - 1) if args.steps > 1 else loss
         # steps_s: from building the SVI object to the last step (init and compilation included)
         info.update(steps=args.steps, steps_s=time.perf_counter() - t_build, process_s=time.perf_counter() - T_PROCESS)
-        info["loss"] = last
+        info.update(first_loss=loss, loss=last)
         print(json.dumps(info), flush=True)
         return 0
 
