@@ -4,6 +4,7 @@ Compiled losses (JitBetaELBO, JitBetaMeanFieldELBO): identical losses and gradie
 uncompiled classes for the same seed, exact values on conjugate models, β and capacity as
 inputs of the compiled function (schedules without recompiling), compile-once caching.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,9 @@ PAIRS = [
 # tests run for these, the structural ones for TorchScript only)
 INDUCTOR_PAIRS = [
     pytest.param(BetaELBO, partial(JitBetaELBO, compiler="inductor"), id="JitBetaELBO-inductor"),
-    pytest.param(BetaMeanFieldELBO, partial(JitBetaMeanFieldELBO, compiler="inductor"), id="JitBetaMeanFieldELBO-inductor"),
+    pytest.param(
+        BetaMeanFieldELBO, partial(JitBetaMeanFieldELBO, compiler="inductor"), id="JitBetaMeanFieldELBO-inductor"
+    ),
 ]
 ALL_PAIRS = PAIRS + INDUCTOR_PAIRS
 
@@ -206,7 +209,9 @@ def test_score_function_site_beta_schedule():
             model_trace = poutine.trace(poutine.replay(discrete_model, trace=guide_trace)).get_trace(X)
         z = guide_trace.nodes["z"]["value"]
         log_q = guide_trace.nodes["z"]["fn"].log_prob(z)
-        log_r = model_trace.nodes["x"]["fn"].log_prob(X).sum() + beta * (model_trace.nodes["z"]["fn"].log_prob(z) - log_q)
+        log_r = model_trace.nodes["x"]["fn"].log_prob(X).sum() + beta * (
+            model_trace.nodes["z"]["fn"].log_prob(z) - log_q
+        )
         logit = pyro.param("logit").unconstrained()
         logit.grad = None
         pyro.set_rng_seed(step)
@@ -223,7 +228,9 @@ def test_score_function_site_beta_schedule():
 def test_capacity_and_free_bits(ref_cls, jit_cls):
     x = torch.randn(7, 5)
     cap = LinearWarmup(3, start=0.0, end=2.0)
-    _, terms = assert_same_run(ref_cls(capacity=cap, gamma=5.0), jit_cls(capacity=cap, gamma=5.0), TinyVAE(), None, (x,))
+    _, terms = assert_same_run(
+        ref_cls(capacity=cap, gamma=5.0), jit_cls(capacity=cap, gamma=5.0), TinyVAE(), None, (x,)
+    )
     assert [t.capacity for t in terms] == [cap(k) for k in range(6)]
     assert_same_run(ref_cls(free_bits=0.3), jit_cls(free_bits=0.3), TinyVAE(), None, (x,))
 
@@ -391,8 +398,13 @@ def test_same_losses_unoptimised_graph(ref_cls, jit_cls, monkeypatch):
 
     monkeypatch.setattr(TorchScriptStrategy, "optimize_max_nodes", 0)
     jit = jit_cls(num_particles=2)
-    assert_same_run(ref_cls(num_particles=2), jit, discrete_model if ref_cls is BetaELBO else nn_model,
-                    discrete_guide if ref_cls is BetaELBO else nn_guide, (X,))
+    assert_same_run(
+        ref_cls(num_particles=2),
+        jit,
+        discrete_model if ref_cls is BetaELBO else nn_model,
+        discrete_guide if ref_cls is BetaELBO else nn_guide,
+        (X,),
+    )
     assert not next(iter(jit._compiled.values())).info["optimize"]
 
 
@@ -567,8 +579,12 @@ def test_inductor_beta_guide(ref_cls, jit_cls):
     heads = FLIPS.sum().item()
     tails = FLIPS.shape[0] - heads
     log_evidence = (
-        torch.lgamma(torch.tensor(A0 + heads)) + torch.lgamma(torch.tensor(B0 + tails)) - torch.lgamma(torch.tensor(A0 + B0 + FLIPS.shape[0]))
-        - torch.lgamma(torch.tensor(A0)) - torch.lgamma(torch.tensor(B0)) + torch.lgamma(torch.tensor(A0 + B0))
+        torch.lgamma(torch.tensor(A0 + heads))
+        + torch.lgamma(torch.tensor(B0 + tails))
+        - torch.lgamma(torch.tensor(A0 + B0 + FLIPS.shape[0]))
+        - torch.lgamma(torch.tensor(A0))
+        - torch.lgamma(torch.tensor(B0))
+        + torch.lgamma(torch.tensor(A0 + B0))
     ).item()
     pyro.get_param_store()["a"] = torch.tensor(A0 + heads)
     pyro.get_param_store()["b"] = torch.tensor(B0 + tails)

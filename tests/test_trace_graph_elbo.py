@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """BetaTraceGraphELBO against Pyro's TraceGraph_ELBO and hand-computed score-function gradients."""
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -183,7 +184,7 @@ def test_gradient_is_unbiased_for_the_beta_objective():
 
 
 def test_step_counting():
-    elbo = BetaTraceGraphELBO(beta=lambda step: 2.0 ** step, max_plate_nesting=1)
+    elbo = BetaTraceGraphELBO(beta=lambda step: 2.0**step, max_plate_nesting=1)
     elbo.loss(bernoulli_model, bernoulli_guide, DATA)
     assert elbo.step == 0
     elbo.loss_and_grads(bernoulli_model, bernoulli_guide, DATA)
@@ -241,7 +242,9 @@ def test_sites_pattern_with_varying_sites(sites):
         actual = _run(elbo, chain_model, chain_guide, data)
         assert actual[0] == pytest.approx(expected[0], rel=1e-12)
         torch.testing.assert_close(actual[2]["locs"], expected[2]["locs"], rtol=1e-10, atol=1e-12)
-        assert set(elbo.last_terms.per_site) == {f"z_{t}" for t in range(length)} | {f"x_{t}" for t in range(length)} | {"w"}
+        assert set(elbo.last_terms.per_site) == {f"z_{t}" for t in range(length)} | {
+            f"x_{t}" for t in range(length)
+        } | {"w"}
 
 
 def test_sites_pattern_matching_nothing_refused():
