@@ -83,10 +83,15 @@ VERDICTS = (IS_RELIABLE, IS_USABLE, IS_UNRELIABLE, IS_UNCHECKED)
 #: (bounded weights, "IS reliable"): :data:`K_CONSTANT`, :data:`K_FLAT_TAIL`. ``nan`` ("IS
 #: unchecked"): the others.
 K_CONSTANT = "constant weights"
+#: k̂ = -inf: PSIS cannot fit the tail, whose largest weights are all equal (bounded weights).
 K_FLAT_TAIL = "flat tail"
+#: k̂ = nan: fewer than :data:`MIN_PSIS_SAMPLES` draws.
 K_TOO_FEW_DRAWS = "too few draws"
+#: k̂ = nan: PSIS cannot fit the tail (too few distinct values in it), which is not flat.
 K_TIED_TAIL = "tail of few distinct values"
+#: k̂ = nan: a log weight is nan or +inf.
 K_NON_FINITE = "non-finite log weights"
+#: k̂ = nan: every log weight is -inf.
 K_NO_WEIGHT = "every weight zero"
 
 #: What each reason means, in words (:func:`explain_k`).
