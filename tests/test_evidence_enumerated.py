@@ -151,3 +151,27 @@ def test_discrete_guide_site_through_to_inference_data_and_summarize():
     # the PSIS-corrected mean of z is the posterior probability of z = 1 (self-normalised IS)
     psis_mean = float(summary.posterior.loc["z", "psis_mean"])
     assert psis_mean == pytest.approx(posterior_one, abs=0.03)
+
+
+def test_sequential_pass_draws_a_guide_site_configured_for_enumeration():
+    # vectorize=False runs Pyro's TraceEnum_ELBO per sample, which would enumerate a guide site marked
+    # for enumeration and return the ELBO (an expectation), not an importance weight: the site is drawn.
+    # Exact: p(x) = 0.7 N(x; 0, 1) + 0.3 N(x; 3, 1); ELBO = E_q[log p(x, z) - log q(z)] by summing over z
+    x = torch.tensor(2.0)
+
+    def model(x):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(3.0 * z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Bernoulli(0.6), infer={"enumerate": "parallel"})
+
+    normal = torch.distributions.Normal(torch.tensor([0.0, 3.0]), 1.0)
+    joint = torch.log(torch.tensor([0.7, 0.3])) + normal.log_prob(x)
+    q = torch.tensor([0.4, 0.6])
+    exact_evidence = float(torch.logsumexp(joint, 0))
+    exact_elbo = float((q * (joint - q.log())).sum())
+    result = estimate_evidence(model, guide, x, num_samples=400, vectorize=False)
+    assert len(torch.unique(result.log_weights)) == 2  # two weights, one per value of z: drawn
+    assert result.log_evidence == pytest.approx(exact_evidence, abs=4 * result.log_evidence_stderr)
+    assert result.elbo == pytest.approx(exact_elbo, abs=4 * result.elbo_stderr)

@@ -9,6 +9,7 @@ finite, naming the sites at fault.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -162,7 +163,9 @@ def sequential_log_weights(
     # a guide site configured for enumeration is drawn: its weight is a sample's, not an expectation
     drawn_guide = poutine.infer_config(guide, _not_enumerated)
     lw = torch.empty(num_samples)
-    with poutine.block():
+    with poutine.block(), warnings.catch_warnings():
+        # a model without enumerated sites is fine here: TraceEnum_ELBO then is Trace_ELBO
+        warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites configured for enumeration")
         for s in range(num_samples):
             lw[s] = -elbo.loss(model, drawn_guide, *args, **kwargs)
     bad = ~torch.isfinite(lw)
