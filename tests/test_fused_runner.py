@@ -101,6 +101,7 @@ def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner():
     unfused, _, _ = fit(False)
     result, runner, seen = fit(True)
     assert runner.loss.num_compilations == 1
+    assert runner.loss.step == steps - 1  # the skipped step is no schedule step
     history = result.history
     assert history["skipped"].tolist() == [step == BAD for step in range(steps)]
     assert math.isinf(history["loss"][BAD])

@@ -242,6 +242,7 @@ def test_skip_nonfinite_steps(data):
     assert math.isinf(result.history["loss"][2])
     assert locs[2] == locs[1]  # the update of the skipped step was not applied
     assert locs[3] != locs[2]
+    assert runner.loss.step == 4  # a skipped step is no schedule step (README: the schedule does not advance)
 
 
 # -- interrupts, time, convergence -----------------------------------------------------------

@@ -296,6 +296,9 @@ class ChainLoop:
                 row["skipped"] = not finite
             if finite:
                 self.optim(list(params))
+            elif loss_state is not None:
+                # a skipped step is no optimiser step: the β / capacity schedules do not advance
+                self.loss.load_state_dict(loss_state)
             self.rows.append(row)
         except BaseException:
             # leave no half-done step behind: gradients cleared, the loss's step count back
@@ -333,6 +336,8 @@ class ChainLoop:
             row["wall_time"] = self.wall_time()
             if self.options.on_nonfinite == "skip":
                 row["skipped"] = not finite
+            if not finite and loss_state is not None:
+                self.loss.load_state_dict(loss_state)  # as for an unfused skipped step
             self.rows.append(row)
         except BaseException:
             # the loss's step count back, as for an unfused step (the graph applied no update)
