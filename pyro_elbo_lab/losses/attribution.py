@@ -48,7 +48,7 @@ from torch.distributions import Independent
 
 from .. import sites
 
-__all__ = ["AUXILIARY_FOR", "Attribution", "Entry", "attribute"]
+__all__ = ["AUXILIARY_FOR", "Attribution", "Entry", "Split", "attribute"]
 
 #: The ``infer`` key of a hand-written auxiliary guide site naming the model site(s) it stands for.
 AUXILIARY_FOR = "auxiliary_for"
@@ -82,9 +82,16 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class _Split:
-    row: int  # the auxiliary site's index in the latent list
-    entries: tuple[int, ...]  # the entry of each latent dimension
+class Split:
+    """
+    A factorised joint auxiliary site whose log q is split over entries by dimension.
+
+    :ivar int row: the auxiliary site's index in the latent list.
+    :ivar tuple entries: the index of the entry each of its latent dimensions belongs to.
+    """
+
+    row: int
+    entries: tuple[int, ...]
 
 
 class Attribution:
@@ -98,7 +105,7 @@ class Attribution:
     :ivar bool trivial: no auxiliary site: one entry per latent row, in the same order.
     """
 
-    def __init__(self, entries: list[Entry], splits: list[_Split], num_rows: int, aux_rows: frozenset[int]):
+    def __init__(self, entries: list[Entry], splits: list[Split], num_rows: int, aux_rows: frozenset[int]):
         self.entries = entries
         self._splits = splits
         self._num_rows = num_rows
@@ -311,7 +318,7 @@ def attribute(guide, model_trace: Trace, guide_trace: Trace, latent: list) -> At
         columns: list[int] = []
         for name, size in layout:
             columns += [position[name]] * size
-        splits.append(_Split(index[aux], tuple(columns)))
+        splits.append(Split(index[aux], tuple(columns)))
         for name, _ in layout:  # record the auxiliary site on every entry it is split onto
             e = position[name]
             entry = entries[e]
