@@ -12,14 +12,16 @@ fixed anyway). Quantities that are exact for every particle are compared to 1e-1
 """
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, ELBOTerms
@@ -846,9 +848,9 @@ def test_lbfgs_closure_uses_the_scheduled_beta_in_the_objective():
     params = [store.get_param(name).unconstrained() for name in ("loc", "scale")]
     optimizer = torch.optim.LBFGS(params, lr=0.1, max_iter=1)
     for k in range(3):
-        values = []
+        values: list = []
 
-        def closure():
+        def closure(values=values):
             optimizer.zero_grad()
             for seed in range(3):
                 pyro.set_rng_seed(seed)
@@ -898,3 +900,28 @@ def test_optimizer_step_does_not_count_a_failed_step_and_nests_once():
         with loss_fn.optimizer_step():
             pass
     assert loss_fn.step == 1
+
+
+@LOSSES
+def test_copies_and_pickles_do_not_carry_the_guide(Loss):
+    # the loss remembers the guide of its last call (for the auxiliary sites' attribution):
+    # a pickle or deep copy leaves it out, so a loss used with a local-function guide pickles,
+    # and the copy computes Pyro's loss (β = 1) with its step count kept
+    data = torch.tensor([0.3, -1.2, 0.8])
+
+    def model(data):
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Normal(0.0, s), obs=data)
+
+    def guide(data):
+        pyro.sample("s", dist.LogNormal(pyro.param("a", torch.tensor(0.2)), 0.7))
+
+    loss = Loss()
+    loss.loss_and_grads(model, guide, data)
+    for copied in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        assert copied.step == 1
+        pyro.set_rng_seed(4)
+        expected = (TraceMeanField_ELBO if Loss is BetaMeanFieldELBO else Trace_ELBO)().loss(model, guide, data)
+        pyro.set_rng_seed(4)
+        assert copied.loss(model, guide, data) == pytest.approx(expected, rel=EXACT)

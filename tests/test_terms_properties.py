@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO
 
-SETTINGS = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _tol(*values):

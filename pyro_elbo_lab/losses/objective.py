@@ -299,6 +299,14 @@ class WeightedObjective(BetaState):
             return True
         return any(site_selected(self.sites, n) for n in entry.names)
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out the guide of the last call and the attribution cache
+        # (rebuilt at the next call): a loss must not carry a guide (or its closures) along
+        state = self.__dict__.copy()
+        state.pop("_traced_guide", None)
+        state.pop("_attributions", None)
+        return state
+
     def _get_traces(self, model, guide, args, kwargs):
         # the guide object, for the layout of its auxiliary sites (attribution.attribute)
         self._traced_guide = guide
