@@ -112,6 +112,8 @@ def sum_per_particle(
     dims = tuple(d for d in range(batch_dim) if d != k)
     if dims:
         x = x.sum(dims)
+    if not torch._C._get_tracing_state() and x.shape[0] == num_particles:  # no broadcast: no expand op
+        return x
     return x.expand((num_particles,) + x.shape[1:])
 
 
@@ -121,12 +123,22 @@ def log_prob_per_particle(site, num_particles: int | None = None, max_plate_nest
     ``log_prob_sum`` without a particle plate (no new computation), else
     :func:`sum_per_particle` of ``site["log_prob"]``.
 
+    The per-particle sum is memoised in the site (as Pyro memoises ``log_prob_sum``), keyed
+    by the ``log_prob`` tensor and the arguments: a loss asks for a guide site's sum twice
+    (its ``log q`` and its entropy term) and pays for one.
+
     :returns: shape ``()`` or ``(P,)``, nats.
     :rtype: torch.Tensor
     """
     if num_particles is None:
         return site["log_prob_sum"]
-    return sum_per_particle(site["log_prob"], num_particles, max_plate_nesting)
+    log_prob = site["log_prob"]
+    memo = site.get("log_prob_per_particle")
+    if memo is not None and memo[0] is log_prob and memo[1] == num_particles and memo[2] == max_plate_nesting:
+        return memo[3]
+    total = sum_per_particle(log_prob, num_particles, max_plate_nesting)
+    site["log_prob_per_particle"] = (log_prob, num_particles, max_plate_nesting, total)
+    return total
 
 
 # -- masks and scale ------------------------------------------------------------------------
