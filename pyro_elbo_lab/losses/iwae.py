@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pyro.distributions as dist
 import torch
@@ -20,6 +20,7 @@ from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer import RenyiELBO
 from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
 from pyro.poutine import Trace
+from pyro.poutine.runtime import Message
 from pyro.util import warn_if_nan
 from torch.distributions import Independent
 
@@ -149,7 +150,7 @@ class IWAE(BetaState, RenyiELBO):
         with torch.no_grad():
             bound, _ = self._run(model, guide, args, kwargs, need_grads=False)
         loss = -bound
-        warn_if_nan(loss, "loss")
+        warn_if_nan(loss, "loss")  # type: ignore[call-overload]  # Pyro's stub: numbers.Number, not float
         return loss
 
     def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
@@ -166,7 +167,7 @@ class IWAE(BetaState, RenyiELBO):
             torch.autograd.backward(-surrogate, inputs=params, retain_graph=i + 1 < len(surrogates))
         self._advance_step()
         loss = -bound
-        warn_if_nan(loss, "loss")
+        warn_if_nan(loss, "loss")  # type: ignore[call-overload]  # Pyro's stub: numbers.Number, not float
         return loss
 
     def differentiable_loss(
@@ -294,7 +295,7 @@ class IWAE(BetaState, RenyiELBO):
         num, nesting = (self.num_particles, self.max_plate_nesting - 1) if vectorized else (None, 0)
         shape = (self.num_particles,) if vectorized else ()
 
-        def total(site: dict, summed: torch.Tensor) -> torch.Tensor:
+        def total(site: Message, summed: torch.Tensor) -> torch.Tensor:
             if summed.shape == shape and (not vectorized or site["log_prob"].dim() == self.max_plate_nesting):
                 return summed
             return log_prob_per_particle(site, num, nesting)
@@ -359,7 +360,7 @@ def _detached(obj: Any, keep_log_density: bool = True, memo: dict[int, Any] | No
     return obj
 
 
-def _stopped_sum(name: str, site: dict, log_prob_sum: torch.Tensor, sum_dims: list[int]) -> torch.Tensor:
+def _stopped_sum(name: str, site: Message, log_prob_sum: torch.Tensor, sum_dims: list[int]) -> torch.Tensor:
     """
     :func:`_log_prob_stopped` summed over ``sum_dims``, up to a constant: only its gradient
     in the draw is used (the DReG surrogate's value is never read). Two cases cost less:
@@ -372,7 +373,7 @@ def _stopped_sum(name: str, site: dict, log_prob_sum: torch.Tensor, sum_dims: li
       of a copied distribution's ``log_prob`` (nine): the dropped
       :math:`-\\log\\bar\\sigma - \\tfrac12\\log 2\\pi` has no gradient.
     """
-    fn = site["fn"]
+    fn: Any = site["fn"]
     if type(fn) is dist.Delta:
         return log_prob_sum
     reinterpreted = 0
@@ -380,13 +381,14 @@ def _stopped_sum(name: str, site: dict, log_prob_sum: torch.Tensor, sum_dims: li
         reinterpreted += fn.reinterpreted_batch_ndims
         fn = fn.base_dist
     if type(fn) in _NORMALS:
-        eps = (site["value"] - fn.loc.detach()) / fn.scale.detach()
+        value = cast(torch.Tensor, site["value"])
+        eps = (value - fn.loc.detach()) / fn.scale.detach()
         half_square = sum_rightmost(-0.5 * eps * eps, reinterpreted)
         return torch_sum(scale_and_mask(half_square, site["scale"], site["mask"]), sum_dims)
     return torch_sum(_log_prob_stopped(name, site), sum_dims)
 
 
-def _log_prob_stopped(name: str, site: dict) -> torch.Tensor:
+def _log_prob_stopped(name: str, site: Message) -> torch.Tensor:
     """
     ``log q(z)`` at the sampled ``z`` (gradient kept) with the distribution's parameters
     detached; scaled and masked.
@@ -394,7 +396,8 @@ def _log_prob_stopped(name: str, site: dict) -> torch.Tensor:
     fn = _detached(site["fn"])
     if is_validation_enabled():
         held = _detached(site["fn"], keep_log_density=False)  # Delta's Jacobian too: nothing may need grad
-        if held.log_prob(site["value"].detach()).requires_grad:
+        value = cast(torch.Tensor, site["value"])
+        if held.log_prob(value.detach()).requires_grad:
             raise NotImplementedError(
                 f"gradient='dreg' cannot hold the parameters of guide site '{name}' ({type(site['fn']).__name__}) "
                 "fixed: they live in a torch.nn.Module (e.g. a normalising flow). Use gradient='standard'."
