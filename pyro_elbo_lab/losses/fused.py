@@ -205,6 +205,10 @@ def _make_fused(
         status = torch.stack([loss.detach(), ok.to(loss.dtype)])
         return status, values, finite
 
+    # a code object of its own: dynamo keeps its compiled graphs, and counts recompilations
+    # against its limit (8), per code object, so every fused step made in a process (chains,
+    # restarts, other models) would otherwise share one count and the 9th would fail
+    fused.__code__ = fused.__code__.replace()
     return torch.compile(fused, fullgraph=True, dynamic=False, options={"fallback_random": True})
 
 
