@@ -378,6 +378,10 @@ class WeightedObjective(BetaState):
             zero = torch.zeros(()) if self._particle_plate() is None else torch.zeros(self.num_particles)
             return zero, 0.0, ["objective"], zero.unsqueeze(0)
 
+        if latent and not nonlinear and not self.analytic_kl:
+            linear = self._linear_particle(model_trace, guide_trace, beta, obs_names, obs_lp, latent)
+            if linear is not None:
+                return linear
         names: list = ["objective"] + [("reconstruction", n) for n in obs_names]
         pieces: list = []
         surrogate: torch.Tensor | float = 0.0
@@ -498,6 +502,78 @@ class WeightedObjective(BetaState):
         # and standard errors are derived when ``last_terms`` is first read (TermsRecord).
         record = torch.cat([objective.detach().unsqueeze(0)] + pieces)
         return objective, surrogate, names, record
+
+    def _linear_particle(
+        self, model_trace: Trace, guide_trace: Trace, beta: Any, obs_names: list, obs_lp: list, latent: list
+    ) -> tuple[torch.Tensor, torch.Tensor, list, torch.Tensor] | None:
+        """
+        :meth:`_particle` for the common case, as two matrix products: β weighting only,
+        every guide site reparameterised, the Monte Carlo KL, every auxiliary guide site
+        attributed whole. The per-site, per-particle sums are stacked once, ``S`` of shape
+        ``(sites,)`` or ``(sites, P)`` (observed log p, latent rows' log q, model log p);
+        the objective is ``c @ S`` (``c`` = +1 observed, -β_e log q, +β_e log p per entry
+        e) and the record ``R @ S`` (reconstruction, KL and entropy rows, the attribution
+        folded in), with ``c`` and ``R`` built once per structure. Same values as the
+        general path to float rounding. ``None`` when the case does not apply.
+        """
+        log_q, log_p, p_rows = [], [], []
+        for r, (_, model_site, guide_site) in enumerate(latent):
+            if not is_identically_zero(guide_site["score_parts"].score_function):
+                return None  # score-function site: the general path
+            log_q.append(self._log_prob_per_particle(guide_site))
+            if model_site is not None:
+                log_p.append(self._log_prob_per_particle(model_site))
+                p_rows.append(r)
+        plan = self._attribution(model_trace, guide_trace, latent)
+        weighted = tuple(self._entry_weight(e) for e in plan.entries)
+        stacked = torch.stack(obs_lp + log_q + log_p)  # dtypes promoted, as the general path's stacks
+        key = (plan, tuple(obs_names), tuple(p_rows), weighted, stacked.dtype, stacked.device)
+        cache = self.__dict__.setdefault("_linear_cache", {})
+        found = cache.get(key)
+        if found is None:
+            found = self._linear_matrices(plan, obs_names, len(latent), p_rows, weighted, stacked)
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = found
+        if found is False:
+            return None  # an auxiliary site split over entries: the general path
+        c_one, c_beta, record_matrix, names = found
+        coefficients = c_one if not torch.is_tensor(beta) and beta == 1.0 else c_one - (beta - 1.0) * c_beta
+        surrogate = coefficients @ stacked
+        objective = surrogate.detach()
+        record = torch.cat([objective.unsqueeze(0), record_matrix @ stacked.detach()])
+        return objective, surrogate, names, record
+
+    @staticmethod
+    def _linear_matrices(
+        plan: Attribution, obs_names: list, num_latent: int, p_rows: list, weighted: tuple, like: torch.Tensor
+    ) -> tuple | bool:
+        """``(c at β = 1, dc/dβ, R, names)`` for :meth:`_linear_particle`, or ``False``."""
+        entries = plan.entries
+        if sorted(r for e in entries for r in e.rows) != list(range(num_latent)):
+            return False
+        num_obs = len(obs_names)
+        width = num_obs + num_latent + len(p_rows)
+        p_column = {r: num_obs + num_latent + i for i, r in enumerate(p_rows)}
+        kl_rows = torch.zeros(len(entries), width, dtype=like.dtype, device=like.device)
+        for e, entry in enumerate(entries):
+            for r in entry.rows:
+                kl_rows[e, num_obs + r] = 1.0
+                if r in p_column:
+                    kl_rows[e, p_column[r]] = -1.0
+        entropy_rows = -(kl_rows.clamp(min=0.0))
+        recon_rows = torch.eye(num_obs, width, dtype=like.dtype, device=like.device)
+        selected = torch.tensor(weighted, dtype=like.dtype, device=like.device)
+        c_one = recon_rows.sum(0) - kl_rows.sum(0)
+        c_beta = selected @ kl_rows
+        record_matrix = torch.cat([recon_rows, kl_rows, entropy_rows])
+        names = (
+            ["objective"]
+            + [("reconstruction", n) for n in obs_names]
+            + [("kl",) + _entry_label(e) for e in entries]
+            + [("entropy",) + _entry_label(e) for e in entries]
+        )
+        return c_one, c_beta, record_matrix, names
 
     def _weights(self, weighted: tuple, beta, like: torch.Tensor) -> torch.Tensor:
         """Per-site weights (beta for selected sites, 1 otherwise), shaped to broadcast."""
