@@ -379,9 +379,9 @@ class WeightedObjective(BetaState):
             return zero, 0.0, ["objective"], zero.unsqueeze(0)
 
         if latent and not nonlinear and not self.analytic_kl:
-            linear = self._linear_particle(model_trace, guide_trace, beta, obs_names, obs_lp, latent)
-            if linear is not None:
-                return linear
+            fast = self._linear_particle(model_trace, guide_trace, beta, obs_names, obs_lp, latent)
+            if fast is not None:
+                return fast
         names: list = ["objective"] + [("reconstruction", n) for n in obs_names]
         pieces: list = []
         surrogate: torch.Tensor | float = 0.0
