@@ -110,9 +110,13 @@ def sum_per_particle(
         x = x.sum(tuple(range(batch_dim))) if batch_dim > 0 else x
         return x.unsqueeze(0).expand((num_particles,) + x.shape)
     dims = tuple(d for d in range(batch_dim) if d != k)
+    traced = torch._C._get_tracing_state()  # TorchScript: shapes are tensors, keep the plain ops
     if dims:
-        x = x.sum(dims)
-    if not torch._C._get_tracing_state() and x.shape[0] == num_particles:  # no broadcast: no expand op
+        if not traced and all(x.shape[d] == 1 for d in dims):  # (P, 1, ...) of a global site: a view
+            x = x.reshape(x.shape[k : k + 1] + x.shape[batch_dim:])
+        else:
+            x = x.sum(dims)
+    if not traced and x.shape[0] == num_particles:  # no broadcast: no expand op
         return x
     return x.expand((num_particles,) + x.shape[1:])
 
