@@ -122,3 +122,40 @@ def test_joint_flat_tail_and_constant_weights_are_reliable():
         result = estimate_evidence(one_model, one_guide, x, num_samples=1000)
         assert result.pareto_k == -math.inf and result.verdict == "IS reliable"
         assert abs(result.log_evidence - exact) <= max(1e-12, 4 * result.log_evidence_stderr)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_rare_dominating_weight_of_a_few_ties_is_not_reliable(seed):
+    # y ~ Bernoulli(1/2), x ~ N(3 y, 1) at x = 3, guide Bernoulli(0.008): p(y = 1 | x) = 0.989, so the
+    # ~8 draws of y = 1 carry nearly all the weight. ArviZ 0.2x fitted k̂ = -2.56 / -2.89 / -1.64 to
+    # these seeds' tied tails: "IS reliable" with ESS 9 / 11 / 5 and no warning (seed 3 reports -2.064
+    # against the exact -1.601). Now: NaN, "IS unchecked", a warning naming the reason.
+    x = torch.tensor(3.0)
+
+    def one_model(x):
+        y = pyro.sample("y", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(3.0 * y, 1.0), obs=x)
+
+    def one_guide(x):
+        pyro.sample("y", dist.Bernoulli(0.008))
+
+    pyro.set_rng_seed(seed)
+    with pytest.warns(ImportanceSamplingWarning, match=r"the upper tail holds too few distinct values") as record:
+        result = estimate_evidence(one_model, one_guide, x, num_samples=1000)
+    assert math.isnan(result.pareto_k) and result.verdict == "IS unchecked" and not result.stderr_reliable
+    # the case, by hand from the two weight values: w1 = N(3; 3, 1) / 2 / 0.008, w0 = N(3; 0, 1) / 2 / 0.992
+    lw = result.log_weights.double().numpy()
+    n1 = int(np.isclose(lw, lw.max(), rtol=0, atol=1e-4).sum())
+    assert 5 <= n1 <= 94  # 5 to 94 ties in the M = 95 largest: what ArviZ 0.2x fitted
+    log_w1 = -0.5 * math.log(2 * math.pi) + math.log(0.5 / 0.008)
+    log_w0 = -0.5 * math.log(2 * math.pi) - 4.5 + math.log(0.5 / 0.992)
+    r = math.exp(log_w1 - log_w0)
+    ess = (n1 * r + 1000 - n1) ** 2 / (n1 * r**2 + 1000 - n1)
+    assert result.ess == pytest.approx(ess, rel=1e-4)
+    (message,) = [str(w.message) for w in record]
+    assert f"(ESS {ess:.1f} of 1000)" in message
+    # the exact evidence by enumeration: log((N(3; 0, 1) + N(3; 3, 1)) / 2) = -1.601
+    exact = math.log(0.5 * math.exp(-0.5 * math.log(2 * math.pi) - 4.5) + 0.5 * math.exp(-0.5 * math.log(2 * math.pi)))
+    assert exact == pytest.approx(-1.601, abs=1e-3)
+    estimate = n1 * math.exp(log_w1) / 1000 + (1000 - n1) * math.exp(log_w0) / 1000
+    assert result.log_evidence == pytest.approx(math.log(estimate), abs=1e-4)

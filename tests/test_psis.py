@@ -132,3 +132,49 @@ def test_each_reason_k_is_not_fitted():
     assert "25" in psis.explain_k(psis.K_TOO_FEW_DRAWS)
     with pytest.raises(ValueError, match=r"reason must be one of .*got reason='nope'"):
         psis.explain_k("nope")
+
+
+@pytest.mark.parametrize("n", [4, 5, 6, 10, 20, 94])
+def test_a_few_tied_rare_weights_are_unchecked_on_either_generation(n):
+    # n of 1000 log weights at 8.0, the others 0: the M = 95 largest hold two values and are not flat.
+    # ArviZ 0.2x fitted a negative k̂ to 5 or more ties ("IS reliable" with ESS ~ n), 1.x refused them:
+    # now NaN, "IS unchecked", the raw weights back, on both generations
+    lw = np.zeros(1000)
+    lw[:n] = 8.0
+    fit = psis.psis_fit(torch.as_tensor(lw))
+    assert math.isnan(float(fit.k)) and str(fit.reasons) == psis.K_TIED_TAIL
+    assert psis.verdict(float(fit.k), 1000) == "IS unchecked"
+    assert torch.equal(fit.smoothed, torch.as_tensor(lw))
+    # the ESS reported with it, by hand: (sum w)^2 / sum w^2 with n weights e^8 and 1000 - n weights 1
+    ess = (n * math.exp(8.0) + 1000 - n) ** 2 / (n * math.exp(16.0) + 1000 - n)
+    assert psis.importance_diagnostics(lw)["ess"] == pytest.approx(ess, rel=1e-12)
+    assert ess < 1.2 * n  # the few rare draws carry the estimate
+
+
+@pytest.mark.parametrize("n", [95, 150])
+def test_a_flat_tail_of_ties_stays_bounded(n):
+    # n >= M = 95 weights tied at the top: the tail is flat, the weights bounded: k̂ = -inf
+    lw = np.zeros(1000)
+    lw[:n] = 8.0
+    fit = psis.psis_fit(torch.as_tensor(lw))
+    assert float(fit.k) == -math.inf and str(fit.reasons) == psis.K_FLAT_TAIL
+
+
+def test_too_few_draws_counts_finite_log_weights():
+    # 95 of 100 log weights -inf (zero weights): 5 draws to fit, not 100 (ArviZ 0.2x fitted k̂ = 0.70)
+    lw = np.full(100, -np.inf)
+    lw[:5] = [0.1, 0.5, 1.0, 2.0, 3.0]
+    fit = psis.psis_fit(torch.as_tensor(lw))
+    assert math.isnan(float(fit.k)) and str(fit.reasons) == psis.K_TOO_FEW_DRAWS
+    assert torch.equal(fit.smoothed, torch.as_tensor(lw))  # raw weights back
+    # the evidence from the raw weights, by hand: log(sum e^lw / 100)
+    expected = math.log(sum(math.exp(v) for v in (0.1, 0.5, 1.0, 2.0, 3.0)) / 100)
+    assert psis.importance_diagnostics(lw)["log_evidence"] == pytest.approx(expected, abs=1e-12)
+    # 24 finite draws of 1000: too few; 25 continuous finite draws among 30: fitted
+    rng = np.random.default_rng(7)
+    rows = np.full((2, 1000), -np.inf)
+    rows[0, :24] = rng.normal(size=24)
+    rows[1, :975] = rng.normal(size=975)
+    fit = psis.psis_fit(torch.as_tensor(rows))
+    assert list(fit.reasons) == [psis.K_TOO_FEW_DRAWS, ""]
+    assert "fewer than 25 draws with a nonzero weight" in psis.explain_k(psis.K_TOO_FEW_DRAWS)

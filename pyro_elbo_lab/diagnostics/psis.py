@@ -29,6 +29,7 @@ __all__ = [
     "IS_UNRELIABLE",
     "IS_USABLE",
     "MIN_PSIS_SAMPLES",
+    "MIN_TAIL_VALUES",
     "PARETO_K_BAD",
     "PARETO_K_GOOD",
     "K_CONSTANT",
@@ -57,8 +58,15 @@ __all__ = [
 PARETO_K_GOOD = 0.5
 PARETO_K_BAD = 0.7
 
-#: The fewest importance samples from which k̂ is fitted (both ArviZ generations).
+#: The fewest importance samples with a nonzero weight (finite log weight) from which k̂ is
+#: fitted (both ArviZ generations).
 MIN_PSIS_SAMPLES = arviz_compat.MIN_PSIS_DRAWS
+
+#: The fewest distinct finite values among the M largest log weights (the tail PSIS fits)
+#: for k̂ to be fitted: fewer, and :func:`psis_fit` decides without ArviZ (flat: bounded,
+#: k̂ = -inf; else NaN). ArviZ 0.2x fits a Pareto shape to as few as 5 tied tail draws and
+#: returns a negative k̂ ("IS reliable" for one rare dominating weight), 1.x refuses them.
+MIN_TAIL_VALUES = 5
 
 #: Log weights that vary by less than this many nats are treated as constant (q ∝ p(z|x)).
 CONSTANT_TOL = 1e-9
@@ -85,9 +93,10 @@ VERDICTS = (IS_RELIABLE, IS_USABLE, IS_UNRELIABLE, IS_UNCHECKED)
 K_CONSTANT = "constant weights"
 #: k̂ = -inf: PSIS cannot fit the tail, whose largest weights are all equal (bounded weights).
 K_FLAT_TAIL = "flat tail"
-#: k̂ = nan: fewer than :data:`MIN_PSIS_SAMPLES` draws.
+#: k̂ = nan: fewer than :data:`MIN_PSIS_SAMPLES` draws with a nonzero weight.
 K_TOO_FEW_DRAWS = "too few draws"
-#: k̂ = nan: PSIS cannot fit the tail (too few distinct values in it), which is not flat.
+#: k̂ = nan: the tail holds fewer than :data:`MIN_TAIL_VALUES` distinct values (or ArviZ
+#: cannot fit it) and is not flat.
 K_TIED_TAIL = "tail of few distinct values"
 #: k̂ = nan: a log weight is nan or +inf.
 K_NON_FINITE = "non-finite log weights"
@@ -101,7 +110,10 @@ K_REASONS = {
         "the largest weights are all equal (weights taking a few values, as a discrete guide's): a bounded "
         "tail, k̂ = -inf"
     ),
-    K_TOO_FEW_DRAWS: f"fewer than {MIN_PSIS_SAMPLES} draws: too few to fit a Pareto tail; draw more samples",
+    K_TOO_FEW_DRAWS: (
+        f"fewer than {MIN_PSIS_SAMPLES} draws with a nonzero weight (finite log weight): too few to fit a "
+        "Pareto tail; draw more samples"
+    ),
     K_TIED_TAIL: (
         "the upper tail holds too few distinct values to fit a Pareto shape and is not flat: one or a few "
         "weights dominate (weights taking a few values, one of them rare under the guide); look at the ESS, "
@@ -231,14 +243,16 @@ def psis_fit(log_weights: torch.Tensor) -> PSISFit:
 
     - k̂ = ``-inf`` (bounded weights, nothing to smooth): :data:`K_CONSTANT`, log weights
       constant to ``1e-9`` nats (or to the rounding error of their dtype, see
-      ``CONSTANT_ROUNDING``); :data:`K_FLAT_TAIL`, a tail PSIS cannot fit whose :math:`M`
-      largest weights are all equal (weights that take a few values, as a discrete guide's:
-      bounded, so every moment is finite).
-    - k̂ = ``nan``: :data:`K_TOO_FEW_DRAWS`, fewer than :data:`MIN_PSIS_SAMPLES` (25) draws;
-      :data:`K_TIED_TAIL`, a tail of too few distinct values to fit that is not flat (a rare
-      large weight dominates: the estimate is not checked, and usually poor);
-      :data:`K_NON_FINITE`, a ``nan`` or ``+inf`` log weight; :data:`K_NO_WEIGHT`, every
-      log weight ``-inf``. Single ``-inf`` log weights (zero weights) are allowed.
+      ``CONSTANT_ROUNDING``); :data:`K_FLAT_TAIL`, a tail whose :math:`M` largest weights
+      are all equal (weights that take a few values, as a discrete guide's: bounded, so
+      every moment is finite).
+    - k̂ = ``nan``: :data:`K_TOO_FEW_DRAWS`, fewer than :data:`MIN_PSIS_SAMPLES` (25) draws
+      with a finite log weight; :data:`K_TIED_TAIL`, a tail that is not flat and holds fewer
+      than :data:`MIN_TAIL_VALUES` (5) distinct finite values, or that ArviZ cannot fit (a
+      rare large weight dominates: the estimate is not checked, and usually poor; decided
+      here, so both ArviZ generations agree); :data:`K_NON_FINITE`, a ``nan`` or ``+inf``
+      log weight; :data:`K_NO_WEIGHT`, every log weight ``-inf``. Single ``-inf`` log
+      weights (zero weights) are allowed.
 
     :param torch.Tensor log_weights: log importance weights in nats, shape ``(..., S)``.
     :rtype: PSISFit
@@ -272,27 +286,42 @@ def psis_fit(log_weights: torch.Tensor) -> PSISFit:
     k[constant] = -np.inf
     reasons[constant] = K_CONSTANT
     rows = valid & ~constant
-    if S < MIN_PSIS_SAMPLES:
-        reasons[rows] = K_TOO_FEW_DRAWS
+    # zero weights (-inf) are not draws PSIS can fit: count the finite ones against the floor
+    few_draws = rows & (np.isfinite(lw).sum(-1) < MIN_PSIS_SAMPLES)
+    reasons[few_draws] = K_TOO_FEW_DRAWS
+    rows = rows & ~few_draws
+    if not rows.any():
         return PSISFit(log_weights, torch.as_tensor(k, dtype=log_weights.dtype), reasons.astype(str))
     smoothed = lw.copy()
-    if rows.any():
-        varying = lw[rows]
-        normalised, k_rows = arviz_compat.psislw(varying)
+    varying = lw[rows]
+    # the tail PSIS fits, its M largest weights: decided here, before ArviZ, when it holds fewer than
+    # MIN_TAIL_VALUES distinct finite values (ArviZ 0.2x fits a k̂ to 5 ties, 1.x refuses them): bounded
+    # (k̂ = -inf) when flat, else not checked (NaN: one or a few rare weights dominate)
+    M = math.ceil(min(S / 5, 3 * math.sqrt(S)))
+    tail = np.sort(varying, -1)[..., -M:]
+    tol_rows = tol[rows]
+    with np.errstate(invalid="ignore"):
+        flat = (tail[..., -1] - tail[..., 0]) <= tol_rows
+        steps = (np.diff(tail, axis=-1) > tol_rows[..., None]) & np.isfinite(tail[..., :-1])
+    distinct = np.isfinite(tail).any(-1) + steps.sum(-1)
+    k_rows = np.where(flat, -np.inf, np.nan)
+    row_reasons = np.where(flat, K_FLAT_TAIL, K_TIED_TAIL).astype(object)
+    smoothed_rows = varying.copy()
+    fit = ~flat & (distinct >= MIN_TAIL_VALUES)
+    if fit.any():
+        to_fit = varying[fit]
+        normalised, k_fit = arviz_compat.psislw(to_fit)
         # PSIS leaves the body of the weights as it is: the smallest weight gives back the scale
         # (a zero weight, -inf, stays zero: the shift comes from the smallest finite one)
-        body = np.where(np.isfinite(varying), varying, np.inf)
+        body = np.where(np.isfinite(to_fit), to_fit, np.inf)
         low = body.argmin(-1)[..., None]
-        shift = np.take_along_axis(varying, low, -1) - np.take_along_axis(normalised, low, -1)
-        fitted = ~np.isnan(k_rows)
-        smoothed_rows = np.where(fitted[..., None], normalised + shift, varying)
-        # a tail PSIS cannot fit (ties: too few distinct values in it) is bounded when flat
-        M = math.ceil(min(S / 5, 3 * math.sqrt(S)))
-        tail = np.sort(varying, -1)[..., -M:]
-        flat = (tail[..., -1] - tail[..., 0]) <= tol[rows]
-        k_rows = np.where(fitted, k_rows, np.where(flat, -np.inf, np.nan))
-        row_reasons = np.where(fitted, "", np.where(flat, K_FLAT_TAIL, K_TIED_TAIL))
-        k[rows], reasons[rows], smoothed[rows] = k_rows, row_reasons, smoothed_rows
+        shift = np.take_along_axis(to_fit, low, -1) - np.take_along_axis(normalised, low, -1)
+        fitted = ~np.isnan(k_fit)
+        smoothed_rows[fit] = np.where(fitted[..., None], normalised + shift, to_fit)
+        # a tail ArviZ still cannot fit (NaN on either generation) is not checked
+        k_rows[fit] = k_fit
+        row_reasons[fit] = np.where(fitted, "", K_TIED_TAIL)
+    k[rows], reasons[rows], smoothed[rows] = k_rows, row_reasons, smoothed_rows
     return PSISFit(
         torch.as_tensor(smoothed, dtype=log_weights.dtype, device=log_weights.device),
         torch.as_tensor(k, dtype=log_weights.dtype),
