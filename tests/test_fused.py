@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer import SVI
 
-from pyro_elbo_lab import BetaELBO, JitBetaELBO
+from pyro_elbo_lab import BetaELBO, JitBetaELBO, JitBetaTraceEnumELBO
 from pyro_elbo_lab.losses.fused import FusedSVI
 
 # Normal–Normal: mu ~ N(MU0, SIGMA0), x_i ~ N(mu, SIGMA)
@@ -163,6 +163,58 @@ def test_refuses_what_it_cannot_fuse():
         FusedSVI(model, guide, pyro.optim.RMSprop({"lr": 0.1}), JitBetaELBO(compiler="inductor"))
     with pytest.raises(ValueError, match="clip_args"):
         FusedSVI(model, guide, pyro.optim.Adam({"lr": 0.1}, {"clip_norm": 1.0}), JitBetaELBO(compiler="inductor"))
+    # enumeration: refused by name, with the fix, instead of being let through
+    with pytest.raises(ValueError, match=r"does not fuse JitBetaTraceEnumELBO(.|\n)*pyro\.infer\.SVI"):
+        FusedSVI(
+            model, guide, pyro.optim.Adam({"lr": 0.1}), JitBetaTraceEnumELBO(compiler="inductor", max_plate_nesting=1)
+        )
+
+
+@pytest.mark.parametrize("error", [RuntimeError("inductor failed"), KeyboardInterrupt()])
+def test_a_failing_fused_call_leaves_clipped_adams_host_state(monkeypatch, error):
+    """
+    ClippedAdam's learning-rate decay and step count are advanced in Python before the fused
+    graph runs. When the graph's call raises (a compile error, Ctrl-C during the first
+    compile), no update was applied: the lr, the step count, the moments and the parameters
+    are those after Pyro's first (unfused) step, lr = 0.05 * 0.99 and step = 1 by
+    ClippedAdam's own rule. No graph is compiled: the fused callable is replaced.
+    """
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "clip_norm": 0.5, "lrd": 0.99})
+    fused = FusedSVI(model, guide, optim, JitBetaELBO(compiler="inductor"))
+    fused.step(X)  # unfused: records the gradient graph, creates the optimisers
+    assert fused.num_unfused_steps == 1
+    before = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+    state_before = {
+        n: (st["state"][0]["exp_avg"].clone(), st["state"][0]["exp_avg_sq"].clone())
+        for n, st in optim.get_state().items()
+    }
+    plan = FusedSVI._plan
+    called = []
+
+    def failing_plan(self, args, kwargs):
+        found = plan(self, args, kwargs)
+        assert found is not None  # the step would be fused
+
+        def fail(*a):
+            called.append(True)
+            raise error
+
+        found.fused = fail
+        return found
+
+    monkeypatch.setattr(FusedSVI, "_plan", failing_plan)
+    with pytest.raises(type(error)):
+        fused.fused_step(X)
+    assert called == [True]
+    for name, st in optim.get_state().items():
+        assert st["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.99, rel=1e-15), name
+        assert st["state"][0]["step"] == 1, name
+        assert torch.equal(st["state"][0]["exp_avg"], state_before[name][0]), name
+        assert torch.equal(st["state"][0]["exp_avg_sq"], state_before[name][1]), name
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value.detach(), before[name]), name
 
 
 def test_a_nonfinite_step_is_not_applied_clipped_adam():

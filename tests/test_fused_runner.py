@@ -17,7 +17,8 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_elbo_lab import BetaELBO, JitBetaELBO, NonFiniteError, SVIRunner
+from pyro_elbo_lab import BetaELBO, JitBetaELBO, JitBetaTraceEnumELBO, NonFiniteError, SVIRunner
+from pyro_elbo_lab.losses.fused import FusedSVI
 from pyro_elbo_lab.runner import Checkpointing
 from pyro_elbo_lab.schedules import LinearWarmup
 
@@ -54,6 +55,25 @@ def adam_state(optim) -> dict:
     }
 
 
+@pytest.fixture
+def fused_outcomes(monkeypatch) -> list:
+    """
+    The ``finite`` flag of every step FusedSVI took fused (``None`` for a step it left to the
+    unfused path), in order: the unfused fallback gives the same numbers, so the tests
+    below check with it that the steps they compare really ran in the fused graph.
+    """
+    seen: list = []
+    original = FusedSVI.fused_step
+
+    def recording(self, *args, **kwargs):
+        outcome = original(self, *args, **kwargs)
+        seen.append(None if outcome is None else outcome.finite)
+        return outcome
+
+    monkeypatch.setattr(FusedSVI, "fused_step", recording)
+    return seen
+
+
 def pyro_reference(num_steps: int, skip: set, seed: int = 0) -> tuple[list, dict, dict]:
     """Pyro's SVI with Trace_ELBO; the steps in `skip` compute the loss (same draws) but apply nothing."""
     pyro.clear_param_store()
@@ -71,7 +91,7 @@ def pyro_reference(num_steps: int, skip: set, seed: int = 0) -> tuple[list, dict
     return losses, params, adam_state(optim)
 
 
-def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner():
+def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner(fused_outcomes):
     steps = 12
     ref_losses, ref_params, ref_state = pyro_reference(steps, skip={BAD})
 
@@ -100,6 +120,8 @@ def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner():
 
     unfused, _, _ = fit(False)
     result, runner, seen = fit(True)
+    # step 0 unfused (it records the gradient graph); every later one fused, the bad one included
+    assert fused_outcomes == [None] + [step != BAD for step in range(1, steps)]
     assert runner.loss.num_compilations == 1
     assert runner.loss.step == steps - 1  # the skipped step is no schedule step
     history = result.history
@@ -107,7 +129,9 @@ def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner():
     assert math.isinf(history["loss"][BAD])
     assert history["loss"].tolist() == pytest.approx(ref_losses, rel=1e-12, abs=1e-12)
     for column in ("loss", "elbo", "kl", "reconstruction"):
-        assert history[column].tolist() == pytest.approx(unfused.history[column].tolist(), rel=1e-12), column
+        # nan_ok: at the bad step the terms other than the loss may be NaN (-inf - -inf), in both runs
+        expected = unfused.history[column].tolist()
+        assert history[column].tolist() == pytest.approx(expected, rel=1e-12, nan_ok=True), column
     for name, value in ref_params.items():
         assert torch.allclose(result.params[name], value, rtol=1e-10, atol=1e-12), name
     # the skipped step left the parameters and Adam's state (its step count too) bit for bit
@@ -123,13 +147,14 @@ def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner():
             assert torch.allclose(final[name][key], state[key], rtol=1e-9, atol=1e-12), (name, key)
 
 
-def test_raise_carries_the_partial_result():
+def test_raise_carries_the_partial_result(fused_outcomes):
     ref_losses, ref_params, _ = pyro_reference(BAD, skip=set())
     pyro.clear_param_store()
     loss = JitBetaELBO(compiler="inductor")
     runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.05}), loss, seed=0, fused=True, progress_bar=False)
     with pytest.raises(NonFiniteError, match=rf"step {BAD}\b(.|\n)*'x'") as info:
         runner.run(num_steps=10, batches=batches)
+    assert fused_outcomes == [None] + [True] * (BAD - 1) + [False]  # the bad step ran fused
     err = info.value
     assert err.step == BAD and "reconstruction" in err.sites["x"] and sorted(err.grads) == ["loc", "scale"]
     partial = err.result
@@ -190,7 +215,7 @@ def test_100_steps_with_a_schedule_and_a_resume_equal_the_unfused_runner(tmp_pat
             assert torch.allclose(actual[name]["optimizer"]["state"][0][key], value, rtol=1e-9, atol=1e-12), key
 
 
-def test_chains_are_pyro_fits_seeded_seed_plus_chain():
+def test_chains_are_pyro_fits_seeded_seed_plus_chain(fused_outcomes):
     steps = 15
     references = [pyro_reference(steps, skip={BAD}, seed=5 + chain) for chain in range(2)]
     pyro.clear_param_store()
@@ -206,6 +231,8 @@ def test_chains_are_pyro_fits_seeded_seed_plus_chain():
         progress_bar=False,
     )
     result = runner.run(num_steps=steps, batches=batches)
+    # each chain: step 0 unfused, every later one fused (the bad one included)
+    assert fused_outcomes == 2 * ([None] + [step != BAD for step in range(1, steps)])
     for chain, (losses, params, _) in enumerate(references):
         history = result.chain_history(chain)
         assert history["skipped"].tolist() == [step == BAD for step in range(steps)]
@@ -220,5 +247,7 @@ def test_refused_without_a_fusable_loss_or_optimiser():
         SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.1}), BetaELBO(), fused=True)
     with pytest.raises(ValueError, match=r"fused=True(.|\n)*RMSprop"):
         SVIRunner(model, guide, pyro.optim.RMSprop({"lr": 0.1}), JitBetaELBO(compiler="inductor"), fused=True)
+    with pytest.raises(ValueError, match=r"fused=True(.|\n)*does not fuse JitBetaTraceEnumELBO(.|\n)*fused=False"):
+        SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.1}), JitBetaTraceEnumELBO(compiler="inductor"), fused=True)
     with pytest.raises(ValueError, match="fused must be True or False, got fused='yes'"):
         SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.1}), fused="yes")

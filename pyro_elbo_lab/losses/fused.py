@@ -13,7 +13,8 @@ optimisers (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``) in place
 ``optim.get_state()`` / ``set_state()`` (and the runner's checkpoints) work unchanged and a
 run can move between :class:`pyro.infer.SVI` and :class:`FusedSVI` at any step.
 
-Imports torch, pyro and :mod:`.compiled` only.
+Imports torch, pyro, :mod:`.compiled`, :mod:`.compile_strategy` and :mod:`.pyro_optim` (the one
+home of the Pyro-private optimiser names it needs) only.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import torch
 from pyro.infer import SVI
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam as TorchClippedAdam
-from pyro.optim.optim import _load_state_dict, is_scheduler
+from pyro.optim.optim import is_scheduler
 from pyro.util import warn_if_nan
 
+from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .compile_strategy import CompiledFunction, tensor_signature
 from .compiled import CompiledObjective
+from .pyro_optim import restore_waiting_optimizers
 
 __all__ = ["FUSED_OPTIMIZERS", "FusedSVI", "FusedStep", "unfusable_reason"]
 
@@ -44,8 +47,8 @@ __all__ = ["FUSED_OPTIMIZERS", "FusedSVI", "FusedStep", "unfusable_reason"]
 FUSED_OPTIMIZERS = (torch.optim.Adam, TorchClippedAdam, torch.optim.SGD)
 
 # compiled fused steps, per recorded gradient graph (shared by every FusedSVI using the same
-# loss, model, guide and argument shapes: chains and restarts compile once) and per
-# optimiser configuration
+# loss object, model, guide and argument shapes; a deep copy of the loss, e.g. the runner's
+# chains, records and compiles its own) and per optimiser configuration
 _FUSED: weakref.WeakKeyDictionary[CompiledFunction, dict] = weakref.WeakKeyDictionary()
 
 
@@ -104,6 +107,12 @@ def unfusable_reason(optim: object, loss: object) -> str | None:
     :returns: a sentence that names the argument, what was found and the fix, or ``None``.
     :rtype: str or None
     """
+    if isinstance(loss, BetaTraceEnumELBO):
+        return (
+            f"does not fuse {type(loss).__name__} (enumerated sites: its gradient graph is not recorded for "
+            f"fusion), got loss={loss!r}. Use pyro.infer.SVI with it, or JitBetaELBO(compiler='inductor') / "
+            "JitBetaMeanFieldELBO(compiler='inductor') for a model without enumerated sites."
+        )
     if not isinstance(loss, CompiledObjective) or loss.compiler != "inductor":
         return (
             "fuses the gradient graph of JitBetaELBO(compiler='inductor') or "
@@ -246,6 +255,12 @@ class _Plan:
     originals: tuple[torch.Tensor, ...]
 
 
+def _restore_host_state(plan: _Plan) -> None:
+    """Put back ClippedAdam's Python-side learning rate and step count as they were before ``plan``."""
+    for target, key, old in plan.host_state:
+        target[key] = old
+
+
 class FusedSVI(SVI):
     """
     :class:`pyro.infer.SVI` whose step (forward pass, recorded terms, gradients and the
@@ -258,9 +273,12 @@ class FusedSVI(SVI):
     parameters the optimiser has no state for (a fresh optimiser) runs as
     :class:`pyro.infer.SVI` does; it records the gradient graph and creates the torch
     optimisers. After ``optim.set_state`` (a checkpoint), the optimisers are made from the
-    restored state without that unfused step. The next step compiles the fused graph (seconds, once per loss, model,
-    guide, argument shapes and optimiser settings; several ``FusedSVI`` objects sharing a
-    loss, e.g. chains, share it) and later steps run it.
+    restored state without that unfused step. The next step compiles the fused graph
+    (seconds; once per recorded gradient graph, i.e. per loss object, model, guide,
+    argument shapes, and per optimiser settings) and later steps run it. Only
+    ``FusedSVI`` objects sharing one loss object share the compiled graph; the runner's
+    chains each deep-copy the loss and compile their own (the second hits inductor's
+    on-disk cache, at about a warm compile's cost).
 
     Supported optimisers (``optim``): ``pyro.optim.Adam`` (without ``amsgrad``,
     ``maximize``), ``pyro.optim.ClippedAdam``, ``pyro.optim.SGD`` (momentum, dampening,
@@ -346,7 +364,13 @@ class FusedSVI(SVI):
         with torch.no_grad(), warnings.catch_warnings():
             # inductor's own use of torch.jit APIs that torch >= 2.9 marks deprecated
             warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=DeprecationWarning)
-            status, values, finite = plan.fused(hyper, rates_t, plan.params, plan.states, args)
+            try:
+                status, values, finite = plan.fused(hyper, rates_t, plan.params, plan.states, args)
+            except BaseException:
+                # no update was applied (a compile error, an interrupt during the compile):
+                # neither are ClippedAdam's decay and count, advanced by _plan
+                _restore_host_state(plan)
+                raise
         if plan.compile_now:
             self.compile_seconds += time.perf_counter() - start
         loss.record_step(plan.compiled, values, beta, capacity)
@@ -355,34 +379,11 @@ class FusedSVI(SVI):
         params = plan.originals
         if ok:
             return FusedStep(float(value), True, params)
-        for target, key, old in plan.host_state:
-            target[key] = old  # the update was not applied: neither are ClippedAdam's decay and count
+        _restore_host_state(plan)  # the update was not applied: neither are ClippedAdam's decay and count
         names = plan.compiled.param_names
         grad_index = plan.compiled.info["grad_index"]
         bad = [names[grad_index[k]] for k, f in enumerate(finite[1:].tolist()) if not f]
         return FusedStep(float(value), False, params, bad)
-
-    def _restore_optimizers(self, params: tuple[torch.Tensor, ...]) -> bool:
-        """
-        Whether the optimiser has a torch optimiser for every parameter. Those it lacks
-        but has state for (``optim.set_state`` of a checkpoint, not yet consumed) are made
-        and loaded here as :meth:`pyro.optim.PyroOptim.__call__` would, without a step, so
-        that a resumed run is fused from its first step rather than running (and
-        compiling) the gradient graph alone once.
-        """
-        optim = self.optim
-        missing = [p for p in params if p not in optim.optim_objs]
-        if not missing:
-            return True
-        store = pyro.get_param_store()
-        waiting = optim._state_waiting_to_be_consumed
-        if not all(store.param_name(p) in waiting for p in missing):
-            return False
-        for p in missing:
-            optim.optim_objs[p] = optimizer = optim._get_optim(p)
-            optim.grad_clip[p] = optim._get_grad_clip(p)
-            _load_state_dict(optimizer, waiting.pop(store.param_name(p)))
-        return True
 
     def _plan(self, args: tuple, kwargs: dict) -> _Plan | None:
         """Everything a fused step needs, or ``None`` when this step must run unfused."""
@@ -397,7 +398,7 @@ class FusedSVI(SVI):
         if tensor_signature(params) != compiled.param_signature:
             return None
         optim_objs = self.optim.optim_objs
-        if not self._restore_optimizers(params):
+        if not restore_waiting_optimizers(self.optim, params):
             return None  # not seen by the optimiser yet: SVI's path creates them
         optimizers = []
         for p in params:

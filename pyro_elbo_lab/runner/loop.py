@@ -22,20 +22,22 @@ holds; the loop reads the flag with the loss (one synchronisation) and skips or 
 for an unfused step, with the same history row. Steps the graph cannot take (the first,
 the first after a resume) run unfused.
 
-Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostics`,
-:mod:`pyro_elbo_lab.terms` and :mod:`pyro_elbo_lab.losses.fused` when it needs them.
+The non-finite check itself, the diagnostic pass and the error are
+:mod:`pyro_elbo_lab.runner.nonfinite`'s.
+
+Imports :mod:`pyro_elbo_lab.runner` siblings, and :mod:`pyro_elbo_lab.diagnostics` and
+:mod:`pyro_elbo_lab.losses.fused` when it needs them.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +47,9 @@ import pyro.util
 import torch
 
 from .batches import BatchSource, Exhausted
+from .nonfinite import all_finite_grads, invalid_sites, is_invalid_value_error, nonfinite_error
 from .options import Evaluation
 from .params import nonfinite_params, record_modules, store_state
-from .result import NonFiniteError
 
 if TYPE_CHECKING:
     from ..losses.fused import FusedSVI
@@ -266,7 +268,7 @@ class ChainLoop:
                         skipped = {"step": step, "loss": math.nan, "wall_time": self.wall_time(), "skipped": True}
                         self.rows.append(skipped)
                         return skipped
-                    raise self.nonfinite_error(step, math.nan, set(), e, sites) from e
+                    raise nonfinite_error(self.loss, self.chain, step, math.nan, set(), e, sites) from e
                 raise
             params = {
                 site["value"].unconstrained() for site in capture.trace.nodes.values() if site["value"] is not None
@@ -274,7 +276,7 @@ class ChainLoop:
             if self.initial_modules is not None:
                 record_modules(capture.trace, self.initial_modules)
             loss = float(loss[0] if isinstance(loss, tuple) else loss)
-            finite = math.isfinite(loss) and _all_finite_grads(params)
+            finite = math.isfinite(loss) and all_finite_grads(params)
             error = None
             if not finite and (self.options.on_nonfinite == "raise" or nonfinite_params()):
                 # before the gradients are cleared; losses without per-site terms: one diagnostic pass
@@ -283,7 +285,7 @@ class ChainLoop:
                     if getattr(self.loss, "last_terms", None) is not None
                     else invalid_sites(self.model, self.guide, args, model_kwargs)
                 )
-                error = self.nonfinite_error(step, loss, params, None, located)
+                error = nonfinite_error(self.loss, self.chain, step, loss, params, None, located)
             if error is not None:
                 raise error
             # the row is built before the update, so that the update and the row go together
@@ -328,7 +330,8 @@ class ChainLoop:
                 return None
             finite = outcome.finite
             if not finite and (self.options.on_nonfinite == "raise" or nonfinite_params()):
-                raise self.nonfinite_error(step, outcome.loss, outcome.params, None, grads=outcome.nonfinite_grads)
+                grads = outcome.nonfinite_grads
+                raise nonfinite_error(self.loss, self.chain, step, outcome.loss, outcome.params, None, grads=grads)
             row: dict[str, Any] = {"step": step, "loss": outcome.loss}
             terms = getattr(self.loss, "last_terms", None)
             if terms is not None:
@@ -355,77 +358,6 @@ class ChainLoop:
                 isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in self.optim.optim_objs.values()
             )
             self.optim.step(loss) if plateau else self.optim.step()
-
-    def nonfinite_error(
-        self,
-        step: int,
-        loss: float,
-        params: Iterable[torch.Tensor],
-        cause: BaseException | None,
-        sites: dict[str, list[str]] | None = None,
-        *,
-        grads: list[str] | None = None,
-    ) -> NonFiniteError:
-        """
-        The :class:`NonFiniteError` of ``step``, naming the culprit terms, sites and parameters.
-
-        :param int step: the step.
-        :param float loss: its loss value.
-        :param params: the step's unconstrained parameters (their ``.grad`` is checked).
-        :param cause: the exception the model or guide raised, or None.
-        :param dict sites: ``{site: [what is not finite]}`` found otherwise, or None.
-        :param list grads: names of the parameters with non-finite gradients, when the
-            gradients are not in ``.grad`` (the fused step); None: read ``.grad``.
-        :rtype: NonFiniteError
-        """
-        store = pyro.get_param_store()
-        terms = getattr(self.loss, "last_terms", None) if cause is None else None
-        bad_terms: list[str] = []
-        bad_sites: dict[str, list[str]] = dict(sites or {})
-        if terms is not None:
-            from ..terms import TOTAL_FIELDS
-
-            bad_terms = [n for n in TOTAL_FIELDS if not math.isfinite(getattr(terms, n))]
-            for site, values in terms.per_site.items():
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                if bad:
-                    bad_sites[site] = bad
-        if grads is None:
-            found = (
-                store.param_name(p) for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-            )
-            grads = [name for name in found if name is not None]
-        bad_grads = sorted(grads)
-        bad_params = nonfinite_params()
-        lines = [f"non-finite values at step {step} (chain {self.chain}); the update of this step was not applied."]
-        lines.append(f"The model or guide raised: {cause}" if cause is not None else f"loss = {loss}")
-        if bad_terms:
-            lines.append("ELBO terms: " + ", ".join(f"{n} = {getattr(terms, n)}" for n in bad_terms))
-        if bad_sites and terms is not None and all(s in terms.per_site for s in bad_sites):
-            lines.append(
-                "sites: "
-                + "; ".join(
-                    f"'{s}' ({', '.join(f'{k} = {terms.per_site[s][k]}' for k in ks)})" for s, ks in bad_sites.items()
-                )
-            )
-        elif bad_sites:
-            lines.append("sites: " + "; ".join(f"'{s}' ({', '.join(ks)})" for s, ks in bad_sites.items()))
-        if bad_grads:
-            lines.append("parameters with non-finite gradients: " + ", ".join(f"'{n}'" for n in bad_grads))
-        if bad_params:
-            lines.append(
-                "parameters with non-finite values: "
-                + ", ".join(f"'{n}'" for n in bad_params)
-                + " (produced by an earlier update: lower the learning rate or clip gradients)"
-            )
-        lines.append(
-            "The partial result (history before this step, last finite parameters) is error.result. Fix the "
-            "log-probability of the named sites (e.g. clamp scales away from 0, check the data for inf/NaN), "
-            "lower the learning rate, or pass on_nonfinite='skip' to drop such steps."
-        )
-        return NonFiniteError(
-            "\n".join(lines), step=step, terms=bad_terms, sites=bad_sites, grads=bad_grads, params=bad_params
-        )
 
     def evaluate(self, evaluation: Evaluation, batches: BatchSource) -> dict:
         """The ``eval_*`` columns: :func:`~pyro_elbo_lab.estimate_evidence` with PSIS."""
@@ -469,64 +401,3 @@ class ChainLoop:
         self._last_postfix = now
         keys = (("loss", "loss"), ("elbo", "elbo"), ("reconstruction", "rec"), ("kl", "kl"), ("beta", "β"))
         bar.set_postfix({short: f"{row[k]:.4g}" for k, short in keys if k in row}, refresh=False)
-
-
-_INVALID_VALUES = re.compile(
-    r"Expected (parameter \w+|value argument) \(.*(to satisfy the constraint|to be within the support).*"
-    r"but found invalid values",
-    re.S,
-)
-
-
-def is_invalid_value_error(error: BaseException) -> bool:
-    """
-    Whether ``error`` is the ``ValueError`` of a distribution's argument validation (torch's
-    ``Expected parameter ... but found invalid values`` or ``Expected value argument ...``):
-    the form a NaN, infinite or zero scale or a NaN value takes with validation on.
-    """
-    return isinstance(error, ValueError) and bool(_INVALID_VALUES.search(str(error)))
-
-
-def invalid_sites(model: Callable, guide: Callable, args: tuple, model_kwargs: dict) -> dict[str, list[str]]:
-    """
-    Sample sites whose ``log_prob`` is not finite, or whose distribution could not be
-    built, found by one pass of the guide and the model with validation off and without
-    gradients. Only called after a step failed; the RNG state is restored afterwards, so
-    the pass does not change the random numbers of later steps.
-
-    :returns: ``{site: ["log_prob (model)"]}`` etc.; empty when the pass finds nothing.
-    """
-    rng = pyro.util.get_rng_state()
-    found: dict[str, list[str]] = {}
-    try:
-        with torch.no_grad(), pyro.validation_enabled(False), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for role, trace in _traces(model, guide, args, model_kwargs):
-                for name, site in trace.nodes.items():
-                    if site["type"] != "sample":
-                        continue
-                    try:
-                        ok = bool(torch.isfinite(site["fn"].log_prob(site["value"])).all())
-                    except Exception:  # noqa: BLE001  a distribution that cannot even evaluate
-                        ok = False
-                    if not ok:
-                        found.setdefault(name, []).append(f"log_prob ({role})")
-    except Exception:  # noqa: BLE001  the diagnosis must not hide the original error
-        pass
-    finally:
-        pyro.util.set_rng_state(rng)
-    return found
-
-
-def _traces(model, guide, args, model_kwargs):
-    guide_trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*args, **model_kwargs)
-    yield "guide", guide_trace
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **model_kwargs)
-    yield "model", model_trace
-
-
-def _all_finite_grads(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -86,8 +86,10 @@ class SVIRunner:
         non-finite step, so ``on_nonfinite``, checkpoints and resumes (the optimiser
         state is the torch optimisers' own), schedules, convergence and chains work
         unchanged. The first step (and the first after a resume) runs unfused; the fused
-        graph compiles at the second (seconds, once per process, model, argument shapes
-        and optimiser settings; inductor's on-disk cache makes later processes faster).
+        graph compiles at the second (seconds, per model, argument shapes and optimiser
+        settings, and per chain: each chain deep-copies the loss and compiles its own
+        graph; inductor's on-disk cache makes later chains and later processes faster).
+        ``JitBetaTraceEnumELBO`` is refused (not fusable).
     :raises ValueError: for invalid options (a checkpoint path that cannot be written
         included).
 
