@@ -6,7 +6,9 @@ Draws from a fitted guide as NumPy arrays laid out for ArviZ, in vectorised batc
 (:mod:`pyro_elbo_lab.inference_data`): one guide trace and one replayed model trace per
 batch over the sample plate of :mod:`pyro_elbo_lab.diagnostics.traces` (no Python loop
 over draws), each batch's values copied into output arrays allocated once, so the peak
-memory is one batch's traces plus the output. Batch sizes follow the rule of
+memory is one batch's traces plus the output. For several chains the output holds every
+chain, ``(chains, S, ...)``, allocated once (:class:`GuideDraws` with ``num_chains``), and
+each chain's call fills its slice: no copy to stack chains. Batch sizes follow the rule of
 :func:`~pyro_elbo_lab.estimate_evidence` (:func:`pyro_elbo_lab.diagnostics.local.plan`).
 """
 
@@ -34,7 +36,9 @@ DRAWN_GROUPS = ("posterior", "log_likelihood", "posterior_predictive", "sample_s
 @dataclass
 class GuideDraws:
     """
-    One chain's draws, as NumPy arrays.
+    The draws of one chain, or of ``num_chains`` chains, as NumPy arrays. Shapes below are
+    for one chain (``num_chains=None``); with ``num_chains = C`` every drawn array has the
+    chain dim first, ``(C, S, ...)`` (``observed_data`` has neither).
 
     :ivar dict posterior: per latent (and ``pyro.deterministic``) site of the model, its
         draws, shape ``(S, *plates kept, *event)``.
@@ -47,6 +51,9 @@ class GuideDraws:
         ``log_importance_weight`` per draw, shape ``(S,)``, nats, float64.
     :ivar dict dims: per site, the names of its dims after the draw dim (plates by name,
         others ``<site>_dim_<i>``).
+    :ivar int num_chains: ``None`` for one chain's arrays ``(S, ...)``; else the number of
+        chains ``C`` of arrays ``(C, S, ...)`` that :func:`draw_guide` fills one chain at a
+        time (``out=``, ``chain=``).
     """
 
     posterior: dict[str, np.ndarray] = field(default_factory=dict)
@@ -55,6 +62,7 @@ class GuideDraws:
     posterior_predictive: dict[str, np.ndarray] = field(default_factory=dict)
     sample_stats: dict[str, np.ndarray] = field(default_factory=dict)
     dims: dict[str, list[str]] = field(default_factory=dict)
+    num_chains: int | None = None
 
     def group(self, name: str) -> dict[str, np.ndarray]:
         """One group by its ArviZ name (``"posterior"``, ...)."""
@@ -72,6 +80,8 @@ def draw_guide(
     batch_size: int | None = None,
     max_plate_nesting: int | None = None,
     posterior_predictive: bool = False,
+    out: GuideDraws | None = None,
+    chain: int = 0,
 ) -> GuideDraws:
     """
     ``num_samples`` draws from the guide (the parameters in Pyro's parameter store) with
@@ -92,25 +102,38 @@ def draw_guide(
         entries per batch, from one probing pass).
     :param int max_plate_nesting: the model's plate depth; guessed when ``None``.
     :param bool posterior_predictive: also replicate the observed sites.
+    :param GuideDraws out: where to write the draws: ``None``, a new one-chain
+        :class:`GuideDraws` (arrays ``(S, ...)``); or a :class:`GuideDraws` with
+        ``num_chains = C`` whose arrays ``(C, S, ...)`` are allocated at the first batch drawn
+        into it and filled at ``[chain]`` (peak memory: one batch's traces plus the output of
+        every chain).
+    :param int chain: the chain ``0 <= chain < C`` of ``out`` to fill (ignored for one chain).
+    :returns: ``out``, or the new :class:`GuideDraws`.
     :rtype: GuideDraws
-    :raises ValueError: for a model without sample sites; a site with batch dimensions left
-        of its plates (pass ``max_plate_nesting``); a site whose shape, or whose presence,
-        changes between batches; observed data that change between batches (a subsampled
-        plate: pass the full data); and as
+    :raises ValueError: for a ``chain`` outside ``out``'s chains; a model without sample
+        sites; a site with batch dimensions left of its plates (pass ``max_plate_nesting``);
+        a site whose shape, or whose presence, changes between batches; observed data that
+        change between batches (a subsampled plate: pass the full data); and as
         :func:`~pyro_elbo_lab.diagnostics.traces.vectorized_traces`.
     """
+    if out is None:
+        out = GuideDraws()
+    elif out.num_chains is not None and not 0 <= chain < out.num_chains:
+        raise ValueError(
+            f"chain must be in 0 .. {out.num_chains - 1} (out holds {out.num_chains} chains), got chain={chain}; "
+            "pass the position of the chain to fill"
+        )
     with torch.no_grad():
         max_plate_nesting, batch_size = plan(model, guide, args, kwargs, max_plate_nesting, batch_size)
-    out = GuideDraws()
     start = 0
     for n in batches(num_samples, batch_size):
         with torch.no_grad():
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
             predictive = _replicate(model, traces, args, kwargs) if posterior_predictive else None
             batch = _batch_draws(traces, predictive)
-        if start == 0:
+        if not out.sample_stats:  # the first batch drawn into out: allocate every chain's arrays
             _allocate(out, batch, num_samples)
-        _store(out, batch, start, n)
+        _store(out, batch, start, n, chain)
         start += n
     return out
 
@@ -160,16 +183,20 @@ def _batch_draws(traces: ImportanceTraces, predictive: poutine.Trace | None) -> 
 
 
 def _allocate(out: GuideDraws, first: GuideDraws, num_samples: int) -> None:
-    """Output arrays for every variable of the first batch, ``num_samples`` draws long."""
+    """Output arrays for every variable of the first batch, ``num_samples`` draws long (per chain)."""
     out.dims = first.dims
     out.observed_data = first.observed_data
+    lead = (num_samples,) if out.num_chains is None else (out.num_chains, num_samples)
     for group in DRAWN_GROUPS:
         for name, value in first.group(group).items():
-            out.group(group)[name] = np.empty((num_samples,) + value.shape[1:], dtype=value.dtype)
+            out.group(group)[name] = np.empty(lead + value.shape[1:], dtype=value.dtype)
 
 
-def _store(out: GuideDraws, batch: GuideDraws, start: int, n: int) -> None:
-    """Copy one batch into the output arrays at draws ``start .. start + n``."""
+def _store(out: GuideDraws, batch: GuideDraws, start: int, n: int, chain: int) -> None:
+    """Copy one batch into the output arrays at draws ``start .. start + n`` (of ``chain``)."""
+    index: tuple[Any, ...] = (slice(start, start + n),)
+    if out.num_chains is not None:
+        index = (chain,) + index
     for group in DRAWN_GROUPS:
         target, values = out.group(group), batch.group(group)
         if set(values) != set(target):
@@ -180,12 +207,13 @@ def _store(out: GuideDraws, batch: GuideDraws, start: int, n: int) -> None:
                 "sites in every draw"
             )
         for name, value in values.items():
-            if value.shape[1:] != target[name].shape[1:]:
+            shape = target[name].shape[len(index) :]
+            if value.shape[1:] != shape:
                 raise ValueError(
-                    f"site '{name}' has shape {value.shape[1:]} per draw in one batch and {target[name].shape[1:]} "
-                    f"in another ({group}): its shape depends on the draws; to_inference_data needs one shape"
+                    f"site '{name}' has shape {value.shape[1:]} per draw in one batch and {shape} in another "
+                    f"({group}): its shape depends on the draws; to_inference_data needs one shape"
                 )
-            target[name][start : start + n] = value
+            target[name][index] = value
     for name, value in batch.observed_data.items():
         if not np.array_equal(value, out.observed_data[name], equal_nan=value.dtype.kind == "f"):
             raise ValueError(

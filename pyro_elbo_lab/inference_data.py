@@ -134,18 +134,16 @@ def to_inference_data(
     kwargs = check_model_kwargs(model_kwargs)
     check_int("num_samples", num_samples, 1, hint="the number of draws from the guide")
     check_int("batch_size", batch_size, 1, allow_none=True, hint="the number of draws per vectorised trace")
-    draws = [
-        draw_guide(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            max_plate_nesting=max_plate_nesting,
-            posterior_predictive=posterior_predictive,
-        )
-    ]
+    draws = draw_guide(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        max_plate_nesting=max_plate_nesting,
+        posterior_predictive=posterior_predictive,
+    )
     return _build(draws, coords, dims, constant_data, posterior_predictive, history)
 
 
@@ -166,7 +164,9 @@ def from_svi_result(
     An :class:`~pyro_elbo_lab.SVIResult` as ArviZ data: each runner chain's guide, with
     that chain's final parameters (:meth:`~pyro_elbo_lab.SVIResult.use_params`), gives
     one ArviZ chain of ``num_samples`` draws; the run's history is the
-    ``optimization_history`` group. Groups as :func:`to_inference_data`.
+    ``optimization_history`` group. Groups as :func:`to_inference_data`. The
+    ``(chain, draw, ...)`` arrays are allocated once and each chain's draws written into
+    them: peak memory is one batch's traces plus the output.
 
     Reads only the result's public data: ``model``, ``guide``, ``num_chains``,
     ``use_params(chain)``, ``args``, ``model_kwargs`` and ``history``.
@@ -194,20 +194,21 @@ def from_svi_result(
         args = tuple(result.args)
     check_int("num_samples", num_samples, 1, hint="the number of draws per chain")
     check_int("batch_size", batch_size, 1, allow_none=True, hint="the number of draws per vectorised trace")
-    draws = []
+    # every chain's arrays (chains, S, ...) allocated once, each chain's draws written into its slice
+    draws = GuideDraws(num_chains=result.num_chains)
     for chain in range(result.num_chains):  # each chain's own final parameters
         with result.use_params(chain):
-            draws.append(
-                draw_guide(
-                    result.model,
-                    result.guide,
-                    args,
-                    kwargs,
-                    num_samples=num_samples,
-                    batch_size=batch_size,
-                    max_plate_nesting=max_plate_nesting,
-                    posterior_predictive=posterior_predictive,
-                )
+            draw_guide(
+                result.model,
+                result.guide,
+                args,
+                kwargs,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                max_plate_nesting=max_plate_nesting,
+                posterior_predictive=posterior_predictive,
+                out=draws,
+                chain=chain,
             )
     return _build(draws, coords, dims, constant_data, posterior_predictive, result if history is None else history)
 
@@ -217,45 +218,45 @@ if to_inference_data.__doc__:  # None under python -OO
 
 
 def _build(
-    draws: list[GuideDraws],
+    draws: GuideDraws,
     coords: Mapping[str, Any] | None,
     dims: Mapping[str, list[str]] | None,
     constant_data: Mapping[str, Any] | None,
     posterior_predictive: bool,
     history: Any,
 ) -> Any:
-    """One DataTree from the draws of each chain, then the installed ArviZ's type."""
-    first = draws[0]
+    """One DataTree from the draws (one chain, or every chain's arrays), then the installed ArviZ's type."""
 
     def stack(group: str) -> dict[str, np.ndarray]:
-        if len(draws) == 1:  # a view with the chain dim in front, no copy
-            return {name: value[np.newaxis] for name, value in first.group(group).items()}
-        return {name: np.stack([d.group(group)[name] for d in draws]) for name in first.group(group)}
+        if draws.num_chains is None:  # a view with the chain dim in front, no copy
+            return {name: value[np.newaxis] for name, value in draws.group(group).items()}
+        return dict(draws.group(group))  # (chains, S, ...) already: no copy
 
-    all_dims = dict(first.dims)
-    known = set(first.dims) | set(constant_data or {})
+    lead = 1 if draws.num_chains is None else 2  # the draw dim, or the chain and draw dims
+    all_dims = dict(draws.dims)
+    known = set(draws.dims) | set(constant_data or {})
     unknown = sorted(set(dims or {}) - known, key=str)
     if unknown:
         raise ValueError(
             f"dims names {unknown!r}, which are not sample sites of the model nor constant_data "
-            f"keys; the sites are {sorted(first.dims)!r}: key dims by one of these names"
+            f"keys; the sites are {sorted(draws.dims)!r}: key dims by one of these names"
         )
     for name, names in (dims or {}).items():
         all_dims[name] = list(names)
     for group in ("posterior", "log_likelihood", "posterior_predictive"):
-        for name, value in first.group(group).items():
-            ndim = value.ndim - 1  # after the draw dim
+        for name, value in draws.group(group).items():
+            ndim = value.ndim - lead  # after the (chain and) draw dims
             if name in all_dims and len(all_dims[name]) > ndim:
                 raise ValueError(
                     f"dims[{name!r}] = {all_dims[name]!r} names {len(all_dims[name])} dimensions, but '{name}' has "
-                    f"{ndim} after (chain, draw) (shape {value.shape[1:]}) in {group}; give at most one name per "
+                    f"{ndim} after (chain, draw) (shape {value.shape[lead:]}) in {group}; give at most one name per "
                     "dimension (unnamed trailing dimensions get ArviZ's default names)"
                 )
     groups = {
         "posterior": stack("posterior"),
         "log_likelihood": stack("log_likelihood"),
         "sample_stats": stack("sample_stats"),
-        "observed_data": first.observed_data,
+        "observed_data": draws.observed_data,
         "constant_data": {k: to_numpy(v) for k, v in (constant_data or {}).items()},
     }
     if posterior_predictive:

@@ -150,3 +150,53 @@ def test_subsampled_data_across_batches_is_refused(x):
     pyro.set_rng_seed(0)
     with pytest.raises(ValueError, match=r"observed site 'x' holds other data in another batch.*subsampl"):
         to_inference_data(subsampled, guide, x, num_samples=40, batch_size=1)
+
+
+def test_from_svi_result_peak_memory_is_one_output(monkeypatch):
+    # the draws of every chain go into (chains, S, ...) arrays allocated once; stacking per-chain arrays
+    # held the output twice. tracemalloc sees NumPy's allocations (not torch's): its peak up to the
+    # ArviZ build must stay near the output's size, by hand C * S * (N latents + N log-likelihoods + 4
+    # sample stats) float64 values (plus the observed data)
+    import tracemalloc
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from pyro_elbo_lab import arviz_compat, from_svi_result
+
+    C, S, n = 2, 400, 2000
+    x = torch.linspace(-1.0, 2.0, n)
+    pyro.clear_param_store()
+
+    @contextmanager
+    def use_params(chain):
+        yield
+
+    result = SimpleNamespace(
+        model=local_model, guide=local_guide, args=(x,), model_kwargs={}, num_chains=C, use_params=use_params
+    )
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def from_dict(groups, **options):
+        seen["peak"] = tracemalloc.get_traced_memory()[1]
+        seen["z"] = groups["posterior"]["z"].shape
+        raise Built
+
+    monkeypatch.setattr(arviz_compat, "from_dict", from_dict)
+    output = C * S * (n + n + 4) * 8
+    tracemalloc.start()
+    try:
+        with pytest.raises(Built):
+            from_svi_result(result, num_samples=S, batch_size=S // 4)
+    finally:
+        tracemalloc.stop()
+    assert seen["z"] == (C, S, n)
+    assert seen["peak"] < 1.25 * output, (seen["peak"], output)  # was about 2 x output
+
+
+def test_a_chain_outside_the_output_is_refused(x):
+    out = draws_module.GuideDraws(num_chains=2)
+    with pytest.raises(ValueError, match=r"chain must be in 0 \.\. 1 \(out holds 2 chains\), got chain=2"):
+        draws_module.draw_guide(model, guide, (x,), {}, num_samples=10, out=out, chain=2)
