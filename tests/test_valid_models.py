@@ -16,7 +16,9 @@ amortised ``nn.Module`` guide):
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -1123,3 +1125,91 @@ def test_bad_schedule_value_raises_at_call():
 def test_bad_state_dict(state):
     with pytest.raises(ValueError, match="step"):
         BetaELBO().load_state_dict(state)
+
+
+def _wrapped_guides():
+    """(autoguide class, wrap(guide) -> (model, guide)): wrappers that hide the autoguide object."""
+
+    def scale(g):
+        return poutine.scale(_constrained_model, 0.25), poutine.scale(g, 0.25)
+
+    def nested(g):  # a handler around a handler
+        return _constrained_model, poutine.scale(poutine.block(g, hide=["nothing"]), 1.0)
+
+    def partial(g):
+        return _constrained_model, functools.partial(g)
+
+    def closure(g):
+        def guide(data):
+            return g(data)
+
+        return _constrained_model, guide
+
+    def opaque(g):  # nothing leads to the object: AutoNormal is recognised from the trace
+        holder = {"guide": g}
+
+        def guide(data):
+            return holder["guide"](data)
+
+        return _constrained_model, guide
+
+    cases = [pytest.param(AutoNormal, opaque, id="opaque-AutoNormal")]
+    for Guide in (AutoNormal, AutoDiagonalNormal):
+        for wrap in (scale, nested, partial, closure):
+            cases.append(pytest.param(Guide, wrap, id=f"{wrap.__name__}-{Guide.__name__}"))
+    return cases
+
+
+@pytest.mark.parametrize("Guide, wrap", _wrapped_guides())
+def test_per_site_terms_by_hand_wrapped_autoguides(Guide, wrap):
+    """
+    A wrapped autoguide (poutine.scale, nested handlers, functools.partial, a closure) is attributed
+    as the autoguide itself: kl/<site> is the site's KL (not the cross-entropy -log p(z)) and
+    the auxiliary latent has no entry of its own.
+    """
+    data = _data()
+    auto = Guide(_constrained_model)
+    model, guide = wrap(auto)
+    pyro.set_rng_seed(3)
+    auto(data)  # the parameters
+    loss_fn = BetaELBO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not tell" warning
+        pyro.set_rng_seed(11)
+        loss_fn.loss(model, guide, data)
+    pyro.set_rng_seed(11)
+    ((model_trace, guide_trace),) = _draw(model, guide, (data,), 1, False, 0)
+
+    def lp(trace, name):
+        return trace.nodes[name]["log_prob_sum"].item()
+
+    if Guide is AutoNormal:
+        log_q = {s: lp(guide_trace, f"{s}_unconstrained") + lp(guide_trace, s) for s in ("mu", "sigma")}
+    else:  # the latent's log q per dimension (mu first, then sigma, both of size 1), scaled like the site
+        site = guide_trace.nodes["_AutoDiagonalNormal_latent"]
+        per_dim = site["scale"] * site["fn"].base_dist.log_prob(site["value"])
+        log_q = {s: per_dim[i].item() + lp(guide_trace, s) for i, s in enumerate(("mu", "sigma"))}
+    terms = loss_fn.last_terms
+    assert terms.per_site.keys() == {"x", "mu", "sigma"} and terms.groups == {}
+    for s in ("mu", "sigma"):
+        assert terms.per_site[s]["kl"] == pytest.approx(log_q[s] - lp(model_trace, s), rel=RTOL, abs=ATOL), s
+        assert terms.per_site[s]["entropy"] == pytest.approx(-log_q[s], rel=RTOL, abs=ATOL), s
+        assert terms.per_site[s]["cross_entropy"] == pytest.approx(-lp(model_trace, s), rel=RTOL, abs=ATOL), s
+
+
+def test_unattributable_wrapped_autoguide_warns_once():
+    """A wrapper the loss cannot see through leaves the latent unattributed, and says so (once)."""
+    data = _data()
+    holder = {"guide": AutoDiagonalNormal(_constrained_model)}
+
+    def guide(data):  # holds the autoguide in a dict: neither __wrapped__ nor a closure cell finds it
+        return holder["guide"](data)
+
+    loss_fn = BetaELBO()
+    with pytest.warns(UserWarning, match=r"'_AutoDiagonalNormal_latent'.*auxiliary_for") as record:
+        loss_fn.loss(_constrained_model, guide, data)
+        loss_fn.loss(_constrained_model, guide, data)
+    assert len([w for w in record if "_AutoDiagonalNormal_latent" in str(w.message)]) == 1
+    # the documented fallback: the latent is an entry of its own, mu's kl is the cross-entropy
+    assert "_AutoDiagonalNormal_latent" in loss_fn.last_terms.per_site
+    assert loss_fn.last_terms.per_site["mu"]["entropy"] == 0.0

@@ -30,25 +30,34 @@ losses cache it); :meth:`Attribution.apply` then moves the stacked per-site rows
 entries with one matrix product (plus one per-dimension ``log_prob`` of a split auxiliary
 site): no second model or guide pass and no device sync.
 
+A guide wrapped around an autoguide (``poutine.scale(guide, s)``, other handlers,
+:class:`functools.partial`, a closure) is read through :func:`unwrap_guide`; an
+``AutoNormal`` behind any other wrapper is recognised from the trace (an auxiliary
+``<name>_unconstrained`` next to a ``Delta`` at ``<name>``). An autoguide-like auxiliary site
+that stays unattributed warns (once per guide and set of sites).
+
 Imports :mod:`pyro_elbo_lab.sites` only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from pyro.distributions import ExpandedDistribution, MaskedDistribution
+from pyro.distributions import Delta, ExpandedDistribution, MaskedDistribution
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
 from torch.distributions import Independent
 
 from .. import sites
 
-__all__ = ["AUXILIARY_FOR", "Attribution", "Entry", "Split", "attribute"]
+__all__ = ["AUXILIARY_FOR", "Attribution", "Entry", "Split", "attribute", "unwrap_guide"]
 
 #: The ``infer`` key of a hand-written auxiliary guide site naming the model site(s) it stands for.
 AUXILIARY_FOR = "auxiliary_for"
@@ -207,7 +216,59 @@ def _separable(guide_site: Any) -> bool:
     return f.reinterpreted == 1 and f.element.event_shape == () and guide_site["value"].dim() >= 1
 
 
+_AUTOGUIDES = (AutoGuideList, AutoNormal, AutoContinuous)
+
+
+def unwrap_guide(guide: Any) -> Any:
+    """
+    The autoguide behind a wrapped guide, or the guide itself.
+
+    Follows ``__wrapped__`` (Pyro's handlers, ``poutine.scale(guide, s)``,
+    ``poutine.block(guide)``, :func:`functools.wraps`), :class:`functools.partial` ``.func``,
+    a messenger's ``.fn``, and a closure that holds exactly one autoguide
+    (``def guide(x): return auto(x)``). The attribution checks the autoguide's site names
+    against the trace, so an autoguide found this way that the guide does not run changes
+    nothing.
+
+    :param guide: a guide callable (or ``None``).
+    :returns: the first autoguide found, else ``guide``.
+    """
+    seen: set[int] = set()
+    current = guide
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _AUTOGUIDES):
+            return current
+        inner = getattr(current, "__wrapped__", None)
+        if inner is None and isinstance(current, functools.partial):
+            inner = current.func
+        if inner is None and isinstance(current, Messenger):
+            inner = getattr(current, "fn", None)
+        if inner is None:
+            cells = getattr(current, "__closure__", None) or ()
+            held = []
+            for cell in cells:
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if isinstance(value, _AUTOGUIDES):
+                    held.append(value)
+            inner = held[0] if len(held) == 1 else None
+        if inner is None:
+            return guide
+        current = inner
+    return guide
+
+
+def _is_delta(fn: Any) -> bool:
+    while not isinstance(fn, Delta) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, Delta)
+
+
 def _autoguide_parts(guide) -> list:
+    guide = unwrap_guide(guide)
     if isinstance(guide, AutoGuideList):
         return [p for part in guide for p in _autoguide_parts(part)]
     return [guide] if isinstance(guide, (AutoNormal, AutoContinuous)) else []
@@ -287,6 +348,28 @@ def attribute(guide, model_trace: Trace, guide_trace: Trace, latent: list) -> At
             split[aux] = layout
         else:
             groups[aux] = covered
+    for aux in aux_names:  # AutoNormal's layout from the trace (a guide the unwrapping did not reach)
+        name = aux[: -len("_unconstrained")]
+        if (
+            aux not in known
+            and aux.endswith("_unconstrained")
+            and name in whole
+            and (guide_trace.nodes[aux].get("infer") or {}).get("is_auxiliary")
+            and _is_delta(guide_trace.nodes[name]["fn"])
+        ):
+            whole[name].append(aux)
+            known.add(aux)
+    unknown = [a for a in aux_names if a not in known and (a.endswith("_unconstrained") or a.endswith("_latent"))]
+    if unknown and model_names:
+        warnings.warn(
+            f"The guide's auxiliary site(s) {unknown} look like an autoguide's, but the loss could not tell which "
+            f"model sites they stand for (the guide {type(guide).__name__} hides the autoguide): kl/<site> of "
+            f"their model sites holds the cross-entropy -log p(z), and each is a per-site entry of its own. Pass "
+            f"the autoguide itself (or poutine.scale/block or functools.partial of it), or mark the site with "
+            f"infer={{'is_auxiliary': True, '{AUXILIARY_FOR}': <model site(s)>}}.",
+            UserWarning,
+            stacklevel=2,
+        )
     owner: dict[str, str] = {}
     for aux, covered in groups.items():
         for name in covered:
