@@ -334,10 +334,18 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
                     "Enumerate it away, or leave it out of sites=."
                 )
             if not site["is_observed"] and self.sites is None and not self._beta_is_one(beta):
+                compiled = isinstance(beta, torch.Tensor)
                 raise NotImplementedError(
                     f"β weights every guide site (sites=None), but the model log_prob of '{name}' depends on the "
                     f"model-enumerated site(s) {enumerated}: its KL does not separate from the marginal likelihood. "
-                    "Pass sites= naming the other guide sites."
+                    "Pass sites= naming the other guide sites, or "
+                    + (
+                        f"a constant beta=1.0: {type(self).__name__} compiles β as an input, so it accepts this "
+                        f"model with sites=None only when β is the constant 1, not a schedule "
+                        f"({self._beta!r}), even one whose value is 1."
+                        if compiled
+                        else "beta=1.0 (the ELBO itself)."
+                    )
                 )
             masked = packed.scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
             log_factors.setdefault(ordering[name], []).append(masked)

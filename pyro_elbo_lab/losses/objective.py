@@ -300,11 +300,14 @@ class WeightedObjective(BetaState):
         return any(site_selected(self.sites, n) for n in entry.names)
 
     def __getstate__(self) -> dict:
-        # copies and pickles leave out the guide of the last call and the attribution cache
-        # (rebuilt at the next call): a loss must not carry a guide (or its closures) along
+        # copies and pickles leave out the guide of the last call and the caches (rebuilt at
+        # the next call): a loss must not carry a guide (or its closures) along, and the
+        # compiled functions of a compiled loss (ScriptFunctions cannot be pickled or copied)
         state = self.__dict__.copy()
-        state.pop("_traced_guide", None)
-        state.pop("_attributions", None)
+        for name in ("_traced_guide", "_attributions", "_linear_cache"):
+            state.pop(name, None)
+        if "_compiled" in state:
+            state["_compiled"] = {}
         return state
 
     def _get_traces(self, model, guide, args, kwargs):
