@@ -8,7 +8,8 @@ KL) and :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL where registered)
 differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` per site (or
 :meth:`WeightedObjective._latent_terms` for all sites at once) and
 :attr:`WeightedObjective.analytic_kl` for free bits. Every per-site quantity comes from
-:mod:`pyro_elbo_lab.sites`.
+:mod:`pyro_elbo_lab.sites`; the common linear case (β weighting, reparameterised guide sites,
+Monte Carlo KL) runs as two matrix products in :mod:`.linear`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
 from .attribution import Attribution, Entry, attribute
 from .beta_state import BetaState, check_enumerated_sites, enumerated_site_error, is_enumerated, site_selected
+from .linear import entry_label, linear_particle
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
 __all__ = ["WeightedObjective", "missing_guide_site"]
@@ -47,11 +49,6 @@ def missing_guide_site(name: str, model_site) -> ValueError:
 
 def _is_sample(site) -> bool:
     return site["type"] == "sample"
-
-
-def _entry_label(entry: Entry) -> tuple:
-    """The record name of an entry after its term: ``(site,)``, or ``(name, covered sites)`` for a group."""
-    return (entry.name, entry.sites) if entry.kind == "group" else (entry.name,)
 
 
 class WeightedObjective(BetaState):
@@ -382,7 +379,16 @@ class WeightedObjective(BetaState):
             return zero, 0.0, ["objective"], zero.unsqueeze(0)
 
         if latent and not nonlinear and not self.analytic_kl:
-            fast = self._linear_particle(model_trace, guide_trace, beta, obs_names, obs_lp, latent)
+            fast = linear_particle(
+                beta,
+                obs_names,
+                obs_lp,
+                latent,
+                log_prob_per_particle=self._log_prob_per_particle,
+                attribution=lambda: self._attribution(model_trace, guide_trace, latent),
+                entry_weight=self._entry_weight,
+                cache=self.__dict__.setdefault("_linear_cache", {}),
+            )
             if fast is not None:
                 return fast
         names: list = ["objective"] + [("reconstruction", n) for n in obs_names]
@@ -414,7 +420,7 @@ class WeightedObjective(BetaState):
                     auxiliary=self.free_bits is not None,
                 )
                 kl_surrogate, kl, entropy = moved[0], moved[1].detach(), moved[2].detach()
-            names += [("kl",) + _entry_label(e) for e in entries] + [("entropy",) + _entry_label(e) for e in entries]
+            names += [("kl",) + entry_label(e) for e in entries] + [("entropy",) + entry_label(e) for e in entries]
             pieces += [kl, entropy]
             # linear entries are weighted by beta (selected) or 1; non-linear ones are handled below
             selected_kl: torch.Tensor | None = None
@@ -505,78 +511,6 @@ class WeightedObjective(BetaState):
         # and standard errors are derived when ``last_terms`` is first read (TermsRecord).
         record = torch.cat([objective.detach().unsqueeze(0)] + pieces)
         return objective, surrogate, names, record
-
-    def _linear_particle(
-        self, model_trace: Trace, guide_trace: Trace, beta: Any, obs_names: list, obs_lp: list, latent: list
-    ) -> tuple[torch.Tensor, torch.Tensor, list, torch.Tensor] | None:
-        """
-        :meth:`_particle` for the common case, as two matrix products: β weighting only,
-        every guide site reparameterised, the Monte Carlo KL, every auxiliary guide site
-        attributed whole. The per-site, per-particle sums are stacked once, ``S`` of shape
-        ``(sites,)`` or ``(sites, P)`` (observed log p, latent rows' log q, model log p);
-        the objective is ``c @ S`` (``c`` = +1 observed, -β_e log q, +β_e log p per entry
-        e) and the record ``R @ S`` (reconstruction, KL and entropy rows, the attribution
-        folded in), with ``c`` and ``R`` built once per structure. Same values as the
-        general path to float rounding. ``None`` when the case does not apply.
-        """
-        log_q, log_p, p_rows = [], [], []
-        for r, (_, model_site, guide_site) in enumerate(latent):
-            if not is_identically_zero(guide_site["score_parts"].score_function):
-                return None  # score-function site: the general path
-            log_q.append(self._log_prob_per_particle(guide_site))
-            if model_site is not None:
-                log_p.append(self._log_prob_per_particle(model_site))
-                p_rows.append(r)
-        plan = self._attribution(model_trace, guide_trace, latent)
-        weighted = tuple(self._entry_weight(e) for e in plan.entries)
-        stacked = torch.stack(obs_lp + log_q + log_p)  # dtypes promoted, as the general path's stacks
-        key = (plan, tuple(obs_names), tuple(p_rows), weighted, stacked.dtype, stacked.device)
-        cache = self.__dict__.setdefault("_linear_cache", {})
-        found = cache.get(key)
-        if found is None:
-            found = self._linear_matrices(plan, obs_names, len(latent), p_rows, weighted, stacked)
-            if len(cache) >= 64:
-                cache.clear()
-            cache[key] = found
-        if found is False:
-            return None  # an auxiliary site split over entries: the general path
-        c_one, c_beta, record_matrix, names = found
-        coefficients = c_one if not torch.is_tensor(beta) and beta == 1.0 else c_one - (beta - 1.0) * c_beta
-        surrogate = coefficients @ stacked
-        objective = surrogate.detach()
-        record = torch.cat([objective.unsqueeze(0), record_matrix @ stacked.detach()])
-        return objective, surrogate, names, record
-
-    @staticmethod
-    def _linear_matrices(
-        plan: Attribution, obs_names: list, num_latent: int, p_rows: list, weighted: tuple, like: torch.Tensor
-    ) -> tuple | bool:
-        """``(c at β = 1, dc/dβ, R, names)`` for :meth:`_linear_particle`, or ``False``."""
-        entries = plan.entries
-        if sorted(r for e in entries for r in e.rows) != list(range(num_latent)):
-            return False
-        num_obs = len(obs_names)
-        width = num_obs + num_latent + len(p_rows)
-        p_column = {r: num_obs + num_latent + i for i, r in enumerate(p_rows)}
-        kl_rows = torch.zeros(len(entries), width, dtype=like.dtype, device=like.device)
-        for e, entry in enumerate(entries):
-            for r in entry.rows:
-                kl_rows[e, num_obs + r] = 1.0
-                if r in p_column:
-                    kl_rows[e, p_column[r]] = -1.0
-        entropy_rows = -(kl_rows.clamp(min=0.0))
-        recon_rows = torch.eye(num_obs, width, dtype=like.dtype, device=like.device)
-        selected = torch.tensor(weighted, dtype=like.dtype, device=like.device)
-        c_one = recon_rows.sum(0) - kl_rows.sum(0)
-        c_beta = selected @ kl_rows
-        record_matrix = torch.cat([recon_rows, kl_rows, entropy_rows])
-        names = (
-            ["objective"]
-            + [("reconstruction", n) for n in obs_names]
-            + [("kl",) + _entry_label(e) for e in entries]
-            + [("entropy",) + _entry_label(e) for e in entries]
-        )
-        return c_one, c_beta, record_matrix, names
 
     def _weights(self, weighted: tuple, beta, like: torch.Tensor) -> torch.Tensor:
         """Per-site weights (beta for selected sites, 1 otherwise), shaped to broadcast."""
