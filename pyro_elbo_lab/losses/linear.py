@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-The linear fast path of :meth:`~.objective.WeightedObjective._particle`: the β-weighted
+The linear fast path of ``WeightedObjective._particle`` (:mod:`.objective`): the β-weighted
 objective and its record as two matrix products over the stacked per-site sums.
 
 It applies when the weighting is linear in the per-site log-densities: β weighting only (no
@@ -109,7 +109,7 @@ def linear_particle(
     :param entry_weight: ``entry ->`` whether β weights it.
     :param dict cache: the caller's cache of :func:`linear_matrices` per structure.
     :returns: ``(objective, surrogate, names, record)`` as
-        :meth:`~.objective.WeightedObjective._particle`, or ``None`` when the case does not
+        ``WeightedObjective._particle`` (:mod:`.objective`), or ``None`` when the case does not
         apply (a score-function guide site, an auxiliary site split over entries).
     """
     log_q, log_p, p_rows = [], [], []
