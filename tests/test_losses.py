@@ -925,3 +925,44 @@ def test_copies_and_pickles_do_not_carry_the_guide(Loss):
         expected = (TraceMeanField_ELBO if Loss is BetaMeanFieldELBO else Trace_ELBO)().loss(model, guide, data)
         pyro.set_rng_seed(4)
         assert copied.loss(model, guide, data) == pytest.approx(expected, rel=EXACT)
+
+
+@pytest.mark.parametrize(
+    "particles",
+    [dict(num_particles=1), dict(num_particles=3, vectorize_particles=True, max_plate_nesting=1)],
+    ids=["1particle", "3particles-vectorized"],
+)
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_infinite_likelihood_leaves_the_kl_finite(particles, beta):
+    """
+    An observed log p of -inf (a datum at infinity) makes the reconstruction and the ELBO
+    -inf, but the KL and entropy of the latent site, which do not depend on the datum, stay
+    the finite values of log q - log p and -log q at the drawn z (by hand from the traces).
+    """
+    data = torch.tensor([0.3, float("inf")])
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 2):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    def guide():
+        pyro.sample("z", dist.Normal(torch.tensor(0.4), torch.tensor(0.7)))
+
+    loss_fn = BetaELBO(beta=beta, **particles)
+    pyro.set_rng_seed(5)
+    loss_fn.loss(model, guide)
+    terms = loss_fn.last_terms
+    # z drawn at the same seed, by hand
+    pyro.set_rng_seed(5)
+    n = particles["num_particles"]
+    if particles.get("vectorize_particles"):
+        z = dist.Normal(torch.tensor(0.4), torch.tensor(0.7)).expand([n]).sample()
+    else:
+        z = dist.Normal(torch.tensor(0.4), torch.tensor(0.7)).sample().reshape(1)
+    log_q = dist.Normal(0.4, 0.7).log_prob(z)
+    log_p = dist.Normal(0.0, 1.0).log_prob(z)
+    assert terms.reconstruction == -math.inf
+    assert terms.kl == pytest.approx((log_q - log_p).mean().item(), rel=1e-12)
+    assert terms.entropy == pytest.approx(-log_q.mean().item(), rel=1e-12)
+    assert terms.per_site["z"]["kl"] == pytest.approx((log_q - log_p).mean().item(), rel=1e-12)

@@ -8,10 +8,12 @@ free bits, no capacity), every guide site reparameterised, the Monte Carlo KL, a
 auxiliary guide site attributed whole to an entry (:mod:`.attribution`). The per-site,
 per-particle sums are stacked once, ``S`` of shape ``(sites,)`` or ``(sites, P)``
 (observed log p, the latent rows' log q, the model log p); the objective is ``c @ S``
-(``c`` = +1 observed, -β_e log q, +β_e log p per entry e) and the record ``R @ S``
-(reconstruction, KL and entropy rows, the attribution folded in), with ``c`` and ``R``
-built once per structure (:func:`linear_matrices`, cached by the caller). Same values as
-the general path to float rounding.
+(``c`` = +1 observed, -β_e log q, +β_e log p per entry e); the record's KL and entropy rows
+are per-entry sums of the log q and log p rows (``index_add`` by the entry of each row, the
+attribution folded in, so a non-finite row reaches only its own entry's terms, never another's
+through a zero coefficient), with ``c`` and the row-to-entry indices built once per structure
+(:func:`linear_matrices`, cached by the caller). Same values as the general path to float
+rounding.
 
 Imports :mod:`.attribution` only (and Pyro's ``is_identically_zero``).
 """
@@ -28,8 +30,8 @@ from .attribution import Attribution, Entry
 
 __all__ = ["entry_label", "linear_matrices", "linear_particle"]
 
-#: ``(c at β = 1, dc/dβ, R, names)``
-LinearMatrices = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]
+#: ``(c at β = 1, dc/dβ, entry of each log q row, entry of each log p row, names)``
+LinearMatrices = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]
 
 
 def entry_label(entry: Entry) -> tuple:
@@ -55,9 +57,10 @@ def linear_matrices(
     :param list p_rows: the latent rows that have a model log p, in stacking order.
     :param tuple weighted: per entry, whether β weights it.
     :param torch.Tensor like: a tensor of the dtype and device to build in.
-    :returns: ``(c at β = 1, dc/dβ, R, names)``: two ``(width,)`` coefficient vectors, the
-        ``(terms, width)`` record matrix and the record names, ``width`` being the number of
-        stacked rows; ``None`` when an auxiliary site is split over entries (the general path).
+    :returns: ``(c at β = 1, dc/dβ, q_entry, p_entry, names)``: two ``(width,)`` coefficient
+        vectors (``width`` being the number of stacked rows), the entry of each log q row
+        ``(num_latent,)`` and of each log p row ``(len(p_rows),)`` (int64), and the record
+        names; ``None`` when an auxiliary site is split over entries (the general path).
     """
     entries = plan.entries
     if sorted(r for e in entries for r in e.rows) != list(range(num_latent)):
@@ -66,24 +69,26 @@ def linear_matrices(
     width = num_obs + num_latent + len(p_rows)
     p_column = {r: num_obs + num_latent + i for i, r in enumerate(p_rows)}
     kl_rows = torch.zeros(len(entries), width, dtype=like.dtype, device=like.device)
+    q_entry = [0] * num_latent
     for e, entry in enumerate(entries):
         for r in entry.rows:
+            q_entry[r] = e
             kl_rows[e, num_obs + r] = 1.0
             if r in p_column:
                 kl_rows[e, p_column[r]] = -1.0
-    entropy_rows = -(kl_rows.clamp(min=0.0))
     recon_rows = torch.eye(num_obs, width, dtype=like.dtype, device=like.device)
     selected = torch.tensor(weighted, dtype=like.dtype, device=like.device)
     c_one = recon_rows.sum(0) - kl_rows.sum(0)
     c_beta = selected @ kl_rows
-    record_matrix = torch.cat([recon_rows, kl_rows, entropy_rows])
+    q_index = torch.tensor(q_entry, dtype=torch.long, device=like.device)
+    p_index = torch.tensor([q_entry[r] for r in p_rows], dtype=torch.long, device=like.device)
     names = (
         ["objective"]
         + [("reconstruction", n) for n in obs_names]
         + [("kl",) + entry_label(e) for e in entries]
         + [("entropy",) + entry_label(e) for e in entries]
     )
-    return c_one, c_beta, record_matrix, names
+    return c_one, c_beta, q_index, p_index, names
 
 
 def linear_particle(
@@ -132,9 +137,17 @@ def linear_particle(
         cache[key] = found
     if found is None:
         return None  # an auxiliary site split over entries: the general path
-    c_one, c_beta, record_matrix, names = found
+    c_one, c_beta, q_index, p_index, names = found
     coefficients = c_one if not torch.is_tensor(beta) and beta == 1.0 else c_one - (beta - 1.0) * c_beta
     surrogate = coefficients @ stacked
     objective = surrogate.detach()
-    record = torch.cat([objective.unsqueeze(0), record_matrix @ stacked.detach()])
+    # The record by per-entry sums, not a matrix product: a zero coefficient times a
+    # non-finite row (an observed log p of -inf, say) would make every term NaN.
+    values = stacked.detach()
+    num_obs, num_latent = len(obs_lp), len(log_q)
+    log_q_rows = values[num_obs : num_obs + num_latent]
+    sums = values.new_zeros((len(plan.entries),) + values.shape[1:])
+    entropy = -sums.index_add(0, q_index, log_q_rows)
+    kl = (-entropy).index_add(0, p_index, values[num_obs + num_latent :], alpha=-1.0)
+    record = torch.cat([objective.unsqueeze(0), values[:num_obs], kl, entropy])
     return objective, surrogate, names, record
