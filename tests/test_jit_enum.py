@@ -259,3 +259,26 @@ def test_sites_none_beta_schedule_refused_for_an_inseparable_site():
     for seed in range(2):
         pyro.set_rng_seed(seed)
         assert elbo.loss(model, guide, DATA) == pytest.approx(expected[seed], rel=1e-12)
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_used_compiled_enum_loss_copies_and_pickles(copier):
+    """
+    A JitBetaTraceEnumELBO that has compiled (ScriptFunctions cannot be pickled) copies and
+    pickles; the copy recompiles and gives TraceEnum_ELBO's loss at the same seed (the runner
+    deep-copies the loss once per chain).
+    """
+    import copy
+    import pickle
+
+    elbo = JitBetaTraceEnumELBO(max_plate_nesting=1)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    elbo.loss(mixture_model, mixture_guide, DATA)
+    assert elbo.num_compilations == 1
+    twin = copy.deepcopy(elbo) if copier == "deepcopy" else pickle.loads(pickle.dumps(elbo))
+    pyro.set_rng_seed(3)
+    expected = TraceEnum_ELBO(max_plate_nesting=1).loss(mixture_model, mixture_guide, DATA)
+    pyro.set_rng_seed(3)
+    assert twin.loss(mixture_model, mixture_guide, DATA) == pytest.approx(expected, rel=1e-10)
+    assert len(elbo._compiled) == 1  # the original keeps its compiled function

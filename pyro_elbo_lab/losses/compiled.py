@@ -103,6 +103,14 @@ class CompiledObjective(BetaState):
         self.num_compilations = 0
         self.compile_seconds = 0.0
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles (the runner deep-copies the loss per chain) leave the compiled
+        # functions out (a ScriptFunction cannot be pickled); the copy compiles at its next call.
+        parent = getattr(super(), "__getstate__", None)
+        state = dict(parent() if parent is not None else self.__dict__)
+        state["_compiled"] = {}
+        return state
+
     def _cache_key(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, mode: str) -> tuple:
         for i, arg in enumerate(args):
             if not torch.is_tensor(arg):
