@@ -53,11 +53,13 @@ References
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.runtime import Message
 from torch.distributions import Independent, kl_divergence
 
 __all__ = [
@@ -81,7 +83,7 @@ __all__ = [
 
 
 def sum_per_particle(
-    x, num_particles: int | None = None, max_plate_nesting: int = 0, event_dims: int = 0
+    x: torch.Tensor | float, num_particles: int | None = None, max_plate_nesting: int = 0, event_dims: int = 0
 ) -> torch.Tensor:
     """
     Sum a batch-shaped tensor down to one value per particle.
@@ -121,7 +123,7 @@ def sum_per_particle(
     return x.expand((num_particles,) + x.shape[1:])
 
 
-def log_prob_per_particle(site, num_particles: int | None = None, max_plate_nesting: int = 0) -> torch.Tensor:
+def log_prob_per_particle(site: Message, num_particles: int | None = None, max_plate_nesting: int = 0) -> torch.Tensor:
     """
     A site's scaled, masked ``log_prob`` summed per particle: Pyro's memoised
     ``log_prob_sum`` without a particle plate (no new computation), else
@@ -137,11 +139,13 @@ def log_prob_per_particle(site, num_particles: int | None = None, max_plate_nest
     if num_particles is None:
         return site["log_prob_sum"]
     log_prob = site["log_prob"]
-    memo = site.get("log_prob_per_particle")
+    # Pyro's Message TypedDict lists a closed set of keys, but a site is a plain dict that Pyro itself
+    # extends (pyro.contrib.funsor's msg["funsor"]); the memo key is ours, hence the two ignores
+    memo: tuple[torch.Tensor, int, int, torch.Tensor] | None = site.get("log_prob_per_particle")  # type: ignore[assignment]
     if memo is not None and memo[0] is log_prob and memo[1] == num_particles and memo[2] == max_plate_nesting:
         return memo[3]
     total = sum_per_particle(log_prob, num_particles, max_plate_nesting)
-    site["log_prob_per_particle"] = (log_prob, num_particles, max_plate_nesting, total)
+    site["log_prob_per_particle"] = (log_prob, num_particles, max_plate_nesting, total)  # type: ignore[typeddict-unknown-key]
     return total
 
 
@@ -190,7 +194,7 @@ def factorise(fn: torch.distributions.Distribution) -> Factorised:
     return Factorised(fn, reinterpreted, mask)
 
 
-def site_mask(site) -> torch.Tensor | None:
+def site_mask(site: Mapping[str, Any]) -> torch.Tensor | None:
     """
     The site's ``mask`` (``poutine.mask``) as a bool tensor broadcastable to the site's
     batch shape, or ``None`` when the site is not masked. (Masks set with
@@ -204,7 +208,7 @@ def site_mask(site) -> torch.Tensor | None:
     return mask.bool()
 
 
-def pair_mask(model_site, guide_site) -> torch.Tensor | None:
+def pair_mask(model_site: Mapping[str, Any], guide_site: Mapping[str, Any]) -> torch.Tensor | None:
     """The mask of a pair: an element is kept where neither site masks it (``None``: all kept)."""
     masks = [m for m in (site_mask(model_site), site_mask(guide_site)) if m is not None]
     if not masks:
@@ -212,7 +216,9 @@ def pair_mask(model_site, guide_site) -> torch.Tensor | None:
     return masks[0] if len(masks) == 1 else masks[0] & masks[1]
 
 
-def scale_and_mask_event(x: torch.Tensor, scale, mask, event_dims: int = 0) -> torch.Tensor:
+def scale_and_mask_event(
+    x: torch.Tensor, scale: torch.Tensor | float, mask: torch.Tensor | bool | None, event_dims: int = 0
+) -> torch.Tensor:
     """
     :func:`pyro.distributions.util.scale_and_mask` for a tensor with ``event_dims``
     trailing dims beyond the site's batch shape (masked elements are 0, not NaN).
@@ -224,7 +230,9 @@ def scale_and_mask_event(x: torch.Tensor, scale, mask, event_dims: int = 0) -> t
     return scale_and_mask(x, scale, mask)
 
 
-def _apply(x: torch.Tensor, site, mask, scaled: bool, event_dims: int = 0) -> torch.Tensor:
+def _apply(
+    x: torch.Tensor, site: Mapping[str, Any], mask: torch.Tensor | None, scaled: bool, event_dims: int = 0
+) -> torch.Tensor:
     """Scale (when ``scaled``) and mask ``x``; a ``batch_shape + (J,)`` tensor takes
     ``event_dims=1`` for the scale while its mask already has the full shape."""
     scale = site["scale"] if scaled else 1.0
@@ -236,7 +244,9 @@ def _apply(x: torch.Tensor, site, mask, scaled: bool, event_dims: int = 0) -> to
 # -- per-site quantities ------------------------------------------------------------------------
 
 
-def log_prob(site, *, scaled: bool = True, per_dim: bool = False, value: torch.Tensor | None = None) -> torch.Tensor:
+def log_prob(
+    site: Mapping[str, Any], *, scaled: bool = True, per_dim: bool = False, value: torch.Tensor | None = None
+) -> torch.Tensor:
     """
     :math:`\\log p(z)` of a model site (or :math:`\\log q(z)` of a guide site) per element,
     masked; scaled with ``scaled=True`` (then Pyro's own ``site["log_prob"]``, reused).
@@ -267,7 +277,7 @@ def log_prob(site, *, scaled: bool = True, per_dim: bool = False, value: torch.T
     return lp
 
 
-def count(site, *, scaled: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+def count(site: Mapping[str, Any], *, scaled: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
     """
     The site's element count: ones over its batch shape, masked (by ``mask``, default the
     site's) and, with ``scaled=True``, scaled (``N`` for a data plate, also under
@@ -280,7 +290,7 @@ def count(site, *, scaled: bool = True, mask: torch.Tensor | None = None) -> tor
     return _apply(ones, site, site_mask(site) if mask is None else mask, scaled)
 
 
-def cross_entropy(model_site, guide_site, *, scaled: bool = True) -> torch.Tensor:
+def cross_entropy(model_site: Mapping[str, Any], guide_site: Mapping[str, Any], *, scaled: bool = True) -> torch.Tensor:
     """
     :math:`-\\log p(z)` at the guide's draw, per element (a one-sample estimate of the
     cross-entropy :math:`-\\mathbb{E}_q \\log p(z)`), masked by :func:`element_mask`.
@@ -290,7 +300,9 @@ def cross_entropy(model_site, guide_site, *, scaled: bool = True) -> torch.Tenso
     return _apply(-model_site["unscaled_log_prob"], guide_site, _mask_or_none(model_site, guide_site, False), scaled)
 
 
-def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.Tensor, bool]:
+def entropy(
+    guide_site: Mapping[str, Any], model_site: Mapping[str, Any] | None = None, *, scaled: bool = True
+) -> tuple[torch.Tensor, bool]:
     """
     :math:`\\mathbb{H}[q]` per element: the guide distribution's analytic ``entropy()``
     where it has one, else the one-sample :math:`-\\log q(z)`.
@@ -314,7 +326,9 @@ def entropy(guide_site, model_site=None, *, scaled: bool = True) -> tuple[torch.
     return _apply(value, guide_site, mask, scaled), analytic
 
 
-def _dims_layout(model_site, guide_site):
+def _dims_layout(
+    model_site: Mapping[str, Any], guide_site: Mapping[str, Any]
+) -> tuple[Factorised, Factorised, torch.Size] | None:
     """``(q, p, target)`` when guide and prior split into the same latent dimensions, else None."""
     q, p = factorise(guide_site["fn"]), factorise(model_site["fn"])
     if q.reinterpreted != p.reinterpreted or q.element.event_shape != p.element.event_shape:
@@ -327,7 +341,9 @@ def _flatten_dims(x: torch.Tensor, event_dims: int) -> torch.Tensor:
     return x.reshape(x.shape[: x.dim() - event_dims] + (-1,)) if event_dims else x.unsqueeze(-1)
 
 
-def element_mask(model_site, guide_site=None, *, per_dim: bool = False) -> torch.Tensor:
+def element_mask(
+    model_site: Mapping[str, Any], guide_site: Mapping[str, Any] | None = None, *, per_dim: bool = False
+) -> torch.Tensor:
     """
     Which elements of a latent site are kept: :func:`pair_mask` together with the masks
     of ``Distribution.mask`` wrappers, as a bool tensor. With ``guide_site=None``, the
@@ -352,7 +368,7 @@ def element_mask(model_site, guide_site=None, *, per_dim: bool = False) -> torch
     return torch.ones((), dtype=torch.bool, device=guide_site["value"].device).expand(shape)
 
 
-def _wraps_mask(fn) -> bool:
+def _wraps_mask(fn: object) -> bool:
     while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
         if isinstance(fn, MaskedDistribution):
             return True
@@ -360,7 +376,7 @@ def _wraps_mask(fn) -> bool:
     return False
 
 
-def _mask_or_none(model_site, guide_site, per_dim: bool) -> torch.Tensor | None:
+def _mask_or_none(model_site: Mapping[str, Any], guide_site: Mapping[str, Any], per_dim: bool) -> torch.Tensor | None:
     """:func:`element_mask`, or ``None`` when nothing is masked (the fast path of the losses)."""
     if (
         model_site.get("mask") is None
@@ -386,15 +402,20 @@ def _mask_or_none(model_site, guide_site, per_dim: bool) -> torch.Tensor | None:
     q, p, target = layout
     event_dims = q.reinterpreted
     full = mask.reshape(mask.shape + (1,) * event_dims).expand(target)
-    for m in (q.mask, p.mask):
-        if m is not None:
-            full = full & m.expand(target)
+    for wrapper_mask in (q.mask, p.mask):
+        if wrapper_mask is not None:
+            full = full & wrapper_mask.expand(target)
     full = _flatten_dims(full, event_dims)
     return full if per_dim else full.any(-1)
 
 
 def kl(
-    model_site, guide_site, *, scaled: bool = True, per_dim: bool = False, analytic: bool = True
+    model_site: Mapping[str, Any],
+    guide_site: Mapping[str, Any],
+    *,
+    scaled: bool = True,
+    per_dim: bool = False,
+    analytic: bool = True,
 ) -> tuple[torch.Tensor, bool]:
     """
     :math:`\\mathrm{KL}(q(z) \\| p(z))` at one latent site, per element, masked by
