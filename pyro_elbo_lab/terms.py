@@ -15,10 +15,14 @@ and :math:`\\mathrm{KL}(q \\| p(z)) = -\\mathbb{E}_q[\\log p(z)] - \\mathbb{H}[q
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "ELBOTerms",
@@ -138,7 +142,7 @@ class ELBOTerms:
                     out[f"{term}/{site}"] = value
         return out
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> pd.DataFrame:
         """
         The per-site terms as a :class:`pandas.DataFrame` (one row per site; columns
         ``kl``, ``entropy``, ``cross_entropy``, ``reconstruction``; NaN where a term does
@@ -179,7 +183,7 @@ class TermsRecord:
 
     __slots__ = ("names", "values", "num_particles", "beta", "capacity", "_terms")
 
-    def __init__(self, names, values: torch.Tensor, beta: float, capacity: float | None):
+    def __init__(self, names: list, values: torch.Tensor, beta: float, capacity: float | None) -> None:
         self.names = names
         self.values = values
         self.num_particles = values.shape[-1]
@@ -225,7 +229,7 @@ class TermsRecord:
         stderr = dict(zip(TOTAL_FIELDS, flat[num_totals + num_sites :]))
         return self._build(entries, [flat[0]] + flat[num_totals : num_totals + num_sites], stderr)
 
-    def _build(self, entries, means: list, stderr: dict) -> ELBOTerms:
+    def _build(self, entries: list, means: list, stderr: dict) -> ELBOTerms:
         """ELBOTerms from the particle means ``[objective, *per-entry values]``."""
         recon = kl = entropy = 0.0
         per_site: dict[str, dict[str, float]] = {}
@@ -257,7 +261,9 @@ class TermsRecord:
         )
 
 
-def merge_records(names, records, names_p, record_p):
+def merge_records(
+    names: list, records: list[torch.Tensor], names_p: list, record_p: torch.Tensor
+) -> tuple[list, list[torch.Tensor]]:
     """
     Union of record entries when sequential particles visit different sites (zeros
     elsewhere).
@@ -274,7 +280,7 @@ def merge_records(names, records, names_p, record_p):
     return union, merged
 
 
-def stack_columns(columns):
+def stack_columns(columns: Sequence[tuple[list, torch.Tensor]]) -> tuple[list, torch.Tensor]:
     """
     Per-particle record columns side by side along the particle axis, zeros where a column
     lacks an entry (sequential particles that visit different sites).
@@ -296,7 +302,7 @@ def stack_columns(columns):
     return union, torch.cat(parts, -1)
 
 
-def _widen(index: dict, names, values: torch.Tensor) -> torch.Tensor:
+def _widen(index: dict, names: list, values: torch.Tensor) -> torch.Tensor:
     """``values`` (rows named ``names``) placed in the rows ``index`` gives them; zeros elsewhere."""
     out = values.new_zeros((len(index),) + tuple(values.shape[1:]))
     out[[index[n] for n in names]] = values
