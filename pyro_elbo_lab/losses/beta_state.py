@@ -18,9 +18,12 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
 
 from ..checks import empty_plate_errors, nonnegative_number
 from ..schedules import ScheduleLike, as_schedule
@@ -77,7 +80,7 @@ def check_site_names(sites: Iterable[str] | str | Callable[[str], bool] | None) 
 class GlobSites:
     """A ``sites=`` glob pattern as a predicate (``GlobSites("z_*")("z_3") is True``)."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str) -> None:
         self.pattern = pattern
 
     def __call__(self, name: str) -> bool:
@@ -87,7 +90,7 @@ class GlobSites:
         return repr(self.pattern)
 
 
-def site_selected(sites, name: str) -> bool:
+def site_selected(sites: SiteSelection, name: str) -> bool:
     """Whether ``sites`` (as returned by :func:`check_site_names`) selects site ``name``."""
     if sites is None:
         return True
@@ -96,7 +99,7 @@ def site_selected(sites, name: str) -> bool:
     return bool(sites(name))
 
 
-def check_selection_matches(sites, available: list) -> None:
+def check_selection_matches(sites: SiteSelection, available: list) -> None:
     """
     A pattern or predicate must select at least one of the ``available`` sites of this
     call (explicit names are checked by the losses, with their own messages).
@@ -124,32 +127,34 @@ def enumerated_site_error(name: str) -> ValueError:
     )
 
 
-def is_enumerated(msg) -> bool:
+def is_enumerated(msg: Message) -> bool:
     """Whether a model sample site is latent and marked for enumeration."""
     return not msg["is_observed"] and (msg.get("infer") or {}).get("enumerate") in ("parallel", "sequential")
 
 
 class _GuideSiteNames(Messenger):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.names: set = set()
 
-    def _pyro_sample(self, msg) -> None:
+    def _pyro_sample(self, msg: Message) -> None:
         self.names.add(msg["name"])
 
 
 class _EnumeratedSiteCheck(Messenger):
-    def __init__(self, guide_names: _GuideSiteNames):
+    def __init__(self, guide_names: _GuideSiteNames) -> None:
         super().__init__()
         self.guide_names = guide_names
 
-    def _pyro_sample(self, msg) -> None:
+    def _pyro_sample(self, msg: Message) -> None:
         # runs before poutine.replay substitutes the guide's value and infer dict
         if is_enumerated(msg) and msg["name"] not in self.guide_names.names:
-            raise enumerated_site_error(msg["name"])
+            raise enumerated_site_error(str(msg["name"]))  # Message.name is Optional; a sample site has one
 
 
-def check_enumerated_sites(model, guide):
+def check_enumerated_sites(
+    model: Callable[..., Any], guide: Callable[..., Any]
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """
     Wrap ``model`` and ``guide`` (for one ``_get_trace``, guide run first, as Pyro's
     ``get_importance_trace``) so that a model site enumerated in the model with no guide
@@ -215,7 +220,14 @@ class BetaState:
         self._beta = as_schedule(beta, "beta")
         self._init_step()
 
-    def _init_beta_only(self, beta: ScheduleLike, sites, free_bits, capacity, why: str) -> None:
+    def _init_beta_only(
+        self,
+        beta: ScheduleLike,
+        sites: Iterable[str] | str | Callable[[str], bool] | None,
+        free_bits: float | None,
+        capacity: ScheduleLike | None,
+        why: str,
+    ) -> None:
         """
         β and ``sites`` of a loss that weights by β only (free bits and capacity refused).
 
@@ -233,7 +245,7 @@ class BetaState:
         self._last_record: TermsRecord | None = None
         self._sites_seen: set = set()
 
-    def _check_sites_per_call(self, model_trace, guide_trace, check: Callable, *extra) -> None:
+    def _check_sites_per_call(self, model_trace: Trace, guide_trace: Trace, check: Callable, *extra: Any) -> None:
         """
         The one rule for ``sites=``: checked on every call against the sites present (a deep
         Markov model's ``z_1 … z_T`` varies with the batch's length), cheaply: ``check(model_trace,

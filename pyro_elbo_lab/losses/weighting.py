@@ -8,6 +8,7 @@ step. Used by :mod:`pyro_elbo_lab.losses.objective`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 from pyro.poutine import Trace
 
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-def check_schedule(schedule, name: str) -> None:
+def check_schedule(schedule: Callable[[int], float], name: str) -> None:
     """
     Validate a schedule at construction: its value at step 0 and, for the schedules of
     :mod:`pyro_elbo_lab.schedules` (monotone between ``start`` and ``end``), its end
@@ -47,7 +48,7 @@ def check_schedule(schedule, name: str) -> None:
             )
 
 
-def schedule_value(schedule, step: int, name: str) -> float:
+def schedule_value(schedule: Callable[[int], float], step: int, name: str) -> float:
     """
     The schedule's value at ``step``, checked.
 
@@ -63,11 +64,11 @@ def schedule_value(schedule, step: int, name: str) -> float:
 
 def check_weighting(
     beta: ScheduleLike,
-    sites,
+    sites: Iterable[str] | str | Callable[[str], bool] | None,
     free_bits: float | None,
     capacity: ScheduleLike | None,
     gamma: float,
-):
+) -> tuple[Callable[[int], float], SiteSelection, float | None, float, Callable[[int], float] | None]:
     """
     Validate the objective's hyper-parameters.
 
@@ -107,7 +108,7 @@ def check_weighting(
     return beta_schedule, sites, free_bits, gamma, capacity
 
 
-def _sample_names(trace, observed: bool | None = None) -> list[str]:
+def _sample_names(trace: Trace, observed: bool | None = None) -> list[str]:
     return [
         n
         for n, s in trace.nodes.items()
@@ -115,7 +116,7 @@ def _sample_names(trace, observed: bool | None = None) -> list[str]:
     ]
 
 
-def check_selected_sites(model_trace, guide_trace, sites) -> None:
+def check_selected_sites(model_trace: Trace, guide_trace: Trace, sites: SiteSelection) -> None:
     """
     :raises ValueError: if ``sites`` names an observed site or a site that is neither a
         latent site of the model nor an auxiliary guide site.
