@@ -206,7 +206,17 @@ class CompiledObjective(BetaState):
             outputs = body(beta_t, capacity_t, *args)
         return outputs, holder["names"], list(capture.trace.nodes), body
 
-    def _compile(self, key, model, guide, args, kwargs, beta_t, capacity_t, mode: str):
+    def _compile(
+        self,
+        key: tuple,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        beta_t: torch.Tensor,
+        capacity_t: torch.Tensor | None,
+        mode: str,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], CompiledFunction]:
         """
         Evaluate eagerly (recording which parameters are used), then trace; returns the
         eager outputs, which are those of the uncompiled loss for the same seed, and the

@@ -74,7 +74,7 @@ class InductorStrategy(CompileStrategy):
         info: dict = {"grad_index": found.get("index"), "compiled_modes": set(), "graph": graph if gradients else None}
         return CompiledFunction(function, names, info)
 
-    def _check_differentiated(self, graph, args: tuple) -> None:
+    def _check_differentiated(self, graph: torch.fx.GraphModule, args: tuple) -> None:
         # the gradient graph differentiates with respect to the Pyro parameters only: a
         # tensor that needs a gradient but reaches the graph otherwise (a module not
         # registered with pyro.module, a closure tensor, an argument) would silently get

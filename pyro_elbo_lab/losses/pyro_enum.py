@@ -148,7 +148,7 @@ def dice_log_factors(dice: Dice, target: frozenset) -> list:
     return factors
 
 
-def query_marginals(ring, log_factors: list, sum_dims: set, queries: list) -> list:
+def query_marginals(ring: MarginalRing, log_factors: list, sum_dims: set, queries: list) -> list:
     """
     The marginal (log-space) of each query tensor under the product of ``log_factors``,
     summed over ``sum_dims``: one sum-product and one backward pass through Pyro's einsum

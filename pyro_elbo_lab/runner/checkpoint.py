@@ -73,7 +73,7 @@ def _constraint_singletons() -> dict[str, Any]:
     return out
 
 
-def _encode_constraint(c, tensors) -> dict:
+def _encode_constraint(c: constraints.Constraint, tensors: dict) -> dict:
     for name, value in _constraint_singletons().items():
         if value is c or (type(c) is type(constraints.real) and type(value) is type(c)):
             return {"__constraint__": name}

@@ -394,7 +394,7 @@ class ChainLoop:
         desc = f"chain {self.chain}" if self.options.num_chains > 1 else "SVI"
         return tqdm(total=num_steps, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
-    def _postfix(self, bar, row) -> None:
+    def _postfix(self, bar: Any, row: dict) -> None:
         now = time.perf_counter()
         if now - self._last_postfix < 0.2:
             return

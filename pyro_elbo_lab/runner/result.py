@@ -140,7 +140,7 @@ class SVIResult:
         """Constrained parameter values of :attr:`best_chain`, detached."""
         return constrained_params(self.chain_states[self.best_chain])
 
-    def _check_chain(self, chain) -> int:
+    def _check_chain(self, chain: object) -> int:
         if isinstance(chain, bool) or not isinstance(chain, int) or not 0 <= chain < self.num_chains:
             raise ValueError(
                 f"chain must be an integer in [0, {self.num_chains}) (this result has {self.num_chains} "

@@ -15,7 +15,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pyro
@@ -436,7 +436,13 @@ class SVIRunner:
 
     # -- result -----------------------------------------------------------------------------------
 
-    def _result(self, done, args, model_kwargs, batches) -> SVIResult:
+    def _result(
+        self,
+        done: list[dict],
+        args: tuple[Any, ...],
+        model_kwargs: Mapping[str, Any],
+        batches: Iterable | Callable[[int], Any] | None,
+    ) -> SVIResult:
         import pandas as pd
 
         frames = []
