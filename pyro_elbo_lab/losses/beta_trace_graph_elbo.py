@@ -18,6 +18,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceGraph_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
 from ..schedules import ScheduleLike
@@ -34,7 +36,7 @@ class _BetaScale(Messenger):
     site's unweighted scale (for the recorded decomposition).
     """
 
-    def __init__(self, beta: float, selected):
+    def __init__(self, beta: float, selected: Callable[[str], bool]) -> None:
         super().__init__()
         self.beta = beta
         self.selected = selected
@@ -195,7 +197,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
     def _weighted(self, name: str) -> bool:
         return site_selected(self.sites, name)
 
-    def _record(self, model_trace, guide_trace, model_unweighted: dict, guide_unweighted: dict) -> None:
+    def _record(self, model_trace: Trace, guide_trace: Trace, model_unweighted: dict, guide_unweighted: dict) -> None:
         """Unweighted per-site terms of one trace pair, per particle: columns of shape ``(num_entries, P)``."""
         self._check_sites_per_call(model_trace, guide_trace, self._check_sites)
         vectorized = self.vectorize_particles and self.num_particles > 1
@@ -204,7 +206,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         def weighted_total(site):
             return log_prob_per_particle(site, num, nesting)
 
-        def total(site, unweighted: dict):
+        def total(site: Message, unweighted: dict) -> torch.Tensor:
             scale = unweighted.get(site["name"])
             if scale is None:
                 return weighted_total(site)
@@ -248,7 +250,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
         names = ["objective"] + recon_names + [("kl", n) for n in latent_names] + [("entropy", n) for n in latent_names]
         self._columns.append((names, column))
 
-    def _check_sites(self, model_trace, guide_trace) -> None:
+    def _check_sites(self, model_trace: Trace, guide_trace: Trace) -> None:
         if self.sites is None:
             return
         latent = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
