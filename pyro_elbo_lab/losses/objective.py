@@ -21,6 +21,7 @@ import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine import Trace
+from pyro.poutine.runtime import Message
 from pyro.util import warn_if_nan
 
 from .. import sites
@@ -34,7 +35,7 @@ from .weighting import check_auxiliary, check_particles, check_selected_sites, c
 __all__ = ["WeightedObjective", "missing_guide_site"]
 
 
-def missing_guide_site(name: str, model_site) -> ValueError:
+def missing_guide_site(name: str, model_site: Message) -> ValueError:
     """
     The error for a latent model site without a guide site; for a site enumerated in the
     model it names the class that sums it out (:func:`~.beta_state.enumerated_site_error`).
@@ -47,7 +48,7 @@ def missing_guide_site(name: str, model_site) -> ValueError:
     )
 
 
-def _is_sample(site) -> bool:
+def _is_sample(site: Message) -> bool:
     return site["type"] == "sample"
 
 
@@ -266,20 +267,20 @@ class WeightedObjective(BetaState):
         """The vectorised particle plate's size, or ``None`` for sequential particles."""
         return self.num_particles if self.vectorize_particles and self.num_particles > 1 else None
 
-    def _per_particle(self, x, event_dims: int = 0) -> torch.Tensor:
+    def _per_particle(self, x: torch.Tensor | float, event_dims: int = 0) -> torch.Tensor:
         """:func:`pyro_elbo_lab.sites.sum_per_particle` with this loss's particle plate."""
         if not (self.vectorize_particles and self.num_particles > 1) and not event_dims and torch.is_tensor(x):
             return x.sum()  # the hot path
         # Pyro counts the vectorised particle plate in max_plate_nesting: it sits at -max_plate_nesting
         return sites.sum_per_particle(x, self._particle_plate(), self.max_plate_nesting - 1, event_dims)
 
-    def _log_prob_per_particle(self, site) -> torch.Tensor:
+    def _log_prob_per_particle(self, site: Message) -> torch.Tensor:
         """A site's scaled ``log_prob`` summed per particle (Pyro's memoised sum when sequential)."""
         if not (self.vectorize_particles and self.num_particles > 1):
             return site["log_prob_sum"]  # the hot path: no call into sites.py
         return sites.log_prob_per_particle(site, self.num_particles, self.max_plate_nesting - 1)
 
-    def _entropy_term_per_particle(self, site) -> torch.Tensor:
+    def _entropy_term_per_particle(self, site: Message) -> torch.Tensor:
         """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
         term = site["score_parts"].entropy_term
         if term is site["log_prob"]:  # reparameterised, unscaled: reuse the memoised sum
@@ -512,7 +513,7 @@ class WeightedObjective(BetaState):
         record = torch.cat([objective.detach().unsqueeze(0)] + pieces)
         return objective, surrogate, names, record
 
-    def _weights(self, weighted: tuple, beta, like: torch.Tensor) -> torch.Tensor:
+    def _weights(self, weighted: tuple, beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-site weights (beta for selected sites, 1 otherwise), shaped to broadcast."""
         key = (weighted, like.dtype, like.device, like.dim())
         mask = self._weight_cache.get(key)
@@ -522,7 +523,7 @@ class WeightedObjective(BetaState):
             self._weight_cache[key] = mask
         return 1.0 + (beta - 1.0) * mask
 
-    def _latent_terms(self, latent: list):
+    def _latent_terms(self, latent: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Stacked per-site terms of the latent and auxiliary sites ``[(name, model_site or
         None, guide_site), ...]``: ``(kl_surrogate, kl, entropy)``, each of shape
