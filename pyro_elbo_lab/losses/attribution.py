@@ -267,7 +267,7 @@ def _is_delta(fn: Any) -> bool:
     return isinstance(fn, Delta)
 
 
-def _autoguide_parts(guide) -> list:
+def _autoguide_parts(guide: Callable[..., Any] | None) -> list:
     guide = unwrap_guide(guide)
     if isinstance(guide, AutoGuideList):
         return [p for part in guide for p in _autoguide_parts(part)]
@@ -295,7 +295,7 @@ def _hint(name: str, site: Any, latent_names: Sequence[str]) -> tuple[str, ...] 
     return targets
 
 
-def attribute(guide, model_trace: Trace, guide_trace: Trace, latent: list) -> Attribution:
+def attribute(guide: Callable[..., Any] | None, model_trace: Trace, guide_trace: Trace, latent: list) -> Attribution:
     """
     Which model sites each auxiliary guide site of ``latent`` stands for.
 
