@@ -299,7 +299,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
 
         atoms: list = []  # (ordinal, cost)
 
-        def atom(ordinal, cost) -> int:
+        def atom(ordinal: frozenset, cost: torch.Tensor | float) -> int:
             atoms.append((ordinal, cost))
             return len(atoms) - 1
 
