@@ -120,6 +120,8 @@ if "python" not in intersphinx_mapping:
     ]
 # words our docstrings use as types that are not classes
 nitpick_ignore_regex += [(r"py:class", r"(callable|scalar|optional|array-like|tensor|Tensor)")]
+# type variables (``T`` in ``fresh_copy(x: T) -> T``): autodoc renders them as classes
+nitpick_ignore_regex += [(r"py:class", r"(pyro_elbo_lab(\.\w+)*\.)?[A-Z]")]
 
 
 # -- our own names: the flat API and short names --------------------------------------
