@@ -264,3 +264,38 @@ def test_bad_beta_is_refused(data, beta):
     m, s2 = optimal_encoder(1.0, data)
     with pytest.raises(ValueError, match=r"beta must be a finite number >= 0, got beta="):
         rate_distortion(vae_model, normal_guide(m, s2), data, beta=beta)
+
+
+@pytest.mark.parametrize("prior", ["normal", "lognormal"])
+def test_autonormal_rate_per_site_is_the_site_kl(prior):
+    # AutoNormal's guide for a site is u ~ Normal(m, s) at "<site>_unconstrained" and a Delta at the
+    # site (z = u, or z = exp(u) for the LogNormal prior): its pushforward is Normal(m, s) or
+    # LogNormal(m, s), so the KL from Normal(0, 1) / LogNormal(0, 1) is KL(Normal(m, s) || Normal(0, 1))
+    # in closed form. The rate of that site alone must be it, with no "_unconstrained" entry left.
+    from pyro.infer.autoguide import AutoNormal
+
+    x = torch.tensor([0.5, -1.0, 2.0, 0.3])
+    fn = dist.Normal(0.0, 1.0) if prior == "normal" else dist.LogNormal(0.0, 1.0)
+
+    def model(x):
+        s = pyro.sample("s", fn)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(s, 1.0), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide(x)
+    m, scale = 0.7, 0.4
+    with torch.no_grad():
+        guide.locs.s.fill_(m)
+        guide.scales.s_unconstrained.fill_(
+            float(torch.distributions.transform_to(guide.scale_constraint).inv(torch.tensor(scale)))
+        )
+    assert abs(float(guide.scales.s.detach()) - scale) < 1e-12
+    result = rate_distortion(model, guide, x, num_samples=4000)
+    exact = float(torch.distributions.kl_divergence(dist.Normal(m, scale), dist.Normal(0.0, 1.0))) / x.shape[0]
+    assert set(result.rate_per_site) == {"s"}
+    assert result.kl_method == {"s": "monte carlo"}
+    assert 0 < result.rate_stderr < 0.05
+    assert abs(result.rate_per_site["s"] - exact) < 5 * result.rate_stderr
+    assert abs(result.rate - exact) < 5 * result.rate_stderr

@@ -12,9 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.trace_struct import Trace
 
+from .. import sites as site_terms
 from ..checks import check_int, check_model_kwargs, nonnegative_number
-from .local import batches, collect_local_sites, dimension_names, find_data_plate, local_sites, plan
+from ..losses.attribution import Attribution, attribute
+from .local import (
+    LocalSite,
+    batches,
+    collect_local_sites,
+    dimension_names,
+    find_data_plate,
+    local_sites,
+    plan,
+)
 from .traces import vectorized_traces
 
 if TYPE_CHECKING:
@@ -115,6 +126,59 @@ class CollapseReport:
         )
 
 
+def _latent(model_trace: Trace, guide_trace: Trace) -> list:
+    """``[(name, model_site or None, guide_site), ...]``: latent model sites, then auxiliary guide sites."""
+    latent: list = [
+        (name, site, guide_trace.nodes[name])
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and name in guide_trace.nodes
+    ]
+    latent += [
+        (name, None, site)
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and name not in model_trace.nodes
+    ]
+    return latent
+
+
+def _auxiliary_log_q(
+    view: LocalSite, plan: Attribution, latent: list, guide_trace: Trace, kl: torch.Tensor
+) -> torch.Tensor | None:
+    """
+    The log q of the auxiliary guide sites that stand for ``view``'s site (AutoNormal's
+    ``<site>_unconstrained``), laid out like its KL ``(S, N, D)``; ``None`` when there are none.
+
+    :raises ValueError: when the site's KL cannot be split per dimension (a joint guide).
+    """
+    entry = plan.entry_of(view.name)
+    if entry is None or not entry.auxiliary:
+        return None
+    whole = {latent[r][0] for r in entry.rows}
+    if entry.kind != "site" or any(aux not in whole for aux in entry.auxiliary):
+        raise ValueError(
+            f"posterior_collapse needs the KL of each latent dimension of site '{view.name}', but its guide draws it "
+            f"through the joint auxiliary site(s) {list(entry.auxiliary)} (e.g. AutoDiagonalNormal or "
+            f"AutoMultivariateNormal: one latent for every site and datapoint), whose log q does not split per "
+            f"datapoint and dimension here; use AutoNormal or an amortised guide with a site per latent"
+        )
+    total = torch.zeros_like(kl)
+    for aux in entry.auxiliary:
+        log_q = site_terms.log_prob(guide_trace.nodes[aux], scaled=False, per_dim=True)
+        try:
+            laid: torch.Tensor | None = view.canonical(log_q)
+        except RuntimeError:  # a shape that does not expand to the site's
+            laid = None
+        if laid is None or laid.shape != kl.shape:
+            raise ValueError(
+                f"posterior_collapse needs the KL of each latent dimension of site '{view.name}', but its auxiliary "
+                f"guide site '{aux}' has log q of shape {tuple(log_q.shape)} per dimension, which does not match the "
+                f"site's dimensions (a transform that is not elementwise, e.g. to a simplex); leave the site out "
+                f"with sites=[...]"
+            )
+        total = total + laid
+    return total
+
+
 def posterior_collapse(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -150,7 +214,15 @@ def posterior_collapse(
     most exponential families), averaged over ``num_samples`` draws of the other latents,
     which is exact with one sample when the guide's parameters depend on ``x`` only; else
     it is the Monte Carlo average of :math:`\\log q(z) - \\log p(z)` over ``num_samples``
-    draws per datapoint. :math:`\\mathbb{E}_q[z]` is the guide's ``mean`` where defined,
+    draws per datapoint. With auxiliary guide sites (autoguides), the KL of a site includes
+    the log q of the auxiliary site that stands for it, attributed as in the losses
+    (:func:`pyro_elbo_lab.losses.attribution.attribute`): for
+    :class:`~pyro.infer.autoguide.AutoNormal`, :math:`\\log q(u) + \\log|\\partial u/\\partial z|
+    - \\log p(z)` per dimension (``<site>_unconstrained``'s log q, the log density of the
+    ``Delta`` at the site, the prior), Monte Carlo. A joint latent over sites and datapoints
+    (:class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
+    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`) is refused with a ``ValueError``:
+    it has no KL per datapoint and dimension here. :math:`\\mathbb{E}_q[z]` is the guide's ``mean`` where defined,
     else the sample average. :attr:`CollapseReport.kl_method` says which was used. Draws
     come from one vectorised guide/model trace per batch of samples, under
     :func:`torch.no_grad`. Per-site values come from :mod:`pyro_elbo_lab.sites`: Pyro's
@@ -173,7 +245,8 @@ def posterior_collapse(
     :returns: the report.
     :rtype: CollapseReport
     :raises ValueError: if the plate or a site cannot be found, a site's guide or prior does
-        not factorise over dimensions, or an argument is out of range.
+        not factorise over dimensions, a site is drawn through a joint auxiliary guide site
+        (AutoDiagonalNormal, AutoMultivariateNormal), or an argument is out of range.
 
     References
 
@@ -197,6 +270,7 @@ def posterior_collapse(
         kl_method: dict[str, str] = {}
         mean_method: dict[str, str] = {}
         sizes: list[int] = []
+        attribution: Attribution | None = None
         kept: torch.Tensor | None = None  # (N, D): which elements of the data plate count (masks), from the first draw
         for n in batches(num_samples, batch_size):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
@@ -204,9 +278,21 @@ def posterior_collapse(
                 frame = find_data_plate(traces.model_trace, plate)
                 names = local_sites(traces.model_trace, frame, sites)
             views = collect_local_sites(traces, frame, names, elementwise=True)
+            latent = _latent(traces.model_trace, traces.guide_trace)
+            if attribution is None:  # the sites of every batch are the same
+                attribution = attribute(guide, traces.model_trace, traces.guide_trace, latent)
             kls, means, masks = [], [], []
             for view in views:
                 kl, analytic = view.kl()  # (n, N, D_site), 0 where masked
+                aux = _auxiliary_log_q(view, attribution, latent, traces.guide_trace, kl)
+                if aux is not None:  # the auxiliary site's log q belongs to this site's KL (AutoNormal)
+                    # Monte Carlo at the Delta: the analytic kl_divergence(Delta, p) leaves out its
+                    # log density (the log-Jacobian)
+                    kl = view.canonical(
+                        site_terms.kl(view.model_site, view.guide_site, scaled=False, per_dim=True, analytic=False)[0]
+                    )
+                    kl = kl + torch.where(view.mask().expand(kl.shape), aux, torch.zeros_like(aux))
+                    analytic = False
                 mean, from_guide = view.mean()  # (n, N, D_site)
                 kl_method.setdefault(view.name, "analytic" if analytic else "monte carlo")
                 mean_method.setdefault(view.name, "guide mean" if from_guide else "monte carlo")

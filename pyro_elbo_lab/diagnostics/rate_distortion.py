@@ -6,6 +6,7 @@ or over a sweep of β (Alemi et al. 2018).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pyro.poutine.trace_struct import Trace
 
 from .. import sites
 from ..checks import check_int, check_model_kwargs, nonnegative_number
+from ..losses.attribution import Attribution, attribute
 from .local import batches, find_data_plate, plan, plate_dim
 from .traces import vectorized_traces
 
@@ -129,6 +131,11 @@ def _kept_share(model_trace: Trace, frame: CondIndepStackFrame) -> float:
     return float(kept.sum()) / kept.numel()
 
 
+def _per_particle(x: torch.Tensor, event_dims: int, *, num: int, max_plate_nesting: int) -> torch.Tensor:
+    """Per-sample sums keeping ``event_dims`` trailing dims (the callable :meth:`Attribution.apply` takes)."""
+    return sites.sum_per_particle(x, num, max_plate_nesting, event_dims=event_dims)
+
+
 def rate_distortion(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -163,8 +170,16 @@ def rate_distortion(
     guide/prior pair at a site (as :class:`~pyro_elbo_lab.BetaMeanFieldELBO`), else
     :math:`\\log q(z) - \\log p(z)`; :math:`\\mathbb{E}_q` is a Monte Carlo average over
     ``num_samples`` draws from one vectorised guide/model trace per batch (no Python loop
-    over samples), under :func:`torch.no_grad`. Auxiliary guide sites count in ``R`` with
-    :math:`\\mathbb{E}_q \\log q`, as in :class:`~pyro_elbo_lab.ELBOTerms`.
+    over samples), under :func:`torch.no_grad`. Auxiliary guide sites (autoguides) count in
+    ``R`` with :math:`\\mathbb{E}_q \\log q`, attributed to the model sites they stand for as
+    in the losses (:func:`pyro_elbo_lab.losses.attribution.attribute`): ``rate_per_site["z"]``
+    of an :class:`~pyro.infer.autoguide.AutoNormal` holds ``z_unconstrained``'s log q plus the
+    log-Jacobian of its ``Delta`` minus :math:`\\log p(z)`, z's KL (Monte Carlo); each slice
+    of :class:`~pyro.infer.autoguide.AutoDiagonalNormal`'s latent goes to its site; a joint
+    that does not split per site (:class:`~pyro.infer.autoguide.AutoMultivariateNormal`,
+    flows) is one entry named after its latent site (``"_AutoMultivariateNormal_latent"``)
+    holding the joint KL of its sites, which get no entry of their own; an auxiliary site
+    that says nothing of its model sites stays an entry of its own.
 
     :param model: a fitted Pyro model with observed data.
     :param guide: its guide.
@@ -199,6 +214,7 @@ def rate_distortion(
         kl_method: dict[str, str] = {}
         chunks: list[torch.Tensor] = []  # (n, 2) per batch: rate and distortion per sample
         frame: CondIndepStackFrame | None = None
+        attribution: Attribution | None = None
         share = 1.0
         for i, n in enumerate(batches(num_samples, batch_size)):
             traces = vectorized_traces(model, guide, args, kwargs, n, max_plate_nesting)
@@ -214,6 +230,7 @@ def rate_distortion(
             # (n,) tensors on the model's device; None while no site has added to them
             rate: torch.Tensor | None = None
             distortion: torch.Tensor | None = None
+            latent: list = []  # [(name, model_site or None, guide_site)], model sites first, as the losses
             for name, site in mt.nodes.items():
                 if site["type"] != "sample":
                     continue
@@ -222,17 +239,40 @@ def rate_distortion(
                     dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
                     distortion = term if distortion is None else distortion + term
                 else:
-                    kl, analytic = sites.kl(site, gt.nodes[name])
-                    kl_method.setdefault(name, "analytic" if analytic else "monte carlo")
-                    term = sites.sum_per_particle(kl, n, max_plate_nesting)
-                    rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
-                    rate = term if rate is None else rate + term
-            for name, site in gt.nodes.items():
-                if site["type"] == "sample" and name not in mt.nodes:  # auxiliary guide site
-                    kl_method.setdefault(name, "monte carlo")
-                    term = sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
-                    rate_sites[name] = rate_sites.get(name, 0.0) + term.sum()
-                    rate = term if rate is None else rate + term
+                    if name not in gt.nodes:
+                        raise ValueError(
+                            f"the model's latent site '{name}' has no site in the guide; every latent site needs one"
+                        )
+                    latent.append((name, site, gt.nodes[name]))
+            latent += [
+                (name, None, site)
+                for name, site in gt.nodes.items()
+                if site["type"] == "sample" and name not in mt.nodes
+            ]
+            if latent and attribution is None:  # the sites of every batch are the same
+                attribution = attribute(guide, mt, gt, latent)
+            # a site drawn through an auxiliary site is a Delta whose log density (the log-Jacobian)
+            # the analytic kl_divergence(Delta, p) leaves out: Monte Carlo there
+            drawn = {s for e in attribution.entries if e.auxiliary for s in e.sites} if attribution else set()
+            rows: list[torch.Tensor] = []  # (n,) per latent row
+            analytic_rows: list[bool] = []
+            for name, model_site, guide_site in latent:
+                if model_site is None:  # auxiliary guide site: its log q
+                    kl, analytic = sites.log_prob(guide_site), False
+                else:
+                    kl, analytic = sites.kl(model_site, guide_site, analytic=name not in drawn)
+                rows.append(sites.sum_per_particle(kl, n, max_plate_nesting))
+                analytic_rows.append(analytic)
+            if latent and attribution is not None:
+                stacked = torch.stack(rows, 0).expand(3, len(rows), n)  # (3, R, n): the layout apply moves
+                per_entry = attribution.apply(
+                    latent, stacked, functools.partial(_per_particle, num=n, max_plate_nesting=max_plate_nesting)
+                )[0][1]  # (E, n)
+                for e, entry in enumerate(attribution.entries):
+                    analytic = not entry.auxiliary and all(analytic_rows[r] for r in entry.rows)
+                    kl_method.setdefault(entry.name, "analytic" if analytic else "monte carlo")
+                    rate_sites[entry.name] = rate_sites.get(entry.name, 0.0) + per_entry[e].sum()
+                rate = per_entry.sum(0)
             if rate is None:  # no latent site
                 rate = torch.zeros(n) if distortion is None else torch.zeros_like(distortion)
             if distortion is None:  # no observed site
