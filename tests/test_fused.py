@@ -9,6 +9,8 @@ conjugate model. Each case compiles one fused graph (tens of seconds on a shared
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -101,6 +103,51 @@ def test_same_as_svi(optimizer):
     assert_states_close(f_state, state)
     # the parameters moved (a fused step that did not update them would fail above, but say so)
     assert abs(params["loc"].item()) > 0.5
+
+
+def test_the_same_fused_svi_follows_a_restored_optimiser_state_and_changed_settings():
+    """
+    FusedSVI reuses what it planned at the last step while the parameters, optimisers and
+    state tensors are the same objects. Mid-run, with the same FusedSVI and optimiser:
+    each torch optimiser's ``load_state_dict`` of an earlier state (which replaces the
+    state tensors) and an in-place change of Adam's betas and eps. SVI, given the same interventions,
+    is the reference; a stale plan would update the replaced tensors, or keep the old betas.
+    """
+
+    def by_name(optim):
+        store = pyro.get_param_store()
+        return {store.param_name(p): obj for p, obj in optim.optim_objs.items()}
+
+    def run(svi_class, loss):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        optim = pyro.optim.Adam({"lr": 0.05})
+        svi = svi_class(model, guide, optim, loss)
+        losses = []
+        for step in range(60):
+            if step == 20:
+                saved = {name: copy.deepcopy(obj.state_dict()) for name, obj in by_name(optim).items()}
+            if step == 30:
+                # the moments and step count of step 20, the parameters of step 30
+                # (PyroOptim.set_state only reaches optimisers made later)
+                for name, obj in by_name(optim).items():
+                    obj.load_state_dict(saved[name])
+            if step == 45:
+                for obj in optim.optim_objs.values():
+                    obj.param_groups[0]["betas"] = (0.5, 0.9)
+                    obj.param_groups[0]["eps"] = 1e-3
+            losses.append(svi.step(X))
+        params = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+        return svi, losses, params, optim.get_state()
+
+    _, losses, params, state = run(SVI, new_loss(False))
+    svi, f_losses, f_params, f_state = run(FusedSVI, new_loss(True))
+    assert svi.num_fused_steps == 59 and svi.num_unfused_steps == 1
+    assert f_losses == pytest.approx(losses, rel=1e-10, abs=1e-10)
+    for name, value in params.items():
+        assert torch.allclose(f_params[name], value, rtol=1e-10, atol=1e-12), name
+    assert_states_close(f_state, state)
+    assert state["loc"]["state"][0]["step"] == 60 - 10  # the restore rewound the count: the test exercised it
 
 
 def test_lr_schedule_checkpoint_round_trip_and_closed_form_optimum():
