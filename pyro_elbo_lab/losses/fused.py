@@ -13,8 +13,9 @@ optimisers (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``) in place
 ``optim.get_state()`` / ``set_state()`` (and the runner's checkpoints) work unchanged and a
 run can move between :class:`pyro.infer.SVI` and :class:`FusedSVI` at any step.
 
-Imports torch, pyro, :mod:`.compiled`, :mod:`.compile_strategy` and :mod:`.pyro_optim` (the one
-home of the Pyro-private optimiser names it needs) only.
+Imports torch, pyro, :mod:`.compiled`, :mod:`.compile_strategy`, :mod:`.fused_optim` (the
+optimisers' updates in torch ops) and :mod:`.pyro_optim` (the one home of the Pyro-private
+optimiser names it needs) only.
 """
 
 from __future__ import annotations
@@ -38,64 +39,15 @@ from pyro.util import warn_if_nan
 from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .compile_strategy import CompiledFunction, tensor_signature
 from .compiled import CompiledObjective
+from .fused_optim import FUSED_OPTIMIZERS, OPTIMIZER_CONFIGS, fused_update, restore_host_state, step_rates
 from .pyro_optim import restore_waiting_optimizers
 
-__all__ = ["FUSED_OPTIMIZERS", "FusedSVI", "FusedStep", "unfusable_reason"]
-
-#: the torch optimisers (as wrapped by ``pyro.optim.Adam``, ``ClippedAdam``, ``SGD`` and
-#: their learning-rate schedulers) whose update is fused into the step
-FUSED_OPTIMIZERS = (torch.optim.Adam, TorchClippedAdam, torch.optim.SGD)
+__all__ = ["FusedSVI", "FusedStep", "unfusable_reason"]
 
 # compiled fused steps, per recorded gradient graph (shared by every FusedSVI using the same
 # loss object, model, guide and argument shapes; a deep copy of the loss, e.g. the runner's
 # chains, records and compiles its own) and per optimiser configuration
 _FUSED: weakref.WeakKeyDictionary[CompiledFunction, dict] = weakref.WeakKeyDictionary()
-
-
-def _adam_config(group: dict) -> tuple:
-    for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
-        if group.get(flag):
-            raise ValueError(
-                f"FusedSVI fuses torch.optim.Adam without {flag}, but the optimiser has {flag}=True. "
-                "Use pyro.infer.SVI for this optimiser."
-            )
-    beta1, beta2 = group["betas"]
-    return ("adam", float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
-
-
-def _clipped_adam_config(group: dict) -> tuple:
-    beta1, beta2 = group["betas"]
-    return (
-        "clipped_adam",
-        float(beta1),
-        float(beta2),
-        float(group["eps"]),
-        float(group["weight_decay"]),
-        float(group["clip_norm"]),
-        bool(group["centered_variance"]),
-    )
-
-
-def _sgd_config(group: dict) -> tuple:
-    if group.get("maximize"):
-        raise ValueError(
-            "FusedSVI fuses torch.optim.SGD without maximize, but the optimiser has maximize=True. "
-            "Use pyro.infer.SVI for this optimiser."
-        )
-    return (
-        "sgd",
-        float(group["momentum"]),
-        float(group["dampening"]),
-        float(group["weight_decay"]),
-        bool(group["nesterov"]),
-    )
-
-
-_CONFIGS: dict[type, Callable[[dict], tuple]] = {
-    torch.optim.Adam: _adam_config,
-    TorchClippedAdam: _clipped_adam_config,
-    torch.optim.SGD: _sgd_config,
-}
 
 
 def unfusable_reason(optim: object, loss: object) -> str | None:
@@ -121,7 +73,7 @@ def unfusable_reason(optim: object, loss: object) -> str | None:
     if not isinstance(optim, PyroOptim):
         return f"needs a pyro.optim.PyroOptim, got optim={optim!r}. Wrap it, e.g. pyro.optim.Adam({{...}})."
     constructor = optim.pt_optim_constructor
-    if constructor not in _CONFIGS:
+    if constructor not in OPTIMIZER_CONFIGS:
         supported = ", ".join(c.__name__ for c in FUSED_OPTIMIZERS)
         return (
             f"fuses the updates of {supported} (and Pyro's learning-rate schedulers around them), but optim "
@@ -133,65 +85,6 @@ def unfusable_reason(optim: object, loss: object) -> str | None:
             "Use pyro.optim.ClippedAdam (per-element clip_norm, fused)."
         )
     return None
-
-
-def _keep(ok: torch.Tensor, target: torch.Tensor, new: torch.Tensor) -> None:
-    """``target`` becomes ``new`` where the step is finite and stays bit for bit what it was otherwise."""
-    target.copy_(torch.where(ok, new, target))
-
-
-def _update(
-    config: tuple, param: torch.Tensor, grad: torch.Tensor, state: tuple, rate: torch.Tensor, ok: torch.Tensor
-) -> None:
-    """
-    One parameter's update, in place, in the op order of the torch optimiser (so the result
-    equals it to rounding), applied only where ``ok`` (a 0-dim bool tensor: the loss and
-    every gradient of the step are finite) holds: otherwise the parameter and its state
-    keep their exact values, without a host synchronisation inside the graph. ``rate`` is
-    the learning rate (Adam, SGD) or ClippedAdam's step size (learning rate × bias
-    corrections, computed in Python as ClippedAdam does).
-    """
-    kind = config[0]
-    if kind == "adam":  # torch.optim.adam._single_tensor_adam
-        _, beta1, beta2, eps, weight_decay = config
-        exp_avg, exp_avg_sq, step = state
-        new_step = step + 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        new_avg = exp_avg.lerp(grad, 1 - beta1)
-        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        steps = new_step.to(torch.float64)
-        step_size = rate / (1 - torch.pow(beta1, steps))
-        bias_correction2_sqrt = (1 - torch.pow(beta2, steps)).sqrt()
-        denom = (new_avg_sq.sqrt() / bias_correction2_sqrt.to(param.dtype)).add_(eps)
-        new_param = param - step_size.to(param.dtype) * (new_avg / denom)
-        _keep(ok, step, new_step)
-        _keep(ok, exp_avg, new_avg)
-        _keep(ok, exp_avg_sq, new_avg_sq)
-    elif kind == "clipped_adam":  # pyro.optim.clipped_adam.ClippedAdam.step
-        _, beta1, beta2, eps, weight_decay, clip_norm, centered = config
-        exp_avg, exp_avg_sq = state
-        grad = grad.clamp(-clip_norm, clip_norm)
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        new_avg = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
-        grad_var = grad - new_avg if centered else grad
-        new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad_var, grad_var, value=1 - beta2)
-        denom = new_avg_sq.sqrt().add_(eps)
-        new_param = param - rate.to(param.dtype) * (new_avg / denom)
-        _keep(ok, exp_avg, new_avg)
-        _keep(ok, exp_avg_sq, new_avg_sq)
-    else:  # torch.optim.sgd._single_tensor_sgd
-        _, momentum, dampening, weight_decay, nesterov = config
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        if momentum != 0:
-            (buf,) = state
-            new_buf = buf.mul(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
-            _keep(ok, buf, new_buf)
-        new_param = param - rate.to(param.dtype) * grad
-    _keep(ok, param, new_param)
 
 
 def _make_fused(
@@ -209,7 +102,7 @@ def _make_fused(
         finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads])
         ok = finite.all()
         for k, (i, grad) in enumerate(zip(grad_index, grads)):
-            _update(configs[k], params[i], grad, states[k], rates[k], ok)
+            fused_update(configs[k], params[i], grad, states[k], rates[k], ok)
         # (loss, ok) in one tensor: the caller reads both with one synchronisation
         status = torch.stack([loss.detach(), ok.to(loss.dtype)])
         return status, values, finite
@@ -295,45 +188,9 @@ def _unchanged(last: _Last, named: dict, optim_objs: dict) -> bool:
     return True
 
 
-def _rates(optimizers: tuple, params: tuple, grad_index: tuple) -> tuple[tuple, list[float], list]:
-    """
-    Each updated parameter's optimiser settings and learning rate (or ClippedAdam's step
-    size) for this step, and ClippedAdam's Python-side state as it was before it (which
-    this advances: its decayed learning rate and step count, as ``ClippedAdam.step``).
-    """
-    host_state: list[tuple[dict, str, Any]] = []
-    for optimizer in optimizers:
-        if type(optimizer) is TorchClippedAdam:
-            group = optimizer.param_groups[0]
-            host_state.append((group, "lr", group["lr"]))
-            group["lr"] *= group["lrd"]  # every step, as ClippedAdam.step, with or without a gradient
-    configs = []
-    rates: list[float] = []
-    for i in grad_index:
-        optimizer = optimizers[i]
-        group = optimizer.param_groups[0]
-        kind = type(optimizer)
-        configs.append(_CONFIGS[kind](group))
-        if kind is TorchClippedAdam:
-            state = optimizer.state[params[i]]
-            host_state.append((state, "step", state["step"]))
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            step = state["step"]
-            rates.append(group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step))
-        else:
-            rates.append(float(group["lr"]))
-    return tuple(configs), rates, host_state
-
-
-def _restore_host_state_list(host_state: list) -> None:
-    for target, key, old in host_state:
-        target[key] = old
-
-
 def _restore_host_state(plan: _Plan) -> None:
     """Put back ClippedAdam's Python-side learning rate and step count as they were before ``plan``."""
-    _restore_host_state_list(plan.host_state)
+    restore_host_state(plan.host_state)
 
 
 class FusedSVI(SVI):
@@ -484,10 +341,10 @@ class FusedSVI(SVI):
             # the optimisers' settings; this path costs a third of the full one, and the
             # Python work before the compiled call slows the call itself (its weights leave
             # the CPU caches)
-            configs, rates, host_state = _rates(last.optimizers, last.params, last.grad_index)
+            configs, rates, host_state = step_rates(last.optimizers, last.params, last.grad_index)
             if configs == last.configs:
                 return _Plan(compiled, last.fused, last.views, last.state_views, rates, False, host_state, last.params)
-            _restore_host_state_list(host_state)  # settings changed: the full path below
+            restore_host_state(host_state)  # settings changed: the full path below
         found = tuple(named.get(name) for name in compiled.param_names)
         if any(p is None for p in found):
             return None  # cleared or re-created parameters: the loss re-creates / recompiles
@@ -505,7 +362,7 @@ class FusedSVI(SVI):
         for i in grad_index:
             optimizer = optimizers[i]
             kind = type(optimizer)
-            if kind not in _CONFIGS:
+            if kind not in OPTIMIZER_CONFIGS:
                 raise ValueError(f"FusedSVI cannot fuse {kind.__name__}; use pyro.infer.SVI.")
             state = optimizer.state[params[i]]
             needed = "momentum_buffer" if kind is torch.optim.SGD and optimizer.param_groups[0]["momentum"] else None
@@ -525,7 +382,7 @@ class FusedSVI(SVI):
             else:
                 state_keys.append(() if optimizer.param_groups[0]["momentum"] == 0 else ("momentum_buffer",))
         states = [tuple(optimizers[i].state[params[i]][key] for key in keys) for i, keys in zip(grad_index, state_keys)]
-        configs, rates, host_state = _rates(tuple(optimizers), params, grad_index)
+        configs, rates, host_state = step_rates(tuple(optimizers), params, grad_index)
         scalar_params = tuple(p.dim() == 0 for p in params)
         scalar_states = tuple(tuple(t.dim() == 0 for t in state) for state in states)
         key = (configs, scalar_states)
