@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from pyro.distributions.util import is_identically_zero
-from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from pyro.poutine.runtime import Message
 from pyro.util import warn_if_nan
@@ -30,6 +30,7 @@ from ..terms import ELBOTerms, TermsRecord, merge_records
 from .attribution import Attribution, Entry, attribute
 from .beta_state import BetaState, check_enumerated_sites, enumerated_site_error, is_enumerated, site_selected
 from .linear import entry_label, linear_particle
+from .score_function import downstream_cost, not_reparameterised_error, score_function_surrogate
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
 __all__ = ["WeightedObjective", "missing_guide_site"]
@@ -46,10 +47,6 @@ def missing_guide_site(name: str, model_site: Message) -> ValueError:
         f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
         "needs a matching guide site of the same name (or pass it as observed data)."
     )
-
-
-def _is_sample(site: Message) -> bool:
-    return site["type"] == "sample"
 
 
 class WeightedObjective(BetaState):
@@ -437,12 +434,7 @@ class WeightedObjective(BetaState):
                     size = None
                     for name, model_site, guide_site in members:
                         if not is_identically_zero(guide_site["score_parts"].score_function):
-                            raise NotImplementedError(
-                                "free bits and capacity are non-linear in the KL and need reparameterised guide "
-                                f"sites; guide site '{name}' ({type(guide_site['fn']).__name__}) is not "
-                                "reparameterisable. Use beta weighting, a reparameterisable (e.g. relaxed) "
-                                "distribution, or restrict sites= to reparameterised sites."
-                            )
+                            raise not_reparameterised_error(name, guide_site)
                         if model_site is not None:
                             n = self._per_particle(
                                 sites.count(guide_site, mask=sites.element_mask(model_site, guide_site))
@@ -494,17 +486,17 @@ class WeightedObjective(BetaState):
                 objective = objective + nonlinear_cost
 
         if score_sites:
-            # Score-function term with Pyro's plate-wise Rao-Blackwellised downstream cost. A
-            # free-bits / capacity term is a non-linear function of all selected sites in all
-            # plates, so it enters the downstream cost of every score-function site whole
-            # (per particle), and the selected sites are left out of the plate-wise cost.
-            log_r = self._log_r(model_trace, guide_trace, beta, selected_sites, exclude=nonlinear_sites)
-            extra = self._broadcast_per_particle(nonlinear_cost) if torch.is_tensor(nonlinear_cost) else None
-            for guide_site, sf in score_sites:
-                downstream = log_r.sum_to(guide_site["cond_indep_stack"])
-                if extra is not None:
-                    downstream = downstream + extra
-                surrogate = surrogate + self._per_particle(downstream * sf)
+            # Score-function term with Pyro's plate-wise Rao-Blackwellised downstream cost; a
+            # free-bits / capacity cost enters every site's downstream cost whole (.score_function).
+            log_r = downstream_cost(model_trace, guide_trace, beta, selected_sites, exclude=nonlinear_sites)
+            surrogate = score_function_surrogate(
+                surrogate,
+                score_sites,
+                log_r,
+                self._per_particle,
+                extra=nonlinear_cost if torch.is_tensor(nonlinear_cost) else None,
+                max_plate_nesting=self.max_plate_nesting,
+            )
 
         if not isinstance(objective, torch.Tensor):
             objective = torch.zeros_like(pieces[0][0]) + objective
@@ -540,33 +532,6 @@ class WeightedObjective(BetaState):
             kl.append(terms[1])
             entropy.append(terms[2])
         return torch.stack(kl_surrogate), torch.stack(kl), torch.stack(entropy)
-
-    def _broadcast_per_particle(self, x: torch.Tensor) -> torch.Tensor:
-        """Shape a per-particle value (``()`` or ``(num_particles,)``) to broadcast against sites."""
-        if x.dim() == 0:
-            return x
-        return x.reshape(x.shape + (1,) * (self.max_plate_nesting - 1))
-
-    def _log_r(
-        self, model_trace: Trace, guide_trace: Trace, beta: float, selected: set, exclude: set
-    ) -> MultiFrameTensor:
-        """
-        Downstream cost per plate frame for the score-function term (β-weighted on the model
-        sites in ``selected``), leaving out the latent sites in ``exclude`` (those under a
-        free-bits / capacity term).
-        """
-        log_r = MultiFrameTensor()
-        stacks = get_plate_stacks(model_trace)
-        for name, site in model_trace.nodes.items():
-            if not _is_sample(site) or name in exclude:
-                continue
-            term = site["log_prob"]
-            if not site["is_observed"]:
-                term = term - guide_trace.nodes[name]["log_prob"]
-                if name in selected and (torch.is_tensor(beta) or beta != 1.0):
-                    term = beta * term
-            log_r.add((stacks[name], term.detach()))
-        return log_r
 
     # -- estimator hooks ---------------------------------------------------------------------
 
