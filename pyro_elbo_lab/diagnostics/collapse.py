@@ -16,7 +16,7 @@ from pyro.poutine.trace_struct import Trace
 
 from .. import sites as site_terms
 from ..checks import check_int, check_model_kwargs, nonnegative_number
-from ..losses.attribution import Attribution, attribute
+from ..losses.attribution import Attribution, attribute, sample_sites
 from .local import (
     LocalSite,
     batches,
@@ -124,21 +124,6 @@ class CollapseReport:
             f"CollapseReport({self.active_units}/{self.num_dimensions} active units (threshold {self.threshold:g}), "
             f"kl={self.kl:.4g} nats per datapoint over plate '{self.plate}', sites {list(self.sites)})"
         )
-
-
-def _latent(model_trace: Trace, guide_trace: Trace) -> list:
-    """``[(name, model_site or None, guide_site), ...]``: latent model sites, then auxiliary guide sites."""
-    latent: list = [
-        (name, site, guide_trace.nodes[name])
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and name in guide_trace.nodes
-    ]
-    latent += [
-        (name, None, site)
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and name not in model_trace.nodes
-    ]
-    return latent
 
 
 def _auxiliary_log_q(
@@ -278,7 +263,8 @@ def posterior_collapse(
                 frame = find_data_plate(traces.model_trace, plate)
                 names = local_sites(traces.model_trace, frame, sites)
             views = collect_local_sites(traces, frame, names, elementwise=True)
-            latent = _latent(traces.model_trace, traces.guide_trace)
+            # a latent site without a guide site gets no row, as before (the per-site views need both)
+            latent = sample_sites(traces.model_trace, traces.guide_trace, missing="skip")[1]
             if attribution is None:  # the sites of every batch are the same
                 attribution = attribute(guide, traces.model_trace, traces.guide_trace, latent)
             kls, means, masks = [], [], []

@@ -18,7 +18,7 @@ from pyro.poutine.trace_struct import Trace
 
 from .. import sites
 from ..checks import check_int, check_model_kwargs, nonnegative_number
-from ..losses.attribution import Attribution, attribute
+from ..losses.attribution import Attribution, attribute, sample_sites
 from .local import batches, find_data_plate, plan, plate_dim
 from .traces import vectorized_traces
 
@@ -230,25 +230,11 @@ def rate_distortion(
             # (n,) tensors on the model's device; None while no site has added to them
             rate: torch.Tensor | None = None
             distortion: torch.Tensor | None = None
-            latent: list = []  # [(name, model_site or None, guide_site)], model sites first, as the losses
-            for name, site in mt.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                if site["is_observed"]:
-                    term = -sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
-                    dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
-                    distortion = term if distortion is None else distortion + term
-                else:
-                    if name not in gt.nodes:
-                        raise ValueError(
-                            f"the model's latent site '{name}' has no site in the guide; every latent site needs one"
-                        )
-                    latent.append((name, site, gt.nodes[name]))
-            latent += [
-                (name, None, site)
-                for name, site in gt.nodes.items()
-                if site["type"] == "sample" and name not in mt.nodes
-            ]
+            observed, latent = sample_sites(mt, gt)  # latent model sites, then auxiliary guide sites, as the losses
+            for name, site in observed:
+                term = -sites.sum_per_particle(sites.log_prob(site), n, max_plate_nesting)
+                dist_sites[name] = dist_sites.get(name, 0.0) + term.sum()
+                distortion = term if distortion is None else distortion + term
             if latent and attribution is None:  # the sites of every batch are the same
                 attribution = attribute(guide, mt, gt, latent)
             # a site drawn through an auxiliary site is a Delta whose log density (the log-Jacobian)

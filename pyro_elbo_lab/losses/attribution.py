@@ -46,21 +46,105 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from pyro.distributions import Delta, ExpandedDistribution, MaskedDistribution
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
 from torch.distributions import Independent
 
 from .. import sites
 
-__all__ = ["AUXILIARY_FOR", "Attribution", "Entry", "Split", "attribute", "unwrap_guide"]
+__all__ = [
+    "AUXILIARY_FOR",
+    "Attribution",
+    "Entry",
+    "LatentRow",
+    "Split",
+    "attribute",
+    "auxiliary_sites",
+    "sample_sites",
+    "unwrap_guide",
+]
 
 #: The ``infer`` key of a hand-written auxiliary guide site naming the model site(s) it stands for.
 AUXILIARY_FOR = "auxiliary_for"
+
+#: One row of the latent list: ``(name, model_site or None, guide_site)``; ``None`` for an
+#: auxiliary guide site (one the model does not have).
+LatentRow = tuple[str, Message | None, Message]
+
+
+def auxiliary_sites(model_trace: Trace, guide_trace: Trace) -> list[tuple[str, Message]]:
+    """
+    The guide's auxiliary sites: its sample sites that the model does not have, in guide order.
+
+    :param model_trace: the model's trace.
+    :param guide_trace: the guide's trace.
+    :returns: ``[(name, guide_site), ...]``.
+    :rtype: list
+    """
+    model_nodes = model_trace.nodes
+    return [
+        (name, site) for name, site in guide_trace.nodes.items() if site["type"] == "sample" and name not in model_nodes
+    ]
+
+
+def _no_guide_site(name: str, model_site: Message) -> ValueError:
+    return ValueError(
+        f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
+        "needs a matching guide site of the same name (or pass it as observed data)."
+    )
+
+
+def sample_sites(
+    model_trace: Trace,
+    guide_trace: Trace,
+    *,
+    missing: Literal["raise", "skip"] | Callable[[str, Message], Exception] = "raise",
+) -> tuple[list[tuple[str, Message]], list[LatentRow]]:
+    """
+    The model's observed sites and the latent list every loss and diagnostic stacks, from one
+    walk of each trace: the latent model sites (each with its guide site) in model order,
+    then the guide's auxiliary sites (:func:`auxiliary_sites`) in guide order. Row ``i`` of
+    the latent list is row ``i`` of the stacked per-site terms that :func:`attribute` and
+    :meth:`Attribution.apply` read.
+
+    :param model_trace: the model's trace.
+    :param guide_trace: the guide's trace.
+    :param missing: what to do with a latent model site that has no guide site: ``"raise"``
+        a ``ValueError`` naming it, ``"skip"`` it (it gets no row), or a callable
+        ``(name, model_site) -> Exception`` whose result is raised (a loss's own message).
+    :returns: ``(observed, latent)``: ``observed`` is ``[(name, model_site), ...]`` in model
+        order; ``latent`` is ``[(name, model_site or None, guide_site), ...]``
+        (:data:`LatentRow`), ``None`` for an auxiliary guide site.
+    :rtype: tuple
+    :raises ValueError: with ``missing="raise"``, for a latent model site without a guide site.
+    """
+    if not (missing == "raise" or missing == "skip" or callable(missing)):
+        raise ValueError(
+            f"missing must be 'raise', 'skip' or a callable (name, model_site) -> Exception, got {missing!r}"
+        )
+    observed: list[tuple[str, Message]] = []
+    latent: list[LatentRow] = []
+    guide_nodes = guide_trace.nodes
+    for name, model_site in model_trace.nodes.items():
+        if model_site["type"] != "sample":
+            continue
+        if model_site["is_observed"]:
+            observed.append((name, model_site))
+            continue
+        guide_site = guide_nodes.get(name)
+        if guide_site is None:
+            if missing == "skip":
+                continue
+            raise _no_guide_site(name, model_site) if missing == "raise" else missing(name, model_site)
+        latent.append((name, model_site, guide_site))
+    latent += [(name, None, site) for name, site in auxiliary_sites(model_trace, guide_trace)]
+    return observed, latent
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pyro.poutine import Trace
 from pyro.poutine.runtime import Message
 
 from .. import sites
+from .attribution import auxiliary_sites
 from .objective import WeightedObjective
 
 __all__ = ["BetaMeanFieldELBO"]
@@ -112,7 +113,6 @@ class BetaMeanFieldELBO(WeightedObjective, TraceMeanField_ELBO):
         self, model_trace: Trace, guide_trace: Trace, beta: float, capacity: float | None
     ) -> tuple[torch.Tensor, torch.Tensor | float, list, torch.Tensor]:
         if is_validation_enabled():
-            for name, site in guide_trace.nodes.items():
-                if site["type"] == "sample" and name not in model_trace.nodes:
-                    _check_reparameterised(name, site)
+            for name, site in auxiliary_sites(model_trace, guide_trace):
+                _check_reparameterised(name, site)
         return super()._particle(model_trace, guide_trace, beta, capacity)
