@@ -14,9 +14,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from _models import adam, normal_guide, normal_mean_model, svi_runner
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, SVIRunner
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO
 from pyro_elbo_lab.runner import Checkpointing
 from pyro_elbo_lab.schedules import LinearWarmup
 
@@ -28,30 +29,15 @@ def data():
     return torch.linspace(-1.0, 3.0, N)
 
 
-def model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide(x):
-    loc = pyro.param("loc", torch.tensor(0.0))
-    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("z", dist.Normal(loc, scale))
-
-
-def adam(lr=0.05):
-    return pyro.optim.Adam({"lr": lr})
+model = normal_mean_model()
+guide = normal_guide()
 
 
 def write_checkpoint(path, data, num_steps=10, every=5, **options):
     """A run of `num_steps` that leaves its checkpoint at `path`."""
-    SVIRunner(
+    svi_runner(
         model,
         guide,
-        adam(),
-        BetaELBO(),
-        progress_bar=False,
         seed=0,
         checkpoint=Checkpointing(path, every=every),
         **options,
@@ -87,8 +73,8 @@ def test_resume_equals_uninterrupted(data, tmp_path, kind):
             shutil.copy(path + ".history.jsonl", at_14 + ".history.jsonl")
 
     m, g, optim, loss = _resume_setup(kind)
-    full = SVIRunner(
-        m, g, optim, loss, progress_bar=False, seed=11, callbacks=[keep_14], checkpoint=Checkpointing(path, every=7)
+    full = svi_runner(
+        m, g, optim=optim, loss=loss, seed=11, callbacks=[keep_14], checkpoint=Checkpointing(path, every=7)
     ).run(data, num_steps=20)
     # a fresh process continues from step 14; one resumed from the finished run's last
     # checkpoint (step 20) gets the finished run
@@ -96,9 +82,7 @@ def test_resume_equals_uninterrupted(data, tmp_path, kind):
         pyro.clear_param_store()
         pyro.set_rng_seed(123)
         m, g, optim, loss = _resume_setup(kind)
-        resumed = SVIRunner(m, g, optim, loss, progress_bar=False, seed=11).run(
-            data, num_steps=20, resume_from=resume_from
-        )
+        resumed = svi_runner(m, g, optim=optim, loss=loss, seed=11).run(data, num_steps=20, resume_from=resume_from)
         assert resumed.history["step"].tolist() == list(range(20))
         # same parameters, optimiser and scheduler state, loss state and RNG state: the resumed
         # steps do the same floating-point operations, so the histories are bit-equal
@@ -115,12 +99,9 @@ def test_resume_after_interrupt_with_chains(data, tmp_path):
     path = tmp_path / "ckpt.pt"
 
     def make(callbacks=()):
-        return SVIRunner(
+        return svi_runner(
             model,
             AutoNormal(model),
-            adam(),
-            BetaELBO(),
-            progress_bar=False,
             num_chains=2,
             seed=3,
             checkpoint=Checkpointing(path, every=5),
@@ -159,14 +140,10 @@ def test_resume_with_a_list_of_batches_equals_uninterrupted(data, tmp_path):
         seen.append(x.shape[0])
         model(x)
 
-    full = SVIRunner(
-        m, guide, adam(), BetaELBO(), progress_bar=False, seed=2, checkpoint=Checkpointing(path, every=4)
-    ).run(num_steps=6, batches=batches)
+    full = svi_runner(m, guide, seed=2, checkpoint=Checkpointing(path, every=4)).run(num_steps=6, batches=batches)
     assert seen == [5, 7, 8, 5, 7, 8]
     pyro.clear_param_store()
-    resumed = SVIRunner(m, guide, adam(), BetaELBO(), progress_bar=False, seed=2).run(
-        num_steps=6, batches=batches, resume_from=path
-    )
+    resumed = svi_runner(m, guide, seed=2).run(num_steps=6, batches=batches, resume_from=path)
     assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
     for name, value in full.params.items():
         assert torch.equal(resumed.params[name], value)
@@ -176,17 +153,13 @@ def test_a_resumed_run_appends_to_the_same_checkpoint(data, tmp_path):
     # 20 steps in two runs of 10, both checkpointing to the same file, give the rows and
     # parameters of one run of 20; the history file holds each row once
     full_path, path = tmp_path / "full.pt", tmp_path / "ckpt.pt"
-    full = SVIRunner(
-        model, guide, adam(), BetaELBO(), progress_bar=False, seed=4, checkpoint=Checkpointing(full_path, every=5)
-    ).run(data, num_steps=20)
+    full = svi_runner(model, guide, seed=4, checkpoint=Checkpointing(full_path, every=5)).run(data, num_steps=20)
     pyro.clear_param_store()
-    SVIRunner(
-        model, guide, adam(), BetaELBO(), progress_bar=False, seed=4, checkpoint=Checkpointing(path, every=5)
-    ).run(data, num_steps=10)
+    svi_runner(model, guide, seed=4, checkpoint=Checkpointing(path, every=5)).run(data, num_steps=10)
     pyro.clear_param_store()
-    second = SVIRunner(
-        model, guide, adam(), BetaELBO(), progress_bar=False, seed=4, checkpoint=Checkpointing(path, every=5)
-    ).run(data, num_steps=20, resume_from=path)
+    second = svi_runner(model, guide, seed=4, checkpoint=Checkpointing(path, every=5)).run(
+        data, num_steps=20, resume_from=path
+    )
     assert second.history["loss"].tolist() == full.history["loss"].tolist()
     rows = history_rows(path)
     assert [r["step"] for r in rows] == list(range(20))
@@ -197,14 +170,14 @@ def test_continuing_a_finished_checkpoint_leaves_the_state_of_the_longer_run(dat
     # a checkpoint of a run that finished at step 10, continued to 20: afterwards the
     # optimiser (Adam's own step count), the loss's step and the RNG are those at step 20
     # of an uninterrupted run (they were rolled back to the checkpoint's step 10)
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0)
+    runner = svi_runner(model, guide, seed=0)
     runner.run(data, num_steps=20)
     full_rng = torch.get_rng_state()
     full_steps = {n: float(s["state"][0]["step"]) for n, s in runner.optim.get_state().items()}
     pyro.clear_param_store()
     path = tmp_path / "ckpt.pt"
     write_checkpoint(path, data, num_steps=10)
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0)
+    runner = svi_runner(model, guide, seed=0)
     runner.run(data, num_steps=20, resume_from=path)
     assert runner.loss.step == 20
     assert {n: float(s["state"][0]["step"]) for n, s in runner.optim.get_state().items()} == full_steps
@@ -220,9 +193,9 @@ def test_rows_of_a_write_that_never_committed_are_ignored_and_dropped(data, tmp_
     write_checkpoint(path, data, num_steps=10)
     with open(str(path) + ".history.jsonl", "a") as f:
         f.write('{"step": 999, "loss": 1.0}\n{"step": 1000, "lo')
-    result = SVIRunner(
-        model, guide, adam(), BetaELBO(), progress_bar=False, seed=0, checkpoint=Checkpointing(path, every=5)
-    ).run(data, num_steps=15, resume_from=path)
+    result = svi_runner(model, guide, seed=0, checkpoint=Checkpointing(path, every=5)).run(
+        data, num_steps=15, resume_from=path
+    )
     assert result.history["step"].tolist() == list(range(15))
     assert [r["step"] for r in history_rows(path)] == list(range(15))
 
@@ -260,12 +233,11 @@ def other_shape_guide(x):
 def test_resume_refuses_a_mismatch(data, tmp_path, change, match):
     path = tmp_path / "ckpt.pt"
     write_checkpoint(path, data, num_steps=10)
-    runner = SVIRunner(
+    runner = svi_runner(
         model,
         change.get("guide", guide),
-        change.get("optim", adam)(),
-        change.get("loss", BetaELBO)(),
-        progress_bar=False,
+        optim=change.get("optim", adam)(),
+        loss=change.get("loss", BetaELBO)(),
         num_chains=change.get("num_chains", 1),
     )
     with pytest.raises(ValueError, match=rf"resume_from='{path}'(.|\n)*{match}"):
@@ -275,7 +247,7 @@ def test_resume_refuses_a_mismatch(data, tmp_path, change, match):
 def test_resume_warns_when_the_data_shapes_differ(data, tmp_path):
     path = tmp_path / "ckpt.pt"
     write_checkpoint(path, data, num_steps=10)
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False)
+    runner = svi_runner(model, guide)
     with pytest.warns(UserWarning, match=r"resume_from=.*differ in shape or dtype") as caught:
         runner.run(data[:7], num_steps=12, resume_from=path)
     assert caught[0].filename == __file__  # the warning points at the caller's line
@@ -321,7 +293,7 @@ def _bad_files(tmp_path, data):
 
 def test_bad_files_are_refused_and_run_nothing(data, tmp_path):
     files, marker = _bad_files(tmp_path, data)
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False)
+    runner = svi_runner(model, guide)
     for path, match in files.values():
         with pytest.raises(ValueError, match=rf"resume_from='{path}' is not a usable checkpoint(.|\n)*{match}"):
             runner.run(data, num_steps=20, resume_from=path)
@@ -340,7 +312,7 @@ def test_a_short_history_file_is_refused(data, tmp_path):
     with open(history, "rb+") as f:
         f.truncate(os.path.getsize(history) - 10)
     with pytest.raises(ValueError, match=r"resume_from=.*history file .* is shorter than"):
-        SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False).run(data, num_steps=20, resume_from=path)
+        svi_runner(model, guide).run(data, num_steps=20, resume_from=path)
 
 
 # -- paths, links, atomic and incremental writes ------------------------------------------------------
@@ -374,7 +346,7 @@ def test_a_planted_symlink_is_never_followed(data, tmp_path, where):
     target.write_text("keep me")
     link = {"output": path, "temporary": tmp_path / "ckpt.pt.tmp", "history": tmp_path / "ckpt.pt.history.jsonl"}
     # the path is checked at construction; the link is planted afterwards, before the first write
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, checkpoint=checkpoint)
+    runner = svi_runner(model, guide, checkpoint=checkpoint)
     link[where].symlink_to(target)
     with pytest.raises(ValueError, match="symbolic link"):
         runner.run(data, num_steps=4)
@@ -400,13 +372,13 @@ def test_a_failed_write_keeps_the_previous_checkpoint(data, tmp_path, monkeypatc
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
-    runner = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, checkpoint=Checkpointing(path, every=5))
+    runner = svi_runner(model, guide, checkpoint=Checkpointing(path, every=5))
     with pytest.raises(OSError, match="No space left on device.*previous checkpoint.*kept"):
         runner.run(data, num_steps=20)
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.history.jsonl"]
     pyro.clear_param_store()
-    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False).run(data, num_steps=7, resume_from=path)
+    resumed = svi_runner(model, guide).run(data, num_steps=7, resume_from=path)
     assert resumed.history["step"].tolist() == list(range(7))
 
 
@@ -422,12 +394,9 @@ def test_history_is_written_by_appending(data, tmp_path):
             with open(history, "rb") as f:
                 snapshots[step] = f.read()
 
-    result = SVIRunner(
+    result = svi_runner(
         model,
         guide,
-        adam(),
-        BetaELBO(),
-        progress_bar=False,
         callbacks=[snapshot],
         checkpoint=Checkpointing(path, every=10),
     ).run(data, num_steps=30)
@@ -450,26 +419,19 @@ def test_resume_keeps_the_convergence_rule_state(data, tmp_path):
     convergence = Convergence(window=40, num_chains=2, rhat=4.0, params=True, average=15)
     path = str(tmp_path / "fit.ckpt")
     pyro.set_rng_seed(0)
-    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5, convergence=convergence).run(
-        data, num_steps=3000
-    )
+    full = svi_runner(model, guide, seed=5, convergence=convergence).run(data, num_steps=3000)
     assert full.stop_reason == "converged", full.convergence
     stop = len(full.history)
     pyro.clear_param_store()
-    SVIRunner(
+    svi_runner(
         model,
         guide,
-        adam(),
-        BetaELBO(),
-        progress_bar=False,
         seed=5,
         convergence=convergence,
         checkpoint=Checkpointing(path, every=stop - 7),
     ).run(data, num_steps=stop - 7)
     pyro.clear_param_store()
-    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=5, convergence=convergence).run(
-        data, num_steps=3000, resume_from=path
-    )
+    resumed = svi_runner(model, guide, seed=5, convergence=convergence).run(data, num_steps=3000, resume_from=path)
     assert resumed.stop_reason == "converged" and len(resumed.history) == stop
     assert resumed.history["loss"].tolist() == full.history["loss"].tolist()
     assert resumed.convergence[0]["param_rhat"] == full.convergence[0]["param_rhat"]
@@ -488,12 +450,10 @@ def test_resume_from_a_checkpoint_on_a_check_step_stops_where_the_run_did(data, 
     def fit(path, num_steps=3000, resume=None, callbacks=()):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        return SVIRunner(
+        return svi_runner(
             model,
             guide,
-            adam(),
-            BetaMeanFieldELBO(),
-            progress_bar=False,
+            loss=BetaMeanFieldELBO(),
             seed=0,
             convergence=Convergence(),
             checkpoint=Checkpointing(path, every=50),
@@ -522,7 +482,7 @@ def test_resume_from_a_checkpoint_on_a_check_step_stops_where_the_run_did(data, 
 def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
     # after an exception the same runner resumes from its checkpoint at step 20: the optimiser
     # state is the checkpoint's, not the live one of step 25
-    full = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(data, num_steps=40)
+    full = svi_runner(model, guide, seed=0).run(data, num_steps=40)
     pyro.clear_param_store()
     armed = [True]
 
@@ -531,12 +491,9 @@ def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
             raise RuntimeError("boom")
 
     path = str(tmp_path / "fit.ckpt")
-    runner = SVIRunner(
+    runner = svi_runner(
         model,
         guide,
-        adam(),
-        BetaELBO(),
-        progress_bar=False,
         seed=0,
         checkpoint=Checkpointing(path, every=10),
         callbacks=[crash],
@@ -553,17 +510,13 @@ def test_resume_with_the_same_runner_in_the_same_process(data, tmp_path):
 def test_a_renamed_checkpoint_resumes(data, tmp_path):
     # a checkpoint moved with its history file (renamed alike) resumes from the new name
     old, new = str(tmp_path / "old.ckpt"), str(tmp_path / "new.ckpt")
-    full = SVIRunner(
-        model, guide, adam(), BetaELBO(), progress_bar=False, seed=0, checkpoint=Checkpointing(old, every=7)
-    ).run(data, num_steps=10)
+    full = svi_runner(model, guide, seed=0, checkpoint=Checkpointing(old, every=7)).run(data, num_steps=10)
     os.rename(old, new)
     os.rename(old + ".history.jsonl", new + ".history.jsonl")
     pyro.clear_param_store()
-    resumed = SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(
-        data, num_steps=20, resume_from=new
-    )
+    resumed = svi_runner(model, guide, seed=0).run(data, num_steps=20, resume_from=new)
     assert resumed.history["loss"].tolist()[:10] == full.history["loss"].tolist()
     assert len(resumed.history) == 20
     os.remove(new + ".history.jsonl")
     with pytest.raises(ValueError, match="new.ckpt.history.jsonl.* is missing"):
-        SVIRunner(model, guide, adam(), BetaELBO(), progress_bar=False, seed=0).run(data, num_steps=20, resume_from=new)
+        svi_runner(model, guide, seed=0).run(data, num_steps=20, resume_from=new)

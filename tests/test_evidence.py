@@ -15,6 +15,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from _models import bernoulli_guide, bernoulli_mixture_log_joint, bernoulli_mixture_model
 
 import pyro_elbo_lab
 from pyro_elbo_lab.diagnostics import EvidenceEstimate, ImportanceSamplingWarning, estimate_evidence
@@ -329,27 +330,23 @@ def test_guide_without_latent_site():
         estimate_evidence(nn_model, guide, X, num_samples=10)
 
 
-def test_infinite_log_weights_name_the_site():
-    def model(x):
-        mu = pyro.sample("mu", dist.Normal(0.0, TAU0))
-        pyro.factor("constraint", torch.where(mu > 0, torch.tensor(-math.inf), torch.tensor(0.0)))
-        with pyro.plate("data", len(x)):
-            pyro.sample("obs", dist.Normal(mu, SIGMA), obs=x)
+def negative_mu_model(x):
+    """nn_model with a factor 'constraint' that is -inf where mu > 0."""
+    mu = pyro.sample("mu", dist.Normal(0.0, TAU0))
+    pyro.factor("constraint", torch.where(mu > 0, torch.tensor(-math.inf), torch.tensor(0.0)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(mu, SIGMA), obs=x)
 
+
+def test_infinite_log_weights_name_the_site():
     with pytest.raises(ValueError, match=r"of 100 importance samples .* model site 'constraint' \(infinite log_prob\)"):
-        estimate_evidence(model, gaussian_guide(0.5, 1.0), X, num_samples=100)
+        estimate_evidence(negative_mu_model, gaussian_guide(0.5, 1.0), X, num_samples=100)
 
 
 def test_non_finite_log_weights_count_within_the_batch():
     # the count is of the batch that failed, and says so (not "of 100" for a batch of 40)
-    def model(x):
-        mu = pyro.sample("mu", dist.Normal(0.0, TAU0))
-        pyro.factor("constraint", torch.where(mu > 0, torch.tensor(-math.inf), torch.tensor(0.0)))
-        with pyro.plate("data", len(x)):
-            pyro.sample("obs", dist.Normal(mu, SIGMA), obs=x)
-
     with pytest.raises(ValueError, match=r"^\d+ in a batch of 40 importance samples \(of 100\) have a non-finite"):
-        estimate_evidence(model, gaussian_guide(0.5, 1.0), X, num_samples=100, batch_size=40)
+        estimate_evidence(negative_mu_model, gaussian_guide(0.5, 1.0), X, num_samples=100, batch_size=40)
 
 
 def test_nan_log_weights_name_the_site():
@@ -541,16 +538,8 @@ def test_discrete_guide_with_tied_weights_is_reliable_and_exact():
     # gave k̂ = inf ("evidence unreliable") although the evidence was right. Exact evidence by
     # summing over z: p(x) = 0.7 N(x; 0, 1) + 0.3 N(x; 3, 1).
     x = torch.tensor(2.0)
-
-    def model(x):
-        z = pyro.sample("z", dist.Bernoulli(0.3))
-        pyro.sample("x", dist.Normal(3.0 * z, 1.0), obs=x)
-
-    def guide(x):
-        pyro.sample("z", dist.Bernoulli(0.6))
-
-    normal = torch.distributions.Normal(torch.tensor([0.0, 3.0]), 1.0)
-    exact = torch.logsumexp(torch.log(torch.tensor([0.7, 0.3])) + normal.log_prob(x), 0).item()
-    result = estimate_evidence(model, guide, x, num_samples=4000)  # warnings are errors here
+    exact = torch.logsumexp(bernoulli_mixture_log_joint(x), 0).item()
+    # warnings are errors here
+    result = estimate_evidence(bernoulli_mixture_model, bernoulli_guide(), x, num_samples=4000)
     assert result.pareto_k == -math.inf and result.verdict == "IS reliable" and result.stderr_reliable
     assert abs(result.log_evidence - exact) < 4 * result.log_evidence_stderr

@@ -16,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from _models import bernoulli_guide, bernoulli_mixture_log_joint, bernoulli_mixture_model
 
 from pyro_elbo_lab import estimate_evidence, posterior_collapse, summarize, to_inference_data
 
@@ -127,20 +128,11 @@ def test_discrete_guide_site_through_to_inference_data_and_summarize():
     # a discrete site drawn by the guide (not enumerated): z ~ Bernoulli(0.3), x ~ N(3 z, 1); guide
     # Bernoulli(0.6). Exact: p(x) = 0.7 N(x; 0, 1) + 0.3 N(x; 3, 1), p(z = 1 | x) = 0.3 N(x; 3, 1) / p(x)
     x = torch.tensor(2.0)
-
-    def model(x):
-        z = pyro.sample("z", dist.Bernoulli(0.3))
-        pyro.sample("x", dist.Normal(3.0 * z, 1.0), obs=x)
-
-    def guide(x):
-        pyro.sample("z", dist.Bernoulli(0.6))
-
-    normal = torch.distributions.Normal(torch.tensor([0.0, 3.0]), 1.0)
-    joint = torch.log(torch.tensor([0.7, 0.3])) + normal.log_prob(x)
+    joint = bernoulli_mixture_log_joint(x)
     exact_evidence = float(torch.logsumexp(joint, 0))
     posterior_one = float(torch.exp(joint[1] - torch.logsumexp(joint, 0)))
     S = 4000
-    idata = to_inference_data(model, guide, x, num_samples=S)
+    idata = to_inference_data(bernoulli_mixture_model, bernoulli_guide(), x, num_samples=S)
     z = idata.posterior["z"].values.reshape(-1)
     assert set(np.unique(z)) == {0.0, 1.0}
     assert abs(z.mean() - 0.6) < 4 * math.sqrt(0.24 / S)  # the guide's draws
@@ -158,20 +150,12 @@ def test_sequential_pass_draws_a_guide_site_configured_for_enumeration():
     # for enumeration and return the ELBO (an expectation), not an importance weight: the site is drawn.
     # Exact: p(x) = 0.7 N(x; 0, 1) + 0.3 N(x; 3, 1); ELBO = E_q[log p(x, z) - log q(z)] by summing over z
     x = torch.tensor(2.0)
-
-    def model(x):
-        z = pyro.sample("z", dist.Bernoulli(0.3))
-        pyro.sample("x", dist.Normal(3.0 * z, 1.0), obs=x)
-
-    def guide(x):
-        pyro.sample("z", dist.Bernoulli(0.6), infer={"enumerate": "parallel"})
-
-    normal = torch.distributions.Normal(torch.tensor([0.0, 3.0]), 1.0)
-    joint = torch.log(torch.tensor([0.7, 0.3])) + normal.log_prob(x)
+    guide = bernoulli_guide(enumerated=True)  # z ~ Bernoulli(0.6), infer={"enumerate": "parallel"}
+    joint = bernoulli_mixture_log_joint(x)
     q = torch.tensor([0.4, 0.6])
     exact_evidence = float(torch.logsumexp(joint, 0))
     exact_elbo = float((q * (joint - q.log())).sum())
-    result = estimate_evidence(model, guide, x, num_samples=400, vectorize=False)
+    result = estimate_evidence(bernoulli_mixture_model, guide, x, num_samples=400, vectorize=False)
     assert len(torch.unique(result.log_weights)) == 2  # two weights, one per value of z: drawn
     assert result.log_evidence == pytest.approx(exact_evidence, abs=4 * result.log_evidence_stderr)
     assert result.elbo == pytest.approx(exact_elbo, abs=4 * result.elbo_stderr)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+from _models import adam, normal_guide, normal_mean_model, svi_runner
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_elbo_lab import BetaELBO, JitBetaELBO, JitBetaTraceEnumELBO, NonFiniteError, SVIRunner
@@ -26,16 +26,8 @@ X = torch.linspace(-1.0, 3.0, 12)
 BAD = 4  # the step whose data holds an infinite value
 
 
-def model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.5))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide(x):
-    loc = pyro.param("loc", torch.tensor(0.0))
-    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("z", dist.Normal(loc, scale))
+model = normal_mean_model(prior_scale=1.5)
+guide = normal_guide()
 
 
 def batches(step: int) -> tuple:
@@ -78,7 +70,7 @@ def pyro_reference(num_steps: int, skip: set, seed: int = 0) -> tuple[list, dict
     """Pyro's SVI with Trace_ELBO; the steps in `skip` compute the loss (same draws) but apply nothing."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    optim = pyro.optim.Adam({"lr": 0.05})
+    optim = adam()
     elbo = Trace_ELBO()
     svi = SVI(model, guide, optim, elbo)
     losses = []
@@ -105,17 +97,7 @@ def test_skip_applies_nothing_and_matches_pyro_and_the_unfused_runner(fused_outc
                 seen[step] = (params, adam_state(runner.optim))
 
         loss = JitBetaELBO(compiler="inductor") if fused else BetaELBO()
-        runner = SVIRunner(
-            model,
-            guide,
-            pyro.optim.Adam({"lr": 0.05}),
-            loss,
-            seed=0,
-            on_nonfinite="skip",
-            fused=fused,
-            progress_bar=False,
-            callbacks=[snapshot],
-        )
+        runner = svi_runner(model, guide, loss=loss, seed=0, on_nonfinite="skip", fused=fused, callbacks=[snapshot])
         return runner.run(num_steps=steps, batches=batches), runner, seen
 
     unfused, _, _ = fit(False)
@@ -149,7 +131,7 @@ def test_raise_carries_the_partial_result(fused_outcomes):
     ref_losses, ref_params, _ = pyro_reference(BAD, skip=set())
     pyro.clear_param_store()
     loss = JitBetaELBO(compiler="inductor")
-    runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.05}), loss, seed=0, fused=True, progress_bar=False)
+    runner = svi_runner(model, guide, loss=loss, seed=0, fused=True)
     with pytest.raises(NonFiniteError, match=rf"step {BAD}\b(.|\n)*'x'") as info:
         runner.run(num_steps=10, batches=batches)
     assert fused_outcomes == [None] + [True] * (BAD - 1) + [False]  # the bad step ran fused
@@ -177,7 +159,7 @@ def test_100_steps_with_a_schedule_and_a_resume_equal_the_unfused_runner(tmp_pat
 
     def fit(loss, fused, num_steps, **options):
         pyro.clear_param_store()
-        runner = SVIRunner(model, guide, optim(), loss, seed=3, fused=fused, progress_bar=False, **options)
+        runner = svi_runner(model, guide, optim=optim(), loss=loss, seed=3, fused=fused, **options)
         result = runner.run(X, num_steps=num_steps)
         return result, runner.optim.get_state()  # named while the store holds the parameters
 
@@ -190,8 +172,8 @@ def test_100_steps_with_a_schedule_and_a_resume_equal_the_unfused_runner(tmp_pat
     first, _ = fit(loss, True, 50, checkpoint=Checkpointing(path, every=20))
     assert loss.num_compilations == 1
     pyro.clear_param_store()
-    runner = SVIRunner(
-        model, guide, optim(), loss, seed=3, fused=True, progress_bar=False, checkpoint=Checkpointing(path, every=20)
+    runner = svi_runner(
+        model, guide, optim=optim(), loss=loss, seed=3, fused=True, checkpoint=Checkpointing(path, every=20)
     )
     resumed = runner.run(X, num_steps=100, resume_from=path)
     # the resumed run is fused from its first step (the restored optimiser state is loaded
@@ -217,16 +199,14 @@ def test_chains_are_pyro_fits_seeded_seed_plus_chain(fused_outcomes):
     steps = 15
     references = [pyro_reference(steps, skip={BAD}, seed=5 + chain) for chain in range(2)]
     pyro.clear_param_store()
-    runner = SVIRunner(
+    runner = svi_runner(
         model,
         guide,
-        pyro.optim.Adam({"lr": 0.05}),
-        JitBetaELBO(compiler="inductor"),
+        loss=JitBetaELBO(compiler="inductor"),
         num_chains=2,
         seed=5,
         on_nonfinite="skip",
         fused=True,
-        progress_bar=False,
     )
     result = runner.run(num_steps=steps, batches=batches)
     # each chain: step 0 unfused, every later one fused (the bad one included)

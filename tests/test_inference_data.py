@@ -19,10 +19,11 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from _models import adam, normal_guide, normal_mean_model, svi_runner
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_elbo_lab
-from pyro_elbo_lab import BetaELBO, SVIRunner, arviz_compat, from_svi_result, summarize, to_inference_data
+from pyro_elbo_lab import arviz_compat, from_svi_result, summarize, to_inference_data
 
 ONE_X = arviz_compat.generation() >= 1  # ArviZ 1.x: DataTree results
 
@@ -35,16 +36,8 @@ def data():
     return torch.linspace(-1.0, 3.0, N)
 
 
-def model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide(x):
-    loc = pyro.param("loc", torch.tensor(0.0))
-    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("z", dist.Normal(loc, scale))
+model = normal_mean_model()
+guide = normal_guide()
 
 
 def exact(x):
@@ -211,9 +204,7 @@ def test_posterior_predictive_moments(data):
 
 
 def test_result_netcdf_round_trip_and_loo(data, tmp_path):
-    result = SVIRunner(
-        model, guide, pyro.optim.Adam({"lr": 0.05}), BetaELBO(), progress_bar=False, num_chains=2, seed=0
-    ).run(data, num_steps=30)
+    result = svi_runner(model, guide, num_chains=2, seed=0).run(data, num_steps=30)
     idata = from_svi_result(result, num_samples=200)
     assert idata.posterior.sizes == {"chain": 2, "draw": 200}
     hist = idata.optimization_history
@@ -269,9 +260,7 @@ def test_loo_matches_exact_leave_one_out(data):
 def test_summary_psis_corrects_a_shifted_guide(data):
     m, s, log_evidence = exact(data)
     set_guide(m + 0.15, 1.5 * s)
-    result = SVIRunner(model, guide, pyro.optim.Adam({"lr": 1e-12}), BetaELBO(), progress_bar=False).run(
-        data, num_steps=3
-    )
+    result = svi_runner(model, guide, optim=adam(1e-12)).run(data, num_steps=3)
     # 16 S draws: the gap's Monte Carlo error below needs them (see there)
     S_big = 16 * S
     summary = summarize(from_svi_result(result, num_samples=S_big))

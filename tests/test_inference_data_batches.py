@@ -14,6 +14,7 @@ import pyro.poutine as poutine
 import pytest
 import scipy.stats
 import torch
+from _models import normal_guide, normal_mean_model
 
 from pyro_elbo_lab import draws as draws_module
 from pyro_elbo_lab import to_inference_data
@@ -22,16 +23,8 @@ N = 6
 LOC, SCALE = 0.4, 0.7
 
 
-def model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide(x):
-    loc = pyro.param("loc", torch.tensor(LOC))
-    scale = pyro.param("scale", torch.tensor(SCALE), constraint=dist.constraints.positive)
-    pyro.sample("z", dist.Normal(loc, scale))
+model = normal_mean_model()
+guide = normal_guide(LOC, SCALE)
 
 
 def local_model(x):
@@ -50,6 +43,21 @@ def local_guide(x):
 @pytest.fixture
 def x():
     return torch.linspace(-1.0, 2.0, N)
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch) -> list:
+    """The number of draws in each vectorised pass that ``draws.vectorized_traces`` makes, in order."""
+    sizes: list = []
+    vectorized = draws_module.vectorized_traces
+
+    def counting(*args, **kwargs):
+        traces = vectorized(*args, **kwargs)
+        sizes.append(traces.num_samples)
+        return traces
+
+    monkeypatch.setattr(draws_module, "vectorized_traces", counting)
+    return sizes
 
 
 def by_hand(model_fn, guide_fn, x, z):
@@ -95,19 +103,10 @@ def test_local_latents_and_replicas_in_batches(x):
     assert np.array_equal(idata.observed_data["x"].values, x.numpy())
 
 
-def test_batched_draws_follow_the_guide(x, monkeypatch):
-    sizes = []
-    vectorized = draws_module.vectorized_traces
-
-    def counting(*args, **kwargs):
-        traces = vectorized(*args, **kwargs)
-        sizes.append(traces.num_samples)
-        return traces
-
-    monkeypatch.setattr(draws_module, "vectorized_traces", counting)
+def test_batched_draws_follow_the_guide(x, batch_sizes):
     S = 4000
     idata = to_inference_data(model, guide, x, num_samples=S, batch_size=333)
-    assert sizes == [333] * 12 + [4]
+    assert batch_sizes == [333] * 12 + [4]
     z = idata.posterior["z"].values.reshape(-1)
     # the draws are N(LOC, SCALE), the guide's closed form: mean within 4 standard errors, sd within
     # 4 standard errors of the sd (normal data: se(sd) = sd / sqrt(2 (S - 1))), and a KS test
@@ -116,23 +115,14 @@ def test_batched_draws_follow_the_guide(x, monkeypatch):
     assert scipy.stats.kstest(z, "norm", args=(LOC, SCALE)).pvalue > 1e-3
 
 
-def test_automatic_batch_size_follows_the_element_budget(x, monkeypatch):
+def test_automatic_batch_size_follows_the_element_budget(x, monkeypatch, batch_sizes):
     # batch_size=None: batches of ELEMENT_BUDGET // (SAFETY_FACTOR * entries per draw), as estimate_evidence;
     # one draw holds value + log_prob entries: model z 1 + 1, x 6 + 6, guide z 1 + 1: 16
     import pyro_elbo_lab.diagnostics.local as local
 
     monkeypatch.setattr(local, "ELEMENT_BUDGET", local.SAFETY_FACTOR * 16 * 5)  # 5 draws per batch
-    sizes = []
-    vectorized = draws_module.vectorized_traces
-
-    def counting(*args, **kwargs):
-        traces = vectorized(*args, **kwargs)
-        sizes.append(traces.num_samples)
-        return traces
-
-    monkeypatch.setattr(draws_module, "vectorized_traces", counting)
     to_inference_data(model, guide, x, num_samples=12)
-    assert sizes == [5, 5, 2]
+    assert batch_sizes == [5, 5, 2]
 
 
 @pytest.mark.parametrize("batch_size", [0, -3, 2.5, True, "7"])
