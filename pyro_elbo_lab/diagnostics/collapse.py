@@ -130,25 +130,42 @@ def _auxiliary_log_q(
     view: LocalSite, plan: Attribution, latent: list, guide_trace: Trace, kl: torch.Tensor
 ) -> torch.Tensor | None:
     """
-    The log q of the auxiliary guide sites that stand for ``view``'s site (AutoNormal's
-    ``<site>_unconstrained``), laid out like its KL ``(S, N, D)``; ``None`` when there are none.
+    The log q of the auxiliary guide sites that stand for ``view``'s site, laid out like its
+    KL ``(S, N, D)``; ``None`` when there are none: AutoNormal's ``<site>_unconstrained``
+    whole, and the site's slice of a factorised joint latent (AutoDiagonalNormal's, split
+    per dimension by :meth:`~pyro_elbo_lab.losses.attribution.Attribution.split_log_q`).
 
-    :raises ValueError: when the site's KL cannot be split per dimension (a joint guide).
+    :raises ValueError: when the site's KL cannot be split per dimension (a joint guide that
+        does not factorise, or a transform that is not elementwise).
     """
     entry = plan.entry_of(view.name)
     if entry is None or not entry.auxiliary:
         return None
-    whole = {latent[r][0] for r in entry.rows}
-    if entry.kind != "site" or any(aux not in whole for aux in entry.auxiliary):
+    if entry.kind != "site":
         raise ValueError(
             f"posterior_collapse needs the KL of each latent dimension of site '{view.name}', but its guide draws it "
-            f"through the joint auxiliary site(s) {list(entry.auxiliary)} (e.g. AutoDiagonalNormal or "
-            f"AutoMultivariateNormal: one latent for every site and datapoint), whose log q does not split per "
-            f"datapoint and dimension here; use AutoNormal or an amortised guide with a site per latent"
+            f"through the joint auxiliary site(s) {list(entry.auxiliary)} (e.g. AutoMultivariateNormal, "
+            f"AutoLowRankMultivariateNormal or a flow: one correlated latent for every site and datapoint), whose log "
+            f"q does not split per datapoint and dimension; use AutoNormal, AutoDiagonalNormal or an amortised guide "
+            f"with a site per latent"
+        )
+    whole = {latent[r][0] for r in entry.rows}
+    parts: list[tuple[str, torch.Tensor]] = [
+        (aux, site_terms.log_prob(guide_trace.nodes[aux], scaled=False, per_dim=True))
+        for aux in entry.auxiliary
+        if aux in whole
+    ]
+    split = plan.split_log_q(latent, view.name)
+    if split is not None:
+        parts.append((", ".join(a for a in entry.auxiliary if a not in whole), split))
+    elif any(aux not in whole for aux in entry.auxiliary):
+        raise ValueError(
+            f"posterior_collapse needs the KL of each latent dimension of site '{view.name}', but the layout of its "
+            f"joint auxiliary site(s) {[a for a in entry.auxiliary if a not in whole]} is not known (an autoguide "
+            f"that has not run its prototype); run the guide once first"
         )
     total = torch.zeros_like(kl)
-    for aux in entry.auxiliary:
-        log_q = site_terms.log_prob(guide_trace.nodes[aux], scaled=False, per_dim=True)
+    for aux, log_q in parts:
         try:
             laid: torch.Tensor | None = view.canonical(log_q)
         except RuntimeError:  # a shape that does not expand to the site's

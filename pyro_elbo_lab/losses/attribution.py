@@ -181,10 +181,14 @@ class Split:
 
     :ivar int row: the auxiliary site's index in the latent list.
     :ivar tuple entries: the index of the entry each of its latent dimensions belongs to.
+    :ivar tuple layout: ``((model site, unconstrained shape, event dims), ...)`` in the order
+        of the latent's dimensions (the autoguide's ``_unpack_latent``): the slice of each
+        model site and how it is shaped into the site's unconstrained value.
     """
 
     row: int
     entries: tuple[int, ...]
+    layout: tuple[tuple[str, tuple[int, ...], int], ...] = ()
 
 
 class Attribution:
@@ -213,6 +217,45 @@ class Attribution:
             if name == entry.name or name in entry.sites or name in entry.auxiliary:
                 return entry
         return None
+
+    def split_log_q(self, latent: list, name: str) -> torch.Tensor | None:
+        """
+        The log q that factorised joint auxiliary sites (the latent of
+        :class:`~pyro.infer.autoguide.AutoDiagonalNormal`) split onto the model site ``name``,
+        per element and latent dimension: the slice of the auxiliary site's per-dimension
+        :math:`\\log q(u)` (nats, unscaled, masked: :func:`pyro_elbo_lab.sites.log_prob` with
+        ``scaled=False, per_dim=True``) that the autoguide unpacks into ``name``, shaped as
+        the autoguide shapes the site's unconstrained value and laid out as
+        :func:`pyro_elbo_lab.sites.log_prob` lays out a site: ``batch_shape + (J,)``, ``J``
+        the site's latent dimensions (its event dims flattened; 1 for a scalar site).
+
+        :param list latent: the latent list the attribution was computed for
+            (:func:`sample_sites`), from a trace of the same guide (e.g. another batch of draws).
+        :param str name: a model site.
+        :returns: the log q per element and dimension, or ``None`` when no split auxiliary
+            site covers ``name``.
+        :rtype: torch.Tensor or None
+        """
+        total: torch.Tensor | None = None
+        for split in self._splits:
+            start = 0
+            for site, shape, event_dims in split.layout:
+                size = math.prod(shape)
+                if site == name:
+                    lp = sites.log_prob(latent[split.row][2], scaled=False, per_dim=True)  # batch_shape + (D,)
+                    batch = lp.shape[:-1]
+                    # as AutoContinuous._unpack_latent shapes the slice into the unconstrained value
+                    part = lp[..., start : start + size].reshape(
+                        torch.broadcast_shapes(shape, batch + (1,) * event_dims)
+                    )
+                    part = (
+                        part.reshape(part.shape[: part.dim() - event_dims] + (-1,))
+                        if event_dims
+                        else part.unsqueeze(-1)
+                    )
+                    total = part if total is None else total + part
+                start += size
+        return total
 
     def _matrices_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -398,6 +441,7 @@ def attribute(guide: Callable[..., Any] | None, model_trace: Trace, guide_trace:
     aux_names = [name for name, model_site, _ in latent if model_site is None]
     whole: dict[str, list[str]] = {n: [] for n in model_names}  # model site -> auxiliary sites moved whole
     split: dict[str, list[tuple[str, int]]] = {}  # auxiliary site -> [(model site, size), ...]
+    shaped: dict[str, tuple[tuple[str, tuple[int, ...], int], ...]] = {}  # ... -> Split.layout
     groups: dict[str, tuple[str, ...]] = {}  # auxiliary site -> model sites
     known: set = set()
     for aux in aux_names:
@@ -422,6 +466,7 @@ def attribute(guide: Callable[..., Any] | None, model_trace: Trace, guide_trace:
         if shapes is None or aux not in index or aux in known:
             continue
         layout = [(name, math.prod(shape)) for name, shape in shapes.items()]
+        prototype = getattr(part, "prototype_trace", None)
         covered = tuple(name for name, _ in layout)
         if not all(name in whole for name in covered):
             continue  # the prototype and this trace differ: leave the site unattributed
@@ -430,6 +475,18 @@ def attribute(guide: Callable[..., Any] | None, model_trace: Trace, guide_trace:
         value = cast(torch.Tensor, site["value"])
         if _separable(site) and value.shape[-1] == sum(size for _, size in layout):
             split[aux] = layout
+            shaped[aux] = (
+                ()
+                if prototype is None
+                else tuple(
+                    (
+                        name,
+                        tuple(shape),
+                        prototype.nodes[name]["fn"].event_dim + len(shape) - prototype.nodes[name]["value"].dim(),
+                    )
+                    for name, shape in shapes.items()
+                )
+            )
         else:
             groups[aux] = covered
     for aux in aux_names:  # AutoNormal's layout from the trace (a guide the unwrapping did not reach)
@@ -485,7 +542,7 @@ def attribute(guide: Callable[..., Any] | None, model_trace: Trace, guide_trace:
         columns: list[int] = []
         for name, size in layout:
             columns += [position[name]] * size
-        splits.append(Split(index[aux], tuple(columns)))
+        splits.append(Split(index[aux], tuple(columns), shaped[aux]))
         for name, _ in layout:  # record the auxiliary site on every entry it is split onto
             e = position[name]
             entry = entries[e]
