@@ -221,10 +221,13 @@ def posterior_collapse(
     (:func:`pyro_elbo_lab.losses.attribution.attribute`): for
     :class:`~pyro.infer.autoguide.AutoNormal`, :math:`\\log q(u) + \\log|\\partial u/\\partial z|
     - \\log p(z)` per dimension (``<site>_unconstrained``'s log q, the log density of the
-    ``Delta`` at the site, the prior), Monte Carlo. A joint latent over sites and datapoints
-    (:class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
-    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`) is refused with a ``ValueError``:
-    it has no KL per datapoint and dimension here. :math:`\\mathbb{E}_q[z]` is the guide's ``mean`` where defined,
+    ``Delta`` at the site, the prior), Monte Carlo; for
+    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, whose one latent over every site and
+    datapoint factorises per dimension, the same with the site's slice of the latent's log q
+    (:meth:`~pyro_elbo_lab.losses.attribution.Attribution.split_log_q`). A joint latent that
+    does not factorise (:class:`~pyro.infer.autoguide.AutoMultivariateNormal`, low-rank,
+    flows) is refused with a ``ValueError``: it has no KL per datapoint and dimension.
+    :math:`\\mathbb{E}_q[z]` is the guide's ``mean`` where defined,
     else the sample average. :attr:`CollapseReport.kl_method` says which was used. Draws
     come from one vectorised guide/model trace per batch of samples, under
     :func:`torch.no_grad`. Per-site values come from :mod:`pyro_elbo_lab.sites`: Pyro's
@@ -248,7 +251,8 @@ def posterior_collapse(
     :rtype: CollapseReport
     :raises ValueError: if the plate or a site cannot be found, a site's guide or prior does
         not factorise over dimensions, a site is drawn through a joint auxiliary guide site
-        (AutoDiagonalNormal, AutoMultivariateNormal), or an argument is out of range.
+        that does not factorise (AutoMultivariateNormal, low-rank, flows), or an argument is
+        out of range.
 
     References
 

@@ -25,7 +25,9 @@ log q belongs to the model sites it was drawn for:
   sites it may stand for are refused (:func:`~.weighting.check_auxiliary`).
   :class:`~pyro.infer.autoguide.AutoGuideList` parts are read one by one.
 
-:func:`attribute` computes the :class:`Attribution` once per guide and set of sites (the
+:func:`sample_sites` builds the latent list every loss and diagnostic stacks (latent model
+sites in model order, then the auxiliary guide sites in guide order), the one home of that
+list; :func:`attribute` computes the :class:`Attribution` once per guide and set of sites (the
 losses cache it); :meth:`Attribution.apply` then moves the stacked per-site rows onto the
 entries with one matrix product (plus one per-dimension ``log_prob`` of a split auxiliary
 site): no second model or guide pass and no device sync.
