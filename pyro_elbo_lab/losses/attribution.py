@@ -126,7 +126,7 @@ def sample_sites(
     :rtype: tuple
     :raises ValueError: with ``missing="raise"``, for a latent model site without a guide site.
     """
-    if not (missing == "raise" or missing == "skip" or callable(missing)):
+    if not callable(missing) and missing not in ("raise", "skip"):
         raise ValueError(
             f"missing must be 'raise', 'skip' or a callable (name, model_site) -> Exception, got {missing!r}"
         )
@@ -145,7 +145,10 @@ def sample_sites(
                 continue
             raise _no_guide_site(name, model_site) if missing == "raise" else missing(name, model_site)
         latent.append((name, model_site, guide_site))
-    latent += [(name, None, site) for name, site in auxiliary_sites(model_trace, guide_trace)]
+    model_nodes = model_trace.nodes
+    for name, guide_site in guide_nodes.items():  # auxiliary_sites, inlined: a loss calls this every step
+        if guide_site["type"] == "sample" and name not in model_nodes:
+            latent.append((name, None, guide_site))
     return observed, latent
 
 
