@@ -5,11 +5,12 @@ already has, together with the ELBO's decomposition.
 
 This module holds the machinery shared by :class:`~pyro_elbo_lab.BetaELBO` (Monte Carlo
 KL) and :class:`~pyro_elbo_lab.BetaMeanFieldELBO` (analytic KL where registered). The two
-differ only in the KL estimator: :meth:`WeightedObjective._latent_site_terms` per site (or
-:meth:`WeightedObjective._latent_terms` for all sites at once) and
+differ only in the KL estimator: the hooks of :class:`~.particle_sums.ParticleSums`
+(``_latent_site_terms`` per site, or ``_latent_terms`` for all sites at once) and
 :attr:`WeightedObjective.analytic_kl` for free bits. Every per-site quantity comes from
 :mod:`pyro_elbo_lab.sites`; the common linear case (β weighting, reparameterised guide sites,
-Monte Carlo KL) runs as two matrix products in :mod:`.linear`.
+Monte Carlo KL) runs as two matrix products in :mod:`.linear`, and the score-function term of
+guide sites that are not reparameterised is built in :mod:`.score_function`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from pyro.util import warn_if_nan
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
-from .attribution import Attribution, Entry, attribute
+from .attribution import Attribution, Entry, attribute, sample_sites
 from .beta_state import BetaState, check_enumerated_sites, enumerated_site_error, is_enumerated, site_selected
 from .linear import entry_label, linear_particle
+from .particle_sums import ParticleSums
 from .score_function import downstream_cost, not_reparameterised_error, score_function_surrogate
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
@@ -49,7 +51,7 @@ def missing_guide_site(name: str, model_site: Message) -> ValueError:
     )
 
 
-class WeightedObjective(BetaState):
+class WeightedObjective(ParticleSums, BetaState):
     """
     Mixin that turns a Pyro trace ELBO into the objective
 
@@ -59,8 +61,8 @@ class WeightedObjective(BetaState):
             - \\sum_{s \\notin S} \\mathrm{KL}_s - \\beta \\sum_{s \\in S} \\mathrm{KL}_s,
 
     (or the free-bits / capacity variants on the sites ``S``), and records the ELBO's
-    decomposition on every call. Subclasses implement :meth:`_latent_site_terms` (or
-    override :meth:`_latent_terms`) and set :attr:`analytic_kl`. Pyro's hook
+    decomposition on every call. Subclasses implement the estimator hooks of
+    :class:`~.particle_sums.ParticleSums` and set :attr:`analytic_kl`. Pyro's hook
     :meth:`_differentiable_loss_particle` computes the same weighted objective.
 
     Not part of the public API: use :class:`~pyro_elbo_lab.BetaELBO` or
@@ -69,10 +71,7 @@ class WeightedObjective(BetaState):
 
     #: whether the KL per latent dimension (free bits) is analytic where registered
     analytic_kl: bool = False
-    # set by Pyro's ELBO.__init__ (the class this mixin is combined with)
-    num_particles: int
-    vectorize_particles: bool
-    max_plate_nesting: int
+    # set by Pyro's ELBO.__init__ (the class this mixin is combined with; see ParticleSums)
     retain_graph: bool | None
 
     # -- construction -------------------------------------------------------------------
@@ -260,34 +259,6 @@ class WeightedObjective(BetaState):
         self._last_record = TermsRecord(names, values, beta, capacity)
         return loss, surrogate
 
-    def _particle_plate(self) -> int | None:
-        """The vectorised particle plate's size, or ``None`` for sequential particles."""
-        return self.num_particles if self.vectorize_particles and self.num_particles > 1 else None
-
-    def _per_particle(self, x: torch.Tensor | float, event_dims: int = 0) -> torch.Tensor:
-        """:func:`pyro_elbo_lab.sites.sum_per_particle` with this loss's particle plate."""
-        if not (self.vectorize_particles and self.num_particles > 1) and not event_dims and torch.is_tensor(x):
-            return x.sum()  # the hot path
-        # Pyro counts the vectorised particle plate in max_plate_nesting: it sits at -max_plate_nesting
-        return sites.sum_per_particle(x, self._particle_plate(), self.max_plate_nesting - 1, event_dims)
-
-    def _log_prob_per_particle(self, site: Message) -> torch.Tensor:
-        """A site's scaled ``log_prob`` summed per particle (Pyro's memoised sum when sequential)."""
-        if not (self.vectorize_particles and self.num_particles > 1):
-            return site["log_prob_sum"]  # the hot path: no call into sites.py
-        return sites.log_prob_per_particle(site, self.num_particles, self.max_plate_nesting - 1)
-
-    def _entropy_term_per_particle(self, site: Message) -> torch.Tensor:
-        """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
-        term = site["score_parts"].entropy_term
-        if term is site["log_prob"]:  # reparameterised, unscaled: reuse the memoised sum
-            return self._log_prob_per_particle(site)
-        if is_identically_zero(term):
-            return torch.zeros_like(self._log_prob_per_particle(site))
-        if self.vectorize_particles and self.num_particles > 1:
-            return self._per_particle(term)
-        return term.sum()
-
     def _entry_weight(self, entry: Entry) -> bool:
         """Whether ``sites`` selects an entry: by its name, one of its model sites or auxiliary sites."""
         if self.sites is None:
@@ -354,23 +325,10 @@ class WeightedObjective(BetaState):
         """
         nonlinear = self.free_bits is not None or capacity is not None
 
-        obs_names: list = []
-        obs_lp: list = []
-        latent: list = []
-        for name, model_site in model_trace.nodes.items():
-            if model_site["type"] != "sample":
-                continue
-            if model_site["is_observed"]:
-                obs_names.append(name)
-                obs_lp.append(self._log_prob_per_particle(model_site))
-                continue
-            guide_site = guide_trace.nodes.get(name)
-            if guide_site is None:
-                raise missing_guide_site(name, model_site)
-            latent.append((name, model_site, guide_site))
-        for name, guide_site in guide_trace.nodes.items():
-            if guide_site["type"] == "sample" and name not in model_trace.nodes:
-                latent.append((name, None, guide_site))  # auxiliary guide site
+        # one walk of each trace: latent model sites, then auxiliary guide sites (the rows attribute() reads)
+        observed, latent = sample_sites(model_trace, guide_trace, missing=missing_guide_site)
+        obs_names: list = [name for name, _ in observed]
+        obs_lp: list = [self._log_prob_per_particle(model_site) for _, model_site in observed]
         self._check_sites_per_call(model_trace, guide_trace, self._check_sites, latent)
         if not obs_lp and not latent:  # an empty model: loss 0, as Pyro's Trace_ELBO
             zero = torch.zeros(()) if self._particle_plate() is None else torch.zeros(self.num_particles)
@@ -444,6 +402,7 @@ class WeightedObjective(BetaState):
                     assert size is not None  # a site or group entry has a model site
                     if self.free_bits is not None:  # one model site (weighting.check_auxiliary)
                         _, model_site, guide_site = members[0]
+                        assert model_site is not None  # rows list model sites before auxiliary ones
                         per_dim = self._per_particle(
                             sites.kl(model_site, guide_site, per_dim=True, analytic=self.analytic_kl)[0], event_dims=1
                         )
@@ -514,33 +473,3 @@ class WeightedObjective(BetaState):
             mask = mask.reshape((-1,) + (1,) * (like.dim() - 1))
             self._weight_cache[key] = mask
         return 1.0 + (beta - 1.0) * mask
-
-    def _latent_terms(self, latent: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        Stacked per-site terms of the latent and auxiliary sites ``[(name, model_site or
-        None, guide_site), ...]``: ``(kl_surrogate, kl, entropy)``, each of shape
-        ``(num_sites,)`` or ``(num_sites, num_particles)``; see :meth:`_latent_site_terms`.
-        """
-        kl_surrogate, kl, entropy = [], [], []
-        for name, model_site, guide_site in latent:
-            if model_site is None:
-                lq = self._log_prob_per_particle(guide_site).detach()
-                terms = self._entropy_term_per_particle(guide_site), lq, -lq
-            else:
-                terms = self._latent_site_terms(name, model_site, guide_site)
-            kl_surrogate.append(terms[0])
-            kl.append(terms[1])
-            entropy.append(terms[2])
-        return torch.stack(kl_surrogate), torch.stack(kl), torch.stack(entropy)
-
-    # -- estimator hooks ---------------------------------------------------------------------
-
-    def _latent_site_terms(self, name, model_site, guide_site):
-        """
-        :returns: ``(kl_surrogate, kl, entropy)`` per particle (shape ``()`` or
-            ``(num_particles,)``, see :meth:`_per_particle`), scaled and masked like the
-            site: a differentiable surrogate whose gradient (together with the
-            score-function term for non-reparameterised sites) estimates that of the KL,
-            and detached estimates of KL(q‖p) and H[q] at this site.
-        """
-        raise NotImplementedError
