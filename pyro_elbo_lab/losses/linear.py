@@ -110,7 +110,7 @@ def linear_particle(
     :param list obs_lp: their scaled log p summed per particle, ``()`` or ``(P,)`` each (nats).
     :param list latent: ``[(name, model_site or None, guide_site), ...]``, model sites first.
     :param log_prob_per_particle: ``site -> `` its scaled ``log_prob`` summed per particle.
-    :param attribution: ``() ->`` the :class:`~.attribution.Attribution` of these traces.
+    :param attribution: ``() ->`` the :class:`~.latent_rows.Attribution` of these traces.
     :param entry_weight: ``entry ->`` whether β weights it.
     :param dict cache: the caller's cache of :func:`linear_matrices` per structure.
     :returns: ``(objective, surrogate, names, record)`` as
