@@ -46,7 +46,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from pyro.distributions import Delta
@@ -204,8 +204,8 @@ def attribute(guide: Callable[..., Any] | None, model_trace: Trace, guide_trace:
             continue  # the prototype and this trace differ: leave the site unattributed
         known.add(aux)
         site = guide_trace.nodes[aux]
-        value = cast(torch.Tensor, site["value"])
-        if _separable(site) and value.shape[-1] == sum(size for _, size in layout):
+        value = site["value"]
+        if isinstance(value, torch.Tensor) and _separable(site) and value.shape[-1] == sum(size for _, size in layout):
             split[aux] = layout
             shaped[aux] = (
                 ()
