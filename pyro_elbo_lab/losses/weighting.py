@@ -15,7 +15,7 @@ from pyro.poutine import Trace
 from ..checks import check_int, nonnegative_number
 from ..schedules import Schedule, ScheduleLike, as_schedule
 from ..sites import element_mask
-from .attribution import Attribution, Entry
+from .attribution import Attribution, Entry, auxiliary_sites
 from .beta_state import SiteSelection, check_selection_matches, check_site_names, site_selected
 
 __all__ = [
@@ -125,7 +125,7 @@ def check_selected_sites(model_trace: Trace, guide_trace: Trace, sites: SiteSele
         return
     latent = _sample_names(model_trace, observed=False)
     observed = _sample_names(model_trace, observed=True)
-    auxiliary = [n for n in _sample_names(guide_trace) if n not in model_trace.nodes]
+    auxiliary = [name for name, _ in auxiliary_sites(model_trace, guide_trace)]
     if not isinstance(sites, frozenset):  # a glob pattern or a predicate
         check_selection_matches(sites, latent + auxiliary)
         return
