@@ -29,9 +29,8 @@ __all__ = ["ParticleSums"]
 class ParticleSums:
     """
     Mixin of the per-site, per-particle terms of a trace ELBO, combined with a Pyro ELBO
-    (which sets :attr:`num_particles`, :attr:`vectorize_particles` and
-    :attr:`max_plate_nesting`). Subclasses implement :meth:`_latent_site_terms` (or
-    override :meth:`_latent_terms`).
+    (which sets ``num_particles``, ``vectorize_particles`` and ``max_plate_nesting``).
+    Subclasses implement :meth:`_latent_site_terms` (or override :meth:`_latent_terms`).
     """
 
     # set by Pyro's ELBO.__init__ (the class this mixin is combined with)

@@ -61,13 +61,13 @@ def downstream_cost(
     site in ``selected``), leaving out the latent sites in ``exclude`` (those under a
     free-bits / capacity term).
 
-    :param Trace model_trace: the model trace (log-probabilities computed).
-    :param Trace guide_trace: the guide trace (log-probabilities computed).
+    :param pyro.poutine.Trace model_trace: the model trace (log-probabilities computed).
+    :param pyro.poutine.Trace guide_trace: the guide trace (log-probabilities computed).
     :param beta: β in force.
     :param set selected: names of the latent sites that ``sites=`` selects.
     :param set exclude: names of the latent sites left out.
     :returns: the cost in nats, per plate frame.
-    :rtype: MultiFrameTensor
+    :rtype: pyro.infer.util.MultiFrameTensor
     """
     log_r = MultiFrameTensor()
     stacks = get_plate_stacks(model_trace)
@@ -99,7 +99,7 @@ def score_function_surrogate(
     :param surrogate: the surrogate objective so far, per particle.
     :param list score_sites: ``[(guide_site, score_function), ...]`` of the guide sites that
         are not reparameterised.
-    :param MultiFrameTensor log_r: the downstream cost (:func:`downstream_cost`).
+    :param pyro.infer.util.MultiFrameTensor log_r: the downstream cost (:func:`downstream_cost`).
     :param per_particle: ``tensor -> `` its sum per particle (shape ``()`` or
         ``(num_particles,)``).
     :param extra: a free-bits / capacity cost per particle (shape ``()`` or
