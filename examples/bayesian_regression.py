@@ -19,6 +19,7 @@ posterior (gap 0).
 
     python examples/bayesian_regression.py [--quick] [--seed N] [--steps N]
 """
+
 from __future__ import annotations
 
 import warnings
@@ -33,8 +34,8 @@ from pyro.distributions import constraints
 
 from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, estimate_evidence
 from pyro_elbo_lab.datasets import load_diabetes
-from pyro_elbo_lab.diagnostics import ImportanceSamplingWarning
 from pyro_elbo_lab.demos.common import Report, example_parser, fmt, seed_everything
+from pyro_elbo_lab.diagnostics import ImportanceSamplingWarning
 
 PRIOR_SCALE = 1.0  # s0: a unit-scale prior on standardised coefficients
 NOISE_SCALE = 0.7  # sigma: roughly the residual sd of least squares on the standardised target
@@ -119,9 +120,9 @@ def exact_elbo(X, y, loc, cov, post: ExactPosterior) -> dict:
     N, D = X.shape
     _, logdet_cov = np.linalg.slogdet(cov)
     resid = y - X @ loc
-    reconstruction = -0.5 * N * np.log(2 * np.pi * NOISE_SCALE**2) - (
-        resid @ resid + np.trace(X.T @ X @ cov)
-    ) / (2 * NOISE_SCALE**2)
+    reconstruction = -0.5 * N * np.log(2 * np.pi * NOISE_SCALE**2) - (resid @ resid + np.trace(X.T @ X @ cov)) / (
+        2 * NOISE_SCALE**2
+    )
     s2 = PRIOR_SCALE**2
     kl_prior = 0.5 * (np.trace(cov) / s2 + loc @ loc / s2 - D + D * np.log(s2) - logdet_cov)
     _, logdet_prec = np.linalg.slogdet(post.precision)
@@ -205,7 +206,9 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
         fit(guide, loss_cls(num_particles=4, vectorize_particles=True, max_plate_nesting=1), X, y, num_steps)
         loc, cov = q_moments(name)
         exact = exact_elbo(X, y, loc, cov, post)
-        estimate = loss_cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1).decompose(model, guide, X, y)
+        estimate = loss_cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1).decompose(
+            model, guide, X, y
+        )
         with warnings.catch_warnings():  # k-hat and its verdict are part of the report
             warnings.simplefilter("ignore", ImportanceSamplingWarning)
             evidence = estimate_evidence(model, guide, X, y, num_samples=num_samples, psis=True, max_plate_nesting=1)
@@ -301,11 +304,18 @@ def closing_words(post: ExactPosterior, post_sd, mf_var, mf_gap: float, mf: dict
         f"{fmt(mf_gap)} nats. The fitted mean-field guide's means are within {mf_mean_err:.2f} posterior sds of the "
         f"exact ones and its gap is {fmt(mf_kl)} nats"
     )
-    text += " (within 0.5 nats of the optimum)." if mf_kl < mf_gap + 0.5 else f", {fmt(mf_kl - mf_gap)} nats short of the optimum: more steps would help."
+    text += (
+        " (within 0.5 nats of the optimum)."
+        if mf_kl < mf_gap + 0.5
+        else f", {fmt(mf_kl - mf_gap)} nats short of the optimum: more steps would help."
+    )
     if fr_kl < mf_gap:
         text += f" The full-rank guide gets below any mean-field guide, to a gap of {fmt(fr_kl)} nats."
     else:
-        text += f" The full-rank guide's gap is {fmt(fr_kl)} nats, not yet below the best mean-field gap: more steps needed."
+        text += (
+            f" The full-rank guide's gap is {fmt(fr_kl)} nats, not yet below the best mean-field gap: "
+            "more steps needed."
+        )
     return text
 
 

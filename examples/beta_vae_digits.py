@@ -20,6 +20,7 @@ The model, the schedules and the evaluation live in pyro_elbo_lab.demos.vae, sha
 
     python examples/beta_vae_digits.py [--quick] [--seed N] [--steps N]
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -28,7 +29,9 @@ from pyro_elbo_lab.demos.common import Report, example_parser, seed_everything
 from pyro_elbo_lab.demos.vae import beta_configs, evaluate, fit, load_split
 
 
-def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: bool = True, num_samples: int | None = None) -> dict:
+def main(
+    quick: bool = False, seed: int = 0, steps: int | None = None, verbose: bool = True, num_samples: int | None = None
+) -> dict:
     """
     Train and evaluate the four weightings.
 

@@ -21,6 +21,7 @@ copy per node (torchrun or a cluster scheduler): the module is the same.
 
     python examples/lightning_vae.py [--quick] [--seed N] [--steps N] [--output DIR]
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,9 @@ from pyro_elbo_lab.demos.vae import DigitsVAE, load_split
 _OUTPUT_ENV = "PYRO_ELBO_LAB_LIGHTNING_OUTPUT"  # rank 1 inherits rank 0's output folder
 
 
-def main(quick: bool = False, seed: int = 0, steps: int | None = None, output: str | None = None, devices: int = 2) -> dict:
+def main(
+    quick: bool = False, seed: int = 0, steps: int | None = None, output: str | None = None, devices: int = 2
+) -> dict:
     """
     Train the β-VAE with ``Trainer(strategy="ddp", devices=devices, accelerator="cpu")``.
 
@@ -68,9 +71,7 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, output: s
         optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
         model_kwargs={"num_data": x_train.shape[0]},  # rule 4: plate size = full data
     )
-    diagnostics = DiagnosticsCallback(
-        x_test, num_samples=32 if quick else 500, per_datapoint="data", collapse=True
-    )
+    diagnostics = DiagnosticsCallback(x_test, num_samples=32 if quick else 500, per_datapoint="data", collapse=True)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_train), batch_size=batch_size, shuffle=True, drop_last=True
     )
@@ -103,7 +104,7 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, output: s
         table[name] = train[f"train/{name}"] / x_train.shape[0]
     report.heading("Training terms, nats per training image (averaged over the ranks)")
     report.table(table.iloc[:: max(1, len(table) // 8)], "{:.2f}")
-    (_, result), = diagnostics.results[-1:]
+    ((_, result),) = diagnostics.results[-1:]
     report.heading("Held-out images, rank 0, nats per image")
     per_image = x_test.shape[0]
     report.text(

@@ -3,9 +3,9 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pyro  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pyro
+import pytest
+import torch
 
 torch.set_default_dtype(torch.float64)
 

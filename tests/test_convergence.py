@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 
 from pyro_elbo_lab import arviz_compat
 from pyro_elbo_lab.runner import Convergence, SVIRunner

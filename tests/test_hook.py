@@ -5,6 +5,7 @@ the weighting (β, free bits, capacity), so that a class built on the hook, as P
 ``JitTraceMeanField_ELBO`` is, keeps it. Each value is computed by hand from the
 ``poutine.trace`` log-probabilities (and closed-form KLs) of the same traces.
 """
+
 from __future__ import annotations
 
 import pyro
@@ -54,7 +55,9 @@ def _hand_parts(seed):
 
 
 @pytest.mark.parametrize("beta", [1.0, 10.0, 0.25])
-@pytest.mark.parametrize("Loss, base, analytic", [(BetaELBO, Trace_ELBO, False), (BetaMeanFieldELBO, TraceMeanField_ELBO, True)])
+@pytest.mark.parametrize(
+    "Loss, base, analytic", [(BetaELBO, Trace_ELBO, False), (BetaMeanFieldELBO, TraceMeanField_ELBO, True)]
+)
 def test_hook_keeps_beta(Loss, base, analytic, beta):
     # the base class's differentiable_loss goes through the hook only
     guide(DATA)

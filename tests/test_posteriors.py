@@ -17,7 +17,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import posteriors  # noqa: E402
+import posteriors
 
 ROOT = posteriors.posteriordb_dir()
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason=f"posteriordb folder {ROOT} not found (set POSTERIORDB)")

@@ -6,6 +6,7 @@ is known, with guides set by construction to be exact, over-dispersed, under-dis
 mean-shifted (k̂ ≤ 0.5: importance sampling is reliable, yet the guide is off) and far too
 narrow (k̂ > 0.7). Issue 12: "good" was printed for guides whose moments were far off.
 """
+
 import dataclasses
 import math
 import re
@@ -124,8 +125,10 @@ def test_far_too_narrow_guide_is_unreliable_and_makes_no_accuracy_claim():
         evidence = estimate_evidence(model, make_guide(0.0, 0.3), Y, num_samples=S)
     summary = summarize(to_inference_data(model, make_guide(0.0, 0.3), Y, num_samples=S))
     vi = summary.vi.loc[0]
-    for k, word, se_ok in ((evidence.pareto_k, evidence.verdict, evidence.stderr_reliable),
-                           (vi["pareto_k"], vi["verdict"], vi["stderr_reliable"])):
+    for k, word, se_ok in (
+        (evidence.pareto_k, evidence.verdict, evidence.stderr_reliable),
+        (vi["pareto_k"], vi["verdict"], vi["stderr_reliable"]),
+    ):
         assert k > 0.7 and word == "IS unreliable" and not se_ok
     assert vi["moments"] == "unknown" and summary.moments["mean_error"].isna().all()
     text = str(summary)
@@ -137,11 +140,15 @@ def test_far_too_narrow_guide_is_unreliable_and_makes_no_accuracy_claim():
 def test_not_converged_is_printed_from_the_history():
     # the runner's per-chain convergence evidence (SVIResult.convergence) travels in the
     # optimization_history group; a chain that did not converge is labelled so
-    history = pd.DataFrame({"chain": [0, 0, 1, 1], "step": [0, 1, 0, 1], "loss": [9.0, 8.0, 9.5, 8.1],
-                            "elbo": [-9.0, -8.0, -9.5, -8.1]})
+    history = pd.DataFrame(
+        {"chain": [0, 0, 1, 1], "step": [0, 1, 0, 1], "loss": [9.0, 8.0, 9.5, 8.1], "elbo": [-9.0, -8.0, -9.5, -8.1]}
+    )
     run = types.SimpleNamespace(
         history=history,
-        convergence=[{"converged": False, "reason": "split R-hat 1.4 > 1.1"}, {"converged": True, "reason": "stationary"}],
+        convergence=[
+            {"converged": False, "reason": "split R-hat 1.4 > 1.1"},
+            {"converged": True, "reason": "stationary"},
+        ],
         stop_reasons=["num_steps", "converged"],
     )
     idata = to_inference_data(model, make_guide(0.0, 1.0), Y, num_samples=200, history=run)
@@ -168,8 +175,12 @@ def test_chain_without_convergence_data_beside_one_with_it():
     plain = summarize(to_inference_data(model, make_guide(0.0, 1.0), Y, num_samples=200))
     vi = pd.concat([recorded.vi, plain.vi.drop(columns="converged")], ignore_index=True)
     assert vi["converged"].tolist()[0] is False and math.isnan(vi["converged"].tolist()[1])
-    both = dataclasses.replace(recorded, vi=vi, guide_moments=recorded.guide_moments + plain.guide_moments,
-                               convergence_reasons=["still rising", ""])
+    both = dataclasses.replace(
+        recorded,
+        vi=vi,
+        guide_moments=recorded.guide_moments + plain.guide_moments,
+        convergence_reasons=["still rising", ""],
+    )
     first, second = both.verdicts()
     assert "NOT CONVERGED (still rising)" in first and "Convergence not recorded" not in first
     assert "Convergence not recorded" in second and "NOT CONVERGED" not in second
