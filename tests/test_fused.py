@@ -108,10 +108,12 @@ def test_same_as_svi(optimizer):
 def test_the_same_fused_svi_follows_a_restored_optimiser_state_and_changed_settings():
     """
     FusedSVI reuses what it planned at the last step while the parameters, optimisers and
-    state tensors are the same objects. Mid-run, with the same FusedSVI and optimiser:
-    each torch optimiser's ``load_state_dict`` of an earlier state (which replaces the
-    state tensors) and an in-place change of Adam's betas and eps. SVI, given the same interventions,
-    is the reference; a stale plan would update the replaced tensors, or keep the old betas.
+    state tensors are the same objects. Mid-run, with the same FusedSVI and optimiser: each
+    torch optimiser's ``load_state_dict`` of an earlier state (which replaces the state
+    tensors), an in-place change of Adam's betas and eps, ``param.data = ...`` on a 0-dim
+    parameter, and ``torch._dynamo.reset()`` (a recompilation). SVI, given the same
+    interventions, is the reference; a stale plan would update the replaced tensors, keep
+    the old betas, train the old storage, or fail to recompile.
     """
 
     def by_name(optim):
@@ -136,6 +138,11 @@ def test_the_same_fused_svi_follows_a_restored_optimiser_state_and_changed_setti
                 for obj in optim.optim_objs.values():
                     obj.param_groups[0]["betas"] = (0.5, 0.9)
                     obj.param_groups[0]["eps"] = 1e-3
+            if step == 50:
+                # new storage under the same (0-dim) parameter object
+                pyro.get_param_store()["loc"].unconstrained().data = torch.tensor(3.0)
+            if step == 55:
+                torch._dynamo.reset()  # the fused graph recompiles at the next step
             losses.append(svi.step(X))
         params = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
         return svi, losses, params, optim.get_state()

@@ -164,16 +164,37 @@ class _Last:
     groups: tuple
     grad_index: tuple[int, ...]
     configs: tuple
-    views: tuple[torch.Tensor, ...]
-    state_views: tuple[tuple[torch.Tensor, ...], ...]
+    states: tuple[tuple[torch.Tensor, ...], ...]
     # per updated parameter: its state's keys and tensors, as the fused graph updates them
     state_tensors: tuple[tuple[tuple[str, torch.Tensor], ...], ...]
+
+
+def _input_views(
+    params: tuple[torch.Tensor, ...], states: tuple[tuple[torch.Tensor, ...], ...]
+) -> tuple[tuple[torch.Tensor, ...], tuple[tuple[torch.Tensor, ...], ...]]:
+    """
+    The fused graph's inputs: 0-dim parameters and state tensors as 1-element views (dynamo,
+    torch 2.13, traces 0-dim inputs as symbolic floats, restarts its analysis to specialise
+    them, and the restarted trace drops the in-place updates of the inputs). Made anew every
+    step: a view kept across steps would still read the old storage after
+    ``param.data = ...``, and, made under no_grad and outliving an in-place update of its
+    base, it fails dynamo's next recompilation. Made under no_grad, because a view of a
+    parameter would otherwise be a non-leaf that requires grad, whose ``.grad`` dynamo reads,
+    with a warning.
+    """
+    with torch.no_grad():
+        views = tuple(p.view(1) if p.dim() == 0 else p for p in params)
+        state_views = tuple(tuple(t.view(1) if t.dim() == 0 else t for t in state) for state in states)
+    return views, state_views
 
 
 def _unchanged(last: _Last, named: dict, optim_objs: dict) -> bool:
     """Whether the parameters, their optimisers and the optimisers' state are the objects of ``last``."""
     names = last.compiled.param_names
     if len(named) < len(names):
+        return False
+    # the same objects, but ``param.data = ...`` may have given one another shape or dtype
+    if tensor_signature(last.params) != last.compiled.param_signature:
         return False
     for name, param, obj in zip(names, last.params, last.objs):
         if named.get(name) is not param or optim_objs.get(param) is not obj:
@@ -305,8 +326,9 @@ class FusedSVI(SVI):
                         )
                         status, values, finite = plan.fused(hyper, rates_t, plan.params, plan.states, args)
                 else:
-                    # no catch_warnings per step: entering it resets Python's warning registry,
-                    # and the compiled call's own (filtered) warnings then cost 0.17 ms a step
+                    # no catch_warnings per step: entering it resets Python's warning
+                    # registry (and costs about 0.02 ms); inductor's deprecation warnings come
+                    # at its import, inside the compiling call above
                     status, values, finite = plan.fused(hyper, rates_t, plan.params, plan.states, args)
             except BaseException:
                 # no update was applied (a compile error, an interrupt during the compile):
@@ -343,7 +365,8 @@ class FusedSVI(SVI):
             # the CPU caches)
             configs, rates, host_state = step_rates(last.optimizers, last.params, last.grad_index)
             if configs == last.configs:
-                return _Plan(compiled, last.fused, last.views, last.state_views, rates, False, host_state, last.params)
+                views, state_views = _input_views(last.params, last.states)
+                return _Plan(compiled, last.fused, views, state_views, rates, False, host_state, last.params)
             restore_host_state(host_state)  # settings changed: the full path below
         found = tuple(named.get(name) for name in compiled.param_names)
         if any(p is None for p in found):
@@ -392,14 +415,7 @@ class FusedSVI(SVI):
         if fused is None:
             graph = compiled.info["graph"]
             fused = cache[key] = _make_fused(graph, list(grad_index), configs, scalar_params, scalar_states)
-        # 0-dim inputs as 1-element views: dynamo (torch 2.13) traces 0-dim inputs as symbolic
-        # floats, restarts its analysis to specialise them, and the restarted trace drops the
-        # in-place updates of the inputs
-        # (made under no_grad: a view of a parameter would otherwise be a non-leaf that
-        # requires grad, whose .grad dynamo reads, with a warning)
-        with torch.no_grad():
-            views = tuple(p.view(1) if s else p for p, s in zip(params, scalar_params))
-            state_views = tuple(tuple(t.view(1) if t.dim() == 0 else t for t in state) for state in states)
+        views, state_views = _input_views(params, tuple(states))
         self._last = _Last(
             compiled,
             fused,
@@ -410,8 +426,7 @@ class FusedSVI(SVI):
             tuple(o.param_groups[0] for o in optimizers),
             grad_index,
             configs,
-            views,
-            state_views,
+            tuple(states),
             tuple(tuple(zip(keys, state)) for keys, state in zip(state_keys, states)),
         )
         return _Plan(compiled, fused, views, state_views, rates, compile_now, host_state, params)
