@@ -184,15 +184,21 @@ def targets(report: dict) -> list:
             out.append({"target": text, "measured": None, "met": None, "note": "not measured (JAX absent)"})
     # issue 16: compile time per graph, cold <= 15 s, warm <= 2 s
     graphs = {}
+    startup = {}  # inductor's start-up, once per process, not counted in any graph's time
     for row in report.get("compile_times") or []:
-        if row["graph"].startswith("JitBetaELBO"):
+        if row["graph"].startswith("inductor start-up"):
+            startup[row["case"]] = (row["cold_s"], row["warm_s"])
+        elif row["graph"].startswith("JitBetaELBO"):
             graphs[(row["case"], "JitBetaELBO (inductor) gradient graph")] = (row["cold_s"], row["warm_s"])
         elif row["graph"].startswith("fused step"):
             cold, warm = graphs.get((row["case"], "fused step (record + compile)"), (0.0, 0.0))
             graphs[(row["case"], "fused step (record + compile)")] = (cold + row["cold_s"], warm + row["warm_s"])
     for (case, graph), (cold, warm) in graphs.items():
-        out.append({"target": f"cold compile <= 15 s: {case}, {graph} (issue 16)", "measured": cold, "met": cold <= 15})
-        out.append({"target": f"warm compile <= 2 s: {case}, {graph} (issue 16)", "measured": warm, "met": warm <= 2})
+        s_cold, s_warm = startup.get(case, (None, None))
+        for kind, value, limit, s_value in (("cold", cold, 15, s_cold), ("warm", warm, 2, s_warm)):
+            extra = "" if s_value is None else f"; inductor start-up, once per process, {s_value:.1f} s more"
+            text = f"{kind} compile <= {limit} s: {case}, {graph} (issue 16{extra})"
+            out.append({"target": text, "measured": value, "met": value <= limit})
     for title, res in by_title.items():
         if title.startswith("Eight schools (AutoNormal), ") and "BetaELBO (vectorised)" in res and "particles" in title:
             r = res["BetaELBO (vectorised)"]["ratio_median"] / res["Trace_ELBO (vectorised)"]["ratio_median"]

@@ -192,7 +192,7 @@ def test_beta_schedule_is_an_input(ref_cls, jit_cls):
 
 
 def test_score_function_site_beta_schedule():
-    # non-reparameterised guide site: the downstream cost log_r carries β (JitBetaELBO._log_r)
+    # non-reparameterised guide site: the downstream cost log_r carries β (losses.score_function.downstream_cost)
     sched = LinearWarmup(3, start=0.5, end=2.0)
     assert_same_run(BetaELBO(beta=sched), JitBetaELBO(beta=sched), discrete_model, discrete_guide, (X,), steps=5)
     # by hand from poutine.trace log-probabilities of the same draw: the loss
