@@ -1,19 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The linear fast path of ``WeightedObjective._particle`` (:mod:`.objective`): the β-weighted
-objective and its record as two matrix products over the stacked per-site sums.
+objective as one matrix product over the stacked per-site sums, and its record as signed sums
+of gathered rows.
 
 It applies when the weighting is linear in the per-site log-densities: β weighting only (no
 free bits, no capacity), every guide site reparameterised, the Monte Carlo KL, and every
 auxiliary guide site attributed whole to an entry (:mod:`.attribution`). The per-site,
 per-particle sums are stacked once, ``S`` of shape ``(sites,)`` or ``(sites, P)``
-(observed log p, the latent rows' log q, the model log p); the objective is ``c @ S``
-(``c`` = +1 observed, -β_e log q, +β_e log p per entry e); the record's KL and entropy rows
-are per-entry sums of the log q and log p rows (``index_add`` by the entry of each row, the
-attribution folded in, so a non-finite row reaches only its own entry's terms, never another's
-through a zero coefficient), with ``c`` and the row-to-entry indices built once per structure
-(:func:`linear_matrices`, cached by the caller). Same values as the general path to float
-rounding.
+(observed log p, the latent rows' log q, the model log p; the rows grouped by shape by
+:func:`~pyro_elbo_lab.sites.stack_per_particle`); the objective is ``c @ S``
+(``c`` = +1 observed, -β_e log q, +β_e log p per entry e); the record's reconstruction, KL
+and entropy rows are signed sums of gathered rows of ``S`` (padded with a zero row, never a
+zero coefficient, so a non-finite row reaches only its own entry's terms, never another's),
+with ``c`` and the gather index built once per structure (:func:`linear_matrices`, cached by
+the caller). Same values as the general path to float rounding.
 
 Imports :mod:`.attribution` only (and Pyro's ``is_identically_zero``).
 """
@@ -30,7 +31,7 @@ from .attribution import Attribution, Entry
 
 __all__ = ["entry_label", "linear_matrices", "linear_particle"]
 
-#: ``(c at β = 1, dc/dβ, entry of each log q row, entry of each log p row, names)``
+#: ``(c at β = 1, dc/dβ, record gather index, record signs, names)``
 LinearMatrices = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]
 
 
@@ -46,58 +47,94 @@ def entry_label(entry: Entry) -> tuple:
 
 
 def linear_matrices(
-    plan: Attribution, obs_names: list, num_latent: int, p_rows: list, weighted: tuple, like: torch.Tensor
+    plan: Attribution,
+    obs_names: list,
+    num_latent: int,
+    p_rows: list,
+    weighted: tuple,
+    like: torch.Tensor,
+    order: tuple[int, ...] | None = None,
 ) -> LinearMatrices | None:
     """
-    The coefficients and the record matrix of the linear path.
+    The coefficients and the record's gather index of the linear path.
+
+    The stacked rows are, in this order, the observed log p, the latent rows' log q and the
+    log p of the latent rows in ``p_rows``; ``order`` (from
+    :func:`~pyro_elbo_lab.sites.stack_per_particle`) says which of them each row of the
+    stacked tensor holds. The record's row ``j`` (after the objective) is
+    ``sum_k signs[j, k] * ext[gather[j, k]]``, where ``ext`` is the stacked rows followed by
+    the objective and a zero row (the padding): no coefficient is ever zero, so a
+    non-finite row reaches only its own entry's terms.
 
     :param Attribution plan: the entries of the per-site record.
     :param list obs_names: the observed sites, in stacking order.
     :param int num_latent: the number of latent rows (model latent sites, then auxiliary sites).
     :param list p_rows: the latent rows that have a model log p, in stacking order.
     :param tuple weighted: per entry, whether β weights it.
-    :param torch.Tensor like: a tensor of the dtype and device to build in.
-    :returns: ``(c at β = 1, dc/dβ, q_entry, p_entry, names)``: two ``(width,)`` coefficient
-        vectors (``width`` being the number of stacked rows), the entry of each log q row
-        ``(num_latent,)`` and of each log p row ``(len(p_rows),)`` (int64), and the record
-        names; ``None`` when an auxiliary site is split over entries (the general path).
+    :param torch.Tensor like: the stacked rows (for the dtype, device and number of dims).
+    :param tuple order: the stacked row of each position, ``None`` for the order above.
+    :returns: ``(c at β = 1, dc/dβ, gather, signs, names)``: two ``(width,)`` coefficient
+        vectors (``width`` being the number of stacked rows), the record's ``(rows, k)``
+        gather index (int64) and ``(rows, k)`` signs (shaped to broadcast over particles),
+        and the record names; ``None`` when an auxiliary site is split over entries (the
+        general path).
     """
     entries = plan.entries
     if sorted(r for e in entries for r in e.rows) != list(range(num_latent)):
         return None
     num_obs = len(obs_names)
     width = num_obs + num_latent + len(p_rows)
+    position = list(range(width))
+    if order is not None:
+        for i, j in enumerate(order):
+            position[j] = i
     p_column = {r: num_obs + num_latent + i for i, r in enumerate(p_rows)}
-    kl_rows = torch.zeros(len(entries), width, dtype=like.dtype, device=like.device)
-    q_entry = [0] * num_latent
+    objective_row, zero_row = width, width + 1
+    # (column, sign) lists of the record rows: objective, reconstruction, kl, entropy
+    terms: list = [[(objective_row, 1.0)]] + [[(position[i], 1.0)] for i in range(num_obs)]
+    kl_terms: list = []
+    entropy_terms: list = []
+    c_one = [1.0] * num_obs + [0.0] * (width - num_obs)
+    c_beta = [0.0] * width
     for e, entry in enumerate(entries):
+        kl_e, entropy_e = [], []
         for r in entry.rows:
-            q_entry[r] = e
-            kl_rows[e, num_obs + r] = 1.0
+            kl_e.append((position[num_obs + r], 1.0))
+            entropy_e.append((position[num_obs + r], -1.0))
+            c_one[num_obs + r] = -1.0
+            c_beta[num_obs + r] = 1.0 if weighted[e] else 0.0
+        for r in entry.rows:
             if r in p_column:
-                kl_rows[e, p_column[r]] = -1.0
-    recon_rows = torch.eye(num_obs, width, dtype=like.dtype, device=like.device)
-    selected = torch.tensor(weighted, dtype=like.dtype, device=like.device)
-    c_one = recon_rows.sum(0) - kl_rows.sum(0)
-    c_beta = selected @ kl_rows
-    q_index = torch.tensor(q_entry, dtype=torch.long, device=like.device)
-    p_index = torch.tensor([q_entry[r] for r in p_rows], dtype=torch.long, device=like.device)
+                kl_e.append((position[p_column[r]], -1.0))
+                c_one[p_column[r]] = 1.0
+                c_beta[p_column[r]] = -1.0 if weighted[e] else 0.0
+        kl_terms.append(kl_e)
+        entropy_terms.append(entropy_e)
+    terms += kl_terms + entropy_terms
+    k = max(len(t) for t in terms)
+    gather = [[c for c, _ in t] + [zero_row] * (k - len(t)) for t in terms]
+    signs = [[v for _, v in t] + [1.0] * (k - len(t)) for t in terms]
+    # coefficients in the stacked tensor's row order
+    c_one_t = torch.tensor([c_one[j] for j in (order or range(width))], dtype=like.dtype, device=like.device)
+    c_beta_t = torch.tensor([c_beta[j] for j in (order or range(width))], dtype=like.dtype, device=like.device)
+    signs_t = torch.tensor(signs, dtype=like.dtype, device=like.device)
     names = (
         ["objective"]
         + [("reconstruction", n) for n in obs_names]
         + [("kl",) + entry_label(e) for e in entries]
         + [("entropy",) + entry_label(e) for e in entries]
     )
-    return c_one, c_beta, q_index, p_index, names
+    gather_t = torch.tensor([c for row in gather for c in row], dtype=torch.long, device=like.device)
+    return c_one_t, c_beta_t, gather_t, signs_t, names
 
 
 def linear_particle(
     beta: Any,
     obs_names: list,
-    obs_lp: list,
+    observed: list,
     latent: list,
     *,
-    log_prob_per_particle: Callable[[Any], torch.Tensor],
+    stack_log_probs: Callable[[list], tuple[torch.Tensor, tuple[int, ...] | None, torch.Tensor | None]],
     attribution: Callable[[], Attribution],
     entry_weight: Callable[[Entry], bool],
     cache: dict,
@@ -106,48 +143,55 @@ def linear_particle(
     One particle (or the vectorised particle plate) by the linear path.
 
     :param beta: β of the step (a float, or a 0-dim tensor in a compiled step).
-    :param list obs_names: the observed sites.
-    :param list obs_lp: their scaled log p summed per particle, ``()`` or ``(P,)`` each (nats).
+    :param list obs_names: the observed sites' names.
+    :param list observed: the observed model sites.
     :param list latent: ``[(name, model_site or None, guide_site), ...]``, model sites first.
-    :param log_prob_per_particle: ``site -> `` its scaled ``log_prob`` summed per particle.
-    :param attribution: ``() ->`` the :class:`~.latent_rows.Attribution` of these traces.
+    :param stack_log_probs: ``sites -> (stacked, order, totals)``: the sites' scaled
+        ``log_prob`` summed per particle and stacked, shape ``(sites,)`` or ``(sites, P)``
+        (nats), row ``i`` being site ``order[i]`` (``order`` ``None``: the sites' order), as
+        :func:`~pyro_elbo_lab.sites.stack_per_particle`; and ``None``, or the rows' sums over
+        particles ``(sites,)`` (differentiable; ``stacked`` then detached).
+    :param attribution: ``() ->`` the :class:`~.attribution.Attribution` of these traces.
     :param entry_weight: ``entry ->`` whether β weights it.
     :param dict cache: the caller's cache of :func:`linear_matrices` per structure.
     :returns: ``(objective, surrogate, names, record)`` as
-        ``WeightedObjective._particle`` (:mod:`.objective`), or ``None`` when the case does not
+        ``WeightedObjective._particle`` (:mod:`.objective`; the surrogate may be summed over
+        particles, shape ``()``), or ``None`` when the case does not
         apply (a score-function guide site, an auxiliary site split over entries).
     """
     log_q, log_p, p_rows = [], [], []
     for r, (_, model_site, guide_site) in enumerate(latent):
         if not is_identically_zero(guide_site["score_parts"].score_function):
             return None  # score-function site: the general path
-        log_q.append(log_prob_per_particle(guide_site))
+        log_q.append(guide_site)
         if model_site is not None:
-            log_p.append(log_prob_per_particle(model_site))
+            log_p.append(model_site)
             p_rows.append(r)
     plan = attribution()
     weighted = tuple(entry_weight(e) for e in plan.entries)
-    stacked = torch.stack(obs_lp + log_q + log_p)  # dtypes promoted, as the general path's stacks
-    key = (plan, tuple(obs_names), tuple(p_rows), weighted, stacked.dtype, stacked.device)
+    stacked, order, totals = stack_log_probs(observed + log_q + log_p)  # dtypes promoted, as the general path's stacks
+    key = (plan, tuple(obs_names), tuple(p_rows), weighted, order, stacked.dtype, stacked.device, stacked.dim())
     found = cache.get(key, False)
     if found is False:
-        found = linear_matrices(plan, obs_names, len(latent), p_rows, weighted, stacked)
+        found = linear_matrices(plan, obs_names, len(latent), p_rows, weighted, stacked, order)
         if len(cache) >= 64:
             cache.clear()
         cache[key] = found
     if found is None:
         return None  # an auxiliary site split over entries: the general path
-    c_one, c_beta, q_index, p_index, names = found
+    c_one, c_beta, gather, signs, names = found
     coefficients = c_one if not torch.is_tensor(beta) and beta == 1.0 else c_one - (beta - 1.0) * c_beta
-    surrogate = coefficients @ stacked
-    objective = surrogate.detach()
-    # The record by per-entry sums, not a matrix product: a zero coefficient times a
-    # non-finite row (an observed log p of -inf, say) would make every term NaN.
+    # elementwise products and sums rather than matrix products: the same few kernels as
+    # the model's and Pyro's own (cheaper, at a few sites, than a matmul called once a step)
+    if totals is None:
+        surrogate = (stacked * coefficients).sum(-1)
+        objective = surrogate.detach()
+    else:  # the surrogate summed over particles, from Pyro's per-site sums (its gradient's graph)
+        objective = (stacked * coefficients).sum(-1).detach()
+        surrogate = (totals * coefficients).sum()
+    # The record by signed sums of gathered columns, not a matrix product: a zero coefficient
+    # times a non-finite column (an observed log p of -inf, say) would make every term NaN.
     values = stacked.detach()
-    num_obs, num_latent = len(obs_lp), len(log_q)
-    log_q_rows = values[num_obs : num_obs + num_latent]
-    sums = values.new_zeros((len(plan.entries),) + values.shape[1:])
-    entropy = -sums.index_add(0, q_index, log_q_rows)
-    kl = (-entropy).index_add(0, p_index, values[num_obs + num_latent :], alpha=-1.0)
-    record = torch.cat([objective.unsqueeze(0), values[:num_obs], kl, entropy])
-    return objective, surrogate, names, record
+    ext = torch.cat([values, objective.unsqueeze(-1), values.new_zeros(values.shape[:-1] + (1,))], -1)
+    record = (ext.index_select(-1, gather).view(values.shape[:-1] + signs.shape) * signs).sum(-1)
+    return objective, surrogate, names, record.t()

@@ -328,9 +328,8 @@ class WeightedObjective(ParticleSums, BetaState):
         # one walk of each trace: latent model sites, then auxiliary guide sites (the rows attribute() reads)
         observed, latent = sample_sites(model_trace, guide_trace, missing=missing_guide_site)
         obs_names: list = [name for name, _ in observed]
-        obs_lp: list = [self._log_prob_per_particle(model_site) for _, model_site in observed]
         self._check_sites_per_call(model_trace, guide_trace, self._check_sites, latent)
-        if not obs_lp and not latent:  # an empty model: loss 0, as Pyro's Trace_ELBO
+        if not observed and not latent:  # an empty model: loss 0, as Pyro's Trace_ELBO
             zero = torch.zeros(()) if self._particle_plate() is None else torch.zeros(self.num_particles)
             return zero, 0.0, ["objective"], zero.unsqueeze(0)
 
@@ -338,15 +337,16 @@ class WeightedObjective(ParticleSums, BetaState):
             fast = linear_particle(
                 beta,
                 obs_names,
-                obs_lp,
+                [model_site for _, model_site in observed],
                 latent,
-                log_prob_per_particle=self._log_prob_per_particle,
+                stack_log_probs=self._stack_log_prob_per_particle,
                 attribution=lambda: self._attribution(model_trace, guide_trace, latent),
                 entry_weight=self._entry_weight,
                 cache=self.__dict__.setdefault("_linear_cache", {}),
             )
             if fast is not None:
                 return fast
+        obs_lp: list = [self._log_prob_per_particle(model_site) for _, model_site in observed]
         names: list = ["objective"] + [("reconstruction", n) for n in obs_names]
         pieces: list = []
         surrogate: torch.Tensor | float = 0.0

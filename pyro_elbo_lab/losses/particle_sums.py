@@ -55,6 +55,36 @@ class ParticleSums:
             return site["log_prob_sum"]  # the hot path: no call into sites.py
         return sites.log_prob_per_particle(site, self.num_particles, self.max_plate_nesting - 1)
 
+    def _stack_log_prob_per_particle(
+        self, sites_: list[Message]
+    ) -> tuple[torch.Tensor, tuple[int, ...] | None, torch.Tensor | None]:
+        """
+        The sites' scaled ``log_prob`` summed per particle and stacked, ``(sites,)`` or
+        ``(sites, num_particles)``, the order of its rows
+        (:func:`pyro_elbo_lab.sites.stack_per_particle`; ``None``: the sites' order), and the
+        sums over all particles.
+
+        :returns: ``(stacked, order, totals)``: in the vectorised particle plate, when every
+            site's ``log_prob`` has the particle dim (so the sum over particles of a site's
+            row is Pyro's memoised ``log_prob_sum``), ``stacked`` is detached and ``totals``
+            the sites' ``log_prob_sum`` in the rows' order, ``(sites,)``, differentiable: the
+            gradient then flows through Pyro's own sums, one node per site. Otherwise
+            ``stacked`` is differentiable and ``totals`` is ``None``.
+        """
+        if not (self.vectorize_particles and self.num_particles > 1):
+            return torch.stack([site["log_prob_sum"] for site in sites_]), None, None  # Pyro's memoised sums
+        log_probs = [site["log_prob"] for site in sites_]
+        # Pyro counts the vectorised particle plate in max_plate_nesting: it sits at -max_plate_nesting
+        dim, num_particles = self.max_plate_nesting, self.num_particles
+        traced = torch._C._get_tracing_state()  # TorchScript: shapes are tensors, keep the plain path
+        if not traced and all(x.dim() >= dim and x.shape[-dim] == num_particles for x in log_probs):
+            with torch.no_grad():
+                stacked, order = sites.stack_per_particle(log_probs, num_particles, dim - 1)
+            rows = range(len(sites_)) if order is None else order
+            return stacked, order, torch.stack([sites_[i]["log_prob_sum"] for i in rows])
+        stacked, order = sites.stack_per_particle(log_probs, num_particles, dim - 1)
+        return stacked, order, None
+
     def _entropy_term_per_particle(self, site: Message) -> torch.Tensor:
         """The differentiable ``entropy_term`` of a guide site's score parts, per particle."""
         term = site["score_parts"].entropy_term
