@@ -128,17 +128,17 @@ def stack_per_particle(
     xs: list[torch.Tensor], num_particles: int | None = None, max_plate_nesting: int = 0
 ) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     """
-    :func:`sum_per_particle` of several tensors, stacked along the last dim: the tensors of
-    one shape and dtype are stacked first and summed by one reduction (a loss step's per-site
-    sums cost a few tensor operations, not one per site). Same values as stacking the sums
-    of each tensor, to float rounding.
+    :func:`sum_per_particle` of several tensors, stacked: the tensors of one shape and dtype
+    are stacked first and summed by one reduction (a loss step's per-site sums cost a few
+    tensor operations, not one per site). Same values as stacking the sums of each tensor,
+    to float rounding.
 
     :param list xs: batch-shaped tensors (e.g. the sites' ``log_prob``).
     :param int num_particles: the size ``P`` of the particle plate, ``None`` for none.
     :param int max_plate_nesting: plate dims to the right of the particle plate.
     :returns: ``(stacked, order)``: ``stacked`` of shape ``(len(xs),)`` or
-        ``(P, len(xs))``, its column ``i`` the sum of ``xs[order[i]]``; ``order`` is ``None``
-        when the columns are in the order of ``xs`` (one shape and dtype).
+        ``(len(xs), P)``, its row ``i`` the sum of ``xs[order[i]]``; ``order`` is ``None``
+        when the rows are in the order of ``xs``.
     :rtype: tuple
     """
     groups: dict[tuple, list[int]] = {}
@@ -146,14 +146,25 @@ def stack_per_particle(
         groups.setdefault((x.shape, x.dtype), []).append(i)
     parts = []
     order: list[int] = []
+    traced = torch._C._get_tracing_state()  # TorchScript: shapes are tensors, keep the plain ops
     for rows in groups.values():
-        stacked = torch.stack([xs[i] for i in rows], -1)
-        parts.append(sum_per_particle(stacked, num_particles, max_plate_nesting, event_dims=1))
+        stacked = torch.stack([xs[i] for i in rows])
+        shape = stacked.shape
+        if not traced and len(shape) == max_plate_nesting + 2 and shape[1] == num_particles:
+            # the common case, the particle dim leading each tensor: (rows, P, plates...) summed
+            # over the plates (as sum_per_particle, without moving the stacking dim)
+            if all(n == 1 for n in shape[2:]):
+                parts.append(stacked.reshape(shape[:2]))
+            else:
+                parts.append(stacked.sum(tuple(range(2, len(shape)))))
+        else:  # the stacking dim moved last (an event dim of sum_per_particle) and back
+            summed = sum_per_particle(stacked.movedim(0, -1), num_particles, max_plate_nesting, event_dims=1)
+            parts.append(summed.movedim(-1, 0))
         order += rows
     if len(parts) == 1:
         return parts[0], None
     # (while TorchScript traces, shapes hold tensors and every tensor is a group of its own)
-    return torch.cat(parts, -1), None if order == sorted(order) else tuple(order)
+    return torch.cat(parts), None if order == sorted(order) else tuple(order)
 
 
 def log_prob_per_particle(site: Message, num_particles: int | None = None, max_plate_nesting: int = 0) -> torch.Tensor:

@@ -117,7 +117,9 @@ def linear_matrices(
     # coefficients in the stacked tensor's row order
     c_one_t = torch.tensor([c_one[j] for j in (order or range(width))], dtype=like.dtype, device=like.device)
     c_beta_t = torch.tensor([c_beta[j] for j in (order or range(width))], dtype=like.dtype, device=like.device)
-    signs_t = torch.tensor(signs, dtype=like.dtype, device=like.device)
+    signs_t = torch.tensor(signs, dtype=like.dtype, device=like.device).reshape(
+        (len(terms), k) + (1,) * (like.dim() - 1)
+    )
     names = (
         ["objective"]
         + [("reconstruction", n) for n in obs_names]
@@ -183,15 +185,16 @@ def linear_particle(
     coefficients = c_one if not torch.is_tensor(beta) and beta == 1.0 else c_one - (beta - 1.0) * c_beta
     # elementwise products and sums rather than matrix products: the same few kernels as
     # the model's and Pyro's own (cheaper, at a few sites, than a matmul called once a step)
+    rows = coefficients if stacked.dim() == 1 else coefficients.unsqueeze(-1)
     if totals is None:
-        surrogate = (stacked * coefficients).sum(-1)
+        surrogate = (stacked * rows).sum(0)
         objective = surrogate.detach()
     else:  # the surrogate summed over particles, from Pyro's per-site sums (its gradient's graph)
-        objective = (stacked * coefficients).sum(-1).detach()
+        objective = (stacked * rows).sum(0).detach()
         surrogate = (totals * coefficients).sum()
-    # The record by signed sums of gathered columns, not a matrix product: a zero coefficient
-    # times a non-finite column (an observed log p of -inf, say) would make every term NaN.
+    # The record by signed sums of gathered rows, not a matrix product: a zero coefficient
+    # times a non-finite row (an observed log p of -inf, say) would make every term NaN.
     values = stacked.detach()
-    ext = torch.cat([values, objective.unsqueeze(-1), values.new_zeros(values.shape[:-1] + (1,))], -1)
-    record = (ext.index_select(-1, gather).view(values.shape[:-1] + signs.shape) * signs).sum(-1)
-    return objective, surrogate, names, record.t()
+    ext = torch.cat([values, objective.unsqueeze(0), values.new_zeros((1,) + values.shape[1:])])
+    record = (ext.index_select(0, gather).view(signs.shape[:2] + values.shape[1:]) * signs).sum(1)
+    return objective, surrogate, names, record

@@ -78,8 +78,8 @@ class ParticleSums:
         dim, num_particles = self.max_plate_nesting, self.num_particles
         traced = torch._C._get_tracing_state()  # TorchScript: shapes are tensors, keep the plain path
         if not traced and all(x.dim() >= dim and x.shape[-dim] == num_particles for x in log_probs):
-            with torch.no_grad():
-                stacked, order = sites.stack_per_particle(log_probs, num_particles, dim - 1)
+            detached = [x.detach() for x in log_probs]  # (cheaper than entering torch.no_grad())
+            stacked, order = sites.stack_per_particle(detached, num_particles, dim - 1)
             rows = range(len(sites_)) if order is None else order
             return stacked, order, torch.stack([sites_[i]["log_prob_sum"] for i in rows])
         stacked, order = sites.stack_per_particle(log_probs, num_particles, dim - 1)
