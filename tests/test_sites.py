@@ -138,6 +138,32 @@ def test_subsampled_plate_count_is_the_data_size():
     assert float(sites.count(trace.nodes["z"], scaled=False).sum()) == 8.0
 
 
+def test_stack_per_particle():
+    # shapes mixed as in a vectorised eight-schools step: (P, 1) globals, (P, 8) plate sites,
+    # a tensor outside the particle plate, one in float64, and a -inf that stays in its row
+    g = torch.Generator().manual_seed(0)
+    xs = [
+        torch.randn(4, 1, generator=g),
+        torch.randn(4, 8, generator=g),
+        torch.randn(4, 1, generator=g),
+        torch.randn(8, generator=g),
+        torch.randn(4, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 8, generator=g),
+    ]
+    xs[5][2, 3] = -math.inf
+    stacked, order = sites.stack_per_particle(xs, 4, 1)
+    assert stacked.shape == (6, 4) and sorted(order) == list(range(6))
+    for row, i in enumerate(order):
+        x = xs[i].double()
+        expected = [float(x[p].sum()) for p in range(4)] if x.dim() == 2 else [float(x.sum())] * 4
+        assert stacked[row].double().tolist() == pytest.approx(expected, rel=1e-6)
+    assert math.isinf(stacked[order.index(5), 2]) and torch.isfinite(stacked[order.index(1)]).all()
+    # rows grouped by shape; no particle plate: one value per tensor, in the given order
+    assert sites.stack_per_particle([xs[0], xs[1], xs[2]], 4, 1)[1] == (0, 2, 1)
+    flat, flat_order = sites.stack_per_particle([xs[1], xs[5]], None)
+    assert flat_order is None and flat.tolist() == [float(xs[1].sum()), -math.inf]
+
+
 def test_sum_per_particle():
     x = torch.arange(24.0).reshape(4, 3, 2)
     # particle plate at dim -3 (max_plate_nesting 2): one value per particle
