@@ -1,16 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The linear fast path of ``WeightedObjective._particle`` (:mod:`.objective`): the β-weighted
-objective as one matrix product over the stacked per-site sums, and its record as signed sums
-of gathered rows.
+objective as a weighted sum of the stacked per-site sums, and its record as signed sums of
+gathered rows (elementwise kernels the step already runs, no matrix products).
 
 It applies when the weighting is linear in the per-site log-densities: β weighting only (no
 free bits, no capacity), every guide site reparameterised, the Monte Carlo KL, and every
 auxiliary guide site attributed whole to an entry (:mod:`.attribution`). The per-site,
 per-particle sums are stacked once, ``S`` of shape ``(sites,)`` or ``(sites, P)``
 (observed log p, the latent rows' log q, the model log p; the rows grouped by shape by
-:func:`~pyro_elbo_lab.sites.stack_per_particle`); the objective is ``c @ S``
-(``c`` = +1 observed, -β_e log q, +β_e log p per entry e); the record's reconstruction, KL
+:func:`~pyro_elbo_lab.sites.stack_per_particle`); the objective is ``sum_w c_w S_w``
+(``c`` = +1 observed, -β_e log q, +β_e log p per entry e), and with vectorised particles the
+differentiable surrogate is the same sum over Pyro's own ``log_prob_sum`` of each site (so
+``S`` is detached and the backward graph is Pyro's); the record's reconstruction, KL
 and entropy rows are signed sums of gathered rows of ``S`` (padded with a zero row, never a
 zero coefficient, so a non-finite row reaches only its own entry's terms, never another's),
 with ``c`` and the gather index built once per structure (:func:`linear_matrices`, cached by

@@ -9,7 +9,7 @@ differ only in the KL estimator: the hooks of :class:`~.particle_sums.ParticleSu
 (``_latent_site_terms`` per site, or ``_latent_terms`` for all sites at once) and
 :attr:`WeightedObjective.analytic_kl` for free bits. Every per-site quantity comes from
 :mod:`pyro_elbo_lab.sites`; the common linear case (β weighting, reparameterised guide sites,
-Monte Carlo KL) runs as two matrix products in :mod:`.linear`, and the score-function term of
+Monte Carlo KL) runs as a few vector operations in :mod:`.linear`, and the score-function term of
 guide sites that are not reparameterised is built in :mod:`.score_function`.
 """
 
@@ -316,8 +316,9 @@ class WeightedObjective(ParticleSums, BetaState):
     ) -> tuple[torch.Tensor, torch.Tensor | float, list, torch.Tensor]:
         """
         One particle (or the whole vectorised particle plate): returns the objective per
-        particle (detached), the surrogate objective per particle (differentiable), the
-        record names and the record tensor of shape ``(num_entries,)`` or
+        particle (detached), the surrogate objective per particle (differentiable; the
+        linear path with vectorised particles returns its sum over particles, shape ``()``:
+        callers sum it), the record names and the record tensor of shape ``(num_entries,)`` or
         ``(num_entries, num_particles)``.
 
         The per-site sums are stacked once and weighted with one vector operation, so the
