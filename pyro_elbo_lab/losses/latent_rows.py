@@ -29,6 +29,7 @@ from pyro.poutine.runtime import Message
 from torch.distributions import Independent
 
 from .. import sites
+from .beta_state import enumerated_site_error, is_enumerated
 
 __all__ = [
     "Attribution",
@@ -36,6 +37,7 @@ __all__ = [
     "LatentRow",
     "Split",
     "auxiliary_sites",
+    "missing_guide_site",
     "sample_sites",
 ]
 
@@ -59,7 +61,18 @@ def auxiliary_sites(model_trace: Trace, guide_trace: Trace) -> list[tuple[str, M
     ]
 
 
-def _no_guide_site(name: str, model_site: Message) -> ValueError:
+def missing_guide_site(name: str, model_site: Message) -> ValueError:
+    """
+    The error for a latent model site without a guide site (what :func:`sample_sites`
+    raises); for a site enumerated in the model it names the class that sums it out
+    (:func:`~.beta_state.enumerated_site_error`).
+
+    :param str name: the site's name.
+    :param model_site: the model's site.
+    :rtype: ValueError
+    """
+    if is_enumerated(model_site):
+        return enumerated_site_error(name)
     return ValueError(
         f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
         "needs a matching guide site of the same name (or pass it as observed data)."
@@ -82,7 +95,8 @@ def sample_sites(
     :param model_trace: the model's trace.
     :param guide_trace: the guide's trace.
     :param missing: what to do with a latent model site that has no guide site: ``"raise"``
-        a ``ValueError`` naming it, ``"skip"`` it (it gets no row), or a callable
+        a ``ValueError`` naming it (:func:`missing_guide_site`: for a site enumerated in the
+        model, the class that sums it out), ``"skip"`` it (it gets no row), or a callable
         ``(name, model_site) -> Exception`` whose result is raised (a loss's own message).
     :returns: ``(observed, latent)``: ``observed`` is ``[(name, model_site), ...]`` in model
         order; ``latent`` is ``[(name, model_site or None, guide_site), ...]``
@@ -107,7 +121,7 @@ def sample_sites(
         if guide_site is None:
             if missing == "skip":
                 continue
-            raise _no_guide_site(name, model_site) if missing == "raise" else missing(name, model_site)
+            raise missing_guide_site(name, model_site) if missing == "raise" else missing(name, model_site)
         latent.append((name, model_site, guide_site))
     model_nodes = model_trace.nodes
     for name, guide_site in guide_nodes.items():  # auxiliary_sites, inlined: a loss calls this every step

@@ -22,33 +22,19 @@ import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
-from pyro.poutine.runtime import Message
 from pyro.util import warn_if_nan
 
 from .. import sites
 from ..schedules import ScheduleLike
 from ..terms import ELBOTerms, TermsRecord, merge_records
 from .attribution import Attribution, Entry, attribute, sample_sites
-from .beta_state import BetaState, check_enumerated_sites, enumerated_site_error, is_enumerated, site_selected
+from .beta_state import BetaState, check_enumerated_sites, site_selected
 from .linear import entry_label, linear_particle
 from .particle_sums import ParticleSums
 from .score_function import downstream_cost, not_reparameterised_error, score_function_surrogate
 from .weighting import check_auxiliary, check_particles, check_selected_sites, check_weighting, schedule_value
 
-__all__ = ["WeightedObjective", "missing_guide_site"]
-
-
-def missing_guide_site(name: str, model_site: Message) -> ValueError:
-    """
-    The error for a latent model site without a guide site; for a site enumerated in the
-    model it names the class that sums it out (:func:`~.beta_state.enumerated_site_error`).
-    """
-    if is_enumerated(model_site):
-        return enumerated_site_error(name)
-    return ValueError(
-        f"The model's latent site '{name}' has no site in the guide. Every latent site of the model "
-        "needs a matching guide site of the same name (or pass it as observed data)."
-    )
+__all__ = ["WeightedObjective"]
 
 
 class WeightedObjective(ParticleSums, BetaState):
@@ -327,7 +313,7 @@ class WeightedObjective(ParticleSums, BetaState):
         nonlinear = self.free_bits is not None or capacity is not None
 
         # one walk of each trace: latent model sites, then auxiliary guide sites (the rows attribute() reads)
-        observed, latent = sample_sites(model_trace, guide_trace, missing=missing_guide_site)
+        observed, latent = sample_sites(model_trace, guide_trace)
         obs_names: list = [name for name, _ in observed]
         self._check_sites_per_call(model_trace, guide_trace, self._check_sites, latent)
         if not observed and not latent:  # an empty model: loss 0, as Pyro's Trace_ELBO
