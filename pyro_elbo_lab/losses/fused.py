@@ -164,7 +164,11 @@ class _Last:
     groups: tuple
     grad_index: tuple[int, ...]
     configs: tuple
-    states: tuple[tuple[torch.Tensor, ...], ...]
+    views: tuple[torch.Tensor, ...]
+    state_views: tuple[tuple[torch.Tensor, ...], ...]
+    # (tensor, its 1-element view) of every 0-dim input: the view must still share the
+    # tensor's storage (``param.data = ...`` gives the tensor a new one)
+    view_pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     # per updated parameter: its state's keys and tensors, as the fused graph updates them
     state_tensors: tuple[tuple[tuple[str, torch.Tensor], ...], ...]
 
@@ -175,16 +179,15 @@ def _input_views(
     """
     The fused graph's inputs: 0-dim parameters and state tensors as 1-element views (dynamo,
     torch 2.13, traces 0-dim inputs as symbolic floats, restarts its analysis to specialise
-    them, and the restarted trace drops the in-place updates of the inputs). Made anew every
-    step: a view kept across steps would still read the old storage after
-    ``param.data = ...``, and, made under no_grad and outliving an in-place update of its
-    base, it fails dynamo's next recompilation. Made under no_grad, because a view of a
-    parameter would otherwise be a non-leaf that requires grad, whose ``.grad`` dynamo reads,
-    with a warning.
+    them, and the restarted trace drops the in-place updates of the inputs). Views of a
+    ``detach()``: a view of a parameter would be a non-leaf that requires grad (whose
+    ``.grad`` dynamo reads, with a warning), and one made under no_grad, once its base has
+    been updated in place, fails dynamo's next recompilation (``torch._dynamo.reset()``, a
+    changed global state). Kept from step to step (new view objects cost the compiled call
+    its input checks again, about 0.04 ms a step) while they share their tensor's storage.
     """
-    with torch.no_grad():
-        views = tuple(p.view(1) if p.dim() == 0 else p for p in params)
-        state_views = tuple(tuple(t.view(1) if t.dim() == 0 else t for t in state) for state in states)
+    views = tuple(p.detach().view(1) if p.dim() == 0 else p for p in params)
+    state_views = tuple(tuple(t.detach().view(1) if t.dim() == 0 else t for t in state) for state in states)
     return views, state_views
 
 
@@ -206,7 +209,8 @@ def _unchanged(last: _Last, named: dict, optim_objs: dict) -> bool:
         state = last.optimizers[i].state.get(last.params[i])
         if state is None or any(state.get(key) is not t for key, t in tensors):
             return False
-    return True
+    # ``param.data = ...``: the same object with new storage, which the kept view does not see
+    return all(view.data_ptr() == t.data_ptr() for t, view in last.view_pairs)
 
 
 def _restore_host_state(plan: _Plan) -> None:
@@ -365,8 +369,7 @@ class FusedSVI(SVI):
             # the CPU caches)
             configs, rates, host_state = step_rates(last.optimizers, last.params, last.grad_index)
             if configs == last.configs:
-                views, state_views = _input_views(last.params, last.states)
-                return _Plan(compiled, last.fused, views, state_views, rates, False, host_state, last.params)
+                return _Plan(compiled, last.fused, last.views, last.state_views, rates, False, host_state, last.params)
             restore_host_state(host_state)  # settings changed: the full path below
         found = tuple(named.get(name) for name in compiled.param_names)
         if any(p is None for p in found):
@@ -426,7 +429,15 @@ class FusedSVI(SVI):
             tuple(o.param_groups[0] for o in optimizers),
             grad_index,
             configs,
-            tuple(states),
+            views,
+            state_views,
+            tuple(
+                (t, v)
+                for t, v in zip(
+                    params + tuple(t for s in states for t in s), views + tuple(v for s in state_views for v in s)
+                )
+                if t.dim() == 0
+            ),
             tuple(tuple(zip(keys, state)) for keys, state in zip(state_keys, states)),
         )
         return _Plan(compiled, fused, views, state_views, rates, compile_now, host_state, params)
