@@ -155,7 +155,7 @@ def linear_particle(
         (nats), row ``i`` being site ``order[i]`` (``order`` ``None``: the sites' order), as
         :func:`~pyro_elbo_lab.sites.stack_per_particle`; and ``None``, or the rows' sums over
         particles ``(sites,)`` (differentiable; ``stacked`` then detached).
-    :param attribution: ``() ->`` the :class:`~.attribution.Attribution` of these traces.
+    :param attribution: ``() ->`` the :class:`~.latent_rows.Attribution` of these traces.
     :param entry_weight: ``entry ->`` whether β weights it.
     :param dict cache: the caller's cache of :func:`linear_matrices` per structure.
     :returns: ``(objective, surrogate, names, record)`` as
