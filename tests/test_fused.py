@@ -271,6 +271,84 @@ def test_a_failing_fused_call_leaves_clipped_adams_host_state(monkeypatch, error
         assert torch.equal(value.detach(), before[name]), name
 
 
+def test_an_interrupted_first_compile_is_compiled_and_timed_at_the_next_step(monkeypatch):
+    """
+    Ctrl-C during the first call of a fused graph (the call that compiles it): the next
+    step compiles it again and that call is what ``compile_seconds`` counts; the step after
+    it is not counted. Its parameters are then those of Pyro's SVI after the same steps.
+    """
+    import pyro_elbo_lab.losses.fused as fused_module
+
+    make = fused_module._make_fused
+    interrupted = []
+
+    def make_interrupted_once(*args, **kwargs):
+        real = make(*args, **kwargs)
+
+        def first_call_interrupted(*a):
+            if not interrupted:
+                interrupted.append(True)
+                raise KeyboardInterrupt
+            return real(*a)
+
+        return first_call_interrupted
+
+    monkeypatch.setattr(fused_module, "_make_fused", make_interrupted_once)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    fused = FusedSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), new_loss(True))
+    fused.step(X)  # unfused
+    with pytest.raises(KeyboardInterrupt):
+        fused.step(X)
+    assert interrupted == [True] and fused.compile_seconds == 0.0
+    fused.step(X)
+    compiled = fused.compile_seconds
+    assert compiled > 0.0  # the compiling call, timed
+    for _ in range(3):
+        fused.step(X)
+    assert fused.compile_seconds == compiled
+    assert fused.num_fused_steps == 4 and fused.num_unfused_steps == 1
+    params = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+    # the reference: SVI over the same 5 steps (the interrupted call changed nothing and
+    # drew no random numbers before the graph ran)
+    *_, ref_params, _ = trajectory(SVI, new_loss(False), pyro.optim.Adam({"lr": 0.05}), steps=5)
+    for name, value in ref_params.items():
+        assert torch.allclose(params[name], value, rtol=1e-10, atol=1e-12), name
+
+
+def test_a_schedule_of_a_compiled_in_setting_keeps_a_bounded_number_of_graphs(monkeypatch):
+    """
+    SGD's momentum is a constant of the fused graph: changing it compiles another graph. With
+    room for one graph per gradient graph, alternating two momenta keeps one, and every step
+    still matches Pyro's SVI given the same settings.
+    """
+    import pyro_elbo_lab.losses.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_MAX_CONFIGS", 1)
+
+    def run(svi_class, loss):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        optim = pyro.optim.SGD({"lr": 0.01, "momentum": 0.9})
+        svi = svi_class(model, guide, optim, loss)
+        losses = []
+        for k in range(5):
+            losses.append(svi.step(X))
+            for obj in optim.optim_objs.values():
+                obj.param_groups[0]["momentum"] = 0.5 if k % 2 == 0 else 0.9
+        return svi, losses, {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+
+    _, losses, params = run(SVI, new_loss(False))
+    loss = new_loss(True)
+    fused, f_losses, f_params = run(FusedSVI, loss)
+    assert fused.num_fused_steps == 4
+    graphs = [cache for compiled, cache in fused_module._FUSED.items() if compiled in loss._compiled.values()]
+    assert [len(cache) for cache in graphs] == [1]
+    assert f_losses == pytest.approx(losses, rel=1e-10, abs=1e-10)
+    for name, value in params.items():
+        assert torch.allclose(f_params[name], value, rtol=1e-10, atol=1e-12), name
+
+
 def test_a_nonfinite_step_is_not_applied_clipped_adam():
     """
     ClippedAdam (its decayed learning rate and step count live in Python): the data hold

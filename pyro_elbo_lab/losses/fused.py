@@ -48,6 +48,11 @@ __all__ = ["FusedSVI", "FusedStep", "unfusable_reason"]
 # loss object, model, guide and argument shapes; a deep copy of the loss, e.g. the runner's
 # chains, records and compiles its own) and per optimiser configuration
 _FUSED: weakref.WeakKeyDictionary[CompiledFunction, dict] = weakref.WeakKeyDictionary()
+# at most this many optimiser configurations per gradient graph (the oldest is dropped)
+_MAX_CONFIGS = 16
+# the fused steps whose first call (the one that compiles) has completed: a first call that
+# failed or was interrupted compiles again at the next step, and is timed again
+_COMPILED: weakref.WeakSet[Callable] = weakref.WeakSet()
 
 
 def unfusable_reason(optim: object, loss: object) -> str | None:
@@ -263,7 +268,15 @@ class FusedSVI(SVI):
     :param loss: ``JitBetaELBO(compiler="inductor")`` or ``JitBetaMeanFieldELBO(compiler="inductor")``.
     :raises ValueError: for another loss or compiler, an unsupported optimiser, or ``clip_args``.
 
-    Attributes: :attr:`compile_seconds` (seconds spent compiling fused graphs),
+    Optimiser settings other than the learning rate (``betas``, ``eps``, ``weight_decay``,
+    ``momentum``, ``dampening``, ``nesterov``, ``clip_norm``, ``centered_variance``) are constants
+    of the graph: a schedule of one of them compiles a graph per new value (the last 16 per
+    gradient graph are kept).
+
+    Attributes: :attr:`compile_seconds` (seconds spent in the first call of each fused
+    graph, i.e. compiling it; a first call that failed or was interrupted is timed again
+    at the next; a recompilation dynamo starts on its own, e.g. after
+    ``torch._dynamo.reset()``, is not counted),
     :attr:`num_fused_steps` and :attr:`num_unfused_steps`.
     """
 
@@ -341,6 +354,7 @@ class FusedSVI(SVI):
                 raise
         if plan.compile_now:
             self.compile_seconds += time.perf_counter() - start
+            _COMPILED.add(plan.fused)
         loss.record_step(plan.compiled, values, beta, capacity)
         value, ok = status.tolist()
         self.num_fused_steps += 1
@@ -369,7 +383,10 @@ class FusedSVI(SVI):
             # the CPU caches)
             configs, rates, host_state = step_rates(last.optimizers, last.params, last.grad_index)
             if configs == last.configs:
-                return _Plan(compiled, last.fused, last.views, last.state_views, rates, False, host_state, last.params)
+                compile_now = last.fused not in _COMPILED
+                return _Plan(
+                    compiled, last.fused, last.views, last.state_views, rates, compile_now, host_state, last.params
+                )
             restore_host_state(host_state)  # settings changed: the full path below
         found = tuple(named.get(name) for name in compiled.param_names)
         if any(p is None for p in found):
@@ -414,10 +431,12 @@ class FusedSVI(SVI):
         key = (configs, scalar_states)
         cache = _FUSED.setdefault(compiled, {})
         fused = cache.get(key)
-        compile_now = fused is None
         if fused is None:
+            if len(cache) >= _MAX_CONFIGS:
+                del cache[next(iter(cache))]
             graph = compiled.info["graph"]
             fused = cache[key] = _make_fused(graph, list(grad_index), configs, scalar_params, scalar_states)
+        compile_now = fused not in _COMPILED
         views, state_views = _input_views(params, tuple(states))
         self._last = _Last(
             compiled,

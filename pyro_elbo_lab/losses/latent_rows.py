@@ -12,7 +12,7 @@ an :class:`Attribution` holds the :class:`Entry` rows of the per-site record and
 onto the entries with one matrix product (plus one per-dimension ``log_prob`` of a split
 auxiliary site): no second model or guide pass and no device sync.
 
-Imports :mod:`pyro_elbo_lab.sites` only.
+Imports :mod:`pyro_elbo_lab.sites` and :mod:`.beta_state` (the enumerated-site check) only.
 """
 
 from __future__ import annotations
