@@ -22,6 +22,7 @@ reach the same optimum.
 
     python examples/cavi_mean_field.py [--quick] [--seed N] [--steps N]
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,12 @@ def exact_log_evidence(x) -> float:
     a_n = A0 + N / 2
     b_n = B0 + 0.5 * ss + LAMBDA0 * N * (xbar - MU0) ** 2 / (2 * lam_n)
     return (
-        math.lgamma(a_n) - math.lgamma(A0) + A0 * math.log(B0) - a_n * math.log(b_n)
-        + 0.5 * math.log(LAMBDA0 / lam_n) - 0.5 * N * math.log(2 * math.pi)
+        math.lgamma(a_n)
+        - math.lgamma(A0)
+        + A0 * math.log(B0)
+        - a_n * math.log(b_n)
+        + 0.5 * math.log(LAMBDA0 / lam_n)
+        - 0.5 * N * math.log(2 * math.pi)
     )
 
 
@@ -100,7 +105,9 @@ def mean_field_elbo(x, q: dict) -> float:
     e_sq = sum((v - m) ** 2 for v in x) + N * var  # E_mu sum_n (x_n - mu)^2
     log_lik = -0.5 * N * math.log(2 * math.pi) + 0.5 * N * e_log_tau - 0.5 * e_tau * e_sq
     log_p_mu = (
-        -0.5 * math.log(2 * math.pi) + 0.5 * math.log(LAMBDA0) + 0.5 * e_log_tau
+        -0.5 * math.log(2 * math.pi)
+        + 0.5 * math.log(LAMBDA0)
+        + 0.5 * e_log_tau
         - 0.5 * LAMBDA0 * e_tau * ((m - MU0) ** 2 + var)
     )
     log_p_tau = A0 * math.log(B0) - math.lgamma(A0) + (A0 - 1) * e_log_tau - B0 * e_tau

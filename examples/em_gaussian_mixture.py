@@ -19,6 +19,7 @@ estimate has zero variance and equals the log-likelihood to float precision.
 
     python examples/em_gaussian_mixture.py [--quick] [--seed N] [--steps N]
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -144,7 +145,6 @@ def monotonicity(log_lik: pd.Series) -> str:
     )
 
 
-
 def steps_summary(history: pd.DataFrame) -> str:
     """What the E- and M-steps did to the ELBO, in words, from the numbers."""
     e_gap = (history["ELBO after E"] - history["log p(x)"]).abs().max()
@@ -216,8 +216,17 @@ def main(quick: bool = False, seed: int = 0, steps: int | None = None, verbose: 
     )
     report.heading("Per iteration")
     shown = history if num_iterations <= 20 else history.iloc[list(range(10)) + list(range(-5, 0))]
-    columns = ["log p(x)", "ELBO after E", "ELBO (MC estimate)", "± se", "E log p(x,z) after E",
-               "E log p(x,z) after M", "entropy", "ELBO after M", "gap after M"]
+    columns = [
+        "log p(x)",
+        "ELBO after E",
+        "ELBO (MC estimate)",
+        "± se",
+        "E log p(x,z) after E",
+        "E log p(x,z) after M",
+        "entropy",
+        "ELBO after M",
+        "gap after M",
+    ]
     report.table(shown[columns], "{:.4f}")
     report.text(monotonicity(history["log p(x)"]))
     report.text(steps_summary(history))

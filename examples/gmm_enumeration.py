@@ -17,6 +17,7 @@ sum over c; evidence - ELBO = KL(q(mu) || p(mu | x)), the only gap left.
 
     python examples/gmm_enumeration.py [--quick] [--seed N] [--steps N]
 """
+
 from __future__ import annotations
 
 import math

@@ -105,7 +105,6 @@ def test_compile_targets_per_graph():
         assert t[text]["met"] is met
 
 
-
 def test_compile_targets_exclude_and_state_inductor_start_up():
     # inductor's start-up (once per process) is not a graph's compile time: not added to the
     # graph's figure, but stated in the target's text
@@ -127,6 +126,7 @@ def test_compile_targets_exclude_and_state_inductor_start_up():
     }
     measured = sorted((v["measured"], v["met"]) for v in t.values())
     assert measured == [(pytest.approx(0.9), True), (pytest.approx(13.0), True)]
+
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is not None, reason="this Python has JAX")
 def test_numpyro_skipped_with_the_reason_when_jax_is_absent():

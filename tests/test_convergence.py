@@ -6,6 +6,7 @@ rising trace is not converged, a falling one never is, stationary noise is, at t
 whatever constant is added to the log joint; and a conjugate fit called converged is near
 the closed-form optimum.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,14 @@ def guide(x):
 
 
 def scripted_run(values, convergence=None):
-    runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.01}), ScriptedLoss(values), progress_bar=False,
-                       convergence=convergence or Convergence())
+    runner = SVIRunner(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 0.01}),
+        ScriptedLoss(values),
+        progress_bar=False,
+        convergence=convergence or Convergence(),
+    )
     return runner.run(torch.zeros(1), num_steps=len(values))
 
 
@@ -120,16 +127,27 @@ def test_a_constant_trace_is_stationary():
 
 
 def test_result_without_a_rule_reports_the_final_window():
-    runner = SVIRunner(model, guide, pyro.optim.Adam({"lr": 0.01}), ScriptedLoss(-(0.05 * np.arange(300))),
-                       progress_bar=False)
+    runner = SVIRunner(
+        model, guide, pyro.optim.Adam({"lr": 0.01}), ScriptedLoss(-(0.05 * np.arange(300))), progress_bar=False
+    )
     result = runner.run(torch.zeros(1), num_steps=300)
     assert result.stop_reason == "num_steps" and result.converged == [False]
     assert "R-hat" in result.convergence[0]["reason"]
 
 
-@pytest.mark.parametrize("options", [dict(window=7), dict(num_chains=1), dict(rhat=1.0), dict(rhat=math.nan),
-                                     dict(every=0), dict(patience=0), dict(params="yes"),
-                                     dict(average=-1)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(window=7),
+        dict(num_chains=1),
+        dict(rhat=1.0),
+        dict(rhat=math.nan),
+        dict(every=0),
+        dict(patience=0),
+        dict(params="yes"),
+        dict(average=-1),
+    ],
+)
 def test_bad_options(options):
     with pytest.raises(ValueError, match="Convergence"):
         Convergence(**options)
@@ -155,8 +173,14 @@ def conjugate_fit(n, steps, convergence, seed=0):
     pyro.set_rng_seed(seed)
     from pyro_elbo_lab import BetaMeanFieldELBO
 
-    runner = SVIRunner(conjugate_model, conjugate_guide, pyro.optim.Adam({"lr": 0.05}), BetaMeanFieldELBO(),
-                       progress_bar=False, convergence=convergence)
+    runner = SVIRunner(
+        conjugate_model,
+        conjugate_guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        BetaMeanFieldELBO(),
+        progress_bar=False,
+        convergence=convergence,
+    )
     result = runner.run(data, num_steps=steps)
     # z | x ~ N(sum x / (n + 1), 1 / (n + 1)): the mean-field optimum is the exact posterior
     m, s = float(data.sum() / (n + 1)), math.sqrt(1.0 / (n + 1))
@@ -218,8 +242,15 @@ def test_skipped_steps_do_not_block_convergence():
 
     data = 2.0 + torch.linspace(-1.0, 1.0, 20)
     pyro.set_rng_seed(0)
-    result = SVIRunner(m, conjugate_guide, pyro.optim.Adam({"lr": 0.05}), BetaMeanFieldELBO(), progress_bar=False,
-                       on_nonfinite="skip", convergence=Convergence()).run(data, num_steps=2000)
+    result = SVIRunner(
+        m,
+        conjugate_guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        BetaMeanFieldELBO(),
+        progress_bar=False,
+        on_nonfinite="skip",
+        convergence=Convergence(),
+    ).run(data, num_steps=2000)
     assert result.history["skipped"].sum() >= 2
     assert result.stop_reason == "converged" and result.convergence[0]["reason"] == "stationary"
     m_exact, s_exact = float(data.sum() / 21), math.sqrt(1.0 / 21)
@@ -238,10 +269,16 @@ def test_averaging_cut_short_returns_the_average_it_reports():
     from pyro_elbo_lab import BetaMeanFieldELBO
 
     pyro.set_rng_seed(0)
-    result = SVIRunner(conjugate_model, conjugate_guide, pyro.optim.Adam({"lr": 0.05}), BetaMeanFieldELBO(),
-                       progress_bar=False, seed=0,
-                       convergence=Convergence(average=200), callbacks=[record]).run(
-        2.0 + torch.linspace(-1.0, 1.0, 20), num_steps=400)
+    result = SVIRunner(
+        conjugate_model,
+        conjugate_guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        BetaMeanFieldELBO(),
+        progress_bar=False,
+        seed=0,
+        convergence=Convergence(average=200),
+        callbacks=[record],
+    ).run(2.0 + torch.linspace(-1.0, 1.0, 20), num_steps=400)
     c = result.convergence[0]
     assert result.stop_reason == "num_steps" and c["averaging_since"] is not None
     kept = [iterates[s] for s in range(c["averaging_since"], 400)]

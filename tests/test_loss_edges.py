@@ -4,6 +4,7 @@ Edge cases of the weighted losses (issue 11 §3, §5, §6): an empty model gives
 loss of 0, bad ``num_particles`` and autoguide weightings that would not be a KL are
 refused with a message naming the argument or site.
 """
+
 from __future__ import annotations
 
 import pyro

@@ -10,6 +10,7 @@ deviation (closed form, enumeration, or independent draws in the test itself) an
 < 6e-7 per comparison (and the seed is fixed). Parity with Pyro's own estimators at β = 1
 (identical gradients for the same seed) lives in ``test_valid_models.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -199,8 +200,9 @@ def test_score_function_gradient_with_beta_on_downstream_site():
         pyro.sample("b", dist.Bernoulli(p))
         pyro.sample("z", dist.Normal(m, s))
 
-    (grad,) = _grads(BetaELBO(beta=beta, sites=["z"], num_particles=P, vectorize_particles=True), model, guide,
-                     (DATA,), [p])
+    (grad,) = _grads(
+        BetaELBO(beta=beta, sites=["z"], num_particles=P, vectorize_particles=True), model, guide, (DATA,), [p]
+    )
 
     def kl_z(b):  # KL(N(m, s) || N(delta b, 1))
         return -math.log(s) + (s**2 + (m - delta * b) ** 2) / 2 - 0.5
@@ -305,8 +307,9 @@ def test_free_bits_gradient(particles):
     lam = 0.5
     assert kl_j[0] < lam < kl_j[1] and kl_j[2] > lam
     pyro.set_rng_seed(8)
-    g_loc, g_scale = _grads(BetaMeanFieldELBO(beta=2.0, free_bits=lam, **particles), model, guide,
-                            (LOCAL_DATA,), [loc, scale])
+    g_loc, g_scale = _grads(
+        BetaMeanFieldELBO(beta=2.0, free_bits=lam, **particles), model, guide, (LOCAL_DATA,), [loc, scale]
+    )
     assert torch.all(g_loc[:, 0] == 0) and torch.all(g_scale[:, 0] == 0)
     pyro.set_rng_seed(8)
     e_loc, e_scale = _grads(BetaMeanFieldELBO(beta=2.0, **particles), model, guide, (LOCAL_DATA,), [loc, scale])
@@ -324,8 +327,9 @@ def test_capacity_gradient(capacity, sign):
     scale = torch.full((4, 3), 0.7, requires_grad=True)
     model, guide = _local(loc, scale)
     gamma = 5.0
-    g_loc, g_scale = _grads(BetaMeanFieldELBO(capacity=capacity, gamma=gamma), model, guide, (LOCAL_DATA,),
-                            [loc, scale])
+    g_loc, g_scale = _grads(
+        BetaMeanFieldELBO(capacity=capacity, gamma=gamma), model, guide, (LOCAL_DATA,), [loc, scale]
+    )
     # dim 0 has no likelihood: its gradient is the capacity term's, in closed form
     dkl_dloc, dkl_dscale = loc[:, 0].detach(), (scale[:, 0] - 1 / scale[:, 0]).detach()
     assert torch.allclose(g_loc[:, 0], sign * gamma * dkl_dloc, atol=1e-12)

@@ -10,6 +10,7 @@ exact one (computed here in closed form or from independent draws, never from th
 under test); a two-sided 5σ band fails by chance with probability < 6e-7 (the seed is
 fixed anyway). Quantities that are exact for every particle are compared to 1e-10.
 """
+
 from __future__ import annotations
 
 import copy
@@ -732,8 +733,9 @@ def test_lbfgs_closure_reaches_closed_form_optimum(beta):
     guide(DATA)
     store = pyro.get_param_store()
     params = [store.get_param(name).unconstrained() for name in ("loc", "scale")]
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=50, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=50, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
     calls = []
 
     def closure():

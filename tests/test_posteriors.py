@@ -4,6 +4,7 @@ The Pyro translations of the posteriordb posteriors (benchmarks/posteriors.py) a
 hand-written scipy log densities of the Stan models, read from the raw data, at reference
 draws; and the reference draws against the raw JSON.
 """
+
 import json
 import sys
 import zipfile
@@ -41,9 +42,10 @@ def stan_eight_schools(d, p):
 
 def stan_kidiq(d, p):
     b = p["beta"]
-    return stats.cauchy.logpdf(p["sigma"], 0, 2.5) + stats.norm.logpdf(
-        d["kid_score"], b[0] + b[1] * np.asarray(d["mom_iq"]), p["sigma"]
-    ).sum()
+    return (
+        stats.cauchy.logpdf(p["sigma"], 0, 2.5)
+        + stats.norm.logpdf(d["kid_score"], b[0] + b[1] * np.asarray(d["mom_iq"]), p["sigma"]).sum()
+    )
 
 
 def stan_mesquite(d, p):
@@ -75,9 +77,12 @@ def stan_gauss_mix(d, p):
     assert mu[0] < mu[1]
     y = np.asarray(d["y"])
     lp = stats.norm.logpdf(s, 0, 2).sum() + stats.norm.logpdf(mu, 0, 2).sum() + stats.beta.logpdf(th, 5, 5)
-    return lp + np.logaddexp(
-        np.log(th) + stats.norm.logpdf(y, mu[0], s[0]), np.log1p(-th) + stats.norm.logpdf(y, mu[1], s[1])
-    ).sum()
+    return (
+        lp
+        + np.logaddexp(
+            np.log(th) + stats.norm.logpdf(y, mu[0], s[0]), np.log1p(-th) + stats.norm.logpdf(y, mu[1], s[1])
+        ).sum()
+    )
 
 
 STAN = {

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """README code marked ``<!-- readme-test -->`` must run as printed."""
+
 import pathlib
 import re
 

@@ -4,6 +4,7 @@ pyro_elbo_lab.sites, the one per-site estimator, against closed forms (Gaussian 
 entropy), hand computations from the traces' distributions, and hand sums; scale and
 mask by the documented rule.
 """
+
 from __future__ import annotations
 
 import math

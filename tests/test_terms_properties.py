@@ -7,6 +7,7 @@ decomposition equal those computed by hand from the draws a loss call makes at t
 estimator); under the exact posterior the Monte Carlo ELBO equals the closed-form log evidence
 for every particle.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,9 +102,11 @@ def _hand_terms(p):
     q, prior = dist.Normal(p["loc"], p["scale"]), dist.Normal(p["mu0"], p["sigma0"])
     recon = dist.Normal(z.unsqueeze(-1), p["sigma"]).log_prob(p["data"]).sum(-1)
     if p["mean_field"]:  # closed forms
-        kl = math.log(p["sigma0"] / p["scale"]) + (p["scale"] ** 2 + (p["loc"] - p["mu0"]) ** 2) / (
-            2 * p["sigma0"] ** 2
-        ) - 0.5
+        kl = (
+            math.log(p["sigma0"] / p["scale"])
+            + (p["scale"] ** 2 + (p["loc"] - p["mu0"]) ** 2) / (2 * p["sigma0"] ** 2)
+            - 0.5
+        )
         entropy = 0.5 * math.log(2 * math.pi * math.e * p["scale"] ** 2)
         kl, entropy = torch.full_like(z, kl), torch.full_like(z, entropy)
     else:
