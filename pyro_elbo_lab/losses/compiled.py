@@ -377,8 +377,8 @@ COMPILE_LIMITS = """
     * With ``compiler="inductor"``, the training step (:meth:`loss_and_grads`) is one graph
       of aten ops, forward pass and gradients together, recorded by
       :func:`~torch.fx.experimental.proxy_tensor.make_fx` and compiled to fused C++ by
-      :func:`torch.compile` (inductor backend, ``fallback_random=True`` so random draws
-      use the eager random stream). :meth:`loss`, :meth:`decompose` and
+      :func:`torch.compile` (inductor backend, :func:`~.inductor.compile_graph`: random
+      draws from the eager random stream, Bernoulli sites in float64 included). :meth:`loss`, :meth:`decompose` and
       :meth:`differentiable_loss` record a second, forward-only graph, compiled once for
       calls without gradients and once for calls with them. Each compilation takes seconds
       (0.3–15 s for the benchmark models on two CPU cores, depending on the size of the

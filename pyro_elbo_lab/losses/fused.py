@@ -14,8 +14,8 @@ optimisers (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``) in place
 run can move between :class:`pyro.infer.SVI` and :class:`FusedSVI` at any step.
 
 Imports torch, pyro, :mod:`.compiled`, :mod:`.compile_strategy`, :mod:`.fused_optim` (the
-optimisers' updates in torch ops) and :mod:`.pyro_optim` (the one home of the Pyro-private
-optimiser names it needs) only.
+optimisers' updates in torch ops), :mod:`.inductor` (:func:`~.inductor.compile_graph`) and
+:mod:`.pyro_optim` (the one home of the Pyro-private optimiser names it needs) only.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from .beta_trace_enum_elbo import BetaTraceEnumELBO
 from .compile_strategy import CompiledFunction, tensor_signature
 from .compiled import CompiledObjective
 from .fused_optim import FUSED_OPTIMIZERS, OPTIMIZER_CONFIGS, fused_update, restore_host_state, step_rates
+from .inductor import compile_graph
 from .pyro_optim import restore_waiting_optimizers
 
 __all__ = ["FusedSVI", "FusedStep", "unfusable_reason"]
@@ -116,7 +117,7 @@ def _make_fused(
     # against its limit (8), per code object, so every fused step made in a process (chains,
     # restarts, other models) would otherwise share one count and the 9th would fail
     fused.__code__ = fused.__code__.replace()
-    return torch.compile(fused, fullgraph=True, dynamic=False, options={"fallback_random": True})
+    return compile_graph(fused)
 
 
 @dataclass(frozen=True)

@@ -3,28 +3,91 @@
 The inductor compiler of the compiled losses: the step recorded as a graph of aten ops by
 :func:`torch.fx.experimental.proxy_tensor.make_fx` (for :meth:`loss_and_grads`, the
 forward pass *and* the gradients in one graph) and compiled to fused C++ by
-:func:`torch.compile`'s inductor backend. Imports :mod:`.compile_strategy` only.
+:func:`torch.compile`'s inductor backend (:func:`compile_graph`, also the fused step's).
+Imports :mod:`.compile_strategy` only.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .compile_strategy import CompiledFunction, CompileStrategy, StepOutputs
 
-__all__ = ["InductorStrategy"]
+__all__ = ["InductorStrategy", "compile_graph"]
+
+
+#: names the decomposition table of :func:`compile_graph` in inductor's cache keys (bump it
+#: when the table changes)
+_CACHE_TAG = "pyro_elbo_lab.compile_graph: fallback_random, aten.bernoulli.default not decomposed (1)"
+
+
+@functools.cache
+def _cache_tag_pass() -> object:
+    """
+    A post-grad pass that does nothing and whose ``uuid`` is :data:`_CACHE_TAG`: AOTAutograd's
+    on-disk cache key leaves out the decomposition table (torch 2.13) and would serve a graph
+    that a plain ``torch.compile`` decomposed; inductor's config, custom passes included, is
+    in the key. (Made at the first compile: importing inductor costs seconds.)
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class CacheTag(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return _CACHE_TAG
+
+    return CacheTag()
+
+
+def _inductor_eager_random(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
+    """
+    The inductor backend with ``fallback_random=True`` and without the decomposition of
+    ``aten.bernoulli.default`` (see :func:`compile_graph`).
+    """
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    patches: dict = {"fallback_random": True}
+    if config.post_grad_custom_post_pass is None:  # (a user's own pass is kept; it keys the cache itself)
+        patches["post_grad_custom_post_pass"] = _cache_tag_pass()
+    with config.patch(patches):
+        table = dict(select_decomp_table())
+    table.pop(torch.ops.aten.bernoulli.default, None)
+    return compile_fx(graph, example_inputs, config_patches=patches, decompositions=table)
+
+
+def compile_graph(function: Callable) -> Callable:
+    """
+    :func:`torch.compile` as the compiled losses and the fused step use it: the inductor
+    backend, one graph (``fullgraph=True``), static shapes (``dynamic=False``), and random
+    draws from the eager random stream, so that a compiled step draws what the uncompiled
+    one draws for the same seed: ``fallback_random=True``, and without the decomposition of
+    ``aten.bernoulli.default`` into ``rand(float32) < p``, which inductor applies even then
+    (torch 2.13; PyTorch issue #188074, fixed upstream by pull request #192261), and which in
+    float64 draws other Bernoulli samples than eager's kernel for the same seed.
+
+    :param callable function: the function (a recorded graph) to compile.
+    :returns: the compiled function; it compiles at its first call.
+    :rtype: callable
+    """
+    return torch.compile(function, backend=_inductor_eager_random, fullgraph=True, dynamic=False)
 
 
 class InductorStrategy(CompileStrategy):
     """
     Records the step with ``make_fx`` (real tensors: Python control flow is frozen as by
     :func:`torch.jit.trace`, Python reads of computed values raise) and wraps it in
-    :func:`torch.compile` (``fullgraph=True``, ``dynamic=False``, ``fallback_random=True``
-    so random draws use the eager random stream), which compiles at the first call per
+    :func:`compile_graph` (``fullgraph=True``, ``dynamic=False``, random draws from the
+    eager random stream), which compiles at the first call per
     grad mode. :meth:`loss_and_grads` gets its own graph that also returns the
     parameters' gradients, accumulated into ``.grad`` here as ``backward()`` would.
     """
@@ -67,7 +130,7 @@ class InductorStrategy(CompileStrategy):
             ) from e
         if gradients:
             self._check_differentiated(graph, example[2 + num_params :])
-        function = torch.compile(graph, fullgraph=True, dynamic=False, options={"fallback_random": True})
+        function = compile_graph(graph)
         # compiled_modes: the grad modes (True / False) it has been called, and so compiled, under
         # graph: the recorded (uncompiled) graph, which the fused training step
         # (:mod:`.fused`) compiles again together with the optimiser's update
