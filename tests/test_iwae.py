@@ -105,6 +105,25 @@ def test_records_bound_and_elbo_of_the_same_particles():
     assert terms.stderr["elbo"] == pytest.approx(log_w.std().item() / math.sqrt(6), rel=1e-10)
 
 
+def test_decompose_is_the_elbo_of_the_particles_by_hand_and_leaves_the_state():
+    elbo = IWAE(6, max_plate_nesting=1)
+    elbo.loss_and_grads(model, guide, DATA)
+    before = elbo.last_terms
+    pyro.set_rng_seed(5)
+    terms = elbo.decompose(model, guide, DATA)
+    pyro.set_rng_seed(5)
+    with pyro.plate("num_particles_vectorized", 6, dim=-2):
+        guide_trace = pyro.poutine.trace(guide).get_trace(DATA)
+    z = guide_trace.nodes["z"]["value"].reshape(6)
+    log_q = dist.Normal(pyro.param("m"), pyro.param("s")).log_prob(z).detach()
+    log_prior = dist.Normal(0.0, 1.0).log_prob(z)
+    log_lik = dist.Normal(z.unsqueeze(-1) + 0.2, 1.0).log_prob(DATA).sum(-1)
+    assert terms.elbo == pytest.approx((log_lik + log_prior - log_q).mean().item(), rel=1e-12)
+    assert terms.per_site["obs"]["reconstruction"] == pytest.approx(log_lik.mean().item(), rel=1e-12)
+    assert terms.per_site["z"]["kl"] == pytest.approx((log_q - log_prior).mean().item(), rel=1e-12)
+    assert elbo.step == 1 and elbo.last_terms is before
+
+
 def test_dreg_is_unbiased_with_higher_signal_to_noise():
     """Rainforth et al. 2018: the standard IWAE guide gradient's SNR falls with K; DReG's does not."""
     pyro.set_rng_seed(0)

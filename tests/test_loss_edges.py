@@ -14,7 +14,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
 
-from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO
+from pyro_elbo_lab import BetaELBO, BetaMeanFieldELBO, BetaTraceEnumELBO, BetaTraceGraphELBO, JitBetaTraceEnumELBO
 
 LOSSES = pytest.mark.parametrize("Loss", [BetaELBO, BetaMeanFieldELBO], ids=["BetaELBO", "BetaMeanFieldELBO"])
 DATA = torch.tensor([0.4, 1.3, -0.2, 0.9])
@@ -42,7 +42,11 @@ def test_empty_model_has_loss_zero_like_trace_elbo(Loss, with_param):
     assert terms.per_site == {}
 
 
-@LOSSES
+@pytest.mark.parametrize(
+    "Loss",
+    [BetaELBO, BetaMeanFieldELBO, BetaTraceEnumELBO, JitBetaTraceEnumELBO, BetaTraceGraphELBO],
+    ids=lambda c: c.__name__,
+)
 @pytest.mark.parametrize("num_particles", [0, -2, 2.5, True, "3"])
 def test_bad_num_particles_is_refused_at_construction(Loss, num_particles):
     with pytest.raises(ValueError, match=f"num_particles must be an integer >= 1, got num_particles={num_particles!r}"):

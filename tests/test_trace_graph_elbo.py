@@ -151,6 +151,28 @@ def test_score_function_gradient_by_hand():
     assert terms.objective == pytest.approx(-loss, rel=1e-12)
 
 
+def test_decompose_by_hand_leaves_the_state():
+    elbo = BetaTraceGraphELBO(2.5, sites=["z"], max_plate_nesting=1)
+    elbo.loss_and_grads(bernoulli_model, bernoulli_guide, DATA)
+    before = elbo.last_terms
+    pyro.set_rng_seed(7)
+    terms = elbo.decompose(bernoulli_model, bernoulli_guide, DATA)
+    pyro.set_rng_seed(7)
+    guide_trace = poutine.trace(bernoulli_guide).get_trace(DATA)
+    z, shift = guide_trace.nodes["z"]["value"], guide_trace.nodes["shift"]["value"].detach()
+    log_q = dist.Bernoulli(logits=pyro.param("theta").detach()).log_prob(z)
+    log_p = dist.Bernoulli(0.4).log_prob(z)
+    log_lik = dist.Normal(LOCS[z.long()] + shift, 1.0).log_prob(DATA)
+    q_shift = guide_trace.nodes["shift"]["fn"].log_prob(shift).detach()
+    p_shift = dist.Normal(0.0, 1.0).log_prob(shift)
+    assert terms.per_site["z"]["kl"] == pytest.approx((log_q - log_p).sum().item(), rel=1e-12)
+    assert terms.per_site["shift"]["kl"] == pytest.approx((q_shift - p_shift).item(), rel=1e-12)
+    assert terms.per_site["obs"]["reconstruction"] == pytest.approx(log_lik.sum().item(), rel=1e-12)
+    elbo_value = log_lik.sum() - (log_q - log_p).sum() - (q_shift - p_shift)
+    assert terms.objective == pytest.approx((elbo_value - 1.5 * (log_q - log_p).sum()).item(), rel=1e-12)
+    assert elbo.step == 1 and elbo.last_terms is before
+
+
 def test_gradient_is_unbiased_for_the_beta_objective():
     """Many vectorised particles: the estimate is within 5 standard errors of the enumerated gradient."""
     beta = 0.5

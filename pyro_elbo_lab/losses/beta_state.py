@@ -25,7 +25,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 
-from ..checks import empty_plate_errors, nonnegative_number
+from ..checks import check_int, empty_plate_errors, nonnegative_number
 from ..schedules import ScheduleLike, as_schedule
 from ..terms import ELBOTerms, TermsRecord
 
@@ -227,15 +227,24 @@ class BetaState:
         free_bits: float | None,
         capacity: ScheduleLike | None,
         why: str,
+        elbo_kwargs: dict,
     ) -> None:
         """
         β and ``sites`` of a loss that weights by β only (free bits and capacity refused).
 
         :param str why: why this loss cannot take free bits or capacity, and what to use instead.
+        :param dict elbo_kwargs: the keyword arguments for Pyro's ELBO (``num_particles`` checked).
         :raises NotImplementedError: for ``free_bits`` or ``capacity``.
+        :raises ValueError: for ``num_particles`` not an integer >= 1.
         """
         if free_bits is not None or capacity is not None:
             raise NotImplementedError(f"{type(self).__name__} supports β weighting only: {why}")
+        check_int(
+            "num_particles",
+            elbo_kwargs.get("num_particles", 1),
+            1,
+            hint="the number of samples the loss averages over per step",
+        )
         self._init_beta(beta)
         self.sites = check_site_names(sites)
 
@@ -327,6 +336,25 @@ class BetaState:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"state must be a dict with a non-negative integer 'step', got {state!r}")
         self.step = step
+
+    def decompose(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> ELBOTerms:
+        """
+        Evaluates the decomposition without gradients, without advancing the step count and
+        without touching :attr:`last_terms`: one :meth:`loss` call (which records and counts
+        no step), its terms returned. Classes whose ``loss`` does more override it.
+
+        :returns: the terms, in nats.
+        :rtype: ELBOTerms
+        """
+        last = self._last_record
+        try:
+            with torch.no_grad():
+                self.loss(model, guide, *args, **kwargs)  # type: ignore[attr-defined]  # the Pyro ELBO's
+            record = self._last_record
+            assert record is not None  # loss always records
+            return record.terms()
+        finally:
+            self._last_record = last
 
     @property
     def last_terms(self) -> ELBOTerms | None:

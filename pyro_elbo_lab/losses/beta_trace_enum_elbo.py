@@ -129,6 +129,7 @@ class BetaTraceEnumELBO(BetaState, TraceEnum_ELBO):
             capacity,
             "free bits and capacity are non-linear in the KL, which DiCE's exact expectations over enumerated "
             "sites do not carry through. Use BetaELBO for free bits or capacity on a model without enumerated sites.",
+            kwargs,
         )
         super().__init__(**kwargs)
 

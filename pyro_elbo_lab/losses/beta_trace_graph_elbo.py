@@ -116,6 +116,7 @@ class BetaTraceGraphELBO(BetaState, TraceGraph_ELBO):
             capacity,
             "free bits and capacity are non-linear in the KL and would have to enter every score-function site's "
             "downstream cost whole. Use BetaELBO, which does this for score-function sites left out of sites=.",
+            kwargs,
         )
         self._call_beta = 1.0
         self._columns: list = []

@@ -125,7 +125,9 @@ class InductorStrategy(CompileStrategy):
                 raise
             raise ValueError(
                 f"{self.owner}(compiler='inductor') cannot record the model and guide as a graph: "
-                "they read a tensor's value in Python (data-dependent control flow, .item(), float(tensor)). "
+                "they read a tensor's value in Python (data-dependent control flow, .item(), float(tensor)), "
+                "or a torch function they call does (torch.nn.functional.one_hot, which OneHotCategorical's "
+                "sample calls, checks the range of its input this way; Categorical records). "
                 f"Use compiler='torchscript', which freezes such values, or {self.fallback}."
             ) from e
         if gradients:
