@@ -24,7 +24,7 @@ __all__ = ["InductorStrategy", "compile_graph"]
 
 #: names the decomposition table of :func:`compile_graph` in inductor's cache keys (bump it
 #: when the table changes)
-_CACHE_TAG = "pyro_elbo_lab.compile_graph: fallback_random, aten.bernoulli.default not decomposed (1)"
+_CACHE_TAG = "pyro_elbo_lab.compile_graph: fallback_random, aten.bernoulli.default drawn as eager (2)"
 
 
 @functools.cache
@@ -49,8 +49,8 @@ def _cache_tag_pass() -> object:
 
 def _inductor_eager_random(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
     """
-    The inductor backend with ``fallback_random=True`` and without the decomposition of
-    ``aten.bernoulli.default`` (see :func:`compile_graph`).
+    The inductor backend with ``fallback_random=True`` and ``aten.bernoulli.default``
+    decomposed as eager draws it (see :func:`compile_graph`).
     """
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
@@ -61,8 +61,17 @@ def _inductor_eager_random(graph: torch.fx.GraphModule, example_inputs: list) ->
         patches["post_grad_custom_post_pass"] = _cache_tag_pass()
     with config.patch(patches):
         table = dict(select_decomp_table())
-    table.pop(torch.ops.aten.bernoulli.default, None)
+    table[torch.ops.aten.bernoulli.default] = _bernoulli_as_eager
     return compile_fx(graph, example_inputs, config_patches=patches, decompositions=table)
+
+
+def _bernoulli_as_eager(p: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """
+    ``torch.bernoulli(p)`` as eager's CPU kernel draws it: one uniform of ``p``'s own dtype per
+    element, in order, compared with ``p`` (torch's decomposition draws float32 uniforms).
+    """
+    uniform = torch.rand(p.size(), dtype=p.dtype, device=p.device, generator=generator)
+    return (uniform < p).to(p.dtype)
 
 
 def compile_graph(function: Callable) -> Callable:
@@ -70,10 +79,14 @@ def compile_graph(function: Callable) -> Callable:
     :func:`torch.compile` as the compiled losses and the fused step use it: the inductor
     backend, one graph (``fullgraph=True``), static shapes (``dynamic=False``), and random
     draws from the eager random stream, so that a compiled step draws what the uncompiled
-    one draws for the same seed: ``fallback_random=True``, and without the decomposition of
-    ``aten.bernoulli.default`` into ``rand(float32) < p``, which inductor applies even then
-    (torch 2.13; PyTorch issue #188074, fixed upstream by pull request #192261), and which in
-    float64 draws other Bernoulli samples than eager's kernel for the same seed.
+    one draws for the same seed: ``fallback_random=True``, and ``aten.bernoulli.default``
+    decomposed into ``rand(dtype of p) < p``, which is what eager's CPU kernel draws, in place
+    of torch's ``rand(float32) < p``, which inductor applies even with ``fallback_random``
+    (torch 2.13; PyTorch issue #188074) and which in float64 draws other Bernoulli samples
+    than eager for the same seed. (Leaving the op undecomposed makes inductor fall back to
+    the eager kernel, but its lowering then refuses the op when the environment sets ``CI``.)
+    On CUDA eager's Bernoulli kernel and ``rand`` use the Philox stream differently: compiled
+    Bernoulli draws there differ from eager's, as with plain ``torch.compile``.
 
     :param callable function: the function (a recorded graph) to compile.
     :returns: the compiled function; it compiles at its first call.
