@@ -97,6 +97,21 @@ def test_float32_rounding_of_an_exact_guide_is_constant():
     assert math.isfinite(float(k64))
 
 
+def test_float32_heavy_tail_at_a_large_log_evidence_is_fitted():
+    # a black-box test's finding: the rounding tolerance, 1000 epsilons times |log w|, was 4.4 nats
+    # at |log w| ≈ 36 700 (a conjugate model with 20 000 points in float32), so a heavy tail (a
+    # guide with 0.6 times the posterior sd, k = 1 - 0.6² = 0.64) was called flat: k̂ = -inf,
+    # "IS reliable". ArviZ's k̂ of the same weights is the reference.
+    z = torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.6
+    normal = torch.distributions.Normal
+    lw64 = -36700.0 + normal(0.0, 1.0).log_prob(z) - normal(0.0, 0.6).log_prob(z)
+    lw = lw64.to(torch.float32)
+    _, k = psis.psis_diagnostics(lw)
+    _, expected = arviz_compat.psislw(lw.double().numpy())  # ArviZ's fit of the same weights
+    assert float(k) == pytest.approx(float(expected), abs=1e-6)
+    assert 0.4 < float(k) < 0.9
+
+
 def test_each_reason_k_is_not_fitted():
     # rows whose truth is known: a constant row, a flat tail (20% of the weights tied at the top), one
     # weight e^50 times all others (a tail of two values, not flat: k̂ cannot be fitted and must not be

@@ -72,10 +72,23 @@ MIN_TAIL_VALUES = 5
 CONSTANT_TOL = 1e-9
 
 #: For log weights computed in a lower precision the constant tolerance grows with the
-#: rounding error of their dtype: this many machine epsilons times ``1 + max |log w|``
-#: (float32 at ``|log w| ≈ 30``: about 4e-3 nats, weights equal to 0.4 %; float64: below
-#: ``CONSTANT_TOL``).
-CONSTANT_ROUNDING = 1000
+#: rounding error of their dtype: this many machine epsilons times ``1 + max |log w|``, at
+#: most :data:`ROUNDING_TOL_MAX` (float32 at ``|log w| ≈ 30``: about 2e-4 nats; float64:
+#: below ``CONSTANT_TOL``). An exact float32 guide's log weights vary by about 4 epsilons
+#: times ``|log w|`` (a sum of ``N`` log-likelihood terms; measured up to ``N = 20 000``);
+#: 64 leaves a margin of 16 while a heavy tail (k > 0.5) spans nats.
+CONSTANT_ROUNDING = 64
+
+#: The most the rounding tolerance may grow to, in nats: log weights with a larger rounding
+#: error than this (float32 at ``|log w|`` above about 7 000) are fitted as they are, so
+#: that rounding can make a verdict more cautious, never call a heavy tail flat.
+ROUNDING_TOL_MAX = 0.05
+
+#: Tail values closer than this many machine epsilons times ``1 + max |log w|`` count as
+#: ties when the tail's distinct values are counted (a discrete guide's equal weights,
+#: computed in a different order): far below the constant tolerance, so that a dense tail
+#: of many close values is not taken for a few tied ones.
+TIE_ROUNDING = 4
 
 #: The words of :func:`verdict`. They speak of importance sampling (IS) only, never of
 #: the guide's accuracy: a guide can be far from the posterior with k̂ ≤ 0.5 (the
@@ -243,9 +256,9 @@ def psis_fit(log_weights: torch.Tensor) -> PSISFit:
 
     - k̂ = ``-inf`` (bounded weights, nothing to smooth): :data:`K_CONSTANT`, log weights
       constant to ``1e-9`` nats (or to the rounding error of their dtype, see
-      ``CONSTANT_ROUNDING``); :data:`K_FLAT_TAIL`, a tail whose :math:`M` largest weights
-      are all equal (weights that take a few values, as a discrete guide's: bounded, so
-      every moment is finite).
+      ``CONSTANT_ROUNDING`` and ``ROUNDING_TOL_MAX``); :data:`K_FLAT_TAIL`, a tail whose
+      :math:`M` largest weights are all equal to the same tolerance (weights that take a
+      few values, as a discrete guide's: bounded, so every moment is finite).
     - k̂ = ``nan``: :data:`K_TOO_FEW_DRAWS`, fewer than :data:`MIN_PSIS_SAMPLES` (25) draws
       with a finite log weight; :data:`K_TIED_TAIL`, a tail that is not flat and holds fewer
       than :data:`MIN_TAIL_VALUES` (5) distinct finite values, or that ArviZ cannot fit (a
@@ -281,7 +294,9 @@ def psis_fit(log_weights: torch.Tensor) -> PSISFit:
     eps = torch.finfo(log_weights.dtype).eps if log_weights.dtype.is_floating_point else 0.0
     with np.errstate(invalid="ignore"):
         top = np.where(valid, lw.max(-1), 0.0)
-        tol = np.maximum(CONSTANT_TOL, CONSTANT_ROUNDING * eps * (1.0 + np.abs(top)))
+        rounding = eps * (1.0 + np.abs(top))
+        tol = np.maximum(CONSTANT_TOL, np.minimum(CONSTANT_ROUNDING * rounding, ROUNDING_TOL_MAX))
+        tie_tol = np.minimum(tol, np.maximum(CONSTANT_TOL, TIE_ROUNDING * rounding))
         constant = valid & ((lw.max(-1) - lw.min(-1)) <= tol)
     k[constant] = -np.inf
     reasons[constant] = K_CONSTANT
@@ -302,7 +317,7 @@ def psis_fit(log_weights: torch.Tensor) -> PSISFit:
     tol_rows = tol[rows]
     with np.errstate(invalid="ignore"):
         flat = (tail[..., -1] - tail[..., 0]) <= tol_rows
-        steps = (np.diff(tail, axis=-1) > tol_rows[..., None]) & np.isfinite(tail[..., :-1])
+        steps = (np.diff(tail, axis=-1) > tie_tol[rows][..., None]) & np.isfinite(tail[..., :-1])
     distinct = np.isfinite(tail).any(-1) + steps.sum(-1)
     k_rows = np.where(flat, -np.inf, np.nan)
     row_reasons = np.where(flat, K_FLAT_TAIL, K_TIED_TAIL).astype(object)
