@@ -29,6 +29,28 @@ _ALIASES = {"eight-schools": "eight_schools", "8schools": "eight_schools", "digi
 DEFAULT_OUTPUT = "elbo-lab-output"
 
 
+#: the largest ``--seed``: the demos seed NumPy (below 2**32) with ``seed + 1``
+MAX_SEED = 2**32 - 2
+
+
+def seed_int(text: str) -> int:
+    """
+    The argparse ``type=`` of ``--seed``.
+
+    :param str text: the command-line word.
+    :returns: it as an integer in ``[0, MAX_SEED]``.
+    :rtype: int
+    :raises argparse.ArgumentTypeError: (exit status 2) if it is not one.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """
     The argparse ``type=`` of ``--steps`` (here and in the demo scripts).
@@ -85,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"which demo: {', '.join(DEMOS)} (default eight_schools)",
     )
     demo.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (fewer steps and samples)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=seed_int, default=0, help=f"random seed in [0, {MAX_SEED}] (default 0)")
     demo.add_argument("--steps", type=positive_int, default=None, help="optimisation steps per fit")
     demo.add_argument(
         "--output", default=DEFAULT_OUTPUT, help=f"directory for netCDF, PNG and report.md (default ./{DEFAULT_OUTPUT})"

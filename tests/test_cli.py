@@ -36,8 +36,10 @@ def test_no_command_prints_help(capsys):
         (["demo", "mnist"], "unknown demo 'mnist'; choose one of: eight_schools, vae"),
         (["demo", "--steps", "0"], "must be a positive integer, got '0'"),
         (["demo", "--steps", "many"], "must be a positive integer, got 'many'"),
+        (["demo", "--seed", "-1"], "must be an integer in [0, 4294967294], got '-1'"),
+        (["demo", "vae", "--seed", "4294967295"], "must be an integer in [0, 4294967294], got '4294967295'"),
     ],
-    ids=["unknown-demo", "zero-steps", "non-integer-steps"],
+    ids=["unknown-demo", "zero-steps", "non-integer-steps", "negative-seed", "seed-beyond-numpy"],
 )
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -53,6 +55,45 @@ def test_output_that_is_a_file(tmp_path, capsys):
         cli.main(["demo", "--quick", "--output", str(path)])
     assert exc.value.code == 2  # argparse's status for bad arguments
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_output_file_never_writes_through_a_link(tmp_path):
+    from pyro_elbo_lab.demos.common import output_file
+
+    target = tmp_path / "target.png"
+    link = tmp_path / "plot.png"
+    link.symlink_to(target)  # dangling: writing through it would create the target
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        with output_file(str(link)) as tmp:
+            raise AssertionError(f"the block ran: {tmp}")
+    assert not target.exists() and link.is_symlink()
+    # a plain path: written under a temporary name with the same extension, then renamed
+    path = tmp_path / "data.nc"
+    path.write_text("old")
+    with output_file(str(path)) as tmp:
+        assert tmp.endswith(".nc") and os.path.dirname(tmp) == str(tmp_path)
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new"
+    # a failing writer leaves the old file and no temporary file
+    with pytest.raises(RuntimeError):
+        with output_file(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("writer failed")
+    assert path.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["data.nc", "plot.png"]
+
+
+def test_the_demo_does_not_write_its_figures_or_netcdf_through_links(tmp_path, capsys):
+    # a black-box test found the figures and netCDF files written through planted links (only
+    # report.md was checked): a link at any output is refused, its target left alone
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "target"
+    (out / "eight_schools_posterior.png").symlink_to(target)
+    with pytest.raises(ValueError, match="eight_schools_posterior.png' is a symbolic link"):
+        cli.main(["demo", "--quick", "--steps", "10", "--no-progress", "--output", str(out)])
+    assert not target.exists()
 
 
 def test_eight_schools_demo_writes_outputs(tmp_path, capsys):

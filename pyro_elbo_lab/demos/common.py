@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
 
-from ..cli import positive_int  # the one check of --steps, shared with the command line
+from ..cli import MAX_SEED, positive_int, seed_int  # the one check of --steps and --seed, shared with the command line
 from ..datasets import require
 
 if TYPE_CHECKING:
@@ -33,7 +36,7 @@ def example_parser(description: str, default_steps: int | None = None) -> argpar
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (fewer steps, samples)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help=f"random seed in [0, {MAX_SEED}] (default 0)")
     hint = f" (default {default_steps}" + ", fewer with --quick)" if default_steps else ""
     parser.add_argument("--steps", type=positive_int, default=None, help=f"optimisation steps{hint}")
     return parser
@@ -182,6 +185,32 @@ class Report:
             print(plain)
             sys.stdout.flush()
         self.lines.append(markdown)
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[str]:
+    """
+    Write a demo's output file safely: yields a new temporary path beside ``path`` (created
+    with ``O_EXCL`` by :func:`tempfile.mkstemp`, with ``path``'s extension, so that
+    matplotlib and xarray pick the format from it) for the block to write, and renames it
+    onto ``path`` when the block succeeds (removes it when it fails). ``path`` itself is
+    never opened, so a symbolic link planted there is never written through.
+
+    :param str path: the output file.
+    :raises ValueError: if ``path`` is a symbolic link.
+    """
+    if os.path.islink(path):
+        raise ValueError(f"{path!r} is a symbolic link; the demo's outputs are never written through links: remove it")
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1], dir=directory or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _cell(value: object) -> str:

@@ -11,7 +11,7 @@ import os
 
 import pandas as pd
 
-from .common import Report, pyplot
+from .common import Report, output_file, pyplot
 from .eight_schools import CONVERGENCE, EightSchools
 from .wording import SMOKE_RUN_NOTE, fit_conclusion
 
@@ -26,16 +26,19 @@ def write_outputs(study: EightSchools, output: str, report: Report) -> list[str]
     os.makedirs(output, exist_ok=True)
     paths = []
     path = os.path.join(output, "eight_schools_decomposition.png")
-    eight_schools_decomposition(plt, study, path)
+    with output_file(path) as tmp:
+        eight_schools_decomposition(plt, study, tmp)
     paths.append(path)
     report.image(path, "ELBO decomposition over training (nats), the exact log-evidence, and where each fit stopped")
     path = os.path.join(output, "eight_schools_posterior.png")
-    eight_schools_posterior(plt, study, path)
+    with output_file(path) as tmp:
+        eight_schools_posterior(plt, study, tmp)
     paths.append(path)
     report.image(path, "Posterior means and 90% intervals of each guide against NUTS and the exact values")
     for f in study.fits:
         path = os.path.join(output, f"eight_schools_{f.model_name}_{f.guide_name}.nc")
-        f.idata.to_netcdf(path)
+        with output_file(path) as tmp:
+            f.idata.to_netcdf(tmp)
         paths.append(path)
     return paths
 

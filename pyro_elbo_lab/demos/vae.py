@@ -55,7 +55,7 @@ from ..inference_data import from_svi_result
 from ..losses import BetaMeanFieldELBO
 from ..runner import SVIResult, SVIRunner
 from ..schedules import Cyclical, LinearWarmup
-from .common import Report, fit_converged, pyplot, seed_everything
+from .common import Report, fit_converged, output_file, pyplot, seed_everything
 from .wording import SMOKE_RUN_NOTE, collapse_criteria, collapse_summary, vae_comparison
 
 __all__ = ["BetaConfig", "DigitsVAE", "VAEStudy", "beta_configs", "evaluate", "fit", "load_split", "run", "run_study"]
@@ -404,24 +404,29 @@ def write_outputs(study: VAEStudy, output: str, report: Report) -> list[str]:
     os.makedirs(output, exist_ok=True)
     paths = []
     path = os.path.join(output, "vae_decomposition.png")
-    vae_decomposition(plt, study, path, converged={c.name: _converged(study.results[c.name]) for c in study.configs})
+    with output_file(path) as tmp:
+        converged = {c.name: _converged(study.results[c.name]) for c in study.configs}
+        vae_decomposition(plt, study, tmp, converged=converged)
     paths.append(path)
     report.image(path, "ELBO decomposition over training, nats per image, per KL weighting")
     path = os.path.join(output, "vae_rate_distortion.png")
-    vae_rate_distortion(plt, study, path)
+    with output_file(path) as tmp:
+        vae_rate_distortion(plt, study, tmp)
     paths.append(path)
     report.image(path, "Rate-distortion points on held-out images, one per KL weighting")
     x = study.x_test[:10]
     for config in study.configs:
         path = os.path.join(output, f"vae_{config.name}_images.png")
-        vae_images(plt, study.vaes[config.name], x, config.label, path)
+        with output_file(path) as tmp:
+            vae_images(plt, study.vaes[config.name], x, config.label, tmp)
         paths.append(path)
         report.image(
             path, f"{config.label}: rows are held-out images, their reconstructions, and samples from the prior"
         )
         idata = from_svi_result(study.results[config.name], x, num_samples=100)
         path = os.path.join(output, f"vae_{config.name}.nc")
-        idata.to_netcdf(path)
+        with output_file(path) as tmp:
+            idata.to_netcdf(tmp)
         paths.append(path)
     return paths
 
