@@ -212,3 +212,103 @@ def test_masked_linear_gaussian_encoder_matches_closed_form():
     assert report.kl == pytest.approx(kl, abs=0.05)
     assert report.mutual_information == pytest.approx(mi, abs=0.05)
     assert report.total_correlation == pytest.approx(tc, abs=0.05)
+
+
+# -- autoguides: the guide density at a site is the pushforward of the auxiliary Normal -----------
+
+
+def constrained_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        w = pyro.sample("w", dist.LogNormal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z.sum(-1), w), obs=x)
+
+
+def autoguide_with(guide_class, model, x, locs, scales):
+    """
+    An autoguide of ``model`` whose unconstrained Normal has the given per-datapoint ``locs`` and
+    ``scales`` (dicts of ``(N, ...)`` tensors, in the order of the model's sites).
+    """
+    from pyro.infer import autoguide
+
+    pyro.clear_param_store()
+    guide = getattr(autoguide, guide_class)(model)
+    guide(x)
+    to_scale = torch.distributions.transform_to(guide.scale_constraint)
+    with torch.no_grad():
+        if guide_class == "AutoNormal":
+            for name in locs:
+                getattr(guide.locs, name).copy_(locs[name])
+                getattr(guide.scales, f"{name}_unconstrained").copy_(to_scale.inv(scales[name]))
+                assert torch.allclose(getattr(guide.scales, name), scales[name])
+        else:  # one latent: each site's (N, ...) unconstrained value, row-major, in model order
+            assert list(guide._unconstrained_shapes) == list(locs)
+            guide.loc.copy_(torch.cat([v.reshape(-1) for v in locs.values()]))
+            scale = torch.cat([v.reshape(-1) for v in scales.values()])
+            guide.scale_unconstrained.copy_(to_scale.inv(scale))
+            assert torch.allclose(guide.scale, scale)
+    return guide
+
+
+@pytest.mark.parametrize("guide_class", ["AutoNormal", "AutoDiagonalNormal"])
+def test_autoguide_equal_to_the_prior_gives_zero_for_every_term(guide_class):
+    # u_n ~ Normal(0, 1) for every n: z_n = u_n is Normal(0, 1) and w_n = exp(u_n) is LogNormal(0, 1),
+    # the priors, so q(z | x_n) = p(z): q̄ = p and kl = I = TC = dimension-wise KL = 0 exactly.
+    # Before the fix the Deltas at z and w were evaluated at the other datapoints' draws (-inf):
+    # I = TC = log N and a dimension-wise KL of about -5 for N = 50.
+    x = X[:50]
+    n = len(x)
+    locs = {"z": torch.zeros(n, 2), "w": torch.zeros(n)}
+    scales = {"z": torch.ones(n, 2), "w": torch.ones(n)}
+    guide = autoguide_with(guide_class, constrained_model, x, locs, scales)
+    for estimator in ("full", "stratified"):
+        report = aggregate_posterior(constrained_model, guide, x, estimator=estimator, num_samples=4)
+        assert report.dimensions == ("z[0]", "z[1]", "w")
+        for value in (
+            report.kl,
+            report.mutual_information,
+            report.marginal_kl,
+            report.total_correlation,
+            report.dimensionwise_kl,
+        ):
+            assert value == pytest.approx(0.0, abs=1e-9)
+        assert report.dimensionwise_kl_per_dimension.tolist() == pytest.approx([0.0] * 3, abs=1e-9)
+        assert report.kl_analytic is None  # w: Monte Carlo (no registered KL for the pushforward)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("guide_class", ["AutoNormal", "AutoDiagonalNormal"])
+def test_autoguide_linear_gaussian_encoder_matches_closed_form(guide_class, estimator):
+    # the linear-Gaussian encoder of test_linear_gaussian_encoder_matches_closed_form held by an
+    # autoguide: u_n ~ N((A x_n, B x_n), S² I) and z_n = u_n, so the same closed forms hold, with
+    # the same tolerances (the same S·N = 7200 draws); kl_analytic is KL(Normal || Normal) exactly
+    cov = torch.tensor([[A * A + S * S, A * B], [A * B, B * B + S * S]])
+    mi = 0.5 * math.log(float(torch.det(cov)) / S**4)
+    tc = 0.5 * math.log(float(cov[0, 0] * cov[1, 1] / torch.det(cov)))
+    dw = [0.5 * (v - 1 - math.log(v)) for v in cov.diagonal().tolist()]
+    kl = 0.5 * (2 * S * S + (A * A + B * B) * float((X**2).mean()) - 2 - 2 * math.log(S * S))
+    shift = math.log(N) if estimator == "mws" else 0.0
+
+    locs = {"z": torch.stack([A * X, B * X], -1)}
+    scales = {"z": torch.full((N, 2), S)}
+    guide = autoguide_with(guide_class, model, X, locs, scales)
+    report = aggregate_posterior(model, guide, X, estimator=estimator, num_samples=12)
+    assert report.kl_analytic == pytest.approx(kl, abs=1e-10)
+    assert report.kl == pytest.approx(kl, abs=0.05)
+    assert report.mutual_information == pytest.approx(mi + shift, abs=0.05)
+    assert report.total_correlation == pytest.approx(tc + shift, abs=0.05)
+    assert report.dimensionwise_kl_per_dimension.tolist() == pytest.approx([v - shift for v in dw], abs=0.015)
+    assert report.dimensionwise_kl == pytest.approx(sum(dw) - 2 * shift, abs=0.03)
+
+
+def test_joint_autoguide_is_refused():
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    x = X[:10]
+    pyro.clear_param_store()
+    guide = AutoMultivariateNormal(model)
+    guide(x)
+    with pytest.raises(
+        ValueError, match="site 'z'.*AutoMultivariateNormal.*_AutoMultivariateNormal_latent.*Normal site"
+    ):
+        aggregate_posterior(model, guide, x, num_samples=2)

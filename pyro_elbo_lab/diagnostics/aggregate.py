@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from ..checks import check_int, check_model_kwargs
+from ..losses.attribution import unwrap_guide
+from .collapse import use_autoguide_sites
 from .local import ELEMENT_BUDGET, collect_local_sites, dimension_names, find_data_plate, local_sites
 from .traces import guess_max_plate_nesting, vectorized_traces
 
@@ -173,7 +175,14 @@ def aggregate_posterior(
     dimensions (e.g. ``Normal(loc, scale).to_event(1)`` against ``Normal(0, 1)``); otherwise
     they are ``None`` and only the surgery is reported. The analysed sites are taken
     jointly as ``z``, assuming each site's guide factor depends on ``x_n`` (not on draws
-    of other latents). Per-site values come from :mod:`pyro_elbo_lab.sites`; Pyro's site
+    of other latents). With :class:`~pyro.infer.autoguide.AutoNormal` or
+    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, :math:`q(z \\mid x_m)` of a site is the
+    pushforward of the autoguide's unconstrained Normal for datapoint ``m`` (its log density
+    plus the log-Jacobian of the transform to the site's support, per dimension:
+    :func:`~pyro_elbo_lab.diagnostics.collapse.autoguide_site`), not the ``Delta`` the guide
+    samples the site from; a site drawn through an auxiliary site any other way (a joint latent
+    that does not factorise, e.g. :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, or a
+    transform to a simplex) is refused. Per-site values come from :mod:`pyro_elbo_lab.sites`; Pyro's site
     scale is not applied (per-datapoint values), masks are: a masked element of the data
     plate is left out of the averages and of :math:`\\bar q` (``M`` counts the unmasked
     elements present; for ``"mws"`` and ``"stratified"``, ``N`` is the full size less the
@@ -191,7 +200,9 @@ def aggregate_posterior(
     :returns: the decomposition, in nats per datapoint.
     :rtype: AggregatePosteriorReport
     :raises ValueError: for an unknown estimator, ``"stratified"`` with one element
-        present, or a plate/site that cannot be found.
+        present, a plate/site that cannot be found, or a site drawn through an auxiliary
+        guide site whose density per datapoint is unknown (AutoMultivariateNormal, low-rank,
+        flows; an autoguide on a simplex-valued site).
 
     References
 
@@ -211,6 +222,21 @@ def aggregate_posterior(
         traces = vectorized_traces(model, guide, args, kwargs, num_samples, max_plate_nesting)
         frame = find_data_plate(traces.model_trace, plate)
         names = local_sites(traces.model_trace, frame, sites)
+        # an autoguide's Delta at a site becomes the pushforward of its auxiliary Normal, whose
+        # density can be evaluated at the other datapoints' draws
+        attribution, _, replaced = use_autoguide_sites(guide, traces, names)
+        for name in names:
+            entry = attribution.entry_of(name)
+            if name not in replaced and entry is not None and entry.auxiliary:
+                raise ValueError(
+                    f"aggregate_posterior needs the guide density q(z | x_n) of site '{name}' for every datapoint "
+                    f"n, but the guide {type(unwrap_guide(guide)).__name__} draws the site through the auxiliary "
+                    f"site(s) {list(entry.auxiliary)} in a way it cannot evaluate per datapoint (a joint latent "
+                    f"that does not factorise, e.g. AutoMultivariateNormal, or a transform that is not "
+                    f"elementwise, e.g. to a simplex); use AutoNormal or AutoDiagonalNormal on real or "
+                    f"elementwise-constrained sites, or a hand-written guide with a Normal site per datapoint "
+                    f"in the data plate"
+                )
         views = collect_local_sites(traces, frame, names, elementwise=False)
         factorised = all(v.elementwise for v in views)
 

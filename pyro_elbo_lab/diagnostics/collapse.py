@@ -10,9 +10,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyro.distributions as dist
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
+from torch.distributions import biject_to
+from torch.distributions.transforms import ComposeTransform
 
 from .. import sites as site_terms
 from ..checks import check_int, check_model_kwargs, nonnegative_number
@@ -25,13 +30,15 @@ from .local import (
     find_data_plate,
     local_sites,
     plan,
+    site_distribution,
+    site_value,
 )
-from .traces import vectorized_traces
+from .traces import ImportanceTraces, vectorized_traces
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["CollapseReport", "posterior_collapse"]
+__all__ = ["CollapseReport", "autoguide_site", "posterior_collapse", "use_autoguide_sites"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,136 @@ class CollapseReport:
         return (
             f"CollapseReport({self.active_units}/{self.num_dimensions} active units (threshold {self.threshold:g}), "
             f"kl={self.kl:.4g} nats per datapoint over plate '{self.plate}', sites {list(self.sites)})"
+        )
+
+
+def autoguide_site(
+    name: str, attribution: Attribution, latent: list, model_trace: Trace, guide_trace: Trace
+) -> Message | None:
+    """
+    The guide's distribution of the model site ``name`` for an autoguide that draws it as a
+    ``Delta`` at :math:`z = T(u)` of an auxiliary Normal :math:`u` (``<name>_unconstrained``
+    of :class:`~pyro.infer.autoguide.AutoNormal`, or ``name``'s slice of the latent of
+    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, found by
+    :func:`~pyro_elbo_lab.losses.attribution.attribute`): a copy of the guide site whose
+    ``fn`` is the pushforward :math:`q(z) = \\mathcal{N}(T^{-1}(z); m, s)\\,|\\partial
+    T^{-1}/\\partial z|`, elementwise (``Normal(m, s)`` itself for a real site, :math:`T` the
+    identity; a ``TransformedDistribution`` else), reinterpreted like the model site
+    (``.to_event(k)``). Its log density at the Delta's value is the auxiliary Normal's log q
+    plus the Delta's log-Jacobian, per latent dimension, and it can be evaluated at other
+    values (the aggregate posterior) and against the prior in closed form.
+
+    :param str name: a latent site of the model.
+    :param Attribution attribution: :func:`~pyro_elbo_lab.losses.attribution.attribute` of the guide.
+    :param list latent: :func:`~pyro_elbo_lab.losses.attribution.sample_sites` of these traces.
+    :param model_trace: the model trace.
+    :param guide_trace: the guide trace.
+    :returns: the stand-in guide site, or ``None`` when ``name`` has no auxiliary guide site
+        or is not drawn this way (a joint latent that does not factorise, a transform that
+        is not elementwise such as a simplex's, a hand-written auxiliary site).
+    :rtype: dict or None
+    """
+    entry = attribution.entry_of(name)
+    if entry is None or entry.kind != "site" or not entry.auxiliary:
+        return None
+    guide_site, model_site = guide_trace.nodes[name], model_trace.nodes[name]
+    prior = site_terms.factorise(site_distribution(model_site))
+    if (
+        not isinstance(site_terms.factorise(site_distribution(guide_site)).element, dist.Delta)
+        or prior.element.event_shape
+    ):
+        return None
+    transform = biject_to(prior.element.support)
+    if transform.domain.event_dim or transform.codomain.event_dim:  # not elementwise
+        return None
+    whole = [latent[r][0] for r in entry.rows if latent[r][1] is None]
+    value = site_value(guide_site)
+    if len(whole) == 1 and len(entry.auxiliary) == 1:  # AutoNormal: <name>_unconstrained
+        aux = guide_trace.nodes[whole[0]]
+        q = site_terms.factorise(site_distribution(aux)).element
+        if not isinstance(q, dist.Normal):
+            return None
+        loc, scale, u = q.loc, q.scale, site_value(aux)
+    elif not whole and len(entry.auxiliary) == 1:  # AutoDiagonalNormal: the slice of its latent
+        if not isinstance(
+            site_terms.factorise(site_distribution(guide_trace.nodes[entry.auxiliary[0]])).element, dist.Normal
+        ):
+            return None
+
+        def element(s: Message) -> torch.distributions.Normal:
+            return site_terms.factorise(site_distribution(s)).element  # type: ignore[return-value]
+
+        parts = [
+            attribution.unpack(latent, name, lambda s: element(s).loc.expand(s["value"].shape)),
+            attribution.unpack(latent, name, lambda s: element(s).scale.expand(s["value"].shape)),
+            attribution.unpack(latent, name, lambda s: s["value"]),
+        ]
+        if any(len(p) != 1 for p in parts):
+            return None
+        loc, scale, u = (p[0][0] for p in parts)
+    else:
+        return None
+    try:
+        shape = torch.broadcast_shapes(loc.shape, scale.shape, u.shape, value.shape)
+    except RuntimeError:
+        return None
+    if shape != value.shape or not torch.allclose(transform(u.expand(shape)), value):
+        return None  # not the Delta of this auxiliary draw
+    base = dist.Normal(loc.expand(shape), scale.expand(shape))
+    identity = isinstance(transform, ComposeTransform) and not transform.parts
+    fn = base if identity else dist.TransformedDistribution(base, [transform])
+    if prior.reinterpreted:
+        fn = dist.Independent(fn, prior.reinterpreted)
+    stand_in = guide_site.copy()
+    stand_in["fn"] = fn
+    stand_in["unscaled_log_prob"] = fn.log_prob(value)
+    stand_in["log_prob"] = scale_and_mask(stand_in["unscaled_log_prob"], guide_site["scale"], guide_site["mask"])
+    return stand_in
+
+
+def use_autoguide_sites(
+    guide: Callable[..., Any], traces: ImportanceTraces, names: Iterable[str], attribution: Attribution | None = None
+) -> tuple[Attribution, list, set[str]]:
+    """
+    Replace, in ``traces.guide_trace``, the ``Delta`` sites of ``names`` that an autoguide
+    draws through an auxiliary Normal by their :func:`autoguide_site` stand-ins.
+
+    :param guide: the guide (an autoguide is read for its layout).
+    :param ImportanceTraces traces: vectorised traces, changed in place.
+    :param names: the local latent sites.
+    :param attribution: the guide's attribution from an earlier batch, or ``None``.
+    :returns: ``(attribution, latent, replaced)``: the attribution, the latent list (of the
+        traces as drawn) and the names replaced.
+    :rtype: tuple
+    """
+    latent = sample_sites(traces.model_trace, traces.guide_trace, missing="skip")[1]
+    if attribution is None:
+        attribution = attribute(guide, traces.model_trace, traces.guide_trace, latent)
+    replaced: set[str] = set()
+    for name in names:
+        stand_in = autoguide_site(name, attribution, latent, traces.model_trace, traces.guide_trace)
+        if stand_in is not None:
+            traces.guide_trace.nodes[name] = stand_in
+            replaced.add(name)
+    return attribution, latent, replaced
+
+
+def _check_not_joint_delta(name: str, attribution: Attribution, guide_trace: Trace) -> None:
+    """
+    :raises ValueError: when an autoguide draws site ``name`` as a ``Delta`` over several
+        latent dimensions that :func:`autoguide_site` could not split (its transform to
+        the prior's support is not elementwise), so no KL per dimension exists.
+    """
+    entry = attribution.entry_of(name)
+    element = site_terms.factorise(site_distribution(guide_trace.nodes[name])).element
+    if entry is None or entry.kind != "site" or not entry.auxiliary or not isinstance(element, dist.Delta):
+        return
+    if element.event_shape:
+        raise ValueError(
+            f"posterior_collapse needs the KL of each latent dimension of site '{name}', but the guide draws it as "
+            f"a Delta of event shape {tuple(element.event_shape)} from its auxiliary site(s) "
+            f"{list(entry.auxiliary)} through a transform that is not elementwise (e.g. to a simplex), so its "
+            f"KL does not split per dimension; leave the site out with sites=[...]"
         )
 
 
@@ -219,12 +356,15 @@ def posterior_collapse(
     draws per datapoint. With auxiliary guide sites (autoguides), the KL of a site includes
     the log q of the auxiliary site that stands for it, attributed as in the losses
     (:func:`pyro_elbo_lab.losses.attribution.attribute`): for
-    :class:`~pyro.infer.autoguide.AutoNormal`, :math:`\\log q(u) + \\log|\\partial u/\\partial z|
-    - \\log p(z)` per dimension (``<site>_unconstrained``'s log q, the log density of the
-    ``Delta`` at the site, the prior), Monte Carlo; for
-    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, whose one latent over every site and
-    datapoint factorises per dimension, the same with the site's slice of the latent's log q
-    (:meth:`~pyro_elbo_lab.losses.attribution.Attribution.split_log_q`). A joint latent that
+    :class:`~pyro.infer.autoguide.AutoNormal` (``<site>_unconstrained``) and
+    :class:`~pyro.infer.autoguide.AutoDiagonalNormal` (the site's slice of its one latent,
+    which factorises per dimension), the guide's ``Delta`` at :math:`z = T(u)` is read as the
+    pushforward of the auxiliary Normal (:func:`autoguide_site`), whose log density
+    :math:`\\log q(u) + \\log|\\partial u/\\partial z|` splits per dimension when :math:`T`
+    is elementwise, also on ``.to_event(k)`` sites: for a real site it is the Normal itself and
+    the KL per dimension is analytic, for a constrained one (``LogNormal``, ``Gamma``, ...)
+    Monte Carlo :math:`\\log q(u) + \\log|\\partial u/\\partial z| - \\log p(z)`. A site whose
+    transform is not elementwise (a simplex) is refused with a ``ValueError``. A joint latent that
     does not factorise (:class:`~pyro.infer.autoguide.AutoMultivariateNormal`, low-rank,
     flows) is refused with a ``ValueError``: it has no KL per datapoint and dimension.
     :math:`\\mathbb{E}_q[z]` is the guide's ``mean`` where defined,
@@ -283,15 +423,19 @@ def posterior_collapse(
             if frame is None:
                 frame = find_data_plate(traces.model_trace, plate)
                 names = local_sites(traces.model_trace, frame, sites)
+            # an autoguide's Delta at a site becomes the pushforward of its auxiliary Normal
+            # (the attribution is the same for every batch: computed once)
+            attribution, latent, replaced = use_autoguide_sites(guide, traces, names, attribution)
+            for name in names:
+                if name not in replaced:
+                    _check_not_joint_delta(name, attribution, traces.guide_trace)
             views = collect_local_sites(traces, frame, names, elementwise=True)
-            # a latent site without a guide site gets no row, as before (the per-site views need both)
-            latent = sample_sites(traces.model_trace, traces.guide_trace, missing="skip")[1]
-            if attribution is None:  # the sites of every batch are the same
-                attribution = attribute(guide, traces.model_trace, traces.guide_trace, latent)
             kls, means, masks = [], [], []
             for view in views:
                 kl, analytic = view.kl()  # (n, N, D_site), 0 where masked
-                aux = _auxiliary_log_q(view, attribution, latent, traces.guide_trace, kl)
+                aux = None
+                if view.name not in replaced:
+                    aux = _auxiliary_log_q(view, attribution, latent, traces.guide_trace, kl)
                 if aux is not None:  # the auxiliary site's log q belongs to this site's KL (AutoNormal)
                     # Monte Carlo at the Delta: the analytic kl_divergence(Delta, p) leaves out its
                     # log density (the log-Jacobian)

@@ -220,25 +220,43 @@ class Attribution:
         :rtype: torch.Tensor or None
         """
         total: torch.Tensor | None = None
+        for part, event_dims in self.unpack(latent, name, lambda s: sites.log_prob(s, scaled=False, per_dim=True)):
+            part = part.reshape(part.shape[: part.dim() - event_dims] + (-1,)) if event_dims else part.unsqueeze(-1)
+            total = part if total is None else total + part
+        return total
+
+    def unpack(self, latent: list, name: str, of: Callable[[Any], torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        """
+        The slices of per-dimension tensors of the factorised joint auxiliary sites that the
+        autoguide unpacks into the model site ``name``, shaped as it shapes the site's
+        unconstrained value (``batch_shape + shape``, as ``AutoContinuous._unpack_latent``).
+
+        :param list latent: as for :meth:`split_log_q`.
+        :param str name: a model site.
+        :param of: ``guide_site -> tensor`` of shape ``batch_shape + (D,)`` over the joint
+            latent's ``D`` dimensions (its value, log q per dimension, loc, scale, ...).
+        :returns: ``[(slice, event dims of the site), ...]``, one per split auxiliary site
+            covering ``name`` (empty when none does).
+        :rtype: list
+        """
+        out: list[tuple[torch.Tensor, int]] = []
         for split in self._splits:
             start = 0
             for site, shape, event_dims in split.layout:
                 size = math.prod(shape)
                 if site == name:
-                    lp = sites.log_prob(latent[split.row][2], scaled=False, per_dim=True)  # batch_shape + (D,)
-                    batch = lp.shape[:-1]
-                    # as AutoContinuous._unpack_latent shapes the slice into the unconstrained value
-                    part = lp[..., start : start + size].reshape(
-                        torch.broadcast_shapes(shape, batch + (1,) * event_dims)
+                    x = of(latent[split.row][2])  # batch_shape + (D,)
+                    batch = x.shape[:-1]
+                    out.append(
+                        (
+                            x[..., start : start + size].reshape(
+                                torch.broadcast_shapes(shape, batch + (1,) * event_dims)
+                            ),
+                            event_dims,
+                        )
                     )
-                    part = (
-                        part.reshape(part.shape[: part.dim() - event_dims] + (-1,))
-                        if event_dims
-                        else part.unsqueeze(-1)
-                    )
-                    total = part if total is None else total + part
                 start += size
-        return total
+        return out
 
     def _matrices_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
