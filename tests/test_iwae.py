@@ -80,19 +80,24 @@ def test_bound_increases_with_k_to_exact_log_evidence():
     assert log_evidence - means[-1] < 0.01 + 3 * stderrs[-1]
 
 
+def particles_by_hand(seed: int, k: int = 6) -> tuple:
+    """``(log_lik, log_prior, log_q)`` of the ``k`` vectorised particles the loss draws after ``seed``."""
+    pyro.set_rng_seed(seed)
+    with pyro.plate("num_particles_vectorized", k, dim=-2):
+        guide_trace = pyro.poutine.trace(guide).get_trace(DATA)
+    z = guide_trace.nodes["z"]["value"].reshape(k)
+    log_q = dist.Normal(pyro.param("m"), pyro.param("s")).log_prob(z).detach()
+    log_prior = dist.Normal(0.0, 1.0).log_prob(z)
+    log_lik = dist.Normal(z.unsqueeze(-1) + 0.2, 1.0).log_prob(DATA).sum(-1)
+    return log_lik, log_prior, log_q
+
+
 def test_records_bound_and_elbo_of_the_same_particles():
     pyro.set_rng_seed(0)
     elbo = IWAE(6, max_plate_nesting=1)
     pyro.set_rng_seed(2)
     loss = elbo.loss(model, guide, DATA)
-    # the same particles, by hand
-    pyro.set_rng_seed(2)
-    with pyro.plate("num_particles_vectorized", 6, dim=-2):
-        guide_trace = pyro.poutine.trace(guide).get_trace(DATA)
-    z = guide_trace.nodes["z"]["value"].reshape(6)
-    log_q = dist.Normal(pyro.param("m"), pyro.param("s")).log_prob(z).detach()
-    log_prior = dist.Normal(0.0, 1.0).log_prob(z)
-    log_lik = dist.Normal(z.unsqueeze(-1) + 0.2, 1.0).log_prob(DATA).sum(-1)
+    log_lik, log_prior, log_q = particles_by_hand(2)
     log_w = log_lik + log_prior - log_q
     assert -loss == pytest.approx((torch.logsumexp(log_w, 0) - math.log(6)).item(), rel=1e-12)
     assert elbo.last_bound == pytest.approx(-loss, rel=1e-12)
@@ -111,13 +116,7 @@ def test_decompose_is_the_elbo_of_the_particles_by_hand_and_leaves_the_state():
     before = elbo.last_terms
     pyro.set_rng_seed(5)
     terms = elbo.decompose(model, guide, DATA)
-    pyro.set_rng_seed(5)
-    with pyro.plate("num_particles_vectorized", 6, dim=-2):
-        guide_trace = pyro.poutine.trace(guide).get_trace(DATA)
-    z = guide_trace.nodes["z"]["value"].reshape(6)
-    log_q = dist.Normal(pyro.param("m"), pyro.param("s")).log_prob(z).detach()
-    log_prior = dist.Normal(0.0, 1.0).log_prob(z)
-    log_lik = dist.Normal(z.unsqueeze(-1) + 0.2, 1.0).log_prob(DATA).sum(-1)
+    log_lik, log_prior, log_q = particles_by_hand(5)
     assert terms.elbo == pytest.approx((log_lik + log_prior - log_q).mean().item(), rel=1e-12)
     assert terms.per_site["obs"]["reconstruction"] == pytest.approx(log_lik.mean().item(), rel=1e-12)
     assert terms.per_site["z"]["kl"] == pytest.approx((log_q - log_prior).mean().item(), rel=1e-12)
