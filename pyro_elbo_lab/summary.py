@@ -19,7 +19,14 @@ import numpy as np
 from . import arviz_compat
 from .checks import check_int
 from .diagnostics.moments import moments_from_inference_data
-from .diagnostics.psis import chain_log_weights, importance_diagnostics, pareto_k_threshold, psis_means, verdict
+from .diagnostics.psis import (
+    PARETO_K_GOOD,
+    chain_log_weights,
+    importance_diagnostics,
+    pareto_k_threshold,
+    psis_means,
+    verdict,
+)
 from .inference_data import HISTORY_GROUP
 
 if TYPE_CHECKING:
@@ -97,11 +104,15 @@ class SVISummary:
                 )
             if not row["stderr_reliable"]:
                 k = row["pareto_k"]
-                why = "Pareto k̂ not fitted" if math.isnan(k) else f"Pareto k̂ = {k:.3g} > {row['k_threshold']:.3g}"
-                parts.append(
-                    f"log_evidence ± {row['log_evidence_stderr']:.2g}: the standard error is unreliable ({why}); "
-                    "treat log_evidence as a lower bound."
-                )
+                se = f"log_evidence ± {row['log_evidence_stderr']:.2g}: the standard error is unreliable"
+                if not math.isnan(k) and k <= row["k_threshold"]:
+                    parts.append(
+                        f"{se} (Pareto k̂ = {k:.3g} ≥ {PARETO_K_GOOD}: the weights have infinite variance); "
+                        "log_evidence is usable but its error can be several standard errors."
+                    )
+                else:
+                    why = "Pareto k̂ not fitted" if math.isnan(k) else f"Pareto k̂ = {k:.3g} > {row['k_threshold']:.3g}"
+                    parts.append(f"{se} ({why}); treat log_evidence as a lower bound.")
             if chain < len(self.guide_moments):
                 parts.append(self.guide_moments[chain].verdict())
             else:
@@ -152,7 +163,8 @@ def summarize(idata: Any, *, last: int = 50) -> SVISummary:
     group), the :func:`~pyro_elbo_lab.diagnostics.psis.importance_diagnostics` of the
     chain's log weights (``log_evidence``, its standard error and ``ess`` PSIS-smoothed,
     as the runner's ``eval_*`` columns; ``gap``; ``pareto_k``), ``stderr_reliable``
-    (k̂ ≤ the threshold), the importance-sampling ``verdict``
+    (k̂ < 0.5: the delta-method standard error needs weights of finite variance, which a
+    Pareto tail of shape :math:`k` has only for :math:`k < 1/2` [1]), the importance-sampling ``verdict``
     (:func:`~pyro_elbo_lab.diagnostics.psis.verdict`, never a word about the guide's
     accuracy), the guide's ``moments`` word
     (:meth:`~pyro_elbo_lab.GuideMoments.accuracy`), ``converged`` (from the history group's
@@ -164,8 +176,9 @@ def summarize(idata: Any, *, last: int = 50) -> SVISummary:
         converter.
     :param int last: steps averaged for the ELBO terms.
     :rtype: SVISummary
-    :raises ValueError: if ``last`` is not a positive integer, or ``idata`` lacks the
-        ``posterior`` or ``sample_stats`` group.
+    :raises ValueError: if ``last`` is not a positive integer, ``idata`` is not an
+        ``InferenceData`` or ``DataTree``, or it lacks the ``posterior`` or ``sample_stats``
+        group.
 
     References
 
@@ -180,6 +193,7 @@ def summarize(idata: Any, *, last: int = 50) -> SVISummary:
         Paul-Christian Bürkner (2021)
     """
     check_int("last", last, 1, hint="last is a positive integer number of steps")
+    _check_idata(idata)
     import pandas as pd
 
     post = arviz_compat.group(idata, "posterior")
@@ -215,7 +229,7 @@ def summarize(idata: Any, *, last: int = 50) -> SVISummary:
                     reason = str(chain_history["convergence_reason"].values)
         diag = importance_diagnostics(chain_log_weights(idata, c))
         row.update({k: diag[k] for k in ("log_evidence", "log_evidence_stderr")})
-        row["stderr_reliable"] = bool(diag["pareto_k"] <= threshold)
+        row["stderr_reliable"] = bool(diag["pareto_k"] < PARETO_K_GOOD)
         row.update(gap=diag["gap"], pareto_k=diag["pareto_k"], k_threshold=threshold)
         row["verdict"] = verdict(diag["pareto_k"], num_draws)
         row["moments"] = reports[c].accuracy() if reports else "unknown"
@@ -230,6 +244,21 @@ def summarize(idata: Any, *, last: int = 50) -> SVISummary:
         moments=moments,
         guide_moments=reports,
         convergence_reasons=reasons,
+    )
+
+
+def _check_idata(idata: Any) -> None:
+    """A ValueError naming ``idata`` unless it is an ``InferenceData`` or a ``DataTree``."""
+    import xarray as xr
+
+    if isinstance(idata, xr.DataTree) or callable(getattr(idata, "groups", None)):
+        return
+    shown = repr(idata)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(
+        f"idata must be an ArviZ InferenceData (0.2x) or an xarray DataTree (1.x), got idata={shown} of type "
+        f"{type(idata).__name__}; build it with pyro_elbo_lab.to_inference_data(model, guide, *args) or "
+        "pyro_elbo_lab.from_svi_result(result)"
     )
 
 

@@ -118,6 +118,23 @@ def test_mean_shifted_guide_with_small_k_hat_is_not_called_good_by_the_evidence(
     assert result.log_evidence == pytest.approx(log_evidence(Y), abs=5 * result.log_evidence_stderr)
 
 
+def test_narrow_guide_in_the_usable_band_marks_its_standard_errors_unreliable():
+    # guide sd 0.7 of the posterior's: k = 1 - 0.7² = 0.51 per element, just past the 0.5 where the
+    # weights' variance becomes infinite (Vehtari et al. 2024); k̂ from these 4000 draws is 0.65,
+    # "IS usable": the evidence's se and the PSIS sd's MCSE have no central limit theorem behind them
+    assert 1 - 0.7**2 > 0.5
+    summary = summarize(to_inference_data(model, make_guide(0.0, 0.7), Y, num_samples=S))
+    vi = summary.vi.loc[0]
+    assert 0.5 < vi["pareto_k"] <= vi["k_threshold"] and vi["verdict"] == "IS usable"
+    assert not vi["stderr_reliable"]
+    assert vi["moments"] == "inaccurate"
+    assert not summary.moments["sd_mcse_reliable"].any()
+    text = str(summary)
+    assert f"the standard error is unreliable (Pareto k̂ = {vi['pareto_k']:.3g} ≥ 0.5" in text
+    assert "lower bound" not in text  # that advice is for k̂ above the threshold
+    assert "with their MCSE" not in text and "psis_sd is only approximate" in text
+
+
 def test_far_too_narrow_guide_is_unreliable_and_makes_no_accuracy_claim():
     # guide sd 0.3 of the posterior's: k = 1 - 0.3² = 0.91 per element, far above 0.7
     with warnings.catch_warnings():

