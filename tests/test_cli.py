@@ -288,10 +288,12 @@ def test_conclusion_reliable_k_but_inaccurate_moments_points_to_psis():
     assert "moments are accurate" not in text
 
 
-def test_evidence_standard_error_marked_unreliable_above_07():
+def test_evidence_standard_error_marked_unreliable_from_05():
     # the numbers: -32.539 ± 0.106 read as accurate against the exact -31.311 at k̂ ~ 1
-    assert wording.evidence_cell(-32.539, 0.106, 1.02) == "-32.539 (± 0.106: se unreliable, k̂ = 1.02 > 0.7)"
+    assert wording.evidence_cell(-32.539, 0.106, 1.02) == "-32.539 (± 0.106: se unreliable, k̂ = 1.02 ≥ 0.5)"
     assert wording.evidence_cell(-31.361, 0.034, 0.39) == "-31.361 ± 0.034"
+    # the usable band: the delta-method se needs finite-variance weights, k < 0.5 (as stderr_reliable)
+    assert "se unreliable" in wording.evidence_cell(-31.5, 0.05, 0.62)
     assert "unreliable" in wording.evidence_cell(-31.0, 0.1, float("nan"))
 
 

@@ -32,6 +32,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..diagnostics.psis import PARETO_K_GOOD
+
 __all__ = [
     "PARETO_K_RELIABLE",
     "MEAN_ERROR_TOL",
@@ -47,7 +49,8 @@ __all__ = [
     "SMOKE_RUN_NOTE",
 ]
 
-#: Above this Pareto k̂ importance sampling (and its standard error) is unreliable.
+#: Above this Pareto k̂ importance sampling is unreliable (its standard error already from
+#: ``PARETO_K_GOOD`` = 0.5 on, see :func:`evidence_cell`).
 PARETO_K_RELIABLE = 0.7
 #: A guide's mean is called accurate when within this many posterior sds of the reference.
 MEAN_ERROR_TOL = 0.1
@@ -82,17 +85,18 @@ def fit_status(converged: bool, steps: int, cap: int, reason: str = "") -> str:
 
 def evidence_cell(log_evidence: float, stderr: float, pareto_k: float) -> str:
     """
-    An importance-sampled log-evidence with its standard error, marked unreliable when
-    Pareto k̂ > 0.7: the weights then have infinite variance and the "± se" would read as an
-    accuracy it is not (the estimate may be far below the truth).
+    An importance-sampled log-evidence with its standard error, marked unreliable from
+    Pareto k̂ = 0.5 on (``EvidenceEstimate.stderr_reliable``'s rule): the weights then have
+    infinite variance and the "± se" would read as an accuracy it is not (the estimate may be
+    far below the truth).
 
     :param float log_evidence: the estimate, nats.
     :param float stderr: its delta-method standard error, nats.
     :param float pareto_k: Pareto k̂ of the importance weights.
     :rtype: str
     """
-    if not math.isfinite(pareto_k) or pareto_k > PARETO_K_RELIABLE:
-        return f"{log_evidence:.3f} (± {stderr:.3f}: se unreliable, k̂ = {pareto_k:.2f} > {PARETO_K_RELIABLE})"
+    if not math.isfinite(pareto_k) or pareto_k >= PARETO_K_GOOD:
+        return f"{log_evidence:.3f} (± {stderr:.3f}: se unreliable, k̂ = {pareto_k:.2f} ≥ {PARETO_K_GOOD})"
     return f"{log_evidence:.3f} ± {stderr:.3f}"
 
 
