@@ -366,7 +366,7 @@ def guide_moments(
             "observed), so there are no moments to compare; for the evidence of such a model use "
             "estimate_evidence(model, guide, *args)"
         )
-    lw = torch.cat(lw_chunks).to(torch.float64)
+    lw = torch.cat(lw_chunks)  # in the model's dtype: PSIS allows for its rounding (moments_from_draws)
     names: list[str] = []
     sites: list[str] = []
     columns: list[torch.Tensor] = []
@@ -396,7 +396,8 @@ def moments_from_draws(
     k̂ ≤ :func:`~pyro_elbo_lab.diagnostics.psis.pareto_k_threshold` of ``S``.
 
     :param values: shape ``(S, D)``, a tensor or NumPy array (float64 used).
-    :param log_weights: shape ``(S,)``, nats, finite.
+    :param log_weights: shape ``(S,)``, nats, finite (Pareto-smoothed in their own dtype, whose
+        rounding error the smoothing allows for; the moments in float64).
     :param list names: ``D`` element names (default ``"z[i]"``).
     :param list sites: the site of each element (default the names).
     :rtype: GuideMoments
@@ -410,7 +411,8 @@ def moments_from_draws(
       J. Gabry (2024)
     """
     draws = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
-    lw = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+    given = torch.as_tensor(log_weights).detach().cpu()
+    lw = given.to(torch.float64)
     if draws.dim() != 2 or lw.dim() != 1 or draws.shape[0] != lw.shape[0]:
         raise ValueError(
             f"values must have shape (S, D) and log_weights shape (S,), got {tuple(draws.shape)} and "
@@ -429,7 +431,10 @@ def moments_from_draws(
             f"names and sites need one entry per column of values ({draws.shape[1]}), got {len(element_names)} "
             f"and {len(element_sites)}"
         )
-    smoothed, k_hat = psis_diagnostics(lw)
+    # smoothed in the weights' own dtype: PSIS tells a float32 exact guide's rounding (constant
+    # weights) from a tail only knowing the dtype they were computed in
+    smoothed, k_hat = psis_diagnostics(given if given.is_floating_point() else lw)
+    smoothed = smoothed.to(torch.float64)
     k = float(k_hat)
     errors = guide_error_mcse(draws, smoothed)
     q = {key: val.numpy() for key, val in self_normalized_moments(draws, torch.zeros_like(lw)).items()}
