@@ -178,7 +178,10 @@ def _batch_draws(traces: ImportanceTraces, predictive: poutine.Trace | None) -> 
         raise ValueError("the model has no sample sites: there is nothing to draw")
     lp = log_p.detach().cpu().numpy().astype("float64")
     lq = log_q.detach().cpu().numpy().astype("float64")
-    out.sample_stats = {"log_joint": lp, "lp": lp, "log_guide": lq, "log_importance_weight": lp - lq}
+    # the log weights in the dtype they were computed in: PSIS allows for that dtype's rounding
+    # (an exact float32 guide's weights are constant only to float32 rounding)
+    lw = (log_p - log_q).detach().cpu().numpy()
+    out.sample_stats = {"log_joint": lp, "lp": lp, "log_guide": lq, "log_importance_weight": lw}
     return out
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -75,13 +76,21 @@ def test_output_file_never_writes_through_a_link(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
     assert path.read_text() == "new"
+    umask = os.umask(0o022)
+    try:
+        with output_file(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("newer")
+    finally:
+        os.umask(umask)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)  # as a plain open() (mkstemp's file is 0600)
     # a failing writer leaves the old file and no temporary file
     with pytest.raises(RuntimeError):
         with output_file(str(path)) as tmp:
             with open(tmp, "w") as f:
                 f.write("half")
             raise RuntimeError("writer failed")
-    assert path.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["data.nc", "plot.png"]
+    assert path.read_text() == "newer" and sorted(os.listdir(tmp_path)) == ["data.nc", "plot.png"]
 
 
 def test_the_demo_does_not_write_its_figures_or_netcdf_through_links(tmp_path, capsys):
@@ -294,7 +303,9 @@ def test_evidence_standard_error_marked_unreliable_from_05():
     assert wording.evidence_cell(-31.361, 0.034, 0.39) == "-31.361 ± 0.034"
     # the usable band: the delta-method se needs finite-variance weights, k < 0.5 (as stderr_reliable)
     assert "se unreliable" in wording.evidence_cell(-31.5, 0.05, 0.62)
-    assert "unreliable" in wording.evidence_cell(-31.0, 0.1, float("nan"))
+    assert wording.evidence_cell(-31.0, 0.1, float("nan")) == "-31.000 (± 0.100: se unreliable, k̂ not fitted)"
+    # constant weights (an exact guide): k̂ = -inf, reliable, as EvidenceEstimate.stderr_reliable
+    assert wording.evidence_cell(-3.2, 0.0, -math.inf) == "-3.200 ± 0.000"
 
 
 def test_collapse_contradiction_is_explained():

@@ -441,3 +441,16 @@ def test_a_bernoulli_guide_site_draws_as_eager_in_float64(runner):
     actual = run(FusedSVI if runner == "fused" else SVI, JitBetaELBO(compiler="inductor"))
     assert actual[0] == pytest.approx(expected[0], rel=1e-10, abs=1e-10)
     assert actual[1:] == pytest.approx(expected[1:], rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_compiled_bernoulli_decomposition_draws_as_eager(dtype):
+    """Eager's CPU kernel draws a float64 uniform for a float64 p, a float32 one otherwise."""
+    from pyro_elbo_lab.losses.inductor import _bernoulli_as_eager
+
+    p = torch.rand(2000, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    torch.manual_seed(3)
+    expected, after = torch.bernoulli(p), torch.rand(2)
+    torch.manual_seed(3)
+    actual = _bernoulli_as_eager(p)
+    assert actual.dtype == dtype and torch.equal(actual, expected) and torch.equal(torch.rand(2), after)

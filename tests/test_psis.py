@@ -112,6 +112,17 @@ def test_float32_heavy_tail_at_a_large_log_evidence_is_fitted():
     assert 0.4 < float(k) < 0.9
 
 
+def test_importance_diagnostics_keep_the_dtype_of_the_weights():
+    # a review's finding: summarize's table (importance_diagnostics of the stored log weights) cast
+    # them to float64, so an exact float32 guide's rounding was fitted as a tail
+    exact = -31.311
+    lw = torch.full((4000,), exact, dtype=torch.float32)
+    lw = lw + torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2e-6
+    diag = psis.importance_diagnostics(lw.numpy())
+    assert diag["pareto_k"] == -math.inf
+    assert diag["log_evidence"] == pytest.approx(exact, abs=1e-4)
+
+
 def test_each_reason_k_is_not_fitted():
     # rows whose truth is known: a constant row, a flat tail (20% of the weights tied at the top), one
     # weight e^50 times all others (a tail of two values, not flat: k̂ cannot be fitted and must not be

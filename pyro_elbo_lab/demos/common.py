@@ -206,6 +206,10 @@ def output_file(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp's file is owner-only: give it the permissions a plain open() would (0666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):

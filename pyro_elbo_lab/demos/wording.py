@@ -95,7 +95,9 @@ def evidence_cell(log_evidence: float, stderr: float, pareto_k: float) -> str:
     :param float pareto_k: Pareto k̂ of the importance weights.
     :rtype: str
     """
-    if not math.isfinite(pareto_k) or pareto_k >= PARETO_K_GOOD:
+    if math.isnan(pareto_k):
+        return f"{log_evidence:.3f} (± {stderr:.3f}: se unreliable, k̂ not fitted)"
+    if not pareto_k < PARETO_K_GOOD:  # (k̂ = -inf, constant weights: reliable, as stderr_reliable)
         return f"{log_evidence:.3f} (± {stderr:.3f}: se unreliable, k̂ = {pareto_k:.2f} ≥ {PARETO_K_GOOD})"
     return f"{log_evidence:.3f} ± {stderr:.3f}"
 

@@ -401,8 +401,9 @@ def importance_diagnostics(log_weights: np.ndarray | torch.Tensor) -> dict[str, 
     - *Yes, but Did It Work?: Evaluating Variational Inference*, Y. Yao, A. Vehtari,
       D. Simpson, A. Gelman (2018)
     """
-    lw = torch.as_tensor(np.asarray(log_weights, dtype="float64"))
-    smoothed, k = psis_diagnostics(lw)
+    lw = torch.as_tensor(_float_array(log_weights))
+    smoothed, k = psis_diagnostics(lw)  # in the weights' own dtype: PSIS allows for its rounding
+    lw, smoothed = lw.double(), smoothed.double()
     log_evidence, stderr, ess = (float(v) for v in importance_stats(smoothed))
     elbo = float(lw.mean())
     return {
@@ -418,7 +419,7 @@ def importance_diagnostics(log_weights: np.ndarray | torch.Tensor) -> dict[str, 
 def chain_log_weights(data: Any, chain: int) -> np.ndarray:
     """
     One chain's ``sample_stats.log_importance_weight`` of a converter result, shape
-    ``(draw,)``, nats.
+    ``(draw,)``, nats, in the dtype it was computed in (float32 or float64).
 
     :param data: an ``InferenceData`` or ``DataTree`` from
         :func:`~pyro_elbo_lab.to_inference_data`.
@@ -426,7 +427,13 @@ def chain_log_weights(data: Any, chain: int) -> np.ndarray:
     :rtype: numpy.ndarray
     """
     stats = arviz_compat.group(data, "sample_stats")
-    return np.asarray(stats["log_importance_weight"].isel(chain=chain).values, dtype="float64")
+    return _float_array(stats["log_importance_weight"].isel(chain=chain).values)
+
+
+def _float_array(values: Any) -> np.ndarray:
+    """``values`` as float32 or float64, the dtype they hold (the one they were computed in), else float64."""
+    array = np.asarray(values)
+    return array if array.dtype in (np.float32, np.float64) else array.astype("float64")
 
 
 def psis_means(data: Any) -> xr.Dataset:
@@ -453,6 +460,7 @@ def psis_means(data: Any) -> xr.Dataset:
     chains = []
     for c in range(post.sizes["chain"]):
         smoothed, _ = psis_diagnostics(torch.as_tensor(chain_log_weights(data, c)))
-        w = xr.DataArray(torch.softmax(smoothed, -1).numpy(), dims=["draw"], coords={"draw": post["draw"].values})
+        weights = torch.softmax(smoothed.double(), -1).numpy()
+        w = xr.DataArray(weights, dims=["draw"], coords={"draw": post["draw"].values})
         chains.append((post.isel(chain=c) * w).sum("draw"))
     return sum(chains[1:], chains[0]) / len(chains)

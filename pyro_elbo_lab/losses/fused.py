@@ -49,7 +49,7 @@ __all__ = ["FusedSVI", "FusedStep", "unfusable_reason"]
 # loss object, model, guide and argument shapes; a deep copy of the loss, e.g. the runner's
 # chains, records and compiles its own) and per optimiser configuration
 _FUSED: weakref.WeakKeyDictionary[CompiledFunction, dict] = weakref.WeakKeyDictionary()
-# at most this many optimiser configurations per gradient graph (the oldest is dropped)
+# at most this many optimiser configurations per gradient graph (the least recently used is dropped)
 _MAX_CONFIGS = 16
 # the fused steps whose first call (the one that compiles) has completed: a first call that
 # failed or was interrupted compiles again at the next step, and is timed again
@@ -431,8 +431,10 @@ class FusedSVI(SVI):
         scalar_states = tuple(tuple(t.dim() == 0 for t in state) for state in states)
         key = (configs, scalar_states)
         cache = _FUSED.setdefault(compiled, {})
-        fused = cache.get(key)
-        if fused is None:
+        fused = cache.pop(key, None)
+        if fused is not None:
+            cache[key] = fused  # the most recently used last: the oldest unused one is dropped first
+        else:
             if len(cache) >= _MAX_CONFIGS:
                 del cache[next(iter(cache))]
             graph = compiled.info["graph"]

@@ -24,7 +24,7 @@ __all__ = ["InductorStrategy", "compile_graph"]
 
 #: names the decomposition table of :func:`compile_graph` in inductor's cache keys (bump it
 #: when the table changes)
-_CACHE_TAG = "pyro_elbo_lab.compile_graph: fallback_random, aten.bernoulli.default drawn as eager (3)"
+_CACHE_TAG = "pyro_elbo_lab.compile_graph: fallback_random, aten.bernoulli.default drawn as eager (4)"
 
 
 @functools.cache
@@ -77,11 +77,13 @@ def _inductor_eager_random(graph: torch.fx.GraphModule, example_inputs: list) ->
 
 def _bernoulli_as_eager(p: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """
-    ``torch.bernoulli(p)`` as eager's CPU kernel draws it: one uniform of ``p``'s own dtype per
-    element, in order, compared with ``p`` (torch's decomposition draws float32 uniforms).
+    ``torch.bernoulli(p)`` as eager's CPU kernel draws it: one uniform per element, in order,
+    float64 for a float64 ``p`` and float32 otherwise (half precision included), compared with
+    ``p`` in that dtype (torch's decomposition draws float32 uniforms for every dtype).
     """
-    uniform = torch.rand(p.size(), dtype=p.dtype, device=p.device, generator=generator)
-    return (uniform < p).to(p.dtype)
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    uniform = torch.rand(p.size(), dtype=dtype, device=p.device, generator=generator)
+    return (uniform < p.to(dtype)).to(p.dtype)
 
 
 def compile_graph(function: Callable) -> Callable:
@@ -90,7 +92,8 @@ def compile_graph(function: Callable) -> Callable:
     backend, one graph (``fullgraph=True``), static shapes (``dynamic=False``), and random
     draws from the eager random stream, so that a compiled step draws what the uncompiled
     one draws for the same seed: ``fallback_random=True``, and ``aten.bernoulli.default``
-    decomposed into ``rand(dtype of p) < p``, which is what eager's CPU kernel draws, in place
+    decomposed into ``rand(float64 for a float64 p, else float32) < p``, which is what eager's
+    CPU kernel draws, in place
     of torch's ``rand(float32) < p``, which inductor applies even with ``fallback_random``
     (torch 2.13; PyTorch issue #188074) and which in float64 draws other Bernoulli samples
     than eager for the same seed. (Leaving the op undecomposed makes inductor fall back to
