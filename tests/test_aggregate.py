@@ -41,15 +41,21 @@ def collapsed_guide(x, subsample=None):
         pyro.sample("z", dist.Normal(torch.zeros(len(idx), 2), 1.0).to_event(1))
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_linear_gaussian_encoder_matches_closed_form(estimator):
-    # q̄(z) → N(0, Σ), Σ = [[A²+S², AB], [AB, B²+S²]]; the Gaussian channel gives
-    # I = ½ log(det Σ / S⁴), TC = ½ log(Σ₁₁ Σ₂₂ / det Σ), KL(q̄_u ‖ N(0,1)) = ½(Σ_uu - 1 - log Σ_uu)
+def linear_gaussian_closed_form() -> tuple:
+    """``(I, TC, [KL(q̄_u ‖ N(0, 1))], average KL)`` of the linear-Gaussian encoder, nats."""
     cov = torch.tensor([[A * A + S * S, A * B], [A * B, B * B + S * S]])
     mi = 0.5 * math.log(float(torch.det(cov)) / S**4)
     tc = 0.5 * math.log(float(cov[0, 0] * cov[1, 1] / torch.det(cov)))
     dw = [0.5 * (v - 1 - math.log(v)) for v in cov.diagonal().tolist()]
     kl = 0.5 * (2 * S * S + (A * A + B * B) * float((X**2).mean()) - 2 - 2 * math.log(S * S))
+    return mi, tc, dw, kl
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_linear_gaussian_encoder_matches_closed_form(estimator):
+    # q̄(z) → N(0, Σ), Σ = [[A²+S², AB], [AB, B²+S²]]; the Gaussian channel gives
+    # I = ½ log(det Σ / S⁴), TC = ½ log(Σ₁₁ Σ₂₂ / det Σ), KL(q̄_u ‖ N(0,1)) = ½(Σ_uu - 1 - log Σ_uu)
+    mi, tc, dw, kl = linear_gaussian_closed_form()
     # without subsampling "stratified" is "full"; "mws" divides q̄ by N·M = N² instead of N, so its
     # log q̄ is log N lower: I and TC (joint minus D = 2 marginals) gain log N, each KL(q̄_u ‖ p_u) loses it
     shift = math.log(N) if estimator == "mws" else 0.0
@@ -282,11 +288,7 @@ def test_autoguide_linear_gaussian_encoder_matches_closed_form(guide_class, esti
     # the linear-Gaussian encoder of test_linear_gaussian_encoder_matches_closed_form held by an
     # autoguide: u_n ~ N((A x_n, B x_n), S² I) and z_n = u_n, so the same closed forms hold, with
     # the same tolerances (the same S·N = 7200 draws); kl_analytic is KL(Normal || Normal) exactly
-    cov = torch.tensor([[A * A + S * S, A * B], [A * B, B * B + S * S]])
-    mi = 0.5 * math.log(float(torch.det(cov)) / S**4)
-    tc = 0.5 * math.log(float(cov[0, 0] * cov[1, 1] / torch.det(cov)))
-    dw = [0.5 * (v - 1 - math.log(v)) for v in cov.diagonal().tolist()]
-    kl = 0.5 * (2 * S * S + (A * A + B * B) * float((X**2).mean()) - 2 - 2 * math.log(S * S))
+    mi, tc, dw, kl = linear_gaussian_closed_form()
     shift = math.log(N) if estimator == "mws" else 0.0
 
     locs = {"z": torch.stack([A * X, B * X], -1)}
