@@ -249,9 +249,7 @@ def summarize(idata: Any, *, last: int = 50) -> SVISummary:
 
 def _check_idata(idata: Any) -> None:
     """A ValueError naming ``idata`` unless it is an ``InferenceData`` or a ``DataTree``."""
-    import xarray as xr
-
-    if isinstance(idata, xr.DataTree) or callable(getattr(idata, "groups", None)):
+    if arviz_compat.is_inference_data(idata):
         return
     shown = repr(idata)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
