@@ -168,20 +168,25 @@ def conjugate_guide(x):
     pyro.sample("z", dist.Normal(loc, scale))
 
 
-def conjugate_fit(n, steps, convergence, seed=0):
-    data = 2.0 + torch.linspace(-1.0, 1.0, n)
-    pyro.set_rng_seed(seed)
+def conjugate_runner(convergence, **options):
+    """SVIRunner of the conjugate model: Adam lr 0.05, BetaMeanFieldELBO, no progress bar."""
     from pyro_elbo_lab import BetaMeanFieldELBO
 
-    runner = SVIRunner(
+    return SVIRunner(
         conjugate_model,
         conjugate_guide,
         pyro.optim.Adam({"lr": 0.05}),
         BetaMeanFieldELBO(),
         progress_bar=False,
         convergence=convergence,
+        **options,
     )
-    result = runner.run(data, num_steps=steps)
+
+
+def conjugate_fit(n, steps, convergence, seed=0):
+    data = 2.0 + torch.linspace(-1.0, 1.0, n)
+    pyro.set_rng_seed(seed)
+    result = conjugate_runner(convergence).run(data, num_steps=steps)
     # z | x ~ N(sum x / (n + 1), 1 / (n + 1)): the mean-field optimum is the exact posterior
     m, s = float(data.sum() / (n + 1)), math.sqrt(1.0 / (n + 1))
     return result, (float(result.params["loc"]) - m) / s, float(result.params["scale"]) / s
@@ -266,19 +271,10 @@ def test_averaging_cut_short_returns_the_average_it_reports():
         store = dict(pyro.get_param_store().named_parameters())
         iterates[step] = (float(store["loc"].detach()), float(store["scale"].detach()))
 
-    from pyro_elbo_lab import BetaMeanFieldELBO
-
     pyro.set_rng_seed(0)
-    result = SVIRunner(
-        conjugate_model,
-        conjugate_guide,
-        pyro.optim.Adam({"lr": 0.05}),
-        BetaMeanFieldELBO(),
-        progress_bar=False,
-        seed=0,
-        convergence=Convergence(average=200),
-        callbacks=[record],
-    ).run(2.0 + torch.linspace(-1.0, 1.0, 20), num_steps=400)
+    result = conjugate_runner(Convergence(average=200), seed=0, callbacks=[record]).run(
+        2.0 + torch.linspace(-1.0, 1.0, 20), num_steps=400
+    )
     c = result.convergence[0]
     assert result.stop_reason == "num_steps" and c["averaging_since"] is not None
     kept = [iterates[s] for s in range(c["averaging_since"], 400)]
